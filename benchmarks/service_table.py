@@ -1,0 +1,280 @@
+"""Benchmark of the service table: load time, lookups per second, memory per rule.
+
+    python benchmarks/service_table.py [--sizes 1000,100000,1000000] [--out FILE]
+
+Each size runs in a fresh child process (so RSS deltas are not muddied by memory freed
+by the previous size) and the parent prints one JSON document with every result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+DISTRIBUTION = {
+    "prefix_lengths": "15% /256 exact serviceIDs; 85% uniform integer length in 16..128",
+    "prefix_bits": "uniformly random leading bits; duplicate (value, length) pairs redrawn",
+    "default_rule": "one /0 DROP entry on top of the N prefixes",
+    "rules": (
+        "one rule per prefix: 80% FORWARD to 1 target, 10% FORWARD to 2-4 targets with"
+        " weights 1..10 (weighted pick at lookup), 5% DEMUX, 3% DELAY, 2% DROP"
+    ),
+    "targets": "drawn from a shared pool of 256 next hops (Target objects are shared)",
+    "hit_ids": "a random stored prefix with its remaining bits random (may hit a nested,"
+    " longer prefix)",
+    "random_ids": "256 uniformly random bits (almost always fall to a short prefix or /0)",
+}
+
+
+def _import_table() -> Any:
+    try:
+        import pyserval.sal.service_table as st
+    except ImportError:
+        sys.path.insert(0, str(SRC))
+        import pyserval.sal.service_table as st
+    return st
+
+
+def _rss_bytes() -> int:
+    """Current resident set size (Linux /proc); 0 where unavailable."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def _draw_prefixes(n: int, rng: random.Random) -> list[tuple[int, int]]:
+    """``n`` distinct (value, length) pairs following DISTRIBUTION."""
+    seen: set[tuple[int, int]] = set()
+    out: list[tuple[int, int]] = []
+    while len(out) < n:
+        length = 256 if rng.random() < 0.15 else rng.randint(16, 128)
+        pair = (rng.getrandbits(length) << (256 - length), length)
+        if pair not in seen:
+            seen.add(pair)
+            out.append(pair)
+    return out
+
+
+def _make_inputs(
+    st: Any, pairs: list[tuple[int, int]], rng: random.Random
+) -> list[tuple[Any, Any]]:
+    """A (prefix, rule) pair for each drawn prefix, rules following DISTRIBUTION."""
+    from pyserval.naming.service_id import ServicePrefix
+
+    hops = [st.Target((f"10.{i // 250}.{i % 250}.1", 4000 + i)) for i in range(256)]
+    weighted = [st.Target(h.address, w) for h in hops[:32] for w in range(1, 11)]
+    listeners = [object() for _ in range(64)]
+    out: list[tuple[Any, Any]] = []
+    for value, length in pairs:
+        r = rng.random()
+        if r < 0.80:
+            rule = st.Rule.forward(rng.choice(hops))
+        elif r < 0.90:
+            rule = st.Rule.forward(*rng.sample(weighted, rng.randint(2, 4)))
+        elif r < 0.95:
+            rule = st.Rule.demux(rng.choice(listeners))
+        elif r < 0.98:
+            rule = st.Rule.delay()
+        else:
+            rule = st.Rule.drop()
+        out.append((ServicePrefix._of(value, length), rule))
+    return out
+
+
+def _rate(fn: Callable[[Any], Any], items: Sequence[Any], repeat: int) -> dict[str, float]:
+    """Calls per second of ``fn`` over ``items`` in a plain for loop (loop cost included)."""
+    rates = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for item in items:
+            fn(item)
+        rates.append(len(items) / (time.perf_counter() - t0))
+    return {"best_per_s": round(max(rates)), "median_per_s": round(statistics.median(rates))}
+
+
+def _trie_depth(table: Any, ids: Sequence[int]) -> float:
+    """Average number of trie nodes a lookup visits (re-walks the structure; diagnostic)."""
+    total = 0
+    for value in ids:
+        node = table._roots[value >> table._slot_shift]
+        while node is not None:
+            total += 1
+            if node._lim is not None and (value ^ node._key) >= node._lim:
+                break
+            node = node._right if value & node._bit else node._left
+    return total / len(ids)
+
+
+def run_one(
+    size: int, n_lookups: int, repeat: int, seed: int, use_tracemalloc: bool
+) -> dict[str, Any]:
+    st = _import_table()
+    from pyserval.naming.service_id import ServiceID, ServicePrefix
+
+    rng = random.Random(seed)
+    pairs = _draw_prefixes(size, rng)
+    # The lookup IDs are made right after the prefixes, before the big allocations, so
+    # they sit together in memory in the order the loops read them: reading one then costs
+    # about what reading a just-decoded ID from a packet costs (it is in cache), and the
+    # timings measure the table rather than the benchmark's own list of IDs.
+    hit_ids = []
+    for _ in range(n_lookups):
+        value, length = pairs[rng.randrange(size)]
+        hit_ids.append(value | rng.getrandbits(256 - length))
+    random_ids = [rng.getrandbits(256) for _ in range(n_lookups)]
+    hit_sids = [ServiceID._of(v) for v in hit_ids]
+    random_sids = [ServiceID._of(v) for v in random_ids]
+    gc.collect()
+    rss_ids = _rss_bytes()
+    inputs = _make_inputs(st, pairs, rng)
+    del pairs
+    gc.collect()
+    rss1 = _rss_bytes()
+
+    table = st.ServiceTable(rng=random.Random(seed + 1))
+    t0 = time.perf_counter()
+    table.add(ServicePrefix.default(), st.Rule.drop())
+    add = table.add
+    for prefix, rule in inputs:
+        add(prefix, rule)
+    load_s = time.perf_counter() - t0
+    gc.collect()
+    rss2 = _rss_bytes()
+    assert len(table) == size + 1, (len(table), size)
+
+    # Every hit ID must resolve to an entry whose prefix contains it.
+    for v in hit_ids[:1000]:
+        res = table.lookup_int(v)
+        assert res is not None and res.entry.prefix.contains(ServiceID._of(v))
+
+    noop = _rate(lambda v: None, hit_ids, repeat)
+    results: dict[str, Any] = {
+        "size": size,
+        "entries": len(table),
+        "rules": table.rule_count,
+        "stride_bits": table.stride,
+        "load_s": round(load_s, 3),
+        "load_rules_per_s": round((size + 1) / load_s),
+        "lookups_per_run": n_lookups,
+        "lookup_int_hit": _rate(table.lookup_int, hit_ids, repeat),
+        "lookup_int_random": _rate(table.lookup_int, random_ids, repeat),
+        "lookup_serviceid_hit": _rate(table.lookup, hit_sids, repeat),
+        "lookup_serviceid_random": _rate(table.lookup, random_sids, repeat),
+        "match_serviceid_hit": _rate(table.match, hit_sids, repeat),
+        "empty_python_call_loop": noop,
+        "avg_trie_nodes_visited_hit": round(_trie_depth(table, hit_ids[:20000]), 2),
+        "avg_trie_nodes_visited_random": round(_trie_depth(table, random_ids[:20000]), 2),
+        "memory": {
+            "method": "RSS delta from /proc/self/statm after gc.collect(), fresh process",
+            "table_bytes_per_rule": round((rss2 - rss1) / (size + 1), 1),
+            "table_note": "RSS growth during the add() calls: entries, trie nodes,"
+            " precomputed resolutions, stride arrays (prefix and Rule objects excluded:"
+            " they were built before)",
+            "inputs_bytes_per_rule": round((rss1 - rss_ids) / size, 1),
+            "inputs_note": "RSS growth while building the ServicePrefix and Rule objects,"
+            " which the table keeps (the prefix value ints were drawn before and are not"
+            " counted: about 60 bytes each)",
+            "rss_note": "RSS moves in pages and pymalloc arenas: small sizes are coarse",
+        },
+    }
+    if use_tracemalloc or size <= 100_000:
+        del table
+        gc.collect()
+        tracemalloc.start()
+        table = st.ServiceTable(rng=random.Random(seed + 1))
+        table.add(ServicePrefix.default(), st.Rule.drop())
+        for prefix, rule in inputs:
+            table.add(prefix, rule)
+        current, _peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        results["memory"]["tracemalloc_table_bytes_per_rule"] = round(current / (size + 1), 1)
+        results["memory"]["tracemalloc_note"] = (
+            "bytes allocated by a second, identical load traced by tracemalloc (exact"
+            " Python allocations of the table, without allocator overhead)"
+        )
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000,100000,1000000")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--lookups", type=int, default=200_000, help="IDs per timed run")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per measurement")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--tracemalloc",
+        action="store_true",
+        help="also trace a second load with tracemalloc for sizes over 100000 (slow)",
+    )
+    parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.one is not None:
+        result = run_one(args.one, args.lookups, args.repeat, args.seed, args.tracemalloc)
+        print(json.dumps(result))
+        return 0
+
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH")) if p)
+    runs = []
+    for size in sizes:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            str(size),
+            "--lookups",
+            str(args.lookups),
+            "--repeat",
+            str(args.repeat),
+            "--seed",
+            str(args.seed),
+        ]
+        if args.tracemalloc:
+            cmd.append("--tracemalloc")
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode:
+            sys.stderr.write(done.stderr)
+            raise SystemExit(f"benchmark for size {size} failed (exit {done.returncode})")
+        runs.append(json.loads(done.stdout))
+    report = {
+        "benchmark": "pyserval service table",
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "gc": "enabled (default thresholds)",
+        "timing": "time.perf_counter around a plain for loop calling the bound method; best"
+        " and median of --repeat runs; the loop and call cost is included (see"
+        " empty_python_call_loop for that floor)",
+        "distribution": DISTRIBUTION,
+        "results": runs,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Set up a virtual environment and run pyserval's demonstration or test suite.
+
+Needs only python3 (3.11+):  ``python3 dev.py demo``  or  ``python3 dev.py test``.
+The environment lives in ``.venv`` and is reinstalled when pyproject.toml changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PY = BIN / "python"
+STAMP = VENV / ".pyserval-installed"
+
+
+def ensure_env() -> None:
+    """Create .venv and install pyserval with its dev extras, once per pyproject.toml."""
+    if sys.version_info < (3, 11):  # noqa: UP036  (dev.py may be run by an older python3)
+        sys.exit(f"pyserval needs Python 3.11 or newer, this is {sys.version.split()[0]}")
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == digest and PY.exists():
+        return
+    if not PY.exists():
+        print("creating .venv ...", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    print("installing pyserval and its dev tools into .venv ...", flush=True)
+    quiet = [] if os.environ.get("PYSERVAL_VERBOSE_INSTALL") else ["-q"]
+    subprocess.run([str(PY), "-m", "pip", "install", *quiet, "--upgrade", "pip"], check=True)
+    subprocess.run([str(PY), "-m", "pip", "install", *quiet, "-e", f"{ROOT}[dev]"], check=True)
+    STAMP.write_text(digest)
+
+
+def run(args: list[str]) -> int:
+    return subprocess.run(args, cwd=ROOT).returncode
+
+
+def main() -> int:
+    cmd = sys.argv[1] if len(sys.argv) > 1 else "help"
+    rest = sys.argv[2:]
+    if cmd == "demo":
+        ensure_env()
+        return run([str(BIN / "pyserval"), "demo", *rest])
+    if cmd == "test":
+        ensure_env()
+        return run([str(PY), "-m", "pytest", "-n", "2", *rest])
+    if cmd == "lint":
+        ensure_env()
+        rc = run([str(BIN / "ruff"), "check", "src", "tests", "benchmarks", "examples", "dev.py"])
+        return rc or run([str(PY), "-m", "mypy", "--strict", "src"])
+    if cmd == "setup":
+        ensure_env()
+        return 0
+    print(__doc__)
+    print("commands: demo, test, lint, setup")
+    return 0 if cmd == "help" else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Self-certifying serviceIDs from Ed25519 keys.
+
+A self-certifying serviceID carries, in its low 160 bits, a hash of its owner's public key;
+its high bits are a prefix of the owner's choosing (at most 96 bits, so a block can still be
+routed by prefix). Whoever holds the private key can sign control-plane messages (service
+registrations) and anyone can check both that the key certifies the ID and that the
+signature is good, without any certificate authority.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Final
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .service_id import SERVICE_ID_BITS, PrefixLike, ServiceID, ServicePrefix, as_service_prefix
+
+__all__ = [
+    "CERTIFIED_BITS",
+    "MAX_CERTIFIED_PREFIX",
+    "NotCertified",
+    "ServiceKey",
+    "ServicePublicKey",
+    "key_hash",
+]
+
+CERTIFIED_BITS: Final = 160
+MAX_CERTIFIED_PREFIX: Final = SERVICE_ID_BITS - CERTIFIED_BITS  # 96
+_HASH_MASK: Final = (1 << CERTIFIED_BITS) - 1
+_HASH_DOMAIN: Final = b"pyserval/self-certifying/v1\x00"
+PUBLIC_KEY_BYTES: Final = 32
+SIGNATURE_BYTES: Final = 64
+
+
+class NotCertified(ValueError):
+    """A serviceID is not certified by the key it was presented with."""
+
+
+def key_hash(public_key: bytes) -> int:
+    """The 160-bit hash of a raw 32-byte Ed25519 public key that certifies IDs."""
+    digest = hashlib.sha256(_HASH_DOMAIN + public_key).digest()
+    return int.from_bytes(digest[:20], "big")
+
+
+class ServicePublicKey:
+    """The public half: checks that it certifies an ID and verifies signatures."""
+
+    __slots__ = ("_raw", "_key", "_hash")
+
+    def __init__(self, raw: bytes) -> None:
+        raw = bytes(raw)
+        if len(raw) != PUBLIC_KEY_BYTES:
+            raise ValueError(f"an Ed25519 public key is 32 bytes, got {len(raw)}")
+        self._raw = raw
+        self._key = Ed25519PublicKey.from_public_bytes(raw)
+        self._hash = key_hash(raw)
+
+    @property
+    def raw(self) -> bytes:
+        """The 32-byte raw public key."""
+        return self._raw
+
+    def certifies(self, service_id: ServiceID) -> bool:
+        """Whether the low 160 bits of ``service_id`` are this key's hash."""
+        return (service_id.value & _HASH_MASK) == self._hash
+
+    def check_certifies(self, service_id: ServiceID) -> None:
+        """Raise :class:`NotCertified` unless this key certifies ``service_id``."""
+        if not self.certifies(service_id):
+            raise NotCertified(
+                f"serviceID {service_id.hex} is not certified by public key {self._raw.hex()}: "
+                f"its low 160 bits are {service_id.value & _HASH_MASK:040x}, "
+                f"the key's hash is {self._hash:040x}"
+            )
+
+    def verify_signature(self, data: bytes, signature: bytes) -> bool:
+        """Whether ``signature`` is this key's signature of ``data``."""
+        if len(signature) != SIGNATURE_BYTES:
+            return False
+        try:
+            self._key.verify(bytes(signature), bytes(data))
+        except InvalidSignature:
+            return False
+        return True
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ServicePublicKey):
+            return self._raw == other._raw
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._raw)
+
+    def __repr__(self) -> str:
+        return f"ServicePublicKey('{self._raw.hex()}')"
+
+
+class ServiceKey:
+    """An Ed25519 key pair that makes and proves self-certifying serviceIDs."""
+
+    __slots__ = ("_private", "_public")
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self._private = private_key
+        raw = private_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        self._public = ServicePublicKey(raw)
+
+    @classmethod
+    def generate(cls) -> ServiceKey:
+        """A new random key."""
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_private_bytes(cls, data: bytes) -> ServiceKey:
+        """Load a key from its 32-byte raw private form."""
+        if len(data) != 32:
+            raise ValueError(f"an Ed25519 private key is 32 bytes, got {len(data)}")
+        return cls(Ed25519PrivateKey.from_private_bytes(bytes(data)))
+
+    def private_bytes(self) -> bytes:
+        """The 32-byte raw private key (keep it secret)."""
+        return self._private.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+
+    @property
+    def public_key(self) -> ServicePublicKey:
+        """The public half."""
+        return self._public
+
+    def service_id(self, prefix: PrefixLike | None = None) -> ServiceID:
+        """The self-certifying ID of this key under ``prefix`` (at most 96 bits, default /0)."""
+        p = ServicePrefix.default() if prefix is None else as_service_prefix(prefix)
+        if p.length > MAX_CERTIFIED_PREFIX:
+            raise ValueError(
+                f"a self-certifying prefix has at most {MAX_CERTIFIED_PREFIX} bits, got {p.length}"
+            )
+        return ServiceID._of(p.value | self._public._hash)
+
+    def verify(self, service_id: ServiceID) -> bool:
+        """Whether this key certifies ``service_id``."""
+        return self._public.certifies(service_id)
+
+    def sign(self, data: bytes) -> bytes:
+        """Sign ``data`` (64-byte Ed25519 signature)."""
+        return self._private.sign(bytes(data))
+
+    def sign_for(self, service_id: ServiceID, data: bytes) -> bytes:
+        """Sign ``data`` on behalf of ``service_id``; refuse an ID this key does not certify."""
+        self._public.check_certifies(service_id)
+        return self.sign(data)
+
+    def __repr__(self) -> str:
+        return f"ServiceKey(public={self._public.raw.hex()})"

@@ -1,0 +1,65 @@
+"""The Service Access Layer: wire format, service table, flow table.
+
+Nothing here does I/O or reads a clock.
+"""
+
+from .checksum import internet_checksum, transport_checksum
+from .errors import MalformedPacket, Reason
+from .extensions import (
+    AddressExt,
+    ControlExt,
+    ControlFlags,
+    Extension,
+    ExtType,
+    PadExt,
+    ServiceExt,
+    SourceExt,
+    UnknownExt,
+)
+from .flow_table import FlowTable, FlowTableFull
+from .packet import SalPacket, decode_packet
+from .service_table import (
+    Action,
+    Entry,
+    NoSuchEntry,
+    Resolution,
+    Rule,
+    ServiceTable,
+    ServiceTableFull,
+    Target,
+)
+from .transport_headers import PROTO_TCP, PROTO_UDP, TcpFlags, TcpHeader, TcpOption, UdpHeader
+
+__all__ = [
+    "PROTO_TCP",
+    "PROTO_UDP",
+    "Action",
+    "AddressExt",
+    "ControlExt",
+    "ControlFlags",
+    "Entry",
+    "ExtType",
+    "Extension",
+    "FlowTable",
+    "FlowTableFull",
+    "MalformedPacket",
+    "NoSuchEntry",
+    "PadExt",
+    "Reason",
+    "Resolution",
+    "Rule",
+    "SalPacket",
+    "ServiceExt",
+    "ServiceTable",
+    "ServiceTableFull",
+    "SourceExt",
+    "TcpFlags",
+    "TcpHeader",
+    "TcpOption",
+    "Target",
+    "UdpHeader",
+    "UnknownExt",
+    "decode_packet",
+    "internet_checksum",
+    "transport_checksum",
+]

@@ -1,0 +1,87 @@
+"""The Internet checksum (RFC 1071) and the IPv4 pseudo-header sums.
+
+The ones'-complement sum of 16-bit big-endian words is congruent, modulo 0xFFFF, to the
+buffer read as one big integer (because 0x10000 = 1 mod 0xFFFF). ``int.from_bytes`` and one
+modulo run in C, which makes this far faster than summing words in a Python loop.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Final
+
+__all__ = [
+    "internet_checksum",
+    "ipv4_bytes",
+    "pseudo_header_sum",
+    "transport_checksum",
+    "verify_transport_checksum",
+    "words_sum",
+]
+
+_MOD: Final = 0xFFFF
+
+BytesLike = bytes | bytearray | memoryview
+
+
+def words_sum(data: BytesLike) -> int:
+    """A partial sum of ``data`` as 16-bit words, modulo 0xFFFF (odd length: zero-padded).
+
+    Partial sums of even-length pieces simply add up.
+    """
+    n = int.from_bytes(data, "big")
+    if len(data) & 1:
+        n <<= 8
+    return n % _MOD
+
+
+def _fold(total: int, nonzero: bool) -> int:
+    """Checksum field value from a partial sum (``nonzero``: any word was non-zero)."""
+    s = total % _MOD
+    if s == 0 and nonzero:
+        s = _MOD  # ones'-complement arithmetic never gives +0 for non-zero input
+    return (~s) & 0xFFFF
+
+
+def internet_checksum(data: BytesLike) -> int:
+    """The checksum of ``data`` (compute it with the checksum field set to zero)."""
+    n = int.from_bytes(data, "big")
+    if len(data) & 1:
+        n <<= 8
+    return _fold(n % _MOD, n != 0)
+
+
+def ipv4_bytes(address: str | bytes) -> bytes:
+    """Four bytes of an IPv4 address given as text or bytes."""
+    if isinstance(address, bytes):
+        if len(address) != 4:
+            raise ValueError(f"an IPv4 address is 4 bytes: {address!r}")
+        return address
+    return socket.inet_aton(address)
+
+
+def pseudo_header_sum(src: str | bytes, dst: str | bytes, protocol: int, length: int) -> int:
+    """Partial sum of the IPv4 pseudo-header (source, destination, 0, protocol, length)."""
+    return words_sum(
+        ipv4_bytes(src) + ipv4_bytes(dst) + bytes((0, protocol)) + length.to_bytes(2, "big")
+    )
+
+
+def transport_checksum(
+    src: str | bytes, dst: str | bytes, protocol: int, header: BytesLike, payload: BytesLike
+) -> int:
+    """TCP/UDP checksum over pseudo-header + header (checksum field zero) + payload.
+
+    ``header`` must have even length (TCP and UDP headers always do).
+    """
+    length = len(header) + len(payload)
+    total = pseudo_header_sum(src, dst, protocol, length) + words_sum(header) + words_sum(payload)
+    return _fold(total, True)
+
+
+def verify_transport_checksum(
+    src: str | bytes, dst: str | bytes, protocol: int, segment: BytesLike
+) -> bool:
+    """Whether a whole TCP/UDP segment (checksum in place) verifies for these addresses."""
+    total = pseudo_header_sum(src, dst, protocol, len(segment)) + words_sum(segment)
+    return total % _MOD == 0

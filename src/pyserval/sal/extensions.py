@@ -1,0 +1,266 @@
+"""SAL header extensions: PAD, CONTROL, SERVICE, ADDRESS, SOURCE, and unknown types.
+
+Each extension but PAD starts with two bytes: the type in the high nibble of byte 0 (low
+nibble reserved, zero) and the total length in bytes. PAD is a single zero byte. Decoders
+here are given a view of exactly one extension and raise :class:`MalformedPacket` only.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import struct
+from typing import ClassVar, Final
+
+from ..naming.service_id import ServiceID
+from .errors import MalformedPacket, Reason
+
+__all__ = [
+    "AddressExt",
+    "ControlExt",
+    "ControlFlags",
+    "ExtType",
+    "Extension",
+    "PadExt",
+    "ServiceExt",
+    "SourceExt",
+    "UnknownExt",
+    "MAX_EXTENSIONS",
+    "NONCE_BYTES",
+]
+
+MAX_EXTENSIONS: Final = 10
+NONCE_BYTES: Final = 8
+SOURCE_MIN: Final = 2
+SOURCE_MAX: Final = 20
+
+
+class ExtType(enum.IntEnum):
+    """Extension type numbers (high nibble of the first byte)."""
+
+    PAD = 0
+    CONTROL = 1
+    SERVICE = 2
+    ADDRESS = 3
+    SOURCE = 4
+
+
+class ControlFlags(enum.IntFlag):
+    """CONTROL flags, most significant bit first; the two low bits are reserved."""
+
+    SYN = 0x80
+    RSYN = 0x40
+    ACK = 0x20
+    NACK = 0x10
+    RST = 0x08
+    FIN = 0x04
+
+
+_CONTROL: Final = struct.Struct("!BBBBII8s")
+_SERVICE_HEAD: Final = struct.Struct("!BBH")
+_ADDRESS_HEAD: Final = struct.Struct("!BBHII")
+
+
+def _ips(data: memoryview | bytes, count: int) -> tuple[str, ...]:
+    return tuple(socket.inet_ntoa(bytes(data[4 * i : 4 * i + 4])) for i in range(count))
+
+
+def _ip_bytes(addresses: tuple[str, ...]) -> bytes:
+    try:
+        return b"".join(socket.inet_aton(a) for a in addresses)
+    except OSError as exc:
+        raise ValueError(f"bad IPv4 address in {addresses!r}") from exc
+
+
+class Extension:
+    """Base of all extensions: ``type`` and ``encode()``."""
+
+    __slots__ = ()
+    type: ClassVar[int]
+
+    @property
+    def length(self) -> int:
+        """Encoded length in bytes."""
+        return len(self.encode())
+
+    def encode(self) -> bytes:
+        """Wire bytes of this extension."""
+        raise NotImplementedError
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is type(self):
+            return self.encode() == other.encode()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.encode()))
+
+
+class PadExt(Extension):
+    """One byte of padding (type 0)."""
+
+    __slots__ = ()
+    type = ExtType.PAD
+    _BYTES: ClassVar[bytes] = b"\x00"
+
+    @property
+    def length(self) -> int:
+        return 1
+
+    def encode(self) -> bytes:
+        return self._BYTES
+
+    def __repr__(self) -> str:
+        return "PadExt()"
+
+
+class ControlExt(Extension):
+    """CONTROL: flags, control sequence numbers and the sender's nonce (exactly 20 bytes)."""
+
+    __slots__ = ("flags", "verno", "ackno", "nonce", "reserved")
+    type = ExtType.CONTROL
+    LENGTH: ClassVar[int] = 20
+
+    def __init__(
+        self, flags: int, verno: int = 0, ackno: int = 0, nonce: bytes = bytes(8), reserved: int = 0
+    ) -> None:
+        if len(nonce) != NONCE_BYTES:
+            raise ValueError(f"a nonce is {NONCE_BYTES} bytes, got {len(nonce)}")
+        self.flags = flags
+        self.verno = verno
+        self.ackno = ackno
+        self.nonce = bytes(nonce)
+        self.reserved = reserved
+
+    @classmethod
+    def decode(cls, data: memoryview) -> ControlExt:
+        if len(data) != cls.LENGTH:
+            raise MalformedPacket(Reason.CONTROL_LENGTH, f"CONTROL is {len(data)} bytes, not 20")
+        _, _, flags, reserved, verno, ackno, nonce = _CONTROL.unpack(data)
+        return cls(flags, verno, ackno, nonce, reserved)
+
+    def encode(self) -> bytes:
+        return _CONTROL.pack(
+            ExtType.CONTROL << 4, 20, self.flags, self.reserved, self.verno, self.ackno, self.nonce
+        )
+
+    def has(self, flag: ControlFlags) -> bool:
+        """Whether ``flag`` is set."""
+        return bool(self.flags & flag)
+
+    def __repr__(self) -> str:
+        return (
+            f"ControlExt(flags={ControlFlags(self.flags & 0xFC)!r}, verno={self.verno:#010x}, "
+            f"ackno={self.ackno:#010x}, nonce={self.nonce.hex()})"
+        )
+
+
+class ServiceExt(Extension):
+    """SERVICE: one serviceID (exactly 36 bytes)."""
+
+    __slots__ = ("service_id", "reserved")
+    type = ExtType.SERVICE
+    LENGTH: ClassVar[int] = 36
+
+    def __init__(self, service_id: ServiceID, reserved: int = 0) -> None:
+        self.service_id = service_id
+        self.reserved = reserved
+
+    @classmethod
+    def decode(cls, data: memoryview) -> ServiceExt:
+        if len(data) != cls.LENGTH:
+            raise MalformedPacket(Reason.SERVICE_LENGTH, f"SERVICE is {len(data)} bytes, not 36")
+        reserved = (data[2] << 8) | data[3]
+        return cls(ServiceID._of(int.from_bytes(data[4:36], "big")), reserved)
+
+    def encode(self) -> bytes:
+        return (
+            _SERVICE_HEAD.pack(ExtType.SERVICE << 4, 36, self.reserved) + self.service_id.to_bytes()
+        )
+
+    def __repr__(self) -> str:
+        return f"ServiceExt({self.service_id.hex})"
+
+
+class AddressExt(Extension):
+    """ADDRESS: verno, ackno and n IPv4 addresses (12 + 4n bytes)."""
+
+    __slots__ = ("verno", "ackno", "addresses", "reserved")
+    type = ExtType.ADDRESS
+
+    def __init__(
+        self, verno: int, ackno: int, addresses: tuple[str, ...] = (), reserved: int = 0
+    ) -> None:
+        self.verno = verno
+        self.ackno = ackno
+        self.addresses = tuple(addresses)
+        self.reserved = reserved
+
+    @classmethod
+    def decode(cls, data: memoryview) -> AddressExt:
+        n = len(data)
+        if n < 12 or (n - 12) % 4:
+            raise MalformedPacket(Reason.ADDRESS_LENGTH, f"ADDRESS of {n} bytes is not 12 + 4n")
+        _, _, reserved, verno, ackno = _ADDRESS_HEAD.unpack_from(data)
+        return cls(verno, ackno, _ips(data[12:], (n - 12) // 4), reserved)
+
+    def encode(self) -> bytes:
+        body = _ip_bytes(self.addresses)
+        length = 12 + len(body)
+        if length > 255:
+            raise ValueError("too many addresses for one ADDRESS extension")
+        return (
+            _ADDRESS_HEAD.pack(ExtType.ADDRESS << 4, length, self.reserved, self.verno, self.ackno)
+            + body
+        )
+
+    def __repr__(self) -> str:
+        return f"AddressExt(verno={self.verno:#x}, ackno={self.ackno:#x}, {self.addresses})"
+
+
+class SourceExt(Extension):
+    """SOURCE: the path a forwarded packet took, original source first (2..20 addresses)."""
+
+    __slots__ = ("addresses", "reserved")
+    type = ExtType.SOURCE
+
+    def __init__(self, addresses: tuple[str, ...], reserved: int = 0) -> None:
+        self.addresses = tuple(addresses)
+        self.reserved = reserved
+
+    @classmethod
+    def decode(cls, data: memoryview) -> SourceExt:
+        n = len(data)
+        count, rem = divmod(n - 4, 4)
+        if n < 4 or rem or not SOURCE_MIN <= count <= SOURCE_MAX:
+            raise MalformedPacket(
+                Reason.SOURCE_LENGTH, f"SOURCE of {n} bytes is not 4 + 4n with 2 <= n <= 20"
+            )
+        reserved = (data[2] << 8) | data[3]
+        return cls(_ips(data[4:], count), reserved)
+
+    def encode(self) -> bytes:
+        if not SOURCE_MIN <= len(self.addresses) <= SOURCE_MAX:
+            raise ValueError(f"SOURCE holds 2..20 addresses, got {len(self.addresses)}")
+        body = _ip_bytes(self.addresses)
+        return _SERVICE_HEAD.pack(ExtType.SOURCE << 4, 4 + len(body), self.reserved) + body
+
+    def __repr__(self) -> str:
+        return f"SourceExt({self.addresses})"
+
+
+class UnknownExt(Extension):
+    """An extension of a type this version does not know: kept whole for re-encoding."""
+
+    __slots__ = ("ext_type", "raw")
+    type = -1
+
+    def __init__(self, ext_type: int, raw: bytes) -> None:
+        self.ext_type = ext_type
+        self.raw = bytes(raw)
+
+    def encode(self) -> bytes:
+        return self.raw
+
+    def __repr__(self) -> str:
+        return f"UnknownExt(type={self.ext_type}, raw={self.raw.hex()})"

@@ -1,0 +1,237 @@
+"""A whole SAL packet: base header, extensions, transport header and payload.
+
+``decode_packet`` takes one UDP payload and returns a :class:`SalPacket` whose ``encode()``
+gives the same bytes back. The payload is a view into the caller's buffer (no copy). Any
+malformed input raises :class:`MalformedPacket` and nothing else.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Final
+
+from .checksum import BytesLike, internet_checksum
+from .errors import MalformedPacket, Reason
+from .extensions import (
+    MAX_EXTENSIONS,
+    AddressExt,
+    ControlExt,
+    Extension,
+    ExtType,
+    PadExt,
+    ServiceExt,
+    SourceExt,
+    UnknownExt,
+)
+from .transport_headers import PROTO_TCP, PROTO_UDP, TcpHeader, UdpHeader
+
+__all__ = ["BASE_HEADER", "SalPacket", "decode_packet"]
+
+BASE_HEADER: Final = 12
+_BASE: Final = struct.Struct("!IIBBH")
+_MOD: Final = 0xFFFF
+_PAD: Final = PadExt()
+
+# Extension type -> decoder of exactly that extension's bytes (dispatch table).
+_EXT_DECODERS: Final[dict[int, Callable[[memoryview], Extension]]] = {
+    ExtType.CONTROL: ControlExt.decode,
+    ExtType.SERVICE: ServiceExt.decode,
+    ExtType.ADDRESS: AddressExt.decode,
+    ExtType.SOURCE: SourceExt.decode,
+}
+
+Transport = TcpHeader | UdpHeader
+_TRANSPORT_DECODERS: Final[dict[int, Callable[[memoryview], tuple[Transport, int]]]] = {
+    PROTO_TCP: TcpHeader.decode,
+    PROTO_UDP: UdpHeader.decode,
+}
+
+
+class SalPacket:
+    """One SAL packet. ``extensions`` keep wire order; ``payload`` is the transport data."""
+
+    __slots__ = ("src_flowid", "dst_flowid", "protocol", "extensions", "transport", "payload")
+
+    def __init__(
+        self,
+        src_flowid: int,
+        dst_flowid: int,
+        protocol: int = PROTO_TCP,
+        extensions: list[Extension] | None = None,
+        transport: Transport | None = None,
+        payload: BytesLike = b"",
+    ) -> None:
+        self.src_flowid = src_flowid
+        self.dst_flowid = dst_flowid
+        self.protocol = protocol
+        self.extensions: list[Extension] = extensions if extensions is not None else []
+        self.transport = transport
+        self.payload = payload
+
+    # -- views --------------------------------------------------------------------------
+    @property
+    def control(self) -> ControlExt | None:
+        """The first CONTROL extension, if any."""
+        for e in self.extensions:
+            if type(e) is ControlExt:
+                return e
+        return None
+
+    @property
+    def services(self) -> list[ServiceExt]:
+        """SERVICE extensions in order (the first is the destination)."""
+        return [e for e in self.extensions if type(e) is ServiceExt]
+
+    @property
+    def service(self) -> ServiceExt | None:
+        """The first SERVICE extension: what a receiver resolves on."""
+        for e in self.extensions:
+            if type(e) is ServiceExt:
+                return e
+        return None
+
+    @property
+    def source(self) -> SourceExt | None:
+        """The SOURCE extension of a forwarded packet, if any."""
+        for e in self.extensions:
+            if type(e) is SourceExt:
+                return e
+        return None
+
+    @property
+    def tcp(self) -> TcpHeader | None:
+        """The TCP header, if the transport is TCP and present."""
+        t = self.transport
+        return t if type(t) is TcpHeader else None
+
+    @property
+    def udp(self) -> UdpHeader | None:
+        """The UDP header, if the transport is UDP and present."""
+        t = self.transport
+        return t if type(t) is UdpHeader else None
+
+    @property
+    def shl(self) -> int:
+        """SAL header length in 32-bit words, as it will be encoded."""
+        return len(self._sal_header(0)) // 4
+
+    # -- encoding -----------------------------------------------------------------------
+    def _extension_bytes(self) -> bytes:
+        raw = b"".join([e.encode() for e in self.extensions])
+        if len(raw) % 4:
+            raw += bytes(4 - len(raw) % 4)  # PAD bytes to a whole word
+        return raw
+
+    def _sal_header(self, check: int) -> bytes:
+        ext = self._extension_bytes() if self.extensions else b""
+        shl = (BASE_HEADER + len(ext)) // 4
+        if shl > 255:
+            raise ValueError(f"SAL header of {shl * 4} bytes does not fit shl")
+        return _BASE.pack(self.src_flowid, self.dst_flowid, shl, self.protocol, check) + ext
+
+    def encode(self, src_ip: str | bytes | None = None, dst_ip: str | bytes | None = None) -> bytes:
+        """Wire bytes. With ``src_ip`` and ``dst_ip`` the transport checksum is (re)computed
+        over the IPv4 pseudo-header, as the reference does; otherwise the stored one is used.
+        """
+        header = bytearray(self._sal_header(0))
+        check = internet_checksum(header)
+        header[10] = check >> 8
+        header[11] = check & 0xFF
+        t = self.transport
+        if t is None:
+            if self.payload:
+                raise ValueError("a payload needs a transport header")
+            return bytes(header)
+        if type(t) is UdpHeader:
+            t.length = 8 + len(self.payload)
+        if src_ip is not None and dst_ip is not None:
+            t.checksum = t.compute_checksum(src_ip, dst_ip, self.payload)
+        return b"".join((header, t.encode(), self.payload))
+
+    def verify_transport_checksum(self, src_ip: str | bytes, dst_ip: str | bytes) -> bool:
+        """Whether the transport checksum is right for these IPv4 addresses.
+
+        Over UDP encapsulation a mismatch is not a reason to drop (NATs rewrite addresses).
+        """
+        t = self.transport
+        return True if t is None else t.verify_checksum(src_ip, dst_ip, self.payload)
+
+    def __repr__(self) -> str:
+        return (
+            f"SalPacket(src_flowid={self.src_flowid:#x}, dst_flowid={self.dst_flowid:#x}, "
+            f"protocol={self.protocol}, extensions={self.extensions!r}, "
+            f"transport={self.transport!r}, payload={len(self.payload)} bytes)"
+        )
+
+
+def _decode_extensions(view: memoryview) -> list[Extension]:
+    extensions: list[Extension] = []
+    i, n, counted = 0, len(view), 0
+    while i < n:
+        head = view[i]
+        ext_type = head >> 4
+        if ext_type == ExtType.PAD:
+            if head:
+                raise MalformedPacket(Reason.EXTENSION_RESERVED, f"PAD byte {head:#04x}")
+            extensions.append(_PAD)
+            i += 1
+            continue
+        if head & 0x0F:
+            raise MalformedPacket(
+                Reason.EXTENSION_RESERVED, f"extension type {ext_type} has reserved bits set"
+            )
+        counted += 1
+        if counted > MAX_EXTENSIONS:
+            raise MalformedPacket(Reason.TOO_MANY_EXTENSIONS, f"more than {MAX_EXTENSIONS}")
+        if i + 2 > n:
+            raise MalformedPacket(Reason.EXTENSION_TRUNCATED, f"type {ext_type} has no length")
+        length = view[i + 1]
+        if length < 2:
+            raise MalformedPacket(Reason.EXTENSION_LENGTH, f"type {ext_type} length {length}")
+        if i + length > n:
+            raise MalformedPacket(
+                Reason.EXTENSION_TRUNCATED, f"type {ext_type} of {length} bytes runs past shl"
+            )
+        body = view[i : i + length]
+        decoder = _EXT_DECODERS.get(ext_type)
+        extensions.append(decoder(body) if decoder else UnknownExt(ext_type, bytes(body)))
+        i += length
+    return extensions
+
+
+def decode_packet(data: BytesLike, *, verify: bool = True) -> SalPacket:
+    """Decode one UDP payload (SAL header, extensions, transport header, payload).
+
+    ``verify``: check the SAL header checksum (on by default). The transport checksum is not
+    checked here (it needs addresses): see :meth:`SalPacket.verify_transport_checksum`.
+    Raises :class:`MalformedPacket` (with ``.reason``) for anything malformed, and nothing else.
+    """
+    try:
+        view = data if isinstance(data, memoryview) else memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+    except (TypeError, ValueError) as exc:
+        raise MalformedPacket(Reason.SHORT_HEADER, f"not a byte buffer: {exc}") from None
+    total = len(view)
+    if total < BASE_HEADER:
+        raise MalformedPacket(Reason.SHORT_HEADER, f"{total} bytes, need 12")
+    src, dst, shl, protocol, _check = _BASE.unpack_from(view)
+    hlen = shl * 4
+    if hlen < BASE_HEADER:
+        raise MalformedPacket(Reason.BAD_SHL, f"shl {shl} is less than the base header")
+    if hlen > total:
+        raise MalformedPacket(Reason.SHL_PAST_END, f"shl {shl} ({hlen} bytes) past {total} bytes")
+    header = view[:hlen]
+    if verify:
+        n = int.from_bytes(header, "big")
+        if n % _MOD or not n:
+            raise MalformedPacket(Reason.BAD_CHECKSUM, "SAL header checksum does not verify")
+    transport_decoder = _TRANSPORT_DECODERS.get(protocol)
+    if transport_decoder is None:
+        raise MalformedPacket(Reason.BAD_PROTOCOL, f"unknown transport protocol {protocol}")
+    extensions = _decode_extensions(view[BASE_HEADER:hlen]) if hlen > BASE_HEADER else []
+    if hlen == total:
+        return SalPacket(src, dst, protocol, extensions, None, b"")
+    transport, tlen = transport_decoder(view[hlen:])
+    return SalPacket(src, dst, protocol, extensions, transport, view[hlen + tlen :])

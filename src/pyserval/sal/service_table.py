@@ -1,0 +1,849 @@
+"""The service table: serviceID prefix -> rules, longest-prefix match.
+
+Every Serval host and router keeps one. Each entry is a prefix of the 256-bit serviceID
+space (compared most significant bit first) holding one or more :class:`Rule` objects.
+The ``/0`` entry (prefix of length 0) is the default rule: it matches every serviceID.
+
+Resolution (:meth:`ServiceTable.lookup`) takes the entry with the **longest prefix that
+matches** the serviceID, then looks only at that entry's rules of the **highest priority**.
+Among those rules the result is, in order of precedence:
+
+1. ``DEMUX`` if any rule is DEMUX: a local listener beats forwarding. With several DEMUX
+   rules, the first added wins.
+2. ``FORWARD`` if any rule is FORWARD: one target is picked at random, weighted by
+   :attr:`Target.weight`, over *all* targets of *all* the FORWARD rules at that priority.
+3. ``DELAY`` if any rule is DELAY (hold the packet until a rule appears).
+4. ``DROP`` otherwise.
+
+Lower-priority rules, and shorter prefixes, are never consulted while a longer prefix has
+any rule: they are there for when the better rules are removed.
+
+Data structure (why it is fast enough to consult per packet in Python):
+
+* The top ``k`` bits of the ID index two flat lists (a multibit "stride" level). ``k``
+  grows with the table (8, 12, 16 then 20 bits) so that a bucket holds about one or two
+  long prefixes; growing re-places every entry once, like a hash table resize.
+* Prefixes of at most ``k`` bits live in the stride level itself, by controlled prefix
+  expansion: each slot points at the longest such prefix covering it.
+* Longer prefixes live in one path-compressed binary trie per slot (Patricia style: a
+  node stores only the bit it branches on, pure branch nodes always have two children).
+  The descent only tests bits; a node that holds an entry is checked once with an
+  xor/shift against the ID, and a failed check ends the walk, since nothing below can
+  match either. Resolutions are precomputed when rules change, so the per-packet path
+  allocates nothing except for the weighted pick (one ``random()`` and one ``bisect``).
+
+No I/O, no clock. Not thread safe (the asyncio stack uses it from one thread).
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from bisect import bisect_right
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Final
+
+from ..naming.service_id import (
+    SERVICE_ID_BITS,
+    PrefixLike,
+    ServiceID,
+    ServiceLike,
+    ServicePrefix,
+    as_service_id,
+    as_service_prefix,
+)
+
+__all__ = [
+    "Action",
+    "Entry",
+    "NoSuchEntry",
+    "NoSuchRule",
+    "Resolution",
+    "Rule",
+    "ServiceTable",
+    "ServiceTableError",
+    "ServiceTableFull",
+    "Target",
+]
+
+_BITS: Final = SERVICE_ID_BITS
+_ALL: Final = (1 << _BITS) - 1
+# Shared big ints so that trie nodes do not each allocate their own copies.
+# _BIT[n]: the mask of bit n (0 = MSB), the bit a node of length n branches on. A /256
+# node cannot branch: its mask is 0, so the descent always takes the (empty) left side.
+_BIT: Final[tuple[int, ...]] = (*(1 << (_BITS - 1 - n) for n in range(_BITS)), 0)
+# _LIM[n]: 2**(256-n); an ID is inside the /n prefix with value `key` iff (id ^ key) < _LIM[n]
+# (a comparison, which unlike a shift allocates nothing).
+_LIM: Final[tuple[int, ...]] = tuple(1 << (_BITS - n) for n in range(_BITS + 1))
+# _MASK[n]: the first n bits set.
+_MASK: Final[tuple[int, ...]] = tuple(_ALL ^ ((1 << (_BITS - n)) - 1) for n in range(_BITS + 1))
+# Stride (bits indexed directly) and the table size at which the next one is taken.
+_STRIDES: Final = (8, 12, 16, 20)
+_GROW_FACTOR: Final = 2  # grow when entries > factor * number of slots
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+class ServiceTableError(Exception):
+    """Base class of the service table's own errors."""
+
+
+class NoSuchEntry(ServiceTableError, KeyError):
+    """There is no entry (or no such rule) at the prefix named in the message."""
+
+    def __str__(self) -> str:
+        # KeyError would show the repr of the message, quotes and all.
+        return str(self.args[0]) if self.args else "no such entry"
+
+
+class NoSuchRule(NoSuchEntry):
+    """The entry exists but does not hold the rule that was to be removed."""
+
+
+class ServiceTableFull(ServiceTableError, RuntimeError):
+    """Adding the entry would exceed the table's ``max_entries``."""
+
+
+# -- rules ----------------------------------------------------------------------------------
+
+
+class Action(enum.Enum):
+    """What a rule does with a packet for a matching serviceID."""
+
+    FORWARD = "forward"  # send to one of the rule's targets (next hop)
+    DEMUX = "demux"  # deliver to a local listening socket
+    DELAY = "delay"  # hold the packet (e.g. until a controller installs a rule)
+    DROP = "drop"  # discard
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A next hop for FORWARD: ``address`` is ``(ip_text, udp_port)``, ``weight`` > 0."""
+
+    address: tuple[str, int]
+    weight: int = 1
+
+    def __post_init__(self) -> None:
+        address: object = self.address
+        if isinstance(address, list):
+            address = tuple(address)
+            object.__setattr__(self, "address", address)
+        if not (
+            isinstance(address, tuple)
+            and len(address) == 2
+            and isinstance(address[0], str)
+            and isinstance(address[1], int)
+            and not isinstance(address[1], bool)
+        ):
+            raise ValueError(f"target address must be an (ip, port) tuple: {address!r}")
+        host, port = address
+        if not host:
+            raise ValueError(f"target address has an empty host: {address!r}")
+        if not 0 <= port <= 0xFFFF:
+            raise ValueError(f"target port must be 0..65535: {address!r}")
+        weight: object = self.weight
+        if isinstance(weight, bool) or not isinstance(weight, int):
+            raise ValueError(f"target weight must be an int: {weight!r}")
+        if weight <= 0:
+            raise ValueError(f"target weight must be > 0, got {weight} for {address!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One rule of an entry.
+
+    FORWARD needs at least one target and no listener; DEMUX needs a listener (the local
+    listening socket, opaque to the table) and no targets; DELAY and DROP take neither.
+    Higher ``priority`` wins; equal rules are the same rule (adding one twice is a no-op).
+    """
+
+    action: Action
+    priority: int = 0
+    targets: tuple[Target, ...] = ()
+    listener: object | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.action, Action):
+            raise ValueError(f"rule action must be an Action: {self.action!r}")
+        priority: object = self.priority
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"rule priority must be an int: {priority!r}")
+        targets: object = self.targets
+        if isinstance(targets, list):
+            targets = tuple(targets)
+            object.__setattr__(self, "targets", targets)
+        if not isinstance(targets, tuple) or not all(isinstance(t, Target) for t in targets):
+            raise ValueError(f"rule targets must be a tuple of Target: {targets!r}")
+        action = self.action
+        if action is Action.FORWARD:
+            if not targets:
+                raise ValueError("a FORWARD rule needs at least one target")
+            if self.listener is not None:
+                raise ValueError("a FORWARD rule takes no listener")
+        else:
+            if targets:
+                raise ValueError(f"a {action.name} rule takes no targets: {targets!r}")
+            if action is Action.DEMUX:
+                if self.listener is None:
+                    raise ValueError("a DEMUX rule needs a listener")
+            elif self.listener is not None:
+                raise ValueError(f"a {action.name} rule takes no listener")
+
+    @classmethod
+    def forward(cls, *destinations: Target | tuple[str, int], priority: int = 0) -> Rule:
+        """FORWARD to these targets; a bare ``(ip, port)`` is a target of weight 1."""
+        targets = tuple(d if isinstance(d, Target) else Target(d) for d in destinations)
+        return cls(Action.FORWARD, priority, targets)
+
+    @classmethod
+    def demux(cls, listener: object, priority: int = 0) -> Rule:
+        """DEMUX to a local listener."""
+        return cls(Action.DEMUX, priority, (), listener)
+
+    @classmethod
+    def delay(cls, priority: int = 0) -> Rule:
+        """DELAY packets for matching serviceIDs."""
+        return cls(Action.DELAY, priority)
+
+    @classmethod
+    def drop(cls, priority: int = 0) -> Rule:
+        """DROP packets for matching serviceIDs."""
+        return cls(Action.DROP, priority)
+
+
+def _neg_priority(rule: Rule) -> int:
+    return -rule.priority
+
+
+# -- entries and resolutions ---------------------------------------------------------------
+
+
+class Resolution:
+    """The outcome of a lookup: the ``entry`` that matched and what to do.
+
+    ``target`` is the chosen :class:`Target` for FORWARD (else None); ``listener`` is the
+    local listener for DEMUX (else None). Resolutions are precomputed and shared between
+    lookups, hence immutable.
+    """
+
+    __slots__ = ("action", "entry", "listener", "target")
+    entry: Entry
+    action: Action
+    target: Target | None
+    listener: object | None
+
+    def __init__(
+        self,
+        entry: Entry,
+        action: Action,
+        target: Target | None = None,
+        listener: object | None = None,
+    ) -> None:
+        object.__setattr__(self, "entry", entry)
+        object.__setattr__(self, "action", action)
+        object.__setattr__(self, "target", target)
+        object.__setattr__(self, "listener", listener)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Resolution is immutable")
+
+    def __repr__(self) -> str:
+        extra = ""
+        if self.target is not None:
+            extra = f", target={self.target!r}"
+        elif self.listener is not None:
+            extra = f", listener={self.listener!r}"
+        return f"Resolution({self.action.name}, prefix={self.entry.prefix}{extra})"
+
+
+class Entry:
+    """The rules held at one prefix, highest priority first, and a hit counter.
+
+    Entries are made and changed by the :class:`ServiceTable`; ``hits`` counts the
+    lookups this entry answered (callers may reset it).
+
+    An entry is also its own node in the table's trie: a lookup that ends here touches one
+    object, not a node and then an entry (memory latency, not bytecodes, is what a lookup
+    in a big table mostly pays for). Pure branch nodes are instances too, made by
+    :func:`_branch` with only the node fields set; they are never handed out.
+    """
+
+    # CPython lays slots out in name order, and an instance of this size starts on a
+    # 64-byte cache line (pymalloc's 128-byte blocks, after the GC header). The six fields
+    # a lookup reads sort first, so with the object header they fill exactly that first
+    # line: a lookup in a big table pays one memory access per node, not two. The cold
+    # fields (prefixed _x_) follow.
+    __slots__ = (
+        "_hits",
+        "_key",
+        "_left",
+        "_lim",
+        "_right",
+        "_single",
+        "_x_key",
+        "_x_length",
+        "_x_pick",
+        "_x_prefix",
+        "_x_rules",
+    )
+    # Trie node fields.
+    _key: int | None  # the prefix value (bits past its length are 0); None: branch node
+    _lim: int  # _LIM[length] (shared): the id is in the prefix iff (id ^ key) < lim, and
+    # (id << 1) & lim is the id's bit just past the prefix, which picks the child
+    _left: Entry | None  # child whose next bit is 0
+    _right: Entry | None  # child whose next bit is 1
+    _x_key: int  # the prefix value, for branch nodes too
+    _x_length: int
+    # Entry fields.
+    _single: Resolution | None  # the answer, or None when a weighted pick is needed
+    _x_pick: tuple[tuple[Resolution, ...], list[int], int, int]  # choices, cum, total, hi
+    _x_prefix: ServicePrefix
+    _x_rules: tuple[Rule, ...]
+    _hits: int
+
+    def __init__(self, prefix: ServicePrefix, rules: tuple[Rule, ...]) -> None:
+        length = prefix.length
+        self._key = self._x_key = prefix.value
+        self._left = self._right = None
+        self._lim = _LIM[length]
+        self._x_length = length
+        self._x_prefix = prefix
+        self._hits = 0
+        self._set_rules(rules)
+
+    @property
+    def prefix(self) -> ServicePrefix:
+        """The prefix this entry matches."""
+        return self._x_prefix
+
+    @property
+    def hits(self) -> int:
+        """How many lookups this entry answered (assignable, e.g. to reset it)."""
+        return self._hits
+
+    @hits.setter
+    def hits(self, value: int) -> None:
+        self._hits = value
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        """The rules, highest priority first (ties in the order they were added)."""
+        return self._x_rules
+
+    @property
+    def action(self) -> Action:
+        """The action a lookup resolving to this entry takes."""
+        single = self._single
+        return (single if single is not None else self._x_pick[0][0]).action
+
+    def _set_rules(self, rules: tuple[Rule, ...]) -> None:
+        """Store ``rules`` (non-empty, already sorted) and precompute the resolutions."""
+        self._x_rules = rules
+        top = rules[0].priority
+        demux: Rule | None = None
+        targets: list[Target] = []
+        delay = False
+        for rule in rules:
+            if rule.priority != top:
+                break
+            action = rule.action
+            if action is Action.DEMUX:
+                if demux is None:
+                    demux = rule
+            elif action is Action.FORWARD:
+                targets.extend(rule.targets)
+            elif action is Action.DELAY:
+                delay = True
+        self._x_pick = _NO_PICK
+        if demux is not None:
+            self._single = Resolution(self, Action.DEMUX, None, demux.listener)
+        elif len(targets) == 1:
+            self._single = Resolution(self, Action.FORWARD, targets[0], None)
+        elif targets:
+            # Several targets: lookups draw from cumulative weights with bisect, the way
+            # random.choices does, so each pick is O(log n) with nothing rebuilt.
+            self._single = None
+            cum = list(accumulate(t.weight for t in targets))
+            choices = tuple(Resolution(self, Action.FORWARD, t, None) for t in targets)
+            self._x_pick = (choices, cum, cum[-1], len(targets) - 1)
+        elif delay:
+            self._single = Resolution(self, Action.DELAY)
+        else:
+            self._single = Resolution(self, Action.DROP)
+
+    def resolve(self, rng: random.Random) -> Resolution:
+        """The resolution of a lookup answered by this entry (weighted pick with ``rng``)."""
+        if self._single is not None:
+            return self._single
+        choices, cum, total, hi = self._x_pick
+        return choices[bisect_right(cum, rng.random() * total, 0, hi)]
+
+    def __repr__(self) -> str:
+        return f"Entry({self._x_prefix}, rules={list(self._x_rules)!r}, hits={self._hits})"
+
+
+_NO_PICK: Final[tuple[tuple[Resolution, ...], list[int], int, int]] = ((), [], 0, 0)
+
+
+def _branch(key: int, length: int) -> Entry:
+    """A pure branch node: only the trie fields are set."""
+    node = Entry.__new__(Entry)
+    node._key = None
+    node._x_key = key
+    node._left = node._right = None
+    node._lim = _LIM[length]
+    node._x_length = length
+    return node
+
+
+# -- the table ------------------------------------------------------------------------------
+
+
+class ServiceTable:
+    """Longest-prefix-match table from serviceID prefixes to rules.
+
+    ``rng`` draws the weighted FORWARD choices (pass a seeded ``random.Random`` for
+    repeatable runs); ``max_entries`` bounds the number of entries (None: unbounded).
+    """
+
+    __slots__ = (
+        "_count",
+        "_max_entries",
+        "_random",
+        "_rng",
+        "_roots",
+        "_rule_count",
+        "_short",
+        "_short_entries",
+        "_slot_shift",
+        "_stride",
+    )
+
+    def __init__(self, rng: random.Random | None = None, max_entries: int | None = None) -> None:
+        if max_entries is not None and (
+            isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1
+        ):
+            raise ValueError(f"max_entries must be a positive int or None: {max_entries!r}")
+        self._rng = rng if rng is not None else random.Random()
+        self._random = self._rng.random  # bound once: saves an attribute lookup per pick
+        self._max_entries = max_entries
+        self._count = 0
+        self._rule_count = 0
+        self._reset(_STRIDES[0])
+
+    def _reset(self, stride: int) -> None:
+        self._stride = stride
+        self._slot_shift = _BITS - stride
+        # Per slot: root of the trie of the prefixes longer than the stride...
+        self._roots: list[Entry | None] = [None] * (1 << stride)
+        # ...and the longest prefix of at most `stride` bits covering the slot.
+        self._short: list[Entry | None] = [None] * (1 << stride)
+        # Those short prefixes, keyed by value | length (unique: a short prefix's low bits
+        # are zero, and a length fits in them).
+        self._short_entries: dict[int, Entry] = {}
+
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def max_entries(self) -> int | None:
+        """The bound on the number of entries (None: unbounded)."""
+        return self._max_entries
+
+    @property
+    def rule_count(self) -> int:
+        """The number of rules over all entries."""
+        return self._rule_count
+
+    @property
+    def stride(self) -> int:
+        """How many leading bits the first level indexes directly (grows with the table)."""
+        return self._stride
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def __repr__(self) -> str:
+        return f"<ServiceTable entries={self._count} rules={self._rule_count}>"
+
+    # -- the per-packet path -----------------------------------------------------------------
+    def lookup_int(self, value: int) -> Resolution | None:
+        """:meth:`lookup` on a serviceID given as an int (the per-packet path).
+
+        ``value`` must be in 0 .. 2**256-1; that is not checked here (the wire decoder
+        only produces such values).
+        """
+        slot = value >> self._slot_shift
+        node = self._roots[slot]
+        best = None
+        if node is not None:
+            # Shifted once so that each node picks its child with `& lim`, allocation free.
+            value2 = value << 1
+            while node is not None:
+                key = node._key
+                if key is not None:
+                    if (value ^ key) >= node._lim:
+                        break  # not in this prefix, so not in any prefix below it either
+                    best = node
+                node = node._right if value2 & node._lim else node._left
+        if best is None:
+            # Only now the short prefixes: any trie match is longer than all of them.
+            best = self._short[slot]
+            if best is None:
+                return None
+        best._hits += 1
+        res = best._single
+        if res is None:
+            choices, cum, total, hi = best._x_pick
+            return choices[bisect_right(cum, self._random() * total, 0, hi)]
+        return res
+
+    def lookup(self, service_id: ServiceLike) -> Resolution | None:
+        """Resolve a serviceID: longest match, precedence, weighted pick; counts a hit.
+
+        None when no entry matches (there is no default rule).
+        """
+        if type(service_id) is ServiceID:
+            return self.lookup_int(service_id._value)  # skip the property on the hot path
+        return self.lookup_int(as_service_id(service_id).value)
+
+    def _match_int(self, value: int) -> Entry | None:
+        slot = value >> self._slot_shift
+        node = self._roots[slot]
+        best = None
+        if node is not None:
+            value2 = value << 1
+            while node is not None:
+                key = node._key
+                if key is not None:
+                    if (value ^ key) >= node._lim:
+                        break
+                    best = node
+                node = node._right if value2 & node._lim else node._left
+        return best if best is not None else self._short[slot]
+
+    def match(self, service_id: ServiceLike) -> Entry | None:
+        """The entry with the longest prefix containing ``service_id`` (no hit counted)."""
+        if type(service_id) is ServiceID:
+            return self._match_int(service_id._value)
+        return self._match_int(as_service_id(service_id).value)
+
+    # -- exact access ------------------------------------------------------------------------
+    def get(self, prefix: PrefixLike) -> Entry | None:
+        """The entry at exactly this prefix, or None."""
+        p = as_service_prefix(prefix)
+        return self._get(p.value, p.length)
+
+    def __contains__(self, prefix: object) -> bool:
+        if not isinstance(prefix, (ServicePrefix, ServiceID, str)):
+            return False
+        return self.get(prefix) is not None
+
+    def _get(self, value: int, length: int) -> Entry | None:
+        if length <= self._stride:
+            return self._short_entries.get(value | length)
+        path = self._trie_path(value, length)
+        return path[-1] if path else None
+
+    def _trie_path(self, value: int, length: int) -> list[Entry]:
+        """Nodes from the slot's root down to the entry at exactly (value, length)."""
+        node = self._roots[value >> self._slot_shift]
+        path: list[Entry] = []
+        while node is not None:
+            node_len = node._x_length
+            if node_len > length or (value ^ node._x_key) & _MASK[node_len]:
+                return []
+            path.append(node)
+            if node_len == length:
+                return path if node._key is not None else []
+            node = node._right if value & _BIT[node_len] else node._left
+        return []
+
+    # -- changes -----------------------------------------------------------------------------
+    def add(self, prefix: PrefixLike, rule: Rule) -> Entry:
+        """Add ``rule`` at ``prefix``, creating the entry; returns the entry.
+
+        Adding a rule equal to one the entry holds changes nothing.
+        """
+        if not isinstance(rule, Rule):
+            raise TypeError(f"expected a Rule, got {type(rule).__name__}: {rule!r}")
+        p = as_service_prefix(prefix)
+        entry = self._get(p.value, p.length)
+        if entry is None:
+            return self._insert(p, (rule,))
+        if rule not in entry._x_rules:
+            entry._set_rules(tuple(sorted((*entry._x_rules, rule), key=_neg_priority)))
+            self._rule_count += 1
+        return entry
+
+    def replace(self, prefix: PrefixLike, rules: Iterable[Rule]) -> Entry | None:
+        """Set the rules at ``prefix`` (creating the entry if needed); returns the entry.
+
+        Duplicates are dropped; equal priorities keep the given order. No rules at all
+        removes the entry (if there is one) and returns None.
+        """
+        p = as_service_prefix(prefix)
+        unique: list[Rule] = []
+        for rule in rules:
+            if not isinstance(rule, Rule):
+                raise TypeError(f"expected a Rule, got {type(rule).__name__}: {rule!r}")
+            if rule not in unique:
+                unique.append(rule)
+        new_rules = tuple(sorted(unique, key=_neg_priority))
+        entry = self._get(p.value, p.length)
+        if not new_rules:
+            if entry is not None:
+                self._delete(entry)
+            return None
+        if entry is None:
+            return self._insert(p, new_rules)
+        self._rule_count += len(new_rules) - len(entry._x_rules)
+        entry._set_rules(new_rules)
+        return entry
+
+    def remove(self, prefix: PrefixLike, rule: Rule | None = None) -> None:
+        """Remove one rule from the entry at ``prefix``, or (no rule) the whole entry.
+
+        An entry left without rules is removed. Raises :class:`NoSuchEntry` if there is
+        no entry at exactly ``prefix``, :class:`NoSuchRule` if it lacks ``rule``.
+        """
+        p = as_service_prefix(prefix)
+        entry = self._get(p.value, p.length)
+        if entry is None:
+            raise NoSuchEntry(f"no service table entry at {p}")
+        if rule is None:
+            self._delete(entry)
+            return
+        if rule not in entry._x_rules:
+            raise NoSuchRule(f"the entry at {p} has no rule {rule!r}")
+        rest = list(entry._x_rules)
+        rest.remove(rule)
+        if not rest:
+            self._delete(entry)
+            return
+        entry._set_rules(tuple(rest))
+        self._rule_count -= 1
+
+    def clear(self) -> None:
+        """Remove every entry (the stride shrinks back to its initial size)."""
+        self._count = 0
+        self._rule_count = 0
+        self._reset(_STRIDES[0])
+
+    # -- iteration ---------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Entry]:
+        """Entries in (prefix value, prefix length) order; a snapshot, safe to modify."""
+        return iter(self._entries())
+
+    def _entries(self) -> list[Entry]:
+        out: list[Entry] = []
+        shorts = sorted(self._short_entries.values(), key=lambda e: (e._x_key, e._x_length))
+        n_short = len(shorts)
+        i = 0
+        slot_shift = self._slot_shift
+        for slot, root in enumerate(self._roots):
+            if root is None:
+                continue
+            # A short prefix starting at or before this slot sorts before its trie.
+            while i < n_short and shorts[i]._x_key >> slot_shift <= slot:
+                out.append(shorts[i])
+                i += 1
+            # Pre-order, left first, is (value, length) order: a node's key is the
+            # smallest in its subtree, and left keys are below right keys.
+            stack = [root]
+            while stack:
+                node = stack.pop()
+                if node._key is not None:
+                    out.append(node)
+                if node._right is not None:
+                    stack.append(node._right)
+                if node._left is not None:
+                    stack.append(node._left)
+        out.extend(shorts[i:])
+        return out
+
+    # -- internals ---------------------------------------------------------------------------
+    def _insert(self, prefix: ServicePrefix, rules: tuple[Rule, ...]) -> Entry:
+        """Create the entry for a prefix that has none."""
+        if self._max_entries is not None and self._count >= self._max_entries:
+            raise ServiceTableFull(
+                f"service table full: {self._count} entries (max_entries={self._max_entries}),"
+                f" cannot add {prefix}"
+            )
+        entry = Entry(prefix, rules)
+        self._count += 1
+        self._rule_count += len(rules)
+        if self._count > _GROW_FACTOR << self._stride and self._stride < _STRIDES[-1]:
+            self._regrow()
+        self._place(entry)
+        return entry
+
+    def _regrow(self) -> None:
+        """Take the next stride: re-place every entry (amortised like a hash resize)."""
+        entries = self._entries()
+        stride = self._stride
+        for s in _STRIDES:
+            if s > stride and (self._count <= _GROW_FACTOR << s or s == _STRIDES[-1]):
+                stride = s
+                break
+        self._reset(stride)
+        for entry in entries:
+            entry._left = entry._right = None
+            self._place(entry)
+
+    def _place(self, entry: Entry) -> None:
+        """Link a new entry (no children yet) into the short level or its slot's trie."""
+        value = entry._x_key
+        length = entry._x_length
+        if length <= self._stride:
+            self._place_short(entry, value, length)
+            return
+        slot = value >> self._slot_shift
+        node = self._roots[slot]
+        parent: Entry | None = None
+        while node is not None:
+            node_len = node._x_length
+            common = min(length, _BITS - (value ^ node._x_key).bit_length())
+            if common >= node_len:
+                if node_len == length:
+                    # A pure branch node at exactly this prefix: the entry takes its place.
+                    entry._left, entry._right = node._left, node._right
+                    self._relink(slot, parent, node, entry)
+                    return
+                parent = node
+                node = node._right if value & _BIT[node_len] else node._left
+                continue
+            top: Entry
+            if common == length:
+                # The new prefix contains the node: it goes above it.
+                if node._x_key & _BIT[length]:
+                    entry._right = node
+                else:
+                    entry._left = node
+                top = entry
+            else:
+                # They part at bit `common`: a pure branch node takes both.
+                top = _branch(value & _MASK[common], common)
+                if value & _BIT[common]:
+                    top._left, top._right = node, entry
+                else:
+                    top._left, top._right = entry, node
+            self._relink(slot, parent, node, top)
+            return
+        if parent is None:
+            self._roots[slot] = entry
+        elif value & _BIT[parent._x_length]:
+            parent._right = entry
+        else:
+            parent._left = entry
+
+    def _place_short(self, entry: Entry, value: int, length: int) -> None:
+        self._short_entries[value | length] = entry
+        short = self._short
+        start = value >> self._slot_shift
+        for slot in range(start, start + (1 << (self._stride - length))):
+            current = short[slot]
+            if current is None or current._x_length < length:
+                short[slot] = entry
+
+    def _delete(self, entry: Entry) -> None:
+        value = entry._x_key
+        length = entry._x_length
+        self._count -= 1
+        self._rule_count -= len(entry._x_rules)
+        if length <= self._stride:
+            del self._short_entries[value | length]
+            # Slots this entry was best for fall back to the longest short prefix above it
+            # (the same one for all of them, since it covers the whole range).
+            parent: Entry | None = None
+            for shorter in range(length - 1, -1, -1):
+                parent = self._short_entries.get((value & _MASK[shorter]) | shorter)
+                if parent is not None:
+                    break
+            short = self._short
+            start = value >> self._slot_shift
+            for slot in range(start, start + (1 << (self._stride - length))):
+                if short[slot] is entry:
+                    short[slot] = parent
+            return
+        slot = value >> self._slot_shift
+        path = self._trie_path(value, length)
+        above = path[-2] if len(path) > 1 else None
+        left, right = entry._left, entry._right
+        entry._left = entry._right = None  # a removed entry keeps nothing of the trie alive
+        if left is not None and right is not None:
+            # Still needed to branch: a pure branch node takes the entry's place.
+            node = _branch(value, length)
+            node._left, node._right = left, right
+            self._relink(slot, above, entry, node)
+            return
+        if left is not None or right is not None:
+            self._relink(slot, above, entry, left if left is not None else right)
+            return
+        # A leaf: unhook it; a pure branch parent is left with one child, splice it out.
+        if above is None:
+            self._roots[slot] = None
+            return
+        if above._left is entry:
+            above._left = None
+            other = above._right
+        else:
+            above._right = None
+            other = above._left
+        if above._key is None:
+            self._relink(slot, path[-3] if len(path) > 2 else None, above, other)
+
+    def _relink(self, slot: int, parent: Entry | None, old: Entry, new: Entry | None) -> None:
+        """Put ``new`` where ``old`` hangs (under ``parent``, or at the slot's root)."""
+        if parent is None:
+            self._roots[slot] = new
+        elif parent._left is old:
+            parent._left = new
+        else:
+            parent._right = new
+
+    # -- checking (tests and debugging) ------------------------------------------------------
+    def _check(self) -> None:
+        """Assert the structure's invariants (slow; for tests)."""
+        seen = 0
+        stride = self._stride
+        for slot, root in enumerate(self._roots):
+            stack: list[tuple[Entry, int]] = [(root, -1)] if root is not None else []
+            while stack:
+                node, parent_len = stack.pop()
+                length = node._x_length
+                assert node._lim == _LIM[length]
+                assert length > parent_len and length >= stride
+                assert node._x_key & ~_MASK[length] == 0
+                assert node._x_key >> self._slot_shift == slot
+                kids = [k for k in (node._left, node._right) if k is not None]
+                if node._key is None:
+                    assert len(kids) == 2, "a pure branch node must have two children"
+                else:
+                    seen += 1
+                    assert node._key == node._x_key and length > stride
+                    assert node._x_prefix.value == node._key
+                    assert node._x_prefix.length == length
+                for bit, kid in ((0, node._left), (1, node._right)):
+                    if kid is None:
+                        continue
+                    assert (kid._x_key ^ node._x_key) & _MASK[length] == 0
+                    assert bool(kid._x_key & _BIT[length]) == bool(bit)
+                    stack.append((kid, length))
+        for key, entry in self._short_entries.items():
+            assert key == entry._x_key | entry._x_length and entry._x_length <= stride
+            assert entry._left is None and entry._right is None
+        for slot, best in enumerate(self._short):
+            want = None
+            for entry in self._short_entries.values():
+                if entry._x_key >> self._slot_shift <= slot < (entry._x_key >> self._slot_shift) + (
+                    1 << (stride - entry._x_length)
+                ) and (want is None or entry._x_length > want._x_length):
+                    want = entry
+            assert best is want, f"short slot {slot}"
+        assert seen + len(self._short_entries) == self._count
+        assert sum(len(e.rules) for e in self._entries()) == self._rule_count

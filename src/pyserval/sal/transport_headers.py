@@ -1,0 +1,316 @@
+"""The TCP and UDP headers that ride inside the SAL (ports are 0: demux is by flowID).
+
+TCP options are kept in wire order, NOP and EOL included, and any bytes after an EOL are
+kept as ``option_padding``, so a decoded header re-encodes to the same bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Final
+
+from .checksum import BytesLike, transport_checksum, verify_transport_checksum
+from .errors import MalformedPacket, Reason
+
+__all__ = [
+    "PROTO_TCP",
+    "PROTO_UDP",
+    "TcpFlags",
+    "TcpHeader",
+    "TcpOption",
+    "UdpHeader",
+    "OPT_EOL",
+    "OPT_NOP",
+    "OPT_MSS",
+    "OPT_WSCALE",
+    "OPT_SACK_PERMITTED",
+    "OPT_SACK",
+    "OPT_TIMESTAMPS",
+]
+
+PROTO_TCP: Final = 6
+PROTO_UDP: Final = 17
+
+OPT_EOL: Final = 0
+OPT_NOP: Final = 1
+OPT_MSS: Final = 2
+OPT_WSCALE: Final = 3
+OPT_SACK_PERMITTED: Final = 4
+OPT_SACK: Final = 5
+OPT_TIMESTAMPS: Final = 8
+
+# Option kind -> the only lengths it may have (SACK: 2 + 8n, n = 1..4).
+_OPTION_LENGTHS: Final[dict[int, frozenset[int]]] = {
+    OPT_MSS: frozenset({4}),
+    OPT_WSCALE: frozenset({3}),
+    OPT_SACK_PERMITTED: frozenset({2}),
+    OPT_SACK: frozenset({10, 18, 26, 34}),
+    OPT_TIMESTAMPS: frozenset({10}),
+}
+
+_TCP: Final = struct.Struct("!HHIIBBHHH")
+_UDP: Final = struct.Struct("!HHHH")
+TCP_MIN_HEADER: Final = 20
+UDP_HEADER: Final = 8
+
+
+class TcpFlags:
+    """TCP flag bits (low byte of the flags field)."""
+
+    FIN: Final = 0x01
+    SYN: Final = 0x02
+    RST: Final = 0x04
+    PSH: Final = 0x08
+    ACK: Final = 0x10
+    URG: Final = 0x20
+    ECE: Final = 0x40
+    CWR: Final = 0x80
+
+
+@dataclass(frozen=True, slots=True)
+class TcpOption:
+    """One TCP option: ``kind`` and its data bytes (empty for NOP, EOL, SACK-permitted)."""
+
+    kind: int
+    data: bytes = b""
+
+    @property
+    def length(self) -> int:
+        """Encoded length: 1 for NOP/EOL, else 2 + data."""
+        return 1 if self.kind in (OPT_EOL, OPT_NOP) else 2 + len(self.data)
+
+    def encode(self) -> bytes:
+        """Wire bytes."""
+        if self.kind in (OPT_EOL, OPT_NOP):
+            return bytes((self.kind,))
+        return bytes((self.kind, 2 + len(self.data))) + self.data
+
+    # Typed constructors for the options the stack uses.
+    @classmethod
+    def nop(cls) -> TcpOption:
+        """No-operation (alignment)."""
+        return cls(OPT_NOP)
+
+    @classmethod
+    def eol(cls) -> TcpOption:
+        """End of option list."""
+        return cls(OPT_EOL)
+
+    @classmethod
+    def mss(cls, value: int) -> TcpOption:
+        """Maximum segment size."""
+        return cls(OPT_MSS, value.to_bytes(2, "big"))
+
+    @classmethod
+    def window_scale(cls, shift: int) -> TcpOption:
+        """Window scale shift count (RFC 7323)."""
+        return cls(OPT_WSCALE, bytes((shift,)))
+
+    @classmethod
+    def sack_permitted(cls) -> TcpOption:
+        """SACK permitted (RFC 2018)."""
+        return cls(OPT_SACK_PERMITTED)
+
+    @classmethod
+    def sack(cls, blocks: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> TcpOption:
+        """SACK blocks (left edge, right edge), 1..4 of them."""
+        if not 1 <= len(blocks) <= 4:
+            raise ValueError(f"a SACK option holds 1..4 blocks, got {len(blocks)}")
+        return cls(OPT_SACK, b"".join(struct.pack("!II", a, b) for a, b in blocks))
+
+    @classmethod
+    def timestamps(cls, tsval: int, tsecr: int) -> TcpOption:
+        """Timestamps (RFC 7323)."""
+        return cls(OPT_TIMESTAMPS, struct.pack("!II", tsval, tsecr))
+
+
+def _decode_options(data: memoryview) -> tuple[list[TcpOption], bytes]:
+    options: list[TcpOption] = []
+    i, n = 0, len(data)
+    while i < n:
+        kind = data[i]
+        if kind == OPT_EOL:
+            options.append(TcpOption(OPT_EOL))
+            return options, bytes(data[i + 1 :])
+        if kind == OPT_NOP:
+            options.append(TcpOption(OPT_NOP))
+            i += 1
+            continue
+        if i + 1 >= n:
+            raise MalformedPacket(Reason.TCP_OPTION, f"option {kind} has no length byte")
+        length = data[i + 1]
+        if length < 2 or i + length > n:
+            raise MalformedPacket(Reason.TCP_OPTION, f"option {kind} has bad length {length}")
+        allowed = _OPTION_LENGTHS.get(kind)
+        if allowed is not None and length not in allowed:
+            raise MalformedPacket(Reason.TCP_OPTION, f"option {kind} cannot be {length} bytes")
+        options.append(TcpOption(kind, bytes(data[i + 2 : i + length])))
+        i += length
+    return options, b""
+
+
+@dataclass(slots=True)
+class TcpHeader:
+    """A TCP header. ``flags`` holds the 12 bits after the data offset (reserved + flags)."""
+
+    seq: int = 0
+    ack: int = 0
+    flags: int = 0
+    window: int = 0
+    checksum: int = 0
+    urgent: int = 0
+    src_port: int = 0
+    dst_port: int = 0
+    options: list[TcpOption] = field(default_factory=list)
+    option_padding: bytes = b""
+
+    @classmethod
+    def decode(cls, data: memoryview) -> tuple[TcpHeader, int]:
+        """Decode the header at the start of ``data``; returns it and its length."""
+        if len(data) < TCP_MIN_HEADER:
+            raise MalformedPacket(Reason.TCP_TRUNCATED, f"{len(data)} bytes left for TCP")
+        sport, dport, seq, ack, off_byte, flag_byte, window, check, urgent = _TCP.unpack_from(data)
+        hlen = (off_byte >> 4) * 4
+        if hlen < TCP_MIN_HEADER or hlen > len(data):
+            raise MalformedPacket(
+                Reason.TCP_DATA_OFFSET, f"data offset {hlen} with {len(data)} bytes"
+            )
+        flags = ((off_byte & 0x0F) << 8) | flag_byte
+        if hlen == TCP_MIN_HEADER:
+            return cls(seq, ack, flags, window, check, urgent, sport, dport), hlen
+        options, padding = _decode_options(data[TCP_MIN_HEADER:hlen])
+        return cls(seq, ack, flags, window, check, urgent, sport, dport, options, padding), hlen
+
+    def _options_bytes(self) -> bytes:
+        raw = b"".join(o.encode() for o in self.options) + self.option_padding
+        if len(raw) % 4:
+            raw += bytes(4 - len(raw) % 4)  # zeros: EOL then padding
+        if len(raw) > 40:
+            raise ValueError(f"TCP options are {len(raw)} bytes, more than 40")
+        return raw
+
+    def encode(self, checksum: int | None = None) -> bytes:
+        """Wire bytes, with ``checksum`` (default: the stored one) in place."""
+        opts = self._options_bytes() if (self.options or self.option_padding) else b""
+        hlen = TCP_MIN_HEADER + len(opts)
+        return (
+            _TCP.pack(
+                self.src_port,
+                self.dst_port,
+                self.seq & 0xFFFFFFFF,
+                self.ack & 0xFFFFFFFF,
+                ((hlen // 4) << 4) | ((self.flags >> 8) & 0x0F),
+                self.flags & 0xFF,
+                self.window,
+                self.checksum if checksum is None else checksum,
+                self.urgent,
+            )
+            + opts
+        )
+
+    @property
+    def header_length(self) -> int:
+        """Encoded length in bytes."""
+        return len(self.encode())
+
+    def compute_checksum(self, src_ip: str | bytes, dst_ip: str | bytes, payload: BytesLike) -> int:
+        """The checksum for this header and ``payload`` between these IPv4 addresses."""
+        return transport_checksum(src_ip, dst_ip, PROTO_TCP, self.encode(0), payload)
+
+    def verify_checksum(self, src_ip: str | bytes, dst_ip: str | bytes, payload: BytesLike) -> bool:
+        """Whether the stored checksum is right for these addresses."""
+        hdr = self.encode()
+        return verify_transport_checksum(src_ip, dst_ip, PROTO_TCP, hdr + bytes(payload))
+
+    # -- flag and option views ----------------------------------------------------------
+    def has(self, flag: int) -> bool:
+        """Whether a flag bit (``TcpFlags.*``) is set."""
+        return bool(self.flags & flag)
+
+    def _option(self, kind: int) -> TcpOption | None:
+        for o in self.options:
+            if o.kind == kind:
+                return o
+        return None
+
+    @property
+    def mss(self) -> int | None:
+        """The MSS option value, if present."""
+        o = self._option(OPT_MSS)
+        return int.from_bytes(o.data, "big") if o else None
+
+    @property
+    def window_scale(self) -> int | None:
+        """The window-scale shift, if present."""
+        o = self._option(OPT_WSCALE)
+        return o.data[0] if o else None
+
+    @property
+    def sack_permitted(self) -> bool:
+        """Whether SACK-permitted is present."""
+        return self._option(OPT_SACK_PERMITTED) is not None
+
+    @property
+    def sack_blocks(self) -> list[tuple[int, int]]:
+        """SACK blocks as (left, right) pairs."""
+        o = self._option(OPT_SACK)
+        if o is None:
+            return []
+        return [struct.unpack_from("!II", o.data, 8 * i) for i in range(len(o.data) // 8)]
+
+    @property
+    def timestamps(self) -> tuple[int, int] | None:
+        """(TSval, TSecr), if present."""
+        o = self._option(OPT_TIMESTAMPS)
+        if o is None:
+            return None
+        tsval, tsecr = struct.unpack("!II", o.data)
+        return tsval, tsecr
+
+
+@dataclass(slots=True)
+class UdpHeader:
+    """A UDP header; ``length`` covers header and payload, checksum 0 means none."""
+
+    length: int = UDP_HEADER
+    checksum: int = 0
+    src_port: int = 0
+    dst_port: int = 0
+
+    @classmethod
+    def decode(cls, data: memoryview) -> tuple[UdpHeader, int]:
+        """Decode the header at the start of ``data``; its length field must match."""
+        if len(data) < UDP_HEADER:
+            raise MalformedPacket(Reason.UDP_TRUNCATED, f"{len(data)} bytes left for UDP")
+        sport, dport, length, check = _UDP.unpack_from(data)
+        if length != len(data):
+            raise MalformedPacket(
+                Reason.UDP_LENGTH, f"UDP length {length} but {len(data)} bytes present"
+            )
+        return cls(length, check, sport, dport), UDP_HEADER
+
+    def encode(self, checksum: int | None = None) -> bytes:
+        """Wire bytes, with ``checksum`` (default: the stored one) in place."""
+        return _UDP.pack(
+            self.src_port,
+            self.dst_port,
+            self.length,
+            self.checksum if checksum is None else checksum,
+        )
+
+    @property
+    def header_length(self) -> int:
+        """Always 8."""
+        return UDP_HEADER
+
+    def compute_checksum(self, src_ip: str | bytes, dst_ip: str | bytes, payload: BytesLike) -> int:
+        """The checksum for this header and payload (0 is sent as 0xFFFF, RFC 768)."""
+        c = transport_checksum(src_ip, dst_ip, PROTO_UDP, self.encode(0), payload)
+        return c or 0xFFFF
+
+    def verify_checksum(self, src_ip: str | bytes, dst_ip: str | bytes, payload: BytesLike) -> bool:
+        """Whether the stored checksum is right (0: no checksum, always right)."""
+        if self.checksum == 0:
+            return True
+        return verify_transport_checksum(src_ip, dst_ip, PROTO_UDP, self.encode() + bytes(payload))
