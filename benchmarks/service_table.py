@@ -37,6 +37,9 @@ DISTRIBUTION = {
     "hit_ids": "a random stored prefix with its remaining bits random (may hit a nested,"
     " longer prefix)",
     "random_ids": "256 uniformly random bits (almost always fall to a short prefix or /0)",
+    "lookup_id_layout": "the ID ints are allocated together, in the order the timed loop"
+    " reads them, like a just-decoded ID that is still in cache; the entries they hit are"
+    " spread uniformly over the whole table (no locality: the worst case for caches)",
 }
 
 
@@ -110,15 +113,8 @@ def _rate(fn: Callable[[Any], Any], items: Sequence[Any], repeat: int) -> dict[s
 
 def _trie_depth(table: Any, ids: Sequence[int]) -> float:
     """Average number of trie nodes a lookup visits (re-walks the structure; diagnostic)."""
-    total = 0
-    for value in ids:
-        node = table._roots[value >> table._slot_shift]
-        while node is not None:
-            total += 1
-            if node._lim is not None and (value ^ node._key) >= node._lim:
-                break
-            node = node._right if value & node._bit else node._left
-    return total / len(ids)
+    visited: int = sum(map(table._nodes_visited, ids))
+    return visited / len(ids)
 
 
 def run_one(
@@ -147,13 +143,24 @@ def run_one(
     gc.collect()
     rss1 = _rss_bytes()
 
+    gc_time = [0.0]
+    gc_start = [0.0]
+
+    def on_gc(phase: str, _info: dict[str, int]) -> None:
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+        else:
+            gc_time[0] += time.perf_counter() - gc_start[0]
+
     table = st.ServiceTable(rng=random.Random(seed + 1))
+    gc.callbacks.append(on_gc)
     t0 = time.perf_counter()
     table.add(ServicePrefix.default(), st.Rule.drop())
     add = table.add
     for prefix, rule in inputs:
         add(prefix, rule)
     load_s = time.perf_counter() - t0
+    gc.callbacks.remove(on_gc)
     gc.collect()
     rss2 = _rss_bytes()
     assert len(table) == size + 1, (len(table), size)
@@ -171,6 +178,7 @@ def run_one(
         "stride_bits": table.stride,
         "load_s": round(load_s, 3),
         "load_rules_per_s": round((size + 1) / load_s),
+        "load_s_in_gc": round(gc_time[0], 3),
         "lookups_per_run": n_lookups,
         "lookup_int_hit": _rate(table.lookup_int, hit_ids, repeat),
         "lookup_int_random": _rate(table.lookup_int, random_ids, repeat),

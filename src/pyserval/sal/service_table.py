@@ -18,19 +18,25 @@ Among those rules the result is, in order of precedence:
 Lower-priority rules, and shorter prefixes, are never consulted while a longer prefix has
 any rule: they are there for when the better rules are removed.
 
-Data structure (why it is fast enough to consult per packet in Python):
+Data structure: a path-compressed binary trie over the ID bits, MSB first, under a
+direct-indexed first level (the shape of an LC-trie's root):
 
-* The top ``k`` bits of the ID index two flat lists (a multibit "stride" level). ``k``
-  grows with the table (8, 12, 16 then 20 bits) so that a bucket holds about one or two
-  long prefixes; growing re-places every entry once, like a hash table resize.
-* Prefixes of at most ``k`` bits live in the stride level itself, by controlled prefix
-  expansion: each slot points at the longest such prefix covering it.
-* Longer prefixes live in one path-compressed binary trie per slot (Patricia style: a
-  node stores only the bit it branches on, pure branch nodes always have two children).
-  The descent only tests bits; a node that holds an entry is checked once with an
-  xor/shift against the ID, and a failed check ends the walk, since nothing below can
-  match either. Resolutions are precomputed when rules change, so the per-packet path
-  allocates nothing except for the weighted pick (one ``random()`` and one ``bisect``).
+* The top ``k`` bits of an ID index two flat lists. ``k`` grows with the table, 2 bits at a
+  time from 8 to 22, keeping two slots or more per entry (up to 2M entries); growing
+  re-places every entry once, like a hash table resize (amortised O(1) per add). Only
+  :meth:`clear` shrinks it.
+* Prefixes of at most ``k`` bits live in that first level by controlled prefix expansion:
+  each slot of the second list points at the longest of them covering it.
+* Longer prefixes live in one path-compressed trie per slot (Patricia style). Every node
+  is a prefix: either an entry, or a pure branch node where two prefixes part, which always
+  has two children (removing an entry re-compresses the trie around it). A node branches on
+  the bit just past its prefix. The descent only tests bits; an entry node is checked with
+  one xor and one comparison, and a failed check ends the walk, since nothing below it can
+  match either. With the first level sized as above a lookup visits about one node.
+* Per-packet cost in a big table is mostly memory latency, so: entries are their own trie
+  nodes, the fields a lookup reads share one cache line, resolutions (and the cumulative
+  weights of a weighted pick) are computed when rules change, not per lookup, and the
+  per-packet path allocates only short-lived ints.
 
 No I/O, no clock. Not thread safe (the asyncio stack uses it from one thread).
 """
@@ -70,18 +76,18 @@ __all__ = [
 
 _BITS: Final = SERVICE_ID_BITS
 _ALL: Final = (1 << _BITS) - 1
-# Shared big ints so that trie nodes do not each allocate their own copies.
-# _BIT[n]: the mask of bit n (0 = MSB), the bit a node of length n branches on. A /256
-# node cannot branch: its mask is 0, so the descent always takes the (empty) left side.
+# Tables of shared big ints, so that nodes do not each hold their own copies.
+# _BIT[n]: the mask of bit n (0 = MSB), the bit a node of length n branches on (there is no
+# bit past a /256: its entry, 0, is never used).
 _BIT: Final[tuple[int, ...]] = (*(1 << (_BITS - 1 - n) for n in range(_BITS)), 0)
 # _LIM[n]: 2**(256-n); an ID is inside the /n prefix with value `key` iff (id ^ key) < _LIM[n]
-# (a comparison, which unlike a shift allocates nothing).
+# (a comparison, which unlike a shift allocates nothing). Also _BIT[n] == _LIM[n] >> 1.
 _LIM: Final[tuple[int, ...]] = tuple(1 << (_BITS - n) for n in range(_BITS + 1))
 # _MASK[n]: the first n bits set.
 _MASK: Final[tuple[int, ...]] = tuple(_ALL ^ ((1 << (_BITS - n)) - 1) for n in range(_BITS + 1))
-# Stride (bits indexed directly) and the table size at which the next one is taken.
-_STRIDES: Final = (8, 12, 16, 20)
-_GROW_FACTOR: Final = 2  # grow when entries > factor * number of slots
+# Stride (bits indexed directly): grows by 2 bits (4x the slots) once there are more entries
+# than half the slots, up to 22 bits: two lists of 4M slots, 64 MiB, from 512Ki entries on.
+_STRIDES: Final = (8, 10, 12, 14, 16, 18, 20, 22)
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -271,11 +277,12 @@ class Entry:
     :func:`_branch` with only the node fields set; they are never handed out.
     """
 
-    # CPython lays slots out in name order, and an instance of this size starts on a
-    # 64-byte cache line (pymalloc's 128-byte blocks, after the GC header). The six fields
-    # a lookup reads sort first, so with the object header they fill exactly that first
-    # line: a lookup in a big table pays one memory access per node, not two. The cold
-    # fields (prefixed _x_) follow.
+    # CPython lays slots out in name order, and with eleven slots an instance takes a
+    # 128-byte pymalloc block, so (after the 16-byte GC header) it starts on a 64-byte cache
+    # line; with ten it would take 112-byte blocks, which mostly do not. The six fields a
+    # lookup reads sort first, so with the object header they fill exactly that first line:
+    # a lookup in a big table pays one memory access per node, not two. The cold fields
+    # (prefixed _x_) follow.
     __slots__ = (
         "_hits",
         "_key",
@@ -300,24 +307,32 @@ class Entry:
     # Entry fields.
     _single: Resolution | None  # the answer, or None when a weighted pick is needed
     _x_pick: tuple[tuple[Resolution, ...], list[int], int, int]  # choices, cum, total, hi
-    _x_prefix: ServicePrefix
+    _x_prefix: ServicePrefix | None  # made when first asked for
     _x_rules: tuple[Rule, ...]
     _hits: int
 
     def __init__(self, prefix: ServicePrefix, rules: tuple[Rule, ...]) -> None:
         length = prefix.length
-        self._key = self._x_key = prefix.value
+        # A private copy of the value (`| 0` makes a new int): it lands in the same
+        # pymalloc pool, so the same memory page, as the Resolution made just below. A
+        # lookup reads both right after the node; in a big table sharing one page (one TLB
+        # miss instead of two) was measured at about 20% more lookups per second.
+        self._key = self._x_key = prefix.value | 0
         self._left = self._right = None
         self._lim = _LIM[length]
         self._x_length = length
-        self._x_prefix = prefix
+        self._x_prefix = None
         self._hits = 0
         self._set_rules(rules)
 
     @property
     def prefix(self) -> ServicePrefix:
         """The prefix this entry matches."""
-        return self._x_prefix
+        prefix = self._x_prefix
+        if prefix is None:
+            # Made on demand: the table itself needs only the key and the length.
+            prefix = self._x_prefix = ServicePrefix._of(self._x_key, self._x_length)
+        return prefix
 
     @property
     def hits(self) -> int:
@@ -382,7 +397,7 @@ class Entry:
         return choices[bisect_right(cum, rng.random() * total, 0, hi)]
 
     def __repr__(self) -> str:
-        return f"Entry({self._x_prefix}, rules={list(self._x_rules)!r}, hits={self._hits})"
+        return f"Entry({self.prefix}, rules={list(self._x_rules)!r}, hits={self._hits})"
 
 
 _NO_PICK: Final[tuple[tuple[Resolution, ...], list[int], int, int]] = ((), [], 0, 0)
@@ -481,7 +496,8 @@ class ServiceTable:
         node = self._roots[slot]
         best = None
         if node is not None:
-            # Shifted once so that each node picks its child with `& lim`, allocation free.
+            # Shifted once here so that each node picks its child with a single `&` against
+            # its shared lim, instead of a shift per node.
             value2 = value << 1
             while node is not None:
                 key = node._key
@@ -677,7 +693,7 @@ class ServiceTable:
         entry = Entry(prefix, rules)
         self._count += 1
         self._rule_count += len(rules)
-        if self._count > _GROW_FACTOR << self._stride and self._stride < _STRIDES[-1]:
+        if self._count > (1 << self._stride) >> 1 and self._stride < _STRIDES[-1]:
             self._regrow()
         self._place(entry)
         return entry
@@ -687,7 +703,7 @@ class ServiceTable:
         entries = self._entries()
         stride = self._stride
         for s in _STRIDES:
-            if s > stride and (self._count <= _GROW_FACTOR << s or s == _STRIDES[-1]):
+            if s > stride and (self._count <= (1 << s) >> 1 or s == _STRIDES[-1]):
                 stride = s
                 break
         self._reset(stride)
@@ -743,12 +759,14 @@ class ServiceTable:
 
     def _place_short(self, entry: Entry, value: int, length: int) -> None:
         self._short_entries[value | length] = entry
-        short = self._short
         start = value >> self._slot_shift
-        for slot in range(start, start + (1 << (self._stride - length))):
-            current = short[slot]
-            if current is None or current._x_length < length:
-                short[slot] = entry
+        end = start + (1 << (self._stride - length))
+        # One slice assignment: a short prefix can cover millions of slots (a /0 covers them
+        # all), and a comprehension is several times faster than an indexed loop.
+        self._short[start:end] = [
+            entry if current is None or current._x_length < length else current
+            for current in self._short[start:end]
+        ]
 
     def _delete(self, entry: Entry) -> None:
         value = entry._x_key
@@ -764,11 +782,11 @@ class ServiceTable:
                 parent = self._short_entries.get((value & _MASK[shorter]) | shorter)
                 if parent is not None:
                     break
-            short = self._short
             start = value >> self._slot_shift
-            for slot in range(start, start + (1 << (self._stride - length))):
-                if short[slot] is entry:
-                    short[slot] = parent
+            end = start + (1 << (self._stride - length))
+            self._short[start:end] = [
+                parent if current is entry else current for current in self._short[start:end]
+            ]
             return
         slot = value >> self._slot_shift
         path = self._trie_path(value, length)
@@ -807,6 +825,18 @@ class ServiceTable:
             parent._right = new
 
     # -- checking (tests and debugging) ------------------------------------------------------
+    def _nodes_visited(self, value: int) -> int:
+        """How many trie nodes :meth:`lookup_int` visits for ``value`` (diagnostic)."""
+        visited = 0
+        node = self._roots[value >> self._slot_shift]
+        while node is not None:
+            visited += 1
+            key = node._key
+            if key is not None and (value ^ key) >= node._lim:
+                break
+            node = node._right if (value << 1) & node._lim else node._left
+        return visited
+
     def _check(self) -> None:
         """Assert the structure's invariants (slow; for tests)."""
         seen = 0
@@ -826,8 +856,6 @@ class ServiceTable:
                 else:
                     seen += 1
                     assert node._key == node._x_key and length > stride
-                    assert node._x_prefix.value == node._key
-                    assert node._x_prefix.length == length
                 for bit, kid in ((0, node._left), (1, node._right)):
                     if kid is None:
                         continue
@@ -837,13 +865,11 @@ class ServiceTable:
         for key, entry in self._short_entries.items():
             assert key == entry._x_key | entry._x_length and entry._x_length <= stride
             assert entry._left is None and entry._right is None
-        for slot, best in enumerate(self._short):
-            want = None
-            for entry in self._short_entries.values():
-                if entry._x_key >> self._slot_shift <= slot < (entry._x_key >> self._slot_shift) + (
-                    1 << (stride - entry._x_length)
-                ) and (want is None or entry._x_length > want._x_length):
-                    want = entry
-            assert best is want, f"short slot {slot}"
+        want: list[Entry | None] = [None] * len(self._short)
+        for entry in sorted(self._short_entries.values(), key=lambda e: e._x_length):
+            start = entry._x_key >> self._slot_shift
+            width = 1 << (stride - entry._x_length)
+            want[start : start + width] = [entry] * width
+        assert all(a is b for a, b in zip(self._short, want, strict=True)), "short slots"
         assert seen + len(self._short_entries) == self._count
         assert sum(len(e.rules) for e in self._entries()) == self._rule_count

@@ -1,0 +1,526 @@
+"""The sans-I/O Serval host: demultiplexing, listeners, connections, datagrams, timers.
+
+``HostCore`` takes datagrams (``receive_datagram``), returns datagrams to send
+(``datagrams_to_send``), reports events (``next_event``/``events``) and one timer deadline for
+the whole host (``next_deadline``/``handle_timer``). It never does I/O and never reads a
+clock: the asyncio runtime and the simulated network (``pyserval.testing``) drive it.
+
+Receive path, by packet kind (a dispatch on state, never an exception out of here):
+
+* ``dst_flowid == 0`` and CONTROL(SYN): a connection request, resolved in the service table;
+  a DEMUX rule names a local listener. A SYN for a service we do not serve is dropped and
+  counted, never answered with RST (the client retries and may reach another instance).
+* ``dst_flowid == 0``, UDP and SERVICE extensions: an unconnected datagram. One for a service
+  we do not serve is answered with RST.
+* otherwise the flow table names the subflow; a packet for an unknown flow gets RST (unless
+  it is itself a RST).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Final
+
+from ..naming.service_id import ServiceID, ServiceLike, as_service_id
+from ..sal.control import MASK32
+from ..sal.errors import MalformedPacket
+from ..sal.extensions import ControlExt, ControlFlags, ServiceExt
+from ..sal.flow_table import FlowTable
+from ..sal.packet import SalPacket, decode_packet
+from ..sal.service_table import Action, Rule, ServiceTable
+from ..sal.transport_headers import PROTO_TCP, PROTO_UDP, UdpHeader
+from ..transport.config import StreamConfig
+from ..transport.connection import Connection, Role, State, Subflow, unwrap
+from ..transport.events import (
+    ConnectionFailed,
+    ConnectionReset,
+    DatagramReceived,
+    Event,
+    IncomingConnection,
+)
+
+__all__ = ["DatagramEndpoint", "DatagramTooLarge", "HostCore", "Listener", "NoRoute"]
+
+Address = tuple[str, int]
+MAX_DATAGRAM: Final = 65507 - 12 - 72 - 8  # UDP payload limit less SAL and UDP headers
+_ZERO_NONCE: Final = bytes(8)
+
+
+class NoRoute(Exception):
+    """No service table rule leads to the service."""
+
+
+class DatagramTooLarge(ValueError):
+    """A datagram is larger than one SAL datagram can carry."""
+
+
+@dataclass(eq=False)
+class Listener:
+    """A service this host accepts connections for."""
+
+    listener_id: int
+    service_id: ServiceID
+    backlog: int
+    half_open: dict[tuple[Address, int], Connection] = field(default_factory=dict)
+    accept_queue: deque[Connection] = field(default_factory=deque)
+    closed: bool = False
+
+    def accept(self) -> Connection | None:
+        """The oldest established connection not yet taken, or None."""
+        return self.accept_queue.popleft() if self.accept_queue else None
+
+
+@dataclass(eq=False)
+class DatagramEndpoint:
+    """A bound datagram socket: sends to and receives from serviceIDs."""
+
+    flowid: int
+    service_id: ServiceID
+
+
+class HostCore:
+    """One Serval end host with no I/O (see the module docstring)."""
+
+    def __init__(
+        self,
+        addresses: list[Address],
+        *,
+        config: StreamConfig | None = None,
+        rng: random.Random | None = None,
+        service_table: ServiceTable | None = None,
+        max_flows: int = 65536,
+        max_events: int = 100_000,
+    ) -> None:
+        if not addresses:
+            raise ValueError("a host needs at least one address")
+        self.addresses = list(addresses)
+        self.config = config or StreamConfig()
+        self.rng = rng or random.Random()
+        self.service_table = service_table or ServiceTable(rng=self.rng)
+        self.flows: FlowTable[Subflow | DatagramEndpoint] = FlowTable(max_flows, self.rng)
+        self.connections: dict[int, Connection] = {}
+        self.listeners: dict[ServiceID, Listener] = {}
+        self.datagram_endpoints: dict[ServiceID, DatagramEndpoint] = {}
+        self.drops: Counter[str] = Counter()  # dropped datagrams by reason
+        self.stats: Counter[str] = Counter()
+        self.internal_errors: list[BaseException] = []
+        self._events: deque[Event] = deque()
+        self._max_events = max_events
+        self._out: list[tuple[bytes, Address, Address]] = []
+        self._dirty: dict[int, Connection] = {}  # insertion-ordered set of connections
+        self._timers: list[tuple[float, int, Connection]] = []
+        self._tiebreak = itertools.count()
+        self._listener_ids = itertools.count(1)
+
+    # -- events -------------------------------------------------------------------------
+    def _emit(self, event: Event) -> None:
+        if len(self._events) >= self._max_events:
+            self.stats["events_dropped"] += 1  # bounded: an application that never reads
+            return
+        self._events.append(event)
+
+    def next_event(self) -> Event | None:
+        """The oldest event not yet taken, or None."""
+        return self._events.popleft() if self._events else None
+
+    def events(self) -> list[Event]:
+        """Take every pending event."""
+        out = list(self._events)
+        self._events.clear()
+        return out
+
+    # -- application API ----------------------------------------------------------------
+    def listen(self, service: ServiceLike, backlog: int = 128) -> Listener:
+        """Accept connections to ``service``: adds a DEMUX rule to the service table."""
+        sid = as_service_id(service)
+        if sid in self.listeners:
+            raise ValueError(f"already listening on service {sid.hex}")
+        if backlog < 1:
+            raise ValueError(f"backlog must be at least 1: {backlog}")
+        listener = Listener(next(self._listener_ids), sid, backlog)
+        self.listeners[sid] = listener
+        self.service_table.add(sid, Rule.demux(listener))
+        return listener
+
+    def close_listener(self, listener: Listener, now: float) -> None:
+        """Stop listening; half-open requests are reset, queued connections stay usable."""
+        if listener.closed:
+            return
+        listener.closed = True
+        self.listeners.pop(listener.service_id, None)
+        entry = self.service_table.get(listener.service_id)
+        if entry is not None:
+            for rule in entry.rules:
+                if rule.listener is listener:
+                    self.service_table.remove(listener.service_id, rule)
+        for conn in list(listener.half_open.values()):
+            conn.abort_with("listener closed", send_rst=True)
+            self._wake(conn)
+        listener.half_open.clear()
+
+    def connect(self, service: ServiceLike, now: float) -> Connection:
+        """Open a connection to ``service`` (late-bound: resolved when the SYN goes out).
+
+        The connection's events tell how it ends: ConnectionEstablished, or
+        ConnectionTimedOut / ConnectionFailed / ConnectionReset.
+        """
+        sid = as_service_id(service)
+        flowid = self.flows.allocate()
+        conn = Connection(flowid, Role.CLIENT, sid, self.config, self._emit)
+        conn.wake = self._wake
+        sf = Subflow(conn, flowid, self.addresses[0], None, self.rng)
+        conn.subflows.append(sf)
+        self.flows.insert(flowid, sf)
+        self.connections[flowid] = conn
+        conn.syn_due = True
+        conn.syn_first = True
+        self._wake(conn)
+        return conn
+
+    def bind_datagram(self, service: ServiceLike) -> DatagramEndpoint:
+        """A datagram socket bound to ``service`` (receives what is sent to it)."""
+        sid = as_service_id(service)
+        if sid in self.datagram_endpoints:
+            raise ValueError(f"a datagram socket is already bound to {sid.hex}")
+        flowid = self.flows.allocate()
+        ep = DatagramEndpoint(flowid, sid)
+        self.flows.insert(flowid, ep)
+        self.datagram_endpoints[sid] = ep
+        self.service_table.add(sid, Rule.demux(ep))
+        return ep
+
+    def unbind_datagram(self, ep: DatagramEndpoint) -> None:
+        """Close a datagram socket."""
+        if self.datagram_endpoints.pop(ep.service_id, None) is None:
+            return
+        self.flows.remove(ep.flowid)
+        entry = self.service_table.get(ep.service_id)
+        if entry is not None:
+            for rule in entry.rules:
+                if rule.listener is ep:
+                    self.service_table.remove(ep.service_id, rule)
+
+    def send_datagram(self, ep: DatagramEndpoint, service: ServiceLike, data: bytes) -> None:
+        """Send one unconnected datagram to ``service``; raises NoRoute or DatagramTooLarge."""
+        if len(data) > MAX_DATAGRAM:
+            raise DatagramTooLarge(
+                f"datagram of {len(data)} bytes exceeds the limit of {MAX_DATAGRAM} bytes"
+            )
+        dst = as_service_id(service)
+        remote = self._resolve(dst)
+        if remote is None:
+            raise NoRoute(f"no route to service {dst.hex}")
+        pkt = SalPacket(
+            ep.flowid,
+            0,
+            PROTO_UDP,
+            [ServiceExt(dst), ServiceExt(ep.service_id)],
+            UdpHeader(),
+            data,
+        )
+        self._send(pkt, self.addresses[0], remote)
+
+    # -- routing ------------------------------------------------------------------------
+    def _resolve(self, sid: ServiceID) -> Address | None:
+        """Where a SYN or datagram for ``sid`` goes: a FORWARD target, or ourselves (DEMUX)."""
+        res = self.service_table.lookup(sid)
+        if res is None:
+            return None
+        if res.action is Action.FORWARD and res.target is not None:
+            return res.target.address
+        if res.action is Action.DEMUX:
+            return self.addresses[0]
+        return None  # DROP, DELAY (the controller's business, later)
+
+    # -- driving ------------------------------------------------------------------------
+    def _wake(self, conn: Connection) -> None:
+        self._dirty[conn.conn_id] = conn
+
+    def _send(self, pkt: SalPacket, local: Address, remote: Address) -> None:
+        self._out.append((pkt.encode(local[0], remote[0]), local, remote))
+
+    def _send_all(self, conn: Connection, pkts: list[SalPacket]) -> None:
+        if not pkts or not conn.subflows:
+            return
+        sf = conn.primary
+        remote = sf.remote_addr
+        if remote is None:
+            return  # never resolved: nothing was ever sent to the peer
+        for p in pkts:
+            self._send(p, sf.local_addr, remote)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address, Address]]:
+        """Every datagram to send now, as (payload, local address, remote address)."""
+        dirty = self._dirty
+        while dirty:
+            _, conn = dirty.popitem()
+            self._flush(conn, now)
+        out, self._out = self._out, []
+        return out
+
+    def _flush(self, conn: Connection, now: float) -> None:
+        pkts: list[SalPacket] = []
+        try:
+            if conn.syn_due and conn.state is State.SYN_SENT:
+                self._send_syn(conn, now)
+            conn.output(now, pkts)
+        except Exception as exc:  # a bug must not take the host down: count and keep it
+            self._internal_error(exc)
+            conn.abort_with(f"internal error: {exc!r}", send_rst=False)
+        self._send_all(conn, pkts)
+        if conn.state is State.CLOSED:
+            self._forget(conn)
+        else:
+            self._schedule(conn)
+
+    def _send_syn(self, conn: Connection, now: float) -> None:
+        conn.syn_due = False
+        sf = conn.primary
+        first = conn.syn_first
+        conn.syn_first = False
+        pkt = conn.syn_packet(now, first)  # starts (or keeps) the control retransmission
+        remote = self._resolve(conn.service_id)
+        if remote is None:
+            self.stats["syn_no_route"] += 1
+            if first and self.service_table.match(conn.service_id) is None:
+                conn.state = State.CLOSED
+                conn.error = f"no route to service {conn.service_id.hex}"
+                conn.emit(ConnectionFailed(conn.conn_id, conn.error))
+            return  # a DELAY/DROP rule now may change: retransmissions try again
+        sf.remote_addr = remote
+        self._send(pkt, sf.local_addr, remote)
+
+    def _schedule(self, conn: Connection) -> None:
+        d = conn.next_deadline()
+        if d is not None and d != conn.scheduled:
+            heapq.heappush(self._timers, (d, next(self._tiebreak), conn))
+        conn.scheduled = d
+
+    def _forget(self, conn: Connection) -> None:
+        """Remove a closed connection from the host's tables (the object stays readable)."""
+        if self.connections.pop(conn.conn_id, None) is None:
+            return
+        for sf in conn.subflows:
+            self.flows.remove(sf.local_flowid)
+        conn.scheduled = None
+        if conn.listener_id is not None:
+            for listener in self.listeners.values():
+                if listener.listener_id == conn.listener_id:
+                    for key, c in list(listener.half_open.items()):
+                        if c is conn:
+                            del listener.half_open[key]
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`handle_timer` must run next (one timer for the whole host)."""
+        timers = self._timers
+        while timers:
+            d, _, conn = timers[0]
+            if conn.scheduled == d and conn.conn_id in self.connections:
+                return d
+            heapq.heappop(timers)  # stale: the connection re-armed or went away
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        """Run every connection timer that is due."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            d, _, conn = heapq.heappop(timers)
+            if conn.scheduled != d or conn.conn_id not in self.connections:
+                continue
+            conn.scheduled = None
+            pkts: list[SalPacket] = []
+            try:
+                conn.on_timer(now, pkts)
+            except Exception as exc:
+                self._internal_error(exc)
+                conn.abort_with(f"internal error: {exc!r}", send_rst=False)
+            self._send_all(conn, pkts)
+            self._wake(conn)
+
+    def _internal_error(self, exc: BaseException) -> None:
+        self.stats["internal_error"] += 1
+        if len(self.internal_errors) < 100:
+            self.internal_errors.append(exc)
+
+    # -- receive path -------------------------------------------------------------------
+    def receive_datagram(self, data: bytes, src: Address, dst: Address, now: float) -> None:
+        """Take one UDP payload that arrived on local address ``dst`` from ``src``."""
+        try:
+            pkt = decode_packet(data)
+        except MalformedPacket as exc:
+            self.drops[exc.reason.value] += 1
+            return
+        try:
+            if pkt.dst_flowid == 0:
+                self._on_unconnected(pkt, src, dst, now)
+            else:
+                self._on_flow_packet(pkt, src, dst, now)
+        except Exception as exc:  # never let a packet take the host down
+            self._internal_error(exc)
+            self.drops["internal_error"] += 1
+
+    def _on_unconnected(self, pkt: SalPacket, src: Address, dst: Address, now: float) -> None:
+        ctl = pkt.control
+        if ctl is not None and ctl.flags & ControlFlags.SYN and not ctl.flags & ControlFlags.ACK:
+            self._on_syn(pkt, ctl, src, dst, now)
+        elif pkt.protocol == PROTO_UDP and pkt.service is not None and pkt.udp is not None:
+            self._on_datagram(pkt, src, dst)
+        elif ctl is not None and ctl.flags & ControlFlags.RST:
+            self.drops["rst_no_flow"] += 1
+        else:
+            self.drops["no_flow"] += 1
+
+    def _on_syn(
+        self, pkt: SalPacket, ctl: ControlExt, src: Address, dst: Address, now: float
+    ) -> None:
+        svc, tcp = pkt.service, pkt.tcp
+        if svc is None or tcp is None or pkt.protocol != PROTO_TCP:
+            self.drops["bad_syn"] += 1
+            return
+        res = self.service_table.lookup(svc.service_id)
+        if res is None or res.action is not Action.DEMUX or not isinstance(res.listener, Listener):
+            self.drops["syn_no_service"] += 1  # never RST a SYN
+            return
+        listener = res.listener
+        key = (src, pkt.src_flowid)
+        existing = listener.half_open.get(key)
+        if existing is not None:
+            # A retransmitted SYN: our SYN-ACK was lost. Answer again, no second flow.
+            sf = existing.primary
+            if existing.state is State.SYN_RECEIVED:
+                self._send(sf.synack_packet(sf.control.resend()), sf.local_addr, src)
+            self.stats["duplicate_syn"] += 1
+            return
+        if len(listener.half_open) >= self.config.max_half_open:
+            self.drops["half_open_full"] += 1
+            return
+        if len(listener.accept_queue) >= listener.backlog:
+            self.drops["accept_queue_full"] += 1
+            return
+        flowid = self.flows.allocate()
+        conn = Connection(flowid, Role.SERVER, svc.service_id, self.config, self._emit)
+        conn.wake = self._wake
+        conn.listener_id = listener.listener_id
+        sf = Subflow(conn, flowid, dst, src, self.rng)
+        conn.subflows.append(sf)
+        self.flows.insert(flowid, sf)
+        self.connections[flowid] = conn
+        listener.half_open[key] = conn
+        synack = conn.accept_syn(sf, pkt, now)
+        self._send(synack, dst, src)
+        self._schedule(conn)
+
+    def _on_datagram(self, pkt: SalPacket, src: Address, dst: Address) -> None:
+        svc = pkt.service
+        assert svc is not None
+        res = self.service_table.lookup(svc.service_id)
+        if res is None or not isinstance(res.listener, DatagramEndpoint):
+            self.drops["datagram_no_service"] += 1
+            self._send(self._rst_for(pkt, None), dst, src)
+            return
+        services = pkt.services
+        source = services[1].service_id.to_bytes() if len(services) > 1 else b""
+        ep = res.listener
+        self._emit(DatagramReceived(ep.flowid, bytes(pkt.payload), source, src))
+
+    def _on_flow_packet(self, pkt: SalPacket, src: Address, dst: Address, now: float) -> None:
+        target = self.flows.get(pkt.dst_flowid)
+        if target is None:
+            ctl = pkt.control
+            if ctl is None or not ctl.flags & ControlFlags.RST:
+                self.drops["unknown_flow"] += 1
+                self._send(self._rst_for(pkt, ctl), dst, src)
+            else:
+                self.drops["rst_unknown_flow"] += 1
+            return
+        if isinstance(target, DatagramEndpoint):
+            ctl = pkt.control
+            if ctl is not None and ctl.flags & ControlFlags.RST:
+                self._emit(ConnectionFailed(target.flowid, "datagram refused: no such service"))
+            return
+        sf = target
+        conn = sf.conn
+        state = conn.state
+        if state is State.SYN_SENT:
+            if not conn.on_synack(sf, pkt, src, now):
+                self._maybe_reset(conn, sf, pkt)
+        elif state is State.SYN_RECEIVED:
+            if pkt.src_flowid != sf.remote_flowid:
+                self.drops["wrong_peer_flow"] += 1
+            elif conn.on_handshake_ack(sf, pkt, now):
+                self._established_server(conn)
+            else:
+                self._maybe_reset(conn, sf, pkt)
+        else:
+            self._on_established(conn, sf, pkt, now)
+        self._wake(conn)
+
+    def _established_server(self, conn: Connection) -> None:
+        for listener in self.listeners.values():
+            if listener.listener_id == conn.listener_id:
+                key = (conn.primary.remote_addr, conn.primary.remote_flowid)
+                listener.half_open.pop(key, None)  # type: ignore[arg-type]
+                listener.accept_queue.append(conn)
+                self._emit(IncomingConnection(conn.conn_id, listener.listener_id))
+                return
+        conn.abort_with("listener closed", send_rst=True)
+
+    def _on_established(self, conn: Connection, sf: Subflow, pkt: SalPacket, now: float) -> None:
+        ctl = pkt.control
+        if ctl is not None:
+            if ctl.flags & ControlFlags.RST:
+                self._maybe_reset(conn, sf, pkt)
+                return
+            if not sf.control.nonce_ok(ctl):
+                self.drops["bad_nonce"] += 1
+                return
+            if ctl.flags & ControlFlags.SYN:
+                conn.third_ack_pending = conn.role is Role.CLIENT  # our third ACK was lost
+                return
+            conn.on_control(sf, ctl, now)
+            if conn.state is State.CLOSED:
+                return
+        tcp = pkt.tcp
+        if tcp is not None:
+            if conn.state is State.TIME_WAIT:
+                conn.ack_now = True  # a retransmitted FIN: acknowledge again
+            else:
+                sf.on_tcp(tcp, pkt.payload, now)
+
+    def _maybe_reset(self, conn: Connection, sf: Subflow, pkt: SalPacket) -> None:
+        """Act on a CONTROL(RST) only if it proves it comes from the peer."""
+        ctl = pkt.control
+        if ctl is None or not ctl.flags & ControlFlags.RST:
+            self.drops["unexpected_packet"] += 1
+            return
+        cc = sf.control
+        genuine = (cc.peer_nonce is not None and ctl.nonce == cc.peer_nonce) or (
+            ctl.nonce == cc.local_nonce  # a stateless reset echoing our own nonce
+        )
+        if not genuine and ctl.nonce == _ZERO_NONCE and sf.snd_max > sf.snd_una:
+            # A stateless reset answering a data segment echoes that segment's sequence
+            # number in verno: it must name data we have in flight.
+            echoed = unwrap(ctl.verno, sf.iss + 1, sf.snd_una)
+            genuine = sf.snd_una <= echoed < sf.snd_max
+        if not genuine:
+            self.drops["bad_nonce"] += 1
+            return
+        if conn.state is State.CLOSED:
+            return
+        conn.error = "reset by peer"
+        conn.state = State.CLOSED
+        conn.emit(ConnectionReset(conn.conn_id, "reset by peer"))
+
+    def _rst_for(self, pkt: SalPacket, ctl: ControlExt | None) -> SalPacket:
+        """A stateless RST answering ``pkt`` (for an unknown flow or service)."""
+        tcp = pkt.tcp
+        if ctl is not None:
+            nonce, echo = ctl.nonce, ctl.verno
+        else:
+            nonce, echo = _ZERO_NONCE, (tcp.seq if tcp is not None else 0) & MASK32
+        rst = ControlExt(ControlFlags.RST, echo, 0, nonce)
+        return SalPacket(0, pkt.src_flowid, pkt.protocol, [rst])

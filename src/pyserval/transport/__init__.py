@@ -1,0 +1,1 @@
+"""Serval transports: TCP streams, datagrams, congestion control."""

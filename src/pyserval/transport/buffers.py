@@ -1,0 +1,185 @@
+"""Bounded send and receive buffers of a stream, in absolute stream offsets.
+
+Offsets are unbounded Python ints counted from the first data byte, so the code above never
+handles 32-bit sequence wrap-around; only the wire codec maps offsets to sequence numbers.
+"""
+
+from __future__ import annotations
+
+from sortedcontainers import SortedDict
+
+__all__ = ["ReceiveBuffer", "SendBuffer"]
+
+
+class SendBuffer:
+    """Bytes the application wrote and the peer has not acknowledged yet (bounded)."""
+
+    __slots__ = ("_buf", "_base", "capacity")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"send buffer capacity must be positive: {capacity}")
+        self._buf = bytearray()
+        self._base = 0  # absolute offset of _buf[0] (= the oldest unacknowledged byte)
+        self.capacity = capacity
+
+    @property
+    def start(self) -> int:
+        """Offset of the oldest byte still held."""
+        return self._base
+
+    @property
+    def end(self) -> int:
+        """Offset one past the newest byte written."""
+        return self._base + len(self._buf)
+
+    @property
+    def free(self) -> int:
+        """How many more bytes :meth:`write` accepts now."""
+        return self.capacity - len(self._buf)
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Append as much of ``data`` as fits; returns how many bytes were taken."""
+        n = min(len(data), self.free)
+        if n:
+            self._buf += data[:n]
+        return n
+
+    def read(self, start: int, end: int) -> bytes:
+        """A copy of bytes [start, end) (they must still be held)."""
+        lo = start - self._base
+        if lo < 0 or end > self.end:
+            raise IndexError(f"bytes [{start}, {end}) are not in the send buffer")
+        return bytes(self._buf[lo : end - self._base])
+
+    def release(self, upto: int) -> int:
+        """Drop bytes before ``upto`` (acknowledged); returns how many were dropped."""
+        n = min(upto, self.end) - self._base
+        if n <= 0:
+            return 0
+        # Deleting a bytearray's head is amortised O(1) in CPython (it moves a start index).
+        del self._buf[:n]
+        self._base += n
+        return n
+
+
+class ReceiveBuffer:
+    """In-order bytes not yet read by the application, plus out-of-order segments.
+
+    Memory is bounded by ``capacity``: the advertised window is ``capacity`` minus the unread
+    bytes, and out-of-order data is kept only inside that window, so a peer cannot make it
+    grow. Out-of-order ranges are kept merged, so they are the SACK blocks.
+    """
+
+    __slots__ = ("_ready", "_ooo", "_ooo_bytes", "rcv_nxt", "capacity", "_recent")
+
+    def __init__(self, capacity: int, start: int = 0) -> None:
+        if capacity < 1:
+            raise ValueError(f"receive buffer capacity must be positive: {capacity}")
+        self._ready = bytearray()
+        self._ooo: SortedDict = SortedDict()  # start offset -> bytes, non-overlapping
+        self._ooo_bytes = 0
+        self.rcv_nxt = start  # next in-order offset expected
+        self.capacity = capacity
+        self._recent: int | None = None  # start of the block most recently added to
+
+    @property
+    def readable(self) -> int:
+        """Bytes the application can read now."""
+        return len(self._ready)
+
+    @property
+    def window(self) -> int:
+        """Space the peer may still fill beyond ``rcv_nxt``."""
+        return max(0, self.capacity - len(self._ready))
+
+    @property
+    def out_of_order_bytes(self) -> int:
+        """Bytes held out of order."""
+        return self._ooo_bytes
+
+    def offer(self, start: int, data: bytes | memoryview) -> int:
+        """Take a segment at ``start``; returns how many bytes became readable."""
+        right = self.rcv_nxt + self.window
+        end = start + len(data)
+        if end <= self.rcv_nxt or start >= right:
+            return 0
+        if start < self.rcv_nxt:
+            data = data[self.rcv_nxt - start :]
+            start = self.rcv_nxt
+        if end > right:
+            data = data[: right - start]
+            end = right
+        if start == self.rcv_nxt:
+            before = len(self._ready)
+            self._ready += data
+            self.rcv_nxt = end
+            self._drain_ooo()
+            return len(self._ready) - before
+        self._insert_ooo(start, bytes(data))
+        return 0
+
+    def _drain_ooo(self) -> None:
+        ooo = self._ooo
+        while ooo:
+            first = ooo.peekitem(0)
+            s, chunk = first[0], first[1]
+            if s > self.rcv_nxt:
+                break
+            del ooo[s]
+            self._ooo_bytes -= len(chunk)
+            tail = s + len(chunk)
+            if tail > self.rcv_nxt:
+                self._ready += chunk[self.rcv_nxt - s :]
+                self.rcv_nxt = tail
+            if self._recent == s:
+                self._recent = None
+
+    def _insert_ooo(self, start: int, data: bytes) -> None:
+        ooo = self._ooo
+        end = start + len(data)
+        # Merge with an overlapping or adjacent block on the left.
+        i = ooo.bisect_right(start) - 1
+        if i >= 0:
+            s = ooo.keys()[i]
+            chunk = ooo[s]
+            if s + len(chunk) >= start:
+                if s + len(chunk) >= end:
+                    self._recent = s
+                    return  # entirely inside a block we hold
+                data = chunk + data[s + len(chunk) - start :]
+                start = s
+                del ooo[s]
+                self._ooo_bytes -= len(chunk)
+        # Absorb blocks that start inside (or right after) the new one.
+        while True:
+            j = ooo.bisect_left(start)
+            if j >= len(ooo):
+                break
+            s = ooo.keys()[j]
+            if s > start + len(data):
+                break
+            chunk = ooo.pop(s)
+            self._ooo_bytes -= len(chunk)
+            if s + len(chunk) > start + len(data):
+                data = data + chunk[start + len(data) - s :]
+        ooo[start] = data
+        self._ooo_bytes += len(data)
+        self._recent = start
+
+    def sack_blocks(self, limit: int = 4) -> list[tuple[int, int]]:
+        """Out-of-order ranges as (start, end), the most recently changed first (RFC 2018)."""
+        blocks = [(s, s + len(c)) for s, c in self._ooo.items()]
+        if self._recent is not None:
+            blocks.sort(key=lambda b: b[0] != self._recent)
+        return blocks[:limit]
+
+    def read(self, max_bytes: int = -1) -> bytes:
+        """Take up to ``max_bytes`` readable bytes (all with -1)."""
+        n = len(self._ready) if max_bytes < 0 else min(max_bytes, len(self._ready))
+        out = bytes(self._ready[:n])
+        del self._ready[:n]
+        return out

@@ -1,0 +1,921 @@
+"""Serval TCP connections: a stream over one or more subflows, with no I/O and no clock.
+
+A :class:`Connection` is what the application sees: a bounded send buffer, a receive buffer
+whose free space is the advertised window (so a slow reader slows the sender), half-close
+and abort. It owns one or more :class:`Subflow` objects; each is one SAL flow (its own
+flowIDs, address pair, SAL control channel) carrying its own TCP sequence space, congestion
+control, RTT estimate and SACK scoreboard. Today a connection runs one subflow and the
+subflow's data offsets are the connection's; multipath adds a mapping between the two
+without changing this structure.
+
+The host core (``pyserval.core``) feeds decoded packets to :meth:`Subflow.on_packet`, calls
+:meth:`Connection.on_timer` at :meth:`Connection.next_deadline`, and collects datagrams
+with :meth:`Connection.output`.
+
+Offsets: stream data byte *k* has offset *k*; on the wire its sequence number is
+``ISS + 1 + k`` (mod 2**32). Only :func:`unwrap` and the packet builders see 32-bit numbers.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Callable
+from typing import Final
+
+from sortedcontainers import SortedDict, SortedList
+
+from ..naming.service_id import ServiceID
+from ..sal.checksum import BytesLike
+from ..sal.control import ControlChannel, ControlTimeout
+from ..sal.extensions import ControlExt, ControlFlags, Extension, ServiceExt
+from ..sal.packet import SalPacket
+from ..sal.transport_headers import PROTO_TCP, TcpFlags, TcpHeader, TcpOption
+from .buffers import ReceiveBuffer, SendBuffer
+from .config import StreamConfig
+from .congestion import CongestionControl, make_congestion_control
+from .events import (
+    ConnectionClosed,
+    ConnectionEstablished,
+    ConnectionReset,
+    ConnectionTimedOut,
+    DataReceived,
+    Event,
+    SendSpaceAvailable,
+    StreamEnded,
+)
+from .rtt import RttEstimator
+
+__all__ = ["Connection", "ConnectionError_", "Role", "State", "Subflow", "unwrap"]
+
+Address = tuple[str, int]
+MASK32: Final = 0xFFFFFFFF
+HALF32: Final = 0x80000000
+DUP_THRESH: Final = 3
+_PEER_DEFAULT_MSS: Final = 536  # RFC 9293 default when the peer sends no MSS option
+
+
+def _no_wake(conn: Connection) -> None:
+    """Default wake-up hook for a connection not attached to a host."""
+
+
+def unwrap(wire: int, base: int, ref: int) -> int:
+    """The absolute offset of 32-bit ``wire`` (offset 0 = ``base``) nearest to ``ref``."""
+    delta = (wire - base - ref) & MASK32
+    if delta >= HALF32:
+        delta -= 1 << 32
+    return ref + delta
+
+
+class ConnectionError_(Exception):
+    """Local misuse of a connection (writing after shutdown, using a closed one, ...)."""
+
+
+class Role(enum.Enum):
+    """Which side opened the connection."""
+
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(enum.Enum):
+    """Connection state (SAL and TCP handshake move together, as in the reference)."""
+
+    SYN_SENT = "syn_sent"
+    SYN_RECEIVED = "syn_received"
+    ESTABLISHED = "established"
+    TIME_WAIT = "time_wait"
+    CLOSED = "closed"
+
+
+class SentSegment:
+    """One transmitted range [start, end) of a subflow's sequence space."""
+
+    __slots__ = ("end", "sent_at", "retransmitted", "sacked", "lost", "fin")
+
+    def __init__(self, end: int, sent_at: float, fin: bool) -> None:
+        self.end = end
+        self.sent_at = sent_at
+        self.retransmitted = False  # ever sent again (Karn: no RTT sample)
+        self.sacked = False
+        self.lost = False
+        self.fin = fin
+
+
+class Subflow:
+    """One SAL flow of a connection and the TCP sequence space that rides in it."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        local_flowid: int,
+        local_addr: Address,
+        remote_addr: Address | None,
+        rng: random.Random,
+    ) -> None:
+        cfg = conn.config
+        self.conn = conn
+        self.local_flowid = local_flowid
+        self.remote_flowid = 0
+        self.local_addr = local_addr
+        self.remote_addr = remote_addr
+        self.control = ControlChannel(rng, cfg.control)
+        # TCP send side.
+        self.iss = rng.getrandbits(32)
+        self.snd_una = 0
+        self.snd_max = 0  # highest offset sent + 1 (FIN counts one)
+        self.snd_wnd = cfg.mss  # until the peer tells us
+        self.snd_wscale = 0
+        self.rcv_wscale = cfg.window_scale
+        self.mss = cfg.mss
+        self.sack_ok = False
+        self.cc: CongestionControl = make_congestion_control(cfg.congestion, cfg.mss)
+        self.rtt = RttEstimator(cfg.initial_rto, cfg.min_rto, cfg.max_rto)
+        self.segments: SortedDict = SortedDict()  # start offset -> SentSegment
+        self.lost: SortedList = SortedList()  # starts of lost segments awaiting resend
+        self.sacked_bytes = 0
+        self.dupacks = 0
+        self.in_recovery = False
+        self.recovery_after_rto = False
+        self.recovery_point = 0
+        self.rto_deadline: float | None = None
+        self.rto_count = 0
+        self.persist_deadline: float | None = None
+        self.persist_backoff = 0
+        # TCP receive side.
+        self.irs = 0
+        self.last_adv_window = 0
+        self.peer_offered_wscale = False
+
+    def take_peer_syn(self, tcp: TcpHeader) -> None:
+        """Adopt what the peer's SYN or SYN-ACK says: ISN, MSS, window scale, SACK."""
+        self.irs = tcp.seq
+        self.mss = min(self.conn.config.mss, tcp.mss or _PEER_DEFAULT_MSS)
+        self.cc.set_mss(self.mss)
+        ws = tcp.window_scale
+        self.peer_offered_wscale = ws is not None
+        if ws is None:
+            self.snd_wscale = self.rcv_wscale = 0  # scaling needs both sides (RFC 7323)
+        else:
+            self.snd_wscale = min(ws, 14)
+        self.sack_ok = self.conn.config.sack and tcp.sack_permitted
+        self.snd_wnd = tcp.window  # never scaled in a SYN
+
+    # -- sequence helpers ---------------------------------------------------------------
+    def wire_seq(self, offset: int) -> int:
+        """32-bit sequence number of send offset ``offset``."""
+        return (self.iss + 1 + offset) & MASK32
+
+    def wire_ack(self) -> int:
+        """The 32-bit acknowledgement number we send."""
+        conn = self.conn
+        return (self.irs + 1 + conn.recv.rcv_nxt + (1 if conn.peer_fin_received else 0)) & MASK32
+
+    def advertised_window(self) -> int:
+        """The 16-bit window field: receive buffer space scaled down."""
+        win = self.conn.recv.window
+        self.last_adv_window = win
+        return min(win >> self.rcv_wscale, 0xFFFF)
+
+    @property
+    def flight(self) -> int:
+        """Bytes in the network by RFC 6675's pipe (outside recovery: unSACKed bytes)."""
+        if not self.in_recovery:
+            return self.snd_max - self.snd_una - self.sacked_bytes
+        pipe = 0
+        for start, seg in self.segments.items():
+            if seg.sacked:
+                continue
+            n = seg.end - start
+            if not seg.lost:
+                pipe += n
+            if seg.retransmitted and seg.lost:
+                pipe += n
+        return pipe
+
+    # -- packet builders ----------------------------------------------------------------
+    def _syn_options(self) -> list[TcpOption]:
+        opts = [
+            TcpOption.mss(self.conn.config.mss),
+            TcpOption.nop(),
+            TcpOption.window_scale(self.rcv_wscale),
+        ]
+        if self.conn.config.sack:
+            opts += [TcpOption.nop(), TcpOption.nop(), TcpOption.sack_permitted()]
+        return opts
+
+    def syn_packet(self, control: ControlExt, service_id: ServiceID) -> SalPacket:
+        """SYN: base, CONTROL(SYN), SERVICE(destination) and the TCP SYN."""
+        tcp = TcpHeader(seq=self.iss, flags=TcpFlags.SYN, window=0, options=self._syn_options())
+        return SalPacket(self.local_flowid, 0, PROTO_TCP, [control, ServiceExt(service_id)], tcp)
+
+    def synack_packet(self, control: ControlExt) -> SalPacket:
+        """SYN-ACK: base, CONTROL(SYN+ACK) and the TCP SYN-ACK."""
+        opts = [TcpOption.mss(self.conn.config.mss)]
+        if self.peer_offered_wscale:
+            opts += [TcpOption.nop(), TcpOption.window_scale(self.rcv_wscale)]
+        if self.sack_ok:
+            opts += [TcpOption.nop(), TcpOption.nop(), TcpOption.sack_permitted()]
+        tcp = TcpHeader(
+            seq=self.iss,
+            ack=self.wire_ack(),
+            flags=TcpFlags.SYN | TcpFlags.ACK,
+            window=min(self.conn.recv.window, 0xFFFF),  # never scaled in a SYN
+            options=opts,
+        )
+        return SalPacket(self.local_flowid, self.remote_flowid, PROTO_TCP, [control], tcp)
+
+    def ack_header(self, flags: int = TcpFlags.ACK, offset: int | None = None) -> TcpHeader:
+        """A TCP header with our current ACK, window and SACK blocks."""
+        opts: list[TcpOption] = []
+        if self.sack_ok:
+            blocks = self.conn.recv.sack_blocks(3)
+            if blocks:
+                base = self.irs + 1
+                opts = [TcpOption.nop(), TcpOption.nop()]
+                opts.append(
+                    TcpOption.sack([((base + s) & MASK32, (base + e) & MASK32) for s, e in blocks])
+                )
+        return TcpHeader(
+            seq=self.wire_seq(self.snd_max if offset is None else offset),
+            ack=self.wire_ack(),
+            flags=flags,
+            window=self.advertised_window(),
+            options=opts,
+        )
+
+    def control_packet(
+        self,
+        control: ControlExt,
+        extra: list[Extension] | None = None,
+        tcp: TcpHeader | None = None,
+    ) -> SalPacket:
+        """A SAL control packet of this flow (SAL FIN, control ACK, RST, third ACK)."""
+        exts: list[Extension] = [control, *(extra or [])]
+        return SalPacket(self.local_flowid, self.remote_flowid, PROTO_TCP, exts, tcp)
+
+    # -- receive path -------------------------------------------------------------------
+    def on_tcp(self, tcp: TcpHeader, payload: BytesLike, now: float) -> None:
+        """A TCP segment for this subflow (handshake already complete or completing)."""
+        conn = self.conn
+        flags = tcp.flags
+        if flags & TcpFlags.RST:
+            return  # resets travel as SAL CONTROL(RST), which carries the nonce
+        if flags & TcpFlags.SYN:
+            # A retransmitted SYN-ACK: our third ACK was lost; answer it again.
+            conn.third_ack_pending = conn.role is Role.CLIENT
+            conn.ack_now = True
+            return
+        conn.last_heard = now
+        if flags & TcpFlags.ACK:
+            self._on_ack(tcp, bool(payload) or bool(flags & TcpFlags.FIN), now)
+        if payload or flags & TcpFlags.FIN:
+            self._on_data(tcp, payload, now)
+
+    def _on_ack(self, tcp: TcpHeader, carries_data: bool, now: float) -> None:
+        conn = self.conn
+        ack = unwrap(tcp.ack, self.iss + 1, self.snd_una)
+        if ack > self.snd_max:
+            conn.ack_now = True  # acknowledges what we never sent: tell the peer where we are
+            return
+        window = tcp.window << self.snd_wscale
+        window_changed = window != self.snd_wnd
+        if ack >= self.snd_una:
+            self.snd_wnd = window
+            if window and self.persist_deadline is not None:
+                self.persist_deadline = None
+                self.persist_backoff = 0
+        if self.sack_ok and tcp.options:
+            self._on_sack(tcp.sack_blocks)
+        if ack > self.snd_una:
+            self._on_new_ack(ack, now)
+        elif (
+            ack == self.snd_una
+            and self.snd_max > self.snd_una
+            and not carries_data
+            and not window_changed
+        ):
+            self.dupacks += 1
+        if self.snd_max > self.snd_una and not self.in_recovery:
+            if self.dupacks >= DUP_THRESH or (self.sack_ok and self._first_lost()):
+                self._enter_recovery(now)
+        elif self.in_recovery and self.sack_ok:
+            self._mark_lost()
+
+    def _on_new_ack(self, ack: int, now: float) -> None:
+        conn = self.conn
+        flight_before = self.snd_max - self.snd_una - self.sacked_bytes
+        newly = ack - self.snd_una
+        rtt_sample: float | None = None
+        segs = self.segments
+        while segs:
+            start, seg = segs.peekitem(0)
+            if start >= ack:
+                break
+            del segs[start]
+            if seg.lost:
+                self.lost.discard(start)
+            if seg.end > ack:
+                # Partially acknowledged: keep the rest as its own segment.
+                rest = SentSegment(seg.end, seg.sent_at, seg.fin)
+                rest.retransmitted, rest.lost = seg.retransmitted, seg.lost
+                segs[ack] = rest
+                if rest.lost:
+                    self.lost.add(ack)
+                if seg.sacked:
+                    self.sacked_bytes -= ack - start
+                    rest.sacked = True
+                break
+            if seg.sacked:
+                self.sacked_bytes -= seg.end - start
+            if not seg.retransmitted:
+                rtt_sample = now - seg.sent_at
+        if rtt_sample is not None:
+            self.rtt.sample(rtt_sample)
+        self.snd_una = ack
+        self.dupacks = 0
+        self.rto_count = 0
+        released = conn.send.release(min(ack, conn.send.end))
+        if released and conn.send_blocked and conn.send.free > 0:
+            conn.send_blocked = False
+            conn.emit(SendSpaceAvailable(conn.conn_id, conn.send.free))
+        if conn.fin_offset is not None and ack > conn.fin_offset:
+            conn.on_fin_acked(now)
+        if self.in_recovery:
+            if ack >= self.recovery_point:
+                self.in_recovery = False
+                if not self.recovery_after_rto:
+                    self.cc.on_recovery_exit(now)
+                self.recovery_after_rto = False
+                for start in list(self.lost):
+                    self.segments[start].lost = False
+                self.lost.clear()
+            elif not self.sack_ok:
+                # NewReno partial ACK (RFC 6582): the next hole is lost too.
+                first = self.segments.peekitem(0) if self.segments else None
+                if first is not None and not first[1].lost:
+                    first[1].lost = True
+                    first[1].retransmitted = False
+                    self.lost.add(first[0])
+        if not self.in_recovery or self.recovery_after_rto:
+            self.cc.on_ack(newly, now, rtt_sample, flight_before)
+        self.rto_deadline = now + self.rtt.rto if self.snd_max > self.snd_una else None
+
+    def _on_sack(self, blocks: list[tuple[int, int]]) -> None:
+        base = self.iss + 1
+        segs = self.segments
+        for left_w, right_w in blocks:
+            left = unwrap(left_w, base, self.snd_una)
+            right = unwrap(right_w, base, self.snd_una)
+            if right <= left or left < self.snd_una or right > self.snd_max:
+                continue  # stale or bogus block
+            i = segs.bisect_right(left) - 1
+            i = max(i, 0)
+            keys = segs.keys()
+            while i < len(keys):
+                start = keys[i]
+                if start >= right:
+                    break
+                seg = segs[start]
+                if start >= left and seg.end <= right and not seg.sacked:
+                    seg.sacked = True
+                    self.sacked_bytes += seg.end - start
+                    if seg.lost:
+                        self.lost.discard(start)
+                i += 1
+
+    def _first_lost(self) -> bool:
+        """RFC 6675 IsLost for the first unacknowledged segment."""
+        if not self.segments or self.sacked_bytes == 0:
+            return False
+        seg = self.segments.peekitem(0)[1]
+        if seg.sacked:
+            return False
+        return self.sacked_bytes > (DUP_THRESH - 1) * self.mss
+
+    def _mark_lost(self) -> None:
+        """Mark unSACKed segments with enough SACKed data above them as lost."""
+        if not self.sack_ok:
+            if self.segments:
+                start, seg = self.segments.peekitem(0)
+                if not seg.lost and not seg.sacked:
+                    seg.lost = True
+                    self.lost.add(start)
+            return
+        above = 0
+        threshold = (DUP_THRESH - 1) * self.mss
+        for start in reversed(self.segments.keys()):
+            seg = self.segments[start]
+            if seg.sacked:
+                above += seg.end - start
+            elif above > threshold and not seg.lost and not seg.retransmitted:
+                seg.lost = True
+                self.lost.add(start)
+
+    def _enter_recovery(self, now: float) -> None:
+        self.in_recovery = True
+        self.recovery_after_rto = False
+        self.recovery_point = self.snd_max
+        self.cc.on_congestion_event(now, self.snd_max - self.snd_una - self.sacked_bytes)
+        self._mark_lost()
+        if not self.lost and self.segments:  # dupacks without SACK: the first one is lost
+            start, seg = self.segments.peekitem(0)
+            seg.lost = True
+            self.lost.add(start)
+
+    def _on_data(self, tcp: TcpHeader, payload: BytesLike, now: float) -> None:
+        conn = self.conn
+        recv = conn.recv
+        if conn.peer_fin_received:
+            if payload:
+                conn.protocol_violation("data after FIN")
+            conn.ack_now = True  # a retransmitted FIN: our ACK was lost
+            return
+        seq = unwrap(tcp.seq, self.irs + 1, recv.rcv_nxt)
+        end = seq + len(payload)
+        if tcp.flags & TcpFlags.FIN:
+            if conn.peer_fin_offset is not None and conn.peer_fin_offset != end:
+                conn.protocol_violation("FIN moved")
+                return
+            conn.peer_fin_offset = end
+        if conn.peer_fin_offset is not None and end > conn.peer_fin_offset:
+            conn.protocol_violation("data beyond FIN")
+            return
+        in_order = seq == recv.rcv_nxt
+        had_holes = recv.out_of_order_bytes > 0
+        delivered = recv.offer(seq, payload) if payload else 0
+        if delivered:
+            conn.emit(DataReceived(conn.conn_id, recv.readable))
+        if conn.peer_fin_offset is not None and recv.rcv_nxt == conn.peer_fin_offset:
+            conn.peer_fin_received = True
+            conn.ack_now = True
+            conn.emit(StreamEnded(conn.conn_id))
+            conn.on_peer_fin(now)
+            return
+        if not in_order or had_holes or recv.out_of_order_bytes or not delivered:
+            conn.ack_now = True  # out of order, filled a hole, or outside the window
+            return
+        conn.unacked_segments += 1
+        if conn.unacked_segments >= conn.config.ack_every:
+            conn.ack_now = True
+        elif conn.delack_deadline is None:
+            conn.delack_deadline = now + conn.config.delayed_ack
+
+    # -- send path ----------------------------------------------------------------------
+    def output(self, now: float, out: list[SalPacket]) -> None:
+        """Send what congestion control, the peer's window and the data allow."""
+        conn = self.conn
+        send_end = conn.send.end
+        fin_off = conn.fin_offset
+        mss = self.mss
+        while True:
+            pipe = self.flight
+            if self.lost:
+                start = self.lost[0]
+                seg = self.segments[start]
+                if seg.retransmitted or seg.sacked:
+                    self.lost.discard(start)
+                    continue
+                if pipe > 0 and pipe + (seg.end - start) > self.cc.cwnd:
+                    break
+                seg.retransmitted = True
+                seg.sent_at = now
+                self.lost.discard(start)
+                out.append(self._data_packet(start, seg.end, seg.fin))
+                if self.rto_deadline is None:
+                    self.rto_deadline = now + self.rtt.rto
+                continue
+            if self.snd_max < send_end:
+                wnd_end = self.snd_una + self.snd_wnd
+                room = min(wnd_end - self.snd_max, send_end - self.snd_max, mss)
+                if room <= 0:
+                    if self.snd_wnd == 0 and self.snd_max == self.snd_una:
+                        self._arm_persist(now)
+                    break
+                if room < mss and send_end - self.snd_max > room and pipe > 0:
+                    break  # sender SWS avoidance: wait for a full segment's room
+                if pipe > 0 and pipe + room > self.cc.cwnd:
+                    break
+                start = self.snd_max
+                end = start + room
+                fin = fin_off is not None and end == fin_off
+                self._send_new(start, end, fin, now, out)
+                continue
+            if fin_off is not None and self.snd_max == fin_off:
+                self._send_new(fin_off, fin_off, True, now, out)
+            break
+
+    def _send_new(self, start: int, end: int, fin: bool, now: float, out: list[SalPacket]) -> None:
+        seg_end = end + (1 if fin else 0)
+        self.segments[start] = SentSegment(seg_end, now, fin)
+        self.snd_max = seg_end
+        out.append(self._data_packet(start, seg_end, fin))
+        self.conn.ack_sent()
+        if self.rto_deadline is None:
+            self.rto_deadline = now + self.rtt.rto
+
+    def _data_packet(self, start: int, end: int, fin: bool) -> SalPacket:
+        data_end = end - 1 if fin else end
+        payload = self.conn.send.read(start, data_end) if data_end > start else b""
+        flags = TcpFlags.ACK | (TcpFlags.FIN if fin else 0) | (TcpFlags.PSH if payload else 0)
+        tcp = self.ack_header(flags, start)
+        return SalPacket(self.local_flowid, self.remote_flowid, PROTO_TCP, [], tcp, payload)
+
+    def _arm_persist(self, now: float) -> None:
+        if self.persist_deadline is None:
+            self.persist_deadline = now + min(self.rtt.rto * (1 << self.persist_backoff), 60.0)
+
+    def on_timer(self, now: float, out: list[SalPacket]) -> None:
+        """Retransmission and persist timers of this subflow."""
+        if self.rto_deadline is not None and now >= self.rto_deadline:
+            self._on_rto(now)
+        if self.persist_deadline is not None and now >= self.persist_deadline:
+            # Zero-window probe: an already-acknowledged sequence number, so the peer answers
+            # with an ACK that carries its current window without us sending new data.
+            self.persist_backoff = min(self.persist_backoff + 1, 6)
+            self.persist_deadline = None
+            out.append(
+                SalPacket(
+                    self.local_flowid,
+                    self.remote_flowid,
+                    PROTO_TCP,
+                    [],
+                    self.ack_header(TcpFlags.ACK, self.snd_una - 1),
+                )
+            )
+            self._arm_persist(now)
+
+    def _on_rto(self, now: float) -> None:
+        conn = self.conn
+        if self.snd_max == self.snd_una:
+            self.rto_deadline = None
+            return
+        self.rto_count += 1
+        if self.rto_count > conn.config.max_retransmissions:
+            conn.time_out("data retransmissions unanswered")
+            return
+        self.cc.on_retransmission_timeout(now, self.snd_max - self.snd_una - self.sacked_bytes)
+        self.rtt.backoff()
+        # Everything not SACKed is presumed lost and resent in order from the window start.
+        self.lost.clear()
+        for start, seg in self.segments.items():
+            if not seg.sacked:
+                seg.lost = True
+                seg.retransmitted = False
+                self.lost.add(start)
+        self.in_recovery = True
+        self.recovery_after_rto = True
+        self.recovery_point = self.snd_max
+        self.dupacks = 0
+        self.rto_deadline = now + self.rtt.rto
+
+    def next_deadline(self) -> float | None:
+        """The earliest of this subflow's timers."""
+        d = self.rto_deadline
+        p = self.persist_deadline
+        if p is not None and (d is None or p < d):
+            d = p
+        c = self.control.deadline
+        if c is not None and (d is None or c < d):
+            d = c
+        return d
+
+
+class Connection:
+    """A Serval TCP connection as the application sees it (see the module docstring)."""
+
+    def __init__(
+        self,
+        conn_id: int,
+        role: Role,
+        service_id: ServiceID,
+        config: StreamConfig,
+        emit: Callable[[Event], None],
+    ) -> None:
+        self.conn_id = conn_id
+        self.role = role
+        self.service_id = service_id
+        self.config = config
+        self._emit = emit
+        self.state = State.SYN_SENT if role is Role.CLIENT else State.SYN_RECEIVED
+        self.subflows: list[Subflow] = []
+        self.send = SendBuffer(config.send_buffer)
+        self.recv = ReceiveBuffer(config.receive_buffer)
+        self.send_blocked = False
+        self.fin_offset: int | None = None  # set by shutdown: where our FIN sits
+        self.fin_acked = False
+        self.peer_fin_offset: int | None = None
+        self.peer_fin_received = False
+        self.sal_fin_acked = False
+        self.peer_sal_fin = False
+        self.active_close = False
+        self.ack_now = False
+        self.third_ack_pending = False
+        self.unacked_segments = 0
+        self.delack_deadline: float | None = None
+        self.time_wait_deadline: float | None = None
+        self.last_heard = 0.0
+        self.keepalive_sent = False
+        self.error: str | None = None
+        self.listener_id: int | None = None
+        self.scheduled: float | None = None  # the deadline the host's timer heap holds
+        # Work the next output() call must do (set on demand, not per packet).
+        self.pending_control = False  # (re)send our outstanding control packet
+        self.control_ack_pending = False  # acknowledge a peer's SAL FIN
+        self.rst_pending = False
+        self.syn_due = False  # SYN (re)transmission: the host resolves the service again
+        self.syn_first = False
+        self.wake: Callable[[Connection], None] = _no_wake  # the host polls us for output
+
+    # -- events and misuse --------------------------------------------------------------
+    def emit(self, event: Event) -> None:
+        """Report an event to the host."""
+        self._emit(event)
+
+    @property
+    def primary(self) -> Subflow:
+        """The first subflow (the one the handshake created)."""
+        return self.subflows[0]
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is gone (closed, reset or timed out)."""
+        return self.state is State.CLOSED
+
+    def _check_open(self, what: str) -> None:
+        if self.state is State.CLOSED or self.state is State.TIME_WAIT:
+            raise ConnectionError_(
+                f"cannot {what}: connection {self.conn_id:#x} is closed"
+                + (f" ({self.error})" if self.error else "")
+            )
+
+    # -- application API ----------------------------------------------------------------
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Queue bytes to send; returns how many fit in the send buffer (may be 0)."""
+        self._check_open("send")
+        if self.fin_offset is not None:
+            raise ConnectionError_("cannot send after shutdown of the write side")
+        n = self.send.write(data)
+        if n < len(data):
+            self.send_blocked = True
+        if n:
+            self.wake(self)
+        return n
+
+    def read(self, max_bytes: int = -1) -> bytes:
+        """Take received bytes (b"" when none are ready); opens the window as it reads."""
+        data = self.recv.read(max_bytes)
+        if data and self.subflows and self.state is State.ESTABLISHED:
+            sf = self.primary
+            opened = self.recv.window - sf.last_adv_window
+            if opened >= min(2 * sf.mss, self.recv.capacity // 2):
+                self.ack_now = True  # window update, so a sender waiting on us resumes
+                self.wake(self)
+        return data
+
+    @property
+    def readable(self) -> int:
+        """Bytes ready to read."""
+        return self.recv.readable
+
+    @property
+    def at_eof(self) -> bool:
+        """The peer finished sending and every byte was read."""
+        return self.peer_fin_received and self.recv.readable == 0
+
+    def shutdown(self) -> None:
+        """Half-close: send FIN after the data already queued."""
+        self._check_open("shut down")
+        if self.fin_offset is None:
+            self.fin_offset = self.send.end
+            if not self.peer_fin_received:
+                self.active_close = True
+            self.wake(self)
+
+    def abort(self) -> None:
+        """Abortive close: reset the peer and drop everything."""
+        if self.state is not State.CLOSED:
+            self.abort_with("aborted locally", send_rst=True)
+            self.wake(self)
+
+    # -- handshake ----------------------------------------------------------------------
+    def syn_packet(self, now: float, first: bool) -> SalPacket:
+        """The client's SYN (``first``: start the control exchange; else a retransmission)."""
+        sf = self.primary
+        ext = sf.control.send_reliable(ControlFlags.SYN, now) if first else sf.control.resend()
+        return sf.syn_packet(ext, self.service_id)
+
+    def on_synack(self, sf: Subflow, pkt: SalPacket, src: Address, now: float) -> bool:
+        """Client: the SYN-ACK from whichever instance answered; False if not acceptable."""
+        ctl, tcp = pkt.control, pkt.tcp
+        want = ControlFlags.SYN | ControlFlags.ACK
+        if ctl is None or tcp is None or ctl.flags & want != want or not sf.control.acked(ctl):
+            return False
+        if tcp.flags & (TcpFlags.SYN | TcpFlags.ACK) != TcpFlags.SYN | TcpFlags.ACK:
+            return False
+        if tcp.ack != (sf.iss + 1) & MASK32:
+            return False
+        sf.control.complete()
+        sf.control.peer_nonce = ctl.nonce
+        sf.control.peer_consumed(ctl.verno)
+        sf.remote_flowid = pkt.src_flowid
+        sf.remote_addr = src
+        sf.take_peer_syn(tcp)
+        self.state = State.ESTABLISHED
+        self.last_heard = now
+        self.third_ack_pending = True
+        self.emit(ConnectionEstablished(self.conn_id))
+        return True
+
+    def accept_syn(self, sf: Subflow, pkt: SalPacket, now: float) -> SalPacket:
+        """Server: take the client's SYN and return our SYN-ACK."""
+        ctl, tcp = pkt.control, pkt.tcp
+        assert ctl is not None and tcp is not None
+        sf.control.peer_nonce = ctl.nonce
+        sf.control.peer_consumed(ctl.verno)
+        sf.remote_flowid = pkt.src_flowid
+        sf.take_peer_syn(tcp)
+        self.last_heard = now
+        return sf.synack_packet(sf.control.send_reliable(ControlFlags.SYN | ControlFlags.ACK, now))
+
+    def on_handshake_ack(self, sf: Subflow, pkt: SalPacket, now: float) -> bool:
+        """Server: the third ACK, or data proving it was sent; True when established."""
+        ctl, tcp = pkt.control, pkt.tcp
+        if ctl is not None:
+            if ctl.flags & ControlFlags.SYN:
+                return False  # a duplicate SYN: the host re-sends the SYN-ACK
+            if not sf.control.nonce_ok(ctl) or not sf.control.acked(ctl):
+                return False
+        elif tcp is None or not tcp.flags & TcpFlags.ACK or tcp.ack != (sf.iss + 1) & MASK32:
+            return False  # only a TCP ACK of our SYN stands in for a lost third ACK
+        sf.control.complete()
+        self.state = State.ESTABLISHED
+        if tcp is not None:
+            sf.on_tcp(tcp, pkt.payload, now)
+        return True
+
+    # -- driven by the subflow ----------------------------------------------------------
+    def on_fin_acked(self, now: float) -> None:
+        """Our TCP FIN was acknowledged: start the SAL FIN exchange."""
+        if self.fin_acked:
+            return
+        self.fin_acked = True
+        sf = self.primary
+        sf.control.send_reliable(ControlFlags.FIN, now)
+        self.pending_control = True
+
+    def on_peer_fin(self, now: float) -> None:
+        """The peer's TCP FIN arrived after all its data."""
+        self._maybe_finish(now)
+
+    def ack_sent(self) -> None:
+        """A segment carrying our current ACK went out: no separate ACK needed."""
+        self.ack_now = False
+        self.unacked_segments = 0
+        self.delack_deadline = None
+
+    def protocol_violation(self, what: str) -> None:
+        """The peer broke the protocol: reset it and tell the application."""
+        self.abort_with(f"protocol violation: {what}", send_rst=True)
+
+    def time_out(self, why: str) -> None:
+        """Give up: retransmissions went unanswered."""
+        self.error = f"timed out: {why}"
+        self.state = State.CLOSED
+        self.emit(ConnectionTimedOut(self.conn_id, why))
+
+    def abort_with(self, reason: str, *, send_rst: bool) -> None:
+        """Close at once; optionally send a CONTROL(RST) to the peer first."""
+        if self.state is State.CLOSED:
+            return
+        if send_rst and self.subflows and self.primary.remote_flowid:
+            self.rst_pending = True
+        self.error = reason
+        self.state = State.CLOSED
+        self.emit(ConnectionReset(self.conn_id, reason))
+
+    def on_control(self, sf: Subflow, ext: ControlExt, now: float) -> None:
+        """A CONTROL extension with the right nonce on an established connection."""
+        flags = ext.flags
+        if flags & ControlFlags.RST:
+            self.error = "reset by peer"
+            self.state = State.CLOSED
+            self.emit(ConnectionReset(self.conn_id, "reset by peer"))
+            return
+        if flags & ControlFlags.ACK and sf.control.acked(ext):
+            if sf.control.outstanding == ControlFlags.FIN:
+                self.sal_fin_acked = True
+            sf.control.complete()
+        if flags & ControlFlags.FIN:
+            if not self.peer_fin_received:
+                return  # its TCP FIN has not reached us yet: the peer will send again
+            sf.control.peer_consumed(ext.verno)
+            self.peer_sal_fin = True
+            self.control_ack_pending = True
+        self._maybe_finish(now)
+
+    def _maybe_finish(self, now: float) -> None:
+        if not (self.sal_fin_acked and self.peer_sal_fin) or self.state is not State.ESTABLISHED:
+            return
+        if self.active_close:
+            self.state = State.TIME_WAIT
+            self.time_wait_deadline = now + self.config.time_wait
+        else:
+            self.state = State.CLOSED
+        self.emit(ConnectionClosed(self.conn_id))
+
+    # -- timers -------------------------------------------------------------------------
+    def next_deadline(self) -> float | None:
+        """The earliest timer of this connection and its subflows."""
+        if self.state is State.CLOSED:
+            return None
+        best = self.time_wait_deadline if self.state is State.TIME_WAIT else None
+        for d in (self.delack_deadline, *(sf.next_deadline() for sf in self.subflows)):
+            if d is not None and (best is None or d < best):
+                best = d
+        cfg = self.config
+        if self.state is State.ESTABLISHED and cfg.idle_timeout is not None:
+            idle = self.last_heard + (
+                cfg.keepalive if cfg.keepalive and not self.keepalive_sent else cfg.idle_timeout
+            )
+            if best is None or idle < best:
+                best = idle
+        return best
+
+    def on_timer(self, now: float, out: list[SalPacket]) -> None:
+        """Run every timer that is due."""
+        if self.state is State.TIME_WAIT:
+            if self.time_wait_deadline is not None and now >= self.time_wait_deadline:
+                self.state = State.CLOSED
+            return
+        if self.delack_deadline is not None and now >= self.delack_deadline:
+            self.delack_deadline = None
+            self.ack_now = True
+        cfg = self.config
+        if self.state is State.ESTABLISHED and cfg.idle_timeout is not None:
+            if now >= self.last_heard + cfg.idle_timeout:
+                self.time_out("idle")
+                return
+            if cfg.keepalive and not self.keepalive_sent and now >= self.last_heard + cfg.keepalive:
+                self.keepalive_sent = True
+                sf = self.primary
+                out.append(
+                    SalPacket(
+                        sf.local_flowid,
+                        sf.remote_flowid,
+                        PROTO_TCP,
+                        [],
+                        sf.ack_header(TcpFlags.ACK, sf.snd_una - 1),
+                    )
+                )
+        for sf in self.subflows:
+            try:
+                if sf.control.due(now):
+                    self.resend_control(sf, out)
+            except ControlTimeout as exc:
+                self.time_out(f"control packet unanswered ({exc})")
+                return
+            sf.on_timer(now, out)
+            if self.state is State.CLOSED:
+                return
+
+    def resend_control(self, sf: Subflow, out: list[SalPacket]) -> None:
+        """Retransmit the outstanding control packet of an established subflow."""
+        if self.state is State.SYN_SENT:
+            self.syn_due = True  # the host resolves the service again and sends the SYN
+            return
+        ext = sf.control.resend()
+        if self.state is State.SYN_RECEIVED:
+            out.append(sf.synack_packet(ext))
+        elif self.state is State.ESTABLISHED:
+            out.append(sf.control_packet(ext))
+
+    # -- output -------------------------------------------------------------------------
+    def output(self, now: float, out: list[SalPacket]) -> None:
+        """Append every packet this connection has to send now."""
+        if self.state is not State.ESTABLISHED and self.state is not State.TIME_WAIT:
+            if self.rst_pending and self.subflows:
+                self._send_rst(out)
+            return
+        sf = self.primary
+        if self.third_ack_pending:
+            self.third_ack_pending = False
+            ext = sf.control.ext(ControlFlags.ACK)
+            out.append(sf.control_packet(ext, [ServiceExt(self.service_id)], sf.ack_header()))
+            self.ack_sent()
+        if self.state is State.ESTABLISHED:
+            sf.output(now, out)
+        if self.ack_now:
+            out.append(SalPacket(sf.local_flowid, sf.remote_flowid, PROTO_TCP, [], sf.ack_header()))
+            self.ack_sent()
+        if self.pending_control:
+            self.pending_control = False
+            out.append(sf.control_packet(sf.control.resend()))
+        if self.control_ack_pending:
+            self.control_ack_pending = False
+            out.append(sf.control_packet(sf.control.ext(ControlFlags.ACK)))
+
+    def _send_rst(self, out: list[SalPacket]) -> None:
+        self.rst_pending = False
+        sf = self.primary
+        out.append(sf.control_packet(sf.control.ext(ControlFlags.RST)))

@@ -1,0 +1,92 @@
+"""Typed events the sans-I/O core reports to the layer above (the asyncio runtime)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "ConnectionClosed",
+    "ConnectionEstablished",
+    "ConnectionFailed",
+    "ConnectionReset",
+    "ConnectionTimedOut",
+    "DataReceived",
+    "DatagramReceived",
+    "Event",
+    "IncomingConnection",
+    "SendSpaceAvailable",
+    "StreamEnded",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base of all events; ``conn_id`` names the connection (or socket) concerned."""
+
+    conn_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionEstablished(Event):
+    """The handshake completed (client side: ``connect`` succeeded)."""
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingConnection(Event):
+    """A listener has a new established connection waiting in its accept queue."""
+
+    listener_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived(Event):
+    """In-order bytes are ready to read."""
+
+    readable: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendSpaceAvailable(Event):
+    """The send buffer has room again after being full."""
+
+    free: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded(Event):
+    """The peer finished sending (its FIN arrived after all its data): end of stream."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed(Event):
+    """Both directions finished cleanly; the connection is gone."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionReset(Event):
+    """The connection was reset (by the peer, or locally because the peer broke the rules)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionTimedOut(Event):
+    """Retransmissions went unanswered (handshake, data or close)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionFailed(Event):
+    """A connect could not start or finish for a reason other than a timeout."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DatagramReceived(Event):
+    """An unconnected datagram arrived for a bound datagram socket."""
+
+    data: bytes
+    source_service: bytes
+    address: tuple[str, int]
