@@ -37,7 +37,6 @@ from ..transport.config import StreamConfig
 from ..transport.connection import Connection, Role, State, Subflow, unwrap
 from ..transport.events import (
     ConnectionFailed,
-    ConnectionReset,
     DatagramReceived,
     Event,
     IncomingConnection,
@@ -115,6 +114,9 @@ class HostCore:
         self._timers: list[tuple[float, int, Connection]] = []
         self._tiebreak = itertools.count()
         self._listener_ids = itertools.count(1)
+        # (peer address, peer flowID) -> server connection: recognises duplicate SYNs.
+        self._peer_flows: dict[tuple[Address, int], Connection] = {}
+        self._listener_by_id: dict[int, Listener] = {}
 
     # -- events -------------------------------------------------------------------------
     def _emit(self, event: Event) -> None:
@@ -143,6 +145,7 @@ class HostCore:
             raise ValueError(f"backlog must be at least 1: {backlog}")
         listener = Listener(next(self._listener_ids), sid, backlog)
         self.listeners[sid] = listener
+        self._listener_by_id[listener.listener_id] = listener
         self.service_table.add(sid, Rule.demux(listener))
         return listener
 
@@ -152,6 +155,7 @@ class HostCore:
             return
         listener.closed = True
         self.listeners.pop(listener.service_id, None)
+        self._listener_by_id.pop(listener.listener_id, None)
         entry = self.service_table.get(listener.service_id)
         if entry is not None:
             for rule in entry.rules:
@@ -307,12 +311,12 @@ class HostCore:
         for sf in conn.subflows:
             self.flows.remove(sf.local_flowid)
         conn.scheduled = None
-        if conn.listener_id is not None:
-            for listener in self.listeners.values():
-                if listener.listener_id == conn.listener_id:
-                    for key, c in list(listener.half_open.items()):
-                        if c is conn:
-                            del listener.half_open[key]
+        key = conn.peer_key
+        if key is not None:
+            self._peer_flows.pop(key, None)
+            listener = self._listener_by_id.get(conn.listener_id or 0)
+            if listener is not None:
+                listener.half_open.pop(key, None)
 
     def next_deadline(self) -> float | None:
         """When :meth:`handle_timer` must run next (one timer for the whole host)."""
@@ -387,9 +391,10 @@ class HostCore:
             return
         listener = res.listener
         key = (src, pkt.src_flowid)
-        existing = listener.half_open.get(key)
+        existing = self._peer_flows.get(key)
         if existing is not None:
-            # A retransmitted SYN: our SYN-ACK was lost. Answer again, no second flow.
+            # A retransmitted or duplicated SYN: answer a half-open one again (our SYN-ACK
+            # was lost); never make a second flow for the same peer flow.
             sf = existing.primary
             if existing.state is State.SYN_RECEIVED:
                 self._send(sf.synack_packet(sf.control.resend()), sf.local_addr, src)
@@ -405,11 +410,13 @@ class HostCore:
         conn = Connection(flowid, Role.SERVER, svc.service_id, self.config, self._emit)
         conn.wake = self._wake
         conn.listener_id = listener.listener_id
+        conn.peer_key = key
         sf = Subflow(conn, flowid, dst, src, self.rng)
         conn.subflows.append(sf)
         self.flows.insert(flowid, sf)
         self.connections[flowid] = conn
         listener.half_open[key] = conn
+        self._peer_flows[key] = conn
         synack = conn.accept_syn(sf, pkt, now)
         self._send(synack, dst, src)
         self._schedule(conn)
@@ -453,6 +460,9 @@ class HostCore:
                 self.drops["wrong_peer_flow"] += 1
             elif conn.on_handshake_ack(sf, pkt, now):
                 self._established_server(conn)
+                tcp = pkt.tcp
+                if tcp is not None and conn.state is State.ESTABLISHED:
+                    sf.on_tcp(tcp, pkt.payload, now)
             else:
                 self._maybe_reset(conn, sf, pkt)
         else:
@@ -460,14 +470,19 @@ class HostCore:
         self._wake(conn)
 
     def _established_server(self, conn: Connection) -> None:
-        for listener in self.listeners.values():
-            if listener.listener_id == conn.listener_id:
-                key = (conn.primary.remote_addr, conn.primary.remote_flowid)
-                listener.half_open.pop(key, None)  # type: ignore[arg-type]
-                listener.accept_queue.append(conn)
-                self._emit(IncomingConnection(conn.conn_id, listener.listener_id))
-                return
-        conn.abort_with("listener closed", send_rst=True)
+        listener = self._listener_by_id.get(conn.listener_id or 0)
+        if listener is None or listener.closed:
+            conn.abort_with("listener closed", send_rst=True)
+            return
+        if conn.peer_key is not None:
+            listener.half_open.pop(conn.peer_key, None)
+        if len(listener.accept_queue) >= listener.backlog:
+            # The accept queue is bounded: refuse rather than queue without limit.
+            self.drops["accept_queue_full"] += 1
+            conn.abort_with("accept queue full", send_rst=True)
+            return
+        listener.accept_queue.append(conn)
+        self._emit(IncomingConnection(conn.conn_id, listener.listener_id))
 
     def _on_established(self, conn: Connection, sf: Subflow, pkt: SalPacket, now: float) -> None:
         ctl = pkt.control
@@ -509,11 +524,7 @@ class HostCore:
         if not genuine:
             self.drops["bad_nonce"] += 1
             return
-        if conn.state is State.CLOSED:
-            return
-        conn.error = "reset by peer"
-        conn.state = State.CLOSED
-        conn.emit(ConnectionReset(conn.conn_id, "reset by peer"))
+        conn.on_reset()
 
     def _rst_for(self, pkt: SalPacket, ctl: ControlExt | None) -> SalPacket:
         """A stateless RST answering ``pkt`` (for an unknown flow or service)."""

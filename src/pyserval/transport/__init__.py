@@ -1,1 +1,51 @@
-"""Serval transports: TCP streams, datagrams, congestion control."""
+"""Serval transports: TCP streams, datagrams, congestion control (sans-I/O)."""
+
+from .config import StreamConfig
+from .congestion import (
+    CONGESTION_CONTROLS,
+    DEFAULT_CONGESTION_CONTROL,
+    CongestionControl,
+    Cubic,
+    NewReno,
+    make_congestion_control,
+)
+from .connection import Connection, ConnectionError_, Role, State, Subflow
+from .events import (
+    ConnectionClosed,
+    ConnectionEstablished,
+    ConnectionFailed,
+    ConnectionReset,
+    ConnectionTimedOut,
+    DatagramReceived,
+    DataReceived,
+    Event,
+    IncomingConnection,
+    SendSpaceAvailable,
+    StreamEnded,
+)
+
+__all__ = [
+    "CONGESTION_CONTROLS",
+    "DEFAULT_CONGESTION_CONTROL",
+    "CongestionControl",
+    "Connection",
+    "ConnectionClosed",
+    "ConnectionError_",
+    "ConnectionEstablished",
+    "ConnectionFailed",
+    "ConnectionReset",
+    "ConnectionTimedOut",
+    "Cubic",
+    "DataReceived",
+    "DatagramReceived",
+    "Event",
+    "IncomingConnection",
+    "NewReno",
+    "Role",
+    "SendSpaceAvailable",
+    "State",
+    "StreamConfig",
+    "StreamEnded",
+    "Subflow",
+    "make_congestion_control",
+]

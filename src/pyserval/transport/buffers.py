@@ -101,7 +101,7 @@ class ReceiveBuffer:
         """Bytes held out of order."""
         return self._ooo_bytes
 
-    def offer(self, start: int, data: bytes | memoryview) -> int:
+    def offer(self, start: int, data: bytes | bytearray | memoryview) -> int:
         """Take a segment at ``start``; returns how many bytes became readable."""
         right = self.rcv_nxt + self.window
         end = start + len(data)

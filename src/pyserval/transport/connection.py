@@ -267,10 +267,15 @@ class Subflow:
             conn.ack_now = True
             return
         conn.last_heard = now
+        conn.keepalive_sent = False
         if flags & TcpFlags.ACK:
             self._on_ack(tcp, bool(payload) or bool(flags & TcpFlags.FIN), now)
         if payload or flags & TcpFlags.FIN:
             self._on_data(tcp, payload, now)
+        elif unwrap(tcp.seq, self.irs + 1, conn.recv.rcv_nxt) < conn.recv.rcv_nxt:
+            # An old sequence number: a keepalive or zero-window probe. Answer with an ACK
+            # that carries our window (RFC 9293: unacceptable segments are acknowledged).
+            conn.ack_now = True
 
     def _on_ack(self, tcp: TcpHeader, carries_data: bool, now: float) -> None:
         conn = self.conn
@@ -307,6 +312,7 @@ class Subflow:
         flight_before = self.snd_max - self.snd_una - self.sacked_bytes
         newly = ack - self.snd_una
         rtt_sample: float | None = None
+        karn = False
         segs = self.segments
         while segs:
             start, seg = segs.peekitem(0)
@@ -328,10 +334,16 @@ class Subflow:
                 break
             if seg.sacked:
                 self.sacked_bytes -= seg.end - start
-            if not seg.retransmitted:
-                rtt_sample = now - seg.sent_at
-        if rtt_sample is not None:
+            if seg.retransmitted:
+                karn = True
+            else:
+                rtt_sample = now - seg.sent_at  # the newest: least inflated by holes
+        if rtt_sample is not None and not karn:
+            # Karn, extended as Linux does: no sample from an ACK that also covers a
+            # retransmission (it would time the wait for the hole to be filled).
             self.rtt.sample(rtt_sample)
+        else:
+            self.rtt.clear_backoff()
         self.snd_una = ack
         self.dupacks = 0
         self.rto_count = 0
@@ -426,13 +438,14 @@ class Subflow:
     def _on_data(self, tcp: TcpHeader, payload: BytesLike, now: float) -> None:
         conn = self.conn
         recv = conn.recv
-        if conn.peer_fin_received:
-            if payload:
-                conn.protocol_violation("data after FIN")
-            conn.ack_now = True  # a retransmitted FIN: our ACK was lost
-            return
         seq = unwrap(tcp.seq, self.irs + 1, recv.rcv_nxt)
         end = seq + len(payload)
+        if conn.peer_fin_received:
+            assert conn.peer_fin_offset is not None
+            if end > conn.peer_fin_offset:
+                conn.protocol_violation("data after FIN")
+            conn.ack_now = True  # an old duplicate or retransmitted FIN: our ACK was lost
+            return
         if tcp.flags & TcpFlags.FIN:
             if conn.peer_fin_offset is not None and conn.peer_fin_offset != end:
                 conn.protocol_violation("FIN moved")
@@ -618,6 +631,7 @@ class Connection:
         self.keepalive_sent = False
         self.error: str | None = None
         self.listener_id: int | None = None
+        self.peer_key: tuple[Address, int] | None = None  # server side: (peer address, flowID)
         self.scheduled: float | None = None  # the deadline the host's timer heap holds
         # Work the next output() call must do (set on demand, not per packet).
         self.pending_control = False  # (re)send our outstanding control packet
@@ -750,17 +764,35 @@ class Connection:
             return False  # only a TCP ACK of our SYN stands in for a lost third ACK
         sf.control.complete()
         self.state = State.ESTABLISHED
-        if tcp is not None:
-            sf.on_tcp(tcp, pkt.payload, now)
-        return True
+        return True  # the host reports the connection, then hands it the segment
 
     # -- driven by the subflow ----------------------------------------------------------
+    def on_reset(self) -> None:
+        """A genuine RST from the peer.
+
+        If both streams already completed (our FIN acknowledged, the peer's FIN received) the
+        peer only forgot the flow while we finished the SAL FIN exchange (its TIME_WAIT ran
+        out): no data was lost, so the connection counts as closed cleanly.
+        """
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        if self.fin_acked and self.peer_fin_received:
+            self.emit(ConnectionClosed(self.conn_id))
+            return
+        self.error = "reset by peer"
+        self.emit(ConnectionReset(self.conn_id, "reset by peer"))
+
     def on_fin_acked(self, now: float) -> None:
         """Our TCP FIN was acknowledged: start the SAL FIN exchange."""
         if self.fin_acked:
             return
         self.fin_acked = True
         sf = self.primary
+        # The path's RTT is known by now: time the SAL FIN by it, not by the 3 s used for a
+        # SYN, so a lost FIN is repaired before the peer's TIME_WAIT runs out.
+        timers = sf.control.timers
+        sf.control.rto = min(max(sf.rtt.rto, timers.min_rto), timers.initial_rto)
         sf.control.send_reliable(ControlFlags.FIN, now)
         self.pending_control = True
 
@@ -798,9 +830,7 @@ class Connection:
         """A CONTROL extension with the right nonce on an established connection."""
         flags = ext.flags
         if flags & ControlFlags.RST:
-            self.error = "reset by peer"
-            self.state = State.CLOSED
-            self.emit(ConnectionReset(self.conn_id, "reset by peer"))
+            self.on_reset()
             return
         if flags & ControlFlags.ACK and sf.control.acked(ext):
             if sf.control.outstanding == ControlFlags.FIN:
