@@ -32,7 +32,7 @@ from ..sal.extensions import ControlExt, ControlFlags, ServiceExt
 from ..sal.flow_table import FlowTable
 from ..sal.packet import SalPacket, decode_packet
 from ..sal.service_table import Action, Rule, ServiceTable
-from ..sal.transport_headers import PROTO_TCP, PROTO_UDP, UdpHeader
+from ..sal.transport_headers import PROTO_TCP, PROTO_UDP, TcpFlags, UdpHeader
 from ..transport.config import StreamConfig
 from ..transport.connection import Connection, Role, State, Subflow, unwrap
 from ..transport.events import (
@@ -502,7 +502,10 @@ class HostCore:
         tcp = pkt.tcp
         if tcp is not None:
             if conn.state is State.TIME_WAIT:
-                conn.ack_now = True  # a retransmitted FIN: acknowledge again
+                # A retransmitted FIN or data: acknowledge again. Never answer a pure ACK:
+                # two ends in TIME_WAIT (simultaneous close) would ACK each other forever.
+                if pkt.payload or tcp.flags & TcpFlags.FIN:
+                    conn.ack_now = True
             else:
                 sf.on_tcp(tcp, pkt.payload, now)
 

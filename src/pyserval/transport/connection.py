@@ -774,8 +774,8 @@ class Connection:
         peer only forgot the flow while we finished the SAL FIN exchange (its TIME_WAIT ran
         out): no data was lost, so the connection counts as closed cleanly.
         """
-        if self.state is State.CLOSED:
-            return
+        if self.state is State.CLOSED or self.state is State.TIME_WAIT:
+            return  # RFC 1337: a RST must not cut TIME_WAIT short
         self.state = State.CLOSED
         if self.fin_acked and self.peer_fin_received:
             self.emit(ConnectionClosed(self.conn_id))
