@@ -12,9 +12,9 @@ import argparse
 import collections
 import random
 
+from ..core import HostCore
 from ..data import reference_capture
 from ..naming import NotCertified, ServiceID, ServiceKey, ServicePrefix
-from ..core import HostCore
 from ..sal import MalformedPacket, Rule, ServiceTable, Target, decode_packet
 from ..sal.checksum import internet_checksum
 from ..testing import Address, LinkConfig, SimNetwork
