@@ -99,7 +99,7 @@ class HostCore:
         self.addresses = list(addresses)
         self.config = config or StreamConfig()
         self.rng = rng or random.Random()
-        self.service_table = service_table or ServiceTable(rng=self.rng)
+        self.service_table = ServiceTable(rng=self.rng) if service_table is None else service_table
         self.flows: FlowTable[Subflow | DatagramEndpoint] = FlowTable(max_flows, self.rng)
         self.connections: dict[int, Connection] = {}
         self.listeners: dict[ServiceID, Listener] = {}

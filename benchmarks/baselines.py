@@ -1,0 +1,442 @@
+"""Baselines on loopback: the ceilings the Serval stack is compared against.
+
+    python benchmarks/baselines.py [--seconds 3] [--out FILE] [--only tcp,udp,connect]
+
+Every measurement runs a receiver and a sender in two separate processes (spawned, so the
+parent's state never leaks into them) and prints one JSON document:
+
+* ``tcp_throughput``: plain asyncio streams, ``writer.write`` + ``await drain()`` of 64 KiB
+  chunks; the receiver ``await reader.read()``s and counts. MB/s (10**6 bytes).
+* ``udp_blast``: :class:`pyserval.runtime.udp.UdpEndpoint` in both processes; the sender
+  calls ``send_many`` with batches of 64 datagrams as fast as it can (no pacing), the
+  receiver reads batches and counts. For 1,400- and 8,000-byte datagrams, with plain
+  ``sendto``, with GSO, and with GSO plus receive-side GRO. MB/s received and loss %.
+* ``tcp_connect``: sequential asyncio ``open_connection`` -> the server accepts and closes
+  -> the client reads EOF and closes; connections per second and set-up latency.
+
+For a later benchmark (``benchmarks/host_bench.py``) to run its own pairs in the same
+run and the same way, the building blocks are public: :func:`run_pair` with
+:class:`Control`, and one function per baseline (:func:`tcp_throughput`,
+:func:`udp_blast`, :func:`tcp_connect_rate`, :func:`run_all`)::
+
+    sys.path.insert(0, "benchmarks")
+    import baselines
+    ceilings = baselines.run_all(seconds=3)
+    mine = baselines.run_pair(my_receiver, my_sender, {"seconds": 3})
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+if str(SRC) not in sys.path:
+    # Spawned children inherit sys.path, so they find pyserval (and this module) too.
+    sys.path.insert(0, str(SRC))
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+MB = 1_000_000
+TCP_CHUNK = 64 * 1024
+UDP_BATCH = 64
+UDP_SIZES = (1400, 8000)
+UDP_MODES: dict[str, tuple[bool, bool]] = {
+    # name: (sender GSO, receiver GRO)
+    "plain": (False, False),
+    "gso": (True, False),
+    "gso+gro": (True, True),
+}
+HOST = "127.0.0.1"
+# Generous: a child that has not answered by then is hung; the run fails instead.
+_CHILD_TIMEOUT = 60.0
+
+Params = dict[str, Any]
+Result = dict[str, Any]
+Side = Callable[["Control", Params], Coroutine[Any, Any, Result]]
+
+
+class Control:
+    """A child's link to the parent: announce an address, wait to be stopped."""
+
+    def __init__(self, conn: Connection) -> None:
+        """Wrap the child's end of the pipe."""
+        self._conn = conn
+
+    def announce(self, address: tuple[str, int]) -> None:
+        """Tell the parent where the receiver listens (call once, receivers only)."""
+        self._conn.send(("address", address))
+
+    async def stopped(self) -> None:
+        """Wait until the parent says the sender has finished."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def on_readable() -> None:
+            if self._conn.poll() and not done.done():
+                done.set_result(None)
+
+        fd = self._conn.fileno()
+        loop.add_reader(fd, on_readable)
+        try:
+            await done
+        finally:
+            loop.remove_reader(fd)
+        self._conn.recv()
+
+
+def _child(side: Side, conn: Connection, params: Params) -> None:
+    try:
+        # CPU time of the run itself (the interpreter start and imports are excluded).
+        cpu0 = time.process_time()
+        result = asyncio.run(side(Control(conn), params))
+        result["cpu_s"] = round(time.process_time() - cpu0, 3)
+        conn.send(("result", result))
+    except BaseException as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        conn.close()
+
+
+def _expect(conn: Connection, kind: str, who: str) -> Any:
+    if not conn.poll(_CHILD_TIMEOUT):
+        raise RuntimeError(f"{who} did not answer within {_CHILD_TIMEOUT} s")
+    got_kind, value = conn.recv()
+    if got_kind == "error":
+        raise RuntimeError(f"{who} failed: {value}")
+    if got_kind != kind:
+        raise RuntimeError(f"{who} sent {got_kind!r}, expected {kind!r}")
+    return value
+
+
+def run_pair(receiver: Side, sender: Side, params: Params) -> tuple[Result, Result]:
+    """Run ``receiver`` and ``sender`` in two fresh processes; return their results.
+
+    The receiver must call ``ctl.announce(address)`` first; the sender then starts with
+    ``params["address"]`` set to it. When the sender returns, the parent stops the
+    receiver: its ``await ctl.stopped()`` returns (a receiver that knows when it is done,
+    such as one reading a TCP stream to EOF, may return without waiting). Both functions
+    must be importable module-level coroutine functions (they run in spawned processes);
+    each result dict gets the child's CPU seconds as ``cpu_s``.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    rx_parent, rx_child = ctx.Pipe()
+    tx_parent, tx_child = ctx.Pipe()
+    rx = ctx.Process(target=_child, args=(receiver, rx_child, params), daemon=True)
+    tx: multiprocessing.process.BaseProcess | None = None
+    rx.start()
+    try:
+        address = _expect(rx_parent, "address", "receiver")
+        tx = ctx.Process(
+            target=_child, args=(sender, tx_child, {**params, "address": address}), daemon=True
+        )
+        tx.start()
+        sent = _expect(tx_parent, "result", "sender")
+        # Let datagrams still in flight or in socket buffers arrive before stopping.
+        time.sleep(params.get("grace", 0.3))
+        rx_parent.send("stop")
+        received = _expect(rx_parent, "result", "receiver")
+        return received, sent
+    finally:
+        for proc in (rx, tx):
+            if proc is None:
+                continue
+            proc.join(5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+
+
+# -- (a) TCP bulk throughput ------------------------------------------------------------
+
+
+async def tcp_bulk_receiver(ctl: Control, params: Params) -> Result:
+    """Accept one connection and read it to EOF with asyncio streams."""
+    done: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        total = 0
+        first = 0.0
+        read = reader.read
+        while True:
+            data = await read(1 << 18)
+            if not data:
+                break
+            if not total:
+                first = time.perf_counter()
+            total += len(data)
+        last = time.perf_counter()
+        writer.close()
+        done.set_result({"bytes": total, "seconds": last - first})
+
+    server = await asyncio.start_server(handle, HOST, 0)
+    ctl.announce(server.sockets[0].getsockname()[:2])
+    async with server:
+        result = await done
+    await ctl.stopped()
+    return result
+
+
+async def tcp_bulk_sender(ctl: Control, params: Params) -> Result:
+    """Write 64 KiB chunks and drain for ``params["seconds"]``, then close."""
+    host, port = params["address"]
+    _reader, writer = await asyncio.open_connection(host, port)
+    chunk = bytes(params.get("chunk", TCP_CHUNK))
+    write, drain = writer.write, writer.drain
+    total = 0
+    start = time.perf_counter()
+    end = start + params["seconds"]
+    while True:
+        for _ in range(16):
+            write(chunk)
+            await drain()
+        total += 16 * len(chunk)
+        if time.perf_counter() >= end:
+            break
+    writer.close()
+    await writer.wait_closed()
+    return {"bytes": total, "seconds": time.perf_counter() - start}
+
+
+def tcp_throughput(seconds: float) -> Result:
+    """Plain asyncio TCP bulk transfer over loopback, in MB/s as the receiver saw it."""
+    received, sent = run_pair(tcp_bulk_receiver, tcp_bulk_sender, {"seconds": seconds})
+    return {
+        "mb_per_s": round(received["bytes"] / received["seconds"] / MB, 1),
+        "bytes": received["bytes"],
+        "seconds": round(received["seconds"], 3),
+        "chunk_bytes": TCP_CHUNK,
+        "cpu_s": {"receiver": received["cpu_s"], "sender": sent["cpu_s"]},
+    }
+
+
+# -- (b) UDP blast -----------------------------------------------------------------------
+
+
+async def udp_blast_receiver(ctl: Control, params: Params) -> Result:
+    """Count what a UdpEndpoint receives until stopped."""
+    from pyserval.runtime.udp import UdpEndpoint
+
+    times = [0.0, 0.0]
+
+    def on_datagrams(batch: list[tuple[bytes, tuple[str, int]]]) -> None:
+        now = time.perf_counter()
+        if not times[0]:
+            times[0] = now
+        times[1] = now
+
+    ep = await UdpEndpoint.open((HOST, 0), on_datagrams, gro=params["gro"])
+    async with ep:
+        ctl.announce(ep.address)
+        await ctl.stopped()
+        stats = ep.stats
+        return {
+            "datagrams": stats.datagrams_received,
+            "bytes": stats.bytes_received,
+            "seconds": times[1] - times[0],
+            "batches": stats.batches,
+            "gro": ep.gro,
+            "gro_reads": stats.gro_reads,
+            "rcvbuf": ep.rcvbuf,
+            "errors": dict(ep.errors),
+        }
+
+
+async def udp_blast_sender(ctl: Control, params: Params) -> Result:
+    """``send_many`` batches of equal datagrams as fast as possible for ``seconds``."""
+    from pyserval.runtime.udp import UdpEndpoint
+
+    host, port = params["address"]
+    payload = bytes(params["size"])
+    batch = [(payload, (host, port))] * params.get("batch", UDP_BATCH)
+    ep = await UdpEndpoint.open((HOST, 0), lambda _batch: None, gso=params["gso"])
+    async with ep:
+        send_many = ep.send_many
+        start = time.perf_counter()
+        end = start + params["seconds"]
+        while time.perf_counter() < end:
+            for _ in range(8):
+                send_many(batch)
+            # Let the loop run, as a real program's would between batches.
+            await asyncio.sleep(0)
+        elapsed = time.perf_counter() - start
+        stats = ep.stats
+        return {
+            "datagrams": stats.datagrams_sent,
+            "bytes": stats.bytes_sent,
+            "seconds": elapsed,
+            "gso": ep.gso,
+            "gso_calls": stats.gso_calls,
+            "sndbuf": ep.sndbuf,
+            "errors": dict(ep.errors),
+        }
+
+
+def udp_blast(seconds: float, size: int, gso: bool, gro: bool) -> Result:
+    """One unpaced UDP blast over loopback: MB/s received, loss %, and the details."""
+    received, sent = run_pair(
+        udp_blast_receiver,
+        udp_blast_sender,
+        {"seconds": seconds, "size": size, "gso": gso, "gro": gro},
+    )
+    rx_seconds = received["seconds"] or float("nan")
+    lost = sent["datagrams"] - received["datagrams"]
+    return {
+        "size": size,
+        "gso": sent["gso"],
+        "gro": received["gro"],
+        "mb_per_s_received": round(received["bytes"] / rx_seconds / MB, 1),
+        "mb_per_s_offered": round(sent["bytes"] / sent["seconds"] / MB, 1),
+        "datagrams_per_s_received": round(received["datagrams"] / rx_seconds),
+        "loss_percent": round(100 * lost / max(sent["datagrams"], 1), 2),
+        "sent": sent["datagrams"],
+        "received": received["datagrams"],
+        "datagrams_per_batch": round(received["datagrams"] / max(received["batches"], 1), 1),
+        "gso_calls": sent["gso_calls"],
+        "gro_reads": received["gro_reads"],
+        "rcvbuf": received["rcvbuf"],
+        "cpu_s": {"receiver": received["cpu_s"], "sender": sent["cpu_s"]},
+        "errors": {"receiver": received["errors"], "sender": sent["errors"]},
+    }
+
+
+# -- (c) TCP connection set-up rate ---------------------------------------------------------
+
+
+async def tcp_accept_server(ctl: Control, params: Params) -> Result:
+    """Accept connections and close each at once, until stopped."""
+    accepted = 0
+
+    async def handle(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        writer.close()
+
+    server = await asyncio.start_server(handle, HOST, 0, backlog=1024)
+    ctl.announce(server.sockets[0].getsockname()[:2])
+    async with server:
+        await ctl.stopped()
+    return {"accepted": accepted}
+
+
+async def tcp_connect_client(ctl: Control, params: Params) -> Result:
+    """Connect, wait for the server's close (EOF), close; one at a time, for ``seconds``."""
+    host, port = params["address"]
+    durations: list[float] = []
+    start = time.perf_counter()
+    end = start + params["seconds"]
+    now = start
+    while now < end:
+        reader, writer = await asyncio.open_connection(host, port)
+        await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        t = time.perf_counter()
+        durations.append(t - now)
+        now = t
+    return {"durations": durations, "seconds": now - start}
+
+
+def tcp_connect_rate(seconds: float) -> Result:
+    """Sequential asyncio TCP connection set-ups per second over loopback."""
+    received, sent = run_pair(tcp_accept_server, tcp_connect_client, {"seconds": seconds})
+    durations = sorted(sent["durations"])
+    n = len(durations)
+    return {
+        "per_s": round(n / sent["seconds"]),
+        "connections": n,
+        "accepted": received["accepted"],
+        "latency_us": {
+            "median": round(statistics.median(durations) * 1e6, 1),
+            "p99": round(durations[min(n - 1, int(n * 0.99))] * 1e6, 1),
+        },
+        "cycle": "open_connection, server accepts and closes, client reads EOF, closes",
+        "cpu_s": {"server": received["cpu_s"], "client": sent["cpu_s"]},
+    }
+
+
+# -- the whole set ---------------------------------------------------------------------------
+
+
+def _sysctl(name: str) -> int | None:
+    try:
+        return int(Path("/proc/sys", *name.split(".")).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def environment() -> Result:
+    """Where the figures come from (they only compare within one machine and run)."""
+    return {
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "net.core.rmem_max": _sysctl("net.core.rmem_max"),
+        "net.core.wmem_max": _sysctl("net.core.wmem_max"),
+        # Other work on the machine competes with the two processes: say how much.
+        "loadavg_1min_at_start": round(os.getloadavg()[0], 2),
+    }
+
+
+def run_all(seconds: float, only: tuple[str, ...] = ("tcp", "udp", "connect")) -> Result:
+    """Every baseline, each in its own pair of processes, as one JSON-ready dict."""
+    report: Result = {
+        "benchmark": "pyserval baselines (loopback, sender and receiver in separate processes)",
+        "seconds_per_run": seconds,
+        "environment": environment(),
+        "units": "MB = 10**6 bytes; payload bytes only (no UDP/IP headers)",
+    }
+    if "tcp" in only:
+        report["tcp_throughput"] = tcp_throughput(seconds)
+    if "udp" in only:
+        report["udp_blast"] = {
+            f"{size}/{mode}": udp_blast(seconds, size, gso, gro)
+            for size in UDP_SIZES
+            for mode, (gso, gro) in UDP_MODES.items()
+        }
+        report["udp_blast_note"] = (
+            f"unpaced: the sender calls send_many with {UDP_BATCH} datagrams at a time and"
+            " yields to its loop every 8 calls; loss is what the receiver's socket buffer"
+            " dropped. MB/s received = payload bytes / time between the first and the last"
+            " batch the receiver saw"
+        )
+    if "connect" in only:
+        report["tcp_connect"] = tcp_connect_rate(seconds)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: run the baselines and print (and optionally save) the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of each run")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument(
+        "--only", default="tcp,udp,connect", help="comma-separated subset of tcp,udp,connect"
+    )
+    args = parser.parse_args(argv)
+    only = tuple(s.strip() for s in args.only.split(",") if s.strip())
+    text = json.dumps(run_all(args.seconds, only), indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The asyncio runtime: UDP encapsulation endpoints, the host, sockets and streams."""

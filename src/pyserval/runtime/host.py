@@ -1,0 +1,340 @@
+"""The asyncio host: a :class:`~pyserval.core.HostCore` on real UDP sockets.
+
+A thin adapter. Datagrams read in batches from each interface go to the core, and what the
+core wants to send goes out once per batch (and once per loop pass after application calls,
+coalesced). One ``loop.call_at`` timer serves the whole host, re-armed only when the core's
+next deadline changes. Core events wake the tasks waiting on the connection they name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import defaultdict
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..core.host import HostCore, Listener
+from ..naming.service_id import ServiceLike, as_service_prefix
+from ..sal.service_table import Rule, ServiceTable
+from ..transport.config import StreamConfig
+from ..transport.connection import Connection, State
+from ..transport.events import Event, IncomingConnection
+from .udp import UdpEndpoint
+
+__all__ = ["Host", "HostConfig", "parse_address"]
+
+Address = tuple[str, int]
+
+
+def parse_address(text: str) -> Address:
+    """``"IP:PORT"`` to ``(ip, port)``, with a clear error naming the text."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected an address as IP:PORT, got {text!r}")
+    return host, int(port)
+
+
+class HostConfig(BaseModel):
+    """Configuration of a :class:`Host` (also read from ``PYSERVAL_*`` variables)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:0"])
+    routes: dict[str, str] = Field(default_factory=dict)  # service (name/ID/prefix) -> IP:PORT
+    connect_timeout: float = 30.0
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("a host needs at least one listen address")
+        for text in value:
+            parse_address(text)
+        return value
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> HostConfig:
+        """Read ``PYSERVAL_LISTEN`` (comma-separated) and ``PYSERVAL_ROUTES``
+        (``name=IP:PORT,...``)."""
+        env = os.environ if environ is None else environ
+        data: dict[str, Any] = {}
+        if env.get("PYSERVAL_LISTEN"):
+            data["listen"] = [a.strip() for a in env["PYSERVAL_LISTEN"].split(",") if a.strip()]
+        if env.get("PYSERVAL_ROUTES"):
+            routes = {}
+            for item in env["PYSERVAL_ROUTES"].split(","):
+                name, sep, addr = item.strip().partition("=")
+                if not sep:
+                    raise ValueError(f"PYSERVAL_ROUTES items are SERVICE=IP:PORT, got {item!r}")
+                routes[name.strip()] = addr.strip()
+            data["routes"] = routes
+        return cls(**data)
+
+
+class _Waiters:
+    """One asyncio.Event per connection: set on every core event that names it."""
+
+    def __init__(self) -> None:
+        self.events: dict[int, asyncio.Event] = defaultdict(asyncio.Event)
+
+    def wake(self, conn_id: int) -> None:
+        ev = self.events.get(conn_id)
+        if ev is not None:
+            ev.set()
+
+    async def wait_for(self, conn_id: int, ready: Callable[[], bool]) -> None:
+        ev = self.events[conn_id]
+        while not ready():
+            ev.clear()
+            if ready():
+                return
+            await ev.wait()
+
+
+class Host:
+    """One Serval end host in this process (see the module docstring).
+
+    ``Host(listen=["127.0.0.1:0"])``; then ``async with host:`` (or ``await host.start()``
+    and ``await host.close()``).
+    """
+
+    def __init__(
+        self,
+        listen: list[str] | None = None,
+        *,
+        routes: dict[str, str] | None = None,
+        config: HostConfig | None = None,
+        stream_config: StreamConfig | None = None,
+    ) -> None:
+        base = config or HostConfig()
+        updates: dict[str, Any] = {}
+        if listen is not None:
+            updates["listen"] = listen
+        if routes is not None:
+            updates["routes"] = {**base.routes, **routes}
+        self.config = HostConfig(**{**base.model_dump(), **updates})
+        self.stream_config = stream_config or StreamConfig()
+        self.service_table = ServiceTable()
+        self.core: HostCore | None = None
+        self.endpoints: list[UdpEndpoint] = []
+        self._by_address: dict[Address, UdpEndpoint] = {}
+        self._waiters = _Waiters()
+        self._listener_waiters: dict[int, asyncio.Event] = {}
+        self._flush_pending = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._event_hooks: list[Callable[[Event], None]] = []
+        for service, address in self.config.routes.items():
+            self.add_route(service, address)
+
+    # -- life cycle ---------------------------------------------------------------------
+    @property
+    def addresses(self) -> list[Address]:
+        """The bound addresses of the host's interfaces."""
+        return [ep.address for ep in self.endpoints]
+
+    async def start(self) -> Host:
+        """Open the interfaces and start the core."""
+        if self.core is not None:
+            return self
+        self._loop = asyncio.get_running_loop()
+        for text in self.config.listen:
+            holder: list[UdpEndpoint] = []
+            ep = await UdpEndpoint.open(parse_address(text), self._reader_for(holder))
+            holder.append(ep)
+            self.endpoints.append(ep)
+            self._by_address[ep.address] = ep
+        self.core = HostCore(
+            self.addresses, config=self.stream_config, service_table=self.service_table
+        )
+        return self
+
+    def _reader_for(
+        self, holder: list[UdpEndpoint]
+    ) -> Callable[[list[tuple[bytes, Address]]], None]:
+        def on_datagrams(batch: list[tuple[bytes, Address]]) -> None:
+            self._on_batch(holder[0], batch)
+
+        return on_datagrams
+
+    def _on_batch(self, ep: UdpEndpoint, batch: list[tuple[bytes, Address]]) -> None:
+        """A batch of datagrams read on one interface: all to the core, then one flush."""
+        core = self.core
+        if core is None:
+            return
+        now = self._now()
+        local = ep.address
+        receive = core.receive_datagram
+        for data, src in batch:
+            receive(data, src, local, now)
+        self._flush()
+
+    async def close(self) -> None:
+        """Reset every connection, close the interfaces."""
+        if self._closed:
+            return
+        self._closed = True
+        core = self.core
+        if core is not None:
+            for conn in list(core.connections.values()):
+                conn.abort()
+            self._flush()
+        if self._timer is not None:
+            self._timer.cancel()
+        for ep in self.endpoints:
+            ep.close()
+        for ev in self._waiters.events.values():
+            ev.set()
+        for ev in self._listener_waiters.values():
+            ev.set()
+
+    async def __aenter__(self) -> Host:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- routes -------------------------------------------------------------------------
+    def add_route(self, service: ServiceLike | str, address: str | Address) -> None:
+        """Static FORWARD rule: ``service`` (name, ID or ``<hex>/<len>``) to ``IP:PORT``."""
+        addr = parse_address(address) if isinstance(address, str) else address
+        prefix = as_service_prefix(
+            service if not isinstance(service, bytes | int) else str(service)
+        )
+        self.service_table.add(prefix, Rule.forward(addr))
+
+    # -- core driving -------------------------------------------------------------------
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    def _require_core(self) -> HostCore:
+        if self.core is None or self._closed:
+            raise RuntimeError("the host is not running: use 'async with host' or start()")
+        return self.core
+
+    def schedule_flush(self) -> None:
+        """Send what the core has, once, at the end of this loop pass."""
+        if not self._flush_pending and self._loop is not None:
+            self._flush_pending = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        core = self.core
+        if core is None:
+            return
+        out = core.datagrams_to_send(self._now())
+        if out:
+            by_ep: dict[Address, list[tuple[bytes, Address]]] = {}
+            for data, local, remote in out:
+                by_ep.setdefault(local, []).append((data, remote))
+            for local, items in by_ep.items():
+                ep = self._by_address.get(local) or self.endpoints[0]
+                if not ep.closed:
+                    ep.send_many(items)
+        for event in core.events():
+            self._dispatch(event)
+        self._arm_timer(core.next_deadline())
+
+    def _dispatch(self, event: Event) -> None:
+        if isinstance(event, IncomingConnection):
+            ev = self._listener_waiters.get(event.listener_id)
+            if ev is not None:
+                ev.set()
+        self._waiters.wake(event.conn_id)
+        for hook in self._event_hooks:
+            hook(event)
+
+    def _arm_timer(self, deadline: float | None) -> None:
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None and self._loop is not None and not self._closed:
+            # Never a sub-millisecond busy timer: round up to the next millisecond.
+            self._timer = self._loop.call_at(max(deadline, self._now() + 0.001), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        core = self.core
+        if core is None:
+            return
+        core.handle_timer(self._now())
+        self._flush()
+
+    async def wait(self, conn: Connection, ready: Callable[[], bool]) -> None:
+        """Wait until ``ready()`` holds for ``conn`` (re-checked at each of its events)."""
+        await self._waiters.wait_for(conn.conn_id, lambda: ready() or self._closed)
+
+    # -- application API ----------------------------------------------------------------
+    async def connect(self, service: ServiceLike, *, timeout: float | None = None) -> Any:
+        """Open a stream to ``service`` (late-bound by serviceID through the service table)."""
+        from .streams import ServalConnectError, ServalStream
+
+        core = self._require_core()
+        conn = core.connect(service, self._now())
+        self.schedule_flush()
+        limit = self.config.connect_timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(limit):
+                await self.wait(conn, lambda: conn.state is not State.SYN_SENT)
+        except TimeoutError:
+            conn.abort()
+            self.schedule_flush()
+            raise ServalConnectError(
+                f"connecting to service {service!s} timed out after {limit} s"
+            ) from None
+        if conn.state is not State.ESTABLISHED:
+            raise ServalConnectError(
+                f"cannot connect to service {service!s}: {conn.error or 'closed'}"
+            )
+        return ServalStream(self, conn)
+
+    async def listen(self, service: ServiceLike, backlog: int = 128) -> Any:
+        """Accept streams to ``service``: returns a listener to ``async for`` or ``serve``."""
+        from .streams import ServalListener
+
+        core = self._require_core()
+        listener = core.listen(service, backlog)
+        self._listener_waiters[listener.listener_id] = asyncio.Event()
+        return ServalListener(self, listener)
+
+    async def wait_incoming(self, listener: Listener) -> Connection | None:
+        """The next established connection of ``listener`` (None once closed)."""
+        ev = self._listener_waiters[listener.listener_id]
+        while True:
+            conn = listener.accept()
+            if conn is not None:
+                return conn
+            if listener.closed or self._closed:
+                return None
+            ev.clear()
+            await ev.wait()
+
+    def close_listener(self, listener: Listener) -> None:
+        """Stop accepting on ``listener``."""
+        if self.core is not None:
+            self.core.close_listener(listener, self._now())
+        ev = self._listener_waiters.get(listener.listener_id)
+        if ev is not None:
+            ev.set()
+        self.schedule_flush()
+
+    def add_event_hook(self, hook: Callable[[Event], None]) -> None:
+        """Call ``hook`` with every core event (for logging and inspection)."""
+        self._event_hooks.append(hook)

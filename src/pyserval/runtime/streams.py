@@ -1,0 +1,168 @@
+"""Streams and listeners for applications: ``anyio.abc.ByteStream`` over Serval TCP."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import anyio
+import anyio.abc
+
+from ..core.host import Listener
+from ..naming.service_id import ServiceID
+from ..transport.connection import Connection, State
+from .host import Host
+
+__all__ = ["ServalConnectError", "ServalListener", "ServalStream"]
+
+Address = tuple[str, int]
+
+
+class ServalConnectError(ConnectionError):
+    """A connection to a service could not be set up (no route, timeout, reset)."""
+
+
+class ServalStream(anyio.abc.ByteStream):
+    """A connected Serval TCP stream. ``send`` waits while the send buffer is full."""
+
+    def __init__(self, host: Host, conn: Connection) -> None:
+        self._host = host
+        self._conn = conn
+        self._closed = False
+
+    # -- identity -----------------------------------------------------------------------
+    @property
+    def connection(self) -> Connection:
+        """The sans-I/O connection underneath."""
+        return self._conn
+
+    @property
+    def service_id(self) -> ServiceID:
+        """The serviceID this stream was connected to (or accepted on)."""
+        return self._conn.service_id
+
+    @property
+    def local_flowid(self) -> int:
+        """Our flowID of the (first) subflow."""
+        return self._conn.primary.local_flowid
+
+    @property
+    def remote_flowid(self) -> int:
+        """The peer's flowID of the (first) subflow."""
+        return self._conn.primary.remote_flowid
+
+    @property
+    def local_address(self) -> Address:
+        """Our address on the (first) subflow."""
+        return self._conn.primary.local_addr
+
+    @property
+    def remote_address(self) -> Address | None:
+        """The peer's address on the (first) subflow."""
+        return self._conn.primary.remote_addr
+
+    # -- anyio.abc.ByteStream -----------------------------------------------------------
+    def _check(self) -> None:
+        if self._closed:
+            raise anyio.ClosedResourceError("this stream was closed")
+        if self._conn.state is State.CLOSED and self._conn.error:
+            raise anyio.BrokenResourceError(f"connection lost: {self._conn.error}")
+
+    async def send(self, item: bytes) -> None:
+        """Send all of ``item``, waiting while the send buffer is full (backpressure)."""
+        self._check()
+        conn = self._conn
+        view = memoryview(item)
+        while view:
+            n = conn.write(view)
+            view = view[n:]
+            self._host.schedule_flush()
+            if view:
+                await self._host.wait(conn, lambda: conn.send.free > 0 or conn.closed)
+                self._check()
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        """The next bytes; ``anyio.EndOfStream`` once the peer finished sending."""
+        if self._closed:
+            raise anyio.ClosedResourceError("this stream was closed")
+        conn = self._conn
+        await self._host.wait(
+            conn, lambda: conn.readable > 0 or conn.peer_fin_received or conn.closed
+        )
+        data = conn.read(max_bytes)
+        if data:
+            self._host.schedule_flush()  # may open the window
+            return data
+        if conn.peer_fin_received:
+            raise anyio.EndOfStream
+        if conn.error:
+            raise anyio.BrokenResourceError(f"connection lost: {conn.error}")
+        raise anyio.EndOfStream
+
+    async def send_eof(self) -> None:
+        """Half-close: the peer reads end of stream after what we sent."""
+        self._check()
+        self._conn.shutdown()
+        self._host.schedule_flush()
+
+    async def aclose(self) -> None:
+        """Close: finish sending (FIN) and stop using the stream."""
+        if self._closed:
+            return
+        self._closed = True
+        conn = self._conn
+        if conn.state in (State.ESTABLISHED, State.SYN_RECEIVED) and conn.fin_offset is None:
+            conn.shutdown()
+        self._host.schedule_flush()
+
+    async def abort(self) -> None:
+        """Reset the connection at once."""
+        self._closed = True
+        self._conn.abort()
+        self._host.schedule_flush()
+
+
+class ServalListener:
+    """Accepts streams to a service: ``async for stream in listener`` or ``serve(handler)``."""
+
+    def __init__(self, host: Host, listener: Listener) -> None:
+        self._host = host
+        self._listener = listener
+
+    @property
+    def service_id(self) -> ServiceID:
+        """The service listened on."""
+        return self._listener.service_id
+
+    async def accept(self) -> ServalStream:
+        """The next incoming stream."""
+        conn = await self._host.wait_incoming(self._listener)
+        if conn is None:
+            raise anyio.ClosedResourceError("the listener was closed")
+        return ServalStream(self._host, conn)
+
+    def __aiter__(self) -> AsyncIterator[ServalStream]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[ServalStream]:
+        while True:
+            try:
+                yield await self.accept()
+            except anyio.ClosedResourceError:
+                return
+
+    async def serve(self, handler: Callable[[ServalStream], Awaitable[object]]) -> None:
+        """Run ``handler(stream)`` in its own task for every incoming stream."""
+        async with anyio.create_task_group() as tg:
+            async for stream in self:
+                tg.start_soon(_run_handler, handler, stream)
+
+    async def aclose(self) -> None:
+        """Stop listening."""
+        self._host.close_listener(self._listener)
+
+
+async def _run_handler(
+    handler: Callable[[ServalStream], Awaitable[object]], stream: ServalStream
+) -> None:
+    async with stream:
+        await handler(stream)

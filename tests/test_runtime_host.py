@@ -1,0 +1,83 @@
+"""The asyncio host on real loopback UDP sockets (one process, two hosts)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import anyio
+import pytest
+
+from pyserval.runtime.host import Host, HostConfig, parse_address
+from pyserval.runtime.streams import ServalConnectError, ServalStream
+from pyserval.transport.config import StreamConfig
+
+
+async def _echo(stream: ServalStream) -> None:
+    try:
+        while True:
+            await stream.send(await stream.receive())
+    except anyio.EndOfStream:
+        await stream.send_eof()
+
+
+def test_echo_and_bulk_transfer_over_loopback() -> None:
+    async def main() -> None:
+        cfg = StreamConfig(mss=8192, send_buffer=2 << 20, receive_buffer=2 << 20)
+        async with (
+            Host(["127.0.0.1:0"], stream_config=cfg) as server,
+            Host(["127.0.0.1:0"], stream_config=cfg) as client,
+        ):
+            listener = await server.listen("echo")
+            client.add_route("echo", "{}:{}".format(*server.addresses[0]))
+            serving = asyncio.ensure_future(listener.serve(_echo))
+            stream = await client.connect("echo")
+            await stream.send(b"hello")
+            assert await stream.receive() == b"hello"
+            data = bytes(range(256)) * 20_000  # 5 MB
+            received = hashlib.sha256()
+            count = 0
+
+            async def reader() -> None:
+                nonlocal count
+                while count < len(data):
+                    chunk = await stream.receive(1 << 20)
+                    received.update(chunk)
+                    count += len(chunk)
+
+            read_task = asyncio.ensure_future(reader())
+            await stream.send(data)
+            await read_task
+            assert received.digest() == hashlib.sha256(data).digest()
+            await stream.send_eof()
+            with pytest.raises(anyio.EndOfStream):
+                await stream.receive()
+            assert client.core is not None and server.core is not None
+            assert client.core.internal_errors == [] and server.core.internal_errors == []
+            serving.cancel()
+
+    asyncio.run(main())
+
+
+def test_connect_errors_are_clear() -> None:
+    async def main() -> None:
+        async with Host(["127.0.0.1:0"]) as client:
+            with pytest.raises(ServalConnectError, match="no route"):
+                await client.connect("nobody")
+            client.add_route("silent", "127.0.0.1:9")  # nothing answers there
+            with pytest.raises(ServalConnectError, match="timed out"):
+                await client.connect("silent", timeout=0.5)
+
+    asyncio.run(main())
+
+
+def test_config_and_addresses() -> None:
+    assert parse_address("10.0.0.2:54325") == ("10.0.0.2", 54325)
+    with pytest.raises(ValueError, match="nonsense"):
+        parse_address("nonsense")
+    cfg = HostConfig.from_env(
+        {"PYSERVAL_LISTEN": "127.0.0.1:0", "PYSERVAL_ROUTES": "echo=127.0.0.1:54325,db=10.0.0.2:1"}
+    )
+    assert cfg.listen == ["127.0.0.1:0"] and cfg.routes["db"] == "10.0.0.2:1"
+    with pytest.raises(ValueError):
+        HostConfig.from_env({"PYSERVAL_ROUTES": "broken"})

@@ -1,0 +1,401 @@
+"""UdpEndpoint on real loopback sockets: batching, GSO/GRO, the send queue, errors, lifetime.
+
+Each test runs its own event loop with ``asyncio.run``. Loopback never pushes back on a
+sender (the kernel frees a datagram's send-buffer charge as soon as it is handed to the
+receiver), so the send-queue tests use a socket whose ``sendto``/``sendmsg`` report a full
+buffer on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import random
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from pyserval.runtime.udp import Address, UdpEndpoint
+
+pytestmark = pytest.mark.timeout(30)
+
+LOCAL: Address = ("127.0.0.1", 0)
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, 10))
+
+
+class Sink:
+    """An ``on_datagrams`` callback that keeps every batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[bytes, Address]]] = []
+        self.event = asyncio.Event()
+        self.count = 0
+
+    def __call__(self, batch: list[tuple[bytes, Address]]) -> None:
+        self.batches.append(batch)
+        self.count += len(batch)
+        self.event.set()
+
+    @property
+    def datagrams(self) -> list[tuple[bytes, Address]]:
+        return [item for batch in self.batches for item in batch]
+
+    async def wait_for(self, n: int, timeout: float = 5.0) -> None:
+        """Wait until ``n`` datagrams arrived (fails the test on timeout)."""
+        deadline = time.monotonic() + timeout
+        while self.count < n:
+            left = deadline - time.monotonic()
+            assert left > 0, f"only {self.count} of {n} datagrams arrived"
+            self.event.clear()
+            try:
+                await asyncio.wait_for(self.event.wait(), left)
+            except TimeoutError:
+                continue
+
+
+async def settle(condition: Callable[[], bool], timeout: float = 2.0) -> None:
+    """Let the loop run until ``condition()`` holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        await asyncio.sleep(0.005)
+
+
+def payloads(n: int, seed: int, sizes: tuple[int, int] = (1, 1400)) -> list[bytes]:
+    rng = random.Random(seed)
+    return [i.to_bytes(4, "big") + rng.randbytes(rng.randint(*sizes) - 1) for i in range(n)]
+
+
+@pytest.mark.parametrize("gro", [False, True])
+def test_batched_delivery(gro: bool) -> None:
+    async def main() -> None:
+        sink = Sink()
+        async with (
+            await UdpEndpoint.open(LOCAL, sink, gro=gro) as rx,
+            await UdpEndpoint.open(LOCAL, Sink()) as tx,
+        ):
+            data = payloads(1000, seed=1, sizes=(5, 1400))
+            for d in data:
+                tx.send(d, rx.address)
+            await sink.wait_for(1000)
+            # Everything was sent before the loop ran the reader: 256 per wake-up.
+            assert len(sink.batches) <= 8
+            assert [d for d, _ in sink.datagrams] == data
+            assert {addr for _, addr in sink.datagrams} == {tx.address}
+            assert rx.stats.datagrams_received == 1000
+            assert rx.stats.bytes_received == sum(map(len, data))
+            assert rx.stats.batches == len(sink.batches)
+            assert tx.stats.datagrams_sent == 1000
+            assert tx.queued == 0
+            assert not tx.errors and not rx.errors
+
+    run(main())
+
+
+def mixed_batch(a: Address, b: Address) -> list[tuple[bytes, Address]]:
+    """Datagrams that exercise every GSO grouping rule (see test_gso_groups_follow_the_rules)."""
+    rng = random.Random(7)
+
+    def run_of(n: int, size: int, remote: Address) -> list[tuple[bytes, Address]]:
+        return [(rng.randbytes(size), remote) for _ in range(n)]
+
+    return [
+        *run_of(10, 1200, a),  # equal sizes to one remote: one call
+        *run_of(1, 800, b),  # alternating remotes: three single sends
+        *run_of(1, 800, a),
+        *run_of(1, 800, b),
+        *run_of(150, 1000, b),  # more than 64 segments: 64 + 64 + 22
+        *run_of(5, 1200, a),  # a shorter last segment joins and ends the group
+        *run_of(1, 300, a),
+        *run_of(20, 8000, a),  # 65,000 bytes per call: 8 + 8 + 4
+        *run_of(1, 500, b),  # a longer one cannot follow: 500 alone ...
+        *run_of(1, 900, b),  # ... 900 + 100 together
+        *run_of(1, 100, b),
+        (b"", b),  # an empty datagram goes alone
+        *run_of(1, 100, b),
+        *run_of(1, 1, a),
+    ]
+
+
+@pytest.mark.parametrize("gro", [False, True])
+@pytest.mark.parametrize("gso", [False, True])
+def test_gso_and_plain_deliver_identical_datagrams(gso: bool, gro: bool) -> None:
+    async def main() -> None:
+        sink_a, sink_b = Sink(), Sink()
+        async with (
+            await UdpEndpoint.open(LOCAL, sink_a, gro=gro) as rx_a,
+            await UdpEndpoint.open(LOCAL, sink_b, gro=gro) as rx_b,
+            await UdpEndpoint.open(LOCAL, Sink(), gso=gso) as tx,
+        ):
+            assert tx.gso is gso  # this kernel has GSO; gso=False forces the fallback
+            items = mixed_batch(rx_a.address, rx_b.address)
+            tx.send_many(items)
+            want_a = [d for d, r in items if r == rx_a.address]
+            want_b = [d for d, r in items if r == rx_b.address]
+            await sink_a.wait_for(len(want_a))
+            await sink_b.wait_for(len(want_b))
+            assert [d for d, _ in sink_a.datagrams] == want_a
+            assert [d for d, _ in sink_b.datagrams] == want_b
+            assert tx.stats.datagrams_sent == len(items)
+            assert tx.stats.bytes_sent == sum(len(d) for d, _ in items)
+            if gso:
+                assert tx.stats.gso_calls > 0
+                assert tx.stats.gso_datagrams > len(items) // 2
+            else:
+                assert tx.stats.gso_calls == 0
+            if gso and gro:
+                # Loopback hands GSO super-datagrams to a GRO socket whole; they were split.
+                assert rx_a.stats.gro_reads + rx_b.stats.gro_reads > 0
+            assert not tx.errors and not rx_a.errors and not rx_b.errors
+
+    run(main())
+
+
+def test_gso_groups_follow_the_rules() -> None:
+    async def main() -> None:
+        async with (
+            await UdpEndpoint.open(LOCAL, Sink()) as rx_a,
+            await UdpEndpoint.open(LOCAL, Sink()) as rx_b,
+            await UdpEndpoint.open(LOCAL, Sink()) as tx,
+        ):
+            items = mixed_batch(rx_a.address, rx_b.address)
+            tx.send_many(items)
+            assert len(items) == 195
+            assert tx.stats.gso_calls == 1 + 3 + 1 + 3 + 1
+            assert tx.stats.gso_datagrams == 10 + 150 + 6 + 20 + 2
+
+    run(main())
+
+
+class FullBufferSocket(socket.socket):
+    """A UDP socket whose sends fail with EAGAIN while ``full`` is set."""
+
+    full = False
+    attempts = 0
+
+    def sendto(self, data: Any, *args: Any) -> int:
+        self.attempts += 1
+        if self.full:
+            raise BlockingIOError(errno.EAGAIN, "simulated full send buffer")
+        return super().sendto(data, *args)
+
+    def sendmsg(self, *args: Any) -> int:
+        self.attempts += 1
+        if self.full:
+            raise BlockingIOError(errno.EAGAIN, "simulated full send buffer")
+        return super().sendmsg(*args)
+
+
+async def full_buffer_endpoint(send_queue: int) -> tuple[UdpEndpoint, FullBufferSocket]:
+    sock = FullBufferSocket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sock.bind(LOCAL)
+    ep = UdpEndpoint(
+        sock,
+        asyncio.get_running_loop(),
+        Sink(),
+        options=(False, 0, 4096),
+        gso=True,
+        gro=True,
+        max_batch=256,
+        send_queue=send_queue,
+        on_icmp_error=None,
+    )
+    return ep, sock
+
+
+def test_send_queue_is_bounded_and_drains_in_order() -> None:
+    async def main() -> None:
+        sink = Sink()
+        async with await UdpEndpoint.open(LOCAL, sink) as rx:
+            tx, sock = await full_buffer_endpoint(send_queue=100)
+            async with tx:
+                data = [i.to_bytes(4, "big") * 100 for i in range(160)]
+                sock.full = True
+                tx.send(data[0], rx.address)
+                tx.send_many([(d, rx.address) for d in data[1:120]])
+                assert tx.queued == 100
+                sock.full = False
+                # The queue is not empty, so this one must wait behind it (and is dropped).
+                tx.send(data[120], rx.address)
+                assert tx.errors["send_queue_full"] == 21
+                assert tx.stats.datagrams_sent == 0
+                await settle(lambda: tx.queued == 0)
+                await sink.wait_for(100)
+                assert [d for d, _ in sink.datagrams] == data[:100]
+                assert tx.stats.queued_total == 100
+                assert tx.stats.datagrams_sent == 100
+                # Drained: the writer is gone and sends go straight out again.
+                before = sock.attempts
+                tx.send_many([(d, rx.address) for d in data[121:]])
+                assert tx.queued == 0 and sock.attempts == before + 1  # one GSO call
+                await sink.wait_for(139)
+                assert [d for d, _ in sink.datagrams][100:] == data[121:]
+
+    run(main())
+
+
+def test_send_queue_drains_under_sustained_pressure() -> None:
+    async def main() -> None:
+        sink = Sink()
+        async with await UdpEndpoint.open(LOCAL, sink) as rx:
+            tx, sock = await full_buffer_endpoint(send_queue=4096)
+            loop = asyncio.get_running_loop()
+            async with tx:
+                data = payloads(3000, seed=3, sizes=(20, 1000))
+                sent = 0
+                # The "kernel" refuses sends two times in three ticks, as a congested device
+                # would, while the program keeps producing.
+                for tick in range(30):
+                    sock.full = tick % 3 != 0
+                    tx.send_many([(d, rx.address) for d in data[sent : sent + 100]])
+                    sent += 100
+                    await asyncio.sleep(0.001)
+                loop.call_later(0.02, setattr, sock, "full", False)
+                await settle(lambda: tx.queued == 0)
+                await sink.wait_for(3000)
+                assert [d for d, _ in sink.datagrams] == data
+                assert tx.stats.queued_total > 0
+                assert not tx.errors
+
+    run(main())
+
+
+def closed_port() -> Address:
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(LOCAL)
+    address: Address = probe.getsockname()
+    probe.close()
+    return address
+
+
+def test_icmp_errors_are_counted_and_reported_not_raised() -> None:
+    async def main() -> None:
+        reports: list[tuple[Address, int]] = []
+        sink, peer_sink = Sink(), Sink()
+        dead = closed_port()
+        async with (
+            await UdpEndpoint.open(
+                LOCAL, sink, on_icmp_error=lambda a, e: reports.append((a, e))
+            ) as ep,
+            await UdpEndpoint.open(LOCAL, peer_sink) as peer,
+        ):
+            ep.send(b"hello?", dead)
+            await settle(lambda: len(reports) == 1)
+            assert reports == [(dead, errno.ECONNREFUSED)]
+            assert ep.errors["icmp:ECONNREFUSED"] == 1
+            assert ep.errors["recv:ECONNREFUSED"] == 1
+            # The reader survived: datagrams still arrive.
+            peer.send(b"still there", ep.address)
+            await sink.wait_for(1)
+            assert sink.datagrams == [(b"still there", peer.address)]
+
+            # An ICMP error pending when another send happens is reported by that send;
+            # the datagram to the live peer still goes out.
+            ep.send(b"hello?", dead)
+            time.sleep(0.05)  # the ICMP arrives while the loop cannot read it
+            ep.send(b"to the peer", peer.address)
+            assert ep.errors["send:ECONNREFUSED"] == 1
+            ep.send_many([(b"x" * 100, peer.address)] * 3)
+            await peer_sink.wait_for(4)
+            assert [d for d, _ in peer_sink.datagrams] == [b"to the peer"] + [b"x" * 100] * 3
+            await settle(lambda: len(reports) == 2)
+            await asyncio.sleep(0.02)
+            # Nothing left in the error queue to spin on.
+            assert ep.errors["icmp:ECONNREFUSED"] == 2
+
+    run(main())
+
+
+def test_unreachable_port_without_icmp_reporting_is_harmless() -> None:
+    async def main() -> None:
+        sink = Sink()
+        async with (
+            await UdpEndpoint.open(LOCAL, sink) as ep,
+            await UdpEndpoint.open(LOCAL, Sink()) as peer,
+        ):
+            for _ in range(10):
+                ep.send(b"nobody", closed_port())
+            await asyncio.sleep(0.05)
+            peer.send(b"ok", ep.address)
+            await sink.wait_for(1)
+            assert ep.stats.datagrams_sent == 10
+            assert not ep.errors
+
+    run(main())
+
+
+def test_close_is_idempotent() -> None:
+    async def main() -> None:
+        sink = Sink()
+        ep = await UdpEndpoint.open(LOCAL, sink)
+        address = ep.address
+        assert not ep.closed and ep.fileno() >= 0
+        ep.close()
+        ep.close()
+        assert ep.closed and ep.fileno() == -1
+        assert "closed" in repr(ep)
+        with pytest.raises(OSError):
+            ep.send(b"x", address)
+        async with await UdpEndpoint.open(LOCAL, Sink()) as other:
+            other.send(b"x", address)
+            await asyncio.sleep(0.02)  # the loop must not call into the closed endpoint
+        assert other.closed
+        other.close()
+        assert sink.count == 0
+
+        # Closing with datagrams queued and the writer registered.
+        tx, sock = await full_buffer_endpoint(send_queue=10)
+        sock.full = True
+        tx.send(b"x", address)
+        assert tx.queued == 1
+        tx.close()
+        tx.close()
+        assert tx.queued == 0
+        await asyncio.sleep(0.01)
+
+    run(main())
+
+
+def test_rebind_moves_to_a_new_address() -> None:
+    async def main() -> None:
+        sink = Sink()
+        async with (
+            await UdpEndpoint.open(LOCAL, sink) as ep,
+            await UdpEndpoint.open(LOCAL, Sink()) as peer,
+        ):
+            old = ep.address
+            ep.rebind(("127.0.0.1", 0))
+            assert ep.address != old
+            peer.send(b"new", ep.address)
+            await sink.wait_for(1)
+            assert sink.datagrams == [(b"new", peer.address)]
+            ep.send(b"from new", peer.address)
+            with pytest.raises(OSError):
+                ep.rebind(("192.0.2.254", 1))  # not ours: the old socket stays
+            assert ep.address != old and not ep.closed
+            peer.send(b"again", ep.address)
+            await sink.wait_for(2)
+
+    run(main())
+
+
+def test_open_options() -> None:
+    async def main() -> None:
+        async with await UdpEndpoint.open(LOCAL, Sink(), rcvbuf=1 << 20, sndbuf=1 << 20) as ep:
+            assert ep.rcvbuf >= 1 << 20 and ep.sndbuf >= 1 << 20  # Linux reports double
+        first = await UdpEndpoint.open(LOCAL, Sink(), reuse_port=True)
+        async with first:
+            second = await UdpEndpoint.open(first.address, Sink(), reuse_port=True)
+            second.close()
+        with pytest.raises(ValueError):
+            await UdpEndpoint.open(LOCAL, Sink(), max_batch=0)
+
+    run(main())
