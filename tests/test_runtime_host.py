@@ -81,3 +81,62 @@ def test_config_and_addresses() -> None:
     assert cfg.listen == ["127.0.0.1:0"] and cfg.routes["db"] == "10.0.0.2:1"
     with pytest.raises(ValueError):
         HostConfig.from_env({"PYSERVAL_ROUTES": "broken"})
+
+
+def test_asyncio_streams_port_by_changing_one_call() -> None:
+    import pyserval
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            writer.write(line.upper())
+            await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        async with Host(["127.0.0.1:0"]) as server, Host(["127.0.0.1:0"]) as client:
+            srv = await pyserval.start_server(handle, "upper", host=server)
+            client.add_route("upper", "{}:{}".format(*server.addresses[0]))
+            reader, writer = await pyserval.open_connection("upper", host=client)
+            writer.write(b"hello\nserval\n")
+            await writer.drain()
+            assert await reader.readline() == b"HELLO\n"
+            assert await reader.readline() == b"SERVAL\n"
+            writer.write_eof()  # half-close: the server sees EOF and closes its side
+            assert await reader.read() == b""
+            writer.close()
+            await writer.wait_closed()
+            srv.close()
+
+    asyncio.run(main())
+
+
+def test_drain_waits_while_the_peer_does_not_read() -> None:
+    import pyserval
+
+    async def main() -> None:
+        cfg = StreamConfig(send_buffer=64 * 1024, receive_buffer=64 * 1024)
+        async with (
+            Host(["127.0.0.1:0"], stream_config=cfg) as server,
+            Host(["127.0.0.1:0"], stream_config=cfg) as client,
+        ):
+            accepted: asyncio.Queue[asyncio.StreamReader] = asyncio.Queue()
+
+            async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await accepted.put(reader)
+
+            await pyserval.start_server(hold, "sink", host=server)
+            client.add_route("sink", "{}:{}".format(*server.addresses[0]))
+            reader, writer = await pyserval.open_connection("sink", host=client)
+            server_reader = await accepted.get()
+            server_reader._transport.pause_reading()  # type: ignore[attr-defined]
+            writer.write(bytes(1 << 20))
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await writer.drain()  # 1 MB cannot fit: the peer holds its window shut
+            server_reader._transport.resume_reading()  # type: ignore[attr-defined]
+            got = 0
+            while got < 1 << 20:
+                got += len(await server_reader.read(1 << 20))
+            await writer.drain()
+
+    asyncio.run(main())

@@ -1,1 +1,19 @@
 """The asyncio runtime: UDP encapsulation endpoints, the host, sockets and streams."""
+
+from .api import connect, default_host, listen, open_connection, start_server
+from .host import Host, HostConfig, parse_address
+from .streams import ServalConnectError, ServalListener, ServalStream
+
+__all__ = [
+    "Host",
+    "HostConfig",
+    "ServalConnectError",
+    "ServalListener",
+    "ServalStream",
+    "connect",
+    "default_host",
+    "listen",
+    "open_connection",
+    "parse_address",
+    "start_server",
+]

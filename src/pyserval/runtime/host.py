@@ -130,6 +130,7 @@ class Host:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._event_hooks: list[Callable[[Event], None]] = []
+        self._conn_hooks: dict[int, Callable[[Event], None]] = {}
         for service, address in self.config.routes.items():
             self.add_route(service, address)
 
@@ -254,6 +255,9 @@ class Host:
             if ev is not None:
                 ev.set()
         self._waiters.wake(event.conn_id)
+        conn_hook = self._conn_hooks.get(event.conn_id)
+        if conn_hook is not None:
+            conn_hook(event)
         for hook in self._event_hooks:
             hook(event)
 
@@ -334,6 +338,21 @@ class Host:
         if ev is not None:
             ev.set()
         self.schedule_flush()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the host runs on."""
+        if self._loop is None:
+            raise RuntimeError("the host is not running")
+        return self._loop
+
+    def watch(self, conn: Connection, callback: Callable[[Event], None]) -> None:
+        """Call ``callback`` with every event of ``conn`` (one watcher per connection)."""
+        self._conn_hooks[conn.conn_id] = callback
+
+    def unwatch(self, conn: Connection) -> None:
+        """Stop calling the watcher of ``conn``."""
+        self._conn_hooks.pop(conn.conn_id, None)
 
     def add_event_hook(self, hook: Callable[[Event], None]) -> None:
         """Call ``hook`` with every core event (for logging and inspection)."""

@@ -57,7 +57,10 @@ Address = tuple[str, int]
 """An IPv4 socket address: (dotted quad, port)."""
 
 DatagramHandler = Callable[[list[tuple[bytes, Address]]], None]
-"""Receives one batch of ``(payload, source address)`` pairs per socket wake-up."""
+"""Receives one batch of ``(payload, source address)`` pairs per socket wake-up.
+
+An exception it raises goes to the event loop's exception handler; the endpoint keeps
+reading."""
 
 IcmpErrorHandler = Callable[[Address, int], None]
 """Receives ``(remote the failed datagram was sent to, errno)`` for each ICMP error."""

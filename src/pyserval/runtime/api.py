@@ -1,0 +1,77 @@
+"""The high-level API on a process-wide default host: ``pyserval.connect`` and friends.
+
+The default host is created on first use from ``PYSERVAL_*`` environment variables
+(:meth:`HostConfig.from_env`) and started on the running event loop. Every function takes
+``host=`` to use another one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from ..naming.service_id import ServiceLike
+from .host import Host, HostConfig
+from .stdio import open_connection_on, start_server_on
+from .streams import ServalListener, ServalStream
+
+__all__ = ["connect", "default_host", "listen", "open_connection", "start_server"]
+
+_default: Host | None = None
+_default_loop: asyncio.AbstractEventLoop | None = None
+
+
+async def default_host() -> Host:
+    """The process-wide host (created and started on first use, per event loop)."""
+    global _default, _default_loop
+    loop = asyncio.get_running_loop()
+    if _default is None or _default_loop is not loop:
+        _default = Host(config=HostConfig.from_env())
+        _default_loop = loop
+        await _default.start()
+    return _default
+
+
+async def connect(
+    service: ServiceLike, *, host: Host | None = None, timeout: float | None = None
+) -> ServalStream:
+    """Open a stream to ``service`` (an ``anyio.abc.ByteStream``)."""
+    h = host or await default_host()
+    stream: ServalStream = await h.connect(service, timeout=timeout)
+    return stream
+
+
+async def listen(
+    service: ServiceLike, *, host: Host | None = None, backlog: int = 128
+) -> ServalListener:
+    """Accept streams to ``service``: ``async for stream in listener`` or ``serve(handler)``."""
+    h = host or await default_host()
+    listener: ServalListener = await h.listen(service, backlog)
+    return listener
+
+
+async def open_connection(
+    service: ServiceLike,
+    *,
+    host: Host | None = None,
+    timeout: float | None = None,
+    limit: int = 2**16,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Like :func:`asyncio.open_connection`, to a serviceID instead of host and port."""
+    h = host or await default_host()
+    return await open_connection_on(h, service, timeout=timeout, limit=limit)
+
+
+async def start_server(
+    client_connected_cb: Callable[
+        [asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None
+    ],
+    service: ServiceLike,
+    *,
+    host: Host | None = None,
+    backlog: int = 128,
+    limit: int = 2**16,
+) -> asyncio.AbstractServer:
+    """Like :func:`asyncio.start_server`, serving a serviceID."""
+    h = host or await default_host()
+    return await start_server_on(h, client_connected_cb, service, backlog=backlog, limit=limit)
