@@ -126,7 +126,7 @@ def test_drain_waits_while_the_peer_does_not_read() -> None:
 
             await pyserval.start_server(hold, "sink", host=server)
             client.add_route("sink", "{}:{}".format(*server.addresses[0]))
-            reader, writer = await pyserval.open_connection("sink", host=client)
+            _reader, writer = await pyserval.open_connection("sink", host=client)
             server_reader = await accepted.get()
             server_reader._transport.pause_reading()  # type: ignore[attr-defined]
             writer.write(bytes(1 << 20))
