@@ -1,0 +1,195 @@
+"""pyserval on real loopback sockets against the baselines, in one run.
+
+    python benchmarks/host_bench.py [--seconds 3] [--out FILE] [--mss 1408,8192,32768]
+
+Client and server run in separate processes (``baselines.run_pair``). Printed as JSON:
+
+* ``serval_bulk``: one pyserval stream, 1 MiB ``send`` calls for ``--seconds``, the
+  receiver reads to end of stream; MB/s as the receiver saw it, for each MSS;
+* ``serval_connect``: sequential ``connect`` -> the server accepts and closes -> the client
+  reads end of stream and closes; connections per second;
+* the baselines in the same run: plain asyncio TCP bulk, a bare UDP blast with batched
+  reads (the ceiling for any UDP-encapsulated Python stack), asyncio TCP connection rate;
+* ratios of pyserval to each baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import anyio  # noqa: E402
+import baselines  # noqa: E402
+from baselines import MB, Control, Params, Result, run_pair  # noqa: E402
+
+import pyserval  # noqa: E402
+from pyserval.transport.config import StreamConfig  # noqa: E402
+
+SERVICE = "bench"
+
+
+def _config(params: Params) -> StreamConfig:
+    return StreamConfig(
+        mss=params.get("mss", 8192), send_buffer=8 << 20, receive_buffer=8 << 20
+    )
+
+
+async def serval_bulk_receiver(ctl: Control, params: Params) -> Result:
+    """Accept one stream and read it to end of stream."""
+    async with pyserval.Host(["127.0.0.1:0"], stream_config=_config(params)) as host:
+        listener = await host.listen(SERVICE)
+        ctl.announce(host.addresses[0])
+        stream = await listener.accept()
+        total, first = 0, 0.0
+        receive = stream.receive
+        try:
+            while True:
+                data = await receive(1 << 20)
+                if not total:
+                    first = time.perf_counter()
+                total += len(data)
+        except anyio.EndOfStream:
+            pass
+        last = time.perf_counter()
+        assert host.core is not None
+        drops = dict(host.core.drops)
+    await ctl.stopped()
+    return {"bytes": total, "seconds": last - first, "drops": drops}
+
+
+async def serval_bulk_sender(ctl: Control, params: Params) -> Result:
+    """Send 1 MiB chunks for ``params["seconds"]``, then end the stream."""
+    async with pyserval.Host(["127.0.0.1:0"], stream_config=_config(params)) as host:
+        host.add_route(SERVICE, params["address"])
+        stream = await host.connect(SERVICE)
+        chunk = bytes(1 << 20)
+        total = 0
+        start = time.perf_counter()
+        end = start + params["seconds"]
+        while time.perf_counter() < end:
+            await stream.send(chunk)
+            total += len(chunk)
+        await stream.send_eof()
+        sf = stream.connection.primary
+        # Wait until everything is acknowledged, so the host is not closed under it.
+        await host.wait(stream.connection, lambda: sf.snd_una >= sf.snd_max)
+        return {"bytes": total, "seconds": time.perf_counter() - start}
+
+
+def serval_bulk(seconds: float, mss: int) -> Result:
+    """One pyserval stream over loopback UDP, MB/s as the receiver saw it."""
+    received, sent = run_pair(
+        serval_bulk_receiver, serval_bulk_sender, {"seconds": seconds, "mss": mss, "grace": 0.1}
+    )
+    return {
+        "mss": mss,
+        "mb_per_s": round(received["bytes"] / received["seconds"] / MB, 1),
+        "bytes": received["bytes"],
+        "seconds": round(received["seconds"], 3),
+        "drops": received["drops"],
+        "cpu_s": {"receiver": received["cpu_s"], "sender": sent["cpu_s"]},
+    }
+
+
+async def serval_accept_server(ctl: Control, params: Params) -> Result:
+    """Accept streams and close each at once, until stopped."""
+    accepted = 0
+    async with pyserval.Host(["127.0.0.1:0"]) as host:
+        listener = await host.listen(SERVICE, backlog=1024)
+        ctl.announce(host.addresses[0])
+
+        async def accept_loop() -> None:
+            nonlocal accepted
+            async for stream in listener:
+                accepted += 1
+                await stream.aclose()
+
+        task = asyncio.ensure_future(accept_loop())
+        await ctl.stopped()
+        task.cancel()
+    return {"accepted": accepted}
+
+
+async def serval_connect_client(ctl: Control, params: Params) -> Result:
+    """Connect, read end of stream, close; one at a time for ``seconds``."""
+    durations: list[float] = []
+    config = StreamConfig(time_wait=1.0)
+    async with pyserval.Host(["127.0.0.1:0"], stream_config=config) as host:
+        host.add_route(SERVICE, params["address"])
+        start = time.perf_counter()
+        end = start + params["seconds"]
+        now = start
+        while now < end:
+            stream = await host.connect(SERVICE)
+            try:
+                await stream.receive()
+            except anyio.EndOfStream:
+                pass
+            await stream.aclose()
+            t = time.perf_counter()
+            durations.append(t - now)
+            now = t
+    return {"durations": durations, "seconds": now - start}
+
+
+def serval_connect_rate(seconds: float) -> Result:
+    """Sequential pyserval connection set-ups per second over loopback."""
+    received, sent = run_pair(serval_accept_server, serval_connect_client, {"seconds": seconds})
+    durations = sorted(sent["durations"])
+    n = len(durations)
+    return {
+        "per_s": round(n / sent["seconds"]),
+        "connections": n,
+        "accepted": received["accepted"],
+        "latency_us": {
+            "median": round(statistics.median(durations) * 1e6, 1),
+            "p99": round(durations[min(n - 1, int(n * 0.99))] * 1e6, 1),
+        },
+        "cpu_s": {"server": received["cpu_s"], "client": sent["cpu_s"]},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run everything and print (and optionally write) the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--mss", default="1408,8192,32768")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    out: dict[str, Any] = {"environment": baselines.environment()}
+    out["serval_bulk"] = [serval_bulk(args.seconds, int(m)) for m in args.mss.split(",")]
+    out["serval_connect"] = serval_connect_rate(args.seconds)
+    out["tcp_throughput"] = baselines.tcp_throughput(args.seconds)
+    out["udp_blast"] = {
+        "1400_gso_gro": baselines.udp_blast(args.seconds, 1400, True, True),
+        "8000_plain": baselines.udp_blast(args.seconds, 8000, False, False),
+    }
+    out["tcp_connect"] = baselines.tcp_connect_rate(args.seconds)
+    best = max(r["mb_per_s"] for r in out["serval_bulk"])
+    out["ratios"] = {
+        "serval_best_vs_tcp": round(best / out["tcp_throughput"]["mb_per_s"], 3),
+        "serval_best_vs_udp_blast_1400_gso_gro": round(
+            best / out["udp_blast"]["1400_gso_gro"]["mb_per_s_received"], 3
+        ),
+        "serval_connect_vs_tcp_connect": round(
+            out["serval_connect"]["per_s"] / out["tcp_connect"]["per_s"], 3
+        ),
+    }
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
