@@ -74,9 +74,18 @@ class ReceiveBuffer:
     grow. Out-of-order ranges are kept merged, so they are the SACK blocks.
     """
 
-    __slots__ = ("_ready", "_ooo", "_ooo_bytes", "rcv_nxt", "capacity", "_recent")
+    __slots__ = (
+        "_ready",
+        "_ooo",
+        "_ooo_bytes",
+        "rcv_nxt",
+        "capacity",
+        "_recent",
+        "max_blocks",
+        "dropped_segments",
+    )
 
-    def __init__(self, capacity: int, start: int = 0) -> None:
+    def __init__(self, capacity: int, start: int = 0, max_blocks: int = 1024) -> None:
         if capacity < 1:
             raise ValueError(f"receive buffer capacity must be positive: {capacity}")
         self._ready = bytearray()
@@ -85,6 +94,8 @@ class ReceiveBuffer:
         self.rcv_nxt = start  # next in-order offset expected
         self.capacity = capacity
         self._recent: int | None = None  # start of the block most recently added to
+        self.max_blocks = max_blocks  # bound on out-of-order holes (dict entries)
+        self.dropped_segments = 0
 
     @property
     def readable(self) -> int:
@@ -142,6 +153,7 @@ class ReceiveBuffer:
         ooo = self._ooo
         end = start + len(data)
         # Merge with an overlapping or adjacent block on the left.
+        merged = False
         i = ooo.bisect_right(start) - 1
         if i >= 0:
             s = ooo.keys()[i]
@@ -154,6 +166,14 @@ class ReceiveBuffer:
                 start = s
                 del ooo[s]
                 self._ooo_bytes -= len(chunk)
+                merged = True
+        if not merged and len(ooo) >= self.max_blocks:
+            # Each hole costs a dict entry, so their number is bounded too: a segment that
+            # would open a new one past the bound is dropped (the sender sends it again).
+            j = ooo.bisect_left(start)
+            if j >= len(ooo) or ooo.keys()[j] > end:
+                self.dropped_segments += 1
+                return
         # Absorb blocks that start inside (or right after) the new one.
         while True:
             j = ooo.bisect_left(start)
@@ -171,11 +191,21 @@ class ReceiveBuffer:
         self._recent = start
 
     def sack_blocks(self, limit: int = 4) -> list[tuple[int, int]]:
-        """Out-of-order ranges as (start, end), the most recently changed first (RFC 2018)."""
-        blocks = [(s, s + len(c)) for s, c in self._ooo.items()]
-        if self._recent is not None:
-            blocks.sort(key=lambda b: b[0] != self._recent)
-        return blocks[:limit]
+        """Out-of-order ranges as (start, end), the most recently changed first (RFC 2018).
+
+        Costs O(limit), not O(blocks): this runs for every ACK sent.
+        """
+        ooo = self._ooo
+        blocks: list[tuple[int, int]] = []
+        recent = self._recent
+        if recent is not None and recent in ooo:
+            blocks.append((recent, recent + len(ooo[recent])))
+        for start in ooo.islice(0, limit + 1):
+            if len(blocks) >= limit:
+                break
+            if start != recent:
+                blocks.append((start, start + len(ooo[start])))
+        return blocks
 
     def read(self, max_bytes: int = -1) -> bytes:
         """Take up to ``max_bytes`` readable bytes (all with -1)."""
