@@ -20,10 +20,10 @@ def _assert_clean(pair) -> None:  # type: ignore[no-untyped-def]
     assert pair.a.internal_errors == [] and pair.b.internal_errors == []
 
 
-@settings(max_examples=25)
+@settings(max_examples=60)
 @given(
-    up_size=st.integers(0, 400_000),
-    down_size=st.integers(0, 200_000),
+    up_size=st.integers(0, 3_000_000),
+    down_size=st.integers(0, 1_000_000),
     loss=st.floats(0.0, 0.3),
     duplicate=st.floats(0.0, 0.2),
     reorder=st.floats(0.0, 0.3),
