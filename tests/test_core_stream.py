@@ -149,10 +149,12 @@ def test_slow_reader_slows_the_sender() -> None:
     _assert_clean(pair)
 
 
-def test_congestion_control_converges_on_a_bottleneck() -> None:
+@pytest.mark.parametrize("congestion", ["cubic", "newreno"])
+def test_congestion_control_converges_on_a_bottleneck(congestion: str) -> None:
     rate = 1_000_000  # bytes/s
     link = LinkConfig(delay=0.02, bandwidth=rate, queue_limit=64 * 1024)
-    pair = make_pair(seed=5, link=link, config=StreamConfig(receive_buffer=4 << 20))
+    cfg = StreamConfig(receive_buffer=4 << 20, congestion=congestion)
+    pair = make_pair(seed=5, link=link, config=cfg)
     pair.connect()
     client, server = pair.client, pair.server
     assert client is not None and server is not None
@@ -172,7 +174,7 @@ def test_congestion_control_converges_on_a_bottleneck() -> None:
     steady = (len(data) - len(data) // 2) / (elapsed - t_half)
     stats = pair.net.link_stats(A[0], B[0])
     loss_rate = stats.dropped.get("queue", 0) / max(1, stats.sent_packets)
-    print(f"steady {steady / rate:.2%} of link rate, loss {loss_rate:.2%}")
+    print(f"{congestion}: steady {steady / rate:.2%} of link rate, loss {loss_rate:.2%}")
     assert steady > 0.8 * rate
     assert loss_rate < 0.05
     _assert_clean(pair)
