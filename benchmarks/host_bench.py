@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
@@ -27,12 +28,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import anyio  # noqa: E402
-import baselines  # noqa: E402
-from baselines import MB, Control, Params, Result, run_pair  # noqa: E402
+import anyio
 
-import pyserval  # noqa: E402
-from pyserval.transport.config import StreamConfig  # noqa: E402
+import baselines
+import pyserval
+from baselines import MB, Control, Params, Result, run_pair
+from pyserval.transport.config import StreamConfig
 
 SERVICE = "bench"
 
@@ -130,10 +131,8 @@ async def serval_connect_client(ctl: Control, params: Params) -> Result:
         now = start
         while now < end:
             stream = await host.connect(SERVICE)
-            try:
+            with contextlib.suppress(anyio.EndOfStream):
                 await stream.receive()
-            except anyio.EndOfStream:
-                pass
             await stream.aclose()
             t = time.perf_counter()
             durations.append(t - now)

@@ -38,8 +38,10 @@ from ..transport.connection import Connection, Role, State, Subflow, unwrap
 from ..transport.events import (
     ConnectionFailed,
     DatagramReceived,
+    DataReceived,
     Event,
     IncomingConnection,
+    SendSpaceAvailable,
 )
 
 __all__ = ["DatagramEndpoint", "DatagramTooLarge", "HostCore", "Listener", "NoRoute"]
@@ -120,8 +122,13 @@ class HostCore:
 
     # -- events -------------------------------------------------------------------------
     def _emit(self, event: Event) -> None:
-        if len(self._events) >= self._max_events:
-            self.stats["events_dropped"] += 1  # bounded: an application that never reads
+        if len(self._events) >= self._max_events and isinstance(
+            event, DataReceived | SendSpaceAvailable
+        ):
+            # Bounded for an application that never takes events. Only these can go: the
+            # state they report is still there to read (readable bytes, free space);
+            # establishment, end of stream, close and reset are never dropped.
+            self.stats["events_dropped"] += 1
             return
         self._events.append(event)
 
@@ -454,19 +461,31 @@ class HostCore:
         state = conn.state
         if state is State.SYN_SENT:
             if not conn.on_synack(sf, pkt, src, now):
-                self._maybe_reset(conn, sf, pkt)
+                self._maybe_reset(conn, sf, pkt, src)
         elif state is State.SYN_RECEIVED:
+            listener = self._listener_by_id.get(conn.listener_id or 0)
             if pkt.src_flowid != sf.remote_flowid:
                 self.drops["wrong_peer_flow"] += 1
+            elif (
+                listener is not None
+                and len(listener.accept_queue) >= listener.backlog
+                and not (pkt.control is not None and pkt.control.flags & ControlFlags.RST)
+            ):
+                # Accept queue full: leave the flow half-open and drop the packet, as Linux
+                # does by default; the client's retransmission or our SYN-ACK's completes
+                # the handshake once the application has accepted.
+                self.drops["accept_queue_full"] += 1
             elif conn.on_handshake_ack(sf, pkt, now):
                 self._established_server(conn)
                 tcp = pkt.tcp
                 if tcp is not None and conn.state is State.ESTABLISHED:
                     sf.on_tcp(tcp, pkt.payload, now)
             else:
-                self._maybe_reset(conn, sf, pkt)
+                self._maybe_reset(conn, sf, pkt, src)
+        elif state is State.CLOSED:
+            self.drops["closed_flow"] += 1  # closed, not yet forgotten: nothing to deliver
         else:
-            self._on_established(conn, sf, pkt, now)
+            self._on_established(conn, sf, pkt, now, src)
         self._wake(conn)
 
     def _established_server(self, conn: Connection) -> None:
@@ -476,19 +495,16 @@ class HostCore:
             return
         if conn.peer_key is not None:
             listener.half_open.pop(conn.peer_key, None)
-        if len(listener.accept_queue) >= listener.backlog:
-            # The accept queue is bounded: refuse rather than queue without limit.
-            self.drops["accept_queue_full"] += 1
-            conn.abort_with("accept queue full", send_rst=True)
-            return
-        listener.accept_queue.append(conn)
+        listener.accept_queue.append(conn)  # bounded: checked before the handshake completes
         self._emit(IncomingConnection(conn.conn_id, listener.listener_id))
 
-    def _on_established(self, conn: Connection, sf: Subflow, pkt: SalPacket, now: float) -> None:
+    def _on_established(
+        self, conn: Connection, sf: Subflow, pkt: SalPacket, now: float, src: Address
+    ) -> None:
         ctl = pkt.control
         if ctl is not None:
             if ctl.flags & ControlFlags.RST:
-                self._maybe_reset(conn, sf, pkt)
+                self._maybe_reset(conn, sf, pkt, src)
                 return
             if not sf.control.nonce_ok(ctl):
                 self.drops["bad_nonce"] += 1
@@ -509,7 +525,9 @@ class HostCore:
             else:
                 sf.on_tcp(tcp, pkt.payload, now)
 
-    def _maybe_reset(self, conn: Connection, sf: Subflow, pkt: SalPacket) -> None:
+    def _maybe_reset(
+        self, conn: Connection, sf: Subflow, pkt: SalPacket, src: Address | None = None
+    ) -> None:
         """Act on a CONTROL(RST) only if it proves it comes from the peer."""
         ctl = pkt.control
         if ctl is None or not ctl.flags & ControlFlags.RST:
@@ -519,11 +537,12 @@ class HostCore:
         genuine = (cc.peer_nonce is not None and ctl.nonce == cc.peer_nonce) or (
             ctl.nonce == cc.local_nonce  # a stateless reset echoing our own nonce
         )
-        if not genuine and ctl.nonce == _ZERO_NONCE and sf.snd_max > sf.snd_una:
+        if not genuine and ctl.nonce == _ZERO_NONCE and src == sf.remote_addr:
             # A stateless reset answering a data segment echoes that segment's sequence
-            # number in verno: it must name data we have in flight.
+            # number in verno: it must come from the peer's address and name the exact
+            # start of a segment we have in flight (in the spirit of RFC 5961).
             echoed = unwrap(ctl.verno, sf.iss + 1, sf.snd_una)
-            genuine = sf.snd_una <= echoed < sf.snd_max
+            genuine = echoed in sf.segments
         if not genuine:
             self.drops["bad_nonce"] += 1
             return

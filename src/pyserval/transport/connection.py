@@ -53,6 +53,7 @@ MASK32: Final = 0xFFFFFFFF
 HALF32: Final = 0x80000000
 DUP_THRESH: Final = 3
 _PEER_DEFAULT_MSS: Final = 536  # RFC 9293 default when the peer sends no MSS option
+_MIN_PEER_MSS: Final = 256
 
 
 def _no_wake(conn: Connection) -> None:
@@ -91,12 +92,13 @@ class State(enum.Enum):
 class SentSegment:
     """One transmitted range [start, end) of a subflow's sequence space."""
 
-    __slots__ = ("end", "sent_at", "retransmitted", "sacked", "lost", "fin")
+    __slots__ = ("end", "sent_at", "retransmitted", "resent", "sacked", "lost", "fin")
 
     def __init__(self, end: int, sent_at: float, fin: bool) -> None:
         self.end = end
         self.sent_at = sent_at
-        self.retransmitted = False  # ever sent again (Karn: no RTT sample)
+        self.retransmitted = False  # sent again in this loss episode (counts in pipe)
+        self.resent = False  # ever sent more than once (Karn: never an RTT sample)
         self.sacked = False
         self.lost = False
         self.fin = fin
@@ -150,7 +152,8 @@ class Subflow:
     def take_peer_syn(self, tcp: TcpHeader) -> None:
         """Adopt what the peer's SYN or SYN-ACK says: ISN, MSS, window scale, SACK."""
         self.irs = tcp.seq
-        self.mss = min(self.conn.config.mss, tcp.mss or _PEER_DEFAULT_MSS)
+        # A floor on the peer's MSS: a hostile peer must not force tiny segments on us.
+        self.mss = min(self.conn.config.mss, max(tcp.mss or _PEER_DEFAULT_MSS, _MIN_PEER_MSS))
         self.cc.set_mss(self.mss)
         ws = tcp.window_scale
         self.peer_offered_wscale = ws is not None
@@ -324,7 +327,7 @@ class Subflow:
             if seg.end > ack:
                 # Partially acknowledged: keep the rest as its own segment.
                 rest = SentSegment(seg.end, seg.sent_at, seg.fin)
-                rest.retransmitted, rest.lost = seg.retransmitted, seg.lost
+                rest.retransmitted, rest.lost, rest.resent = seg.retransmitted, seg.lost, seg.resent
                 segs[ack] = rest
                 if rest.lost:
                     self.lost.add(ack)
@@ -334,7 +337,7 @@ class Subflow:
                 break
             if seg.sacked:
                 self.sacked_bytes -= seg.end - start
-            if seg.retransmitted:
+            if seg.resent:
                 karn = True
             else:
                 rtt_sample = now - seg.sent_at  # the newest: least inflated by holes
@@ -492,6 +495,7 @@ class Subflow:
                 if pipe > 0 and pipe + (seg.end - start) > self.cc.cwnd:
                     break
                 seg.retransmitted = True
+                seg.resent = True
                 seg.sent_at = now
                 self.lost.discard(start)
                 out.append(self._data_packet(start, seg.end, seg.fin))
@@ -569,13 +573,16 @@ class Subflow:
             return
         self.cc.on_retransmission_timeout(now, self.snd_max - self.snd_una - self.sacked_bytes)
         self.rtt.backoff()
-        # Everything not SACKed is presumed lost and resent in order from the window start.
+        # Everything is presumed lost and resent in order from the window start, SACKed
+        # data included: the receiver may have reneged on it (RFC 2018 section 8, RFC 6675
+        # section 5.1), and the segment at the left edge must go again in any case.
         self.lost.clear()
         for start, seg in self.segments.items():
-            if not seg.sacked:
-                seg.lost = True
-                seg.retransmitted = False
-                self.lost.add(start)
+            seg.sacked = False
+            seg.lost = True
+            seg.retransmitted = False
+            self.lost.add(start)
+        self.sacked_bytes = 0
         self.in_recovery = True
         self.recovery_after_rto = True
         self.recovery_point = self.snd_max

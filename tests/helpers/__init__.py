@@ -1,0 +1,1 @@
+"""Helpers of the multi-process tests: process management and a scriptable Serval peer."""
