@@ -140,3 +140,45 @@ def test_drain_waits_while_the_peer_does_not_read() -> None:
             await writer.drain()
 
     asyncio.run(main())
+
+
+def test_serval_socket_stream_and_datagram() -> None:
+    from pyserval.runtime.socket import SocketClosed
+
+    async def main() -> None:
+        async with Host(["127.0.0.1:0"]) as server, Host(["127.0.0.1:0"]) as client:
+            client.add_route("echo", "{}:{}".format(*server.addresses[0]))
+            client.add_route("dgram", "{}:{}".format(*server.addresses[0]))
+            lsock = server.socket()
+            lsock.bind("echo")
+            await lsock.listen()
+            csock = client.socket()
+            accept = asyncio.ensure_future(lsock.accept())
+            await csock.connect("echo")
+            conn, peer = await accept
+            assert peer == client.addresses[0]
+            assert csock.peer_service == conn.local_service
+            assert csock.local_flowid == conn.remote_flowid
+            await csock.send(b"ping")
+            assert await conn.recv() == b"ping"
+            await csock.shutdown()
+            assert await conn.recv() == b""  # end of stream
+            await conn.close()
+            await csock.close()
+            with pytest.raises(SocketClosed, match="closed"):
+                await csock.send(b"x")
+
+            dserver = server.socket("datagram")
+            dserver.bind("dgram")
+            recv = asyncio.ensure_future(dserver.recvfrom())
+            await asyncio.sleep(0)
+            dclient = client.socket("datagram")
+            dclient.bind("sender")
+            await dclient.sendto(b"hi", "dgram")
+            data, (source, address) = await recv
+            assert data == b"hi" and source == dclient.local_service
+            assert address == client.addresses[0]
+            await dserver.close()
+            await dclient.close()
+
+    asyncio.run(main())

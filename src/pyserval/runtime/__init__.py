@@ -2,6 +2,7 @@
 
 from .api import connect, default_host, listen, open_connection, start_server
 from .host import Host, HostConfig, parse_address
+from .socket import ServalSocket, SocketClosed
 from .streams import ServalConnectError, ServalListener, ServalStream
 
 __all__ = [
@@ -9,7 +10,9 @@ __all__ = [
     "HostConfig",
     "ServalConnectError",
     "ServalListener",
+    "ServalSocket",
     "ServalStream",
+    "SocketClosed",
     "connect",
     "default_host",
     "listen",

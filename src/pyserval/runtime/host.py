@@ -346,13 +346,20 @@ class Host:
             raise RuntimeError("the host is not running")
         return self._loop
 
-    def watch(self, conn: Connection, callback: Callable[[Event], None]) -> None:
-        """Call ``callback`` with every event of ``conn`` (one watcher per connection)."""
-        self._conn_hooks[conn.conn_id] = callback
+    def watch(self, conn: Connection | int, callback: Callable[[Event], None]) -> None:
+        """Call ``callback`` with every event of ``conn`` (a connection or a datagram
+        socket's flowID; one watcher each)."""
+        self._conn_hooks[conn if isinstance(conn, int) else conn.conn_id] = callback
 
-    def unwatch(self, conn: Connection) -> None:
+    def unwatch(self, conn: Connection | int) -> None:
         """Stop calling the watcher of ``conn``."""
-        self._conn_hooks.pop(conn.conn_id, None)
+        self._conn_hooks.pop(conn if isinstance(conn, int) else conn.conn_id, None)
+
+    def socket(self, kind: str = "stream") -> Any:
+        """A BSD-style :class:`~pyserval.runtime.socket.ServalSocket` on this host."""
+        from .socket import ServalSocket
+
+        return ServalSocket(kind, host=self)
 
     def add_event_hook(self, hook: Callable[[Event], None]) -> None:
         """Call ``hook`` with every core event (for logging and inspection)."""

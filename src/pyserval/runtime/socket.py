@@ -1,0 +1,242 @@
+"""``ServalSocket``: the BSD-style socket of Serval, stream and datagram kinds.
+
+Like a socket, but names are serviceIDs: ``bind`` and ``connect`` take a serviceID (or its
+text), ``accept`` and ``recvfrom`` report the peer's address and, for datagrams, its
+serviceID. Every blocking call is a coroutine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import deque
+from typing import Any
+
+import anyio
+
+from ..core.host import DatagramEndpoint
+from ..naming.service_id import ServiceID, ServiceLike, as_service_id
+from ..transport.events import ConnectionFailed, DatagramReceived, Event
+from .host import Host
+from .streams import ServalListener, ServalStream
+
+__all__ = ["SocketClosed", "ServalSocket"]
+
+Address = tuple[str, int]
+DATAGRAM_QUEUE = 1024
+
+
+class SocketClosed(OSError):
+    """An operation on a closed socket (or one in the wrong state for it)."""
+
+
+class ServalSocket:
+    """A Serval socket: ``kind`` is ``"stream"`` (Serval TCP) or ``"datagram"``."""
+
+    def __init__(self, kind: str = "stream", *, host: Host | None = None) -> None:
+        if kind not in ("stream", "datagram"):
+            raise ValueError(f"socket kind must be 'stream' or 'datagram', not {kind!r}")
+        self.kind = kind
+        self._host = host
+        self._local: ServiceID | None = None
+        self._peer: ServiceID | None = None
+        self._stream: ServalStream | None = None
+        self._listener: ServalListener | None = None
+        self._endpoint: DatagramEndpoint | None = None
+        self._datagrams: deque[tuple[bytes, ServiceID, Address]] = deque()
+        self._datagram_ready = asyncio.Event()
+        self._datagram_error: str | None = None
+        self.dropped_datagrams = 0
+        self._closed = False
+
+    # -- names and state ----------------------------------------------------------------
+    @property
+    def local_service(self) -> ServiceID | None:
+        """The serviceID bound (or accepted on)."""
+        return self._local
+
+    @property
+    def peer_service(self) -> ServiceID | None:
+        """The serviceID connected to."""
+        return self._peer
+
+    @property
+    def local_flowid(self) -> int | None:
+        """Our flowID (stream: of the connection; datagram: of the socket)."""
+        if self._stream is not None:
+            return self._stream.local_flowid
+        return self._endpoint.flowid if self._endpoint is not None else None
+
+    @property
+    def remote_flowid(self) -> int | None:
+        """The peer's flowID of a connected stream socket."""
+        return self._stream.remote_flowid if self._stream is not None else None
+
+    @property
+    def local_address(self) -> Address | None:
+        """Our address of a connected stream socket."""
+        return self._stream.local_address if self._stream is not None else None
+
+    @property
+    def peer_address(self) -> Address | None:
+        """The peer's address of a connected stream socket."""
+        return self._stream.remote_address if self._stream is not None else None
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise SocketClosed(f"cannot {what}: the socket is closed")
+
+    async def _get_host(self) -> Host:
+        if self._host is None:
+            from .api import default_host
+
+            self._host = await default_host()
+        return self._host
+
+    # -- set-up -------------------------------------------------------------------------
+    def bind(self, service: ServiceLike) -> None:
+        """Name this socket: the serviceID it listens on or sends datagrams from."""
+        self._check_open("bind")
+        if self._local is not None:
+            raise SocketClosed(f"socket already bound to {self._local.hex}")
+        self._local = as_service_id(service)
+
+    async def listen(self, backlog: int = 128) -> None:
+        """Accept connections to the bound serviceID (registers it with the host)."""
+        self._check_open("listen")
+        if self.kind != "stream":
+            raise SocketClosed("listen needs a stream socket")
+        if self._local is None:
+            raise SocketClosed("bind a serviceID before listen")
+        host = await self._get_host()
+        self._listener = await host.listen(self._local, backlog)
+
+    async def accept(self) -> tuple[ServalSocket, Address | None]:
+        """The next connection: a connected socket and the peer's address."""
+        self._check_open("accept")
+        if self._listener is None:
+            raise SocketClosed("accept needs a listening socket")
+        stream = await self._listener.accept()
+        sock = ServalSocket("stream", host=self._host)
+        sock._stream = stream
+        sock._local = stream.service_id
+        return sock, stream.remote_address
+
+    async def connect(self, service: ServiceLike, *, timeout: float | None = None) -> None:
+        """Connect a stream socket to ``service`` (``ServalConnectError`` on failure)."""
+        self._check_open("connect")
+        if self.kind != "stream":
+            raise SocketClosed("connect needs a stream socket; datagrams use sendto")
+        if self._stream is not None:
+            raise SocketClosed("socket is already connected")
+        host = await self._get_host()
+        self._peer = as_service_id(service)
+        self._stream = await host.connect(self._peer, timeout=timeout)
+
+    # -- streams --------------------------------------------------------------------------
+    def _connected(self, what: str) -> ServalStream:
+        self._check_open(what)
+        if self._stream is None:
+            raise SocketClosed(f"cannot {what}: the socket is not connected")
+        return self._stream
+
+    async def send(self, data: bytes) -> int:
+        """Send all of ``data`` (waits while the send buffer is full); returns its length."""
+        stream = self._connected("send")
+        try:
+            await stream.send(data)
+        except anyio.BrokenResourceError as exc:
+            raise ConnectionResetError(str(exc)) from None
+        return len(data)
+
+    sendall = send
+
+    async def recv(self, max_bytes: int = 65536) -> bytes:
+        """Up to ``max_bytes``; ``b""`` at end of stream."""
+        stream = self._connected("recv")
+        try:
+            return await stream.receive(max_bytes)
+        except anyio.EndOfStream:
+            return b""
+        except anyio.BrokenResourceError as exc:
+            raise ConnectionResetError(str(exc)) from None
+
+    async def shutdown(self) -> None:
+        """Half-close the write side (the peer reads end of stream)."""
+        await self._connected("shut down").send_eof()
+
+    # -- datagrams ------------------------------------------------------------------------
+    async def _ensure_endpoint(self) -> DatagramEndpoint:
+        if self._endpoint is not None:
+            return self._endpoint
+        host = await self._get_host()
+        if host.core is None:
+            raise SocketClosed("the host is not running")
+        if self._local is None:
+            # An unbound datagram socket gets a random name of its own, like an ephemeral port.
+            self._local = ServiceID(int.from_bytes(os.urandom(32), "big"))
+        self._endpoint = host.core.bind_datagram(self._local)
+        host.watch(self._endpoint.flowid, self._on_event)
+        return self._endpoint
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, DatagramReceived):
+            if len(self._datagrams) >= DATAGRAM_QUEUE:
+                self.dropped_datagrams += 1  # bounded, like a socket's receive buffer
+                return
+            source = ServiceID(event.source_service) if event.source_service else ServiceID(0)
+            self._datagrams.append((event.data, source, event.address))
+        elif isinstance(event, ConnectionFailed):
+            self._datagram_error = event.reason
+        self._datagram_ready.set()
+
+    async def sendto(self, data: bytes, service: ServiceLike) -> int:
+        """Send one datagram to ``service``; returns its length."""
+        self._check_open("sendto")
+        if self.kind != "datagram":
+            raise SocketClosed("sendto needs a datagram socket")
+        ep = await self._ensure_endpoint()
+        host = await self._get_host()
+        assert host.core is not None
+        host.core.send_datagram(ep, service, data)
+        host.schedule_flush()
+        return len(data)
+
+    async def recvfrom(self, max_bytes: int = 65536) -> tuple[bytes, tuple[ServiceID, Address]]:
+        """The next datagram (truncated to ``max_bytes``) and (source serviceID, address)."""
+        self._check_open("recvfrom")
+        if self.kind != "datagram":
+            raise SocketClosed("recvfrom needs a datagram socket")
+        await self._ensure_endpoint()
+        while not self._datagrams:
+            if self._datagram_error is not None:
+                error, self._datagram_error = self._datagram_error, None
+                raise ConnectionRefusedError(error)
+            self._datagram_ready.clear()
+            await self._datagram_ready.wait()
+            self._check_open("recvfrom")
+        data, source, address = self._datagrams.popleft()
+        return data[:max_bytes], (source, address)
+
+    # -- closing --------------------------------------------------------------------------
+    async def close(self) -> None:
+        """Close: a stream finishes sending (FIN); a listener or datagram socket stops."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._stream is not None:
+            await self._stream.aclose()
+        if self._listener is not None:
+            await self._listener.aclose()
+        if self._endpoint is not None and self._host is not None:
+            self._host.unwatch(self._endpoint.flowid)
+            if self._host.core is not None:
+                self._host.core.unbind_datagram(self._endpoint)
+        self._datagram_ready.set()
+
+    async def __aenter__(self) -> ServalSocket:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
