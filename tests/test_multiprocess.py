@@ -203,7 +203,9 @@ def test_server_killed_mid_transfer_client_errors_in_bounded_time(
             res = c.result(35)
             assert c.finish(10) == 0, res
     assert res["error"] in {"BrokenResourceError", "EndOfStream", "ServalConnectError"}, res
-    assert "timed out" in res["conn_error"], res
+    # Either the retransmission/idle limits expire, or the kernel's ICMP port unreachable
+    # for our packets to the dead process says so first.
+    assert "timed out" in res["conn_error"] or "unreachable" in res["conn_error"], res
     assert res["at"] - killed_at < 10, res
 
 

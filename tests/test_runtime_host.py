@@ -64,9 +64,13 @@ def test_connect_errors_are_clear() -> None:
         async with Host(["127.0.0.1:0"]) as client:
             with pytest.raises(ServalConnectError, match="no route"):
                 await client.connect("nobody")
-            client.add_route("silent", "127.0.0.1:9")  # nothing answers there
-            with pytest.raises(ServalConnectError, match="timed out"):
-                await client.connect("silent", timeout=0.5)
+            import socket
+
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as hole:
+                hole.bind(("127.0.0.1", 0))  # bound but never read: no answer, no ICMP
+                client.add_route("silent", "{}:{}".format(*hole.getsockname()))
+                with pytest.raises(ServalConnectError, match="timed out"):
+                    await client.connect("silent", timeout=0.5)
 
     asyncio.run(main())
 
@@ -180,5 +184,24 @@ def test_serval_socket_stream_and_datagram() -> None:
             assert address == client.addresses[0]
             await dserver.close()
             await dclient.close()
+
+    asyncio.run(main())
+
+
+def test_connect_to_a_dead_port_fails_fast() -> None:
+    async def main() -> None:
+        async with Host(["127.0.0.1:0"]) as client:
+            import socket
+
+            probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            probe.bind(("127.0.0.1", 0))
+            dead = probe.getsockname()
+            probe.close()  # nothing listens there now: the kernel answers port unreachable
+            client.add_route("gone", "{}:{}".format(*dead))
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            with pytest.raises(ServalConnectError, match="unreachable"):
+                await client.connect("gone", timeout=10)
+            assert loop.time() - start < 2.0
 
     asyncio.run(main())

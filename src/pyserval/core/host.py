@@ -352,6 +352,30 @@ class HostCore:
             self._send_all(conn, pkts)
             self._wake(conn)
 
+    def on_unreachable(self, remote: Address, now: float, reason: str = "unreachable") -> None:
+        """The network said ``remote`` cannot be reached (ICMP port/host unreachable).
+
+        A connection still in SYN_SENT towards it fails at once (like ECONNREFUSED); an
+        established one is reset after three such errors with nothing heard in between
+        (one could be stale, from before a restart at the same address).
+        """
+        self.stats["icmp_unreachable"] += 1
+        for conn in list(self.connections.values()):
+            if not conn.subflows or conn.primary.remote_addr != remote:
+                continue
+            if conn.state is State.SYN_SENT:
+                conn.state = State.CLOSED
+                conn.error = f"service unreachable: {reason} from {remote[0]}:{remote[1]}"
+                conn.emit(ConnectionFailed(conn.conn_id, conn.error))
+            elif conn.state is State.ESTABLISHED:
+                if conn.last_heard != conn.unreachable_since:
+                    conn.unreachable_since = conn.last_heard
+                    conn.unreachable_count = 0
+                conn.unreachable_count += 1
+                if conn.unreachable_count >= 3:
+                    conn.abort_with(f"peer unreachable: {reason}", send_rst=False)
+            self._wake(conn)
+
     def _internal_error(self, exc: BaseException) -> None:
         self.stats["internal_error"] += 1
         if len(self.internal_errors) < 100:

@@ -147,7 +147,9 @@ class Host:
         self._loop = asyncio.get_running_loop()
         for text in self.config.listen:
             holder: list[UdpEndpoint] = []
-            ep = await UdpEndpoint.open(parse_address(text), self._reader_for(holder))
+            ep = await UdpEndpoint.open(
+                parse_address(text), self._reader_for(holder), on_icmp_error=self._on_icmp
+            )
             holder.append(ep)
             self.endpoints.append(ep)
             self._by_address[ep.address] = ep
@@ -163,6 +165,12 @@ class Host:
             self._on_batch(holder[0], batch)
 
         return on_datagrams
+
+    def _on_icmp(self, remote: Address, errno_: int) -> None:
+        """ICMP error for a datagram we sent: tell the core, send what follows."""
+        if self.core is not None:
+            self.core.on_unreachable(remote, self._now(), os.strerror(errno_).lower())
+            self._flush()
 
     def _on_batch(self, ep: UdpEndpoint, batch: list[tuple[bytes, Address]]) -> None:
         """A batch of datagrams read on one interface: all to the core, then one flush."""

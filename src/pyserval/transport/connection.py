@@ -636,6 +636,8 @@ class Connection:
         self.time_wait_deadline: float | None = None
         self.last_heard = 0.0
         self.keepalive_sent = False
+        self.unreachable_since = -1.0  # last_heard when ICMP errors started to arrive
+        self.unreachable_count = 0
         self.error: str | None = None
         self.listener_id: int | None = None
         self.peer_key: tuple[Address, int] | None = None  # server side: (peer address, flowID)
