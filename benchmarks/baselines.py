@@ -350,9 +350,8 @@ async def tcp_connect_client(ctl: Control, params: Params) -> Result:
     return {"durations": durations, "seconds": now - start}
 
 
-def tcp_connect_rate(seconds: float) -> Result:
-    """Sequential asyncio TCP connection set-ups per second over loopback."""
-    received, sent = run_pair(tcp_accept_server, tcp_connect_client, {"seconds": seconds})
+def connect_summary(received: Result, sent: Result) -> Result:
+    """Rate and latency of a sequential connect benchmark (any stack's client/server)."""
     durations = sorted(sent["durations"])
     n = len(durations)
     return {
@@ -363,8 +362,16 @@ def tcp_connect_rate(seconds: float) -> Result:
             "median": round(statistics.median(durations) * 1e6, 1),
             "p99": round(durations[min(n - 1, int(n * 0.99))] * 1e6, 1),
         },
-        "cycle": "open_connection, server accepts and closes, client reads EOF, closes",
         "cpu_s": {"server": received["cpu_s"], "client": sent["cpu_s"]},
+    }
+
+
+def tcp_connect_rate(seconds: float) -> Result:
+    """Sequential asyncio TCP connection set-ups per second over loopback."""
+    received, sent = run_pair(tcp_accept_server, tcp_connect_client, {"seconds": seconds})
+    return {
+        **connect_summary(received, sent),
+        "cycle": "open_connection, server accepts and closes, client reads EOF, closes",
     }
 
 

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -143,17 +142,9 @@ async def serval_connect_client(ctl: Control, params: Params) -> Result:
 def serval_connect_rate(seconds: float) -> Result:
     """Sequential pyserval connection set-ups per second over loopback."""
     received, sent = run_pair(serval_accept_server, serval_connect_client, {"seconds": seconds})
-    durations = sorted(sent["durations"])
-    n = len(durations)
     return {
-        "per_s": round(n / sent["seconds"]),
-        "connections": n,
-        "accepted": received["accepted"],
-        "latency_us": {
-            "median": round(statistics.median(durations) * 1e6, 1),
-            "p99": round(durations[min(n - 1, int(n * 0.99))] * 1e6, 1),
-        },
-        "cpu_s": {"server": received["cpu_s"], "client": sent["cpu_s"]},
+        **baselines.connect_summary(received, sent),
+        "cycle": "connect, server accepts and closes, client reads end of stream, closes",
     }
 
 
