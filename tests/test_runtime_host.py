@@ -205,3 +205,73 @@ def test_connect_to_a_dead_port_fails_fast() -> None:
             assert loop.time() - start < 2.0
 
     asyncio.run(main())
+
+
+def test_default_interface_uses_a_reference_port_where_free() -> None:
+    async def main() -> None:
+        async with Host() as first, Host() as second:
+            ports = {first.addresses[0][1], second.addresses[0][1]}
+            # Both reference ports, or one of them and a kernel-chosen one when another
+            # process on this machine holds a reference port already.
+            assert ports & {54325, 54324} or len(ports) == 2
+
+    asyncio.run(main())
+
+
+def test_anyio_tls_works_on_a_serval_stream(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import datetime
+    import ssl
+
+    from anyio.streams.tls import TLSStream
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "echo.serval")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("echo.serval")]), False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert_file, key_file)
+    client_ctx = ssl.create_default_context(cafile=str(cert_file))
+
+    async def main() -> None:
+        async with Host(["127.0.0.1:0"]) as server, Host(["127.0.0.1:0"]) as client:
+            listener = await server.listen("echo")
+            client.add_route("echo", "{}:{}".format(*server.addresses[0]))
+
+            async def serve_one() -> None:
+                raw = await listener.accept()
+                tls = await TLSStream.wrap(raw, server_side=True, ssl_context=server_ctx)
+                await tls.send((await tls.receive()).upper())
+                await tls.aclose()
+
+            task = asyncio.ensure_future(serve_one())
+            raw = await client.connect("echo")
+            tls = await TLSStream.wrap(raw, hostname="echo.serval", ssl_context=client_ctx)
+            await tls.send(b"secret")
+            assert await tls.receive() == b"SECRET"
+            async with asyncio.timeout(10):
+                await asyncio.gather(tls.aclose(), task)  # close_notify both ways
+
+    asyncio.run(main())

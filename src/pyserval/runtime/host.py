@@ -9,6 +9,7 @@ next deadline changes. Core events wake the tasks waiting on the connection they
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from collections import defaultdict
 from collections.abc import Callable
@@ -25,7 +26,9 @@ from ..transport.connection import Connection, State
 from ..transport.events import Event, IncomingConnection
 from .udp import UdpEndpoint
 
-__all__ = ["Host", "HostConfig", "parse_address"]
+__all__ = ["REFERENCE_PORTS", "Host", "HostConfig", "parse_address"]
+
+REFERENCE_PORTS = (54325, 54324)
 
 Address = tuple[str, int]
 
@@ -43,15 +46,14 @@ class HostConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:0"])
+    # Empty: the reference ports where free (54325, else 54324, else any) on all interfaces.
+    listen: list[str] = Field(default_factory=list)
     routes: dict[str, str] = Field(default_factory=dict)  # service (name/ID/prefix) -> IP:PORT
     connect_timeout: float = 30.0
 
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("a host needs at least one listen address")
         for text in value:
             parse_address(text)
         return value
@@ -145,18 +147,34 @@ class Host:
         if self.core is not None:
             return self
         self._loop = asyncio.get_running_loop()
-        for text in self.config.listen:
-            holder: list[UdpEndpoint] = []
-            ep = await UdpEndpoint.open(
-                parse_address(text), self._reader_for(holder), on_icmp_error=self._on_icmp
-            )
-            holder.append(ep)
-            self.endpoints.append(ep)
-            self._by_address[ep.address] = ep
+        if self.config.listen:
+            for text in self.config.listen:
+                await self._open_interface(parse_address(text))
+        else:
+            await self._open_reference_interface()
         self.core = HostCore(
             self.addresses, config=self.stream_config, service_table=self.service_table
         )
         return self
+
+    async def _open_interface(self, local: Address) -> UdpEndpoint:
+        holder: list[UdpEndpoint] = []
+        ep = await UdpEndpoint.open(local, self._reader_for(holder), on_icmp_error=self._on_icmp)
+        holder.append(ep)
+        self.endpoints.append(ep)
+        self._by_address[ep.address] = ep
+        return ep
+
+    async def _open_reference_interface(self) -> UdpEndpoint:
+        """The reference ports where free: 54325 (where services are reached), else 54324
+        (the reference client's), else one the kernel picks."""
+        for port in REFERENCE_PORTS:
+            try:
+                return await self._open_interface(("0.0.0.0", port))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+        return await self._open_interface(("0.0.0.0", 0))
 
     def _reader_for(
         self, holder: list[UdpEndpoint]
