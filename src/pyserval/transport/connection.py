@@ -384,20 +384,14 @@ class Subflow:
             right = unwrap(right_w, base, self.snd_una)
             if right <= left or left < self.snd_una or right > self.snd_max:
                 continue  # stale or bogus block
-            i = segs.bisect_right(left) - 1
-            i = max(i, 0)
-            keys = segs.keys()
-            while i < len(keys):
-                start = keys[i]
-                if start >= right:
-                    break
+            # Only segments wholly inside the block become SACKed.
+            for start in segs.irange(left, right, inclusive=(True, False)):
                 seg = segs[start]
-                if start >= left and seg.end <= right and not seg.sacked:
+                if seg.end <= right and not seg.sacked:
                     seg.sacked = True
                     self.sacked_bytes += seg.end - start
                     if seg.lost:
                         self.lost.discard(start)
-                i += 1
 
     def _first_lost(self) -> bool:
         """RFC 6675 IsLost for the first unacknowledged segment."""
@@ -419,8 +413,11 @@ class Subflow:
             return
         above = 0
         threshold = (DUP_THRESH - 1) * self.mss
-        for start in reversed(self.segments.keys()):
-            seg = self.segments[start]
+        segs = self.segments
+        # reversed(SortedDict) walks its sorted list directly; reversed(keys()) would index
+        # the view once per step (each an O(log n) position lookup).
+        for start in reversed(segs):
+            seg = segs[start]
             if seg.sacked:
                 above += seg.end - start
             elif above > threshold and not seg.lost and not seg.retransmitted:
@@ -484,8 +481,10 @@ class Subflow:
         send_end = conn.send.end
         fin_off = conn.fin_offset
         mss = self.mss
+        # Computed once (it scans the segments in recovery) and then kept up to date here:
+        # each segment sent adds its length to the pipe, as RFC 6675 counts it.
+        pipe = self.flight
         while True:
-            pipe = self.flight
             if self.lost:
                 start = self.lost[0]
                 seg = self.segments[start]
@@ -499,6 +498,7 @@ class Subflow:
                 seg.sent_at = now
                 self.lost.discard(start)
                 out.append(self._data_packet(start, seg.end, seg.fin))
+                pipe += seg.end - start
                 if self.rto_deadline is None:
                     self.rto_deadline = now + self.rtt.rto
                 continue
@@ -517,6 +517,7 @@ class Subflow:
                 end = start + room
                 fin = fin_off is not None and end == fin_off
                 self._send_new(start, end, fin, now, out)
+                pipe += room
                 continue
             if fin_off is not None and self.snd_max == fin_off:
                 self._send_new(fin_off, fin_off, True, now, out)
