@@ -275,3 +275,24 @@ def test_anyio_tls_works_on_a_serval_stream(tmp_path) -> None:  # type: ignore[n
                 await asyncio.gather(tls.aclose(), task)  # close_notify both ways
 
     asyncio.run(main())
+
+
+def test_finished_connections_leave_no_waiter_entries() -> None:
+    async def main() -> None:
+        async with Host(["127.0.0.1:0"]) as server, Host(["127.0.0.1:0"]) as client:
+            listener = await server.listen("echo")
+            serving = asyncio.ensure_future(listener.serve(_echo))
+            client.add_route("echo", "{}:{}".format(*server.addresses[0]))
+            for _ in range(20):
+                stream = await client.connect("echo")
+                await stream.send(b"x")
+                assert await stream.receive() == b"x"
+                await stream.send_eof()
+                with pytest.raises(anyio.EndOfStream):
+                    await stream.receive()
+                await stream.aclose()
+            await asyncio.sleep(0.2)
+            assert len(server._waiters.events) <= 1
+            serving.cancel()
+
+    asyncio.run(main())

@@ -23,8 +23,17 @@ from ..naming.service_id import ServiceLike, as_service_prefix
 from ..sal.service_table import Rule, ServiceTable
 from ..transport.config import StreamConfig
 from ..transport.connection import Connection, State
-from ..transport.events import Event, IncomingConnection
+from ..transport.events import (
+    ConnectionClosed,
+    ConnectionFailed,
+    ConnectionReset,
+    ConnectionTimedOut,
+    Event,
+    IncomingConnection,
+)
 from .udp import UdpEndpoint
+
+_FINAL_EVENTS = (ConnectionClosed, ConnectionReset, ConnectionTimedOut, ConnectionFailed)
 
 __all__ = ["REFERENCE_PORTS", "Host", "HostConfig", "parse_address"]
 
@@ -83,12 +92,17 @@ class _Waiters:
     def __init__(self) -> None:
         self.events: dict[int, asyncio.Event] = defaultdict(asyncio.Event)
 
-    def wake(self, conn_id: int) -> None:
-        ev = self.events.get(conn_id)
+    def wake(self, conn_id: int, final: bool = False) -> None:
+        # A final event (closed, reset, timed out, failed) wakes the waiters and forgets
+        # the entry, so the table does not grow with every connection ever made; a later
+        # wait_for finds its condition already true.
+        ev = self.events.pop(conn_id, None) if final else self.events.get(conn_id)
         if ev is not None:
             ev.set()
 
     async def wait_for(self, conn_id: int, ready: Callable[[], bool]) -> None:
+        if ready():
+            return  # no entry for a wait that never blocks
         ev = self.events[conn_id]
         while not ready():
             ev.clear()
@@ -280,12 +294,18 @@ class Host:
             ev = self._listener_waiters.get(event.listener_id)
             if ev is not None:
                 ev.set()
-        self._waiters.wake(event.conn_id)
+        self._waiters.wake(event.conn_id, final=isinstance(event, _FINAL_EVENTS))
+        hooks = list(self._event_hooks)
         conn_hook = self._conn_hooks.get(event.conn_id)
         if conn_hook is not None:
-            conn_hook(event)
-        for hook in self._event_hooks:
-            hook(event)
+            hooks.insert(0, conn_hook)
+        for hook in hooks:
+            try:
+                hook(event)
+            except Exception as exc:  # application code must not break the receive path
+                self.loop.call_exception_handler(
+                    {"message": f"pyserval event hook failed on {event!r}", "exception": exc}
+                )
 
     def _arm_timer(self, deadline: float | None) -> None:
         if deadline == self._timer_at:
