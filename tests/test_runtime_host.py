@@ -296,3 +296,35 @@ def test_finished_connections_leave_no_waiter_entries() -> None:
             serving.cancel()
 
     asyncio.run(main())
+
+
+def test_host_close_delivers_queued_data_then_fin() -> None:
+    """Closing a host shuts its streams down gracefully: the peer reads every byte, then EOF."""
+
+    async def main() -> None:
+        cfg = StreamConfig(mss=8192, send_buffer=4 << 20, receive_buffer=4 << 20)
+        data = bytes(range(256)) * 8192  # 2 MB, fits the send buffer: send() returns at once
+        async with Host(["127.0.0.1:0"], stream_config=cfg) as client:
+            server = await Host(["127.0.0.1:0"], stream_config=cfg).start()
+            listener = await server.listen("bulk")
+            client.add_route("bulk", "{}:{}".format(*server.addresses[0]))
+            accepted: asyncio.Future[ServalStream] = asyncio.get_running_loop().create_future()
+
+            async def take(s: ServalStream) -> None:
+                accepted.set_result(s)
+                await asyncio.sleep(3600)  # keep the stream: the host's close must end it
+
+            serving = asyncio.ensure_future(listener.serve(take))
+            stream = await client.connect("bulk")
+            server_stream = await accepted
+            await server_stream.send(data)
+            closing = asyncio.ensure_future(server.close(timeout=5.0))
+            got = bytearray()
+            with pytest.raises(anyio.EndOfStream):
+                while True:
+                    got += await stream.receive(1 << 20)
+            await closing
+            assert bytes(got) == data
+            serving.cancel()
+
+    asyncio.run(main())

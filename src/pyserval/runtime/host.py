@@ -59,6 +59,9 @@ class HostConfig(BaseModel):
     listen: list[str] = Field(default_factory=list)
     routes: dict[str, str] = Field(default_factory=dict)  # service (name/ID/prefix) -> IP:PORT
     connect_timeout: float = 30.0
+    # How long close() waits for every stream to deliver its data and FIN before resetting
+    # what is left.
+    close_timeout: float = Field(default=2.0, ge=0.0)
 
     @field_validator("listen")
     @classmethod
@@ -216,12 +219,20 @@ class Host:
             receive(data, src, local, now)
         self._flush()
 
-    async def close(self) -> None:
-        """Reset every connection, close the interfaces."""
+    async def close(self, timeout: float | None = None) -> None:
+        """Close every flow gracefully, then the interfaces.
+
+        Streams still open are shut down (FIN after the data already queued) and given
+        ``timeout`` seconds (default ``close_timeout``) for the peer to acknowledge all of it;
+        half-open handshakes and whatever is still unacknowledged after that are reset.
+        """
         if self._closed:
             return
-        self._closed = True
         core = self.core
+        if core is not None:
+            limit = self.config.close_timeout if timeout is None else timeout
+            await self._drain_connections(core, limit)
+        self._closed = True
         if core is not None:
             for conn in list(core.connections.values()):
                 conn.abort()
@@ -234,6 +245,30 @@ class Host:
             ev.set()
         for ev in self._listener_waiters.values():
             ev.set()
+
+    async def _drain_connections(self, core: HostCore, limit: float) -> None:
+        """Shut down every established stream and wait (bounded) until each FIN is acked."""
+        for listener in list(core.listeners.values()):
+            self.close_listener(listener)
+        pending: list[Connection] = []
+        for conn in list(core.connections.values()):
+            if conn.state is State.ESTABLISHED:
+                if conn.fin_offset is None:
+                    conn.shutdown()
+                pending.append(conn)
+            elif conn.state is not State.TIME_WAIT:
+                conn.abort()  # a handshake in progress: nothing to deliver
+        self._flush()
+        if not pending or limit <= 0:
+            return
+
+        def delivered(conn: Connection) -> bool:
+            return conn.fin_acked or conn.state is State.CLOSED or conn.state is State.TIME_WAIT
+
+        # Polled: an acknowledged FIN raises no event, and this runs once, at shutdown.
+        deadline = self._now() + limit
+        while not all(delivered(c) for c in pending) and self._now() < deadline:
+            await asyncio.sleep(0.005)
 
     async def __aenter__(self) -> Host:
         return await self.start()
