@@ -13,6 +13,7 @@ from pyserval.sal import (
     SalPacket,
     ServiceExt,
     SourceExt,
+    SourcePortsExt,
     TcpHeader,
     TcpOption,
     UdpHeader,
@@ -35,13 +36,20 @@ control_exts = st.builds(
 service_exts = st.builds(ServiceExt, service_ids, u16)
 address_exts = st.builds(AddressExt, u32, u32, st.lists(ipv4, max_size=5).map(tuple), u16)
 source_exts = st.builds(SourceExt, st.lists(ipv4, min_size=2, max_size=20).map(tuple), u16)
+source_ports_exts = st.builds(SourcePortsExt, st.lists(u16, min_size=2, max_size=20).map(tuple))
 unknown_exts = st.builds(
     lambda t, body: UnknownExt(t, bytes((t << 4, 2 + len(body))) + body),
-    st.integers(5, 15),
+    st.integers(6, 15),
     st.binary(max_size=30),
 )
 extensions: st.SearchStrategy[Extension] = st.one_of(
-    control_exts, service_exts, address_exts, source_exts, unknown_exts, st.just(PadExt())
+    control_exts,
+    service_exts,
+    address_exts,
+    source_exts,
+    source_ports_exts,
+    unknown_exts,
+    st.just(PadExt()),
 )
 
 tcp_options = st.one_of(

@@ -7,11 +7,14 @@ clock: the asyncio runtime and the simulated network (``pyserval.testing``) driv
 
 Receive path, by packet kind (a dispatch on state, never an exception out of here):
 
-* ``dst_flowid == 0`` and CONTROL(SYN): a connection request, resolved in the service table;
-  a DEMUX rule names a local listener. A SYN for a service we do not serve is dropped and
-  counted, never answered with RST (the client retries and may reach another instance).
-* ``dst_flowid == 0``, UDP and SERVICE extensions: an unconnected datagram. One for a service
-  we do not serve is answered with RST.
+* ``dst_flowid == 0`` and CONTROL(SYN): a connection request, resolved in the service table.
+  DEMUX names a local listener, which answers the original source (SOURCE path[0] when the
+  SYN was forwarded). FORWARD sends it one hop on with the path recorded (only on a host
+  with ``forwarding`` on: a router). DELAY holds it (bounded) and asks the controller
+  (``delay_requests``/``release_delayed``). A SYN for a service we do not serve is dropped
+  and counted, never answered with RST (the client retries and may reach another instance).
+* ``dst_flowid == 0``, UDP and SERVICE extensions: an unconnected datagram, resolved the same
+  way. One for a service we do not serve is answered with RST.
 * otherwise the flow table names the subflow; a packet for an unknown flow gets RST (unless
   it is itself a RST).
 """
@@ -26,10 +29,12 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from ..naming.service_id import ServiceID, ServiceLike, as_service_id
+from ..sal.checksum import BytesLike
 from ..sal.control import MASK32
 from ..sal.errors import MalformedPacket
 from ..sal.extensions import ControlExt, ControlFlags, ServiceExt
 from ..sal.flow_table import FlowTable
+from ..sal.forwarding import ForwardRefused, forward_packet
 from ..sal.packet import SalPacket, decode_packet
 from ..sal.service_table import Action, Rule, ServiceTable
 from ..sal.transport_headers import PROTO_TCP, PROTO_UDP, TcpFlags, UdpHeader
@@ -75,6 +80,17 @@ class Listener:
         return self.accept_queue.popleft() if self.accept_queue else None
 
 
+@dataclass(eq=False, slots=True)
+class _Delayed:
+    """A SYN held by a DELAY rule until the controller's verdict."""
+
+    service_id: ServiceID
+    data: bytes
+    src: Address
+    dst: Address
+    since: float
+
+
 @dataclass(eq=False)
 class DatagramEndpoint:
     """A bound datagram socket: sends to and receives from serviceIDs."""
@@ -95,6 +111,9 @@ class HostCore:
         service_table: ServiceTable | None = None,
         max_flows: int = 65536,
         max_events: int = 100_000,
+        forwarding: bool = False,
+        max_delayed: int = 1024,
+        delay_timeout: float = 10.0,
     ) -> None:
         if not addresses:
             raise ValueError("a host needs at least one address")
@@ -119,6 +138,16 @@ class HostCore:
         # (peer address, peer flowID) -> server connection: recognises duplicate SYNs.
         self._peer_flows: dict[tuple[Address, int], Connection] = {}
         self._listener_by_id: dict[int, Listener] = {}
+        # Forwarding (routers): SYNs and datagrams that FORWARD rules send one hop on.
+        self.forwarding = forwarding
+        self.broadcast: set[Address] = set()  # targets that are broadcasts: never re-sent
+        # DELAY: held SYNs (oldest first, bounded) and the services to ask the controller
+        # about; the runtime takes delay_requests and answers with release_delayed.
+        self.delayed: deque[_Delayed] = deque()
+        self.max_delayed = max_delayed
+        self.delay_timeout = delay_timeout
+        self.delay_requests: list[ServiceID] = []
+        self._asking: set[ServiceID] = set()
 
     # -- events -------------------------------------------------------------------------
     def _emit(self, event: Event) -> None:
@@ -215,14 +244,21 @@ class HostCore:
                 if rule.listener is ep:
                     self.service_table.remove(ep.service_id, rule)
 
-    def send_datagram(self, ep: DatagramEndpoint, service: ServiceLike, data: bytes) -> None:
-        """Send one unconnected datagram to ``service``; raises NoRoute or DatagramTooLarge."""
+    def send_datagram(
+        self,
+        ep: DatagramEndpoint,
+        service: ServiceLike,
+        data: bytes,
+        to: Address | None = None,
+    ) -> None:
+        """Send one unconnected datagram to ``service`` (via the service table, or straight
+        to the address ``to``); raises NoRoute or DatagramTooLarge."""
         if len(data) > MAX_DATAGRAM:
             raise DatagramTooLarge(
                 f"datagram of {len(data)} bytes exceeds the limit of {MAX_DATAGRAM} bytes"
             )
         dst = as_service_id(service)
-        remote = self._resolve(dst)
+        remote = self._resolve(dst) if to is None else to
         if remote is None:
             raise NoRoute(f"no route to service {dst.hex}")
         pkt = SalPacket(
@@ -245,7 +281,87 @@ class HostCore:
             return res.target.address
         if res.action is Action.DEMUX:
             return self.addresses[0]
-        return None  # DROP, DELAY (the controller's business, later)
+        return None  # DROP; DELAY waits for the controller (release_delayed)
+
+    def _forward(
+        self, pkt: SalPacket, data: BytesLike, src: Address, dst: Address, hop: Address, kind: str
+    ) -> None:
+        """Send a SYN or datagram one hop on, recording the path (routers only)."""
+        if not self.forwarding:
+            self.drops[f"{kind}_no_service"] += 1
+            return
+        if hop in self.broadcast:
+            # Only the original sender broadcasts (its own SYNs): a forwarder never
+            # re-broadcasts, so one unresolved SYN cannot flood the local network.
+            self.drops["no_rebroadcast"] += 1
+            return
+        try:
+            out = forward_packet(data, pkt, src, dst, hop)
+        except ForwardRefused as exc:
+            self.drops[exc.reason] += 1
+            return
+        self._out.append((out, dst, hop))
+        self.stats[f"forwarded_{kind}"] += 1
+
+    # -- DELAY --------------------------------------------------------------------------
+    def _ask(self, sid: ServiceID) -> None:
+        if sid not in self._asking:
+            self._asking.add(sid)
+            self.delay_requests.append(sid)
+
+    def _hold(
+        self, sid: ServiceID, data: BytesLike, src: Address, dst: Address, now: float
+    ) -> None:
+        held = self.delayed
+        while held and held[0].since + self.delay_timeout <= now:
+            held.popleft()  # the controller never answered: the client has retried by now
+            self.drops["delay_expired"] += 1
+        if len(held) >= self.max_delayed:
+            self.drops["delay_queue_full"] += 1
+            return
+        held.append(_Delayed(sid, bytes(data), src, dst, now))
+        self.stats["delayed"] += 1
+        self._ask(sid)
+
+    def take_delay_requests(self) -> list[ServiceID]:
+        """Services with SYNs held by a DELAY rule that the controller has not answered."""
+        out, self.delay_requests = self.delay_requests, []
+        return out
+
+    def release_delayed(self, service: ServiceLike, hop: Address | None, now: float) -> int:
+        """The controller's verdict for ``service``: forward its held SYNs to ``hop``, or drop
+        them (``hop`` None). Local connections waiting on the DELAY rule go to ``hop`` too.
+        Returns how many SYNs were released."""
+        sid = as_service_id(service)
+        self._asking.discard(sid)
+        keep: deque[_Delayed] = deque()
+        released = 0
+        for item in self.delayed:
+            if item.service_id != sid:
+                keep.append(item)
+                continue
+            released += 1
+            if hop is None:
+                self.drops["delay_verdict_drop"] += 1
+                continue
+            try:
+                pkt = decode_packet(item.data)
+            except MalformedPacket:  # cannot happen: it decoded when it arrived
+                continue
+            self.stats["delay_verdict_forward"] += 1
+            saved, self.forwarding = self.forwarding, True  # the verdict is the controller's
+            try:
+                self._forward(pkt, item.data, item.src, item.dst, hop, "syn")
+            finally:
+                self.forwarding = saved
+        self.delayed = keep
+        if hop is not None:
+            for conn in self.connections.values():
+                if conn.state is State.SYN_SENT and conn.service_id == sid:
+                    conn.primary.remote_addr = hop
+                    conn.syn_due = True
+                    self._wake(conn)
+        return released
 
     # -- driving ------------------------------------------------------------------------
     def _wake(self, conn: Connection) -> None:
@@ -295,6 +411,12 @@ class HostCore:
         conn.syn_first = False
         pkt = conn.syn_packet(now, first)  # starts (or keeps) the control retransmission
         remote = self._resolve(conn.service_id)
+        if remote is None:
+            entry = self.service_table.match(conn.service_id)
+            if entry is not None and entry.action is Action.DELAY:
+                remote = sf.remote_addr  # the controller's verdict, once it came
+                if remote is None:
+                    self._ask(conn.service_id)
         if remote is None:
             self.stats["syn_no_route"] += 1
             if first and self.service_table.match(conn.service_id) is None:
@@ -391,36 +513,52 @@ class HostCore:
             return
         try:
             if pkt.dst_flowid == 0:
-                self._on_unconnected(pkt, src, dst, now)
+                self._on_unconnected(pkt, data, src, dst, now)
             else:
                 self._on_flow_packet(pkt, src, dst, now)
         except Exception as exc:  # never let a packet take the host down
             self._internal_error(exc)
             self.drops["internal_error"] += 1
 
-    def _on_unconnected(self, pkt: SalPacket, src: Address, dst: Address, now: float) -> None:
+    def _on_unconnected(
+        self, pkt: SalPacket, data: BytesLike, src: Address, dst: Address, now: float
+    ) -> None:
         ctl = pkt.control
         if ctl is not None and ctl.flags & ControlFlags.SYN and not ctl.flags & ControlFlags.ACK:
-            self._on_syn(pkt, ctl, src, dst, now)
+            self._on_syn(pkt, ctl, data, src, dst, now)
         elif pkt.protocol == PROTO_UDP and pkt.service is not None and pkt.udp is not None:
-            self._on_datagram(pkt, src, dst)
+            self._on_datagram(pkt, data, src, dst)
         elif ctl is not None and ctl.flags & ControlFlags.RST:
             self.drops["rst_no_flow"] += 1
         else:
             self.drops["no_flow"] += 1
 
     def _on_syn(
-        self, pkt: SalPacket, ctl: ControlExt, src: Address, dst: Address, now: float
+        self,
+        pkt: SalPacket,
+        ctl: ControlExt,
+        data: BytesLike,
+        src: Address,
+        dst: Address,
+        now: float,
     ) -> None:
         svc, tcp = pkt.service, pkt.tcp
         if svc is None or tcp is None or pkt.protocol != PROTO_TCP:
             self.drops["bad_syn"] += 1
             return
         res = self.service_table.lookup(svc.service_id)
-        if res is None or res.action is not Action.DEMUX or not isinstance(res.listener, Listener):
-            self.drops["syn_no_service"] += 1  # never RST a SYN
+        if res is None or not isinstance(res.listener, Listener):
+            if res is not None and res.action is Action.FORWARD and res.target is not None:
+                self._forward(pkt, data, src, dst, res.target.address, "syn")
+            elif res is not None and res.action is Action.DELAY:
+                self._hold(svc.service_id, data, src, dst, now)
+            else:
+                self.drops["syn_no_service"] += 1  # never RST a SYN
             return
         listener = res.listener
+        path = pkt.source_path()
+        if path is not None:
+            src = path[0]  # a forwarded SYN: answer the client directly, not the forwarder
         key = (src, pkt.src_flowid)
         existing = self._peer_flows.get(key)
         if existing is not None:
@@ -452,10 +590,18 @@ class HostCore:
         self._send(synack, dst, src)
         self._schedule(conn)
 
-    def _on_datagram(self, pkt: SalPacket, src: Address, dst: Address) -> None:
+    def _on_datagram(self, pkt: SalPacket, data: BytesLike, src: Address, dst: Address) -> None:
         svc = pkt.service
         assert svc is not None
         res = self.service_table.lookup(svc.service_id)
+        forward = res is not None and res.action is Action.FORWARD and res.target is not None
+        if forward and self.forwarding:
+            assert res is not None and res.target is not None
+            self._forward(pkt, data, src, dst, res.target.address, "datagram")
+            return
+        path = pkt.source_path()
+        if path is not None:
+            src = path[0]  # forwarded: the original sender
         if res is None or not isinstance(res.listener, DatagramEndpoint):
             self.drops["datagram_no_service"] += 1
             self._send(self._rst_for(pkt, None), dst, src)
@@ -529,6 +675,16 @@ class HostCore:
         if ctl is not None:
             if ctl.flags & ControlFlags.RST:
                 self._maybe_reset(conn, sf, pkt, src)
+                return
+            if ctl.flags & ControlFlags.SYN and (
+                pkt.src_flowid != sf.remote_flowid or src != sf.remote_addr
+            ):
+                # Another instance answered a broadcast or retransmitted SYN too late: the
+                # first answer won. Reset the loser so it does not hold a half-open flow.
+                self.stats["losing_synack"] += 1
+                rst = ControlExt(ControlFlags.RST, 0, 0, sf.control.local_nonce)
+                loser = SalPacket(sf.local_flowid, pkt.src_flowid, pkt.protocol, [rst])
+                self._send(loser, sf.local_addr, src)
                 return
             if not sf.control.nonce_ok(ctl):
                 self.drops["bad_nonce"] += 1

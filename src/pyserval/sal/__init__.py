@@ -14,6 +14,7 @@ from .extensions import (
     PadExt,
     ServiceExt,
     SourceExt,
+    SourcePortsExt,
     UnknownExt,
 )
 from .flow_table import FlowTable, FlowTableFull
@@ -53,6 +54,7 @@ __all__ = [
     "ServiceTable",
     "ServiceTableFull",
     "SourceExt",
+    "SourcePortsExt",
     "TcpFlags",
     "TcpHeader",
     "TcpOption",

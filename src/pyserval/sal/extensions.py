@@ -24,6 +24,7 @@ __all__ = [
     "PadExt",
     "ServiceExt",
     "SourceExt",
+    "SourcePortsExt",
     "UnknownExt",
     "MAX_EXTENSIONS",
     "NONCE_BYTES",
@@ -43,6 +44,7 @@ class ExtType(enum.IntEnum):
     SERVICE = 2
     ADDRESS = 3
     SOURCE = 4
+    SOURCE_PORTS = 5  # pyserval's own: the UDP port of each SOURCE address
 
 
 class ControlFlags(enum.IntFlag):
@@ -247,6 +249,49 @@ class SourceExt(Extension):
 
     def __repr__(self) -> str:
         return f"SourceExt({self.addresses})"
+
+
+class SourcePortsExt(Extension):
+    """SOURCE_PORTS (type 5, pyserval's own): the UDP port of each SOURCE address, in order.
+
+    The reference SAL ran on raw IP, where an address was enough to answer a forwarded SYN;
+    over UDP encapsulation the responder also needs the client's port (which a NAT may have
+    chosen). Layout: head (type, length), count u8, reserved u8, ``count`` u16 ports, then
+    zero bytes to a whole word. A receiver that finds no SOURCE_PORTS answers the reference
+    client port 54324.
+    """
+
+    __slots__ = ("ports",)
+    type = ExtType.SOURCE_PORTS
+
+    def __init__(self, ports: tuple[int, ...]) -> None:
+        self.ports = tuple(ports)
+
+    @classmethod
+    def decode(cls, data: memoryview) -> SourcePortsExt:
+        n = len(data)
+        count = data[2] if n >= 4 else -1
+        if count < SOURCE_MIN or count > SOURCE_MAX or n != _ports_length(count) or data[3]:
+            raise MalformedPacket(
+                Reason.SOURCE_PORTS_LENGTH,
+                f"SOURCE_PORTS of {n} bytes does not hold 2..20 ports in whole words",
+            )
+        return cls(struct.unpack_from(f"!{count}H", data, 4))
+
+    def encode(self) -> bytes:
+        count = len(self.ports)
+        if not SOURCE_MIN <= count <= SOURCE_MAX:
+            raise ValueError(f"SOURCE_PORTS holds 2..20 ports, got {count}")
+        length = _ports_length(count)
+        body = struct.pack(f"!{count}H", *self.ports)
+        return bytes((ExtType.SOURCE_PORTS << 4, length, count, 0)) + body.ljust(length - 4, b"\0")
+
+    def __repr__(self) -> str:
+        return f"SourcePortsExt({self.ports})"
+
+
+def _ports_length(count: int) -> int:
+    return 4 + (2 * count + 3) // 4 * 4
 
 
 class UnknownExt(Extension):

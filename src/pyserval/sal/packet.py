@@ -22,6 +22,7 @@ from .extensions import (
     PadExt,
     ServiceExt,
     SourceExt,
+    SourcePortsExt,
     UnknownExt,
 )
 from .transport_headers import PROTO_TCP, PROTO_UDP, TcpHeader, UdpHeader
@@ -29,6 +30,7 @@ from .transport_headers import PROTO_TCP, PROTO_UDP, TcpHeader, UdpHeader
 __all__ = ["BASE_HEADER", "SalPacket", "decode_packet"]
 
 BASE_HEADER: Final = 12
+REFERENCE_CLIENT_PORT: Final = 54324
 _BASE: Final = struct.Struct("!IIBBH")
 _MOD: Final = 0xFFFF
 _PAD: Final = PadExt()
@@ -39,6 +41,7 @@ _EXT_DECODERS: Final[dict[int, Callable[[memoryview], Extension]]] = {
     ExtType.SERVICE: ServiceExt.decode,
     ExtType.ADDRESS: AddressExt.decode,
     ExtType.SOURCE: SourceExt.decode,
+    ExtType.SOURCE_PORTS: SourcePortsExt.decode,
 }
 
 Transport = TcpHeader | UdpHeader
@@ -98,6 +101,27 @@ class SalPacket:
             if type(e) is SourceExt:
                 return e
         return None
+
+    @property
+    def source_ports(self) -> SourcePortsExt | None:
+        """pyserval's SOURCE_PORTS extension (the UDP port of each SOURCE address), if any."""
+        for e in self.extensions:
+            if type(e) is SourcePortsExt:
+                return e
+        return None
+
+    def source_path(self) -> list[tuple[str, int]] | None:
+        """The (IP, UDP port) path of a forwarded packet, original source first; ports a
+        peer did not send (a reference forwarder) are the reference client port 54324."""
+        source = self.source
+        if source is None:
+            return None
+        ports_ext = self.source_ports
+        ports: tuple[int, ...] = ports_ext.ports if ports_ext is not None else ()
+        return [
+            (ip, ports[i] if i < len(ports) else REFERENCE_CLIENT_PORT)
+            for i, ip in enumerate(source.addresses)
+        ]
 
     @property
     def tcp(self) -> TcpHeader | None:
