@@ -8,6 +8,12 @@ host-local flowIDs and survive address changes::
     await stream.send(b"hello"); reply = await stream.receive()
 """
 
+from .control import (
+    HostServiceController,
+    Router,
+    fetch_table,
+    format_table,
+)
 from .naming import FlowID, ServiceID, ServiceKey, ServicePrefix, ServicePublicKey
 from .runtime import (
     Host,
@@ -23,6 +29,11 @@ from .runtime import (
     open_connection,
     start_server,
 )
+from .runtime.host import install_controller_factory
+from .runtime.service_events import ServiceEvent, ServiceEventKind
+
+# The control plane sits above the runtime: the package root wires it in.
+install_controller_factory(HostServiceController)
 
 __version__ = "0.1.0"
 
@@ -30,6 +41,7 @@ __all__ = [
     "FlowID",
     "Host",
     "HostConfig",
+    "Router",
     "ServalConnectError",
     "ServalListener",
     "ServalSocket",
@@ -38,10 +50,14 @@ __all__ = [
     "ServiceID",
     "ServiceKey",
     "ServicePrefix",
+    "ServiceEvent",
+    "ServiceEventKind",
     "ServicePublicKey",
     "__version__",
     "connect",
     "default_host",
+    "fetch_table",
+    "format_table",
     "listen",
     "open_connection",
     "start_server",

@@ -12,14 +12,15 @@ import asyncio
 import errno
 import os
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..core.host import HostCore, Listener
-from ..naming.service_id import ServiceLike, as_service_prefix
+from ..core.host import DatagramEndpoint, HostCore, Listener
+from ..naming.keys import ServiceKey
+from ..naming.service_id import ServiceID, ServiceLike, as_service_id, as_service_prefix
 from ..sal.service_table import Rule, ServiceTable
 from ..transport.config import StreamConfig
 from ..transport.connection import Connection, State
@@ -31,15 +32,38 @@ from ..transport.events import (
     Event,
     IncomingConnection,
 )
+from .service_events import HostController, ServiceEvent, ServiceEventKind, ServiceEventListener
 from .udp import UdpEndpoint
 
 _FINAL_EVENTS = (ConnectionClosed, ConnectionReset, ConnectionTimedOut, ConnectionFailed)
 
-__all__ = ["REFERENCE_PORTS", "Host", "HostConfig", "parse_address"]
+__all__ = [
+    "REFERENCE_PORTS",
+    "DelayHandler",
+    "Host",
+    "HostConfig",
+    "install_controller_factory",
+    "parse_address",
+]
 
 REFERENCE_PORTS = (54325, 54324)
 
 Address = tuple[str, int]
+DelayHandler = Callable[[ServiceID], Awaitable[Address | None]]
+"""The controller's verdict for SYNs held by a DELAY rule: where to forward them, or None."""
+
+ControllerFactory = Callable[["Host", Address], HostController]
+_controller_factory: ControllerFactory | None = None
+
+
+def install_controller_factory(factory: ControllerFactory) -> None:
+    """Set what a host with a ``router`` uses as its service controller.
+
+    The control plane sits above this layer, so ``pyserval`` installs it at import time
+    rather than this module importing it.
+    """
+    global _controller_factory
+    _controller_factory = factory
 
 
 def parse_address(text: str) -> Address:
@@ -59,6 +83,18 @@ class HostConfig(BaseModel):
     listen: list[str] = Field(default_factory=list)
     routes: dict[str, str] = Field(default_factory=dict)  # service (name/ID/prefix) -> IP:PORT
     connect_timeout: float = 30.0
+    # The service router this host registers its services with and sends unresolved SYNs
+    # to (IP:PORT); None: static routes only.
+    router: str | None = None
+    # Seconds a registration lives at the router without a refresh (refreshed 4 times per
+    # period), so a dead instance stops getting clients within this time.
+    registration_ttl: float = Field(default=1.0, gt=0.0)
+    # Ad hoc discovery without a router: unresolved SYNs go to this broadcast IP:PORT.
+    broadcast: str | None = None
+    # Forward SYNs and datagrams that FORWARD rules send elsewhere (routers do).
+    forwarding: bool = False
+    # How long a DELAY verdict may take before the held SYNs are dropped.
+    delay_timeout: float = Field(default=5.0, gt=0.0)
     # How long close() waits for every stream to deliver its data and FIN before resetting
     # what is left.
     close_timeout: float = Field(default=2.0, ge=0.0)
@@ -70,6 +106,13 @@ class HostConfig(BaseModel):
             parse_address(text)
         return value
 
+    @field_validator("router", "broadcast")
+    @classmethod
+    def _check_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_address(value)
+        return value
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> HostConfig:
         """Read ``PYSERVAL_LISTEN`` (comma-separated) and ``PYSERVAL_ROUTES``
@@ -78,6 +121,8 @@ class HostConfig(BaseModel):
         data: dict[str, Any] = {}
         if env.get("PYSERVAL_LISTEN"):
             data["listen"] = [a.strip() for a in env["PYSERVAL_LISTEN"].split(",") if a.strip()]
+        if env.get("PYSERVAL_ROUTER"):
+            data["router"] = env["PYSERVAL_ROUTER"].strip()
         if env.get("PYSERVAL_ROUTES"):
             routes = {}
             for item in env["PYSERVAL_ROUTES"].split(","):
@@ -126,6 +171,8 @@ class Host:
         listen: list[str] | None = None,
         *,
         routes: dict[str, str] | None = None,
+        router: str | None = None,
+        broadcast: str | None = None,
         config: HostConfig | None = None,
         stream_config: StreamConfig | None = None,
     ) -> None:
@@ -135,6 +182,10 @@ class Host:
             updates["listen"] = listen
         if routes is not None:
             updates["routes"] = {**base.routes, **routes}
+        if router is not None:
+            updates["router"] = router
+        if broadcast is not None:
+            updates["broadcast"] = broadcast
         self.config = HostConfig(**{**base.model_dump(), **updates})
         self.stream_config = stream_config or StreamConfig()
         self.service_table = ServiceTable()
@@ -150,6 +201,12 @@ class Host:
         self._closed = False
         self._event_hooks: list[Callable[[Event], None]] = []
         self._conn_hooks: dict[int, Callable[[Event], None]] = {}
+        self._service_listeners: list[ServiceEventListener] = []
+        self._registered: dict[object, ServiceEvent] = {}  # listener/endpoint -> REGISTER
+        self._unreachable_hooks: list[Callable[[Address], None]] = []
+        self.controller: HostController | None = None
+        self.delay_handler: DelayHandler | None = None
+        self._verdicts: set[asyncio.Task[None]] = set()
         for service, address in self.config.routes.items():
             self.add_route(service, address)
 
@@ -169,9 +226,26 @@ class Host:
                 await self._open_interface(parse_address(text))
         else:
             await self._open_reference_interface()
+        cfg = self.config
         self.core = HostCore(
-            self.addresses, config=self.stream_config, service_table=self.service_table
+            self.addresses,
+            config=self.stream_config,
+            service_table=self.service_table,
+            forwarding=cfg.forwarding,
+            delay_timeout=cfg.delay_timeout * 2,
         )
+        default = "0" * 64 + "/0"
+        if cfg.broadcast is not None and cfg.router is None:
+            target = parse_address(cfg.broadcast)
+            self.core.broadcast.add(target)
+            self.service_table.add(default, Rule.forward(target, priority=-1))
+        if cfg.router is not None:
+            router = parse_address(cfg.router)
+            self.service_table.add(default, Rule.forward(router, priority=-1))
+            if _controller_factory is None:
+                raise RuntimeError("no service controller installed: import pyserval first")
+            self.controller = _controller_factory(self, router)
+            await self.controller.start()
         return self
 
     async def _open_interface(self, local: Address) -> UdpEndpoint:
@@ -205,7 +279,13 @@ class Host:
         """ICMP error for a datagram we sent: tell the core, send what follows."""
         if self.core is not None:
             self.core.on_unreachable(remote, self._now(), os.strerror(errno_).lower())
+            for hook in list(self._unreachable_hooks):
+                hook(remote)
             self._flush()
+
+    def add_unreachable_hook(self, hook: Callable[[Address], None]) -> None:
+        """Call ``hook(address)`` when the network reports ``address`` unreachable."""
+        self._unreachable_hooks.append(hook)
 
     def _on_batch(self, ep: UdpEndpoint, batch: list[tuple[bytes, Address]]) -> None:
         """A batch of datagrams read on one interface: all to the core, then one flush."""
@@ -232,15 +312,22 @@ class Host:
         if core is not None:
             limit = self.config.close_timeout if timeout is None else timeout
             await self._drain_connections(core, limit)
+            for owner in list(self._registered):
+                if isinstance(owner, DatagramEndpoint):
+                    self.unbind_datagram(owner)
+        if self.controller is not None:
+            await self.controller.close()
         self._closed = True
+        for task in list(self._verdicts):
+            task.cancel()
         if core is not None:
             for conn in list(core.connections.values()):
                 conn.abort()
             self._flush()
         if self._timer is not None:
             self._timer.cancel()
-        for ep in self.endpoints:
-            ep.close()
+        for udp in self.endpoints:
+            udp.close()
         for ev in self._waiters.events.values():
             ev.set()
         for ev in self._listener_waiters.values():
@@ -322,6 +409,9 @@ class Host:
                     ep.send_many(items)
         for event in core.events():
             self._dispatch(event)
+        if core.delay_requests:
+            for sid in core.take_delay_requests():
+                self._ask_delay(sid)
         self._arm_timer(core.next_deadline())
 
     def _dispatch(self, event: Event) -> None:
@@ -362,6 +452,120 @@ class Host:
         core.handle_timer(self._now())
         self._flush()
 
+    def _ask_delay(self, sid: ServiceID) -> None:
+        """SYNs for ``sid`` are held by a DELAY rule: ask the delay handler for a verdict."""
+        handler = self.delay_handler
+        if handler is None:
+            self._release(sid, None)  # nobody to ask: drop them
+            return
+
+        async def verdict() -> None:
+            hop: Address | None = None
+            try:
+                async with asyncio.timeout(self.config.delay_timeout):
+                    hop = await handler(sid)
+            except TimeoutError:
+                hop = None
+            except Exception as exc:  # the handler is application code
+                self.loop.call_exception_handler(
+                    {"message": f"pyserval delay handler failed for {sid.hex}", "exception": exc}
+                )
+            self._release(sid, hop)
+
+        task = asyncio.ensure_future(verdict())
+        self._verdicts.add(task)
+        task.add_done_callback(self._verdicts.discard)
+
+    def _release(self, sid: ServiceID, hop: Address | None) -> None:
+        if self.core is not None and not self._closed:
+            self.core.release_delayed(sid, hop, self._now())
+            self.schedule_flush()
+
+    # -- service events -----------------------------------------------------------------
+    def subscribe(self, listener: ServiceEventListener) -> Callable[[], None]:
+        """Call ``listener`` with every service event (REGISTER on bind/listen, UNREGISTER on
+        close, ADDRESS_CHANGED); returns a function that unsubscribes. A new subscriber first
+        hears a REGISTER for each service already registered."""
+        self._service_listeners.append(listener)
+        for event in list(self._registered.values()):
+            listener(event)
+
+        def unsubscribe() -> None:
+            if listener in self._service_listeners:
+                self._service_listeners.remove(listener)
+
+        return unsubscribe
+
+    @property
+    def registered_services(self) -> list[ServiceEvent]:
+        """The REGISTER events of the services bound or listened on now."""
+        return list(self._registered.values())
+
+    def _service_event(self, event: ServiceEvent) -> None:
+        for listener in list(self._service_listeners):
+            try:
+                listener(event)
+            except Exception as exc:  # application code must not break bind/close
+                self.loop.call_exception_handler(
+                    {
+                        "message": f"pyserval service event listener failed on {event!r}",
+                        "exception": exc,
+                    }
+                )
+
+    def _register(
+        self, owner: object, sid: ServiceID, weight: int, priority: int, key: ServiceKey | None
+    ) -> None:
+        if key is not None and not key.verify(sid):
+            raise ValueError(f"key {key.public_key.raw.hex()} does not certify {sid.hex}")
+        if not 1 <= weight <= 65535:
+            raise ValueError(f"weight must be 1..65535, got {weight}")
+        event = ServiceEvent(
+            ServiceEventKind.REGISTER, as_service_prefix(sid), weight, priority, key
+        )
+        self._registered[owner] = event
+        self._service_event(event)
+
+    def _unregister(self, owner: object) -> None:
+        event = self._registered.pop(owner, None)
+        if event is not None:
+            self._service_event(
+                ServiceEvent(
+                    ServiceEventKind.UNREGISTER,
+                    event.prefix,
+                    event.weight,
+                    event.priority,
+                    event.key,
+                )
+            )
+
+    def bind_datagram(
+        self,
+        service: ServiceLike,
+        *,
+        weight: int = 1,
+        priority: int = 0,
+        key: ServiceKey | None = None,
+        register: bool = True,
+    ) -> DatagramEndpoint:
+        """Bind a datagram socket to ``service`` (raises REGISTER unless ``register`` is
+        False, as for the host's own control socket)."""
+        core = self._require_core()
+        ep = core.bind_datagram(service)
+        if register:
+            try:
+                self._register(ep, ep.service_id, weight, priority, key)
+            except ValueError:
+                core.unbind_datagram(ep)
+                raise
+        return ep
+
+    def unbind_datagram(self, ep: DatagramEndpoint) -> None:
+        """Close a datagram socket (raises UNREGISTER)."""
+        if self.core is not None:
+            self.core.unbind_datagram(ep)
+        self._unregister(ep)
+
     async def wait(self, conn: Connection, ready: Callable[[], bool]) -> None:
         """Wait until ``ready()`` holds for ``conn`` (re-checked at each of its events)."""
         await self._waiters.wait_for(conn.conn_id, lambda: ready() or self._closed)
@@ -390,13 +594,33 @@ class Host:
             )
         return ServalStream(self, conn)
 
-    async def listen(self, service: ServiceLike, backlog: int = 128) -> Any:
-        """Accept streams to ``service``: returns a listener to ``async for`` or ``serve``."""
+    async def listen(
+        self,
+        service: ServiceLike,
+        backlog: int = 128,
+        *,
+        weight: int = 1,
+        priority: int = 0,
+        key: ServiceKey | None = None,
+    ) -> Any:
+        """Accept streams to ``service``: returns a listener to ``async for`` or ``serve``.
+
+        With a router, the service is registered there with this instance's ``weight`` and
+        ``priority``; ``key`` signs the registration of a self-certifying serviceID.
+        """
         from .streams import ServalListener
 
         core = self._require_core()
-        listener = core.listen(service, backlog)
+        sid = as_service_id(service)
+        if key is not None and not key.verify(sid):
+            raise ValueError(f"key {key.public_key.raw.hex()} does not certify {sid.hex}")
+        listener = core.listen(sid, backlog)
         self._listener_waiters[listener.listener_id] = asyncio.Event()
+        try:
+            self._register(listener, sid, weight, priority, key)
+        except ValueError:
+            core.close_listener(listener, self._now())
+            raise
         return ServalListener(self, listener)
 
     async def wait_incoming(self, listener: Listener) -> Connection | None:
@@ -415,6 +639,7 @@ class Host:
         """Stop accepting on ``listener``."""
         if self.core is not None:
             self.core.close_listener(listener, self._now())
+        self._unregister(listener)
         ev = self._listener_waiters.get(listener.listener_id)
         if ev is not None:
             ev.set()

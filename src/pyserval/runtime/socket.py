@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 
 from ..core.host import DatagramEndpoint
+from ..naming.keys import ServiceKey
 from ..naming.service_id import ServiceID, ServiceLike, as_service_id
 from ..transport.events import ConnectionFailed, DatagramReceived, Event
 from .host import Host
@@ -48,6 +49,7 @@ class ServalSocket:
         self._datagram_error: str | None = None
         self.dropped_datagrams = 0
         self._closed = False
+        self._registration: dict[str, Any] = {}
 
     # -- names and state ----------------------------------------------------------------
     @property
@@ -94,12 +96,27 @@ class ServalSocket:
         return self._host
 
     # -- set-up -------------------------------------------------------------------------
-    def bind(self, service: ServiceLike) -> None:
-        """Name this socket: the serviceID it listens on or sends datagrams from."""
+    def bind(
+        self,
+        service: ServiceLike,
+        *,
+        weight: int = 1,
+        priority: int = 0,
+        key: ServiceKey | None = None,
+    ) -> None:
+        """Name this socket: the serviceID it listens on or sends datagrams from.
+
+        ``weight``, ``priority`` and ``key`` (for a self-certifying ID) go into the
+        registration with the host's service router.
+        """
         self._check_open("bind")
         if self._local is not None:
             raise SocketClosed(f"socket already bound to {self._local.hex}")
-        self._local = as_service_id(service)
+        sid = as_service_id(service)
+        if key is not None and not key.verify(sid):
+            raise ValueError(f"key {key.public_key.raw.hex()} does not certify {sid.hex}")
+        self._local = sid
+        self._registration = {"weight": weight, "priority": priority, "key": key}
 
     async def listen(self, backlog: int = 128) -> None:
         """Accept connections to the bound serviceID (registers it with the host)."""
@@ -109,7 +126,7 @@ class ServalSocket:
         if self._local is None:
             raise SocketClosed("bind a serviceID before listen")
         host = await self._get_host()
-        self._listener = await host.listen(self._local, backlog)
+        self._listener = await host.listen(self._local, backlog, **self._registration)
 
     async def accept(self) -> tuple[ServalSocket, Address | None]:
         """The next connection: a connected socket and the peer's address."""
@@ -172,10 +189,14 @@ class ServalSocket:
         host = await self._get_host()
         if host.core is None:
             raise SocketClosed("the host is not running")
+        ephemeral = self._local is None
         if self._local is None:
-            # An unbound datagram socket gets a random name of its own, like an ephemeral port.
+            # An unbound datagram socket gets a random name of its own, like an ephemeral
+            # port: not a service, so it is not registered with the router.
             self._local = ServiceID(int.from_bytes(os.urandom(32), "big"))
-        self._endpoint = host.core.bind_datagram(self._local)
+        self._endpoint = host.bind_datagram(
+            self._local, register=not ephemeral, **self._registration
+        )
         host.watch(self._endpoint.flowid, self._on_event)
         return self._endpoint
 
@@ -230,8 +251,7 @@ class ServalSocket:
             await self._listener.aclose()
         if self._endpoint is not None and self._host is not None:
             self._host.unwatch(self._endpoint.flowid)
-            if self._host.core is not None:
-                self._host.core.unbind_datagram(self._endpoint)
+            self._host.unbind_datagram(self._endpoint)
         self._datagram_ready.set()
 
     async def __aenter__(self) -> ServalSocket:
@@ -239,4 +259,3 @@ class ServalSocket:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
-

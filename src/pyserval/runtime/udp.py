@@ -143,6 +143,8 @@ def _make_socket(local: Address, reuse_port: bool, rcvbuf: int, sndbuf: int) -> 
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
+        # Ad hoc discovery sends unresolved SYNs to a broadcast address.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if rcvbuf > 0:

@@ -1,0 +1,342 @@
+"""The service router: resolves SYNs by serviceID and learns where services are.
+
+A :class:`Router` is a forwarding :class:`~pyserval.Host` plus a :class:`Registry`:
+
+* Data plane: SYNs and unconnected datagrams are forwarded by longest-prefix match to a
+  registered instance (weighted, highest priority first), with the path recorded in the
+  SOURCE extension; the instance answers the client directly, so nothing after the SYN
+  passes through the router.
+* Control plane: REGISTER/UNREGISTER messages (datagrams to :data:`CONTROL_SERVICE`) are
+  checked (signatures, replay, claimed address) and acknowledged; registrations expire
+  without refreshes; an address the network reports unreachable is dropped at once.
+* Hierarchy: with ``upstream``, the router announces its ``announce`` prefixes there (as a
+  host registers its services) and sends what it cannot resolve upstream.
+* DELAY: SYNs to a ``delay`` prefix are held (bounded) while the verdict is awaited; the
+  default verdict waits up to ``delay_timeout`` for an instance to register.
+* Inspection: TABLE_REQUEST pages through the table and counters (``pyserval table``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Final
+
+from ..core.host import DatagramEndpoint
+from ..naming.service_id import PrefixLike, ServiceID, as_service_prefix
+from ..runtime.host import DelayHandler, Host, HostConfig, parse_address
+from ..runtime.service_events import ServiceEvent, ServiceEventKind
+from ..sal.service_table import Action, Rule
+from ..transport.events import DatagramReceived, Event
+from .controller import HostServiceController
+from .messages import (
+    CONTROL_SERVICE,
+    TABLE_PAGE,
+    BadControlMessage,
+    MessageTooLarge,
+    RegisterMessage,
+    TableEntryInfo,
+    TableReply,
+    TableRequest,
+    TargetInfo,
+    UnregisterMessage,
+    decode_message,
+    encode_message,
+    format_instance_address,
+)
+from .registry import Registry
+from .security import RegistrationGuard
+
+__all__ = ["DEFAULT_ROUTER_PORT", "Router", "TableDump", "fetch_table", "format_table"]
+
+Address = tuple[str, int]
+DEFAULT_ROUTER_PORT: Final = 54326
+_DEFAULT_PREFIX: Final = "0" * 64 + "/0"
+_MAX_COUNTERS: Final = 200
+
+
+class Router:
+    """A service router on asyncio (see the module docstring).
+
+    ``async with Router("127.0.0.1:54326") as router:``; ``router.address`` is where hosts
+    point ``Host(router=...)``.
+    """
+
+    def __init__(
+        self,
+        listen: str = f"0.0.0.0:{DEFAULT_ROUTER_PORT}",
+        *,
+        upstream: str | None = None,
+        announce: Iterable[PrefixLike] = (),
+        delay: Iterable[PrefixLike] = (),
+        certified_prefixes: Iterable[PrefixLike] = (),
+        delay_handler: DelayHandler | None = None,
+        delay_timeout: float = 5.0,
+        max_ttl: float = 3600.0,
+    ) -> None:
+        self.host = Host(
+            [listen],
+            config=HostConfig(forwarding=True, delay_timeout=delay_timeout),
+        )
+        self.upstream = parse_address(upstream) if upstream else None
+        self.announce = [as_service_prefix(p) for p in announce]
+        self.delay = [as_service_prefix(p) for p in delay]
+        self.registry = Registry(
+            self.host.service_table,
+            RegistrationGuard(certified_prefixes=certified_prefixes),
+            max_ttl=max_ttl,
+        )
+        self.delay_handler = delay_handler
+        self.delay_timeout = delay_timeout
+        self._endpoint: DatagramEndpoint | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._changed = asyncio.Event()
+        self._upstream_controller: HostServiceController | None = None
+
+    @property
+    def address(self) -> Address:
+        """The router's UDP address."""
+        return self.host.addresses[0]
+
+    @property
+    def address_text(self) -> str:
+        """The router's address as ``IP:PORT`` (for ``Host(router=...)``)."""
+        return f"{self.address[0]}:{self.address[1]}"
+
+    # -- life cycle ---------------------------------------------------------------------
+    async def start(self) -> Router:
+        """Open the interface, bind the control service, announce upstream."""
+        host = self.host
+        await host.start()
+        self._endpoint = host.bind_datagram(CONTROL_SERVICE, register=False)
+        host.watch(self._endpoint.flowid, self._on_event)
+        host.add_unreachable_hook(self._on_unreachable)
+        for prefix in self.delay:
+            host.service_table.add(prefix, Rule.delay())
+        host.delay_handler = self.delay_handler or self._default_verdict
+        if self.upstream is not None:
+            host.service_table.add(_DEFAULT_PREFIX, Rule.forward(self.upstream, priority=-1))
+            ctl = HostServiceController(host, self.upstream)
+            await ctl.start()
+            now = host.loop.time()
+            for prefix in self.announce:
+                ctl.core.on_service_event(ServiceEvent(ServiceEventKind.REGISTER, prefix), now)
+            ctl.pump()
+            self._upstream_controller = ctl
+        return self
+
+    async def close(self) -> None:
+        """Withdraw announcements and stop."""
+        ctl = self._upstream_controller
+        if ctl is not None:
+            now = self.host.loop.time()
+            for prefix in self.announce:
+                ctl.core.on_service_event(ServiceEvent(ServiceEventKind.UNREGISTER, prefix), now)
+            ctl.pump()
+            await ctl.close()
+        if self._timer is not None:
+            self._timer.cancel()
+        await self.host.close(timeout=0)
+
+    async def __aenter__(self) -> Router:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def serve_forever(self) -> None:
+        """Run until cancelled."""
+        await asyncio.Event().wait()
+
+    # -- control messages -----------------------------------------------------------------
+    def _on_event(self, event: Event) -> None:
+        if not isinstance(event, DatagramReceived):
+            return
+        stats = self.registry.stats
+        try:
+            msg = decode_message(event.data)
+        except BadControlMessage as exc:
+            stats[f"bad_message_{exc.reason}"] += 1
+            return
+        if isinstance(msg, RegisterMessage | UnregisterMessage):
+            now = self.host.loop.time()
+            self.registry.expire(now)
+            ack = self.registry.handle(msg, event.address, now, time.time())
+            self._reply(event, encode_message(ack))
+            self._after_change()
+        elif isinstance(msg, TableRequest):
+            self._reply(event, self._table_page(msg))
+        else:
+            stats["unexpected_message"] += 1
+
+    def _reply(self, event: DatagramReceived, data: bytes) -> None:
+        core = self.host.core
+        if core is None or self._endpoint is None:
+            return
+        source = event.source_service
+        to_service = ServiceID(source) if len(source) == 32 else CONTROL_SERVICE
+        core.send_datagram(self._endpoint, to_service, data, to=event.address)
+        self.host.schedule_flush()
+
+    def _after_change(self) -> None:
+        """Wake verdicts waiting for a registration; re-arm the expiry timer."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.registry.next_deadline()
+        if deadline is not None:
+            self._timer = self.host.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.registry.expire(self.host.loop.time()):
+            self.host.schedule_flush()
+        self._after_change()
+
+    def _on_unreachable(self, address: Address) -> None:
+        if self.registry.remove_address(address):
+            self._after_change()
+
+    # -- DELAY --------------------------------------------------------------------------
+    async def _default_verdict(self, sid: ServiceID) -> Address | None:
+        """Hold SYNs until an instance registers for ``sid`` (bounded by delay_timeout)."""
+        deadline = self.host.loop.time() + self.delay_timeout
+        while True:
+            res = self.host.service_table.lookup(sid)
+            if res is not None and res.action is Action.FORWARD and res.target is not None:
+                return res.target.address
+            remaining = deadline - self.host.loop.time()
+            if remaining <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._changed.wait()
+
+    # -- inspection ---------------------------------------------------------------------
+    def table_entries(self) -> list[TableEntryInfo]:
+        """The service table as the router reports it."""
+        now = self.host.loop.time()
+        out: list[TableEntryInfo] = []
+        for entry in self.host.service_table:
+            registered = self.registry.instances.get(entry.prefix, {})
+            targets: list[TargetInfo] = []
+            for rule in entry.rules:
+                for t in rule.targets:
+                    inst = registered.get(t.address)
+                    expires = None if inst is None else max(0.0, inst.expires - now)
+                    targets.append(
+                        TargetInfo(
+                            address=format_instance_address(t.address),
+                            weight=t.weight,
+                            priority=rule.priority,
+                            expires_in=expires,
+                        )
+                    )
+            out.append(
+                TableEntryInfo(
+                    prefix=str(entry.prefix),
+                    action=entry.action.value,
+                    targets=targets[:256],
+                    hits=entry.hits,
+                )
+            )
+        return out
+
+    def counters(self) -> dict[str, int]:
+        """Packet and registration counters (forwarded, dropped by reason, refused...)."""
+        core = self.host.core
+        merged: dict[str, int] = {}
+        if core is not None:
+            merged.update({f"packets_{k}": v for k, v in core.stats.items()})
+            merged.update({f"drops_{k}": v for k, v in core.drops.items()})
+        merged.update({f"registry_{k}": v for k, v in self.registry.stats.items()})
+        merged.update({f"guard_{k}": v for k, v in self.registry.guard.stats.items()})
+        merged["instances"] = len(self.registry)
+        return dict(sorted(merged.items())[:_MAX_COUNTERS])
+
+    def _table_page(self, req: TableRequest) -> bytes:
+        entries = self.table_entries()
+        page = TABLE_PAGE
+        while True:
+            chunk = entries[req.offset : req.offset + page]
+            reply = TableReply(
+                seq=req.seq,
+                offset=req.offset,
+                total=len(entries),
+                entries=chunk,
+                counters=self.counters(),
+            )
+            try:
+                return encode_message(reply)
+            except MessageTooLarge:
+                page = max(1, page // 2)
+
+
+class TableDump:
+    """A router's table and counters, as fetched by :func:`fetch_table`."""
+
+    def __init__(self, entries: list[TableEntryInfo], counters: dict[str, int]) -> None:
+        self.entries = entries
+        self.counters = counters
+
+
+async def fetch_table(router: str | Address, *, timeout: float = 2.0) -> TableDump:
+    """Ask the router at ``router`` for its whole service table and counters."""
+    addr = parse_address(router) if isinstance(router, str) else router
+    host = Host(["0.0.0.0:0"])
+    async with host:
+        ep = host.bind_datagram(ServiceID(int.from_bytes(os.urandom(32), "big")), register=False)
+        replies: asyncio.Queue[TableReply] = asyncio.Queue(maxsize=16)
+
+        def on_event(event: Event) -> None:
+            if isinstance(event, DatagramReceived) and event.address == addr:
+                with contextlib.suppress(BadControlMessage, asyncio.QueueFull):
+                    msg = decode_message(event.data)
+                    if isinstance(msg, TableReply):
+                        replies.put_nowait(msg)
+
+        host.watch(ep.flowid, on_event)
+        entries: list[TableEntryInfo] = []
+        counters: dict[str, int] = {}
+        seq = int.from_bytes(os.urandom(4), "big")
+        async with asyncio.timeout(timeout):
+            while True:
+                seq += 1
+                assert host.core is not None
+                req = TableRequest(seq=seq, offset=len(entries))
+                host.core.send_datagram(ep, CONTROL_SERVICE, encode_message(req), to=addr)
+                host.schedule_flush()
+                reply = await replies.get()
+                while reply.seq != seq:
+                    reply = await replies.get()
+                entries.extend(reply.entries)
+                counters = dict(reply.counters)
+                if not reply.entries or len(entries) >= reply.total:
+                    return TableDump(entries, counters)
+
+
+def format_table(dump: TableDump) -> str:
+    """Readable text of a table dump (what ``pyserval table`` prints)."""
+    lines = [f"{'prefix':<72} {'action':<8} {'hits':>8}  targets"]
+    for e in dump.entries:
+        targets = ", ".join(
+            f"{t.address} w={t.weight} p={t.priority}"
+            + ("" if t.expires_in is None else f" ttl={t.expires_in:.2f}s")
+            for t in e.targets
+        )
+        lines.append(f"{e.prefix:<72} {e.action:<8} {e.hits:>8}  {targets}")
+    if dump.counters:
+        lines.append("counters:")
+        lines += [f"  {k} = {v}" for k, v in dump.counters.items()]
+    return "\n".join(lines)
