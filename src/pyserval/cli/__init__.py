@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from . import decode, demo
+from . import decode, demo, echo, router, table, tour
 
 __all__ = ["main"]
 
@@ -14,7 +14,11 @@ __all__ = ["main"]
 _COMMANDS: dict[
     str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
 ] = {
-    "demo": (demo.add_arguments, demo.run, "show pyserval's parts at work"),
+    "demo": (demo.add_arguments, demo.run, "a router, two replicas and a client, live"),
+    "router": (router.add_arguments, router.run, "run a service router"),
+    "table": (table.add_arguments, table.run, "print a router's service table and counters"),
+    "echo": (echo.add_arguments, echo.run, "run an echo service instance"),
+    "tour": (tour.add_arguments, tour.run, "the sans-I/O parts at work (simulated network)"),
     "decode": (decode.add_arguments, decode.run, "decode SAL packets given in hex"),
 }
 

@@ -1,189 +1,167 @@
-"""``pyserval demo``: pyserval's parts at work, on data anyone can check.
+"""``pyserval demo``: a service router, two echo replicas and a client, live on loopback.
 
-Until the networked demonstration exists this shows the foundation: naming (including a
-self-certifying ID), the wire codec on packets captured from the reference Serval stack,
-the service table resolving IDs by longest prefix, and malformed input being rejected with
-a reason.
+1. A router starts in this process; two replicas of the "echo" service start as separate
+   processes (``pyserval echo``) with weights 1 and 3 and register with it.
+2. The client connects by serviceID only. Each SYN goes to the router, which picks a replica
+   by weight; the replica answers the client directly and the data never touches the router.
+3. Replica B is killed (SIGKILL: no goodbye). The router drops it within a second (its
+   registration stops being refreshed, or the network reports it unreachable) and new
+   connections go to replica A.
+The service table is printed before and after. The demo ends by itself.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
-import random
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
 
-from ..core import HostCore
-from ..data import reference_capture
-from ..naming import NotCertified, ServiceID, ServiceKey, ServicePrefix
-from ..sal import MalformedPacket, Rule, ServiceTable, Target, decode_packet
-from ..sal.checksum import internet_checksum
-from ..testing import Address, LinkConfig, SimNetwork
-from ..transport import State
-from .decode import describe
+from ..control import Router, fetch_table, format_table
+from ..runtime import Host, ServalConnectError
+from ..sal.control import ControlTimers
+from ..transport.config import StreamConfig
 
 __all__ = ["add_arguments", "run"]
+
+SERVICE = "echo"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``pyserval demo``."""
-    parser.add_argument("--seed", type=int, default=1, help="seed for the weighted choices")
+    parser.add_argument("--connections", type=int, default=40, help="connections per phase")
 
 
 def _title(text: str) -> None:
-    print(f"\n== {text} " + "=" * max(0, 70 - len(text)))
+    print(f"\n== {text} " + "=" * max(0, 74 - len(text)), flush=True)
 
 
-def _naming() -> None:
-    _title("naming: serviceIDs, prefixes, self-certifying IDs")
-    echo = ServiceID.from_name("echo")
-    print(f"ServiceID.from_name('echo') = {echo.hex}")
-    block = ServicePrefix.parse("00004001/32")
-    ref = ServiceID(bytes.fromhex("00004001") + bytes(28))
-    print(f"prefix {block} contains the reference service {ref.hex[:8]}...: {block.contains(ref)}")
-    key = ServiceKey.generate()
-    sid = key.service_id("0a0b/16")
-    print(f"self-certifying ID under 0a0b/16: {sid.hex}")
-    print(f"  certified by its key: {key.verify(sid)}")
-    other = ServiceKey.generate()
+def _bar(count: int, total: int, width: int = 40) -> str:
+    return "#" * round(width * count / max(total, 1))
+
+
+async def _start_replica(name: str, weight: int, router: str) -> tuple[subprocess.Popen[str], str]:
+    cmd = [sys.executable, "-m", "pyserval", "echo", "--service", SERVICE, "--router", router]
+    cmd += ["--weight", str(weight), "--name", name]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    line = await asyncio.to_thread(proc.stdout.readline)
+    if "serving" not in line:
+        proc.kill()
+        raise RuntimeError(f"replica {name} did not start: {line!r}")
+    address = line.rsplit(" at ", 1)[1].strip()
+    print(f"replica {name}: pid {proc.pid}, weight {weight}, at {address}", flush=True)
+    return proc, address
+
+
+async def _one(client: Host, names: dict[str, str]) -> str:
+    stream = await client.connect(SERVICE, timeout=5.0)
     try:
-        other.public_key.check_certifies(sid)
-    except NotCertified as exc:
-        print(f"  another key is refused: {str(exc)[:90]}...")
+        await stream.send(b"hello")
+        reply = await stream.receive()
+        assert reply == b"hello", reply
+        peer = stream.remote_address
+        return names.get(f"{peer[0]}:{peer[1]}", "?") if peer else "?"
+    finally:
+        await stream.aclose()
 
 
-def _wire() -> None:
-    _title("wire codec: packets captured from the reference Serval stack")
-    for pkt in reference_capture():
-        decoded = decode_packet(pkt.payload)
-        same = decoded.encode() == pkt.payload
-        checksum = decoded.verify_transport_checksum(pkt.src_ip, pkt.dst_ip)
-        print(f"#{pkt.index:<5} {describe(decoded)}")
-        print(f"       re-encoded identical: {same}; SAL and TCP checksums verify: {checksum}")
-
-
-def _table(seed: int) -> None:
-    _title("service table: longest-prefix match, weighted FORWARD, DEMUX, DROP")
-    table = ServiceTable(rng=random.Random(seed))
-    echo = ServiceID.from_name("echo")
-    table.add("0" * 64 + "/0", Rule.forward(("10.0.0.1", 54325)))  # default: a router
-    table.add("00004001/32", Rule.forward(("10.0.0.2", 54325), ("10.0.0.3", 54325)))
-    table.add(echo, Rule.demux("local echo listener"))
-    table.add("0000dead/32", Rule.drop())
-    weighted = ServicePrefix.parse("7700/16")
-    table.replace(
-        weighted,
-        [Rule.forward(Target(("10.1.0.1", 54325), 3), Target(("10.1.0.2", 54325), 1))],
-    )
-    for entry in table:
-        print(f"  {entry.prefix}  {[r.action.name for r in entry.rules]}")
-    queries = {
-        "echo (by name)": echo,
-        "reference 00004001...": ServiceID(bytes.fromhex("00004001") + bytes(28)),
-        "0000dead...": ServiceID(bytes.fromhex("0000dead") + bytes(28)),
-        "anything else": ServiceID.from_name("unknown service"),
-    }
-    for label, sid in queries.items():
-        res = table.lookup(sid)
-        assert res is not None
-        where = res.target.address if res.target else res.listener
-        match = f"{res.entry.prefix.length:>3}-bit match"
-        print(f"  {label:<24} -> {match}, {res.action.name} {where or ''}")
-    counts: collections.Counter[tuple[str, int]] = collections.Counter()
-    for i in range(4000):
-        res = table.lookup(ServiceID((0x7700 << 240) | i))
-        assert res is not None and res.target is not None
-        counts[res.target.address] += 1
-    print(f"  4000 lookups in 7700/16 with weights 3:1 -> {dict(counts)}")
-    print(f"  hits per entry: {[(str(e.prefix.length), e.hits) for e in table]}")
-
-
-def _fix_checksum(data: bytes) -> bytes:
-    """Recompute the SAL checksum so that the decoder reaches the field we broke."""
-    shl = data[8] * 4
-    header = bytearray(data[:shl])
-    header[10:12] = b"\0\0"
-    header[10:12] = internet_checksum(header).to_bytes(2, "big")
-    return bytes(header) + data[shl:]
-
-
-def _simulated(seed: int) -> None:
-    _title("Serval TCP between two sans-I/O hosts on a simulated lossy network")
-    net = SimNetwork(seed=seed, default_link=LinkConfig(delay=0.01, loss=0.05, reorder=0.05))
-    client_addr, server_addr = ("10.0.0.1", 54324), ("10.0.0.2", 54325)
-    client = HostCore([client_addr], rng=random.Random(seed))
-    server = HostCore([server_addr], rng=random.Random(seed + 1))
-    net.attach(client, client_addr)
-    net.attach(server, server_addr)
-    client.service_table.add("echo", Rule.forward(server_addr))
-    listener = server.listen("echo")
-    shown: list[str] = []
-
-    def tap(now: float, data: bytes, src: Address, dst: Address, fate: str) -> None:
-        if fate in ("delivered", "lost") and len(shown) < 6:
-            shown.append(
-                f"  {now * 1000:7.1f} ms {src[0]}->{dst[0]} {fate:<9} "
-                f"{describe(decode_packet(data))}"
-            )
-
-    net.tap = tap
-    conn = client.connect("echo", net.now)
-    net.kick(client)
-    net.run_until(lambda: conn.state is State.ESTABLISHED, 60)
-    payload = random.Random(seed).randbytes(1_000_000)
-    sent, got, peer = 0, bytearray(), None
-    start = net.now
-    while len(got) < len(payload) or peer is None or not peer.at_eof:
-        if sent < len(payload):
-            sent += conn.write(payload[sent:])
-            if sent == len(payload):
-                conn.shutdown()
-        peer = peer or listener.accept()
-        if peer is not None:
-            got += peer.read()
-            if peer.at_eof and peer.fin_offset is None:
-                peer.shutdown()
-        net.kick(client, server)
-        net.run_for(0.05)
-    elapsed = net.now - start
-    print("\n".join(shown))
-    net.run_until(lambda: conn.state is not State.ESTABLISHED, 120)
-    stats = net.stats.total
-    print(
-        f"  1 MB crossed 5% loss in {elapsed:.2f} s of virtual time "
-        f"({len(payload) / elapsed / 1e6:.2f} MB/s), byte-exact: {bytes(got) == payload}"
-    )
-    print(
-        f"  packets sent {stats.sent_packets}, lost {stats.dropped.get('loss', 0)}; "
-        f"client ended {conn.state.name}, server {peer.state.name if peer else '?'}"
-        + (f" (error: {conn.error})" if conn.error else "")
-    )
-
-
-def _malformed() -> None:
-    _title("malformed input is rejected with a reason, never a crash")
-    good = reference_capture()[0].payload
-    samples = {
-        "too short": good[:7],
-        "shl past the end": good[:8] + b"\xff" + good[9:],
-        "bit flipped in header": good[:20] + bytes([good[20] ^ 1]) + good[21:],
-        "CONTROL length 19": _fix_checksum(good[:13] + b"\x13" + good[14:]),
-    }
-    for label, data in samples.items():
+async def _phase(client: Host, names: dict[str, str], connections: int) -> Counter[str]:
+    """``connections`` connections one after another, a letter printed for each."""
+    seen: Counter[str] = Counter()
+    for i in range(connections):
         try:
-            decode_packet(data)
-            print(f"  {label}: accepted?!")
-        except MalformedPacket as exc:
-            print(f"  {label:<24} -> {exc.reason}")
+            who = await _one(client, names)
+        except ServalConnectError:
+            who = "x"
+        seen[who] += 1
+        print(who, end="" if (i + 1) % 50 else "\n" + " " * 39, flush=True)
+        await asyncio.sleep(0.02)  # slow enough to watch
+    print()
+    return seen
+
+
+async def _wait_instances(router: Router, count: int, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while len(router.registry) != count:
+        if asyncio.get_running_loop().time() > deadline:
+            raise RuntimeError(
+                f"expected {count} registered instances, have {len(router.registry)}"
+            )
+        await asyncio.sleep(0.01)
+
+
+async def _demo(connections: int) -> None:
+    procs: list[subprocess.Popen[str]] = []
+    async with Router("127.0.0.1:0") as router:
+        r = router.address_text
+        _title(f"router at {r}; starting two echo replicas")
+        try:
+            a_proc, a_addr = await _start_replica("A", 1, r)
+            procs.append(a_proc)
+            b_proc, b_addr = await _start_replica("B", 3, r)
+            procs.append(b_proc)
+            names = {a_addr: "A", b_addr: "B"}
+            labels = {SERVICE: SERVICE, "pyserval.control": "control"}
+            await _wait_instances(router, 2)
+            _title("the router's service table (learned from registrations)")
+            print(format_table(await fetch_table(r), labels), flush=True)
+
+            # A quick SYN retry (0.5 s instead of the reference's 3 s) so a SYN that went to
+            # the replica just killed is retried promptly.
+            cfg = StreamConfig(control=ControlTimers(initial_rto=0.5))
+            async with Host(["127.0.0.1:0"], router=r, stream_config=cfg) as client:
+                _title(f"{connections} connections to '{SERVICE}' by serviceID (weights A=1, B=3)")
+                print("  each letter is one connection, live: ", end="", flush=True)
+                seen = await _phase(client, names, connections)
+                for who in ("A", "B"):
+                    n = seen[who]
+                    print(
+                        f"  replica {who}: {n:>3} ({n / connections:4.0%}) {_bar(n, connections)}"
+                    )
+                fwd = router.counters().get("packets_forwarded_syn", 0)
+                print(
+                    f"  packets through the router: {fwd} SYNs, nothing else: "
+                    "replies and data went directly between client and replica"
+                )
+
+                _title("replica B killed with SIGKILL (it cannot unregister)")
+                b_proc.send_signal(signal.SIGKILL)
+                killed = asyncio.get_running_loop().time()
+                await asyncio.to_thread(b_proc.wait)
+                print("  each letter is one connection, live: ", end="", flush=True)
+                seen = await _phase(client, names, connections)
+                await _wait_instances(router, 1)
+                gone_at = router.last_change - killed
+                print(f"  the router dropped replica B {gone_at * 1000:.0f} ms after the kill")
+                for who, n in sorted(seen.items()):
+                    print(f"  replica {who}: {n:>3} {_bar(n, connections)}")
+                how = router.counters()
+                why = (
+                    "the network reported it unreachable"
+                    if how.get("registry_unreachable_removed")
+                    else "its registration expired"
+                )
+                print(f"  ({why}; a SYN sent to it meanwhile was retried after 0.5 s)")
+            _title("the service table after the failure")
+            print(format_table(await fetch_table(r), labels), flush=True)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                try:
+                    await asyncio.to_thread(proc.wait, 5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    _title("done")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run every part of the demonstration."""
-    _naming()
-    _wire()
-    _table(args.seed)
-    _simulated(args.seed)
-    _malformed()
-    print(
-        "\nThe networked demonstration (router, replicas, failover) comes with the control plane."
-    )
+    """Run the demonstration (about ten seconds)."""
+    asyncio.run(_demo(args.connections))
     return 0

@@ -96,6 +96,8 @@ class Router:
         self._timer: asyncio.TimerHandle | None = None
         self._changed = asyncio.Event()
         self._upstream_controller: HostServiceController | None = None
+        self._seen_changes = 0
+        self.last_change = 0.0  # loop time the table last changed through the registry
 
     @property
     def address(self) -> Address:
@@ -189,6 +191,9 @@ class Router:
 
     def _after_change(self) -> None:
         """Wake verdicts waiting for a registration; re-arm the expiry timer."""
+        if self.registry.changes != self._seen_changes:
+            self._seen_changes = self.registry.changes
+            self.last_change = self.host.loop.time()
         self._changed.set()
         self._changed = asyncio.Event()
         if self._timer is not None:
@@ -326,10 +331,15 @@ async def fetch_table(router: str | Address, *, timeout: float = 2.0) -> TableDu
                     return TableDump(entries, counters)
 
 
-def format_table(dump: TableDump) -> str:
-    """Readable text of a table dump (what ``pyserval table`` prints)."""
+def format_table(dump: TableDump, names: dict[str, str] | None = None) -> str:
+    """Readable text of a table dump (what ``pyserval table`` prints); ``names`` maps
+    service names (or prefixes) to labels shown beside their entries."""
+    labels = {str(as_service_prefix(k)): v for k, v in (names or {}).items()}
     lines = [f"{'prefix':<72} {'action':<8} {'hits':>8}  targets"]
     for e in dump.entries:
+        label = labels.get(e.prefix)
+        if label:
+            lines.append(f"# {label}")
         targets = ", ".join(
             f"{t.address} w={t.weight} p={t.priority}"
             + ("" if t.expires_in is None else f" ttl={t.expires_in:.2f}s")

@@ -1,0 +1,38 @@
+"""``pyserval table``: print a router's service table and counters."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from ..control import DEFAULT_ROUTER_PORT, fetch_table, format_table
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``pyserval table``."""
+    parser.add_argument(
+        "--router",
+        default=f"127.0.0.1:{DEFAULT_ROUTER_PORT}",
+        help="the router to ask (IP:PORT)",
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--timeout", type=float, default=2.0)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Fetch and print the table."""
+    try:
+        dump = asyncio.run(fetch_table(args.router, timeout=args.timeout))
+    except TimeoutError:
+        print(f"no answer from a router at {args.router}", file=sys.stderr)
+        return 1
+    if args.json:
+        entries = [e.model_dump() for e in dump.entries]
+        print(json.dumps({"entries": entries, "counters": dump.counters}, indent=1))
+    else:
+        print(format_table(dump))
+    return 0
