@@ -264,6 +264,7 @@ class Router:
         merged: dict[str, int] = {}
         if core is not None:
             merged.update({f"packets_{k}": v for k, v in core.stats.items()})
+            merged["packets_received"] = core.received
             merged.update({f"drops_{k}": v for k, v in core.drops.items()})
         merged.update({f"registry_{k}": v for k, v in self.registry.stats.items()})
         merged.update({f"guard_{k}": v for k, v in self.registry.guard.stats.items()})

@@ -128,6 +128,7 @@ class HostCore:
         self.drops: Counter[str] = Counter()  # dropped datagrams by reason
         self.stats: Counter[str] = Counter()
         self.internal_errors: list[BaseException] = []
+        self.received = 0  # datagrams taken, of any kind
         self._events: deque[Event] = deque()
         self._max_events = max_events
         self._out: list[tuple[bytes, Address, Address]] = []
@@ -506,6 +507,7 @@ class HostCore:
     # -- receive path -------------------------------------------------------------------
     def receive_datagram(self, data: bytes, src: Address, dst: Address, now: float) -> None:
         """Take one UDP payload that arrived on local address ``dst`` from ``src``."""
+        self.received += 1
         try:
             pkt = decode_packet(data)
         except MalformedPacket as exc:
