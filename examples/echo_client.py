@@ -13,9 +13,10 @@ client then half-closes, waits for the server to finish and exits 0. It exits 1 
 service cannot be reached.
 
 Without ``--route`` the route comes from the environment instead, through the default host
-that ``pyserval.connect`` uses::
+that ``pyserval.connect`` uses (a static route, a service router, or ad hoc broadcast)::
 
     PYSERVAL_ROUTES=echo=127.0.0.1:54325 python examples/echo_client.py hello
+    PYSERVAL_ROUTER=127.0.0.1:54326 python examples/echo_client.py hello
 """
 
 from __future__ import annotations
@@ -72,13 +73,18 @@ async def run(
     return 0
 
 
+def _configured() -> bool:
+    """Whether the environment tells the default host how to reach services."""
+    return any(os.environ.get(f"PYSERVAL_{k}") for k in ("ROUTES", "ROUTER", "BROADCAST"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Serval echo client")
     parser.add_argument(
         "--route",
-        default=None if os.environ.get("PYSERVAL_ROUTES") else "127.0.0.1:54325",
-        help="IP:PORT of the host serving the service (default: PYSERVAL_ROUTES if set, "
-        "else 127.0.0.1:54325)",
+        default=None if _configured() else "127.0.0.1:54325",
+        help="IP:PORT of the host serving the service (default: the PYSERVAL_* environment "
+        "(ROUTES, ROUTER or BROADCAST) if set, else 127.0.0.1:54325)",
     )
     parser.add_argument("--listen", default="0.0.0.0:0", help="IP:PORT of this host (with --route)")
     parser.add_argument("--service", default="echo", help="service name or 64-hex serviceID")

@@ -115,14 +115,16 @@ class HostConfig(BaseModel):
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> HostConfig:
-        """Read ``PYSERVAL_LISTEN`` (comma-separated) and ``PYSERVAL_ROUTES``
-        (``name=IP:PORT,...``)."""
+        """Read ``PYSERVAL_LISTEN`` (comma-separated), ``PYSERVAL_ROUTES``
+        (``name=IP:PORT,...``), ``PYSERVAL_ROUTER`` and ``PYSERVAL_BROADCAST`` (IP:PORT)."""
         env = os.environ if environ is None else environ
         data: dict[str, Any] = {}
         if env.get("PYSERVAL_LISTEN"):
             data["listen"] = [a.strip() for a in env["PYSERVAL_LISTEN"].split(",") if a.strip()]
         if env.get("PYSERVAL_ROUTER"):
             data["router"] = env["PYSERVAL_ROUTER"].strip()
+        if env.get("PYSERVAL_BROADCAST"):
+            data["broadcast"] = env["PYSERVAL_BROADCAST"].strip()
         if env.get("PYSERVAL_ROUTES"):
             routes = {}
             for item in env["PYSERVAL_ROUTES"].split(","):
