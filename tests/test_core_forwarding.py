@@ -11,6 +11,7 @@ from pyserval.sal import Rule, SourceExt, SourcePortsExt, decode_packet
 from pyserval.sal.forwarding import ForwardRefused, forward_packet
 from pyserval.testing import LinkConfig, SimNetwork
 from pyserval.transport.connection import Connection, State
+from pyserval.transport.events import DatagramReceived
 
 CLIENT = ("10.0.0.1", 40000)
 ROUTER = ("10.0.0.9", 7000)
@@ -240,3 +241,20 @@ def test_a_router_never_rebroadcasts() -> None:
     net.kick(client)
     net.run_for(0.1)
     assert router.drops["no_rebroadcast"] == 1 and router.stats["forwarded_syn"] == 0
+
+
+def test_unconnected_datagrams_are_forwarded_and_show_the_original_sender() -> None:
+    net = _net()
+    client = _host(net, CLIENT, 1)
+    router = _host(net, ROUTER, 2, forwarding=True)
+    server = _host(net, SERVER, 3)
+    client.service_table.add("0" * 64 + "/0", Rule.forward(ROUTER))
+    router.service_table.add("svc", Rule.forward(SERVER))
+    ep = server.bind_datagram("svc")
+    mine = client.bind_datagram("me")
+    client.send_datagram(mine, "svc", b"ping")
+    net.kick(client)
+    net.run_for(0.1)
+    (event,) = [e for e in server.events() if isinstance(e, DatagramReceived)]
+    assert event.conn_id == ep.flowid and event.data == b"ping" and event.address == CLIENT
+    assert router.stats["forwarded_datagram"] == 1
