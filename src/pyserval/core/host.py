@@ -54,6 +54,7 @@ __all__ = ["DatagramEndpoint", "DatagramTooLarge", "HostCore", "Listener", "NoRo
 Address = tuple[str, int]
 MAX_DATAGRAM: Final = 65507 - 12 - 72 - 8  # UDP payload limit less SAL and UDP headers
 _ZERO_NONCE: Final = bytes(8)
+_MAX_HELD_SYN: Final = 2048  # bytes: 1,024 held SYNs stay within 2 MiB
 
 
 class NoRoute(Exception):
@@ -319,6 +320,9 @@ class HostCore:
             self.drops["delay_expired"] += 1
         if len(held) >= self.max_delayed:
             self.drops["delay_queue_full"] += 1
+            return
+        if len(data) > _MAX_HELD_SYN:
+            self.drops["delay_syn_too_big"] += 1  # a SYN is small: bound what we hold
             return
         held.append(_Delayed(sid, bytes(data), src, dst, now))
         self.stats["delayed"] += 1
