@@ -17,7 +17,8 @@ parent's state never leaks into them) and prints one JSON document:
 For a later benchmark (``benchmarks/host_bench.py``) to run its own pairs in the same
 run and the same way, the building blocks are public: :func:`run_pair` with
 :class:`Control`, and one function per baseline (:func:`tcp_throughput`,
-:func:`udp_blast`, :func:`tcp_connect_rate`, :func:`run_all`)::
+:func:`udp_blast`, :func:`tcp_connect_rate`, :func:`run_all`); :func:`run_chain` runs
+more than two processes in a row (client, router, server)::
 
     sys.path.insert(0, "benchmarks")
     import baselines
@@ -154,6 +155,49 @@ def run_pair(receiver: Side, sender: Side, params: Params) -> tuple[Result, Resu
         for proc in (rx, tx):
             if proc is None:
                 continue
+            proc.join(5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+
+
+def run_chain(sides: list[Side], params: Params) -> list[Result]:
+    """Run ``sides`` in fresh processes, started in order; return their results in order.
+
+    For set-ups of more than two processes (a client, a server and a router between them).
+    Every side but the last must call ``ctl.announce(address)`` first; the next side is
+    started only then, with ``params["addresses"]`` the addresses announced so far (in
+    order) and ``params["address"]`` the latest of them (as :func:`run_pair` gives its
+    sender). When the last side returns, the others are stopped, newest first (their
+    ``await ctl.stopped()`` returns). ``run_chain([receiver, sender], p)`` is
+    ``run_pair(receiver, sender, p)`` with the results in start order.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    procs: list[multiprocessing.process.BaseProcess] = []
+    pipes: list[Connection] = []
+    addresses: list[tuple[str, int]] = []
+    last = len(sides) - 1
+    try:
+        for i, side in enumerate(sides):
+            parent, child = ctx.Pipe()
+            mine: Params = {**params, "addresses": list(addresses)}
+            if addresses:
+                mine["address"] = addresses[-1]
+            proc = ctx.Process(target=_child, args=(side, child, mine), daemon=True)
+            proc.start()
+            procs.append(proc)
+            pipes.append(parent)
+            if i < last:
+                addresses.append(_expect(parent, "address", f"side {i} ({side.__name__})"))
+        results: list[Result] = [{} for _ in sides]
+        results[last] = _expect(pipes[last], "result", f"side {last} ({sides[last].__name__})")
+        time.sleep(params.get("grace", 0.3))
+        for i in range(last - 1, -1, -1):
+            pipes[i].send("stop")
+            results[i] = _expect(pipes[i], "result", f"side {i} ({sides[i].__name__})")
+        return results
+    finally:
+        for proc in reversed(procs):
             proc.join(5)
             if proc.is_alive():
                 proc.terminate()

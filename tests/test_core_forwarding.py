@@ -5,6 +5,9 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from pyserval.core.host import HostCore, Listener
 from pyserval.naming import ServiceID
 from pyserval.sal import Rule, SourceExt, SourcePortsExt, decode_packet
@@ -258,3 +261,65 @@ def test_unconnected_datagrams_are_forwarded_and_show_the_original_sender() -> N
     (event,) = [e for e in server.events() if isinstance(e, DatagramReceived)]
     assert event.conn_id == ep.flowid and event.data == b"ping" and event.address == CLIENT
     assert router.stats["forwarded_datagram"] == 1
+
+
+def test_fast_first_hop_gives_the_same_bytes_as_the_general_path() -> None:
+    from pyserval.sal.forwarding import FAST_SYN, first_hop_bytes, scan_for_forwarding
+
+    client = HostCore([CLIENT], rng=random.Random(7))
+    client.service_table.add("svc", Rule.forward(ROUTER))
+    client.connect("svc", 0.0)
+    ((data, _, _),) = client.datagrams_to_send(0.0)
+    scan = scan_for_forwarding(data)
+    assert scan is not None
+    kind, service, hlen = scan
+    assert kind == FAST_SYN and service == ServiceID.from_name("svc").value
+    fast = first_hop_bytes(data, hlen, CLIENT, ROUTER)
+    assert fast == forward_packet(data, decode_packet(data), CLIENT, ROUTER, SERVER)
+    # Already forwarded, corrupted or not a SYN: the full decoder decides.
+    assert scan_for_forwarding(fast) is None
+    assert scan_for_forwarding(data[:10] + bytes(2) + data[12:]) is None
+    assert scan_for_forwarding(data[:20]) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.integers(0, 199), st.integers(0, 255))
+def test_router_fast_path_never_raises(junk: bytes, pos: int, value: int) -> None:
+    """Random bytes, and a real SYN with one byte changed, never escape a router."""
+    router = HostCore([ROUTER], rng=random.Random(3), forwarding=True)
+    router.service_table.add("0" * 64 + "/0", Rule.forward(SERVER))
+    client = HostCore([CLIENT], rng=random.Random(7))
+    client.service_table.add("svc", Rule.forward(ROUTER))
+    client.connect("svc", 0.0)
+    ((syn, _, _),) = client.datagrams_to_send(0.0)
+    mutated = bytearray(syn)
+    mutated[pos % len(syn)] = value
+    for data in (junk, bytes(mutated)):
+        router.receive_datagram(data, CLIENT, ROUTER, 0.0)
+    router.datagrams_to_send(0.0)
+    assert router.internal_errors == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 2**32 - 1),
+    st.binary(min_size=32, max_size=32),
+    st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(1, 65535)),
+)
+def test_fast_first_hop_checksum_is_right_for_any_packet(
+    flowid: int, service: bytes, addr: tuple[int, int, int]
+) -> None:
+    from pyserval.sal import ControlExt, ControlFlags, SalPacket, ServiceExt, TcpHeader
+    from pyserval.sal.forwarding import first_hop_bytes, scan_for_forwarding
+
+    ctl = ControlExt(ControlFlags.SYN, flowid, 0, bytes(8))
+    pkt = SalPacket(flowid, 0, 6, [ctl, ServiceExt(ServiceID(service))], TcpHeader(), b"x")
+    data = pkt.encode()
+    scan = scan_for_forwarding(data)
+    assert scan is not None
+    came_from = (f"10.{addr[0]}.{addr[1]}.1", addr[2])
+    fast = first_hop_bytes(data, scan[2], came_from, ROUTER)
+    general = forward_packet(data, pkt, came_from, ROUTER, SERVER)
+    assert fast[:10] == general[:10] and fast[12:] == general[12:]
+    decoded = decode_packet(fast)  # verifies the incrementally updated checksum
+    assert decoded.source_path() == [came_from, ROUTER] and bytes(decoded.payload) == b"x"

@@ -34,7 +34,13 @@ from ..sal.control import MASK32
 from ..sal.errors import MalformedPacket
 from ..sal.extensions import ControlExt, ControlFlags, ServiceExt
 from ..sal.flow_table import FlowTable
-from ..sal.forwarding import ForwardRefused, forward_packet
+from ..sal.forwarding import (
+    FAST_SYN,
+    ForwardRefused,
+    first_hop_bytes,
+    forward_packet,
+    scan_for_forwarding,
+)
 from ..sal.packet import SalPacket, decode_packet
 from ..sal.service_table import Action, Rule, ServiceTable
 from ..sal.transport_headers import PROTO_TCP, PROTO_UDP, TcpFlags, UdpHeader
@@ -305,6 +311,32 @@ class HostCore:
         self._out.append((out, dst, hop))
         self.stats[f"forwarded_{kind}"] += 1
 
+    def _fast_forward(self, data: bytes, src: Address, dst: Address) -> bool:
+        """A router's first hop without decoding the packet; False: take the full path."""
+        scan = scan_for_forwarding(data)
+        if scan is None:
+            return False
+        kind, service, hlen = scan
+        res = self.service_table.lookup_int(service)
+        if res is None or res.target is None:
+            if res is not None:
+                res.entry.hits -= 1  # the full path looks it up (and counts it) again
+            return False
+        hop = res.target.address
+        if hop in self.broadcast:
+            self.drops["no_rebroadcast"] += 1
+        elif hop in (src, dst):
+            self.drops["loop"] += 1
+        else:
+            try:
+                out = first_hop_bytes(data, hlen, src, dst)
+            except OSError:  # not IPv4: the general path refuses it properly
+                res.entry.hits -= 1
+                return False
+            self._out.append((out, dst, hop))
+            self.stats["forwarded_syn" if kind == FAST_SYN else "forwarded_datagram"] += 1
+        return True
+
     # -- DELAY --------------------------------------------------------------------------
     def _ask(self, sid: ServiceID) -> None:
         if sid not in self._asking:
@@ -512,6 +544,8 @@ class HostCore:
     def receive_datagram(self, data: bytes, src: Address, dst: Address, now: float) -> None:
         """Take one UDP payload that arrived on local address ``dst`` from ``src``."""
         self.received += 1
+        if self.forwarding and self._fast_forward(data, src, dst):
+            return
         try:
             pkt = decode_packet(data)
         except MalformedPacket as exc:

@@ -13,13 +13,33 @@ the forwarded bytes are what the original sender wrote apart from the path.
 
 from __future__ import annotations
 
+import socket
+import struct
+from typing import Final
+
 from .checksum import BytesLike
-from .extensions import SOURCE_MAX, PadExt, SourceExt, SourcePortsExt
+from .extensions import SOURCE_MAX, ExtType, PadExt, SourceExt, SourcePortsExt
 from .packet import SalPacket
 
-__all__ = ["ForwardRefused", "forward_packet"]
+__all__ = [
+    "FAST_DATAGRAM",
+    "FAST_SYN",
+    "ForwardRefused",
+    "first_hop_bytes",
+    "forward_packet",
+    "scan_for_forwarding",
+]
 
 Address = tuple[str, int]
+
+FAST_SYN: Final = 1
+FAST_DATAGRAM: Final = 2
+_BASE: Final = struct.Struct("!4xIBBH")  # dst_flowid, shl, protocol, check
+_PORTS: Final = struct.Struct("!BBBBHH")
+_SOURCE_HEAD: Final = bytes((ExtType.SOURCE << 4, 12, 0, 0))
+_ADDED_WORDS: Final = 5  # SOURCE with two addresses (12 bytes) + SOURCE_PORTS with two (8)
+_SYN, _ACK = 0x80, 0x20  # CONTROL flags as plain ints (IntFlag operators are slow)
+_suffix_cache: dict[tuple[Address, Address], tuple[bytes, int]] = {}
 
 
 class ForwardRefused(Exception):
@@ -55,3 +75,119 @@ def forward_packet(
         raise ForwardRefused("not_ipv4", str(exc)) from None
     view = memoryview(data)
     return header + bytes(view[view[8] * 4 :])
+
+
+def scan_for_forwarding(data: bytes) -> tuple[int, int, int] | None:
+    """The first-hop fast path of a router: ``(kind, serviceID as int, SAL header length)``
+    for a SYN (:data:`FAST_SYN`) or unconnected datagram (:data:`FAST_DATAGRAM`) that no
+    forwarder has touched yet, with a good SAL checksum and well-formed extensions.
+
+    None means "use the full decoder": anything unusual, already forwarded, or malformed
+    (the decoder then counts it by reason). Reads only the SAL header, never the transport
+    header: forwarding does not need it, and the receiver checks it.
+    """
+    n = len(data)
+    if n < 16:
+        return None
+    dst, shl, protocol, _ = _BASE.unpack_from(data)
+    hlen = shl * 4
+    if dst or hlen <= 12 or hlen > n or shl > 255 - _ADDED_WORDS:
+        return None
+    check = int.from_bytes(data[:hlen], "big")
+    if not check or check % 0xFFFF:
+        return None
+    # The layouts every SAL stack sends (spec: SYN = CONTROL, SERVICE; unconnected
+    # datagram = SERVICE, SERVICE) are recognised by their fixed offsets.
+    if hlen == 68 and data[12] == 0x10 and data[13] == 20 and data[32] == 0x20 and data[33] == 36:
+        flags = data[14]
+        if protocol == 6 and flags & _SYN and not flags & _ACK:
+            return FAST_SYN, int.from_bytes(data[36:68], "big"), hlen
+        return None
+    if hlen == 84 and data[12] == 0x20 and data[13] == 36 and data[48] == 0x20 and data[49] == 36:
+        return (FAST_DATAGRAM, int.from_bytes(data[16:48], "big"), hlen) if protocol == 17 else None
+    return _scan_extensions(data, hlen, protocol)
+
+
+def _scan_extensions(data: bytes, hlen: int, protocol: int) -> tuple[int, int, int] | None:
+    """:func:`scan_for_forwarding` for any other layout (PAD, more extensions)."""
+    flags = -1
+    service = -1
+    count = 0
+    i = 12
+    while i < hlen:
+        head = data[i]
+        if head == 0:  # PAD
+            i += 1
+            continue
+        if head & 0x0F or i + 2 > hlen:
+            return None
+        length = data[i + 1]
+        if length < 2 or i + length > hlen:
+            return None
+        ext_type = head >> 4
+        count += 1
+        if ext_type == ExtType.CONTROL:
+            if length != 20:
+                return None
+            flags = data[i + 2]
+        elif ext_type == ExtType.SERVICE:
+            if length != 36:
+                return None
+            if service < 0:
+                service = int.from_bytes(data[i + 4 : i + 36], "big")
+        elif ext_type == ExtType.SOURCE or ext_type == ExtType.SOURCE_PORTS:
+            return None  # a later hop: the general path extends the list
+        i += length
+    if service < 0 or count > 8:
+        return None
+    if flags >= 0:
+        if protocol == 6 and flags & _SYN and not flags & _ACK:
+            return FAST_SYN, service, hlen
+        return None
+    return (FAST_DATAGRAM, service, hlen) if protocol == 17 else None
+
+
+def _path_suffix(came_from: Address, me: Address) -> tuple[bytes, int]:
+    """SOURCE ``[came_from, me]`` + SOURCE_PORTS, and what they add to the header's
+    ones'-complement sum (with the shl change); cached per address pair."""
+    key = (came_from, me)
+    hit = _suffix_cache.get(key)
+    if hit is None:
+        suffix = (
+            _SOURCE_HEAD
+            + socket.inet_aton(came_from[0])  # OSError for IPv6 or names
+            + socket.inet_aton(me[0])
+            + _PORTS.pack(ExtType.SOURCE_PORTS << 4, 8, 2, 0, came_from[1], me[1])
+        )
+        added = (_ADDED_WORDS << 8) + sum(
+            int.from_bytes(suffix[i : i + 2], "big") for i in range(0, len(suffix), 2)
+        )
+        hit = (suffix, added)
+        if len(_suffix_cache) >= 4096:
+            _suffix_cache.clear()  # many clients: start again rather than grow
+        _suffix_cache[key] = hit
+    return hit
+
+
+def first_hop_bytes(data: bytes, hlen: int, came_from: Address, me: Address) -> bytes:
+    """``data`` (a packet :func:`scan_for_forwarding` accepted) with SOURCE
+    ``[came_from, me]`` and SOURCE_PORTS appended to its SAL header.
+
+    The checksum is updated incrementally (RFC 1624): the old header's sum, plus the shl
+    change, plus the appended words. Raises OSError when an address is not IPv4 text.
+    """
+    suffix, added = _path_suffix(came_from, me)
+    old = (data[10] << 8) | data[11]
+    total = (0xFFFF - old) + added
+    total = (total & 0xFFFF) + (total >> 16)
+    total = (total & 0xFFFF) + (total >> 16)
+    check = 0xFFFF - total
+    return b"".join(
+        (
+            data[:8],
+            bytes((data[8] + _ADDED_WORDS, data[9], check >> 8, check & 0xFF)),
+            data[12:hlen],
+            suffix,
+            data[hlen:],
+        )
+    )
