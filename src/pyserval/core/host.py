@@ -414,8 +414,86 @@ class HostCore:
         remote = sf.remote_addr
         if remote is None:
             return  # never resolved: nothing was ever sent to the peer
+        mig = sf.mig
+        if mig is not None and mig.challenge_to is not None:
+            self._send_challenging(sf, pkts, mig.challenge_to)
+            return
         for p in pkts:
             self._send(p, sf.local_addr, remote)
+
+    def _send_challenging(self, sf: Subflow, pkts: list[SalPacket], candidate: Address) -> None:
+        """While a candidate peer address is checked, our RSYN goes there (within the
+        anti-amplification budget) and everything else on the verified path."""
+        mig = sf.mig
+        assert mig is not None and sf.remote_addr is not None
+        for p in pkts:
+            ctl = p.control
+            if (
+                ctl is not None
+                and ctl.flags & ControlFlags.RSYN
+                and not ctl.flags & ControlFlags.ACK
+            ):
+                data = p.encode(sf.local_addr[0], candidate[0])
+                if mig.may_send(len(data)):
+                    self._out.append((data, sf.local_addr, candidate))
+                else:
+                    self.drops["amplification_limit"] += 1
+            else:
+                self._send(p, sf.local_addr, sf.remote_addr)
+
+    # -- migration ----------------------------------------------------------------------
+    def migrate(self, conn: Connection, local: Address, now: float) -> bool:
+        """Move ``conn`` to this host's address ``local`` (RSYN exchange); its
+        FlowMigrated event tells when the move is done. False if it cannot start now
+        (the connection is closing)."""
+        if local not in self.addresses:
+            raise ValueError(f"{local[0]}:{local[1]} is not one of this host's addresses")
+        if not conn.subflows or conn.state is not State.ESTABLISHED:
+            raise ValueError(f"connection {conn.conn_id:#x} is not established")
+        sf = conn.primary
+        if sf.local_addr == local and sf.mig is None:
+            return True  # already there
+        started = conn.start_migration(sf, now, local=local)
+        self._wake(conn)
+        return started
+
+    def add_address(self, address: Address) -> None:
+        """A new local address (interface) the host can use."""
+        if address not in self.addresses:
+            self.addresses.append(address)
+
+    def remove_address(self, address: Address, now: float) -> list[Connection]:
+        """The local ``address`` is gone: move every flow on it to the first remaining
+        address. Returns the connections moved."""
+        if address in self.addresses:
+            self.addresses.remove(address)
+        if not self.addresses:
+            return []
+        return self._move_flows(address, self.addresses[0], now)
+
+    def set_address(self, old: Address, new: Address, now: float) -> list[Connection]:
+        """The local address ``old`` changed to ``new``: every flow on it migrates."""
+        if old in self.addresses:
+            self.addresses[self.addresses.index(old)] = new
+        elif new not in self.addresses:
+            self.addresses.append(new)
+        return self._move_flows(old, new, now)
+
+    def _move_flows(self, old: Address, new: Address, now: float) -> list[Connection]:
+        moved = []
+        for conn in list(self.connections.values()):
+            if not conn.subflows:
+                continue
+            sf = conn.primary
+            if sf.local_addr != old:
+                continue
+            if conn.state is State.ESTABLISHED:
+                if conn.start_migration(sf, now, local=new):
+                    moved.append(conn)
+            else:
+                sf.local_addr = new  # a handshake or TIME_WAIT: just send from there
+            self._wake(conn)
+        return moved
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address, Address]]:
         """Every datagram to send now, as (payload, local address, remote address)."""
@@ -712,6 +790,8 @@ class HostCore:
         self, conn: Connection, sf: Subflow, pkt: SalPacket, now: float, src: Address
     ) -> None:
         ctl = pkt.control
+        if src != sf.remote_addr and not self._from_elsewhere(conn, sf, pkt, src, now):
+            return
         if ctl is not None:
             if ctl.flags & ControlFlags.RST:
                 self._maybe_reset(conn, sf, pkt, src)
@@ -732,7 +812,7 @@ class HostCore:
             if ctl.flags & ControlFlags.SYN:
                 conn.third_ack_pending = conn.role is Role.CLIENT  # our third ACK was lost
                 return
-            conn.on_control(sf, ctl, now)
+            conn.on_control(sf, ctl, now, src)
             if conn.state is State.CLOSED:
                 return
         tcp = pkt.tcp
@@ -744,6 +824,36 @@ class HostCore:
                     conn.ack_now = True
             else:
                 sf.on_tcp(tcp, pkt.payload, now)
+
+    def _from_elsewhere(
+        self, conn: Connection, sf: Subflow, pkt: SalPacket, src: Address, now: float
+    ) -> bool:
+        """A packet of an established flow from an address that is not the peer's.
+
+        An RSYN (the peer moving) and packets from the peer's previous address (late ones)
+        are taken as usual. Anything else may be the peer behind a NAT that rebound: the
+        packet is taken (TCP checks its numbers), but nothing is sent there until an RSYN
+        challenge comes back with the peer's nonce. Returns whether to process the packet.
+        """
+        ctl = pkt.control
+        if ctl is not None and ctl.flags & ControlFlags.RSYN:
+            return True  # RSYN or RSYN+ACK: the nonce and the exchange decide
+        if src == sf.prev_remote or conn.state is not State.ESTABLISHED:
+            return True
+        if ctl is not None and ctl.flags & ControlFlags.RST:
+            self.drops["rst_from_elsewhere"] += 1
+            return False
+        mig = sf.mig
+        size = len(pkt.payload) + 32
+        if mig is not None and mig.challenge_to == src:
+            mig.rx += size
+        elif (mig is None or not mig.busy) and conn.start_migration(
+            sf, now, challenge_to=src, reason="rebinding"
+        ):
+            assert sf.mig is not None
+            sf.mig.rx = size
+            self.stats["rebinding_challenge"] += 1
+        return True
 
     def _maybe_reset(
         self, conn: Connection, sf: Subflow, pkt: SalPacket, src: Address | None = None

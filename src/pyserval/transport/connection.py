@@ -41,9 +41,11 @@ from .events import (
     ConnectionTimedOut,
     DataReceived,
     Event,
+    FlowMigrated,
     SendSpaceAvailable,
     StreamEnded,
 )
+from .migration import CHALLENGE_TRIES, MigrationState
 from .rtt import RttEstimator
 
 __all__ = ["Connection", "ConnectionError_", "Role", "State", "Subflow", "unwrap"]
@@ -54,6 +56,7 @@ HALF32: Final = 0x80000000
 DUP_THRESH: Final = 3
 _PEER_DEFAULT_MSS: Final = 536  # RFC 9293 default when the peer sends no MSS option
 _MIN_PEER_MSS: Final = 256
+_CONTROL_PACKET: Final = 32  # bytes of a SAL control packet: base header + CONTROL
 
 
 def _no_wake(conn: Connection) -> None:
@@ -148,6 +151,42 @@ class Subflow:
         self.irs = 0
         self.last_adv_window = 0
         self.peer_offered_wscale = False
+        # Migration (RSYN): None when the addresses are settled.
+        self.mig: MigrationState | None = None
+        self.prev_remote: Address | None = None  # where the peer was before it moved
+
+    @property
+    def frozen(self) -> bool:
+        """Transport output waits while the flow's path changes."""
+        mig = self.mig
+        return mig is not None and mig.frozen
+
+    def path_changed(self, now: float) -> None:
+        """The flow moved to a new path: resume without taking the move for congestion.
+
+        What was in flight on the old path is sent again as if after a timeout, but the
+        congestion state starts afresh for the new path (slow start, no ssthresh cut) and
+        the RTO backoff is forgotten.
+        """
+        self.cc = make_congestion_control(self.conn.config.congestion, self.mss)
+        self.rtt.clear_backoff()
+        self.rto_count = 0
+        self.dupacks = 0
+        self.persist_deadline = None
+        self.persist_backoff = 0
+        if self.segments:
+            self.lost.clear()
+            for start, seg in self.segments.items():
+                if not seg.sacked:
+                    seg.lost = True
+                    seg.retransmitted = False
+                    self.lost.add(start)
+            self.in_recovery = True
+            self.recovery_after_rto = True
+            self.recovery_point = self.snd_max
+            self.rto_deadline = now + self.rtt.rto
+        else:
+            self.rto_deadline = None
 
     def take_peer_syn(self, tcp: TcpHeader) -> None:
         """Adopt what the peer's SYN or SYN-ACK says: ISN, MSS, window scale, SACK."""
@@ -592,13 +631,21 @@ class Subflow:
 
     def next_deadline(self) -> float | None:
         """The earliest of this subflow's timers."""
-        d = self.rto_deadline
-        p = self.persist_deadline
-        if p is not None and (d is None or p < d):
-            d = p
+        mig = self.mig
+        if mig is not None and mig.frozen:
+            d = None  # transport timers wait with the transport
+        else:
+            d = self.rto_deadline
+            p = self.persist_deadline
+            if p is not None and (d is None or p < d):
+                d = p
         c = self.control.deadline
         if c is not None and (d is None or c < d):
             d = c
+        if mig is not None:
+            r = mig.rsynack_deadline
+            if r is not None and (d is None or r < d):
+                d = r
         return d
 
 
@@ -647,6 +694,7 @@ class Connection:
         self.pending_control = False  # (re)send our outstanding control packet
         self.control_ack_pending = False  # acknowledge a peer's SAL FIN
         self.rst_pending = False
+        self.rsynack_pending = False  # answer a peer's RSYN
         self.syn_due = False  # SYN (re)transmission: the host resolves the service again
         self.syn_first = False
         self.wake: Callable[[Connection], None] = _no_wake  # the host polls us for output
@@ -836,13 +884,40 @@ class Connection:
         self.state = State.CLOSED
         self.emit(ConnectionReset(self.conn_id, reason))
 
-    def on_control(self, sf: Subflow, ext: ControlExt, now: float) -> None:
-        """A CONTROL extension with the right nonce on an established connection."""
+    def on_control(
+        self, sf: Subflow, ext: ControlExt, now: float, src: Address | None = None
+    ) -> None:
+        """A CONTROL extension with the right nonce on an established connection, from
+        ``src`` (None: the flow's current remote address)."""
         flags = ext.flags
         if flags & ControlFlags.RST:
             self.on_reset()
             return
+        if src is None:
+            src = sf.remote_addr
+        if flags & ControlFlags.RSYN:
+            if flags & ControlFlags.ACK:
+                self._on_rsynack(sf, ext, src, now)
+            else:
+                self._on_rsyn(sf, ext, src, now)
+            return
+        mig = sf.mig
+        if (
+            mig is not None
+            and mig.awaiting_ack
+            and flags & ControlFlags.ACK
+            and src == sf.remote_addr
+        ):
+            # The moving peer's ACK of our RSYN+ACK: the new path is confirmed.
+            mig.awaiting_ack = False
+            mig.rsynack_deadline = None
+            self._maybe_commit(sf, now)
         if flags & ControlFlags.ACK and sf.control.acked(ext):
+            if sf.control.outstanding == ControlFlags.RSYN:
+                # A plain ACK of our RSYN (its RSYN+ACK was lost, or both ends moved and
+                # this ACK answers ours): the move is acknowledged all the same.
+                self._on_rsynack(sf, ext, src, now)
+                return
             if sf.control.outstanding == ControlFlags.FIN:
                 self.sal_fin_acked = True
             sf.control.complete()
@@ -853,6 +928,141 @@ class Connection:
             self.peer_sal_fin = True
             self.control_ack_pending = True
         self._maybe_finish(now)
+
+    # -- migration ----------------------------------------------------------------------
+    def start_migration(
+        self,
+        sf: Subflow,
+        now: float,
+        *,
+        local: Address | None = None,
+        challenge_to: Address | None = None,
+        reason: str = "migrated",
+    ) -> bool:
+        """Move ``sf`` to the local address ``local`` (RSYN from there), or check that the
+        peer is reachable at ``challenge_to`` (a NAT rebinding). False when the control
+        channel is busy with another exchange (a closing flow): nothing was started."""
+        if self.state is not State.ESTABLISHED:
+            raise ConnectionError_(f"cannot migrate connection {self.conn_id:#x}: not established")
+        cc = sf.control
+        mig = sf.mig
+        if cc.outstanding is not None and not (mig is not None and mig.own_rsyn):
+            return False
+        if mig is None:
+            mig = sf.mig = MigrationState()
+        if local is not None:
+            sf.local_addr = local
+        mig.challenge_to = challenge_to
+        mig.reason = reason
+        if challenge_to is not None:
+            mig.rx = mig.tx = 0
+        if not mig.own_rsyn:
+            mig.own_rsyn = True
+            # Time the RSYN by the path's RTO, not the 3 s used for a SYN: the flow is
+            # waiting on it.
+            cc.rto = min(max(sf.rtt.rto, cc.timers.min_rto), cc.timers.initial_rto)
+            cc.send_reliable(ControlFlags.RSYN, now)
+        self.pending_control = True  # (again) from the new address
+        self.wake(self)
+        return True
+
+    def _on_rsyn(self, sf: Subflow, ext: ControlExt, src: Address | None, now: float) -> None:
+        """The peer moves to ``src`` (or checks that it still reaches us there)."""
+        cc = sf.control
+        expected = cc.rcv_ackno
+        if ext.verno != expected and ext.verno != (expected - 1) & 0xFFFFFFFF:
+            cc.ignored += 1  # neither the next RSYN nor a retransmission of the last one
+            return
+        cc.peer_consumed(ext.verno)
+        if src is None:
+            return
+        mig = sf.mig
+        if mig is None:
+            mig = sf.mig = MigrationState(reason="peer_moved")
+        elif not mig.own_rsyn:
+            mig.reason = "peer_moved"
+        if src != sf.remote_addr:
+            sf.prev_remote = sf.remote_addr
+            sf.remote_addr = src
+        mig.awaiting_ack = True
+        mig.rsynack_rto = max(sf.rtt.rto, cc.timers.min_rto)
+        mig.rsynack_deadline = now + mig.rsynack_rto
+        mig.rsynack_tries = 0
+        self.rsynack_pending = True
+
+    def _on_rsynack(self, sf: Subflow, ext: ControlExt, src: Address | None, now: float) -> None:
+        """The peer answered our RSYN: switch (or accept the checked address) and ACK."""
+        mig = sf.mig
+        cc = sf.control
+        if mig is None or not mig.own_rsyn:
+            if src == sf.remote_addr:
+                self.control_ack_pending = True  # our ACK was lost: send it again
+            elif (
+                src is not None
+                and (mig is None or not mig.busy)
+                and self.start_migration(sf, now, challenge_to=src, reason="rebinding")
+            ):
+                # The peer retransmits its answer from yet another address (its NAT
+                # rebound again): check that address, which also answers the peer.
+                assert sf.mig is not None
+                sf.mig.rx = _CONTROL_PACKET  # the RSYN+ACK that came from there
+            return
+        if cc.outstanding != ControlFlags.RSYN or not cc.acked(ext):
+            cc.ignored += 1
+            return
+        if mig.challenge_to is not None:
+            if src != mig.challenge_to:
+                cc.ignored += 1
+                return
+            sf.prev_remote = sf.remote_addr
+            sf.remote_addr = src
+            mig.reason = "rebinding"
+            mig.challenge_to = None
+        cc.complete()
+        mig.own_rsyn = False
+        self.control_ack_pending = True
+        self._maybe_commit(sf, now)
+
+    def _maybe_commit(self, sf: Subflow, now: float) -> None:
+        mig = sf.mig
+        if mig is None or mig.busy:
+            return
+        sf.mig = None
+        sf.path_changed(now)
+        self.ack_now = True
+        remote = sf.remote_addr
+        assert remote is not None
+        self.emit(FlowMigrated(self.conn_id, sf.local_addr, remote, mig.reason))
+
+    def _migration_timers(self, sf: Subflow, now: float, out: list[SalPacket]) -> None:
+        mig = sf.mig
+        if mig is None:
+            return
+        d = mig.rsynack_deadline
+        if d is not None and now >= d:
+            mig.rsynack_tries += 1
+            if mig.rsynack_tries > sf.control.timers.max_retries:
+                self.time_out("migration unconfirmed")
+                return
+            mig.rsynack_rto = min(mig.rsynack_rto * 2, sf.control.timers.max_rto)
+            mig.rsynack_deadline = now + mig.rsynack_rto
+            self.rsynack_pending = True
+        cc = sf.control
+        if (
+            mig.challenge_to is not None
+            and cc.deadline is not None
+            and now >= cc.deadline
+            and cc.retries + 1 >= CHALLENGE_TRIES
+        ):
+            # The candidate never answered with the peer's nonce: forget it, keep the path.
+            # The RSYN's number goes back unused, so the peer, which may never have seen
+            # it, still expects the next RSYN's number.
+            cc.snd_verno = cc.outstanding_verno
+            cc.complete()
+            mig.own_rsyn = False
+            mig.challenge_to = None
+            if not mig.busy:
+                sf.mig = None
 
     def _maybe_finish(self, now: float) -> None:
         if not (self.sal_fin_acked and self.peer_sal_fin) or self.state is not State.ESTABLISHED:
@@ -909,13 +1119,18 @@ class Connection:
                     )
                 )
         for sf in self.subflows:
+            if sf.mig is not None:
+                self._migration_timers(sf, now, out)
+                if self.state is State.CLOSED:
+                    return
             try:
                 if sf.control.due(now):
                     self.resend_control(sf, out)
             except ControlTimeout as exc:
                 self.time_out(f"control packet unanswered ({exc})")
                 return
-            sf.on_timer(now, out)
+            if not sf.frozen:
+                sf.on_timer(now, out)
             if self.state is State.CLOSED:
                 return
 
@@ -943,14 +1158,19 @@ class Connection:
             ext = sf.control.ext(ControlFlags.ACK)
             out.append(sf.control_packet(ext, [ServiceExt(self.service_id)], sf.ack_header()))
             self.ack_sent()
-        if self.state is State.ESTABLISHED:
+        frozen = sf.frozen
+        if self.state is State.ESTABLISHED and not frozen:
             sf.output(now, out)
-        if self.ack_now:
+        if self.ack_now and not frozen:
             out.append(SalPacket(sf.local_flowid, sf.remote_flowid, PROTO_TCP, [], sf.ack_header()))
             self.ack_sent()
         if self.pending_control:
             self.pending_control = False
-            out.append(sf.control_packet(sf.control.resend()))
+            if sf.control.outstanding is not None:
+                out.append(sf.control_packet(sf.control.resend()))
+        if self.rsynack_pending:
+            self.rsynack_pending = False
+            out.append(sf.control_packet(sf.control.ext(ControlFlags.RSYN | ControlFlags.ACK)))
         if self.control_ack_pending:
             self.control_ack_pending = False
             out.append(sf.control_packet(sf.control.ext(ControlFlags.ACK)))

@@ -13,6 +13,7 @@ __all__ = [
     "DataReceived",
     "DatagramReceived",
     "Event",
+    "FlowMigrated",
     "IncomingConnection",
     "SendSpaceAvailable",
     "StreamEnded",
@@ -90,3 +91,12 @@ class DatagramReceived(Event):
     data: bytes
     source_service: bytes
     address: tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class FlowMigrated(Event):
+    """A flow of the connection now runs between new addresses (RSYN committed)."""
+
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    reason: str  # "migrated" (we moved), "peer_moved", "rebinding" (peer seen behind a NAT)
