@@ -180,6 +180,8 @@ async def upload(host: pyserval.Host, args: argparse.Namespace) -> int:
     ok = digest == expected and int(count or -1) == len(data)
     result(
         ok=ok,
+        local_address=list(stream.local_address),
+        auto_removed=[list(a) for a in host.auto_removed],
         bytes=len(data),
         seconds=round(seconds, 3),
         mbit_per_s=round(len(data) * 8 / seconds / 1e6, 1),
@@ -254,7 +256,8 @@ CLIENTS = {"upload": upload, "many": many, "until-error": until_error}
 
 def run_client(args: argparse.Namespace) -> int:
     async def main() -> int:
-        host = pyserval.Host(listen=[args.listen], stream_config=stream_config(args))
+        listen = [a.strip() for a in args.listen.split(",")]  # several: a multihomed host
+        host = pyserval.Host(listen=listen, stream_config=stream_config(args))
         async with host:
             host.add_route(args.service, args.route)
             return await CLIENTS[args.command](host, args)

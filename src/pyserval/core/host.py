@@ -594,12 +594,15 @@ class HostCore:
 
         A connection still in SYN_SENT towards it fails at once (like ECONNREFUSED); an
         established one is reset after three such errors with nothing heard in between
-        (one could be stale, from before a restart at the same address).
+        (one could be stale, from before a restart at the same address). A flow that is
+        migrating ignores them.
         """
         self.stats["icmp_unreachable"] += 1
         for conn in list(self.connections.values()):
             if not conn.subflows or conn.primary.remote_addr != remote:
                 continue
+            if conn.primary.mig is not None:
+                continue  # the path is changing: errors from the old one are expected
             if conn.state is State.SYN_SENT:
                 conn.state = State.CLOSED
                 conn.error = f"service unreachable: {reason} from {remote[0]}:{remote[1]}"

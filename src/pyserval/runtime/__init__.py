@@ -3,12 +3,13 @@
 from .api import connect, default_host, listen, open_connection, start_server
 from .host import Host, HostConfig, parse_address
 from .socket import ServalSocket, SocketClosed
-from .streams import ServalConnectError, ServalListener, ServalStream
+from .streams import ServalConnectError, ServalListener, ServalMigrationError, ServalStream
 
 __all__ = [
     "Host",
     "HostConfig",
     "ServalConnectError",
+    "ServalMigrationError",
     "ServalListener",
     "ServalSocket",
     "ServalStream",

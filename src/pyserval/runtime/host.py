@@ -9,8 +9,11 @@ next deadline changes. Core events wake the tasks waiting on the connection they
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import functools
 import os
+import socket
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -93,6 +96,9 @@ class HostConfig(BaseModel):
     broadcast: str | None = None
     # Forward SYNs and datagrams that FORWARD rules send elsewhere (routers do).
     forwarding: bool = False
+    # Seconds between checks that each interface's IP still exists; when one is gone and
+    # another remains, its flows migrate there by themselves (0 turns the check off).
+    interface_check: float = Field(default=0.5, ge=0.0)
     # How long a DELAY verdict may take before the held SYNs are dropped.
     delay_timeout: float = Field(default=5.0, gt=0.0)
     # How long close() waits for every stream to deliver its data and FIN before resetting
@@ -134,6 +140,18 @@ class HostConfig(BaseModel):
                 routes[name.strip()] = addr.strip()
             data["routes"] = routes
         return cls(**data)
+
+
+def _ip_present(ip: str) -> bool:
+    """Whether this machine still has the address ``ip`` (binding to it is allowed)."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.bind((ip, 0))
+    except OSError as exc:
+        return exc.errno != errno.EADDRNOTAVAIL
+    finally:
+        probe.close()
+    return True
 
 
 class _Waiters:
@@ -209,6 +227,8 @@ class Host:
         self.controller: HostController | None = None
         self.delay_handler: DelayHandler | None = None
         self._verdicts: set[asyncio.Task[None]] = set()
+        self._watchdog: asyncio.Task[None] | None = None
+        self.auto_removed: list[Address] = []  # interfaces the check found gone
         for service, address in self.config.routes.items():
             self.add_route(service, address)
 
@@ -236,6 +256,8 @@ class Host:
             forwarding=cfg.forwarding,
             delay_timeout=cfg.delay_timeout * 2,
         )
+        if cfg.interface_check > 0:
+            self._watchdog = asyncio.ensure_future(self._watch_interfaces(cfg.interface_check))
         default = "0" * 64 + "/0"
         if cfg.broadcast is not None and cfg.router is None:
             target = parse_address(cfg.broadcast)
@@ -251,12 +273,136 @@ class Host:
         return self
 
     async def _open_interface(self, local: Address) -> UdpEndpoint:
+        return self._open_interface_now(local)
+
+    def _open_interface_now(self, local: Address) -> UdpEndpoint:
         holder: list[UdpEndpoint] = []
-        ep = await UdpEndpoint.open(local, self._reader_for(holder), on_icmp_error=self._on_icmp)
+        # UdpEndpoint.open does no waiting: driving its coroutine once binds and registers
+        # the socket on the running loop, so interfaces can be added from plain calls.
+        coro = UdpEndpoint.open(local, self._reader_for(holder), on_icmp_error=self._on_icmp)
+        try:
+            coro.send(None)
+        except StopIteration as done:
+            ep: UdpEndpoint = done.value
+        else:  # pragma: no cover - open() never suspends
+            coro.close()
+            raise RuntimeError("UdpEndpoint.open suspended")
         holder.append(ep)
         self.endpoints.append(ep)
         self._by_address[ep.address] = ep
         return ep
+
+    # -- interfaces and migration ---------------------------------------------------------
+    def add_interface(self, address: str | Address) -> Address:
+        """Open another interface (UDP address, ``"IP:PORT"``; port 0 picks one); returns
+        its bound address. New flows still start on the first interface; streams can
+        :meth:`~pyserval.ServalStream.migrate` to it."""
+        core = self._require_core()
+        local = parse_address(address) if isinstance(address, str) else address
+        ep = self._open_interface_now(local)
+        core.add_address(ep.address)
+        self._service_event(ServiceEvent(ServiceEventKind.ADDRESS_CHANGED, None))
+        return ep.address
+
+    async def remove_interface(self, address: str | Address, *, timeout: float = 2.0) -> None:
+        """Take an interface away: every flow on it migrates to the first remaining one
+        (waiting up to ``timeout`` for the moves to complete), then its socket closes."""
+        core = self._require_core()
+        local = self._known_interface(address)
+        if len(self.endpoints) < 2:
+            raise ValueError("cannot remove the host's last interface")
+        moved = core.remove_address(local, self._now())
+        self._flush()
+        await self._settle(moved, timeout)
+        self._close_interface(local)
+        self._service_event(ServiceEvent(ServiceEventKind.ADDRESS_CHANGED, None))
+
+    async def set_address(
+        self, interface: str | Address, new_address: str | Address, *, timeout: float = 2.0
+    ) -> Address:
+        """The interface's address changed (or should): open ``new_address``, move every
+        flow there (RSYN), close the old socket. Returns the new bound address."""
+        core = self._require_core()
+        old = self._known_interface(interface)
+        new = parse_address(new_address) if isinstance(new_address, str) else new_address
+        ep = self._open_interface_now(new)
+        moved = core.set_address(old, ep.address, self._now())
+        self._flush()
+        await self._settle(moved, timeout)
+        self._close_interface(old)
+        self._service_event(ServiceEvent(ServiceEventKind.ADDRESS_CHANGED, None))
+        return ep.address
+
+    async def _watch_interfaces(self, interval: float) -> None:
+        """Migrate the flows of an interface whose IP disappeared (while another remains)."""
+        while not self._closed:
+            await asyncio.sleep(interval)
+            if len(self.endpoints) < 2:
+                continue
+            for local in [a for a in self.addresses if a[0] not in ("0.0.0.0", "")]:
+                if len(self.endpoints) >= 2 and not _ip_present(local[0]):
+                    self.auto_removed.append(local)
+                    # ValueError: removed meanwhile; RuntimeError: the host is closing.
+                    with contextlib.suppress(ValueError, RuntimeError):
+                        await self.remove_interface(local)
+
+    def _known_interface(self, address: str | Address) -> Address:
+        local = parse_address(address) if isinstance(address, str) else address
+        if local not in self._by_address:
+            known = ", ".join(f"{a[0]}:{a[1]}" for a in self.addresses)
+            raise ValueError(f"{local[0]}:{local[1]} is not an interface of this host ({known})")
+        return local
+
+    def _close_interface(self, local: Address) -> None:
+        ep = self._by_address.pop(local, None)
+        if ep is not None:
+            self.endpoints.remove(ep)
+            ep.close()
+
+    async def _settle(self, moved: list[Connection], timeout: float) -> None:
+        """Wait (bounded) until the given connections finished migrating."""
+
+        def settled(conn: Connection) -> bool:
+            return conn.closed or all(sf.mig is None for sf in conn.subflows)
+
+        deadline = self._now() + timeout
+        for conn in moved:
+            remaining = deadline - self._now()
+            if remaining <= 0:
+                return
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._waiters.wait_for(conn.conn_id, functools.partial(settled, conn))
+            except TimeoutError:
+                return
+
+    async def migrate(self, conn: Connection, local: str | Address, timeout: float) -> None:
+        """Move ``conn`` to the interface ``local`` and wait until the peer confirmed."""
+        from .streams import ServalMigrationError
+
+        core = self._require_core()
+        try:
+            target = self._known_interface(local)
+            started = core.migrate(conn, target, self._now())
+        except ValueError as exc:
+            raise ServalMigrationError(str(exc)) from None
+        if not started:
+            raise ServalMigrationError("the connection is closing: it cannot migrate now")
+        self.schedule_flush()
+
+        def done() -> bool:
+            sf = conn.primary
+            return conn.closed or (sf.mig is None and sf.local_addr == target)
+
+        try:
+            async with asyncio.timeout(timeout):
+                await self._waiters.wait_for(conn.conn_id, done)
+        except TimeoutError:
+            raise ServalMigrationError(
+                f"the peer did not confirm the move to {target[0]}:{target[1]} in {timeout} s"
+            ) from None
+        if conn.closed:
+            raise ServalMigrationError(f"the connection closed: {conn.error or 'closed'}")
 
     async def _open_reference_interface(self) -> UdpEndpoint:
         """The reference ports where free: 54325 (where services are reached), else 54324
@@ -320,6 +466,8 @@ class Host:
         if self.controller is not None:
             await self.controller.close()
         self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for task in list(self._verdicts):
             task.cancel()
         if core is not None:

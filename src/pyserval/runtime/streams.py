@@ -12,9 +12,13 @@ from ..naming.service_id import ServiceID
 from ..transport.connection import Connection, State
 from .host import Host
 
-__all__ = ["ServalConnectError", "ServalListener", "ServalStream"]
+__all__ = ["ServalConnectError", "ServalListener", "ServalMigrationError", "ServalStream"]
 
 Address = tuple[str, int]
+
+
+class ServalMigrationError(Exception):
+    """A connection could not move to another address."""
 
 
 class ServalConnectError(ConnectionError):
@@ -59,6 +63,21 @@ class ServalStream(anyio.abc.ByteStream):
     def remote_address(self) -> Address | None:
         """The peer's address on the (first) subflow."""
         return self._conn.primary.remote_addr
+
+    @property
+    def paths(self) -> list[tuple[Address, Address | None]]:
+        """(local, remote) address pair of each subflow."""
+        return [(sf.local_addr, sf.remote_addr) for sf in self._conn.subflows]
+
+    async def migrate(self, local_address: str | Address, *, timeout: float = 10.0) -> None:
+        """Move this connection to another of the host's interfaces (``"IP:PORT"``).
+
+        Returns once the peer confirmed the move (RSYN exchange); raises
+        :class:`ServalMigrationError` if it cannot start or is not confirmed in time. Data
+        in flight is sent again on the new path; nothing is lost or duplicated.
+        """
+        self._check()
+        await self._host.migrate(self._conn, local_address, timeout)
 
     # -- anyio.abc.ByteStream -----------------------------------------------------------
     def _check(self) -> None:
