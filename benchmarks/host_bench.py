@@ -37,10 +37,12 @@ from pyserval.transport.config import StreamConfig
 SERVICE = "bench"
 
 
-def _config(params: Params) -> StreamConfig:
-    return StreamConfig(
-        mss=params.get("mss", 8192), send_buffer=8 << 20, receive_buffer=8 << 20
-    )
+def _config(params: Params) -> StreamConfig | None:
+    """The stream settings to measure; mss 0 means the host's defaults (segment size from
+    the interface MTU, 1 MiB buffers), what an application gets without configuring."""
+    if params.get("mss", 8192) == 0:
+        return None
+    return StreamConfig(mss=params.get("mss", 8192), send_buffer=8 << 20, receive_buffer=8 << 20)
 
 
 async def serval_bulk_receiver(ctl: Control, params: Params) -> Result:
@@ -91,7 +93,7 @@ def serval_bulk(seconds: float, mss: int) -> Result:
         serval_bulk_receiver, serval_bulk_sender, {"seconds": seconds, "mss": mss, "grace": 0.1}
     )
     return {
-        "mss": mss,
+        "mss": mss or "default",
         "mb_per_s": round(received["bytes"] / received["seconds"] / MB, 1),
         "bytes": received["bytes"],
         "seconds": round(received["seconds"], 3),
@@ -152,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run everything and print (and optionally write) the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--mss", default="1408,8192,32768")
+    parser.add_argument(
+        "--mss", default="0,1408,8192,32768", help="segment sizes; 0: the host default"
+    )
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     out: dict[str, Any] = {"environment": baselines.environment()}

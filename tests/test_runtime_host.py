@@ -328,3 +328,24 @@ def test_host_close_delivers_queued_data_then_fin() -> None:
             serving.cancel()
 
     asyncio.run(main())
+
+
+def test_segment_size_follows_the_interface_mtu_unless_configured() -> None:
+    from pyserval.runtime.mtu import MAX_AUTO_MSS, interface_mtu, mss_for
+
+    assert mss_for(["0.0.0.0"], 1408) == 1408  # any interface: keep the reference's size
+    assert mss_for(["203.0.113.77"], 1408) == 1408  # no interface holds it
+    lo = interface_mtu("127.0.0.1")
+    if lo is None:
+        pytest.skip("no loopback MTU readable here")
+    assert mss_for(["127.0.0.1"], 1408) == min(lo - 88, MAX_AUTO_MSS)
+
+    async def main() -> None:
+        async with (
+            Host(["127.0.0.1:0"]) as auto,
+            Host(["127.0.0.1:0"], stream_config=StreamConfig(mss=1408)) as fixed,
+        ):
+            assert auto.stream_config.mss == mss_for(["127.0.0.1"], 1408)
+            assert fixed.stream_config.mss == 1408
+
+    asyncio.run(main())

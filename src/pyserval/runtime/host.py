@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import functools
 import os
@@ -35,6 +36,7 @@ from ..transport.events import (
     Event,
     IncomingConnection,
 )
+from .mtu import mss_for
 from .service_events import HostController, ServiceEvent, ServiceEventKind, ServiceEventListener
 from .udp import UdpEndpoint
 
@@ -207,6 +209,8 @@ class Host:
         if broadcast is not None:
             updates["broadcast"] = broadcast
         self.config = HostConfig(**{**base.model_dump(), **updates})
+        # None: sized from the interfaces' MTU when the host starts (see runtime.mtu).
+        self._auto_mss = stream_config is None
         self.stream_config = stream_config or StreamConfig()
         self.service_table = ServiceTable()
         self.core: HostCore | None = None
@@ -249,6 +253,9 @@ class Host:
         else:
             await self._open_reference_interface()
         cfg = self.config
+        if self._auto_mss:
+            mss = mss_for([ip for ip, _ in self.addresses], self.stream_config.mss)
+            self.stream_config = dataclasses.replace(self.stream_config, mss=mss)
         self.core = HostCore(
             self.addresses,
             config=self.stream_config,
