@@ -33,7 +33,7 @@ def describe(packet: SalPacket) -> str:
         if name == "CONTROL":
             c = packet.control
             assert c is not None
-            flags = "+".join(f.name or "" for f in ControlFlags if c.flags & f) or "-"
+            flags = ControlFlags.names(c.flags)
             parts.append(f"CONTROL({flags} verno={c.verno:#010x} ackno={c.ackno:#010x})")
         elif name == "SERVICE":
             s = packet.service

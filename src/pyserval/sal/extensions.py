@@ -47,15 +47,26 @@ class ExtType(enum.IntEnum):
     SOURCE_PORTS = 5  # pyserval's own: the UDP port of each SOURCE address
 
 
-class ControlFlags(enum.IntFlag):
-    """CONTROL flags, most significant bit first; the two low bits are reserved."""
+class ControlFlags:
+    """CONTROL flags, most significant bit first; the two low bits are reserved.
 
-    SYN = 0x80
-    RSYN = 0x40
-    ACK = 0x20
-    NACK = 0x10
-    RST = 0x08
-    FIN = 0x04
+    Plain ints, not an ``enum.IntFlag``: every control packet tests them, and IntFlag's
+    operators run Python code on each ``&`` (``names`` gives the readable form).
+    """
+
+    SYN: Final = 0x80
+    RSYN: Final = 0x40
+    ACK: Final = 0x20
+    NACK: Final = 0x10
+    RST: Final = 0x08
+    FIN: Final = 0x04
+
+    @staticmethod
+    def names(flags: int) -> str:
+        """``"SYN+ACK"`` style text of ``flags`` (``"-"`` for none)."""
+        bits = (("SYN", 0x80), ("RSYN", 0x40), ("ACK", 0x20), ("NACK", 0x10), ("RST", 0x08))
+        out = [name for name, bit in (*bits, ("FIN", 0x04)) if flags & bit]
+        return "+".join(out) or "-"
 
 
 _CONTROL: Final = struct.Struct("!BBBBII8s")
@@ -146,13 +157,13 @@ class ControlExt(Extension):
             ExtType.CONTROL << 4, 20, self.flags, self.reserved, self.verno, self.ackno, self.nonce
         )
 
-    def has(self, flag: ControlFlags) -> bool:
+    def has(self, flag: int) -> bool:
         """Whether ``flag`` is set."""
         return bool(self.flags & flag)
 
     def __repr__(self) -> str:
         return (
-            f"ControlExt(flags={ControlFlags(self.flags & 0xFC)!r}, verno={self.verno:#010x}, "
+            f"ControlExt(flags={ControlFlags.names(self.flags)}, verno={self.verno:#010x}, "
             f"ackno={self.ackno:#010x}, nonce={self.nonce.hex()})"
         )
 
