@@ -165,10 +165,13 @@ class Subflow:
         """The flow moved to a new path: resume without taking the move for congestion.
 
         What was in flight on the old path is sent again as if after a timeout, but the
-        congestion state starts afresh for the new path (slow start, no ssthresh cut) and
-        the RTO backoff is forgotten.
+        congestion state starts afresh for the new path (slow start, no loss response) and
+        the RTO backoff is forgotten. Slow start stops at the old path's window (the only
+        hint there is about the new one) instead of running until it overflows a queue.
         """
-        self.cc = make_congestion_control(self.conn.config.congestion, self.mss)
+        old_cwnd = self.cc.cwnd
+        self.cc.on_path_change(now)
+        self.cc.ssthresh = max(old_cwnd, 2 * self.mss)
         self.rtt.clear_backoff()
         self.rto_count = 0
         self.dupacks = 0
@@ -332,6 +335,7 @@ class Subflow:
             if window and self.persist_deadline is not None:
                 self.persist_deadline = None
                 self.persist_backoff = 0
+        sacked_before = self.sacked_bytes
         if self.sack_ok and tcp.options:
             self._on_sack(tcp.sack_blocks)
         if ack > self.snd_una:
@@ -341,6 +345,10 @@ class Subflow:
             and self.snd_max > self.snd_una
             and not carries_data
             and not window_changed
+            # With SACK a duplicate ACK counts only if it SACKs new data (RFC 6675 section
+            # 2): the peer's answers to copies of data it already had (as after a move,
+            # when the old path delivered what was resent) say nothing about loss.
+            and (not self.sack_ok or self.sacked_bytes > sacked_before)
         ):
             self.dupacks += 1
         if self.snd_max > self.snd_una and not self.in_recovery:
