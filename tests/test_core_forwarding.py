@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from pyserval.core.host import HostCore, Listener
 from pyserval.naming import ServiceID
-from pyserval.sal import Rule, SourceExt, SourcePortsExt, decode_packet
+from pyserval.sal import ControlFlags, Rule, SourceExt, SourcePortsExt, decode_packet
 from pyserval.sal.forwarding import ForwardRefused, forward_packet
 from pyserval.testing import LinkConfig, SimNetwork
 from pyserval.transport.connection import Connection, State
@@ -224,10 +224,19 @@ def test_first_answer_wins_and_the_loser_is_reset() -> None:
     lf, ls = fast.listen("svc"), slow.listen("svc")
     client.service_table.add("svc", Rule.forward(SERVER))
     conn = client.connect("svc", net.now)
+    to_loser: list[bytes] = []
+    net.tap = lambda t, d, src, dst, fate: (
+        to_loser.append(d) if fate == "sent" and dst == SERVER2 else None
+    )
     net.kick(node)
     net.run_for(1.0)
     assert conn.state is State.ESTABLISHED and conn.primary.remote_addr == SERVER
     assert client.stats["losing_synack"] == 1
+    # The RST echoes the loser's nonce: the client's own never goes to the loser.
+    for data in to_loser:
+        ctl = decode_packet(data).control
+        assert ctl is not None
+        assert ctl.flags & ControlFlags.SYN or ctl.nonce != conn.primary.control.local_nonce
     assert lf.accept() is not None and ls.accept() is None
     assert not ls.half_open and not slow.connections
 

@@ -182,10 +182,16 @@ def test_off_path_host_cannot_move_or_kill_a_flow() -> None:
 def test_spoofed_data_from_elsewhere_starts_a_challenge_that_fails_harmlessly() -> None:
     s = Setup()
     sf = s.server.primary
-    sent_to_evil = []
-    s.net.tap = lambda t, data, src, dst, fate: (
-        sent_to_evil.append(len(data)) if dst == EVIL and fate == "sent" else None
-    )
+    sent_to_evil: list[bytes] = []
+    from_evil: list[int] = []
+
+    def tap(t: float, data: bytes, src: Addr, dst: Addr, fate: str) -> None:
+        if dst == EVIL and fate == "sent":
+            sent_to_evil.append(data)
+        elif src == EVIL and dst == B1 and fate == "delivered":
+            from_evil.append(len(data))
+
+    s.net.tap = tap
     s.net.attach(evil := HostCore([EVIL]), EVIL)
 
     def spoof() -> None:
@@ -198,5 +204,93 @@ def test_spoofed_data_from_elsewhere_starts_a_challenge_that_fails_harmlessly() 
     s.net.run_for(20.0)  # the challenge gives up (RTO from 1 s: this side sent no data)
     assert sf.remote_addr == A1 and sf.mig is None  # the flow never moved
     assert s.b.stats["rebinding_challenge"] == 1
-    # Anti-amplification: at most three times the 32 bytes received from there.
-    assert 0 < sum(sent_to_evil) <= 3 * 32
+    # Anti-amplification: at most three times what came from there (the spoofed packet,
+    # and the attacker host's RSTs answering the challenges).
+    assert 0 < sum(map(len, sent_to_evil)) <= 3 * sum(from_evil)
+    # Nothing sent there lets the receiver act on the flow: no nonce, no control number.
+    for data in sent_to_evil:
+        ctl = decode_packet(data).control
+        assert ctl is not None and ctl.nonce == bytes(8)
+        assert ctl.nonce != s.b.connections[sf.local_flowid].primary.control.local_nonce
+
+
+def test_a_change_of_mind_and_a_late_rsyn_leave_the_flow_where_the_mover_is() -> None:
+    s = Setup()
+    s.net.set_link(A2[0], B1[0], LinkConfig(delay=0.3, bandwidth=2e6))  # a slow second path
+    s.a.migrate(s.client, A2, s.net.now)
+    s.net.kick(s.a)
+    s.a.migrate(s.client, A1, s.net.now)  # back at once: the RSYN from A2 arrives last
+    s.net.kick(s.a)
+    s.net.run_for(1.0)
+    assert s.server.primary.remote_addr == A1 and not s.server.primary.frozen
+    got = s.pump(DATA[:500_000], 30.0)
+    assert got == DATA[:500_000]
+
+
+def test_a_duplicated_rsyn_after_the_move_changes_nothing() -> None:
+    s = Setup()
+    rsyns: list[tuple[bytes, Addr, Addr]] = []
+
+    def tap(t: float, data: bytes, src: Addr, dst: Addr, fate: str) -> None:
+        ctl = decode_packet(data).control
+        if fate == "sent" and ctl is not None and ctl.flags == ControlFlags.RSYN:
+            rsyns.append((data, src, dst))
+
+    s.net.tap = tap
+
+    def move() -> None:
+        s.a.migrate(s.client, A2, s.net.now)
+        s.net.kick(s.a)
+
+    def replay() -> None:
+        data, src, dst = rsyns[0]
+        s.b.receive_datagram(data, src, dst, s.net.now)
+        s.net.kick(s.b)
+
+    got = s.pump(DATA, 60.0, {0.5: move, 1.0: replay})
+    assert got == DATA
+    assert len(s.migrations("b")) == 1 and not s.server.primary.frozen
+
+
+def test_closing_during_a_move_still_closes_both_ends() -> None:
+    s = Setup()
+    s.net.set_path(A2[0], B1[0], LinkConfig(delay=0.2, bandwidth=2e6))
+    s.client.write(b"last words")
+    s.client.shutdown()
+    s.net.kick(s.a)
+    s.a.migrate(s.client, A2, s.net.now)  # before the FIN is acknowledged
+    s.net.kick(s.a)
+    s.net.run_for(1.0)
+    assert s.server.read() == b"last words"
+    s.server.shutdown()
+    s.net.kick(s.b)
+    s.net.run_for(60.0)
+    assert s.client.state is State.CLOSED and s.server.state in (State.CLOSED, State.TIME_WAIT)
+
+
+def test_a_stray_packet_then_a_lossy_close_ends_cleanly() -> None:
+    """A challenge in progress when the flow closes must not leave a timer spinning."""
+    s = Setup()
+    sf = s.server.primary
+    s.net.attach(evil := HostCore([EVIL]), EVIL)
+    evil.receive_datagram = lambda *a: None  # type: ignore[method-assign]
+    stray = SalPacket(sf.remote_flowid, sf.local_flowid, 6, [])
+    evil._out.append((stray.encode(), EVIL, B1))
+    s.net.kick(evil)
+    s.net.run_for(0.05)
+    s.server.write(b"bye")
+    s.server.shutdown()
+    s.client.shutdown()
+    s.net.kick(s.a, s.b)
+    lost = [0]
+
+    def lose_fins(data: bytes, src: Addr, dst: Addr) -> bool:
+        ctl = decode_packet(data).control
+        if src == B1 and ctl is not None and ctl.flags & ControlFlags.FIN and lost[0] < 4:
+            lost[0] += 1
+            return True
+        return False
+
+    s.net.loss_filter = lose_fins
+    s.net.run_for(120.0)  # a timer that never moves on raises SimulationError here
+    assert s.client.state is State.CLOSED and s.server.state is State.CLOSED

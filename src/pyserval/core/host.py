@@ -54,6 +54,7 @@ from ..transport.events import (
     IncomingConnection,
     SendSpaceAvailable,
 )
+from ..transport.migration import CHALLENGE
 
 __all__ = ["DatagramEndpoint", "DatagramTooLarge", "HostCore", "Listener", "NoRoute"]
 
@@ -414,32 +415,27 @@ class HostCore:
         remote = sf.remote_addr
         if remote is None:
             return  # never resolved: nothing was ever sent to the peer
-        mig = sf.mig
-        if mig is not None and mig.challenge_to is not None:
-            self._send_challenging(sf, pkts, mig.challenge_to)
+        if sf.challenge is not None:
+            self._send_challenging(sf, pkts, remote)
             return
         for p in pkts:
             self._send(p, sf.local_addr, remote)
 
-    def _send_challenging(self, sf: Subflow, pkts: list[SalPacket], candidate: Address) -> None:
-        """While a candidate peer address is checked, our RSYN goes there (within the
+    def _send_challenging(self, sf: Subflow, pkts: list[SalPacket], remote: Address) -> None:
+        """While a candidate peer address is checked, the challenge goes there (within the
         anti-amplification budget) and everything else on the verified path."""
-        mig = sf.mig
-        assert mig is not None and sf.remote_addr is not None
+        ch = sf.challenge
+        assert ch is not None
         for p in pkts:
             ctl = p.control
-            if (
-                ctl is not None
-                and ctl.flags & ControlFlags.RSYN
-                and not ctl.flags & ControlFlags.ACK
-            ):
-                data = p.encode(sf.local_addr[0], candidate[0])
-                if mig.may_send(len(data)):
-                    self._out.append((data, sf.local_addr, candidate))
+            if ctl is not None and ctl.flags & CHALLENGE and not ctl.flags & ControlFlags.ACK:
+                data = p.encode(sf.local_addr[0], ch.candidate[0])
+                if ch.may_send(len(data)):
+                    self._out.append((data, sf.local_addr, ch.candidate))
                 else:
                     self.drops["amplification_limit"] += 1
             else:
-                self._send(p, sf.local_addr, sf.remote_addr)
+                self._send(p, sf.local_addr, remote)
 
     # -- migration ----------------------------------------------------------------------
     def migrate(self, conn: Connection, local: Address, now: float) -> bool:
@@ -453,7 +449,7 @@ class HostCore:
         sf = conn.primary
         if sf.local_addr == local and sf.mig is None:
             return True  # already there
-        started = conn.start_migration(sf, now, local=local)
+        started = conn.start_migration(sf, now, local)
         self._wake(conn)
         return started
 
@@ -487,11 +483,10 @@ class HostCore:
             sf = conn.primary
             if sf.local_addr != old:
                 continue
-            if conn.state is State.ESTABLISHED:
-                if conn.start_migration(sf, now, local=new):
-                    moved.append(conn)
+            if conn.state is State.ESTABLISHED and conn.start_migration(sf, now, new):
+                moved.append(conn)
             else:
-                sf.local_addr = new  # a handshake or TIME_WAIT: just send from there
+                sf.local_addr = new  # closing, a handshake or TIME_WAIT: send from there
             self._wake(conn)
         return moved
 
@@ -793,21 +788,28 @@ class HostCore:
         self, conn: Connection, sf: Subflow, pkt: SalPacket, now: float, src: Address
     ) -> None:
         ctl = pkt.control
+        if (
+            ctl is not None
+            and ctl.flags & ControlFlags.SYN
+            and (pkt.src_flowid != sf.remote_flowid or src != sf.remote_addr)
+        ):
+            # Another instance answered a broadcast or retransmitted SYN too late: the
+            # first answer won. Reset the loser so it does not hold a half-open flow; the
+            # RST echoes the loser's own nonce (ours must never go to a stranger).
+            self.stats["losing_synack"] += 1
+            rst = ControlExt(ControlFlags.RST, 0, 0, ctl.nonce)
+            loser = SalPacket(sf.local_flowid, pkt.src_flowid, pkt.protocol, [rst])
+            self._send(loser, sf.local_addr, src)
+            return
         if src != sf.remote_addr and not self._from_elsewhere(conn, sf, pkt, src, now):
             return
         if ctl is not None:
             if ctl.flags & ControlFlags.RST:
                 self._maybe_reset(conn, sf, pkt, src)
                 return
-            if ctl.flags & ControlFlags.SYN and (
-                pkt.src_flowid != sf.remote_flowid or src != sf.remote_addr
-            ):
-                # Another instance answered a broadcast or retransmitted SYN too late: the
-                # first answer won. Reset the loser so it does not hold a half-open flow.
-                self.stats["losing_synack"] += 1
-                rst = ControlExt(ControlFlags.RST, 0, 0, sf.control.local_nonce)
-                loser = SalPacket(sf.local_flowid, pkt.src_flowid, pkt.protocol, [rst])
-                self._send(loser, sf.local_addr, src)
+            if ctl.flags & CHALLENGE and not ctl.flags & ControlFlags.ACK:
+                # The peer checks where we are (it carries a token, not a nonce).
+                conn.on_control(sf, ctl, now, src)
                 return
             if not sf.control.nonce_ok(ctl):
                 self.drops["bad_nonce"] += 1
@@ -839,22 +841,24 @@ class HostCore:
         challenge comes back with the peer's nonce. Returns whether to process the packet.
         """
         ctl = pkt.control
+        size = len(pkt.payload) + 32
+        ch = sf.challenge
+        if ch is not None and ch.candidate == src:
+            ch.rx += size  # also the answer to our challenge: it counts for the budget
         if ctl is not None and ctl.flags & ControlFlags.RSYN:
-            return True  # RSYN or RSYN+ACK: the nonce and the exchange decide
-        if src == sf.prev_remote or conn.state is not State.ESTABLISHED:
+            return True  # RSYN, RSYN+ACK or a challenge answer: nonce and exchange decide
+        if conn.state is not State.ESTABLISHED or (
+            src == sf.prev_remote and now < sf.prev_remote_until
+        ):
             return True
         if ctl is not None and ctl.flags & ControlFlags.RST:
             self.drops["rst_from_elsewhere"] += 1
             return False
         mig = sf.mig
-        size = len(pkt.payload) + 32
-        if mig is not None and mig.challenge_to == src:
-            mig.rx += size
-        elif (mig is None or not mig.busy) and conn.start_migration(
-            sf, now, challenge_to=src, reason="rebinding"
-        ):
-            assert sf.mig is not None
-            sf.mig.rx = size
+        if (ch is None or ch.candidate != src) and (mig is None or not mig.busy):
+            conn.check_address(sf, src, self.rng.getrandbits(64), now)
+            assert sf.challenge is not None
+            sf.challenge.rx = size
             self.stats["rebinding_challenge"] += 1
         return True
 

@@ -45,7 +45,7 @@ from .events import (
     SendSpaceAvailable,
     StreamEnded,
 )
-from .migration import CHALLENGE_TRIES, MigrationState
+from .migration import CHALLENGE, CHALLENGE_TRIES, Challenge, MigrationState
 from .rtt import RttEstimator
 
 __all__ = ["Connection", "ConnectionError_", "Role", "State", "Subflow", "unwrap"]
@@ -154,12 +154,14 @@ class Subflow:
         # Migration (RSYN): None when the addresses are settled.
         self.mig: MigrationState | None = None
         self.prev_remote: Address | None = None  # where the peer was before it moved
+        self.prev_remote_until = 0.0  # ... and until when its late packets are taken
+        self.challenge: Challenge | None = None  # checking the peer at a new address
 
     @property
     def frozen(self) -> bool:
         """Transport output waits while the flow's path changes."""
         mig = self.mig
-        return mig is not None and mig.frozen
+        return mig is not None and mig.busy
 
     def path_changed(self, now: float) -> None:
         """The flow moved to a new path: resume without taking the move for congestion.
@@ -640,7 +642,7 @@ class Subflow:
     def next_deadline(self) -> float | None:
         """The earliest of this subflow's timers."""
         mig = self.mig
-        if mig is not None and mig.frozen:
+        if mig is not None and mig.busy:
             d = None  # transport timers wait with the transport
         else:
             d = self.rto_deadline
@@ -654,6 +656,9 @@ class Subflow:
             r = mig.rsynack_deadline
             if r is not None and (d is None or r < d):
                 d = r
+        ch = self.challenge
+        if ch is not None and (d is None or ch.deadline < d):
+            d = ch.deadline
         return d
 
 
@@ -703,6 +708,9 @@ class Connection:
         self.control_ack_pending = False  # acknowledge a peer's SAL FIN
         self.rst_pending = False
         self.rsynack_pending = False  # answer a peer's RSYN
+        self.challenge_pending = False  # send our address check (again)
+        self.challenge_echo: tuple[int, int] | None = None  # answer the peer's check
+        self.sal_fin_due = False  # our SAL FIN waits for an RSYN exchange to finish
         self.syn_due = False  # SYN (re)transmission: the host resolves the service again
         self.syn_first = False
         self.wake: Callable[[Connection], None] = _no_wake  # the host polls us for output
@@ -854,6 +862,13 @@ class Connection:
         if self.fin_acked:
             return
         self.fin_acked = True
+        if self.primary.control.outstanding is not None:
+            self.sal_fin_due = True  # an RSYN is outstanding (one exchange at a time)
+            return
+        self._start_sal_fin(now)
+
+    def _start_sal_fin(self, now: float) -> None:
+        self.sal_fin_due = False
         sf = self.primary
         # The path's RTT is known by now: time the SAL FIN by it, not by the 3 s used for a
         # SYN, so a lost FIN is repaired before the peer's TIME_WAIT runs out.
@@ -903,23 +918,19 @@ class Connection:
             return
         if src is None:
             src = sf.remote_addr
+            assert src is not None
         if flags & ControlFlags.RSYN:
-            if flags & ControlFlags.ACK:
+            if flags & CHALLENGE:
+                self._on_challenge(sf, ext, src, now)
+            elif flags & ControlFlags.ACK:
                 self._on_rsynack(sf, ext, src, now)
             else:
                 self._on_rsyn(sf, ext, src, now)
             return
         mig = sf.mig
-        if (
-            mig is not None
-            and mig.awaiting_ack
-            and flags & ControlFlags.ACK
-            and src == sf.remote_addr
-        ):
+        if mig is not None and mig.awaiting_ack and flags & ControlFlags.ACK:
             # The moving peer's ACK of our RSYN+ACK: the new path is confirmed.
-            mig.awaiting_ack = False
-            mig.rsynack_deadline = None
-            self._maybe_commit(sf, now)
+            self._on_move_ack(sf, src, now)
         if flags & ControlFlags.ACK and sf.control.acked(ext):
             if sf.control.outstanding == ControlFlags.RSYN:
                 # A plain ACK of our RSYN (its RSYN+ACK was lost, or both ends moved and
@@ -938,18 +949,9 @@ class Connection:
         self._maybe_finish(now)
 
     # -- migration ----------------------------------------------------------------------
-    def start_migration(
-        self,
-        sf: Subflow,
-        now: float,
-        *,
-        local: Address | None = None,
-        challenge_to: Address | None = None,
-        reason: str = "migrated",
-    ) -> bool:
-        """Move ``sf`` to the local address ``local`` (RSYN from there), or check that the
-        peer is reachable at ``challenge_to`` (a NAT rebinding). False when the control
-        channel is busy with another exchange (a closing flow): nothing was started."""
+    def start_migration(self, sf: Subflow, now: float, local: Address) -> bool:
+        """Move ``sf`` to the local address ``local`` (RSYN from there). False when the
+        control channel is busy with another exchange (a closing flow): nothing started."""
         if self.state is not State.ESTABLISHED:
             raise ConnectionError_(f"cannot migrate connection {self.conn_id:#x}: not established")
         cc = sf.control
@@ -958,12 +960,8 @@ class Connection:
             return False
         if mig is None:
             mig = sf.mig = MigrationState()
-        if local is not None:
-            sf.local_addr = local
-        mig.challenge_to = challenge_to
-        mig.reason = reason
-        if challenge_to is not None:
-            mig.rx = mig.tx = 0
+        sf.local_addr = local
+        mig.reason = "migrated"
         if not mig.own_rsyn:
             mig.own_rsyn = True
             # Time the RSYN by the path's RTO, not the 3 s used for a SYN: the flow is
@@ -974,62 +972,70 @@ class Connection:
         self.wake(self)
         return True
 
-    def _on_rsyn(self, sf: Subflow, ext: ControlExt, src: Address | None, now: float) -> None:
-        """The peer moves to ``src`` (or checks that it still reaches us there)."""
+    def _on_rsyn(self, sf: Subflow, ext: ControlExt, src: Address, now: float) -> None:
+        """The peer moves to ``src``."""
         cc = sf.control
         expected = cc.rcv_ackno
-        if ext.verno != expected and ext.verno != (expected - 1) & 0xFFFFFFFF:
+        mig = sf.mig
+        if ext.verno == (expected - 1) & MASK32:
+            # A retransmitted (or late, reordered) RSYN: answer it again. It changes the
+            # address only while the exchange is open (the peer's ACK decides in the end).
+            if mig is not None and mig.awaiting_ack:
+                sf.remote_addr = src
+                self.rsynack_pending = True
+            elif src == sf.remote_addr:
+                self.rsynack_pending = True
+            else:
+                cc.ignored += 1
+            return
+        if ext.verno != expected:
             cc.ignored += 1  # neither the next RSYN nor a retransmission of the last one
             return
         cc.peer_consumed(ext.verno)
-        if src is None:
-            return
-        mig = sf.mig
         if mig is None:
             mig = sf.mig = MigrationState(reason="peer_moved")
         elif not mig.own_rsyn:
             mig.reason = "peer_moved"
         if src != sf.remote_addr:
-            sf.prev_remote = sf.remote_addr
-            sf.remote_addr = src
+            self._set_remote(sf, src, now)
         mig.awaiting_ack = True
         mig.rsynack_rto = max(sf.rtt.rto, cc.timers.min_rto)
         mig.rsynack_deadline = now + mig.rsynack_rto
         mig.rsynack_tries = 0
         self.rsynack_pending = True
 
-    def _on_rsynack(self, sf: Subflow, ext: ControlExt, src: Address | None, now: float) -> None:
-        """The peer answered our RSYN: switch (or accept the checked address) and ACK."""
+    def _on_rsynack(self, sf: Subflow, ext: ControlExt, src: Address, now: float) -> None:
+        """The peer answered our RSYN: switch and ACK."""
         mig = sf.mig
         cc = sf.control
         if mig is None or not mig.own_rsyn:
             if src == sf.remote_addr:
                 self.control_ack_pending = True  # our ACK was lost: send it again
-            elif (
-                src is not None
-                and (mig is None or not mig.busy)
-                and self.start_migration(sf, now, challenge_to=src, reason="rebinding")
-            ):
-                # The peer retransmits its answer from yet another address (its NAT
-                # rebound again): check that address, which also answers the peer.
-                assert sf.mig is not None
-                sf.mig.rx = _CONTROL_PACKET  # the RSYN+ACK that came from there
             return
         if cc.outstanding != ControlFlags.RSYN or not cc.acked(ext):
             cc.ignored += 1
             return
-        if mig.challenge_to is not None:
-            if src != mig.challenge_to:
-                cc.ignored += 1
-                return
-            sf.prev_remote = sf.remote_addr
-            sf.remote_addr = src
-            mig.reason = "rebinding"
-            mig.challenge_to = None
         cc.complete()
         mig.own_rsyn = False
         self.control_ack_pending = True
         self._maybe_commit(sf, now)
+
+    def _on_move_ack(self, sf: Subflow, src: Address, now: float) -> None:
+        """The moving peer's ACK of our RSYN+ACK: its address is the one it came from."""
+        mig = sf.mig
+        assert mig is not None
+        if src != sf.remote_addr:
+            self._set_remote(sf, src, now)
+        mig.awaiting_ack = False
+        mig.rsynack_deadline = None
+        self._maybe_commit(sf, now)
+
+    def _set_remote(self, sf: Subflow, remote: Address, now: float) -> None:
+        sf.prev_remote = sf.remote_addr
+        # Late packets from where the peer was are still taken for a while (reordering);
+        # after that the old address is a stranger like any other.
+        sf.prev_remote_until = now + 2 * sf.rtt.rto
+        sf.remote_addr = remote
 
     def _maybe_commit(self, sf: Subflow, now: float) -> None:
         mig = sf.mig
@@ -1041,36 +1047,65 @@ class Connection:
         remote = sf.remote_addr
         assert remote is not None
         self.emit(FlowMigrated(self.conn_id, sf.local_addr, remote, mig.reason))
+        if self.sal_fin_due:
+            self._start_sal_fin(now)
 
-    def _migration_timers(self, sf: Subflow, now: float, out: list[SalPacket]) -> None:
+    def _migration_timers(self, sf: Subflow, now: float) -> None:
         mig = sf.mig
-        if mig is None:
-            return
-        d = mig.rsynack_deadline
-        if d is not None and now >= d:
-            mig.rsynack_tries += 1
-            if mig.rsynack_tries > sf.control.timers.max_retries:
-                self.time_out("migration unconfirmed")
+        if mig is not None:
+            d = mig.rsynack_deadline
+            if d is not None and now >= d:
+                mig.rsynack_tries += 1
+                if mig.rsynack_tries > sf.control.timers.max_retries:
+                    self.time_out("migration unconfirmed")
+                    return
+                mig.rsynack_rto = min(mig.rsynack_rto * 2, sf.control.timers.max_rto)
+                mig.rsynack_deadline = now + mig.rsynack_rto
+                self.rsynack_pending = True
+        ch = sf.challenge
+        if ch is not None and now >= ch.deadline:
+            if ch.tries >= CHALLENGE_TRIES:
+                sf.challenge = None  # the candidate never answered: keep the path
                 return
-            mig.rsynack_rto = min(mig.rsynack_rto * 2, sf.control.timers.max_rto)
-            mig.rsynack_deadline = now + mig.rsynack_rto
-            self.rsynack_pending = True
-        cc = sf.control
-        if (
-            mig.challenge_to is not None
-            and cc.deadline is not None
-            and now >= cc.deadline
-            and cc.retries + 1 >= CHALLENGE_TRIES
-        ):
-            # The candidate never answered with the peer's nonce: forget it, keep the path.
-            # The RSYN's number goes back unused, so the peer, which may never have seen
-            # it, still expects the next RSYN's number.
-            cc.snd_verno = cc.outstanding_verno
-            cc.complete()
-            mig.own_rsyn = False
-            mig.challenge_to = None
-            if not mig.busy:
-                sf.mig = None
+            ch.tries += 1
+            ch.rto = min(ch.rto * 2, sf.control.timers.max_rto)
+            ch.deadline = now + ch.rto
+            self.challenge_pending = True
+
+    # -- address checks (NAT rebinding) ---------------------------------------------------
+    def check_address(self, sf: Subflow, candidate: Address, token: int, now: float) -> None:
+        """The peer was seen at ``candidate``: check it with a challenge (see
+        ``transport.migration``). A check of another candidate replaces this one."""
+        rto = max(sf.rtt.rto, sf.control.timers.min_rto)
+        sf.challenge = Challenge(candidate, token & ((1 << 64) - 1), now + rto, rto)
+        self.challenge_pending = True
+        self.wake(self)
+
+    def challenge_packet(self, sf: Subflow) -> SalPacket:
+        """Our challenge to the candidate: the token, and no nonce."""
+        ch = sf.challenge
+        assert ch is not None
+        flags = ControlFlags.RSYN | CHALLENGE
+        ext = ControlExt(flags, ch.token >> 32, ch.token & MASK32, bytes(8))
+        return sf.control_packet(ext)
+
+    def _on_challenge(self, sf: Subflow, ext: ControlExt, src: Address, now: float) -> None:
+        flags = ext.flags
+        if not flags & ControlFlags.ACK:
+            # The peer checks where we are: answer from here, to its verified address only
+            # (so the answer cannot be aimed anywhere else).
+            if src == sf.remote_addr:
+                self.challenge_echo = (ext.verno, ext.ackno)
+            return
+        ch = sf.challenge
+        if ch is None or src != ch.candidate or ((ext.verno << 32) | ext.ackno) != ch.token:
+            sf.control.ignored += 1
+            return
+        sf.challenge = None
+        self._set_remote(sf, src, now)
+        sf.path_changed(now)
+        self.ack_now = True
+        self.emit(FlowMigrated(self.conn_id, sf.local_addr, src, "rebinding"))
 
     def _maybe_finish(self, now: float) -> None:
         if not (self.sal_fin_acked and self.peer_sal_fin) or self.state is not State.ESTABLISHED:
@@ -1087,7 +1122,11 @@ class Connection:
         """The earliest timer of this connection and its subflows."""
         if self.state is State.CLOSED:
             return None
-        best = self.time_wait_deadline if self.state is State.TIME_WAIT else None
+        if self.state is State.TIME_WAIT:
+            # Everything was delivered and acknowledged both ways: only TIME_WAIT's own end
+            # is left (on_timer runs nothing else, so nothing else may be armed).
+            return self.time_wait_deadline
+        best = None
         for d in (self.delack_deadline, *(sf.next_deadline() for sf in self.subflows)):
             if d is not None and (best is None or d < best):
                 best = d
@@ -1127,8 +1166,8 @@ class Connection:
                     )
                 )
         for sf in self.subflows:
-            if sf.mig is not None:
-                self._migration_timers(sf, now, out)
+            if sf.mig is not None or sf.challenge is not None:
+                self._migration_timers(sf, now)
                 if self.state is State.CLOSED:
                     return
             try:
@@ -1179,6 +1218,16 @@ class Connection:
         if self.rsynack_pending:
             self.rsynack_pending = False
             out.append(sf.control_packet(sf.control.ext(ControlFlags.RSYN | ControlFlags.ACK)))
+        if self.challenge_pending:
+            self.challenge_pending = False
+            if sf.challenge is not None:
+                out.append(self.challenge_packet(sf))
+        if self.challenge_echo is not None:
+            verno, ackno = self.challenge_echo
+            self.challenge_echo = None
+            flags = ControlFlags.RSYN | ControlFlags.ACK | CHALLENGE
+            ext = ControlExt(flags, verno, ackno, sf.control.local_nonce)
+            out.append(sf.control_packet(ext))
         if self.control_ack_pending:
             self.control_ack_pending = False
             out.append(sf.control_packet(sf.control.ext(ControlFlags.ACK)))

@@ -1,20 +1,26 @@
-"""Flow migration (RSYN) state of one subflow (sans-I/O).
+"""Flow migration (RSYN) and address checks of one subflow (sans-I/O state).
 
 The exchange (``shared/spec/sal-wire.md``): the moving side sends CONTROL(RSYN) from its new
 address (RSYN consumes a control number); the peer checks the nonce, stops transport output
 and answers CONTROL(RSYN+ACK) to the address the RSYN came from; the moving side switches
 and sends CONTROL(ACK), on which the peer commits and resumes. RSYN+ACK consumes no number:
 it only acknowledges, which keeps the one-outstanding control channel free and lets both
-ends migrate at once (each answers the other's RSYN while its own is outstanding).
+ends migrate at once (each answers the other's RSYN while its own is outstanding). The
+peer takes the final ACK from whichever address it comes (nonce checked) as the new one, so
+a late or duplicated RSYN cannot leave it pointing at an address the mover has left.
 
 Lost packets: the RSYN is retransmitted by the control channel; the peer retransmits its
 RSYN+ACK on its own timer until the ACK comes; a duplicate RSYN+ACK after commit is answered
-with the ACK again.
+with the ACK again, a duplicate RSYN with the RSYN+ACK again (and no change of state).
 
-The same exchange, started by the side that stays, checks a peer seen at a new address (a
-NAT rebinding): the RSYN goes to the candidate address while data keeps flowing on the
-verified path; only an RSYN+ACK carrying the peer's nonce from the candidate moves the flow
-there, and what is sent to the candidate is limited to three times what came from it.
+Address check (a NAT rebinding): the side that stays sends a CHALLENGE to the candidate
+address, a pyserval CONTROL(RSYN+CHALLENGE) whose number fields hold a fresh random token
+and whose nonce field is zero: nothing in it lets whoever receives it act on the flow. The
+peer answers a challenge that reaches it from its verified peer address with
+RSYN+ACK+CHALLENGE echoing the token under its own nonce, from wherever it now is; only
+that answer, arriving from the candidate, moves the flow there. Data keeps flowing on the
+verified path meanwhile, and what goes to the candidate is limited to three times what
+came from it.
 """
 
 from __future__ import annotations
@@ -22,36 +28,48 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["AMPLIFICATION_LIMIT", "CHALLENGE_TRIES", "MigrationState"]
+__all__ = [
+    "AMPLIFICATION_LIMIT",
+    "CHALLENGE",
+    "CHALLENGE_TRIES",
+    "Challenge",
+    "MigrationState",
+]
 
 Address = tuple[str, int]
 AMPLIFICATION_LIMIT: Final = 3  # bytes sent to an unverified address per byte received
-CHALLENGE_TRIES: Final = 4  # RSYNs sent to a candidate address before giving up on it
+CHALLENGE_TRIES: Final = 4  # challenges sent to a candidate address before giving up on it
+CHALLENGE: Final = 0x02  # CONTROL flag (a reserved bit in the reference): an address check
 
 
 @dataclass(slots=True)
 class MigrationState:
-    """What one subflow is doing about its addresses."""
+    """An RSYN exchange in progress on one subflow."""
 
     own_rsyn: bool = False  # our RSYN is outstanding
     awaiting_ack: bool = False  # we answered the peer's RSYN and wait for its ACK
-    challenge_to: Address | None = None  # our RSYN checks this candidate peer address
     reason: str = "migrated"
     rsynack_deadline: float | None = None
     rsynack_rto: float = 0.0
     rsynack_tries: int = 0
-    rx: int = 0  # bytes received from the candidate address
-    tx: int = 0  # bytes sent to it
-
-    @property
-    def frozen(self) -> bool:
-        """Transport output waits: the path is changing (a challenge does not freeze)."""
-        return self.awaiting_ack or (self.own_rsyn and self.challenge_to is None)
 
     @property
     def busy(self) -> bool:
-        """Anything still in progress."""
+        """The exchange is not finished: transport output waits."""
         return self.own_rsyn or self.awaiting_ack
+
+
+@dataclass(slots=True)
+class Challenge:
+    """A check that the peer is reachable at ``candidate`` (it was seen there)."""
+
+    candidate: Address
+    token: int  # 64 random bits, echoed by the peer
+    deadline: float
+    rto: float
+    tries: int = 1
+    rx: int = 0  # bytes received from the candidate
+    tx: int = 0  # bytes sent to it
 
     def may_send(self, size: int) -> bool:
         """Anti-amplification: whether ``size`` more bytes may go to the candidate."""
