@@ -139,7 +139,7 @@ def test_every_kind_has_a_model() -> None:
 
 def test_body_is_compact_json() -> None:
     data = encode_message(TableRequest(seq=1))
-    assert data[4:] == b'{"seq":1,"offset":0}'
+    assert data[4:] == b'{"seq":1,"offset":0,"pad":""}'
 
 
 def test_signed_registration_survives_the_wire(owner: ServiceKey) -> None:

@@ -227,7 +227,11 @@ class HostServiceController:
         self.pump()
 
     def _on_event(self, event: Event) -> None:
-        if isinstance(event, DatagramReceived) and event.address == self.router:
+        if (
+            isinstance(event, DatagramReceived)
+            and event.address == self.router
+            and event.via is None
+        ):
             self.core.on_datagram(event.data)
             self.pump()
 

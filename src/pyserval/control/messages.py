@@ -387,6 +387,9 @@ class TableRequest(_Model):
 
     seq: _Seq
     offset: _Count = 0
+    # Padding the router's answer may be three times as large as: a table page cannot be
+    # aimed at a third party as an amplified reflection.
+    pad: str = Field(default="", max_length=30_000)
 
 
 class TargetInfo(_Model):

@@ -127,13 +127,15 @@ class Registry:
             self._count += 1
             self.stats["registered"] += 1
             touched.add(prefix)
+            # One heap entry per instance: a refresh only moves ``expires`` later, and
+            # expire() puts the entry back at the new time when it comes up early.
+            heapq.heappush(self._expiries, (expires, next(self._tiebreak), prefix, address))
         else:
             if (inst.weight, inst.priority) != (weight, priority):
                 inst.weight, inst.priority = weight, priority
                 touched.add(prefix)
-            inst.expires = expires
+            inst.expires = max(inst.expires, expires)
             self.stats["refreshed"] += 1
-        heapq.heappush(self._expiries, (expires, next(self._tiebreak), prefix, address))
         return True
 
     def _remove(self, prefix: ServicePrefix, address: Address, touched: set[ServicePrefix]) -> bool:
@@ -153,10 +155,13 @@ class Registry:
         touched: set[ServicePrefix] = set()
         heap = self._expiries
         while heap and heap[0][0] <= now:
-            expires, _, prefix, address = heapq.heappop(heap)
+            _, tie, prefix, address = heapq.heappop(heap)
             inst = self.instances.get(prefix, {}).get(address)
-            if inst is None or inst.expires != expires:
-                continue  # refreshed or removed since: a stale heap entry
+            if inst is None:
+                continue  # removed since
+            if inst.expires > now:
+                heapq.heappush(heap, (inst.expires, tie, prefix, address))  # refreshed
+                continue
             self._remove(prefix, address, touched)
             self.stats["expired"] += 1
             gone.append((prefix, address))
@@ -178,11 +183,14 @@ class Registry:
         """When :meth:`expire` must run next."""
         heap = self._expiries
         while heap:
-            expires, _, prefix, address = heap[0]
+            expires, tie, prefix, address = heap[0]
             inst = self.instances.get(prefix, {}).get(address)
-            if inst is not None and inst.expires == expires:
+            if inst is None:
+                heapq.heappop(heap)  # removed since
+            elif inst.expires != expires:
+                heapq.heapreplace(heap, (inst.expires, tie, prefix, address))  # refreshed
+            else:
                 return expires
-            heapq.heappop(heap)
         return None
 
     # -- the service table ----------------------------------------------------------------

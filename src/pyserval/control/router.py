@@ -57,6 +57,8 @@ Address = tuple[str, int]
 DEFAULT_ROUTER_PORT: Final = 54326
 _DEFAULT_PREFIX: Final = "0" * 64 + "/0"
 _MAX_COUNTERS: Final = 200
+_TABLE_RATE: Final = 50  # table requests answered per second (and the burst)
+_TABLE_PAD: Final = 8000  # bytes fetch_table pads its requests to (answers: 3x that)
 
 
 class Router:
@@ -97,6 +99,8 @@ class Router:
         self._changed = asyncio.Event()
         self._upstream_controller: HostServiceController | None = None
         self._seen_changes = 0
+        self._tokens = float(_TABLE_RATE)
+        self._tokens_at = 0.0
         self.last_change = 0.0  # loop time the table last changed through the registry
 
     @property
@@ -164,6 +168,11 @@ class Router:
         if not isinstance(event, DatagramReceived):
             return
         stats = self.registry.stats
+        if event.via is not None:
+            # Control messages come straight from their sender: a SOURCE path is written
+            # by whoever sends, so a forwarded one could claim any address.
+            stats["control_forwarded_dropped"] += 1
+            return
         try:
             msg = decode_message(event.data)
         except BadControlMessage as exc:
@@ -176,7 +185,10 @@ class Router:
             self._reply(event, encode_message(ack))
             self._after_change()
         elif isinstance(msg, TableRequest):
-            self._reply(event, self._table_page(msg))
+            if self._table_tokens(self.host.loop.time()):
+                self._reply(event, self._table_page(msg, 3 * len(event.data)))
+            else:
+                stats["table_requests_limited"] += 1
         else:
             stats["unexpected_message"] += 1
 
@@ -271,22 +283,37 @@ class Router:
         merged["instances"] = len(self.registry)
         return dict(sorted(merged.items())[:_MAX_COUNTERS])
 
-    def _table_page(self, req: TableRequest) -> bytes:
+    def _table_tokens(self, now: float) -> bool:
+        """Table requests are answered at most ``_TABLE_RATE`` a second (each walks the
+        whole table)."""
+        self._tokens = min(_TABLE_RATE, self._tokens + (now - self._tokens_at) * _TABLE_RATE)
+        self._tokens_at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def _table_page(self, req: TableRequest, limit: int) -> bytes:
+        """A page of the table, at most ``limit`` bytes (three times the padded request)."""
         entries = self.table_entries()
+        counters = self.counters()
         page = TABLE_PAGE
         while True:
-            chunk = entries[req.offset : req.offset + page]
+            chunk = entries[req.offset : req.offset + page] if page else []
             reply = TableReply(
                 seq=req.seq,
                 offset=req.offset,
                 total=len(entries),
                 entries=chunk,
-                counters=self.counters(),
+                counters=counters if page else {},
             )
             try:
-                return encode_message(reply)
+                data = encode_message(reply)
             except MessageTooLarge:
-                page = max(1, page // 2)
+                data = b""
+            if (data and len(data) <= limit) or page == 0:
+                return data
+            page //= 2
 
 
 class TableDump:
@@ -320,12 +347,17 @@ async def fetch_table(router: str | Address, *, timeout: float = 2.0) -> TableDu
             while True:
                 seq += 1
                 assert host.core is not None
-                req = TableRequest(seq=seq, offset=len(entries))
-                host.core.send_datagram(ep, CONTROL_SERVICE, encode_message(req), to=addr)
-                host.schedule_flush()
-                reply = await replies.get()
-                while reply.seq != seq:
-                    reply = await replies.get()
+                req = TableRequest(seq=seq, offset=len(entries), pad=" " * _TABLE_PAD)
+                data = encode_message(req)
+                reply = None
+                while reply is None:  # sent again until answered (lost, or rate-limited)
+                    host.core.send_datagram(ep, CONTROL_SERVICE, data, to=addr)
+                    host.schedule_flush()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(0.25):
+                            reply = await replies.get()
+                            while reply.seq != seq:
+                                reply = await replies.get()
                 entries.extend(reply.entries)
                 counters = dict(reply.counters)
                 if not reply.entries or len(entries) >= reply.total:

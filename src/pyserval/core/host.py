@@ -150,6 +150,9 @@ class HostCore:
         # Forwarding (routers): SYNs and datagrams that FORWARD rules send one hop on.
         self.forwarding = forwarding
         self.broadcast: set[Address] = set()  # targets that are broadcasts: never re-sent
+        # Forwarders whose SOURCE paths are believed (see _on_syn); the runtime adds the
+        # host's router and static routes' targets.
+        self.trusted_forwarders: set[Address] = set()
         # DELAY: held SYNs (oldest first, bounded) and the services to ask the controller
         # about; the runtime takes delay_requests and answers with release_delayed.
         self.delayed: deque[_Delayed] = deque()
@@ -673,8 +676,14 @@ class HostCore:
             return
         listener = res.listener
         path = pkt.source_path()
+        untrusted_path = False
         if path is not None:
-            src = path[0]  # a forwarded SYN: answer the client directly, not the forwarder
+            # A forwarded SYN: answer the client directly, not the forwarder. Anyone can
+            # write a SOURCE path, so for one not from a known forwarder (our router or a
+            # static route's target) the SYN-ACK is sent once and never retransmitted:
+            # this host cannot be made to reflect more than it receives.
+            untrusted_path = src not in self.trusted_forwarders
+            src = path[0]
         key = (src, pkt.src_flowid)
         existing = self._peer_flows.get(key)
         if existing is not None:
@@ -703,6 +712,9 @@ class HostCore:
         listener.half_open[key] = conn
         self._peer_flows[key] = conn
         synack = conn.accept_syn(sf, pkt, now)
+        if untrusted_path:
+            sf.control.max_retries = 0
+            self.stats["syn_untrusted_path"] += 1
         self._send(synack, dst, src)
         self._schedule(conn)
 
@@ -715,6 +727,7 @@ class HostCore:
             assert res is not None and res.target is not None
             self._forward(pkt, data, src, dst, res.target.address, "datagram")
             return
+        via = src
         path = pkt.source_path()
         if path is not None:
             src = path[0]  # forwarded: the original sender
@@ -725,7 +738,11 @@ class HostCore:
         services = pkt.services
         source = services[1].service_id.to_bytes() if len(services) > 1 else b""
         ep = res.listener
-        self._emit(DatagramReceived(ep.flowid, bytes(pkt.payload), source, src))
+        self._emit(
+            DatagramReceived(
+                ep.flowid, bytes(pkt.payload), source, src, None if via == src else via
+            )
+        )
 
     def _on_flow_packet(self, pkt: SalPacket, src: Address, dst: Address, now: float) -> None:
         target = self.flows.get(pkt.dst_flowid)

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import ipaddress
 import os
 import socket
 from collections import defaultdict
@@ -72,10 +73,16 @@ def install_controller_factory(factory: ControllerFactory) -> None:
 
 
 def parse_address(text: str) -> Address:
-    """``"IP:PORT"`` to ``(ip, port)``, with a clear error naming the text."""
+    """``"IP:PORT"`` (IPv4) to ``(ip, port)``, with a clear error naming the text."""
     host, sep, port = text.strip().rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected an address as IP:PORT, got {text!r}")
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        # The SAL carries IPv4 addresses (checksums, SOURCE paths): names are not resolved
+        # here, so that a lookup can never stall the event loop.
+        raise ValueError(f"expected an IPv4 address in IP:PORT, got {text!r}") from None
     return host, int(port)
 
 
@@ -265,6 +272,9 @@ class Host:
         )
         if cfg.interface_check > 0:
             self._watchdog = asyncio.ensure_future(self._watch_interfaces(cfg.interface_check))
+        for entry in self.service_table:  # static routes given before start
+            for rule in entry.rules:
+                self.core.trusted_forwarders.update(t.address for t in rule.targets)
         default = "0" * 64 + "/0"
         if cfg.broadcast is not None and cfg.router is None:
             target = parse_address(cfg.broadcast)
@@ -275,6 +285,7 @@ class Host:
             self.service_table.add(default, Rule.forward(router, priority=-1))
             if _controller_factory is None:
                 raise RuntimeError("no service controller installed: import pyserval first")
+            self.core.trusted_forwarders.add(router)
             self.controller = _controller_factory(self, router)
             await self.controller.start()
         return self
@@ -533,6 +544,8 @@ class Host:
             service if not isinstance(service, bytes | int) else str(service)
         )
         self.service_table.add(prefix, Rule.forward(addr))
+        if self.core is not None:
+            self.core.trusted_forwarders.add(addr)
 
     # -- core driving -------------------------------------------------------------------
     def _now(self) -> float:

@@ -62,6 +62,7 @@ class ControlChannel:
         "deadline",
         "timers",
         "ignored",
+        "max_retries",
     )
 
     def __init__(self, rng: random.Random, timers: ControlTimers | None = None) -> None:
@@ -76,6 +77,7 @@ class ControlChannel:
         self.rto = self.timers.initial_rto
         self.deadline: float | None = None
         self.ignored = 0  # control packets dropped for a wrong nonce or stale numbers
+        self.max_retries = self.timers.max_retries  # lowered for answers to strangers
 
     # -- building -----------------------------------------------------------------------
     def ext(self, flags: int, verno: int | None = None) -> ControlExt:
@@ -109,7 +111,7 @@ class ControlChannel:
         """
         if self.outstanding is None or self.deadline is None or now < self.deadline:
             return False
-        if self.retries >= self.timers.max_retries:
+        if self.retries >= self.max_retries:
             self.deadline = None
             raise ControlTimeout(f"no answer after {self.retries} retransmissions")
         self.retries += 1

@@ -61,7 +61,9 @@ def forward_packet(
     path = pkt.source_path()
     if path is None:
         path = [came_from]
-    if me in path or next_hop in path:
+    # A forwarder bound to the wildcard address cannot name itself: it is recorded as it
+    # is, but never compared (two such routers would look like one).
+    if next_hop in path or (me[0] != "0.0.0.0" and me in path):
         raise ForwardRefused("loop", f"{next_hop[0]}:{next_hop[1]} already on the path")
     if len(path) + 1 > SOURCE_MAX:
         raise ForwardRefused("path_too_long", f"{len(path)} hops")

@@ -90,7 +90,8 @@ class DatagramReceived(Event):
 
     data: bytes
     source_service: bytes
-    address: tuple[str, int]
+    address: tuple[str, int]  # the sender (the SOURCE path's first address if forwarded)
+    via: tuple[str, int] | None = None  # the UDP source it came from, when different
 
 
 @dataclass(frozen=True, slots=True)
