@@ -127,3 +127,24 @@ def test_controller_gives_up_on_a_silent_router() -> None:
         now = ctl.next_deadline() or now
         sent += len(ctl.poll(now, WALL))
     assert sent == 3 and ctl.stats["unregister_gave_up"] == 1
+
+
+def test_a_hosts_own_table_can_be_inspected() -> None:
+    import asyncio
+
+    from pyserval import Host, fetch_table
+    from pyserval.control import enable_inspection
+
+    async def main() -> None:
+        async with Host(["127.0.0.1:0"]) as host:
+            host.add_route("db", "127.0.0.1:9")
+            enable_inspection(host)
+            await host.listen("echo")
+            dump = await fetch_table(host.addresses[0])
+            actions = {e.prefix: e.action for e in dump.entries}
+            echo = str(ServicePrefix.parse(ServiceID.from_name("echo").hex + "/256"))
+            db = str(ServicePrefix.parse(ServiceID.from_name("db").hex + "/256"))
+            assert actions[echo] == "demux" and actions[db] == "forward"
+            assert "packets_received" in dump.counters
+
+    asyncio.run(main())

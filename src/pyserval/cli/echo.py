@@ -6,6 +6,7 @@ import argparse
 
 import anyio
 
+from ..control import enable_inspection
 from ..runtime import Host, ServalStream
 from .common import run_until_signal
 
@@ -21,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight", type=int, default=1)
     parser.add_argument("--priority", type=int, default=0)
     parser.add_argument("--name", default="", help="label printed with each connection")
+    parser.add_argument(
+        "--inspect", action="store_true", help="answer `pyserval table` about this host"
+    )
 
 
 async def serve_echo(stream: ServalStream) -> None:
@@ -35,6 +39,8 @@ async def serve_echo(stream: ServalStream) -> None:
 async def _serve(args: argparse.Namespace) -> None:
     host = Host([args.listen], router=args.router, broadcast=args.broadcast)
     async with host:
+        if args.inspect:
+            enable_inspection(host)
         listener = await host.listen(args.service, weight=args.weight, priority=args.priority)
         addr = "{}:{}".format(*host.addresses[0])
         print(f"echo {args.name} serving {args.service} at {addr}", flush=True)

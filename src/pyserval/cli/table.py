@@ -16,8 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``pyserval table``."""
     parser.add_argument(
         "--router",
+        "--host",
+        dest="router",
         default=f"127.0.0.1:{DEFAULT_ROUTER_PORT}",
-        help="the router to ask (IP:PORT)",
+        help="the router (or a host serving inspection, e.g. `pyserval echo --inspect`)",
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--timeout", type=float, default=2.0)

@@ -6,6 +6,7 @@ argument. ``HostServiceController`` and ``Router`` put them on the asyncio runti
 """
 
 from .controller import ControllerCore, HostServiceController
+from .inspection import TableService, enable_inspection
 from .messages import (
     CONTROL_SERVICE,
     MAX_MESSAGE_BYTES,
@@ -44,6 +45,8 @@ __all__ = [
     "Registry",
     "Router",
     "TableDump",
+    "TableService",
+    "enable_inspection",
     "fetch_table",
     "format_table",
     "MAX_MESSAGE_BYTES",

@@ -33,20 +33,17 @@ from ..runtime.service_events import ServiceEvent, ServiceEventKind
 from ..sal.service_table import Action, Rule
 from ..transport.events import DatagramReceived, Event
 from .controller import HostServiceController
+from .inspection import TableService
 from .messages import (
     CONTROL_SERVICE,
-    TABLE_PAGE,
     BadControlMessage,
-    MessageTooLarge,
     RegisterMessage,
     TableEntryInfo,
     TableReply,
     TableRequest,
-    TargetInfo,
     UnregisterMessage,
     decode_message,
     encode_message,
-    format_instance_address,
 )
 from .registry import Registry
 from .security import RegistrationGuard
@@ -56,8 +53,6 @@ __all__ = ["DEFAULT_ROUTER_PORT", "Router", "TableDump", "fetch_table", "format_
 Address = tuple[str, int]
 DEFAULT_ROUTER_PORT: Final = 54326
 _DEFAULT_PREFIX: Final = "0" * 64 + "/0"
-_MAX_COUNTERS: Final = 200
-_TABLE_RATE: Final = 50  # table requests answered per second (and the burst)
 _TABLE_PAD: Final = 8000  # bytes fetch_table pads its requests to (answers: 3x that)
 
 
@@ -99,8 +94,7 @@ class Router:
         self._changed = asyncio.Event()
         self._upstream_controller: HostServiceController | None = None
         self._seen_changes = 0
-        self._tokens = float(_TABLE_RATE)
-        self._tokens_at = 0.0
+        self.inspection = TableService(self.host, self.registry)
         self.last_change = 0.0  # loop time the table last changed through the registry
 
     @property
@@ -185,10 +179,9 @@ class Router:
             self._reply(event, encode_message(ack))
             self._after_change()
         elif isinstance(msg, TableRequest):
-            if self._table_tokens(self.host.loop.time()):
-                self._reply(event, self._table_page(msg, 3 * len(event.data)))
-            else:
-                stats["table_requests_limited"] += 1
+            page = self.inspection.answer(msg, len(event.data))
+            if page is not None:
+                self._reply(event, page)
         else:
             stats["unexpected_message"] += 1
 
@@ -243,77 +236,11 @@ class Router:
     # -- inspection ---------------------------------------------------------------------
     def table_entries(self) -> list[TableEntryInfo]:
         """The service table as the router reports it."""
-        now = self.host.loop.time()
-        out: list[TableEntryInfo] = []
-        for entry in self.host.service_table:
-            registered = self.registry.instances.get(entry.prefix, {})
-            targets: list[TargetInfo] = []
-            for rule in entry.rules:
-                for t in rule.targets:
-                    inst = registered.get(t.address)
-                    expires = None if inst is None else max(0.0, inst.expires - now)
-                    targets.append(
-                        TargetInfo(
-                            address=format_instance_address(t.address),
-                            weight=t.weight,
-                            priority=rule.priority,
-                            expires_in=expires,
-                        )
-                    )
-            out.append(
-                TableEntryInfo(
-                    prefix=str(entry.prefix),
-                    action=entry.action.value,
-                    targets=targets[:256],
-                    hits=entry.hits,
-                )
-            )
-        return out
+        return self.inspection.entries()
 
     def counters(self) -> dict[str, int]:
         """Packet and registration counters (forwarded, dropped by reason, refused...)."""
-        core = self.host.core
-        merged: dict[str, int] = {}
-        if core is not None:
-            merged.update({f"packets_{k}": v for k, v in core.stats.items()})
-            merged["packets_received"] = core.received
-            merged.update({f"drops_{k}": v for k, v in core.drops.items()})
-        merged.update({f"registry_{k}": v for k, v in self.registry.stats.items()})
-        merged.update({f"guard_{k}": v for k, v in self.registry.guard.stats.items()})
-        merged["instances"] = len(self.registry)
-        return dict(sorted(merged.items())[:_MAX_COUNTERS])
-
-    def _table_tokens(self, now: float) -> bool:
-        """Table requests are answered at most ``_TABLE_RATE`` a second (each walks the
-        whole table)."""
-        self._tokens = min(_TABLE_RATE, self._tokens + (now - self._tokens_at) * _TABLE_RATE)
-        self._tokens_at = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
-
-    def _table_page(self, req: TableRequest, limit: int) -> bytes:
-        """A page of the table, at most ``limit`` bytes (three times the padded request)."""
-        entries = self.table_entries()
-        counters = self.counters()
-        page = TABLE_PAGE
-        while True:
-            chunk = entries[req.offset : req.offset + page] if page else []
-            reply = TableReply(
-                seq=req.seq,
-                offset=req.offset,
-                total=len(entries),
-                entries=chunk,
-                counters=counters if page else {},
-            )
-            try:
-                data = encode_message(reply)
-            except MessageTooLarge:
-                data = b""
-            if (data and len(data) <= limit) or page == 0:
-                return data
-            page //= 2
+        return self.inspection.counters()
 
 
 class TableDump:
