@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from . import decode, demo, echo, router, table, tour
+from . import decode, demo, echo, router, table, tour, translate
 
 __all__ = ["main"]
 
@@ -20,6 +20,7 @@ _COMMANDS: dict[
     "echo": (echo.add_arguments, echo.run, "run an echo service instance"),
     "tour": (tour.add_arguments, tour.run, "the sans-I/O parts at work (simulated network)"),
     "decode": (decode.add_arguments, decode.run, "decode SAL packets given in hex"),
+    "translate": (translate.add_arguments, translate.run, "translate between TCP and Serval"),
 }
 
 
