@@ -32,7 +32,7 @@ from ..naming.service_id import ServiceID, ServiceLike, as_service_id
 from ..sal.checksum import BytesLike
 from ..sal.control import MASK32
 from ..sal.errors import MalformedPacket
-from ..sal.extensions import ControlExt, ControlFlags, DssExt, JoinExt, ServiceExt
+from ..sal.extensions import AddAddrExt, ControlExt, ControlFlags, DssExt, JoinExt, ServiceExt
 from ..sal.flow_table import FlowTable
 from ..sal.forwarding import (
     FAST_SYN,
@@ -498,15 +498,20 @@ class HostCore:
     def _move_flows(self, old: Address, new: Address, now: float) -> list[Connection]:
         moved = []
         for conn in list(self.connections.values()):
-            if not conn.subflows:
-                continue
-            sf = conn.primary
-            if sf.local_addr != old:
-                continue
-            if conn.state is State.ESTABLISHED and conn.start_migration(sf, now, new):
-                moved.append(conn)
-            else:
-                sf.local_addr = new  # closing, a handshake or TIME_WAIT: send from there
+            for sf in list(conn.subflows):
+                if sf.local_addr != old:
+                    continue
+                others = [x for x in conn.live_subflows() if x.local_addr != old]
+                if conn.mp is not None and others:
+                    conn.subflow_failed(sf, now)  # multipath: the other paths carry on
+                elif (
+                    sf is conn.primary
+                    and conn.state is State.ESTABLISHED
+                    and conn.start_migration(sf, now, new)
+                ):
+                    moved.append(conn)
+                else:
+                    sf.local_addr = new  # closing, a handshake or TIME_WAIT: send from there
             self._wake(conn)
         return moved
 
@@ -741,6 +746,7 @@ class HostCore:
         synack = conn.accept_syn(sf, pkt, now)
         if conn.mp is not None:
             self.mp_tokens[conn.mp.local_token] = conn
+            conn.mp.advertise = [a for a in self.addresses if a != dst and a[0] != "0.0.0.0"]
         if untrusted_path:
             sf.control.max_retries = 0
             self.stats["syn_untrusted_path"] += 1
@@ -913,6 +919,10 @@ class HostCore:
             if not sf.control.nonce_ok(ctl):
                 self.drops["bad_nonce"] += 1
                 return
+            if conn.mp is not None:
+                for ext in pkt.extensions:
+                    if type(ext) is AddAddrExt:
+                        conn.on_add_addr(ext.address)
             if ctl.flags & ControlFlags.SYN:
                 conn.third_ack_pending = conn.role is Role.CLIENT  # our third ACK was lost
                 return

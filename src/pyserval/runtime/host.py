@@ -394,6 +394,32 @@ class Host:
             except TimeoutError:
                 return
 
+    async def add_path(
+        self, conn: Connection, local: str | Address, remote: str | Address, timeout: float
+    ) -> None:
+        """Open another subflow of multipath ``conn``; wait until it carries data."""
+        from .streams import ServalMigrationError
+
+        core = self._require_core()
+        try:
+            here = self._known_interface(local)
+            there = parse_address(remote) if isinstance(remote, str) else remote
+            sf = core.add_path(conn, here, there, self._now())
+        except (ValueError, ConnectionError) as exc:
+            raise ServalMigrationError(f"cannot add a path: {exc}") from None
+        self.schedule_flush()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._waiters.wait_for(
+                    conn.conn_id, lambda: conn.closed or sf.join_state is None
+                )
+        except TimeoutError:
+            raise ServalMigrationError(
+                f"the peer did not answer the new path {here} -> {there} in {timeout} s"
+            ) from None
+        if conn.closed:
+            raise ServalMigrationError(f"the connection closed: {conn.error or 'closed'}")
+
     async def migrate(self, conn: Connection, local: str | Address, timeout: float) -> None:
         """Move ``conn`` to the interface ``local`` and wait until the peer confirmed."""
         from .streams import ServalMigrationError

@@ -29,6 +29,7 @@ from ..naming.service_id import ServiceID
 from ..sal.checksum import BytesLike
 from ..sal.control import ControlChannel, ControlTimeout
 from ..sal.extensions import (
+    AddAddrExt,
     ControlExt,
     ControlFlags,
     DssExt,
@@ -181,6 +182,7 @@ class Subflow:
         self.join_state: str | None = None  # "syn_sent" / "syn_received" while joining
         self.join_third_ack = False
         self.ack_pending = False  # this subflow owes the peer an ACK
+        self.mp_unacked = 0  # data segments received since our last ACK on this subflow
         self.fin_seq: int | None = None  # where our DATA_FIN sits in this subflow
         self.redundant_next = 0  # the redundant scheduler's next DSN for this subflow
 
@@ -325,6 +327,7 @@ class Subflow:
         """An ACK of this subflow (with the data ACK on a multipath connection)."""
         exts: list[Extension] = [self.dss()] if self.conn.mp is not None else []
         self.ack_pending = False
+        self.mp_unacked = 0
         return SalPacket(self.local_flowid, self.remote_flowid, PROTO_TCP, exts, self.ack_header())
 
     def ack_header(self, flags: int = TcpFlags.ACK, offset: int | None = None) -> TcpHeader:
@@ -407,12 +410,21 @@ class Subflow:
             return
         track = self.rcv_track
         assert track is not None
-        self.ack_pending = True
         conn.wake(conn)
         seq = unwrap(tcp.seq, self.irs + 1, track.rcv_nxt)
         end = seq + len(payload) + (1 if fin else 0)
         if end <= track.rcv_nxt or dss is None or not dss.flags & DssExt.HAS_DSN:
+            self.ack_pending = True
             return  # a duplicate (ACK it again), or data we cannot place
+        # Delayed ACKs as on a single path (every second full segment, or the timer):
+        # ACKing every segment would make this subflow smoother, and so luckier at a
+        # shared drop-tail queue, than the single-path flows it competes with.
+        in_order = seq == track.rcv_nxt and not track.has_holes
+        self.mp_unacked += 1
+        if not in_order or fin or self.mp_unacked >= conn.config.ack_every:
+            self.ack_pending = True
+        elif conn.delack_deadline is None:
+            conn.delack_deadline = now + conn.config.delayed_ack
         recv = conn.recv
         if payload:
             if dss.dsn + len(payload) > recv.rcv_nxt + recv.window:
@@ -738,6 +750,7 @@ class Subflow:
             flags = DssExt.HAS_DSN | (DssExt.DATA_FIN if fin else 0)
             exts.append(self.dss(flags, dsn))
             self.ack_pending = False
+            self.mp_unacked = 0
         flags = TcpFlags.ACK | (TcpFlags.FIN if fin else 0) | (TcpFlags.PSH if payload else 0)
         tcp = self.ack_header(flags, start)
         return SalPacket(self.local_flowid, self.remote_flowid, PROTO_TCP, exts, tcp, payload)
@@ -1154,6 +1167,12 @@ class Connection:
             self.send_blocked = False
             self.emit(SendSpaceAvailable(self.conn_id, self.send.free))
 
+    def on_add_addr(self, address: Address) -> None:
+        """The peer told us another of its addresses (kept, at most eight)."""
+        mp = self.mp
+        if mp is not None and address not in mp.peer_addresses and len(mp.peer_addresses) < 8:
+            mp.peer_addresses.append(address)
+
     def check_peer_fin(self, now: float) -> None:
         """Multipath: every byte before the peer's DATA_FIN arrived: end of stream."""
         if (
@@ -1492,6 +1511,10 @@ class Connection:
         if self.delack_deadline is not None and now >= self.delack_deadline:
             self.delack_deadline = None
             self.ack_now = True
+            if self.mp is not None:
+                for sf in self.subflows:
+                    if sf.mp_unacked:
+                        sf.ack_pending = True
         cfg = self.config
         if self.state is State.ESTABLISHED and cfg.idle_timeout is not None:
             if now >= self.last_heard + cfg.idle_timeout:
@@ -1596,6 +1619,12 @@ class Connection:
         if self.ack_now and not frozen:
             primary.ack_pending = True
             self.ack_sent()
+        mp = self.mp
+        if mp is not None and mp.advertise and self.state is State.ESTABLISHED:
+            # Our other addresses, once: the peer may open subflows to them.
+            extra: list[Extension] = [AddAddrExt(a) for a in mp.advertise[:4]]
+            del mp.advertise[:4]
+            out.append(primary.control_packet(primary.control.ext(ControlFlags.ACK), extra))
         for sf in live:
             if sf.join_third_ack:
                 sf.join_third_ack = False

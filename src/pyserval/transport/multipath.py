@@ -145,6 +145,11 @@ class SeqTracker:
         self._recent = start
         return True
 
+    @property
+    def has_holes(self) -> bool:
+        """Whether anything above ``rcv_nxt`` was received (a hole below it)."""
+        return bool(self._ooo)
+
     def sack_blocks(self, limit: int) -> list[tuple[int, int]]:
         """Up to ``limit`` received ranges above ``rcv_nxt``, the most recent first."""
         ooo = self._ooo
