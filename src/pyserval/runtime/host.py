@@ -28,7 +28,7 @@ from ..naming.keys import ServiceKey
 from ..naming.service_id import ServiceID, ServiceLike, as_service_id, as_service_prefix
 from ..sal.service_table import Rule, ServiceTable
 from ..transport.config import StreamConfig
-from ..transport.connection import Connection, State
+from ..transport.connection import Connection, ConnectionError_, State
 from ..transport.events import (
     ConnectionClosed,
     ConnectionFailed,
@@ -405,7 +405,7 @@ class Host:
             here = self._known_interface(local)
             there = parse_address(remote) if isinstance(remote, str) else remote
             sf = core.add_path(conn, here, there, self._now())
-        except (ValueError, ConnectionError) as exc:
+        except (ValueError, ConnectionError_) as exc:
             raise ServalMigrationError(f"cannot add a path: {exc}") from None
         self.schedule_flush()
         try:
