@@ -6,9 +6,13 @@ from hypothesis import strategies as st
 
 from pyserval.naming import ServiceID
 from pyserval.sal import (
+    AddAddrExt,
     AddressExt,
     ControlExt,
+    DssExt,
     Extension,
+    JoinExt,
+    MpCapableExt,
     PadExt,
     SalPacket,
     ServiceExt,
@@ -37,9 +41,16 @@ service_exts = st.builds(ServiceExt, service_ids, u16)
 address_exts = st.builds(AddressExt, u32, u32, st.lists(ipv4, max_size=5).map(tuple), u16)
 source_exts = st.builds(SourceExt, st.lists(ipv4, min_size=2, max_size=20).map(tuple), u16)
 source_ports_exts = st.builds(SourcePortsExt, st.lists(u16, min_size=2, max_size=20).map(tuple))
+u64 = st.integers(min_value=0, max_value=2**64 - 1)
+multipath_exts = st.one_of(
+    st.builds(MpCapableExt, u64),
+    st.builds(DssExt, st.integers(0, 3), u64, u64),
+    st.builds(JoinExt, u32, st.binary(min_size=8, max_size=8)),
+    st.builds(AddAddrExt, st.tuples(ipv4, u16)),
+)
 unknown_exts = st.builds(
     lambda t, body: UnknownExt(t, bytes((t << 4, 2 + len(body))) + body),
-    st.integers(6, 15),
+    st.integers(10, 15),
     st.binary(max_size=30),
 )
 extensions: st.SearchStrategy[Extension] = st.one_of(
@@ -48,6 +59,7 @@ extensions: st.SearchStrategy[Extension] = st.one_of(
     address_exts,
     source_exts,
     source_ports_exts,
+    multipath_exts,
     unknown_exts,
     st.just(PadExt()),
 )

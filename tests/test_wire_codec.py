@@ -115,8 +115,8 @@ def test_extension_length_errors() -> None:
     _raises(with_ext(b"\x50\x01\x00\x00"), Reason.EXTENSION_LENGTH)
     _raises(with_ext(b"\x50\x09\x00\x00"), Reason.EXTENSION_TRUNCATED)
     _raises(with_ext(b"\x11\x14" + bytes(18)), Reason.EXTENSION_RESERVED)
-    unknown = decode_packet(with_ext(b"\x70\x04\xab\xcd"))
-    assert unknown.extensions[0] == UnknownExt(7, b"\x70\x04\xab\xcd")
+    unknown = decode_packet(with_ext(b"\xa0\x04\xab\xcd"))
+    assert unknown.extensions[0] == UnknownExt(10, b"\xa0\x04\xab\xcd")
 
 
 def test_source_and_forwarded_syn_layout() -> None:

@@ -32,7 +32,7 @@ from ..naming.service_id import ServiceID, ServiceLike, as_service_id
 from ..sal.checksum import BytesLike
 from ..sal.control import MASK32
 from ..sal.errors import MalformedPacket
-from ..sal.extensions import ControlExt, ControlFlags, ServiceExt
+from ..sal.extensions import AddAddrExt, ControlExt, ControlFlags, DssExt, JoinExt, ServiceExt
 from ..sal.flow_table import FlowTable
 from ..sal.forwarding import (
     FAST_SYN,
@@ -55,6 +55,7 @@ from ..transport.events import (
     SendSpaceAvailable,
 )
 from ..transport.migration import CHALLENGE
+from ..transport.multipath import MAX_SUBFLOWS, join_proof
 
 __all__ = ["DatagramEndpoint", "DatagramTooLarge", "HostCore", "Listener", "NoRoute"]
 
@@ -147,6 +148,7 @@ class HostCore:
         # (peer address, peer flowID) -> server connection: recognises duplicate SYNs.
         self._peer_flows: dict[tuple[Address, int], Connection] = {}
         self._listener_by_id: dict[int, Listener] = {}
+        self.mp_tokens: dict[int, Connection] = {}  # multipath: our token -> connection
         # Forwarding (routers): SYNs and datagrams that FORWARD rules send one hop on.
         self.forwarding = forwarding
         self.broadcast: set[Address] = set()  # targets that are broadcasts: never re-sent
@@ -414,6 +416,9 @@ class HostCore:
     def _send_all(self, conn: Connection, pkts: list[SalPacket]) -> None:
         if not pkts or not conn.subflows:
             return
+        if len(conn.subflows) > 1:
+            self._send_multipath(conn, pkts)
+            return
         sf = conn.primary
         remote = sf.remote_addr
         if remote is None:
@@ -423,6 +428,18 @@ class HostCore:
             return
         for p in pkts:
             self._send(p, sf.local_addr, remote)
+
+    def _send_multipath(self, conn: Connection, pkts: list[SalPacket]) -> None:
+        """Each packet on the addresses of the subflow it belongs to."""
+        by_flow = {sf.local_flowid: sf for sf in conn.subflows}
+        for p in pkts:
+            sf = by_flow.get(p.src_flowid)
+            if sf is None or sf.remote_addr is None:
+                continue  # a subflow given up meanwhile
+            if sf.challenge is not None:
+                self._send_challenging(sf, [p], sf.remote_addr)
+            else:
+                self._send(p, sf.local_addr, sf.remote_addr)
 
     def _send_challenging(self, sf: Subflow, pkts: list[SalPacket], remote: Address) -> None:
         """While a candidate peer address is checked, the challenge goes there (within the
@@ -481,15 +498,20 @@ class HostCore:
     def _move_flows(self, old: Address, new: Address, now: float) -> list[Connection]:
         moved = []
         for conn in list(self.connections.values()):
-            if not conn.subflows:
-                continue
-            sf = conn.primary
-            if sf.local_addr != old:
-                continue
-            if conn.state is State.ESTABLISHED and conn.start_migration(sf, now, new):
-                moved.append(conn)
-            else:
-                sf.local_addr = new  # closing, a handshake or TIME_WAIT: send from there
+            for sf in list(conn.subflows):
+                if sf.local_addr != old:
+                    continue
+                others = [x for x in conn.live_subflows() if x.local_addr != old]
+                if conn.mp is not None and others:
+                    conn.subflow_failed(sf, now)  # multipath: the other paths carry on
+                elif (
+                    sf is conn.primary
+                    and conn.state is State.ESTABLISHED
+                    and conn.start_migration(sf, now, new)
+                ):
+                    moved.append(conn)
+                else:
+                    sf.local_addr = new  # closing, a handshake or TIME_WAIT: send from there
             self._wake(conn)
         return moved
 
@@ -512,6 +534,10 @@ class HostCore:
             self._internal_error(exc)
             conn.abort_with(f"internal error: {exc!r}", send_rst=False)
         self._send_all(conn, pkts)
+        if conn.dead_subflows:
+            for sf in conn.dead_subflows:
+                self.flows.remove(sf.local_flowid)
+            conn.dead_subflows.clear()
         if conn.state is State.CLOSED:
             self._forget(conn)
         else:
@@ -552,6 +578,8 @@ class HostCore:
             return
         for sf in conn.subflows:
             self.flows.remove(sf.local_flowid)
+        if conn.mp is not None:
+            self.mp_tokens.pop(conn.mp.local_token, None)
         conn.scheduled = None
         key = conn.peer_key
         if key is not None:
@@ -644,7 +672,11 @@ class HostCore:
     ) -> None:
         ctl = pkt.control
         if ctl is not None and ctl.flags & ControlFlags.SYN and not ctl.flags & ControlFlags.ACK:
-            self._on_syn(pkt, ctl, data, src, dst, now)
+            join = pkt.find(JoinExt)
+            if join is not None:
+                self._on_join(pkt, ctl, join, src, dst, now)
+            else:
+                self._on_syn(pkt, ctl, data, src, dst, now)
         elif pkt.protocol == PROTO_UDP and pkt.service is not None and pkt.udp is not None:
             self._on_datagram(pkt, data, src, dst)
         elif ctl is not None and ctl.flags & ControlFlags.RST:
@@ -712,11 +744,62 @@ class HostCore:
         listener.half_open[key] = conn
         self._peer_flows[key] = conn
         synack = conn.accept_syn(sf, pkt, now)
+        if conn.mp is not None:
+            self.mp_tokens[conn.mp.local_token] = conn
+            conn.mp.advertise = [a for a in self.addresses if a != dst and a[0] != "0.0.0.0"]
         if untrusted_path:
             sf.control.max_retries = 0
             self.stats["syn_untrusted_path"] += 1
         self._send(synack, dst, src)
         self._schedule(conn)
+
+    def _on_join(
+        self, pkt: SalPacket, ctl: ControlExt, join: JoinExt, src: Address, dst: Address, now: float
+    ) -> None:
+        """A SYN opening another subflow of a multipath connection of ours."""
+        conn = self.mp_tokens.get(join.token)
+        mp = conn.mp if conn is not None else None
+        if conn is None or mp is None or pkt.tcp is None or conn.state is not State.ESTABLISHED:
+            self.drops["join_unknown"] += 1
+            return
+        if join.proof != join_proof(mp.peer_key, mp.local_key):
+            self.drops["join_bad_proof"] += 1
+            return
+        key = (src, pkt.src_flowid)
+        existing = self._peer_flows.get(key)
+        if existing is not None:
+            for sf in existing.subflows:  # a retransmitted JOIN: answer it again
+                if sf.remote_flowid == pkt.src_flowid and sf.join_state == "syn_received":
+                    self._send(sf.synack_packet(sf.control.resend()), sf.local_addr, src)
+            return
+        if len(conn.subflows) >= MAX_SUBFLOWS:
+            self.drops["join_too_many"] += 1
+            return
+        flowid = self.flows.allocate()
+        sf = Subflow(conn, flowid, dst, src, self.rng)
+        self.flows.insert(flowid, sf)
+        self._peer_flows[key] = conn
+        synack = conn.accept_join(sf, pkt, now)
+        self._send(synack, dst, src)
+        self.stats["joined"] += 1
+        self._schedule(conn)
+
+    def add_path(self, conn: Connection, local: Address, remote: Address, now: float) -> Subflow:
+        """Open another subflow of multipath ``conn`` from our ``local`` address to the
+        peer's ``remote`` one; PathAdded tells when it carries data."""
+        if local not in self.addresses:
+            raise ValueError(f"{local[0]}:{local[1]} is not one of this host's addresses")
+        for sf in conn.subflows:
+            if sf.local_addr == local and sf.remote_addr == remote:
+                raise ValueError(f"there is already a path {local} -> {remote}")
+        if len(conn.subflows) >= MAX_SUBFLOWS:
+            raise ValueError(f"a connection has at most {MAX_SUBFLOWS} subflows")
+        flowid = self.flows.allocate()
+        sf = Subflow(conn, flowid, local, remote, self.rng)
+        conn.add_subflow(sf, now)  # raises if the connection is not multipath
+        self.flows.insert(flowid, sf)
+        self._wake(conn)
+        return sf
 
     def _on_datagram(self, pkt: SalPacket, data: BytesLike, src: Address, dst: Address) -> None:
         svc = pkt.service
@@ -782,7 +865,8 @@ class HostCore:
                 self._established_server(conn)
                 tcp = pkt.tcp
                 if tcp is not None and conn.state is State.ESTABLISHED:
-                    sf.on_tcp(tcp, pkt.payload, now)
+                    dss = pkt.find(DssExt) if conn.mp is not None else None
+                    sf.on_tcp(tcp, pkt.payload, now, dss)
             else:
                 self._maybe_reset(conn, sf, pkt, src)
         elif state is State.CLOSED:
@@ -805,6 +889,10 @@ class HostCore:
         self, conn: Connection, sf: Subflow, pkt: SalPacket, now: float, src: Address
     ) -> None:
         ctl = pkt.control
+        if sf.join_state == "syn_sent":
+            if not conn.on_join_synack(sf, pkt, src, now):
+                self.drops["join_bad_synack"] += 1
+            return
         if (
             ctl is not None
             and ctl.flags & ControlFlags.SYN
@@ -831,6 +919,10 @@ class HostCore:
             if not sf.control.nonce_ok(ctl):
                 self.drops["bad_nonce"] += 1
                 return
+            if conn.mp is not None:
+                for ext in pkt.extensions:
+                    if type(ext) is AddAddrExt:
+                        conn.on_add_addr(ext.address)
             if ctl.flags & ControlFlags.SYN:
                 conn.third_ack_pending = conn.role is Role.CLIENT  # our third ACK was lost
                 return
@@ -845,7 +937,12 @@ class HostCore:
                 if pkt.payload or tcp.flags & TcpFlags.FIN:
                     conn.ack_now = True
             else:
-                sf.on_tcp(tcp, pkt.payload, now)
+                if sf.join_state == "syn_received":
+                    if not tcp.flags & TcpFlags.ACK or tcp.ack != (sf.iss + 1) & MASK32:
+                        return  # nothing proves the JOIN's SYN-ACK arrived yet
+                    conn.join_established(sf)  # data standing in for the lost third ACK
+                dss = pkt.find(DssExt) if conn.mp is not None else None
+                sf.on_tcp(tcp, pkt.payload, now, dss)
 
     def _from_elsewhere(
         self, conn: Connection, sf: Subflow, pkt: SalPacket, src: Address, now: float
@@ -899,6 +996,9 @@ class HostCore:
             genuine = echoed in sf.segments
         if not genuine:
             self.drops["bad_nonce"] += 1
+            return
+        if conn.mp is not None and sf is not conn.primary:
+            conn.subflow_failed(sf, 0.0)  # one path reset: the others carry on
             return
         conn.on_reset()
 

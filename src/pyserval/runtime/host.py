@@ -28,7 +28,7 @@ from ..naming.keys import ServiceKey
 from ..naming.service_id import ServiceID, ServiceLike, as_service_id, as_service_prefix
 from ..sal.service_table import Rule, ServiceTable
 from ..transport.config import StreamConfig
-from ..transport.connection import Connection, State
+from ..transport.connection import Connection, ConnectionError_, State
 from ..transport.events import (
     ConnectionClosed,
     ConnectionFailed,
@@ -393,6 +393,32 @@ class Host:
                     await self._waiters.wait_for(conn.conn_id, functools.partial(settled, conn))
             except TimeoutError:
                 return
+
+    async def add_path(
+        self, conn: Connection, local: str | Address, remote: str | Address, timeout: float
+    ) -> None:
+        """Open another subflow of multipath ``conn``; wait until it carries data."""
+        from .streams import ServalMigrationError
+
+        core = self._require_core()
+        try:
+            here = self._known_interface(local)
+            there = parse_address(remote) if isinstance(remote, str) else remote
+            sf = core.add_path(conn, here, there, self._now())
+        except (ValueError, ConnectionError_) as exc:
+            raise ServalMigrationError(f"cannot add a path: {exc}") from None
+        self.schedule_flush()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._waiters.wait_for(
+                    conn.conn_id, lambda: conn.closed or sf.join_state is None
+                )
+        except TimeoutError:
+            raise ServalMigrationError(
+                f"the peer did not answer the new path {here} -> {there} in {timeout} s"
+            ) from None
+        if conn.closed:
+            raise ServalMigrationError(f"the connection closed: {conn.error or 'closed'}")
 
     async def migrate(self, conn: Connection, local: str | Address, timeout: float) -> None:
         """Move ``conn`` to the interface ``local`` and wait until the peer confirmed."""

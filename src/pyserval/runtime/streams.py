@@ -69,6 +69,25 @@ class ServalStream(anyio.abc.ByteStream):
         """(local, remote) address pair of each subflow."""
         return [(sf.local_addr, sf.remote_addr) for sf in self._conn.subflows]
 
+    @property
+    def multipath(self) -> bool:
+        """Whether both ends agreed to multipath (``StreamConfig(multipath=True)``)."""
+        return self._conn.mp is not None
+
+    @property
+    def peer_addresses(self) -> list[Address]:
+        """Other addresses the peer advertised (ADD_ADDR): candidates for :meth:`add_path`."""
+        mp = self._conn.mp
+        return list(mp.peer_addresses) if mp is not None else []
+
+    async def add_path(
+        self, local_address: str | Address, remote_address: str | Address, *, timeout: float = 10.0
+    ) -> None:
+        """Open another subflow between one of the host's interfaces and one of the peer's
+        addresses; returns once it carries data. The connection must be multipath."""
+        self._check()
+        await self._host.add_path(self._conn, local_address, remote_address, timeout)
+
     async def migrate(self, local_address: str | Address, *, timeout: float = 10.0) -> None:
         """Move this connection to another of the host's interfaces (``"IP:PORT"``).
 

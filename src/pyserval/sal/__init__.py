@@ -6,11 +6,15 @@ Nothing here does I/O or reads a clock.
 from .checksum import internet_checksum, transport_checksum
 from .errors import MalformedPacket, Reason
 from .extensions import (
+    AddAddrExt,
     AddressExt,
     ControlExt,
     ControlFlags,
+    DssExt,
     Extension,
     ExtType,
+    JoinExt,
+    MpCapableExt,
     PadExt,
     ServiceExt,
     SourceExt,
@@ -55,6 +59,10 @@ __all__ = [
     "ServiceTableFull",
     "SourceExt",
     "SourcePortsExt",
+    "MpCapableExt",
+    "DssExt",
+    "JoinExt",
+    "AddAddrExt",
     "TcpFlags",
     "TcpHeader",
     "TcpOption",

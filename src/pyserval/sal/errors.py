@@ -24,6 +24,7 @@ class Reason(enum.StrEnum):
     ADDRESS_LENGTH = "address_length"
     SOURCE_LENGTH = "source_length"
     SOURCE_PORTS_LENGTH = "source_ports_length"
+    MULTIPATH_LENGTH = "multipath_length"
     TCP_TRUNCATED = "tcp_truncated"
     TCP_DATA_OFFSET = "tcp_data_offset"
     TCP_OPTION = "tcp_option"

@@ -25,6 +25,10 @@ __all__ = [
     "ServiceExt",
     "SourceExt",
     "SourcePortsExt",
+    "MpCapableExt",
+    "DssExt",
+    "JoinExt",
+    "AddAddrExt",
     "UnknownExt",
     "MAX_EXTENSIONS",
     "NONCE_BYTES",
@@ -45,6 +49,10 @@ class ExtType(enum.IntEnum):
     ADDRESS = 3
     SOURCE = 4
     SOURCE_PORTS = 5  # pyserval's own: the UDP port of each SOURCE address
+    MP_CAPABLE = 6  # pyserval's own, multipath: a key offered in SYN / SYN-ACK
+    DSS = 7  # pyserval's own, multipath: data sequence number and data ACK
+    JOIN = 8  # pyserval's own, multipath: a new subflow of an existing connection
+    ADD_ADDR = 9  # pyserval's own, multipath: another address of the sender
 
 
 class ControlFlags:
@@ -303,6 +311,108 @@ class SourcePortsExt(Extension):
 
 def _ports_length(count: int) -> int:
     return 4 + (2 * count + 3) // 4 * 4
+
+
+class MpCapableExt(Extension):
+    """MP_CAPABLE (type 6): head, reserved u16, the sender's 64-bit key (12 bytes)."""
+
+    __slots__ = ("key",)
+    type = ExtType.MP_CAPABLE
+
+    def __init__(self, key: int) -> None:
+        self.key = key
+
+    @classmethod
+    def decode(cls, data: memoryview) -> MpCapableExt:
+        if len(data) != 12:
+            raise MalformedPacket(Reason.MULTIPATH_LENGTH, f"MP_CAPABLE of {len(data)} bytes")
+        return cls(int.from_bytes(data[4:12], "big"))
+
+    def encode(self) -> bytes:
+        return bytes((ExtType.MP_CAPABLE << 4, 12, 0, 0)) + self.key.to_bytes(8, "big")
+
+    def __repr__(self) -> str:
+        return f"MpCapableExt(key={self.key:#018x})"
+
+
+class DssExt(Extension):
+    """DSS (type 7): head, flags u8, reserved u8, DSN u64 of the first payload byte (or of
+    the DATA_FIN), cumulative data ACK u64 (20 bytes). Flags: 0x01 the DSN is valid,
+    0x02 DATA_FIN."""
+
+    __slots__ = ("flags", "dsn", "data_ack")
+    type = ExtType.DSS
+    HAS_DSN: Final = 0x01
+    DATA_FIN: Final = 0x02
+
+    def __init__(self, flags: int, dsn: int, data_ack: int) -> None:
+        self.flags = flags
+        self.dsn = dsn
+        self.data_ack = data_ack
+
+    @classmethod
+    def decode(cls, data: memoryview) -> DssExt:
+        if len(data) != 20:
+            raise MalformedPacket(Reason.MULTIPATH_LENGTH, f"DSS of {len(data)} bytes")
+        flags, _, dsn, ack = _DSS.unpack_from(data, 2)
+        return cls(flags, dsn, ack)
+
+    def encode(self) -> bytes:
+        return bytes((ExtType.DSS << 4, 20)) + _DSS.pack(self.flags, 0, self.dsn, self.data_ack)
+
+    def __repr__(self) -> str:
+        return f"DssExt(flags={self.flags:#x}, dsn={self.dsn}, data_ack={self.data_ack})"
+
+
+class JoinExt(Extension):
+    """JOIN (type 8): head, reserved u16, the server's token u32, an 8-byte proof (16)."""
+
+    __slots__ = ("token", "proof")
+    type = ExtType.JOIN
+
+    def __init__(self, token: int, proof: bytes) -> None:
+        self.token = token
+        self.proof = bytes(proof)
+
+    @classmethod
+    def decode(cls, data: memoryview) -> JoinExt:
+        if len(data) != 16:
+            raise MalformedPacket(Reason.MULTIPATH_LENGTH, f"JOIN of {len(data)} bytes")
+        return cls(int.from_bytes(data[4:8], "big"), bytes(data[8:16]))
+
+    def encode(self) -> bytes:
+        head = bytes((ExtType.JOIN << 4, 16, 0, 0))
+        return head + self.token.to_bytes(4, "big") + self.proof
+
+    def __repr__(self) -> str:
+        return f"JoinExt(token={self.token:#010x})"
+
+
+class AddAddrExt(Extension):
+    """ADD_ADDR (type 9): head, UDP port u16, IPv4 address (8 bytes)."""
+
+    __slots__ = ("address",)
+    type = ExtType.ADD_ADDR
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.address = address
+
+    @classmethod
+    def decode(cls, data: memoryview) -> AddAddrExt:
+        if len(data) != 8:
+            raise MalformedPacket(Reason.MULTIPATH_LENGTH, f"ADD_ADDR of {len(data)} bytes")
+        port = (data[2] << 8) | data[3]
+        return cls((_ips(data[4:8], 1)[0], port))
+
+    def encode(self) -> bytes:
+        ip, port = self.address
+        return bytes((ExtType.ADD_ADDR << 4, 8)) + port.to_bytes(2, "big") + _ip_bytes((ip,))
+
+    def __repr__(self) -> str:
+        return f"AddAddrExt({self.address[0]}:{self.address[1]})"
+
+
+_DSS: Final = struct.Struct("!BBQQ")
 
 
 class UnknownExt(Extension):

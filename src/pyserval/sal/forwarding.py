@@ -131,7 +131,8 @@ def _scan_extensions(data: bytes, hlen: int, protocol: int) -> tuple[int, int, i
         if ext_type == ExtType.CONTROL:
             if length != 20:
                 return None
-            flags = data[i + 2]
+            if flags < 0:  # the first CONTROL decides, as in the full decoder
+                flags = data[i + 2]
         elif ext_type == ExtType.SERVICE:
             if length != 36:
                 return None

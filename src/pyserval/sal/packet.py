@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import Final
+from typing import Final, TypeVar
 
 from .checksum import BytesLike, internet_checksum
 from .errors import MalformedPacket, Reason
 from .extensions import (
     MAX_EXTENSIONS,
+    AddAddrExt,
     AddressExt,
     ControlExt,
+    DssExt,
     Extension,
     ExtType,
+    JoinExt,
+    MpCapableExt,
     PadExt,
     ServiceExt,
     SourceExt,
@@ -42,9 +46,14 @@ _EXT_DECODERS: Final[dict[int, Callable[[memoryview], Extension]]] = {
     ExtType.ADDRESS: AddressExt.decode,
     ExtType.SOURCE: SourceExt.decode,
     ExtType.SOURCE_PORTS: SourcePortsExt.decode,
+    ExtType.MP_CAPABLE: MpCapableExt.decode,
+    ExtType.DSS: DssExt.decode,
+    ExtType.JOIN: JoinExt.decode,
+    ExtType.ADD_ADDR: AddAddrExt.decode,
 }
 
 Transport = TcpHeader | UdpHeader
+_E = TypeVar("_E", bound=Extension)
 _TRANSPORT_DECODERS: Final[dict[int, Callable[[memoryview], tuple[Transport, int]]]] = {
     PROTO_TCP: TcpHeader.decode,
     PROTO_UDP: UdpHeader.decode,
@@ -99,6 +108,13 @@ class SalPacket:
         """The SOURCE extension of a forwarded packet, if any."""
         for e in self.extensions:
             if type(e) is SourceExt:
+                return e
+        return None
+
+    def find(self, ext_type: type[_E]) -> _E | None:
+        """The first extension of this class, if any."""
+        for e in self.extensions:
+            if type(e) is ext_type:
                 return e
         return None
 

@@ -29,6 +29,11 @@ class StreamConfig:
     keepalive: float | None = None  # probe after this long idle (needs idle_timeout to end)
     control: ControlTimers = field(default_factory=ControlTimers)
     max_half_open: int = 500  # per listener, SYNs answered but not yet completed
+    # Multipath: offer it in our SYNs (client), accept it when offered (server), and the
+    # scheduler of a multipath connection ("lowest_rtt" or "redundant").
+    multipath: bool = False
+    accept_multipath: bool = True
+    scheduler: str = "lowest_rtt"
 
     def __post_init__(self) -> None:
         if not 64 <= self.mss <= 65000:

@@ -28,7 +28,16 @@ from sortedcontainers import SortedDict, SortedList
 from ..naming.service_id import ServiceID
 from ..sal.checksum import BytesLike
 from ..sal.control import ControlChannel, ControlTimeout
-from ..sal.extensions import ControlExt, ControlFlags, Extension, ServiceExt
+from ..sal.extensions import (
+    AddAddrExt,
+    ControlExt,
+    ControlFlags,
+    DssExt,
+    Extension,
+    JoinExt,
+    MpCapableExt,
+    ServiceExt,
+)
 from ..sal.packet import SalPacket
 from ..sal.transport_headers import PROTO_TCP, TcpFlags, TcpHeader, TcpOption
 from .buffers import ReceiveBuffer, SendBuffer
@@ -42,10 +51,21 @@ from .events import (
     DataReceived,
     Event,
     FlowMigrated,
+    PathAdded,
+    PathFailed,
     SendSpaceAvailable,
     StreamEnded,
 )
 from .migration import CHALLENGE, CHALLENGE_TRIES, Challenge, MigrationState
+from .multipath import (
+    DEAD_AFTER_RTOS,
+    Lia,
+    MultipathState,
+    SeqTracker,
+    join_proof,
+    new_key,
+    schedule_order,
+)
 from .rtt import RttEstimator
 
 __all__ = ["Connection", "ConnectionError_", "Role", "State", "Subflow", "unwrap"]
@@ -95,10 +115,11 @@ class State(enum.Enum):
 class SentSegment:
     """One transmitted range [start, end) of a subflow's sequence space."""
 
-    __slots__ = ("end", "sent_at", "retransmitted", "resent", "sacked", "lost", "fin")
+    __slots__ = ("end", "sent_at", "retransmitted", "resent", "sacked", "lost", "fin", "dsn")
 
-    def __init__(self, end: int, sent_at: float, fin: bool) -> None:
+    def __init__(self, end: int, sent_at: float, fin: bool, dsn: int = -1) -> None:
         self.end = end
+        self.dsn = dsn  # multipath: the data sequence number of its first byte (else -1)
         self.sent_at = sent_at
         self.retransmitted = False  # sent again in this loss episode (counts in pipe)
         self.resent = False  # ever sent more than once (Karn: never an RTT sample)
@@ -156,6 +177,14 @@ class Subflow:
         self.prev_remote: Address | None = None  # where the peer was before it moved
         self.prev_remote_until = 0.0  # ... and until when its late packets are taken
         self.challenge: Challenge | None = None  # checking the peer at a new address
+        # Multipath (None/False on a single-path connection).
+        self.rcv_track: SeqTracker | None = None  # our receive sequence, data kept by DSN
+        self.join_state: str | None = None  # "syn_sent" / "syn_received" while joining
+        self.join_third_ack = False
+        self.ack_pending = False  # this subflow owes the peer an ACK
+        self.mp_unacked = 0  # data segments received since our last ACK on this subflow
+        self.fin_seq: int | None = None  # where our DATA_FIN sits in this subflow
+        self.redundant_next = 0  # the redundant scheduler's next DSN for this subflow
 
     @property
     def frozen(self) -> bool:
@@ -215,6 +244,9 @@ class Subflow:
 
     def wire_ack(self) -> int:
         """The 32-bit acknowledgement number we send."""
+        track = self.rcv_track
+        if track is not None:
+            return (self.irs + 1 + track.rcv_nxt) & MASK32
         conn = self.conn
         return (self.irs + 1 + conn.recv.rcv_nxt + (1 if conn.peer_fin_received else 0)) & MASK32
 
@@ -254,7 +286,18 @@ class Subflow:
     def syn_packet(self, control: ControlExt, service_id: ServiceID) -> SalPacket:
         """SYN: base, CONTROL(SYN), SERVICE(destination) and the TCP SYN."""
         tcp = TcpHeader(seq=self.iss, flags=TcpFlags.SYN, window=0, options=self._syn_options())
-        return SalPacket(self.local_flowid, 0, PROTO_TCP, [control, ServiceExt(service_id)], tcp)
+        exts: list[Extension] = [control, ServiceExt(service_id)]
+        if self.conn.mp_offer is not None:
+            exts.append(MpCapableExt(self.conn.mp_offer))
+        return SalPacket(self.local_flowid, 0, PROTO_TCP, exts, tcp)
+
+    def join_syn_packet(self, control: ControlExt) -> SalPacket:
+        """The SYN of a new subflow: JOIN names the connection instead of a service."""
+        mp = self.conn.mp
+        assert mp is not None
+        join = JoinExt(mp.peer_token, join_proof(mp.local_key, mp.peer_key))
+        tcp = TcpHeader(seq=self.iss, flags=TcpFlags.SYN, window=0, options=self._syn_options())
+        return SalPacket(self.local_flowid, 0, PROTO_TCP, [control, join], tcp)
 
     def synack_packet(self, control: ControlExt) -> SalPacket:
         """SYN-ACK: base, CONTROL(SYN+ACK) and the TCP SYN-ACK."""
@@ -270,13 +313,29 @@ class Subflow:
             window=min(self.conn.recv.window, 0xFFFF),  # never scaled in a SYN
             options=opts,
         )
-        return SalPacket(self.local_flowid, self.remote_flowid, PROTO_TCP, [control], tcp)
+        exts: list[Extension] = [control]
+        mp = self.conn.mp
+        if mp is not None and self is self.conn.primary:
+            exts.append(MpCapableExt(mp.local_key))
+        return SalPacket(self.local_flowid, self.remote_flowid, PROTO_TCP, exts, tcp)
+
+    def dss(self, flags: int = 0, dsn: int = 0) -> DssExt:
+        """The DSS extension with our current data ACK."""
+        return DssExt(flags, dsn, self.conn.recv.rcv_nxt)
+
+    def pure_ack(self) -> SalPacket:
+        """An ACK of this subflow (with the data ACK on a multipath connection)."""
+        exts: list[Extension] = [self.dss()] if self.conn.mp is not None else []
+        self.ack_pending = False
+        self.mp_unacked = 0
+        return SalPacket(self.local_flowid, self.remote_flowid, PROTO_TCP, exts, self.ack_header())
 
     def ack_header(self, flags: int = TcpFlags.ACK, offset: int | None = None) -> TcpHeader:
         """A TCP header with our current ACK, window and SACK blocks."""
         opts: list[TcpOption] = []
         if self.sack_ok:
-            blocks = self.conn.recv.sack_blocks(3)
+            track = self.rcv_track
+            blocks = track.sack_blocks(3) if track is not None else self.conn.recv.sack_blocks(3)
             if blocks:
                 base = self.irs + 1
                 opts = [TcpOption.nop(), TcpOption.nop()]
@@ -302,10 +361,16 @@ class Subflow:
         return SalPacket(self.local_flowid, self.remote_flowid, PROTO_TCP, exts, tcp)
 
     # -- receive path -------------------------------------------------------------------
-    def on_tcp(self, tcp: TcpHeader, payload: BytesLike, now: float) -> None:
-        """A TCP segment for this subflow (handshake already complete or completing)."""
+    def on_tcp(
+        self, tcp: TcpHeader, payload: BytesLike, now: float, dss: DssExt | None = None
+    ) -> None:
+        """A TCP segment for this subflow (handshake already complete or completing);
+        ``dss`` is its DSS extension on a multipath connection."""
         conn = self.conn
         flags = tcp.flags
+        if conn.mp is not None:
+            self._on_tcp_mp(tcp, payload, now, dss)
+            return
         if flags & TcpFlags.RST:
             return  # resets travel as SAL CONTROL(RST), which carries the nonce
         if flags & TcpFlags.SYN:
@@ -323,6 +388,56 @@ class Subflow:
             # An old sequence number: a keepalive or zero-window probe. Answer with an ACK
             # that carries our window (RFC 9293: unacceptable segments are acknowledged).
             conn.ack_now = True
+
+    def _on_tcp_mp(
+        self, tcp: TcpHeader, payload: BytesLike, now: float, dss: DssExt | None
+    ) -> None:
+        """on_tcp of a multipath connection: data goes to the connection by DSN."""
+        conn = self.conn
+        flags = tcp.flags
+        if flags & (TcpFlags.RST | TcpFlags.SYN):
+            if flags & TcpFlags.SYN:
+                self.ack_pending = True  # a retransmitted SYN-ACK: our ACK was lost
+            return
+        conn.last_heard = now
+        conn.keepalive_sent = False
+        if dss is not None:
+            conn.on_data_ack(dss.data_ack)
+        fin = bool(flags & TcpFlags.FIN)
+        if flags & TcpFlags.ACK:
+            self._on_ack(tcp, bool(payload) or fin, now)
+        if not payload and not fin:
+            return
+        track = self.rcv_track
+        assert track is not None
+        conn.wake(conn)
+        seq = unwrap(tcp.seq, self.irs + 1, track.rcv_nxt)
+        end = seq + len(payload) + (1 if fin else 0)
+        if end <= track.rcv_nxt or dss is None or not dss.flags & DssExt.HAS_DSN:
+            self.ack_pending = True
+            return  # a duplicate (ACK it again), or data we cannot place
+        # Delayed ACKs as on a single path (every second full segment, or the timer):
+        # ACKing every segment would make this subflow smoother, and so luckier at a
+        # shared drop-tail queue, than the single-path flows it competes with.
+        in_order = seq == track.rcv_nxt and not track.has_holes
+        self.mp_unacked += 1
+        if not in_order or fin or self.mp_unacked >= conn.config.ack_every:
+            self.ack_pending = True
+        elif conn.delack_deadline is None:
+            conn.delack_deadline = now + conn.config.delayed_ack
+        recv = conn.recv
+        if payload:
+            if dss.dsn + len(payload) > recv.rcv_nxt + recv.window:
+                return  # no room in the connection's buffer: not taken, the peer resends
+            if recv.offer(dss.dsn, payload):
+                conn.emit(DataReceived(conn.conn_id, recv.readable))
+        if fin and dss.flags & DssExt.DATA_FIN:
+            if conn.peer_fin_offset is not None and conn.peer_fin_offset != dss.dsn:
+                conn.protocol_violation("DATA_FIN moved")
+                return
+            conn.peer_fin_offset = dss.dsn
+        track.add(seq, end)
+        conn.check_peer_fin(now)
 
     def _on_ack(self, tcp: TcpHeader, carries_data: bool, now: float) -> None:
         conn = self.conn
@@ -375,7 +490,9 @@ class Subflow:
                 self.lost.discard(start)
             if seg.end > ack:
                 # Partially acknowledged: keep the rest as its own segment.
-                rest = SentSegment(seg.end, seg.sent_at, seg.fin)
+                rest = SentSegment(
+                    seg.end, seg.sent_at, seg.fin, seg.dsn + (ack - start) if seg.dsn >= 0 else -1
+                )
                 rest.retransmitted, rest.lost, rest.resent = seg.retransmitted, seg.lost, seg.resent
                 segs[ack] = rest
                 if rest.lost:
@@ -399,11 +516,14 @@ class Subflow:
         self.snd_una = ack
         self.dupacks = 0
         self.rto_count = 0
-        released = conn.send.release(min(ack, conn.send.end))
-        if released and conn.send_blocked and conn.send.free > 0:
-            conn.send_blocked = False
-            conn.emit(SendSpaceAvailable(conn.conn_id, conn.send.free))
-        if conn.fin_offset is not None and ack > conn.fin_offset:
+        if conn.mp is None:
+            released = conn.send.release(min(ack, conn.send.end))
+            if released and conn.send_blocked and conn.send.free > 0:
+                conn.send_blocked = False
+                conn.emit(SendSpaceAvailable(conn.conn_id, conn.send.free))
+            if conn.fin_offset is not None and ack > conn.fin_offset:
+                conn.on_fin_acked(now)
+        elif self.fin_seq is not None and ack > self.fin_seq:
             conn.on_fin_acked(now)
         if self.in_recovery:
             if ack >= self.recovery_point:
@@ -546,11 +666,14 @@ class Subflow:
                 seg.resent = True
                 seg.sent_at = now
                 self.lost.discard(start)
-                out.append(self._data_packet(start, seg.end, seg.fin))
+                out.append(self._data_packet(start, seg.end, seg.fin, seg.dsn))
                 pipe += seg.end - start
                 if self.rto_deadline is None:
                     self.rto_deadline = now + self.rtt.rto
                 continue
+            if conn.mp is not None:
+                self._output_new_mp(now, out, pipe)
+                break
             if self.snd_max < send_end:
                 wnd_end = self.snd_una + self.snd_wnd
                 room = min(wnd_end - self.snd_max, send_end - self.snd_max, mss)
@@ -572,6 +695,41 @@ class Subflow:
                 self._send_new(fin_off, fin_off, True, now, out)
             break
 
+    def _output_new_mp(self, now: float, out: list[SalPacket], pipe: int) -> None:
+        """Multipath: take data from the connection (by scheduler) while cwnd allows."""
+        conn = self.conn
+        mp = conn.mp
+        assert mp is not None
+        mss = self.mss
+        while not (pipe > 0 and pipe + mss > self.cc.cwnd):
+            # The peer's window counts from the connection's data ACK.
+            chunk = conn.mp_take(self, mss, mp.data_ack + self.snd_wnd)
+            if chunk is None:
+                break
+            dsn, n = chunk
+            start = self.snd_max
+            self.segments[start] = SentSegment(start + n, now, False, dsn)
+            self.snd_max = start + n
+            out.append(self._data_packet(start, start + n, False, dsn))
+            pipe += n
+            if self.rto_deadline is None:
+                self.rto_deadline = now + self.rtt.rto
+        fin_off = conn.fin_offset
+        if (
+            self is conn.primary
+            and fin_off is not None
+            and self.fin_seq is None
+            and mp.snd_nxt >= fin_off
+            and not mp.reinject
+        ):
+            start = self.snd_max
+            self.fin_seq = start
+            self.segments[start] = SentSegment(start + 1, now, True, fin_off)
+            self.snd_max = start + 1
+            out.append(self._data_packet(start, start + 1, True, fin_off))
+            if self.rto_deadline is None:
+                self.rto_deadline = now + self.rtt.rto
+
     def _send_new(self, start: int, end: int, fin: bool, now: float, out: list[SalPacket]) -> None:
         seg_end = end + (1 if fin else 0)
         self.segments[start] = SentSegment(seg_end, now, fin)
@@ -581,12 +739,21 @@ class Subflow:
         if self.rto_deadline is None:
             self.rto_deadline = now + self.rtt.rto
 
-    def _data_packet(self, start: int, end: int, fin: bool) -> SalPacket:
+    def _data_packet(self, start: int, end: int, fin: bool, dsn: int = -1) -> SalPacket:
         data_end = end - 1 if fin else end
-        payload = self.conn.send.read(start, data_end) if data_end > start else b""
+        conn = self.conn
+        exts: list[Extension] = []
+        if dsn < 0:
+            payload = conn.send.read(start, data_end) if data_end > start else b""
+        else:
+            payload = conn.read_dsn(dsn, data_end - start) if data_end > start else b""
+            flags = DssExt.HAS_DSN | (DssExt.DATA_FIN if fin else 0)
+            exts.append(self.dss(flags, dsn))
+            self.ack_pending = False
+            self.mp_unacked = 0
         flags = TcpFlags.ACK | (TcpFlags.FIN if fin else 0) | (TcpFlags.PSH if payload else 0)
         tcp = self.ack_header(flags, start)
-        return SalPacket(self.local_flowid, self.remote_flowid, PROTO_TCP, [], tcp, payload)
+        return SalPacket(self.local_flowid, self.remote_flowid, PROTO_TCP, exts, tcp, payload)
 
     def _arm_persist(self, now: float) -> None:
         if self.persist_deadline is None:
@@ -618,6 +785,13 @@ class Subflow:
             self.rto_deadline = None
             return
         self.rto_count += 1
+        if (
+            conn.mp is not None
+            and self.rto_count >= DEAD_AFTER_RTOS
+            and len(conn.live_subflows()) > 1
+        ):
+            conn.subflow_failed(self, now)  # its data goes on the other paths
+            return
         if self.rto_count > conn.config.max_retransmissions:
             conn.time_out("data retransmissions unanswered")
             return
@@ -714,6 +888,12 @@ class Connection:
         self.syn_due = False  # SYN (re)transmission: the host resolves the service again
         self.syn_first = False
         self.wake: Callable[[Connection], None] = _no_wake  # the host polls us for output
+        # Multipath: the key our SYN offers (client with config.multipath), then the state
+        # once both ends agreed; subflows given up, for the host to forget.
+        self.mp_offer: int | None = new_key() if config.multipath and role is Role.CLIENT else None
+        self.mp: MultipathState | None = None
+        self.dead_subflows: list[Subflow] = []
+        self.join_syn_due: list[Subflow] = []
 
     # -- events and misuse --------------------------------------------------------------
     def emit(self, event: Event) -> None:
@@ -809,6 +989,9 @@ class Connection:
         sf.remote_flowid = pkt.src_flowid
         sf.remote_addr = src
         sf.take_peer_syn(tcp)
+        offer = pkt.find(MpCapableExt)
+        if self.mp_offer is not None and offer is not None:
+            self._enable_multipath(self.mp_offer, offer.key)
         self.state = State.ESTABLISHED
         self.last_heard = now
         self.third_ack_pending = True
@@ -824,7 +1007,183 @@ class Connection:
         sf.remote_flowid = pkt.src_flowid
         sf.take_peer_syn(tcp)
         self.last_heard = now
+        offer = pkt.find(MpCapableExt)
+        if offer is not None and self.config.accept_multipath:
+            self._enable_multipath(new_key(), offer.key)
         return sf.synack_packet(sf.control.send_reliable(ControlFlags.SYN | ControlFlags.ACK, now))
+
+    # -- multipath ----------------------------------------------------------------------
+    def _enable_multipath(self, local_key: int, peer_key: int) -> None:
+        """Both ends agreed: data from now on is mapped by DSN (see transport.multipath)."""
+        mp = MultipathState(local_key, peer_key, self.config.scheduler)
+        self.mp = mp
+        sf = self.primary
+        sf.rcv_track = SeqTracker()
+        sf.cc = Lia(sf.mss, mp.group)
+
+    def live_subflows(self) -> list[Subflow]:
+        """Subflows that carry data (joined, not given up)."""
+        return [sf for sf in self.subflows if sf.join_state is None]
+
+    def add_subflow(self, sf: Subflow, now: float) -> None:
+        """Client: open another subflow (its JOIN SYN goes out from ``sf.local_addr``)."""
+        mp = self.mp
+        if mp is None:
+            raise ConnectionError_(
+                "this connection is not multipath: connect with StreamConfig(multipath=True)"
+            )
+        if self.state is not State.ESTABLISHED:
+            raise ConnectionError_(f"cannot add a path: connection {self.conn_id:#x} is closing")
+        sf.join_state = "syn_sent"
+        sf.rcv_track = SeqTracker()
+        sf.cc = Lia(sf.mss, mp.group)
+        self.subflows.append(sf)
+        cc = sf.control
+        cc.rto = min(max(self.primary.rtt.rto, cc.timers.min_rto), cc.timers.initial_rto)
+        cc.send_reliable(ControlFlags.SYN, now)
+        sf.join_third_ack = False
+        self.join_syn_due.append(sf)
+        self.wake(self)
+
+    def accept_join(self, sf: Subflow, pkt: SalPacket, now: float) -> SalPacket:
+        """Server: a JOIN SYN for this connection; returns the SYN-ACK."""
+        mp = self.mp
+        ctl, tcp = pkt.control, pkt.tcp
+        assert mp is not None and ctl is not None and tcp is not None
+        sf.join_state = "syn_received"
+        sf.rcv_track = SeqTracker()
+        sf.cc = Lia(sf.mss, mp.group)
+        sf.control.peer_nonce = ctl.nonce
+        sf.control.peer_consumed(ctl.verno)
+        sf.remote_flowid = pkt.src_flowid
+        sf.take_peer_syn(tcp)
+        sf.cc.set_mss(sf.mss)
+        self.subflows.append(sf)
+        return sf.synack_packet(sf.control.send_reliable(ControlFlags.SYN | ControlFlags.ACK, now))
+
+    def on_join_synack(self, sf: Subflow, pkt: SalPacket, src: Address, now: float) -> bool:
+        """Client: the SYN-ACK of a joining subflow; False if it is not acceptable."""
+        ctl, tcp = pkt.control, pkt.tcp
+        want = ControlFlags.SYN | ControlFlags.ACK
+        if ctl is None or tcp is None or ctl.flags & want != want or not sf.control.acked(ctl):
+            return False
+        if tcp.ack != (sf.iss + 1) & MASK32:
+            return False
+        sf.control.complete()
+        sf.control.peer_nonce = ctl.nonce
+        sf.control.peer_consumed(ctl.verno)
+        sf.remote_flowid = pkt.src_flowid
+        sf.remote_addr = src
+        sf.take_peer_syn(tcp)
+        sf.cc.set_mss(sf.mss)
+        sf.join_state = None
+        sf.join_third_ack = True
+        self.emit(PathAdded(self.conn_id, sf.local_addr, src))
+        self.wake(self)
+        return True
+
+    def join_established(self, sf: Subflow) -> None:
+        """Server: the joining subflow's handshake completed."""
+        if sf.join_state == "syn_received":
+            sf.control.complete()
+            sf.join_state = None
+            assert sf.remote_addr is not None
+            self.emit(PathAdded(self.conn_id, sf.local_addr, sf.remote_addr))
+
+    def subflow_failed(self, sf: Subflow, now: float) -> None:
+        """Give up a subflow (its path died): its unacknowledged data goes on the others."""
+        mp = self.mp
+        if mp is None or sf not in self.subflows or len(self.subflows) < 2:
+            return
+        for start, seg in sf.segments.items():
+            if seg.dsn >= 0 and not seg.fin:
+                mp.reinject.append((seg.dsn, seg.dsn + (seg.end - start)))
+        sf.segments.clear()
+        sf.lost.clear()
+        sf.rto_deadline = None
+        sf.fin_seq = None
+        if isinstance(sf.cc, Lia):
+            sf.cc.leave()
+        was_primary = sf is self.primary
+        self.subflows.remove(sf)
+        self.dead_subflows.append(sf)
+        mp.failed += 1
+        remote = sf.remote_addr or ("", 0)
+        self.emit(PathFailed(self.conn_id, sf.local_addr, remote))
+        if was_primary:
+            self.primary.fin_seq = None
+        self.wake(self)
+
+    def mp_take(self, sf: Subflow, max_len: int, dsn_limit: int) -> tuple[int, int] | None:
+        """The scheduler: the next DSN range for ``sf`` (data to resend first), or None."""
+        mp = self.mp
+        assert mp is not None
+        while mp.reinject:
+            start, end = mp.reinject[0]
+            start = max(start, mp.data_ack)  # what was delivered meanwhile is skipped
+            if start >= end:
+                mp.reinject.popleft()
+                continue
+            n = min(max_len, end - start, dsn_limit - start)
+            if n <= 0:
+                return None
+            if start + n < end:
+                mp.reinject[0] = (start + n, end)
+            else:
+                mp.reinject.popleft()
+            return start, n
+        if mp.scheduler == "redundant":
+            nxt = max(sf.redundant_next, mp.data_ack)
+            n = min(max_len, self.send.end - nxt, dsn_limit - nxt)
+            if n <= 0:
+                return None
+            sf.redundant_next = nxt + n
+            mp.snd_nxt = max(mp.snd_nxt, nxt + n)
+            return nxt, n
+        nxt = mp.snd_nxt
+        n = min(max_len, self.send.end - nxt, dsn_limit - nxt)
+        if n <= 0:
+            return None
+        mp.snd_nxt = nxt + n
+        return nxt, n
+
+    def read_dsn(self, dsn: int, n: int) -> bytes:
+        """``n`` bytes from ``dsn``; zeros for any already released (delivered by another
+        subflow: the receiver drops them)."""
+        start = self.send.start
+        if dsn >= start:
+            return self.send.read(dsn, dsn + n)
+        gone = min(start - dsn, n)
+        return bytes(gone) + (self.send.read(start, dsn + n) if n > gone else b"")
+
+    def on_data_ack(self, ack: int) -> None:
+        """The peer's cumulative data ACK: free what it covers."""
+        mp = self.mp
+        if mp is None or ack <= mp.data_ack or ack > self.send.end:
+            return
+        mp.data_ack = ack
+        released = self.send.release(ack)
+        if released and self.send_blocked and self.send.free > 0:
+            self.send_blocked = False
+            self.emit(SendSpaceAvailable(self.conn_id, self.send.free))
+
+    def on_add_addr(self, address: Address) -> None:
+        """The peer told us another of its addresses (kept, at most eight)."""
+        mp = self.mp
+        if mp is not None and address not in mp.peer_addresses and len(mp.peer_addresses) < 8:
+            mp.peer_addresses.append(address)
+
+    def check_peer_fin(self, now: float) -> None:
+        """Multipath: every byte before the peer's DATA_FIN arrived: end of stream."""
+        if (
+            self.peer_fin_offset is not None
+            and not self.peer_fin_received
+            and self.recv.rcv_nxt >= self.peer_fin_offset
+        ):
+            self.peer_fin_received = True
+            self.primary.ack_pending = True
+            self.emit(StreamEnded(self.conn_id))
+            self.on_peer_fin(now)
 
     def on_handshake_ack(self, sf: Subflow, pkt: SalPacket, now: float) -> bool:
         """Server: the third ACK, or data proving it was sent; True when established."""
@@ -931,6 +1290,10 @@ class Connection:
         if mig is not None and mig.awaiting_ack and flags & ControlFlags.ACK:
             # The moving peer's ACK of our RSYN+ACK: the new path is confirmed.
             self._on_move_ack(sf, src, now)
+        if sf.join_state == "syn_received":
+            if flags & ControlFlags.ACK and sf.control.acked(ext):
+                self.join_established(sf)
+            return
         if flags & ControlFlags.ACK and sf.control.acked(ext):
             if sf.control.outstanding == ControlFlags.RSYN:
                 # A plain ACK of our RSYN (its RSYN+ACK was lost, or both ends moved and
@@ -1148,6 +1511,10 @@ class Connection:
         if self.delack_deadline is not None and now >= self.delack_deadline:
             self.delack_deadline = None
             self.ack_now = True
+            if self.mp is not None:
+                for sf in self.subflows:
+                    if sf.mp_unacked:
+                        sf.ack_pending = True
         cfg = self.config
         if self.state is State.ESTABLISHED and cfg.idle_timeout is not None:
             if now >= self.last_heard + cfg.idle_timeout:
@@ -1187,7 +1554,10 @@ class Connection:
             self.syn_due = True  # the host resolves the service again and sends the SYN
             return
         ext = sf.control.resend()
-        if self.state is State.SYN_RECEIVED:
+        if sf.join_state == "syn_sent":
+            out.append(sf.join_syn_packet(ext))
+            return
+        if self.state is State.SYN_RECEIVED or sf.join_state == "syn_received":
             out.append(sf.synack_packet(ext))
         elif self.state is State.ESTABLISHED:
             out.append(sf.control_packet(ext))
@@ -1206,11 +1576,14 @@ class Connection:
             out.append(sf.control_packet(ext, [ServiceExt(self.service_id)], sf.ack_header()))
             self.ack_sent()
         frozen = sf.frozen
-        if self.state is State.ESTABLISHED and not frozen:
-            sf.output(now, out)
-        if self.ack_now and not frozen:
-            out.append(SalPacket(sf.local_flowid, sf.remote_flowid, PROTO_TCP, [], sf.ack_header()))
-            self.ack_sent()
+        if self.mp is not None:
+            self._output_mp(now, out, frozen)
+        else:
+            if self.state is State.ESTABLISHED and not frozen:
+                sf.output(now, out)
+            if self.ack_now and not frozen:
+                out.append(sf.pure_ack())
+                self.ack_sent()
         if self.pending_control:
             self.pending_control = False
             if sf.control.outstanding is not None:
@@ -1231,6 +1604,35 @@ class Connection:
         if self.control_ack_pending:
             self.control_ack_pending = False
             out.append(sf.control_packet(sf.control.ext(ControlFlags.ACK)))
+
+    def _output_mp(self, now: float, out: list[SalPacket], frozen: bool) -> None:
+        """Multipath output: joins, data by the scheduler's order, each subflow's ACK."""
+        for sf in self.join_syn_due:
+            out.append(sf.join_syn_packet(sf.control.resend()))
+        self.join_syn_due.clear()
+        live = self.live_subflows()
+        if self.state is State.ESTABLISHED:
+            for sf in schedule_order(live):
+                if not sf.frozen:
+                    sf.output(now, out)
+        primary = self.primary
+        if self.ack_now and not frozen:
+            primary.ack_pending = True
+            self.ack_sent()
+        mp = self.mp
+        if mp is not None and mp.advertise and self.state is State.ESTABLISHED:
+            # Our other addresses, once: the peer may open subflows to them.
+            extra: list[Extension] = [AddAddrExt(a) for a in mp.advertise[:4]]
+            del mp.advertise[:4]
+            out.append(primary.control_packet(primary.control.ext(ControlFlags.ACK), extra))
+        for sf in live:
+            if sf.join_third_ack:
+                sf.join_third_ack = False
+                ext = sf.control.ext(ControlFlags.ACK)
+                out.append(sf.control_packet(ext, [sf.dss()], sf.ack_header()))
+                sf.ack_pending = False
+            elif sf.ack_pending and not sf.frozen:
+                out.append(sf.pure_ack())
 
     def _send_rst(self, out: list[SalPacket]) -> None:
         self.rst_pending = False

@@ -14,6 +14,8 @@ __all__ = [
     "DatagramReceived",
     "Event",
     "FlowMigrated",
+    "PathAdded",
+    "PathFailed",
     "IncomingConnection",
     "SendSpaceAvailable",
     "StreamEnded",
@@ -101,3 +103,19 @@ class FlowMigrated(Event):
     local: tuple[str, int]
     remote: tuple[str, int]
     reason: str  # "migrated" (we moved), "peer_moved", "rebinding" (peer seen behind a NAT)
+
+
+@dataclass(frozen=True, slots=True)
+class PathAdded(Event):
+    """A multipath connection has a new subflow between these addresses."""
+
+    local: tuple[str, int]
+    remote: tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class PathFailed(Event):
+    """A subflow of a multipath connection was given up; its data goes on the others."""
+
+    local: tuple[str, int]
+    remote: tuple[str, int]
