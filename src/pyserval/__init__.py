@@ -33,6 +33,7 @@ from .runtime import (
 from .runtime.host import install_controller_factory
 from .runtime.service_events import ServiceEvent, ServiceEventKind
 from .translator import Translator
+from .transport.config import StreamConfig
 
 # The control plane sits above the runtime: the package root wires it in.
 install_controller_factory(HostServiceController)
@@ -49,6 +50,7 @@ __all__ = [
     "ServalListener",
     "ServalSocket",
     "ServalStream",
+    "StreamConfig",
     "SocketClosed",
     "Translator",
     "ServiceID",
