@@ -11,7 +11,7 @@ from pyserval.core.host import HostCore, Listener
 from pyserval.sal import JoinExt, Rule, SalPacket, TcpFlags, TcpHeader, decode_packet
 from pyserval.testing import LinkConfig, SimNetwork
 from pyserval.transport.config import StreamConfig
-from pyserval.transport.connection import Connection, ConnectionError_, State
+from pyserval.transport.connection import Connection, ConnectionError_, State, Subflow
 from pyserval.transport.events import PathAdded, PathFailed
 
 A1, A2 = ("10.0.1.1", 40000), ("10.0.2.1", 40000)
@@ -207,3 +207,21 @@ def test_single_path_connections_carry_no_multipath_extension() -> None:
     for data in seen:
         types = {type(e).__name__ for e in decode_packet(data).extensions}
         assert not types & {"DssExt", "MpCapableExt", "JoinExt", "AddAddrExt"}
+
+
+def test_a_scheduler_can_be_plugged_in_and_unknown_names_are_refused() -> None:
+    from pyserval.transport.multipath import Scheduler, register_scheduler
+
+    class SlowestFirst(Scheduler):
+        name = "slowest_first"
+
+        def order(self, subflows: list[Subflow]) -> list[Subflow]:
+            return list(reversed(super().order(subflows)))
+
+    register_scheduler(SlowestFirst())
+    t = Two(scheduler="slowest_first")
+    t.add_path()
+    t.transfer(DATA[:1_000_000])
+    assert t.client.mp is not None and t.client.mp.scheduler.name == "slowest_first"
+    with pytest.raises(ValueError, match="unknown multipath scheduler 'fastest'"):
+        StreamConfig(scheduler="fastest")

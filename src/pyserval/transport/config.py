@@ -30,7 +30,8 @@ class StreamConfig:
     control: ControlTimers = field(default_factory=ControlTimers)
     max_half_open: int = 500  # per listener, SYNs answered but not yet completed
     # Multipath: offer it in our SYNs (client), accept it when offered (server), and the
-    # scheduler of a multipath connection ("lowest_rtt" or "redundant").
+    # scheduler of a multipath connection ("lowest_rtt", "redundant", or one registered
+    # with transport.multipath.register_scheduler).
     multipath: bool = False
     accept_multipath: bool = True
     scheduler: str = "lowest_rtt"
@@ -40,6 +41,9 @@ class StreamConfig:
             raise ValueError(f"mss must be 64..65000: {self.mss}")
         if self.send_buffer < self.mss or self.receive_buffer < self.mss:
             raise ValueError("send and receive buffers must hold at least one segment")
+        from .multipath import get_scheduler  # here: multipath needs this module's users
+
+        get_scheduler(self.scheduler)  # an unknown name fails here, naming the known ones
         if self.receive_buffer > 0x3FFFFFFF:
             raise ValueError("receive_buffer must be below 1 GiB (window scale limit)")
 

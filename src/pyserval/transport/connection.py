@@ -62,9 +62,9 @@ from .multipath import (
     Lia,
     MultipathState,
     SeqTracker,
+    get_scheduler,
     join_proof,
     new_key,
-    schedule_order,
 )
 from .rtt import RttEstimator
 
@@ -1015,7 +1015,7 @@ class Connection:
     # -- multipath ----------------------------------------------------------------------
     def _enable_multipath(self, local_key: int, peer_key: int) -> None:
         """Both ends agreed: data from now on is mapped by DSN (see transport.multipath)."""
-        mp = MultipathState(local_key, peer_key, self.config.scheduler)
+        mp = MultipathState(local_key, peer_key, get_scheduler(self.config.scheduler))
         self.mp = mp
         sf = self.primary
         sf.rcv_track = SeqTracker()
@@ -1132,20 +1132,7 @@ class Connection:
             else:
                 mp.reinject.popleft()
             return start, n
-        if mp.scheduler == "redundant":
-            nxt = max(sf.redundant_next, mp.data_ack)
-            n = min(max_len, self.send.end - nxt, dsn_limit - nxt)
-            if n <= 0:
-                return None
-            sf.redundant_next = nxt + n
-            mp.snd_nxt = max(mp.snd_nxt, nxt + n)
-            return nxt, n
-        nxt = mp.snd_nxt
-        n = min(max_len, self.send.end - nxt, dsn_limit - nxt)
-        if n <= 0:
-            return None
-        mp.snd_nxt = nxt + n
-        return nxt, n
+        return mp.scheduler.take(mp, sf, self.send.end, max_len, dsn_limit)
 
     def read_dsn(self, dsn: int, n: int) -> bytes:
         """``n`` bytes from ``dsn``; zeros for any already released (delivered by another
@@ -1612,7 +1599,8 @@ class Connection:
         self.join_syn_due.clear()
         live = self.live_subflows()
         if self.state is State.ESTABLISHED:
-            for sf in schedule_order(live):
+            assert self.mp is not None
+            for sf in self.mp.scheduler.order(live):
                 if not sf.frozen:
                     sf.output(now, out)
         primary = self.primary

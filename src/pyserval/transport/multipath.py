@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 __all__ = [
     "DEAD_AFTER_RTOS",
     "SCHEDULERS",
+    "RedundantScheduler",
+    "Scheduler",
+    "get_scheduler",
+    "register_scheduler",
     "Lia",
     "LiaGroup",
     "MultipathState",
@@ -76,7 +80,7 @@ class MultipathState:
 
     local_key: int
     peer_key: int = 0
-    scheduler: str = "lowest_rtt"
+    scheduler: Scheduler = field(default_factory=lambda: SCHEDULERS["lowest_rtt"])
     snd_nxt: int = 0  # next DSN not yet given to any subflow
     data_ack: int = 0  # the peer's cumulative data ACK
     reinject: deque[tuple[int, int]] = field(default_factory=deque)  # DSN ranges to resend
@@ -219,9 +223,61 @@ class Lia(CongestionControl):
         return max(bytes_in_flight // 2, 2 * self.mss)
 
 
-def schedule_order(subflows: list[Subflow]) -> list[Subflow]:
-    """Lowest smoothed RTT first (those without a sample last)."""
-    return sorted(subflows, key=lambda sf: sf.rtt.srtt if sf.rtt.srtt is not None else 1e9)
+class Scheduler:
+    """Decides which subflow sends what (subclass and :func:`register_scheduler` to plug
+    in another). Data to resend from a failed subflow always goes first, whatever the
+    scheduler; :meth:`take` is asked only for new data."""
+
+    name = "lowest_rtt"
+
+    def order(self, subflows: list[Subflow]) -> list[Subflow]:
+        """The order in which subflows fill their congestion windows: lowest smoothed RTT
+        first (those without a sample last)."""
+        return sorted(subflows, key=lambda sf: sf.rtt.srtt if sf.rtt.srtt is not None else 1e9)
+
+    def take(
+        self, mp: MultipathState, sf: Subflow, send_end: int, max_len: int, limit: int
+    ) -> tuple[int, int] | None:
+        """The next new DSN range (start, length) for ``sf``, below ``send_end`` (what the
+        application wrote) and ``limit`` (the peer's window), or None. This one gives each
+        byte to exactly one subflow."""
+        nxt = mp.snd_nxt
+        n = min(max_len, send_end - nxt, limit - nxt)
+        if n <= 0:
+            return None
+        mp.snd_nxt = nxt + n
+        return nxt, n
 
 
-SCHEDULERS: Final = ("lowest_rtt", "redundant")
+class RedundantScheduler(Scheduler):
+    """Every byte on every subflow: the fastest path delivers, the others insure."""
+
+    name = "redundant"
+
+    def take(
+        self, mp: MultipathState, sf: Subflow, send_end: int, max_len: int, limit: int
+    ) -> tuple[int, int] | None:
+        nxt = max(sf.redundant_next, mp.data_ack)
+        n = min(max_len, send_end - nxt, limit - nxt)
+        if n <= 0:
+            return None
+        sf.redundant_next = nxt + n
+        mp.snd_nxt = max(mp.snd_nxt, nxt + n)
+        return nxt, n
+
+
+SCHEDULERS: dict[str, Scheduler] = {"lowest_rtt": Scheduler(), "redundant": RedundantScheduler()}
+
+
+def register_scheduler(scheduler: Scheduler) -> None:
+    """Make ``scheduler`` available as ``StreamConfig(scheduler=scheduler.name)``."""
+    SCHEDULERS[scheduler.name] = scheduler
+
+
+def get_scheduler(name: str) -> Scheduler:
+    """The scheduler registered as ``name``; ValueError naming the known ones."""
+    try:
+        return SCHEDULERS[name]
+    except KeyError:
+        known = ", ".join(sorted(SCHEDULERS))
+        raise ValueError(f"unknown multipath scheduler {name!r} (known: {known})") from None
