@@ -630,7 +630,13 @@ class Subflow:
             conn.emit(DataReceived(conn.conn_id, recv.readable))
         if conn.peer_fin_offset is not None and recv.rcv_nxt == conn.peer_fin_offset:
             conn.peer_fin_received = True
-            conn.ack_now = True
+            if conn.fin_offset is None:
+                # Applications mostly close on end of stream: a short delayed ACK lets our
+                # FIN carry it (one packet instead of two).
+                if conn.delack_deadline is None:
+                    conn.delack_deadline = now + conn.config.delayed_ack
+            else:
+                conn.ack_now = True
             conn.emit(StreamEnded(conn.conn_id))
             conn.on_peer_fin(now)
             return
@@ -1569,8 +1575,16 @@ class Connection:
             if self.state is State.ESTABLISHED and not frozen:
                 sf.output(now, out)
             if self.ack_now and not frozen:
-                out.append(sf.pure_ack())
+                # A SAL FIN and/or control ACK due now rides on the TCP ACK.
+                closing = self._closing_control(sf)
+                if closing is not None:
+                    out.append(sf.control_packet(closing, [], sf.ack_header()))
+                else:
+                    out.append(sf.pure_ack())
                 self.ack_sent()
+        closing = self._closing_control(sf)
+        if closing is not None:
+            out.append(sf.control_packet(closing))
         if self.pending_control:
             self.pending_control = False
             if sf.control.outstanding is not None:
@@ -1591,6 +1605,23 @@ class Connection:
         if self.control_ack_pending:
             self.control_ack_pending = False
             out.append(sf.control_packet(sf.control.ext(ControlFlags.ACK)))
+
+    def _closing_control(self, sf: Subflow) -> ControlExt | None:
+        """Our SAL FIN and our ACK of the peer's, as one CONTROL (FIN+ACK, as SYN+ACK),
+        when either is due; None when neither is (other control packets go separately)."""
+        cc = sf.control
+        fin = self.pending_control and cc.outstanding == ControlFlags.FIN
+        ack = self.control_ack_pending
+        if not fin and not ack:
+            return None
+        self.control_ack_pending = False
+        if not fin:
+            return cc.ext(ControlFlags.ACK)
+        self.pending_control = False
+        ext = cc.resend()
+        if ack:
+            ext = ControlExt(ext.flags | ControlFlags.ACK, ext.verno, ext.ackno, ext.nonce)
+        return ext
 
     def _output_mp(self, now: float, out: list[SalPacket], frozen: bool) -> None:
         """Multipath output: joins, data by the scheduler's order, each subflow's ACK."""
