@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
-import anyio
 import pytest
 
 from pyserval.runtime.host import Host
@@ -14,21 +13,10 @@ from pyserval.runtime.streams import ServalMigrationError, ServalStream
 from pyserval.transport.config import StreamConfig
 from pyserval.transport.events import Event, FlowMigrated
 
+from .helpers.sinks import digest_sink
+
 CFG = StreamConfig(mss=8192, send_buffer=2 << 20, receive_buffer=2 << 20)
 DATA = bytes(range(256)) * 40_000  # 10 MB
-
-
-async def _sink(stream: ServalStream, digest: asyncio.Future[tuple[int, str]]) -> None:
-    h = hashlib.sha256()
-    n = 0
-    try:
-        while True:
-            chunk = await stream.receive(1 << 20)
-            h.update(chunk)
-            n += len(chunk)
-    except anyio.EndOfStream:
-        pass
-    digest.set_result((n, h.hexdigest()))
 
 
 async def _setup() -> tuple[Host, Host, ServalStream, asyncio.Future[tuple[int, str]]]:
@@ -37,7 +25,7 @@ async def _setup() -> tuple[Host, Host, ServalStream, asyncio.Future[tuple[int, 
     listener = await server.listen("bulk")
     client.add_route("bulk", "{}:{}".format(*server.addresses[0]))
     digest: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
-    serving = asyncio.ensure_future(listener.serve(lambda s: _sink(s, digest)))
+    serving = asyncio.ensure_future(listener.serve(lambda s: digest_sink(s, digest)))
     digest.add_done_callback(lambda _: serving.cancel())
     stream = await client.connect("bulk")
     return server, client, stream, digest

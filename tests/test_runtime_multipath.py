@@ -6,29 +6,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
-import anyio
 import pytest
 
 from pyserval.runtime.host import Host
-from pyserval.runtime.streams import ServalMigrationError, ServalStream
+from pyserval.runtime.streams import ServalMigrationError
 from pyserval.transport.config import StreamConfig
 from pyserval.transport.events import Event, PathAdded, PathFailed
 
+from .helpers.sinks import digest_sink
+
 CFG = StreamConfig(mss=8192, send_buffer=2 << 20, receive_buffer=2 << 20, multipath=True)
 DATA = bytes(range(256)) * 40_000  # 10 MB
-
-
-async def _sink(stream: ServalStream, digest: asyncio.Future[tuple[int, str]]) -> None:
-    h = hashlib.sha256()
-    n = 0
-    try:
-        while True:
-            chunk = await stream.receive(1 << 20)
-            h.update(chunk)
-            n += len(chunk)
-    except anyio.EndOfStream:
-        pass
-    digest.set_result((n, h.hexdigest()))
 
 
 def test_a_second_path_to_an_advertised_address_then_an_interface_lost() -> None:
@@ -40,7 +28,7 @@ def test_a_second_path_to_an_advertised_address_then_an_interface_lost() -> None
         listener = await server.listen("bulk")
         client.add_route("bulk", "{}:{}".format(*server.addresses[0]))
         digest: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
-        serving = asyncio.ensure_future(listener.serve(lambda s: _sink(s, digest)))
+        serving = asyncio.ensure_future(listener.serve(lambda s: digest_sink(s, digest)))
         stream = await client.connect("bulk")
         assert stream.multipath
         for _ in range(100):  # the server's ADD_ADDR comes with its first ACKs
