@@ -55,7 +55,7 @@ from ..transport.events import (
     SendSpaceAvailable,
 )
 from ..transport.migration import CHALLENGE
-from ..transport.multipath import MAX_SUBFLOWS, join_proof
+from ..transport.multipath import MAX_HALF_OPEN_JOINS, MAX_SUBFLOWS, join_proof, new_key
 
 __all__ = ["DatagramEndpoint", "DatagramTooLarge", "HostCore", "Listener", "NoRoute"]
 
@@ -537,6 +537,8 @@ class HostCore:
         if conn.dead_subflows:
             for sf in conn.dead_subflows:
                 self.flows.remove(sf.local_flowid)
+                if sf.peer_key is not None:
+                    self._peer_flows.pop(sf.peer_key, None)
             conn.dead_subflows.clear()
         if conn.state is State.CLOSED:
             self._forget(conn)
@@ -578,7 +580,9 @@ class HostCore:
             return
         for sf in conn.subflows:
             self.flows.remove(sf.local_flowid)
-        if conn.mp is not None:
+            if sf.peer_key is not None:
+                self._peer_flows.pop(sf.peer_key, None)
+        if conn.mp is not None and self.mp_tokens.get(conn.mp.local_token) is conn:
             self.mp_tokens.pop(conn.mp.local_token, None)
         conn.scheduled = None
         key = conn.peer_key
@@ -745,6 +749,10 @@ class HostCore:
         self._peer_flows[key] = conn
         synack = conn.accept_syn(sf, pkt, now)
         if conn.mp is not None:
+            if conn.mp.local_token in self.mp_tokens:  # a token in use: pick another key
+                while conn.mp.local_token in self.mp_tokens:
+                    conn.mp.local_key = new_key()
+                synack = sf.synack_packet(sf.control.resend())
             self.mp_tokens[conn.mp.local_token] = conn
             conn.mp.advertise = [a for a in self.addresses if a != dst and a[0] != "0.0.0.0"]
         if untrusted_path:
@@ -772,11 +780,13 @@ class HostCore:
                 if sf.remote_flowid == pkt.src_flowid and sf.join_state == "syn_received":
                     self._send(sf.synack_packet(sf.control.resend()), sf.local_addr, src)
             return
-        if len(conn.subflows) >= MAX_SUBFLOWS:
+        half_open = sum(x.join_state == "syn_received" for x in conn.subflows)
+        if len(conn.subflows) >= MAX_SUBFLOWS or half_open >= MAX_HALF_OPEN_JOINS:
             self.drops["join_too_many"] += 1
             return
         flowid = self.flows.allocate()
         sf = Subflow(conn, flowid, dst, src, self.rng)
+        sf.peer_key = key
         self.flows.insert(flowid, sf)
         self._peer_flows[key] = conn
         synack = conn.accept_join(sf, pkt, now)
@@ -908,6 +918,17 @@ class HostCore:
             return
         if src != sf.remote_addr and not self._from_elsewhere(conn, sf, pkt, src, now):
             return
+        if sf.join_state == "syn_received" and ctl is not None and not ctl.flags & ControlFlags.RST:
+            if (
+                ctl.flags & ControlFlags.ACK
+                and sf.control.nonce_ok(ctl)
+                and sf.control.acked(ctl)
+                and conn.join_proven(sf, pkt.find(JoinExt))
+            ):
+                conn.join_established(sf)
+            else:
+                self.drops["join_unproven"] += 1
+            return
         if ctl is not None:
             if ctl.flags & ControlFlags.RST:
                 self._maybe_reset(conn, sf, pkt, src)
@@ -924,7 +945,10 @@ class HostCore:
                     if type(ext) is AddAddrExt:
                         conn.on_add_addr(ext.address)
             if ctl.flags & ControlFlags.SYN:
-                conn.third_ack_pending = conn.role is Role.CLIENT  # our third ACK was lost
+                if sf is not conn.primary:
+                    sf.join_third_ack = True  # a JOIN's third ACK was lost
+                else:
+                    conn.third_ack_pending = conn.role is Role.CLIENT  # our third ACK was lost
                 return
             conn.on_control(sf, ctl, now, src)
             if conn.state is State.CLOSED:
@@ -938,9 +962,7 @@ class HostCore:
                     conn.ack_now = True
             else:
                 if sf.join_state == "syn_received":
-                    if not tcp.flags & TcpFlags.ACK or tcp.ack != (sf.iss + 1) & MASK32:
-                        return  # nothing proves the JOIN's SYN-ACK arrived yet
-                    conn.join_established(sf)  # data standing in for the lost third ACK
+                    return  # nothing is taken on a JOIN before its proven third ACK
                 dss = pkt.find(DssExt) if conn.mp is not None else None
                 sf.on_tcp(tcp, pkt.payload, now, dss)
 
@@ -997,7 +1019,7 @@ class HostCore:
         if not genuine:
             self.drops["bad_nonce"] += 1
             return
-        if conn.mp is not None and sf is not conn.primary:
+        if conn.mp is not None and len(conn.subflows) > 1:
             conn.subflow_failed(sf, 0.0)  # one path reset: the others carry on
             return
         conn.on_reset()

@@ -59,10 +59,12 @@ from .events import (
 from .migration import CHALLENGE, CHALLENGE_TRIES, Challenge, MigrationState
 from .multipath import (
     DEAD_AFTER_RTOS,
+    JOIN_RETRIES,
     Lia,
     MultipathState,
     SeqTracker,
     get_scheduler,
+    join_ack_proof,
     join_proof,
     new_key,
 )
@@ -184,6 +186,8 @@ class Subflow:
         self.ack_pending = False  # this subflow owes the peer an ACK
         self.mp_unacked = 0  # data segments received since our last ACK on this subflow
         self.fin_seq: int | None = None  # where our DATA_FIN sits in this subflow
+        self.fin_seq_acked = False
+        self.peer_key: tuple[Address, int] | None = None  # server: its JOIN's (address, flowID)
         self.redundant_next = 0  # the redundant scheduler's next DSN for this subflow
 
     @property
@@ -402,11 +406,14 @@ class Subflow:
         conn.last_heard = now
         conn.keepalive_sent = False
         if dss is not None:
-            conn.on_data_ack(dss.data_ack)
+            conn.on_data_ack(dss.data_ack, tcp.window << self.snd_wscale, now)
         fin = bool(flags & TcpFlags.FIN)
         if flags & TcpFlags.ACK:
             self._on_ack(tcp, bool(payload) or fin, now)
         if not payload and not fin:
+            track = self.rcv_track
+            if track is not None and unwrap(tcp.seq, self.irs + 1, track.rcv_nxt) < track.rcv_nxt:
+                self.ack_pending = True  # a keepalive or window probe: answer it
             return
         track = self.rcv_track
         assert track is not None
@@ -427,13 +434,25 @@ class Subflow:
             conn.delack_deadline = now + conn.config.delayed_ack
         recv = conn.recv
         if payload:
+            fin_at = conn.peer_fin_offset
+            if fin_at is not None and dss.dsn + len(payload) > fin_at:
+                conn.protocol_violation("data beyond the DATA_FIN")
+                return
             if dss.dsn + len(payload) > recv.rcv_nxt + recv.window:
+                self.ack_pending = True
                 return  # no room in the connection's buffer: not taken, the peer resends
+            dropped = recv.dropped_segments
             if recv.offer(dss.dsn, payload):
                 conn.emit(DataReceived(conn.conn_id, recv.readable))
+            if recv.dropped_segments != dropped:
+                self.ack_pending = True
+                return  # too many holes to keep it: not taken (so not ACKed), resent later
         if fin and dss.flags & DssExt.DATA_FIN:
             if conn.peer_fin_offset is not None and conn.peer_fin_offset != dss.dsn:
                 conn.protocol_violation("DATA_FIN moved")
+                return
+            if dss.dsn < recv.rcv_nxt:
+                conn.protocol_violation("DATA_FIN before data already received")
                 return
             conn.peer_fin_offset = dss.dsn
         track.add(seq, end)
@@ -524,7 +543,8 @@ class Subflow:
             if conn.fin_offset is not None and ack > conn.fin_offset:
                 conn.on_fin_acked(now)
         elif self.fin_seq is not None and ack > self.fin_seq:
-            conn.on_fin_acked(now)
+            self.fin_seq_acked = True
+            conn.maybe_data_fin_acked(now)
         if self.in_recovery:
             if ack >= self.recovery_point:
                 self.in_recovery = False
@@ -708,9 +728,17 @@ class Subflow:
         assert mp is not None
         mss = self.mss
         while not (pipe > 0 and pipe + mss > self.cc.cwnd):
-            # The peer's window counts from the connection's data ACK.
-            chunk = conn.mp_take(self, mss, mp.data_ack + self.snd_wnd)
+            # The peer's window is the connection's right edge (from the newest data ACK
+            # and window on any subflow), as in RFC 8684 3.3.4.
+            chunk = conn.mp_take(self, mss, mp.snd_right)
             if chunk is None:
+                if (
+                    mp.snd_right <= mp.snd_nxt
+                    and mp.snd_nxt < conn.send.end
+                    and self.snd_max == self.snd_una
+                    and self is conn.primary
+                ):
+                    self._arm_persist(now)  # the window is shut: probe it
                 break
             dsn, n = chunk
             start = self.snd_max
@@ -900,6 +928,7 @@ class Connection:
         self.mp: MultipathState | None = None
         self.dead_subflows: list[Subflow] = []
         self.join_syn_due: list[Subflow] = []
+        self.control_ack_sf: Subflow | None = None
 
     # -- events and misuse --------------------------------------------------------------
     def emit(self, event: Event) -> None:
@@ -1024,6 +1053,7 @@ class Connection:
         mp = MultipathState(local_key, peer_key, get_scheduler(self.config.scheduler))
         self.mp = mp
         sf = self.primary
+        mp.snd_right = sf.snd_wnd  # the window the peer's SYN (or SYN-ACK) offered
         sf.rcv_track = SeqTracker()
         sf.cc = Lia(sf.mss, mp.group)
 
@@ -1041,6 +1071,7 @@ class Connection:
         if self.state is not State.ESTABLISHED:
             raise ConnectionError_(f"cannot add a path: connection {self.conn_id:#x} is closing")
         sf.join_state = "syn_sent"
+        sf.control.max_retries = JOIN_RETRIES
         sf.rcv_track = SeqTracker()
         sf.cc = Lia(sf.mss, mp.group)
         self.subflows.append(sf)
@@ -1057,6 +1088,7 @@ class Connection:
         ctl, tcp = pkt.control, pkt.tcp
         assert mp is not None and ctl is not None and tcp is not None
         sf.join_state = "syn_received"
+        sf.control.max_retries = JOIN_RETRIES
         sf.rcv_track = SeqTracker()
         sf.cc = Lia(sf.mss, mp.group)
         sf.control.peer_nonce = ctl.nonce
@@ -1084,13 +1116,25 @@ class Connection:
         sf.cc.set_mss(sf.mss)
         sf.join_state = None
         sf.join_third_ack = True
+        sf.control.max_retries = sf.control.timers.max_retries
         self.emit(PathAdded(self.conn_id, sf.local_addr, src))
         self.wake(self)
         return True
 
+    def join_proven(self, sf: Subflow, join: JoinExt | None) -> bool:
+        """Server: whether the third ACK's JOIN proves the client holds the keys."""
+        mp = self.mp
+        if mp is None or join is None or sf.control.peer_nonce is None:
+            return False
+        expected = join_ack_proof(
+            mp.peer_key, mp.local_key, sf.control.peer_nonce, sf.control.local_nonce
+        )
+        return join.proof == expected
+
     def join_established(self, sf: Subflow) -> None:
-        """Server: the joining subflow's handshake completed."""
+        """Server: the joining subflow's handshake completed (and was proven)."""
         if sf.join_state == "syn_received":
+            sf.control.max_retries = sf.control.timers.max_retries
             sf.control.complete()
             sf.join_state = None
             assert sf.remote_addr is not None
@@ -1116,8 +1160,12 @@ class Connection:
         mp.failed += 1
         remote = sf.remote_addr or ("", 0)
         self.emit(PathFailed(self.conn_id, sf.local_addr, remote))
-        if was_primary:
-            self.primary.fin_seq = None
+        if was_primary and self.fin_acked and not self.sal_fin_acked:
+            # The SAL FIN was on the dead path: start it again on the new primary.
+            self.fin_acked = False
+            self.on_fin_acked(now)
+        elif was_primary and self.fin_offset is not None and not self.fin_acked:
+            self.primary.fin_seq = None  # the DATA_FIN goes again on the new primary
         self.wake(self)
 
     def mp_take(self, sf: Subflow, max_len: int, dsn_limit: int) -> tuple[int, int] | None:
@@ -1149,12 +1197,29 @@ class Connection:
         gone = min(start - dsn, n)
         return bytes(gone) + (self.send.read(start, dsn + n) if n > gone else b"")
 
-    def on_data_ack(self, ack: int) -> None:
-        """The peer's cumulative data ACK: free what it covers."""
+    def maybe_data_fin_acked(self, now: float) -> None:
+        """Multipath: our DATA_FIN is acknowledged on its subflow and every byte before it
+        at the connection level: the stream is done, start the SAL FIN."""
         mp = self.mp
-        if mp is None or ack <= mp.data_ack or ack > self.send.end:
+        fin = self.fin_offset
+        if mp is None or fin is None or mp.data_ack < fin:
+            return
+        if any(sf.fin_seq_acked for sf in self.subflows):
+            self.on_fin_acked(now)
+
+    def on_data_ack(self, ack: int, window: int = -1, now: float = 0.0) -> None:
+        """The peer's cumulative data ACK (and the window it offers from there): free what
+        it covers, move the connection's right edge."""
+        mp = self.mp
+        if mp is None:
+            return
+        if window >= 0 and ack + window > mp.snd_right and ack >= mp.data_ack:
+            mp.snd_right = ack + window
+        if ack <= mp.data_ack or ack > self.send.end:
             return
         mp.data_ack = ack
+        if self.fin_offset is not None and ack >= self.fin_offset:
+            self.maybe_data_fin_acked(now)
         released = self.send.release(ack)
         if released and self.send_blocked and self.send.free > 0:
             self.send_blocked = False
@@ -1284,9 +1349,7 @@ class Connection:
             # The moving peer's ACK of our RSYN+ACK: the new path is confirmed.
             self._on_move_ack(sf, src, now)
         if sf.join_state == "syn_received":
-            if flags & ControlFlags.ACK and sf.control.acked(ext):
-                self.join_established(sf)
-            return
+            return  # the host establishes a JOIN only on its proven third ACK
         if flags & ControlFlags.ACK and sf.control.acked(ext):
             if sf.control.outstanding == ControlFlags.RSYN:
                 # A plain ACK of our RSYN (its RSYN+ACK was lost, or both ends moved and
@@ -1302,6 +1365,7 @@ class Connection:
             sf.control.peer_consumed(ext.verno)
             self.peer_sal_fin = True
             self.control_ack_pending = True
+            self.control_ack_sf = sf  # answered on the subflow (and channel) it came on
         self._maybe_finish(now)
 
     # -- migration ----------------------------------------------------------------------
@@ -1525,15 +1589,34 @@ class Connection:
                         sf.ack_header(TcpFlags.ACK, sf.snd_una - 1),
                     )
                 )
-        for sf in self.subflows:
+        for sf in list(self.subflows):  # a subflow may be given up on the way
+            if sf not in self.subflows:
+                continue
             if sf.mig is not None or sf.challenge is not None:
                 self._migration_timers(sf, now)
                 if self.state is State.CLOSED:
                     return
+            cc = sf.control
+            if (
+                self.mp is not None
+                and len(self.subflows) > 1
+                and cc.deadline is not None
+                and now >= cc.deadline
+                and cc.retries + 1 >= DEAD_AFTER_RTOS
+            ):
+                # A control packet (a SAL FIN, a JOIN) unanswered on this path while others
+                # work: the path is dead; what it owed goes on the others.
+                self.subflow_failed(sf, now)
+                continue
             try:
                 if sf.control.due(now):
                     self.resend_control(sf, out)
             except ControlTimeout as exc:
+                if self.mp is not None and len(self.subflows) > 1:
+                    # A JOIN nobody answers, or a path that died with a control packet
+                    # outstanding: give up that subflow, not the connection.
+                    self.subflow_failed(sf, now)
+                    continue
                 self.time_out(f"control packet unanswered ({exc})")
                 return
             if not sf.frozen:
@@ -1608,10 +1691,11 @@ class Connection:
 
     def _closing_control(self, sf: Subflow) -> ControlExt | None:
         """Our SAL FIN and our ACK of the peer's, as one CONTROL (FIN+ACK, as SYN+ACK),
-        when either is due; None when neither is (other control packets go separately)."""
+        when either is due; None when neither is (other control packets go separately).
+        Multipath: an ACK owed on another subflow is left to :meth:`_output_mp`."""
         cc = sf.control
         fin = self.pending_control and cc.outstanding == ControlFlags.FIN
-        ack = self.control_ack_pending
+        ack = self.control_ack_pending and self.control_ack_sf in (None, sf)
         if not fin and not ack:
             return None
         self.control_ack_pending = False
@@ -1625,35 +1709,49 @@ class Connection:
 
     def _output_mp(self, now: float, out: list[SalPacket], frozen: bool) -> None:
         """Multipath output: joins, data by the scheduler's order, each subflow's ACK."""
+        mp = self.mp
+        assert mp is not None
         for sf in self.join_syn_due:
             out.append(sf.join_syn_packet(sf.control.resend()))
         self.join_syn_due.clear()
         live = self.live_subflows()
+        for sf in live:
+            if sf.join_third_ack:
+                # First: the peer takes nothing on a JOIN before this proven third ACK.
+                sf.join_third_ack = False
+                assert sf.control.peer_nonce is not None
+                ext = sf.control.ext(ControlFlags.ACK)
+                proof = join_ack_proof(
+                    mp.local_key, mp.peer_key, sf.control.local_nonce, sf.control.peer_nonce
+                )
+                join = JoinExt(mp.peer_token, proof)
+                out.append(sf.control_packet(ext, [sf.dss(), join], sf.ack_header()))
+                sf.ack_pending = False
         if self.state is State.ESTABLISHED:
-            assert self.mp is not None
-            for sf in self.mp.scheduler.order(live):
+            for sf in mp.scheduler.order(live):
                 if not sf.frozen:
                     sf.output(now, out)
         primary = self.primary
         if self.ack_now and not frozen:
-            primary.ack_pending = True
+            for sf in live:  # a window update (or keepalive answer) matters on every path
+                sf.ack_pending = True
             self.ack_sent()
-        mp = self.mp
-        if mp is not None and mp.advertise and self.state is State.ESTABLISHED:
+        owed = self.control_ack_sf
+        if self.control_ack_pending and owed is not None and owed is not primary:
+            self.control_ack_pending = False
+            if owed in self.subflows:
+                out.append(owed.control_packet(owed.control.ext(ControlFlags.ACK)))
+        if mp.advertise and self.state is State.ESTABLISHED:
             # Our other addresses, once: the peer may open subflows to them.
             extra: list[Extension] = [AddAddrExt(a) for a in mp.advertise[:4]]
             del mp.advertise[:4]
             out.append(primary.control_packet(primary.control.ext(ControlFlags.ACK), extra))
         for sf in live:
-            if sf.join_third_ack:
-                sf.join_third_ack = False
-                ext = sf.control.ext(ControlFlags.ACK)
-                out.append(sf.control_packet(ext, [sf.dss()], sf.ack_header()))
-                sf.ack_pending = False
-            elif sf.ack_pending and not sf.frozen:
+            if sf.ack_pending and not sf.frozen:
                 out.append(sf.pure_ack())
 
     def _send_rst(self, out: list[SalPacket]) -> None:
         self.rst_pending = False
-        sf = self.primary
-        out.append(sf.control_packet(sf.control.ext(ControlFlags.RST)))
+        for sf in self.subflows:  # multipath: every subflow, or the peer keeps the others
+            if sf.remote_flowid:
+                out.append(sf.control_packet(sf.control.ext(ControlFlags.RST)))

@@ -48,6 +48,7 @@ __all__ = [
     "LiaGroup",
     "MultipathState",
     "SeqTracker",
+    "join_ack_proof",
     "join_proof",
     "token_of",
 ]
@@ -55,6 +56,8 @@ __all__ = [
 Address = tuple[str, int]
 DEAD_AFTER_RTOS: Final = 3  # consecutive RTOs after which a subflow (not the last) is dropped
 MAX_SUBFLOWS: Final = 8
+MAX_HALF_OPEN_JOINS: Final = 2  # JOINs answered but not yet proven, per connection
+JOIN_RETRIES: Final = 3  # a JOIN's SYN or SYN-ACK is sent at most this many times again
 _MAX_OOO: Final = 1024
 
 
@@ -66,6 +69,24 @@ def token_of(key: int) -> int:
 def join_proof(client_key: int, server_key: int) -> bytes:
     """What a JOIN carries to prove it belongs to the connection (both keys known)."""
     raw = client_key.to_bytes(8, "big") + server_key.to_bytes(8, "big") + b"pyserval-join"
+    return hashlib.sha256(raw).digest()[:8]
+
+
+def join_ack_proof(
+    client_key: int, server_key: int, client_nonce: bytes, server_nonce: bytes
+) -> bytes:
+    """What the third ACK of a JOIN carries: it binds both keys to both subflow nonces, so
+    a JOIN SYN seen on the wire and replayed elsewhere cannot complete (RFC 8684 3.2's
+    HMAC exchange, simplified to one proof)."""
+    raw = b"".join(
+        (
+            client_key.to_bytes(8, "big"),
+            server_key.to_bytes(8, "big"),
+            bytes(client_nonce),
+            bytes(server_nonce),
+            b"pyserval-join-ack",
+        )
+    )
     return hashlib.sha256(raw).digest()[:8]
 
 
@@ -83,6 +104,7 @@ class MultipathState:
     scheduler: Scheduler = field(default_factory=lambda: SCHEDULERS["lowest_rtt"])
     snd_nxt: int = 0  # next DSN not yet given to any subflow
     data_ack: int = 0  # the peer's cumulative data ACK
+    snd_right: int = 0  # the peer's window's right edge in DSN (data ACK + window)
     reinject: deque[tuple[int, int]] = field(default_factory=deque)  # DSN ranges to resend
     peer_addresses: list[Address] = field(default_factory=list)  # advertised by the peer
     advertise: list[Address] = field(default_factory=list)  # ours, to send in the next ACK
