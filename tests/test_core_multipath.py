@@ -8,12 +8,22 @@ import random
 import pytest
 
 from pyserval.core.host import HostCore, Listener
-from pyserval.sal import JoinExt, Rule, SalPacket, TcpFlags, TcpHeader, decode_packet
+from pyserval.sal import (
+    ControlExt,
+    ControlFlags,
+    JoinExt,
+    Rule,
+    SalPacket,
+    TcpFlags,
+    TcpHeader,
+    decode_packet,
+)
 from pyserval.testing import LinkConfig, SimNetwork
 from pyserval.transport.config import StreamConfig
 from pyserval.transport.connection import Connection, ConnectionError_, State, Subflow
 from pyserval.transport.events import PathAdded, PathFailed
 
+Addr = tuple[str, int]
 A1, A2 = ("10.0.1.1", 40000), ("10.0.2.1", 40000)
 B1, B2 = ("10.0.1.2", 54325), ("10.0.2.2", 54325)
 FAST = LinkConfig(delay=0.01, bandwidth=1.25e6, queue_limit=60_000)  # 10 Mbit/s, 20 ms RTT
@@ -225,3 +235,91 @@ def test_a_scheduler_can_be_plugged_in_and_unknown_names_are_refused() -> None:
     assert t.client.mp is not None and t.client.mp.scheduler.name == "slowest_first"
     with pytest.raises(ValueError, match="unknown multipath scheduler 'fastest'"):
         StreamConfig(scheduler="fastest")
+
+
+def test_a_join_nobody_answers_leaves_the_connection_alone() -> None:
+    t = Two()
+    t.net.set_path(A2[0], B2[0], LinkConfig(down=True))
+    t.add_path()
+    t.net.run_for(30.0)
+    assert t.client.state is State.ESTABLISHED and t.server.state is State.ESTABLISHED
+    assert [sf.local_addr for sf in t.client.subflows] == [A1]
+    t.transfer(DATA[:300_000])
+
+
+def test_a_replayed_join_cannot_complete() -> None:
+    t = Two()
+    joins: list[bytes] = []
+
+    def tap(time: float, data: bytes, src: Addr, dst: Addr, fate: str) -> None:
+        if fate == "sent" and decode_packet(data).find(JoinExt) is not None:
+            joins.append(data)
+
+    t.net.tap = tap
+    t.add_path()
+    t.net.run_for(0.5)
+    evil = ("10.6.6.6", 4444)
+    t.b.receive_datagram(joins[0], evil, B1, t.net.now)  # the JOIN SYN, seen and replayed
+    answer = [d for d, _, remote in t.b.datagrams_to_send(t.net.now) if remote == evil]
+    # Whatever it answered, the attacker lacks the keys for the proof the third ACK needs.
+    if answer:
+        syn, synack = decode_packet(joins[0]), decode_packet(answer[0])
+        assert syn.control is not None and synack.control is not None
+        ack = ControlExt(
+            ControlFlags.ACK, syn.control.verno + 1, synack.control.verno + 1, syn.control.nonce
+        )
+        bogus = SalPacket(syn.src_flowid, synack.src_flowid, 6, [ack, JoinExt(0, bytes(8))])
+        t.b.receive_datagram(bogus.encode(), evil, B1, t.net.now)
+    assert all(sf.remote_addr != evil or sf.join_state is not None for sf in t.server.subflows)
+    assert t.b.drops["join_unproven"] + (0 if answer else 1) >= 1
+
+
+def test_the_first_path_cut_while_closing_still_closes() -> None:
+    t = Two()
+    t.add_path()
+    t.net.run_for(0.3)
+    t.client.write(DATA[:200_000])
+    t.client.shutdown()
+    t.server.shutdown()
+    t.net.kick(t.a, t.b)
+    t.net.run_for(0.05)
+    t.net.set_path(A1[0], B1[0], LinkConfig(down=True))  # the SAL FINs are on this path
+    got = bytearray()
+    for _ in range(600):
+        t.net.run_for(0.1)
+        got += t.server.read()
+        if t.client.state is not State.ESTABLISHED and t.server.state is not State.ESTABLISHED:
+            break
+    assert bytes(got) == DATA[:200_000]
+    assert t.client.error is None and t.server.error is None
+    assert t.client.state is not State.ESTABLISHED and t.server.state is not State.ESTABLISHED
+
+
+def test_a_slow_reader_with_a_small_buffer_gets_everything() -> None:
+    t = Two()
+    t.server.recv = type(t.server.recv)(32 * 1024)  # a 32 KB receive buffer
+    t.add_path()
+    data = DATA[:600_000]
+    sent = 0
+    got = bytearray()
+    start = t.net.now
+    while len(got) < len(data) and t.net.now < start + 120:
+        if sent < len(data):
+            sent += t.client.write(data[sent : sent + 65536])
+            t.net.kick(t.a)
+        t.net.run_for(0.25)
+        got += t.server.read()
+        t.net.kick(t.b)
+    assert bytes(got) == data
+
+
+def test_peer_tables_are_empty_after_multipath_connections_close() -> None:
+    t = Two()
+    t.add_path()
+    t.transfer(DATA[:100_000])
+    t.client.shutdown()
+    t.server.shutdown()
+    t.net.kick(t.a, t.b)
+    t.net.run_for(120.0)  # past TIME_WAIT
+    assert not t.a.connections and not t.b.connections
+    assert not t.b._peer_flows and not t.b.mp_tokens
