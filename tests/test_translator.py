@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -771,5 +772,38 @@ def test_outbound_with_its_server_down_resets_at_once_and_withdraws() -> None:
                         await stream.aclose()
                 finally:
                     await client.close()
+
+    asyncio.run(main())
+
+
+def test_a_reset_after_the_clients_fin_reaches_the_service() -> None:
+    """After a FIN asyncio stops watching the socket; a RST that follows must still cross."""
+
+    async def main() -> None:
+        seen: list[float | None] = []
+
+        async def slow(stream: ServalStream) -> None:
+            with contextlib.suppress(anyio.EndOfStream):
+                while True:
+                    await stream.receive()
+            t0 = time.monotonic()
+            for _ in range(50):  # a slow service, up to 5 s
+                if stream.connection.closed:
+                    seen.append(time.monotonic() - t0)
+                    return
+                await asyncio.sleep(0.1)
+            seen.append(None)
+
+        async with serval_service(slow) as svc, inbound(svc) as tr:
+            _, w = await asyncio.open_connection(*tr.tcp_address)
+            w.write(b"GET / HTTP/1.0\r\n\r\n")
+            await w.drain()
+            w.write_eof()
+            await asyncio.sleep(0.3)
+            sock = w.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            w.transport.abort()
+            await wait_until(lambda: bool(seen), 5.0)
+        assert seen and seen[0] is not None and seen[0] < 2.0
 
     asyncio.run(main())

@@ -119,7 +119,7 @@ class TcpPipe(asyncio.Protocol):
     def _check_paused(self) -> None:
         self._check = None
         transport = self.transport
-        if not self._reading_paused or self._lost or transport is None:
+        if not (self._reading_paused or self._eof) or self._lost or transport is None:
             return
         sock = transport.get_extra_info("socket")
         try:
@@ -153,6 +153,9 @@ class TcpPipe(asyncio.Protocol):
         """The peer's FIN: reads end after what is queued; keep the write side open."""
         self._eof = True
         self._wake()
+        # After a FIN asyncio stops polling the socket for reading, so a RST that follows
+        # (the client gives up) would go unseen: look now and then, as while paused.
+        self._arm_check()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
