@@ -417,7 +417,6 @@ class Subflow:
             return
         track = self.rcv_track
         assert track is not None
-        conn.wake(conn)
         seq = unwrap(tcp.seq, self.irs + 1, track.rcv_nxt)
         end = seq + len(payload) + (1 if fin else 0)
         if end <= track.rcv_nxt or dss is None or not dss.flags & DssExt.HAS_DSN:
@@ -1741,10 +1740,11 @@ class Connection:
             self.control_ack_pending = False
             if owed in self.subflows:
                 out.append(owed.control_packet(owed.control.ext(ControlFlags.ACK)))
-        if mp.advertise and self.state is State.ESTABLISHED:
-            # Our other addresses, once: the peer may open subflows to them.
+        if mp.advertise and self.state is State.ESTABLISHED and mp.advertise_rounds > 0:
+            # Our other addresses (up to four), in three packets: nothing acknowledges an
+            # ADD_ADDR, so one lost copy must not leave the peer without them.
             extra: list[Extension] = [AddAddrExt(a) for a in mp.advertise[:4]]
-            del mp.advertise[:4]
+            mp.advertise_rounds -= 1
             out.append(primary.control_packet(primary.control.ext(ControlFlags.ACK), extra))
         for sf in live:
             if sf.ack_pending and not sf.frozen:

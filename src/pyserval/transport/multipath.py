@@ -107,7 +107,8 @@ class MultipathState:
     snd_right: int = 0  # the peer's window's right edge in DSN (data ACK + window)
     reinject: deque[tuple[int, int]] = field(default_factory=deque)  # DSN ranges to resend
     peer_addresses: list[Address] = field(default_factory=list)  # advertised by the peer
-    advertise: list[Address] = field(default_factory=list)  # ours, to send in the next ACK
+    advertise: list[Address] = field(default_factory=list)  # ours, to tell the peer
+    advertise_rounds: int = 3  # packets left to carry them
     group: LiaGroup = field(default_factory=lambda: LiaGroup())
     failed: int = 0  # subflows abandoned
 
