@@ -42,7 +42,8 @@ def _config(params: Params) -> StreamConfig | None:
     the interface MTU, 1 MiB buffers), what an application gets without configuring."""
     if params.get("mss", 8192) == 0:
         return None
-    return StreamConfig(mss=params.get("mss", 8192), send_buffer=8 << 20, receive_buffer=8 << 20)
+    buffer = params.get("buffer", 8 << 20)
+    return StreamConfig(mss=params.get("mss", 8192), send_buffer=buffer, receive_buffer=buffer)
 
 
 async def serval_bulk_receiver(ctl: Control, params: Params) -> Result:
@@ -55,7 +56,7 @@ async def serval_bulk_receiver(ctl: Control, params: Params) -> Result:
         receive = stream.receive
         try:
             while True:
-                data = await receive(1 << 20)
+                data = await receive(params.get("read", 1 << 20))
                 if not total:
                     first = time.perf_counter()
                 total += len(data)
@@ -69,11 +70,12 @@ async def serval_bulk_receiver(ctl: Control, params: Params) -> Result:
 
 
 async def serval_bulk_sender(ctl: Control, params: Params) -> Result:
-    """Send 1 MiB chunks for ``params["seconds"]``, then end the stream."""
+    """Send chunks (1 MiB, or ``params["chunk"]``) for ``params["seconds"]``, then end the
+    stream."""
     async with pyserval.Host(["127.0.0.1:0"], stream_config=_config(params)) as host:
         host.add_route(SERVICE, params["address"])
         stream = await host.connect(SERVICE)
-        chunk = bytes(1 << 20)
+        chunk = bytes(params.get("chunk", 1 << 20))
         total = 0
         start = time.perf_counter()
         end = start + params["seconds"]

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import anyio
 
 import baselines
-import pyserval
 from baselines import MB, Control, Params, Result, run_chain, run_pair
+from host_bench import serval_bulk_receiver, serval_bulk_sender
 from pyserval.translator import Translator
 from pyserval.transport.config import StreamConfig
 
@@ -54,50 +54,17 @@ def _config(params: Params) -> StreamConfig:
 # -- native pyserval ---------------------------------------------------------------------------
 
 
-async def serval_receiver(ctl: Control, params: Params) -> Result:
-    """Accept one stream and read it to end of stream."""
-    async with pyserval.Host(["127.0.0.1:0"], stream_config=_config(params)) as host:
-        listener = await host.listen(SERVICE)
-        ctl.announce(host.addresses[0])
-        stream = await listener.accept()
-        total, first = 0, 0.0
-        try:
-            while True:
-                data = await stream.receive(READ)
-                if not total:
-                    first = time.perf_counter()
-                total += len(data)
-        except anyio.EndOfStream:
-            pass
-        last = time.perf_counter()
-    await ctl.stopped()
-    return {"bytes": total, "seconds": last - first}
-
-
-async def serval_sender(ctl: Control, params: Params) -> Result:
-    """Send 64 KiB chunks (as the TCP sender does) for ``seconds``, then end the stream."""
-    async with pyserval.Host(["127.0.0.1:0"], stream_config=_config(params)) as host:
-        host.add_route(SERVICE, params["address"])
-        stream = await host.connect(SERVICE)
-        chunk = bytes(baselines.TCP_CHUNK)
-        total = 0
-        start = time.perf_counter()
-        end = start + params["seconds"]
-        while time.perf_counter() < end:
-            await stream.send(chunk)
-            total += len(chunk)
-        await stream.send_eof()
-        sf = stream.connection.primary
-        # Everything acknowledged before the host closes under it.
-        await host.wait(stream.connection, lambda: sf.snd_una >= sf.snd_max)
-        return {"bytes": total, "seconds": time.perf_counter() - start}
-
-
 def serval_native(seconds: float, mss: int) -> Result:
     """One pyserval stream between two processes."""
-    received, sent = run_pair(
-        serval_receiver, serval_sender, {"seconds": seconds, "mss": mss, "grace": 0.1}
-    )
+    params = {
+        "seconds": seconds,
+        "mss": mss,
+        "grace": 0.1,
+        "read": READ,  # as the translator reads
+        "chunk": baselines.TCP_CHUNK,  # as the TCP sender writes
+        "buffer": 1 << 20,  # the default, as in the translators
+    }
+    received, sent = run_pair(serval_bulk_receiver, serval_bulk_sender, params)
     return {
         "mss": mss,
         "mb_per_s": round(received["bytes"] / received["seconds"] / MB, 1),
