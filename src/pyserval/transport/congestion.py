@@ -298,7 +298,11 @@ class Cubic(CongestionControl):
     the sender is application-limited, so an idle period does not make the curve jump ahead.
     The target is ``W_cubic(t + min_rtt)``, clamped to ``[cwnd, 1.5*cwnd]``.
 
-    HyStart++ (RFC 9406) is not implemented: slow start is the standard one.
+    Slow start ends early on a rise in delay, as in HyStart++ (RFC 9406, simplified:
+    rounds are timed by the minimum RTT, and slow start ends at once instead of going on
+    more gently): once a round's smallest RTT (of at least 8 samples) exceeds the previous
+    round's by an eighth (4 to 16 ms), the queue is filling, so ssthresh becomes cwnd before
+    the doubling overflows it.
     """
 
     name: ClassVar[str] = "cubic"
@@ -322,6 +326,11 @@ class Cubic(CongestionControl):
         self._epoch_start: float | None = None
         self._last_ack_time: float | None = None
         self._min_rtt: float | None = None
+        # HyStart: the current round's end, smallest RTT and sample count; the last round's.
+        self._round_end: float | None = None
+        self._round_min = math.inf
+        self._round_samples = 0
+        self._last_round_min = math.inf
         super().__init__(mss, initial_window)
 
     def _reset_window(self) -> None:
@@ -334,6 +343,10 @@ class Cubic(CongestionControl):
         self._last_ack_time = None
         # A new path has its own propagation delay.
         self._min_rtt = None
+        self._round_end = None
+        self._round_min = math.inf
+        self._round_samples = 0
+        self._last_round_min = math.inf
 
     def _w_cubic(self, t: float) -> float:
         """The cubic window in bytes, ``t`` seconds into the epoch (RFC 9438 eq. 1)."""
@@ -358,6 +371,8 @@ class Cubic(CongestionControl):
         """Track the minimum RTT and pause the epoch clock while app-limited, then grow."""
         if rtt is not None and rtt > 0:
             self._min_rtt = rtt if self._min_rtt is None else min(self._min_rtt, rtt)
+            if self.cwnd < self.ssthresh:
+                self._hystart(rtt, now)
         if (
             self._epoch_start is not None
             and self._last_ack_time is not None
@@ -368,6 +383,21 @@ class Cubic(CongestionControl):
             self._epoch_start += max(now - self._last_ack_time, 0.0)
         self._last_ack_time = now
         super().on_ack(acked_bytes, now, rtt, bytes_in_flight)
+
+    def _hystart(self, rtt: float, now: float) -> None:
+        """Slow start: leave it when this round's delay rose over the last round's."""
+        if self._round_end is None or now >= self._round_end:
+            self._last_round_min = self._round_min
+            self._round_min = math.inf
+            self._round_samples = 0
+            self._round_end = now + (self._min_rtt or rtt)
+        self._round_samples += 1
+        self._round_min = min(self._round_min, rtt)
+        last = self._last_round_min
+        if self._round_samples >= 8 and last < math.inf:
+            eta = min(max(last / 8, 0.004), 0.016)
+            if self._round_min >= last + eta and self.cwnd >= 16 * self.mss:
+                self.ssthresh = self.cwnd  # the queue is growing: stop doubling
 
     def _ca_increase(self, acked_bytes: int, now: float, rtt: float | None) -> None:
         """RFC 9438 4.2-4.4: follow the cubic, or W_est where Reno would be faster."""
