@@ -201,7 +201,7 @@ def test_spoofed_data_from_elsewhere_starts_a_challenge_that_fails_harmlessly() 
 
     got = s.pump(DATA[:2_000_000], 60.0, {0.3: spoof})
     assert got == DATA[:2_000_000]
-    s.net.run_for(20.0)  # the challenge gives up (RTO from 1 s: this side sent no data)
+    s.net.run_for(20.0)  # the challenge gives up
     assert sf.remote_addr == A1 and sf.mig is None  # the flow never moved
     assert s.b.stats["rebinding_challenge"] == 1
     # Anti-amplification: at most three times what came from there (the spoofed packet,

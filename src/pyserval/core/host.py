@@ -727,6 +727,7 @@ class HostCore:
             # was lost); never make a second flow for the same peer flow.
             sf = existing.primary
             if existing.state is State.SYN_RECEIVED:
+                sf.handshake_sent_at = None  # two SYN-ACKs out: no RTT sample (Karn)
                 self._send(sf.synack_packet(sf.control.resend()), sf.local_addr, src)
             self.stats["duplicate_syn"] += 1
             return

@@ -187,6 +187,9 @@ class Subflow:
         self.mp_unacked = 0  # data segments received since our last ACK on this subflow
         self.fin_seq: int | None = None  # where our DATA_FIN sits in this subflow
         self.fin_seq_acked = False
+        # When our SYN (client) or SYN-ACK (server) went out, if only once: its answer is
+        # the first RTT sample, so early timers need not start from the 1 s default.
+        self.handshake_sent_at: float | None = None
         self.peer_key: tuple[Address, int] | None = None  # server: its JOIN's (address, flowID)
         self.redundant_next = 0  # the redundant scheduler's next DSN for this subflow
 
@@ -1005,6 +1008,7 @@ class Connection:
         """The client's SYN (``first``: start the control exchange; else a retransmission)."""
         sf = self.primary
         ext = sf.control.send_reliable(ControlFlags.SYN, now) if first else sf.control.resend()
+        sf.handshake_sent_at = now if first else None  # Karn: an answer to which copy?
         return sf.syn_packet(ext, self.service_id)
 
     def on_synack(self, sf: Subflow, pkt: SalPacket, src: Address, now: float) -> bool:
@@ -1023,6 +1027,8 @@ class Connection:
         sf.remote_flowid = pkt.src_flowid
         sf.remote_addr = src
         sf.take_peer_syn(tcp)
+        if sf.handshake_sent_at is not None:
+            sf.rtt.sample(now - sf.handshake_sent_at)
         offer = pkt.find(MpCapableExt)
         if self.mp_offer is not None and offer is not None:
             self._enable_multipath(self.mp_offer, offer.key)
@@ -1044,6 +1050,7 @@ class Connection:
         offer = pkt.find(MpCapableExt)
         if offer is not None and self.config.accept_multipath:
             self._enable_multipath(new_key(), offer.key)
+        sf.handshake_sent_at = now
         return sf.synack_packet(sf.control.send_reliable(ControlFlags.SYN | ControlFlags.ACK, now))
 
     # -- multipath ----------------------------------------------------------------------
@@ -1253,6 +1260,8 @@ class Connection:
         elif tcp is None or not tcp.flags & TcpFlags.ACK or tcp.ack != (sf.iss + 1) & MASK32:
             return False  # only a TCP ACK of our SYN stands in for a lost third ACK
         sf.control.complete()
+        if sf.handshake_sent_at is not None:
+            sf.rtt.sample(now - sf.handshake_sent_at)
         self.state = State.ESTABLISHED
         return True  # the host reports the connection, then hands it the segment
 
@@ -1633,6 +1642,7 @@ class Connection:
             out.append(sf.join_syn_packet(ext))
             return
         if self.state is State.SYN_RECEIVED or sf.join_state == "syn_received":
+            sf.handshake_sent_at = None  # retransmitted: no RTT sample from its answer
             out.append(sf.synack_packet(ext))
         elif self.state is State.ESTABLISHED:
             out.append(sf.control_packet(ext))
