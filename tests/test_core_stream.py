@@ -191,3 +191,37 @@ def test_connection_through_a_nat() -> None:
     exchange(pair, rng.randbytes(300_000), rng.randbytes(100_000))
     assert nat.mappings
     _assert_clean(pair)
+
+
+def test_slow_start_overshoot_is_repaired_without_a_retransmission_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Slow start overflows a one-BDP queue; lost retransmissions must be caught by the
+    SACK scoreboard (RACK's rule), not by the timer: before it, 4 MB took 1.4 s and 2 RTOs."""
+    from pyserval.transport import connection
+
+    rtos = [0]
+    original = connection.Subflow._on_rto
+
+    def counting(self: connection.Subflow, now: float) -> None:
+        rtos[0] += 1
+        original(self, now)
+
+    monkeypatch.setattr(connection.Subflow, "_on_rto", counting)
+    cfg = StreamConfig(send_buffer=4 << 20, receive_buffer=4 << 20)
+    p = make_pair(
+        seed=1, link=LinkConfig(delay=0.01, bandwidth=5e6, queue_limit=100_000), config=cfg
+    )
+    p.connect()
+    assert p.client is not None and p.server is not None
+    data = random.Random(1).randbytes(4_000_000)
+    start = p.net.now
+    sent, got = 0, bytearray()
+    while len(got) < len(data) and p.net.now < start + 60:
+        if sent < len(data):
+            sent += p.client.write(data[sent : sent + 262144])
+            p.net.kick(p.a)
+        p.net.run_for(0.005)
+        got += p.server.read()
+    assert bytes(got) == data
+    assert rtos[0] == 0 and p.net.now - start < 1.1

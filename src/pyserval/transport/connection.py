@@ -161,6 +161,9 @@ class Subflow:
         self.rtt = RttEstimator(cfg.initial_rto, cfg.min_rto, cfg.max_rto)
         self.segments: SortedDict = SortedDict()  # start offset -> SentSegment
         self.lost: SortedList = SortedList()  # starts of lost segments awaiting resend
+        # The newest send time of anything SACKed (RACK, RFC 8985): a retransmission sent
+        # well before it and still not SACKed was lost too.
+        self.rack_time = 0.0
         self.sacked_bytes = 0
         self.dupacks = 0
         self.in_recovery = False
@@ -581,6 +584,8 @@ class Subflow:
                 if seg.end <= right and not seg.sacked:
                     seg.sacked = True
                     self.sacked_bytes += seg.end - start
+                    if seg.sent_at > self.rack_time:
+                        self.rack_time = seg.sent_at
                     if seg.lost:
                         self.lost.discard(start)
 
@@ -605,13 +610,22 @@ class Subflow:
         above = 0
         threshold = (DUP_THRESH - 1) * self.mss
         segs = self.segments
+        # A retransmission older than something already SACKed (by more than a reordering
+        # window of a quarter of the minimum RTT) was lost as well: send it again rather
+        # than wait for the retransmission timer (RACK's rule, RFC 8985 6.2).
+        min_rtt = self.rtt.min_rtt
+        rack = self.rack_time - min_rtt / 4 if min_rtt is not None else -1.0
         # reversed(SortedDict) walks its sorted list directly; reversed(keys()) would index
         # the view once per step (each an O(log n) position lookup).
         for start in reversed(segs):
             seg = segs[start]
             if seg.sacked:
                 above += seg.end - start
-            elif above > threshold and not seg.lost and not seg.retransmitted:
+            elif seg.retransmitted:
+                if seg.sent_at < rack and seg.lost:
+                    seg.retransmitted = False  # lost again: back in the queue to resend
+                    self.lost.add(start)
+            elif above > threshold and not seg.lost:
                 seg.lost = True
                 self.lost.add(start)
 
