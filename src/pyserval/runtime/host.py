@@ -631,6 +631,11 @@ class Host:
     def _arm_timer(self, deadline: float | None) -> None:
         if deadline == self._timer_at:
             return
+        at = self._timer_at
+        if self._timer is not None and at is not None and (deadline is None or deadline > at):
+            # An earlier timer is armed: let it fire (the core re-arms from its deadline
+            # then) rather than cancel and re-create one at every flush of a busy host.
+            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
