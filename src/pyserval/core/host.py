@@ -872,6 +872,7 @@ class HostCore:
                 # does by default; the client's retransmission or our SYN-ACK's completes
                 # the handshake once the application has accepted.
                 self.drops["accept_queue_full"] += 1
+                sf.handshake_sent_at = None  # its eventual answer will not time the path
             elif conn.on_handshake_ack(sf, pkt, now):
                 self._established_server(conn)
                 tcp = pkt.tcp

@@ -298,11 +298,11 @@ class Cubic(CongestionControl):
     the sender is application-limited, so an idle period does not make the curve jump ahead.
     The target is ``W_cubic(t + min_rtt)``, clamped to ``[cwnd, 1.5*cwnd]``.
 
-    Slow start ends early on a rise in delay, as in HyStart++ (RFC 9406, simplified:
-    rounds are timed by the minimum RTT, and slow start ends at once instead of going on
-    more gently): once a round's smallest RTT (of at least 8 samples) exceeds the previous
-    round's by an eighth (4 to 16 ms), the queue is filling, so ssthresh becomes cwnd before
-    the doubling overflows it.
+    Slow start ends early on a rise in delay, as in HyStart++ (RFC 9406; rounds are timed
+    by the minimum RTT): once a round's smallest RTT (of at least 8 samples) exceeds the
+    previous round's by an eighth (4 to 16 ms), the queue may be filling, and slow start goes
+    on at a quarter of its pace (conservative slow start) for up to 5 rounds: back to normal
+    if the delay falls below where it rose (jitter, not a queue), else ssthresh becomes cwnd.
     """
 
     name: ClassVar[str] = "cubic"
@@ -331,6 +331,8 @@ class Cubic(CongestionControl):
         self._round_min = math.inf
         self._round_samples = 0
         self._last_round_min = math.inf
+        self._css_rounds: int | None = None  # rounds spent in conservative slow start
+        self._css_base = math.inf  # the round minimum RTT when it began
         super().__init__(mss, initial_window)
 
     def _reset_window(self) -> None:
@@ -347,6 +349,8 @@ class Cubic(CongestionControl):
         self._round_min = math.inf
         self._round_samples = 0
         self._last_round_min = math.inf
+        self._css_rounds = None
+        self._css_base = math.inf
 
     def _w_cubic(self, t: float) -> float:
         """The cubic window in bytes, ``t`` seconds into the epoch (RFC 9438 eq. 1)."""
@@ -384,20 +388,37 @@ class Cubic(CongestionControl):
         self._last_ack_time = now
         super().on_ack(acked_bytes, now, rtt, bytes_in_flight)
 
+    def _slow_start(self, acked_bytes: int) -> int:
+        if self._css_rounds is not None:
+            acked_bytes = max(acked_bytes // 4, 1)  # conservative slow start: a quarter pace
+        return super()._slow_start(acked_bytes)
+
     def _hystart(self, rtt: float, now: float) -> None:
-        """Slow start: leave it when this round's delay rose over the last round's."""
+        """Slow start: on a rise in delay go on gently, and leave it if the rise lasts."""
         if self._round_end is None or now >= self._round_end:
             self._last_round_min = self._round_min
             self._round_min = math.inf
             self._round_samples = 0
             self._round_end = now + (self._min_rtt or rtt)
+            if self._css_rounds is not None:
+                self._css_rounds += 1
+                if self._css_rounds >= 5:  # the delay stayed up: the queue is real
+                    self._css_rounds = None
+                    self.ssthresh = self.cwnd
+                    return
         self._round_samples += 1
         self._round_min = min(self._round_min, rtt)
         last = self._last_round_min
-        if self._round_samples >= 8 and last < math.inf:
-            eta = min(max(last / 8, 0.004), 0.016)
-            if self._round_min >= last + eta and self.cwnd >= 16 * self.mss:
-                self.ssthresh = self.cwnd  # the queue is growing: stop doubling
+        if self._round_samples < 8 or last == math.inf:
+            return
+        if self._css_rounds is not None:
+            if self._round_min < self._css_base:
+                self._css_rounds = None  # it was jitter: back to full slow start
+            return
+        eta = min(max(last / 8, 0.004), 0.016)
+        if self._round_min >= last + eta and self.cwnd >= 16 * self.mss:
+            self._css_rounds = 0
+            self._css_base = self._round_min
 
     def _ca_increase(self, acked_bytes: int, now: float, rtt: float | None) -> None:
         """RFC 9438 4.2-4.4: follow the cubic, or W_est where Reno would be faster."""
@@ -437,6 +458,7 @@ class Cubic(CongestionControl):
             self._w_max = cwnd
         self._cwnd_prior = cwnd
         self._epoch_start = None
+        self._css_rounds = None
         super().on_congestion_event(now, bytes_in_flight)
 
     def on_retransmission_timeout(self, now: float, bytes_in_flight: int) -> None:

@@ -196,6 +196,15 @@ class Subflow:
         self.peer_key: tuple[Address, int] | None = None  # server: its JOIN's (address, flowID)
         self.redundant_next = 0  # the redundant scheduler's next DSN for this subflow
 
+    def handshake_sample(self, now: float) -> None:
+        """The handshake's answer arrived: its time is the first RTT sample, unless the
+        exchange was retransmitted (Karn) or took longer than the initial RTO (a SYN held by
+        a DELAY rule, a lost third ACK: that is waiting, not the path)."""
+        sent = self.handshake_sent_at
+        self.handshake_sent_at = None
+        if sent is not None and now - sent <= self.conn.config.initial_rto:
+            self.rtt.sample(now - sent)
+
     @property
     def frozen(self) -> bool:
         """Transport output waits while the flow's path changes."""
@@ -478,7 +487,7 @@ class Subflow:
                 self.persist_backoff = 0
         sacked_before = self.sacked_bytes
         if self.sack_ok and tcp.options:
-            self._on_sack(tcp.sack_blocks)
+            self._on_sack(tcp.sack_blocks, now)
         if ack > self.snd_una:
             self._on_new_ack(ack, now)
         elif (
@@ -570,7 +579,7 @@ class Subflow:
             self.cc.on_ack(newly, now, rtt_sample, flight_before)
         self.rto_deadline = now + self.rtt.rto if self.snd_max > self.snd_una else None
 
-    def _on_sack(self, blocks: list[tuple[int, int]]) -> None:
+    def _on_sack(self, blocks: list[tuple[int, int]], now: float) -> None:
         base = self.iss + 1
         segs = self.segments
         for left_w, right_w in blocks:
@@ -584,7 +593,12 @@ class Subflow:
                 if seg.end <= right and not seg.sacked:
                     seg.sacked = True
                     self.sacked_bytes += seg.end - start
-                    if seg.sent_at > self.rack_time:
+                    # RFC 8985 6.2: a resent segment SACKed within a min RTT of its
+                    # resending was the original arriving late: its time says nothing.
+                    min_rtt = self.rtt.min_rtt
+                    if seg.sent_at > self.rack_time and not (
+                        seg.resent and (min_rtt is None or now - seg.sent_at < min_rtt)
+                    ):
                         self.rack_time = seg.sent_at
                     if seg.lost:
                         self.lost.discard(start)
@@ -666,9 +680,10 @@ class Subflow:
             conn.emit(DataReceived(conn.conn_id, recv.readable))
         if conn.peer_fin_offset is not None and recv.rcv_nxt == conn.peer_fin_offset:
             conn.peer_fin_received = True
-            if conn.fin_offset is None:
+            if conn.fin_offset is None and in_order and not had_holes:
                 # Applications mostly close on end of stream: a short delayed ACK lets our
-                # FIN carry it (one packet instead of two).
+                # FIN carry it (one packet instead of two). Not when it filled a hole: the
+                # peer's loss recovery is waiting for that ACK.
                 if conn.delack_deadline is None:
                     conn.delack_deadline = now + conn.config.delayed_ack
             else:
@@ -1041,8 +1056,7 @@ class Connection:
         sf.remote_flowid = pkt.src_flowid
         sf.remote_addr = src
         sf.take_peer_syn(tcp)
-        if sf.handshake_sent_at is not None:
-            sf.rtt.sample(now - sf.handshake_sent_at)
+        sf.handshake_sample(now)
         offer = pkt.find(MpCapableExt)
         if self.mp_offer is not None and offer is not None:
             self._enable_multipath(self.mp_offer, offer.key)
@@ -1274,8 +1288,8 @@ class Connection:
         elif tcp is None or not tcp.flags & TcpFlags.ACK or tcp.ack != (sf.iss + 1) & MASK32:
             return False  # only a TCP ACK of our SYN stands in for a lost third ACK
         sf.control.complete()
-        if sf.handshake_sent_at is not None:
-            sf.rtt.sample(now - sf.handshake_sent_at)
+        if ctl is not None:  # only the third ACK itself: data standing in for it came later
+            sf.handshake_sample(now)
         self.state = State.ESTABLISHED
         return True  # the host reports the connection, then hands it the segment
 
