@@ -394,6 +394,23 @@ async def tcp_connect_client(ctl: Control, params: Params) -> Result:
     return {"durations": durations, "seconds": now - start}
 
 
+async def accept_and_close(ctl: Control, listener: Any) -> int:
+    """Accept pyserval streams on ``listener`` and close each at once until the run is
+    stopped; how many were accepted (the server side of the connection-rate runs)."""
+    accepted = 0
+
+    async def loop() -> None:
+        nonlocal accepted
+        async for stream in listener:
+            accepted += 1
+            await stream.aclose()
+
+    task = asyncio.ensure_future(loop())
+    await ctl.stopped()
+    task.cancel()
+    return accepted
+
+
 def connect_summary(received: Result, sent: Result) -> Result:
     """Rate and latency of a sequential connect benchmark (any stack's client/server)."""
     durations = sorted(sent["durations"])

@@ -16,7 +16,6 @@ Client and server run in separate processes (``baselines.run_pair``). Printed as
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import sys
@@ -106,21 +105,10 @@ def serval_bulk(seconds: float, mss: int) -> Result:
 
 async def serval_accept_server(ctl: Control, params: Params) -> Result:
     """Accept streams and close each at once, until stopped."""
-    accepted = 0
     async with pyserval.Host(["127.0.0.1:0"]) as host:
         listener = await host.listen(SERVICE, backlog=1024)
         ctl.announce(host.addresses[0])
-
-        async def accept_loop() -> None:
-            nonlocal accepted
-            async for stream in listener:
-                accepted += 1
-                await stream.aclose()
-
-        task = asyncio.ensure_future(accept_loop())
-        await ctl.stopped()
-        task.cancel()
-    return {"accepted": accepted}
+        return {"accepted": await baselines.accept_and_close(ctl, listener)}
 
 
 async def serval_connect_client(ctl: Control, params: Params) -> Result:

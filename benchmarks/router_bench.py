@@ -513,7 +513,6 @@ async def connect_server_side(ctl: Control, params: Params) -> Result:
     from pyserval.naming.service_id import as_service_prefix
 
     router = "{}:{}".format(*params["addresses"][0])
-    accepted = 0
     async with pyserval.Host([f"{HOST}:0"], router=router) as host:
         listener = await host.listen(CONNECT_SERVICE, backlog=1024)
         controller = host.controller
@@ -522,17 +521,7 @@ async def connect_server_side(ctl: Control, params: Params) -> Result:
             while prefix not in controller.core.accepted:  # type: ignore[union-attr]
                 await asyncio.sleep(0.005)
         ctl.announce(host.addresses[0])
-
-        async def accept_loop() -> None:
-            nonlocal accepted
-            async for stream in listener:
-                accepted += 1
-                await stream.aclose()
-
-        task = asyncio.ensure_future(accept_loop())
-        await ctl.stopped()
-        task.cancel()
-    return {"accepted": accepted}
+        return {"accepted": await baselines.accept_and_close(ctl, listener)}
 
 
 async def connect_client_side(ctl: Control, params: Params) -> Result:
