@@ -655,12 +655,17 @@ class HostCore:
     def receive_datagram(self, data: bytes, src: Address, dst: Address, now: float) -> None:
         """Take one UDP payload that arrived on local address ``dst`` from ``src``."""
         self.received += 1
-        if self.forwarding and self._fast_forward(data, src, dst):
-            return
         try:
+            # A router first tries forwarding from the SAL header alone.
+            if self.forwarding and self._fast_forward(data, src, dst):
+                return
             pkt = decode_packet(data)
         except MalformedPacket as exc:
             self.drops[exc.reason.value] += 1
+            return
+        except Exception as exc:  # never let a packet take the host down
+            self._internal_error(exc)
+            self.drops["internal_error"] += 1
             return
         try:
             if pkt.dst_flowid == 0:
