@@ -28,6 +28,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Final
 
+from ..naming.entropy import SecureRandom
 from ..naming.service_id import ServiceID, ServiceLike, as_service_id
 from ..sal.checksum import BytesLike
 from ..sal.control import MASK32
@@ -43,7 +44,14 @@ from ..sal.forwarding import (
 )
 from ..sal.packet import SalPacket, decode_packet
 from ..sal.service_table import Action, Rule, ServiceTable
-from ..sal.transport_headers import PROTO_TCP, PROTO_UDP, TcpFlags, UdpHeader
+from ..sal.transport_headers import (
+    PROTO_TCP,
+    PROTO_UDP,
+    TcpFlags,
+    TcpHeader,
+    TcpOption,
+    UdpHeader,
+)
 from ..transport.config import StreamConfig
 from ..transport.connection import Connection, Role, State, Subflow, unwrap
 from ..transport.events import (
@@ -54,8 +62,10 @@ from ..transport.events import (
     IncomingConnection,
     SendSpaceAvailable,
 )
-from ..transport.migration import CHALLENGE
+from ..transport.migration import CHALLENGE, HELD_PACKETS
 from ..transport.multipath import MAX_HALF_OPEN_JOINS, MAX_SUBFLOWS, join_proof, new_key
+from .ratelimit import TokenBucket
+from .syncookies import Cookie, SynCookies
 
 __all__ = ["DatagramEndpoint", "DatagramTooLarge", "HostCore", "Listener", "NoRoute"]
 
@@ -63,6 +73,18 @@ Address = tuple[str, int]
 MAX_DATAGRAM: Final = 65507 - 12 - 72 - 8  # UDP payload limit less SAL and UDP headers
 _ZERO_NONCE: Final = bytes(8)
 _MAX_HELD_SYN: Final = 2048  # bytes: 1,024 held SYNs stay within 2 MiB
+_CONTROL_EXT: Final = 20  # bytes of a CONTROL extension: what a RST may add to its cause
+# A half-open flow retransmits its SYN-ACK for at most about this long: a flood of SYNs
+# from addresses that never answer cannot hold the table for longer.
+HALF_OPEN_LIFETIME: Final = 64.0
+
+
+def _retries_within(initial_rto: float, lifetime: float) -> int:
+    """How many doubling retransmissions fit before giving up within ``lifetime``."""
+    n = 0  # n retransmissions give up after initial_rto * (2 ** (n + 1) - 1) seconds
+    while n < 15 and initial_rto * (2 ** (n + 2) - 1) <= lifetime:
+        n += 1
+    return n
 
 
 class NoRoute(Exception):
@@ -123,12 +145,17 @@ class HostCore:
         forwarding: bool = False,
         max_delayed: int = 1024,
         delay_timeout: float = 10.0,
+        rst_rate: float = 100.0,
+        rst_burst: int = 200,
+        challenge_ack_rate: float = 100.0,
     ) -> None:
         if not addresses:
             raise ValueError("a host needs at least one address")
         self.addresses = list(addresses)
         self.config = config or StreamConfig()
-        self.rng = rng or random.Random()
+        # Every unguessable value (flowIDs, nonces, ISS, tokens) comes from the OS CSPRNG;
+        # a seeded random.Random is only for the simulated network's determinism.
+        self.rng = rng if rng is not None else SecureRandom()
         self.service_table = ServiceTable(rng=self.rng) if service_table is None else service_table
         self.flows: FlowTable[Subflow | DatagramEndpoint] = FlowTable(max_flows, self.rng)
         self.connections: dict[int, Connection] = {}
@@ -162,6 +189,13 @@ class HostCore:
         self.delay_timeout = delay_timeout
         self.delay_requests: list[ServiceID] = []
         self._asking: set[ServiceID] = set()
+        # Answers to packets nobody asked for (stateless RSTs, SYN-cookie reminders) and
+        # challenge ACKs (RFC 5961) are rate-limited per host: junk is never turned into a
+        # flood of answers. The counts are in ``stats`` (rst_sent, rst_rate_limited, ...).
+        self.rst_limit = TokenBucket(rst_rate, rst_burst)
+        self.challenge_ack_limit = TokenBucket(challenge_ack_rate, max(1.0, challenge_ack_rate))
+        self.syn_cookies = SynCookies(self.rng)
+        self._synack_retries = _retries_within(self.config.control.initial_rto, HALF_OPEN_LIFETIME)
 
     # -- events -------------------------------------------------------------------------
     def _emit(self, event: Event) -> None:
@@ -526,6 +560,12 @@ class HostCore:
 
     def _flush(self, conn: Connection, now: float) -> None:
         pkts: list[SalPacket] = []
+        if conn.challenge_ack_due:
+            conn.challenge_ack_due = False
+            if self.challenge_ack_limit.take(now):
+                conn.ack_now = True
+            else:
+                self.stats["challenge_ack_rate_limited"] += 1
         try:
             if conn.syn_due and conn.state is State.SYN_SENT:
                 self._send_syn(conn, now)
@@ -671,7 +711,7 @@ class HostCore:
             if pkt.dst_flowid == 0:
                 self._on_unconnected(pkt, data, src, dst, now)
             else:
-                self._on_flow_packet(pkt, src, dst, now)
+                self._on_flow_packet(pkt, src, dst, now, len(data))
         except Exception as exc:  # never let a packet take the host down
             self._internal_error(exc)
             self.drops["internal_error"] += 1
@@ -687,7 +727,7 @@ class HostCore:
             else:
                 self._on_syn(pkt, ctl, data, src, dst, now)
         elif pkt.protocol == PROTO_UDP and pkt.service is not None and pkt.udp is not None:
-            self._on_datagram(pkt, data, src, dst)
+            self._on_datagram(pkt, data, src, dst, now)
         elif ctl is not None and ctl.flags & ControlFlags.RST:
             self.drops["rst_no_flow"] += 1
         else:
@@ -736,11 +776,12 @@ class HostCore:
                 self._send(sf.synack_packet(sf.control.resend()), sf.local_addr, src)
             self.stats["duplicate_syn"] += 1
             return
-        if len(listener.half_open) >= self.config.max_half_open:
-            self.drops["half_open_full"] += 1
-            return
         if len(listener.accept_queue) >= listener.backlog:
             self.drops["accept_queue_full"] += 1
+            return
+        if len(listener.half_open) >= self.config.max_half_open:
+            # A SYN flood, or a burst larger than the table: answer without keeping state.
+            self._send_cookie_synack(pkt, ctl, tcp, src, dst, now)
             return
         flowid = self.flows.allocate()
         conn = Connection(flowid, Role.SERVER, svc.service_id, self.config, self._emit)
@@ -761,11 +802,163 @@ class HostCore:
                 synack = sf.synack_packet(sf.control.resend())
             self.mp_tokens[conn.mp.local_token] = conn
             conn.mp.advertise = [a for a in self.addresses if a != dst and a[0] != "0.0.0.0"]
+        # Half-open state lives about a minute at most (see HALF_OPEN_LIFETIME).
+        sf.control.max_retries = min(sf.control.max_retries, self._synack_retries)
         if untrusted_path:
             sf.control.max_retries = 0
             self.stats["syn_untrusted_path"] += 1
         self._send(synack, dst, src)
         self._schedule(conn)
+
+    # -- SYN cookies ----------------------------------------------------------------------
+    def _send_cookie_synack(
+        self,
+        pkt: SalPacket,
+        ctl: ControlExt,
+        tcp: TcpHeader,
+        src: Address,
+        dst: Address,
+        now: float,
+    ) -> None:
+        """Answer a SYN statelessly: the SYN-ACK's numbers encode the flow (core.syncookies)."""
+        cfg = self.config
+        sack = cfg.sack and tcp.sack_permitted
+        cookie = self.syn_cookies.make(now, src, pkt.src_flowid, tcp.mss, tcp.window_scale, sack)
+        if cookie.flowid in self.flows:
+            self.drops["syn_cookie_collision"] += 1  # its retransmission may fall elsewhere
+            return
+        opts = [TcpOption.mss(cfg.mss)]
+        if tcp.window_scale is not None:
+            opts += [TcpOption.nop(), TcpOption.window_scale(cfg.window_scale)]
+        if sack:
+            opts += [TcpOption.nop(), TcpOption.nop(), TcpOption.sack_permitted()]
+        synack = SalPacket(
+            cookie.flowid,
+            pkt.src_flowid,
+            PROTO_TCP,
+            [
+                ControlExt(
+                    ControlFlags.SYN | ControlFlags.ACK,
+                    cookie.verno,
+                    (ctl.verno + 1) & MASK32,
+                    cookie.nonce,
+                )
+            ],
+            TcpHeader(
+                seq=cookie.iss,
+                ack=(tcp.seq + 1) & MASK32,
+                flags=TcpFlags.SYN | TcpFlags.ACK,
+                window=min(cfg.receive_buffer, 0xFFFF),
+                options=opts,
+            ),
+        )
+        self.stats["syn_cookie_sent"] += 1
+        self._send(synack, dst, src)
+
+    def _on_cookie_ack(self, pkt: SalPacket, src: Address, dst: Address, now: float) -> bool:
+        """A packet for an unknown flow that may be the third ACK of a SYN answered with a
+        cookie. True when it was one (taken, or answered); False: treat as unknown."""
+        tcp, ctl = pkt.tcp, pkt.control
+        if tcp is None or tcp.flags & (TcpFlags.SYN | TcpFlags.RST) or not tcp.flags & TcpFlags.ACK:
+            return False
+        if ctl is not None and (
+            not ctl.flags & ControlFlags.ACK
+            or ctl.flags & (ControlFlags.SYN | ControlFlags.RST | ControlFlags.RSYN)
+        ):
+            return False
+        cookie = self.syn_cookies.check(
+            now,
+            src,
+            pkt.src_flowid,
+            pkt.dst_flowid,
+            (tcp.ack - 1) & MASK32,
+            None if ctl is None else (ctl.ackno - 1) & MASK32,
+        )
+        if cookie is None:
+            return False
+        svc = pkt.service
+        if ctl is None or svc is None:
+            # Data before the third ACK (which was lost): ask for it again with a SYN-ACK,
+            # which the client answers with its third ACK. Rate-limited as RSTs are.
+            if self.rst_limit.take(now):
+                self.stats["syn_cookie_reminder"] += 1
+                remind = SalPacket(
+                    cookie.flowid,
+                    pkt.src_flowid,
+                    PROTO_TCP,
+                    [
+                        ControlExt(
+                            ControlFlags.SYN | ControlFlags.ACK, cookie.verno, 0, cookie.nonce
+                        )
+                    ],
+                    TcpHeader(seq=cookie.iss, ack=tcp.seq, flags=TcpFlags.SYN | TcpFlags.ACK),
+                )
+                self._send(remind, dst, src)
+            return True
+        res = self.service_table.lookup(svc.service_id)
+        listener = res.listener if res is not None else None
+        if not isinstance(listener, Listener) or listener.closed:
+            return False
+        if len(listener.accept_queue) >= listener.backlog:
+            self.drops["accept_queue_full"] += 1  # the client's next ACK may find room
+            return True
+        self._establish_from_cookie(listener, cookie, pkt, ctl, tcp, svc.service_id, src, dst, now)
+        return True
+
+    def _establish_from_cookie(
+        self,
+        listener: Listener,
+        cookie: Cookie,
+        pkt: SalPacket,
+        ctl: ControlExt,
+        tcp: TcpHeader,
+        sid: ServiceID,
+        src: Address,
+        dst: Address,
+        now: float,
+    ) -> None:
+        """Build the server connection a valid cookie third ACK stands for."""
+        flowid = cookie.flowid
+        conn = Connection(flowid, Role.SERVER, sid, self.config, self._emit)
+        conn.wake = self._wake
+        conn.listener_id = listener.listener_id
+        key = (src, pkt.src_flowid)
+        conn.peer_key = key
+        sf = Subflow(conn, flowid, dst, src, self.rng)
+        sf.iss = cookie.iss
+        sf.control.local_nonce = cookie.nonce
+        sf.control.snd_verno = cookie.verno
+        # The client's SYN as the cookie remembers it: its numbers are the third ACK's less
+        # one, its options the cookie's summary.
+        opts = [TcpOption.mss(cookie.mss)]
+        if cookie.window_scale is not None:
+            opts.append(TcpOption.window_scale(cookie.window_scale))
+        if cookie.sack:
+            opts.append(TcpOption.sack_permitted())
+        syn = SalPacket(
+            pkt.src_flowid,
+            0,
+            PROTO_TCP,
+            [ControlExt(ControlFlags.SYN, (ctl.verno - 1) & MASK32, 0, ctl.nonce), ServiceExt(sid)],
+            TcpHeader(
+                seq=(tcp.seq - 1) & MASK32, flags=TcpFlags.SYN, window=tcp.window, options=opts
+            ),
+        )
+        conn.subflows.append(sf)
+        self.flows.insert(flowid, sf)
+        self.connections[flowid] = conn
+        self._peer_flows[key] = conn
+        conn.accept_syn(sf, syn, now)  # the SYN-ACK it returns went out as the cookie
+        sf.handshake_sent_at = None  # no RTT sample: we do not know when the SYN came
+        if not conn.on_handshake_ack(sf, pkt, now):  # cannot fail: the cookie matched
+            conn.abort_with("SYN cookie mismatch", send_rst=False)
+            self._forget(conn)
+            return
+        self.stats["syn_cookie_accepted"] += 1
+        self._established_server(conn)
+        if conn.state is State.ESTABLISHED:
+            sf.on_tcp(tcp, pkt.payload, now)
+        self._wake(conn)
 
     def _on_join(
         self, pkt: SalPacket, ctl: ControlExt, join: JoinExt, src: Address, dst: Address, now: float
@@ -817,7 +1010,9 @@ class HostCore:
         self._wake(conn)
         return sf
 
-    def _on_datagram(self, pkt: SalPacket, data: BytesLike, src: Address, dst: Address) -> None:
+    def _on_datagram(
+        self, pkt: SalPacket, data: BytesLike, src: Address, dst: Address, now: float
+    ) -> None:
         svc = pkt.service
         assert svc is not None
         res = self.service_table.lookup(svc.service_id)
@@ -832,7 +1027,7 @@ class HostCore:
             src = path[0]  # forwarded: the original sender
         if res is None or not isinstance(res.listener, DatagramEndpoint):
             self.drops["datagram_no_service"] += 1
-            self._send(self._rst_for(pkt, None), dst, src)
+            self._send_stateless_rst(pkt, None, len(data), dst, src, now)
             return
         services = pkt.services
         source = services[1].service_id.to_bytes() if len(services) > 1 else b""
@@ -843,15 +1038,17 @@ class HostCore:
             )
         )
 
-    def _on_flow_packet(self, pkt: SalPacket, src: Address, dst: Address, now: float) -> None:
+    def _on_flow_packet(
+        self, pkt: SalPacket, src: Address, dst: Address, now: float, size: int
+    ) -> None:
         target = self.flows.get(pkt.dst_flowid)
         if target is None:
             ctl = pkt.control
-            if ctl is None or not ctl.flags & ControlFlags.RST:
-                self.drops["unknown_flow"] += 1
-                self._send(self._rst_for(pkt, ctl), dst, src)
-            else:
+            if ctl is not None and ctl.flags & ControlFlags.RST:
                 self.drops["rst_unknown_flow"] += 1
+            elif not self._on_cookie_ack(pkt, src, dst, now):
+                self.drops["unknown_flow"] += 1
+                self._send_stateless_rst(pkt, ctl, size, dst, src, now)
             return
         if isinstance(target, DatagramEndpoint):
             ctl = pkt.control
@@ -919,9 +1116,15 @@ class HostCore:
             # first answer won. Reset the loser so it does not hold a half-open flow; the
             # RST echoes the loser's own nonce (ours must never go to a stranger).
             self.stats["losing_synack"] += 1
-            rst = ControlExt(ControlFlags.RST, 0, 0, ctl.nonce)
+            rst = ControlExt(ControlFlags.RST, ctl.verno, 0, ctl.nonce)  # echoes its SYN-ACK
             loser = SalPacket(sf.local_flowid, pkt.src_flowid, pkt.protocol, [rst])
             self._send(loser, sf.local_addr, src)
+            return
+        if pkt.src_flowid != sf.remote_flowid and not (
+            pkt.src_flowid == 0 and ctl is not None and ctl.flags & ControlFlags.RST
+        ):
+            # Only the peer's flow speaks on this flow (a stateless RST has no flowID).
+            self.drops["wrong_peer_flow"] += 1
             return
         if src != sf.remote_addr and not self._from_elsewhere(conn, sf, pkt, src, now):
             return
@@ -946,6 +1149,17 @@ class HostCore:
                 return
             if not sf.control.nonce_ok(ctl):
                 self.drops["bad_nonce"] += 1
+                return
+            if ctl.flags & CHALLENGE and src != sf.remote_addr:
+                # The answer to our address check: once it proves the candidate, the
+                # packets held from there are taken, in the order they came.
+                ch = sf.challenge
+                held = ch.held if ch is not None and ch.candidate == src else []
+                conn.on_control(sf, ctl, now, src)
+                if held and sf.remote_addr == src:
+                    self.stats["held_replayed"] += len(held)
+                    for old in held:
+                        self._on_established(conn, sf, old, now, src)
                 return
             if conn.mp is not None:
                 for ext in pkt.extensions:
@@ -990,20 +1204,30 @@ class HostCore:
             ch.rx += size  # also the answer to our challenge: it counts for the budget
         if ctl is not None and ctl.flags & ControlFlags.RSYN:
             return True  # RSYN, RSYN+ACK or a challenge answer: nonce and exchange decide
-        if conn.state is not State.ESTABLISHED or (
-            src == sf.prev_remote and now < sf.prev_remote_until
-        ):
-            return True
+        if src == sf.prev_remote and now < sf.prev_remote_until:
+            return True  # late packets from where the (verified) peer just was
+        if conn.state is not State.ESTABLISHED:
+            self.drops["not_peer_address"] += 1
+            return False
         if ctl is not None and ctl.flags & ControlFlags.RST:
             self.drops["rst_from_elsewhere"] += 1
             return False
         mig = sf.mig
         if (ch is None or ch.candidate != src) and (mig is None or not mig.busy):
             conn.check_address(sf, src, self.rng.getrandbits(64), now)
-            assert sf.challenge is not None
-            sf.challenge.rx = size
+            ch = sf.challenge
+            assert ch is not None
+            ch.rx = size
             self.stats["rebinding_challenge"] += 1
-        return True
+        if ch is not None and ch.candidate == src and len(ch.held) < HELD_PACKETS:
+            # Nothing from an unverified address changes the flow: the packet waits for the
+            # address check (one round trip) and is taken only if the check succeeds.
+            pkt.payload = bytes(pkt.payload)  # it was a view into the receive buffer
+            ch.held.append(pkt)
+            self.stats["held_unverified"] += 1
+        else:
+            self.drops["not_peer_address"] += 1
+        return False
 
     def _maybe_reset(
         self, conn: Connection, sf: Subflow, pkt: SalPacket, src: Address | None = None
@@ -1014,15 +1238,24 @@ class HostCore:
             self.drops["unexpected_packet"] += 1
             return
         cc = sf.control
-        genuine = (cc.peer_nonce is not None and ctl.nonce == cc.peer_nonce) or (
-            ctl.nonce == cc.local_nonce  # a stateless reset echoing our own nonce
-        )
+        genuine = cc.peer_nonce is not None and ctl.nonce == cc.peer_nonce
+        if not genuine and ctl.nonce == cc.local_nonce:
+            # A stateless reset echoing our own nonce answers one of our control packets:
+            # it must also echo that packet's number (the outstanding one, or the one our
+            # ACKs carry), which nobody who did not see the packet knows.
+            echoed = ctl.verno
+            genuine = echoed == cc.snd_verno or (
+                cc.outstanding is not None and echoed == cc.outstanding_verno
+            )
         if not genuine and ctl.nonce == _ZERO_NONCE and src == sf.remote_addr:
             # A stateless reset answering a data segment echoes that segment's sequence
             # number in verno: it must come from the peer's address and name the exact
-            # start of a segment we have in flight (in the spirit of RFC 5961).
+            # start of a segment we have in flight (RFC 5961's exact-sequence rule). One
+            # inside what we have in flight but not exact gets a challenge ACK.
             echoed = unwrap(ctl.verno, sf.iss + 1, sf.snd_una)
             genuine = echoed in sf.segments
+            if not genuine and sf.snd_una <= echoed < sf.snd_max:
+                self._challenge_ack(conn, "rst")
         if not genuine:
             self.drops["bad_nonce"] += 1
             return
@@ -1030,6 +1263,34 @@ class HostCore:
             conn.subflow_failed(sf, 0.0)  # one path reset: the others carry on
             return
         conn.on_reset()
+
+    def _send_stateless_rst(
+        self,
+        pkt: SalPacket,
+        ctl: ControlExt | None,
+        size: int,
+        local: Address,
+        remote: Address,
+        now: float,
+    ) -> None:
+        """Answer ``pkt`` (``size`` bytes, for no flow or service of ours) with a RST, within
+        the host's rate limit and never larger than the packet plus a CONTROL extension."""
+        rst = self._rst_for(pkt, ctl).encode(local[0], remote[0])
+        if len(rst) > size + _CONTROL_EXT:
+            self.stats["rst_too_large"] += 1
+            return
+        if not self.rst_limit.take(now):
+            self.stats["rst_rate_limited"] += 1
+            return
+        self.stats["rst_sent"] += 1
+        self._out.append((rst, local, remote))
+
+    def _challenge_ack(self, conn: Connection, why: str) -> None:
+        """RFC 5961: answer a doubtful segment with an ACK (so a genuine peer resyncs)
+        instead of acting on it; at most ``challenge_ack_rate`` a second per host."""
+        conn.challenge_ack_due = True
+        self.stats[f"challenge_ack_{why}"] += 1
+        self._wake(conn)
 
     def _rst_for(self, pkt: SalPacket, ctl: ControlExt | None) -> SalPacket:
         """A stateless RST answering ``pkt`` (for an unknown flow or service)."""

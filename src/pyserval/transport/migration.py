@@ -25,8 +25,8 @@ came from it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Final
+from dataclasses import dataclass, field
+from typing import Any, Final
 
 __all__ = [
     "AMPLIFICATION_LIMIT",
@@ -59,6 +59,9 @@ class MigrationState:
         return self.own_rsyn or self.awaiting_ack
 
 
+HELD_PACKETS: Final = 32
+
+
 @dataclass(slots=True)
 class Challenge:
     """A check that the peer is reachable at ``candidate`` (it was seen there)."""
@@ -70,6 +73,9 @@ class Challenge:
     tries: int = 1
     rx: int = 0  # bytes received from the candidate
     tx: int = 0  # bytes sent to it
+    # Packets from the candidate, held unprocessed until it proves to be the peer (they
+    # change nothing before that), then taken in order: at most HELD_PACKETS of them.
+    held: list[Any] = field(default_factory=list)
 
     def may_send(self, size: int) -> bool:
         """Anti-amplification: whether ``size`` more bytes may go to the candidate."""
