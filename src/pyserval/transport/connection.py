@@ -1718,7 +1718,10 @@ class Connection:
         if self.third_ack_pending:
             self.third_ack_pending = False
             ext = sf.control.ext(ControlFlags.ACK)
-            out.append(sf.control_packet(ext, [ServiceExt(self.service_id)], sf.ack_header()))
+            # Always at our initial sequence number + 1, even when data went out since: a
+            # server answering with SYN cookies rebuilds our ISN from it.
+            tcp = sf.ack_header(TcpFlags.ACK, 0)
+            out.append(sf.control_packet(ext, [ServiceExt(self.service_id)], tcp))
             self.ack_sent()
         frozen = sf.frozen
         if self.mp is not None:
