@@ -95,7 +95,7 @@ def _observe(server: HostCore, i: int) -> tuple[int, int, int, int]:
     """Open a connection of the attacker's own; what its SYN-ACK shows of the server's
     generator: (flowID, nonce, control verno, TCP ISS)."""
     server.receive_datagram(_syn(1000 + i, bytes(8), i, i), EVIL, B, float(i) * 1e-3)
-    (data, _, _), = server.datagrams_to_send(float(i) * 1e-3)
+    ((data, _, _),) = server.datagrams_to_send(float(i) * 1e-3)
     p = decode_packet(data)
     assert p.control is not None and p.tcp is not None
     return p.src_flowid, int.from_bytes(p.control.nonce, "big"), p.control.verno, p.tcp.seq

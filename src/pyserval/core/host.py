@@ -1063,8 +1063,11 @@ class HostCore:
                 self._maybe_reset(conn, sf, pkt, src)
         elif state is State.SYN_RECEIVED:
             listener = self._listener_by_id.get(conn.listener_id or 0)
-            if pkt.src_flowid != sf.remote_flowid:
-                self.drops["wrong_peer_flow"] += 1
+            ctl = pkt.control
+            if pkt.src_flowid != sf.remote_flowid and not (
+                pkt.src_flowid == 0 and ctl is not None and ctl.flags & ControlFlags.RST
+            ):
+                self.drops["wrong_peer_flow"] += 1  # (a stateless RST has no flowID)
             elif (
                 listener is not None
                 and len(listener.accept_queue) >= listener.backlog

@@ -789,6 +789,13 @@ class Host:
             raise ServalConnectError(
                 f"connecting to service {service!s} timed out after {limit} s"
             ) from None
+        except BaseException:
+            # Cancelled (or interrupted): nothing may be left behind. The connection is
+            # aborted, so no more SYNs go out; a SYN-ACK that still comes finds no flow and
+            # is answered with a RST, which ends the server's half of it.
+            conn.abort()
+            self.schedule_flush()
+            raise
         if conn.state is not State.ESTABLISHED:
             raise ServalConnectError(
                 f"cannot connect to service {service!s}: {conn.error or 'closed'}"
