@@ -269,10 +269,10 @@ def test_lost_third_ack_is_asked_for_again() -> None:
     def lose_third_ack(data: bytes, src: tuple[str, int], dst: tuple[str, int]) -> bool:
         pkt = decode_packet(data)
         ctl = pkt.control
-        if not dropped and ctl is not None and pkt.service is not None and src == A:
-            if ctl.flags == ControlFlags.ACK:
-                dropped.append(pkt)
-                return True
+        third = ctl is not None and ctl.flags == ControlFlags.ACK and pkt.service is not None
+        if not dropped and third and src == A:
+            dropped.append(pkt)
+            return True
         return False
 
     p.net.loss_filter = lose_third_ack
@@ -298,10 +298,9 @@ def test_forged_and_expired_cookie_acks_make_nothing() -> None:
 
     def keep_third_ack(data: bytes, src: tuple[str, int], dst: tuple[str, int]) -> bool:
         pkt = decode_packet(data)
-        if pkt.service is not None and pkt.control is not None:
-            if pkt.control.flags == ControlFlags.ACK:
-                captured.append(data)
-                return True  # the server never sees it now
+        if pkt.service is not None and pkt.control is not None and pkt.control.flags == 0x20:
+            captured.append(data)
+            return True  # the server never sees it now
         return False
 
     p.net.loss_filter = keep_third_ack

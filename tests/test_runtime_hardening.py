@@ -101,7 +101,7 @@ def test_cancelled_receive_and_accept_lose_nothing() -> None:
     async def main() -> None:
         async with Host(listen=["127.0.0.1:0"]) as server, Host(listen=["127.0.0.1:0"]) as c:
             listener = await server.listen("echo")
-            c.add_route("echo", "%s:%d" % server.addresses[0])
+            c.add_route("echo", "{}:{}".format(*server.addresses[0]))
             with anyio.move_on_after(0.05):
                 await listener.accept()  # nobody connects: cancelled while waiting
             stream = await c.connect("echo")
@@ -133,7 +133,7 @@ def test_off_path_injection_on_real_sockets_leaves_the_transfer_intact() -> None
             Host(listen=["127.0.0.1:0"], stream_config=cfg) as client,
         ):
             listener = await server.listen("bulk")
-            client.add_route("bulk", "%s:%d" % server.addresses[0])
+            client.add_route("bulk", "{}:{}".format(*server.addresses[0]))
             stream = await client.connect("bulk")
             accepted = await listener.accept()
             conn = accepted.connection
