@@ -192,9 +192,7 @@ def run(syns: int, seconds: float, via: str, during: int = 40, after: int = 20) 
         )
         procs.append(flooder)
         ok_during, ok_after = asyncio.run(
-            _clients(
-                None if router_addr else addr, router_addr, during, after, seconds, timeout=15
-            )
+            _clients(None if router_addr else addr, router_addr, during, after, seconds, timeout=15)
         )
         out, _ = flooder.communicate(timeout=120)
         rss_after = _rss(instance.pid)

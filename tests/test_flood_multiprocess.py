@@ -16,7 +16,7 @@ import pytest
 from .helpers.processes import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import syn_flood  # noqa: E402
+import syn_flood
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
