@@ -27,6 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--delay-timeout", type=float, default=5.0)
     parser.add_argument(
+        "--max-nonces",
+        type=int,
+        default=100_000,
+        help="registrations remembered against replay (one source may hold a tenth; "
+        "default 100000)",
+    )
+    parser.add_argument(
         "--certified",
         action="append",
         default=[],
@@ -42,6 +49,7 @@ async def _serve(args: argparse.Namespace) -> None:
         delay=args.delay,
         delay_timeout=args.delay_timeout,
         certified_prefixes=args.certified,
+        max_nonces=args.max_nonces,
     )
     async with router:
         print(f"router listening on {router.address_text}", flush=True)

@@ -65,10 +65,10 @@ class Registry:
         self.min_ttl = min_ttl
         self.max_ttl = max_ttl
         self.max_instances = max_instances
-        # One source IP's share of the table: a flood of registrations from one address
+        # One source's (IP and port: one host's) share of the table: a flood of registrations from one address
         # fills its own quota, never the table others need.
         self.max_instances_per_source = max_instances_per_source
-        self._per_source: Counter[str] = Counter()
+        self._per_source: Counter[Address] = Counter()
         self.instances: dict[ServicePrefix, dict[Address, Instance]] = {}
         self.stats: Counter[str] = Counter()
         self._count = 0
@@ -128,7 +128,7 @@ class Registry:
             refused = None
             if self._count >= self.max_instances:
                 refused = "full"
-            elif self._per_source[address[0]] >= self.max_instances_per_source:
+            elif self._per_source[address] >= self.max_instances_per_source:
                 refused = "quota"
             if refused is not None:
                 self.stats[f"refused_{refused}"] += 1
@@ -137,7 +137,7 @@ class Registry:
                 return refused
             group[address] = Instance(address, weight, priority, expires)
             self._count += 1
-            self._per_source[address[0]] += 1
+            self._per_source[address] += 1
             self.stats["registered"] += 1
             touched.add(prefix)
             # One heap entry per instance: a refresh only moves ``expires`` later, and
@@ -156,11 +156,11 @@ class Registry:
         if group is None or group.pop(address, None) is None:
             return False
         self._count -= 1
-        left = self._per_source[address[0]] - 1
+        left = self._per_source[address] - 1
         if left:
-            self._per_source[address[0]] = left
+            self._per_source[address] = left
         else:
-            del self._per_source[address[0]]
+            del self._per_source[address]
         if not group:
             del self.instances[prefix]
         touched.add(prefix)

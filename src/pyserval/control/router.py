@@ -74,6 +74,7 @@ class Router:
         delay_handler: DelayHandler | None = None,
         delay_timeout: float = 5.0,
         max_ttl: float = 3600.0,
+        max_nonces: int = 100_000,
     ) -> None:
         self.host = Host(
             [listen],
@@ -84,7 +85,7 @@ class Router:
         self.delay = [as_service_prefix(p) for p in delay]
         self.registry = Registry(
             self.host.service_table,
-            RegistrationGuard(certified_prefixes=certified_prefixes),
+            RegistrationGuard(certified_prefixes=certified_prefixes, max_nonces=max_nonces),
             max_ttl=max_ttl,
         )
         self.delay_handler = delay_handler

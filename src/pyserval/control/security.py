@@ -7,7 +7,7 @@ memories:
 * **nonces** seen within the clock-skew window, against replays. A nonce is remembered
   until ``timestamp + max_skew``; after that the registration is refused as stale anyway.
   Expired nonces are purged from a heap ordered by expiry (amortised O(log n) each). Each
-  source IP may hold at most ``max_nonces_per_source`` of them: past that *its*
+  source (the observed IP and port: one host's socket) may hold at most ``max_nonces_per_source`` of them: past that *its*
   registrations are refused ("quota"), nobody else's. When ``max_nonces`` are remembered in
   all, the oldest is forgotten (evicted by age) to make room: a flood from many addresses
   can at worst reopen the replay window of the oldest registrations, never make a router
@@ -117,7 +117,7 @@ class RegistrationGuard:
         self.max_nonces_per_source = (
             max(1, max_nonces // 10) if max_nonces_per_source is None else max_nonces_per_source
         )
-        self._per_source: Counter[str] = Counter()  # source IP -> nonces it holds
+        self._per_source: Counter[tuple[str, int]] = Counter()  # source -> nonces it holds
         self._seen: dict[str, _Seen] = {}
         self._expiries: list[tuple[float, str]] = []  # heap, one item per _seen entry
         self._pinned: OrderedDict[int, bytes] = OrderedDict()  # ID value -> raw key, LRU last
@@ -163,12 +163,12 @@ class RegistrationGuard:
     def _forget_oldest(self) -> None:
         _, nonce = heapq.heappop(self._expiries)
         seen = self._seen.pop(nonce)
-        ip = seen.observed[0]
-        left = self._per_source[ip] - 1
+        source = seen.observed
+        left = self._per_source[source] - 1
         if left:
-            self._per_source[ip] = left
+            self._per_source[source] = left
         else:
-            del self._per_source[ip]
+            del self._per_source[source]
 
     def check(
         self, reg: Registration, op: MessageKind, observed: tuple[str, int], now: float
@@ -267,10 +267,10 @@ class RegistrationGuard:
                 )
         # All checks passed: remember the nonce, then the key.
         if seen is None:
-            if self._per_source[observed[0]] >= self.max_nonces_per_source:
+            if self._per_source[observed] >= self.max_nonces_per_source:
                 raise RegistrationRefused(
                     "quota",
-                    f"{observed[0]} sent {self._per_source[observed[0]]} registrations within "
+                    f"{observed[0]}:{observed[1]} sent {self._per_source[observed]} registrations within "
                     f"{self.max_skew:g} s (its limit): try again in a few seconds",
                 )
             while len(self._seen) >= self.max_nonces:
@@ -278,7 +278,7 @@ class RegistrationGuard:
                 self.stats["nonce_evicted"] += 1
             expiry = reg.timestamp + self.max_skew
             self._seen[reg.nonce] = _Seen(expiry, digest, observed)
-            self._per_source[observed[0]] += 1
+            self._per_source[observed] += 1
             heapq.heappush(self._expiries, (expiry, reg.nonce))
         # Only a registration pins a key; an unregistration refreshes an existing pin.
         if (
