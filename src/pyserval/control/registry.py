@@ -65,8 +65,8 @@ class Registry:
         self.min_ttl = min_ttl
         self.max_ttl = max_ttl
         self.max_instances = max_instances
-        # One source's (IP and port: one host's) share of the table: a flood of registrations from one address
-        # fills its own quota, never the table others need.
+        # One source's (IP and port: one host's) share of the table: a flood of
+        # registrations from one address fills its own quota, never the table others need.
         self.max_instances_per_source = max_instances_per_source
         self._per_source: Counter[Address] = Counter()
         self.instances: dict[ServicePrefix, dict[Address, Instance]] = {}

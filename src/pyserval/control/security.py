@@ -7,7 +7,8 @@ memories:
 * **nonces** seen within the clock-skew window, against replays. A nonce is remembered
   until ``timestamp + max_skew``; after that the registration is refused as stale anyway.
   Expired nonces are purged from a heap ordered by expiry (amortised O(log n) each). Each
-  source (the observed IP and port: one host's socket) may hold at most ``max_nonces_per_source`` of them: past that *its*
+  source (the observed IP and port: one host's socket) may hold at most
+  ``max_nonces_per_source`` of them: past that *its*
   registrations are refused ("quota"), nobody else's. When ``max_nonces`` are remembered in
   all, the oldest is forgotten (evicted by age) to make room: a flood from many addresses
   can at worst reopen the replay window of the oldest registrations, never make a router
@@ -270,7 +271,8 @@ class RegistrationGuard:
             if self._per_source[observed] >= self.max_nonces_per_source:
                 raise RegistrationRefused(
                     "quota",
-                    f"{observed[0]}:{observed[1]} sent {self._per_source[observed]} registrations within "
+                    f"{observed[0]}:{observed[1]} sent {self._per_source[observed]} "
+                    f"registrations within "
                     f"{self.max_skew:g} s (its limit): try again in a few seconds",
                 )
             while len(self._seen) >= self.max_nonces:
