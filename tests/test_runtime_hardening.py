@@ -15,12 +15,14 @@ from typing import Any
 import anyio
 import pytest
 
+from pyserval.naming.service_id import as_service_id
 from pyserval.runtime.host import Host
 from pyserval.sal import (
     PROTO_TCP,
     ControlExt,
     ControlFlags,
     SalPacket,
+    ServiceExt,
     TcpFlags,
     TcpHeader,
     decode_packet,
@@ -180,5 +182,88 @@ def test_off_path_injection_on_real_sockets_leaves_the_transfer_intact() -> None
             assert conn.state is not State.CLOSED or conn.error is None
             assert server.core is not None
             assert server.core.stats["rebinding_challenge"] >= 1
+
+    asyncio.run(main())
+
+
+def test_generator_prediction_attack_against_a_real_instance_fails() -> None:
+    """The attack of issue 11 over real sockets: open 125 connections of one's own to an
+    instance process (each SYN-ACK shows five 32-bit outputs of the instance's generator),
+    clone a Mersenne Twister from them, and predict the flowID and nonce the instance gives
+    the next client. The clone is checked on a seeded generator in
+    ``test_core_hardening.py``; against the real instance it must miss."""
+    from .helpers.processes import Peer
+    from .test_core_hardening import _untemper
+
+    with Peer(["-m", "pyserval", "echo", "--service", "victim", "--listen", "127.0.0.1:0"]) as inst:
+        line = inst.wait_for(r"serving victim at ", 20)
+        ip, port = line.rsplit(" ", 1)[1].rsplit(":", 1)
+        target = (ip, int(port))
+
+        async def main() -> tuple[tuple[int, int], tuple[int, int]]:
+            sid = as_service_id("victim")
+            sock = await anyio.create_udp_socket(local_host="127.0.0.1")
+            outputs: list[int] = []
+            for i in range(125):
+                ctl = ControlExt(ControlFlags.SYN, i, 0, bytes(8))
+                tcp = TcpHeader(seq=i, flags=TcpFlags.SYN)
+                syn = SalPacket(5000 + i, 0, PROTO_TCP, [ctl, ServiceExt(sid)], tcp)
+                await sock.sendto(syn.encode("127.0.0.1", ip), *target)
+                with anyio.fail_after(5):
+                    data, _ = await sock.receive()
+                p = decode_packet(data)
+                assert p.control is not None and p.tcp is not None
+                nonce = int.from_bytes(p.control.nonce, "big")
+                outputs += [p.src_flowid - 1, nonce & 0xFFFFFFFF, nonce >> 32]
+                outputs += [p.control.verno, p.tcp.seq]
+            await sock.aclose()
+            clone = random.Random()
+            clone.setstate((3, (*(_untemper(y) for y in outputs[:624]), 624), None))
+            for _ in outputs[624:]:
+                clone.getrandbits(32)
+            guess = (clone.getrandbits(32) + 1, clone.getrandbits(64))
+            async with Host(listen=["127.0.0.1:0"]) as client:
+                client.add_route("victim", f"{ip}:{port}")
+                stream = await client.connect("victim")
+                sf = stream.connection.primary
+                assert sf.control.peer_nonce is not None
+                actual = (sf.remote_flowid, int.from_bytes(sf.control.peer_nonce, "big"))
+                await stream.aclose()
+            return guess, actual
+
+        guess, actual = asyncio.run(main())
+        assert guess[0] != actual[0] and guess[1] != actual[1]
+
+
+def test_cancelled_send_keeps_the_stream_consistent() -> None:
+    """A send cancelled while it waits for buffer space has queued a prefix of its data and
+    nothing else; the stream stays usable and the peer reads that prefix, then what follows."""
+
+    async def main() -> None:
+        cfg = StreamConfig(send_buffer=64 * 1024, receive_buffer=64 * 1024)
+        async with (
+            Host(listen=["127.0.0.1:0"], stream_config=cfg) as server,
+            Host(listen=["127.0.0.1:0"], stream_config=cfg) as c,
+        ):
+            listener = await server.listen("sink")
+            c.add_route("sink", "{}:{}".format(*server.addresses[0]))
+            stream = await c.connect("sink")
+            accepted = await listener.accept()
+            first = random.Random(1).randbytes(2_000_000)
+            second = random.Random(2).randbytes(100_000)
+            with anyio.move_on_after(0.3) as scope:
+                await stream.send(first)  # nobody reads yet: it blocks, then is cancelled
+            assert scope.cancelled_caught
+            await stream.send(second)
+            await stream.send_eof()
+            got = bytearray()
+            while True:
+                try:
+                    got += await accepted.receive()
+                except anyio.EndOfStream:
+                    break
+            k = len(got) - len(second)
+            assert 0 < k < len(first)
+            assert got[:k] == first[:k] and got[k:] == second
 
     asyncio.run(main())
