@@ -354,3 +354,104 @@ def test_lossy_path_handshake_data_and_close_complete(seed: int) -> None:
     # A FIN whose retransmissions outlast the peer's TIME_WAIT (30 s) meets a RST: both
     # ends are closed either way, as with streams.
     assert client.error in (None, "reset by peer") and server.error in (None, "reset by peer")
+
+
+# -- a scripted peer that behaves as the spec says the reference does ---------------------
+REF_SERVICE = ServiceID(bytes.fromhex("00004001") + bytes(28))
+
+
+def reference_datagram_syn() -> bytes:
+    """The reference client's captured TCP SYN turned into its datagram SYN as the spec
+    describes it: the same SAL header with protocol 17 (checksum recomputed) and an empty
+    UDP header instead of the TCP one."""
+    from pyserval.data import reference_capture
+
+    tcp_syn = next(p for p in reference_capture() if p.index == 0).payload
+    assert tcp_syn[8] == 17 and tcp_syn[9] == 6  # shl 17: base + CONTROL + SERVICE
+    exts = bytes(tcp_syn[12:68])
+    src, dst = struct.unpack_from("!II", tcp_syn)
+    return sal_base(src, dst, 17, 17, exts) + udp_header("127.0.0.1", "127.0.0.1", b"")
+
+
+def test_reference_style_client_talks_to_a_listening_datagram_socket() -> None:
+    here: Address = ("127.0.0.1", 54325)
+    ref: Address = ("127.0.0.1", 54324)
+    host = HostCore([here], rng=random.Random(9))
+    listener = host.listen(REF_SERVICE, datagram=True)
+    syn = reference_datagram_syn()
+    ref_flow, iss, nonce = 3, 0x6694C269, bytes.fromhex("29a80971eaec1501")  # captured
+    host.receive_datagram(syn, ref, here, 0.0)
+    ((synack, frm, to),) = host.datagrams_to_send(0.0)
+    assert (frm, to) == (here, ref)
+    (our_flow,) = struct.unpack_from("!I", synack)
+    (s_verno,) = struct.unpack_from("!I", synack, 16)
+    s_nonce = synack[24:32]
+    want = sal_base(our_flow, ref_flow, 8, 17, control(SYN | ACK, s_verno, iss + 1, s_nonce))
+    assert synack == want + udp_header(here[0], ref[0], b"")
+    # Third ACK, then one datagram, as the reference client would send them.
+    third = control(ACK, iss + 1, s_verno + 1, nonce) + service(REF_SERVICE)
+    host.receive_datagram(
+        sal_base(ref_flow, our_flow, 17, 17, third) + udp_header(ref[0], here[0], b""),
+        ref,
+        here,
+        0.01,
+    )
+    conn = listener.accept()
+    assert isinstance(conn, DatagramConnection) and conn.state is State.ESTABLISHED
+    data = sal_base(ref_flow, our_flow, 3, 17, b"") + udp_header(ref[0], here[0], b"hi")
+    host.receive_datagram(data + b"hi", ref, here, 0.02)
+    assert conn.receive_datagram() == b"hi"
+    conn.send_datagram(b"hello back")
+    ((reply, _, _),) = host.datagrams_to_send(0.03)
+    assert (
+        reply
+        == sal_base(our_flow, ref_flow, 3, 17, b"")
+        + udp_header(here[0], ref[0], b"hello back")
+        + b"hello back"
+    )
+    # The reference closes: SAL FIN (verno ISS + 1: the SYN took ISS), we ACK it.
+    fin = sal_base(ref_flow, our_flow, 8, 17, control(FIN, iss + 1, s_verno + 1, nonce))
+    host.receive_datagram(fin, ref, here, 0.04)
+    assert conn.at_eof
+    ((ack, _, _),) = host.datagrams_to_send(0.04)
+    assert ack == sal_base(our_flow, ref_flow, 8, 17, control(ACK, s_verno + 1, iss + 2, s_nonce))
+    conn.shutdown()
+    ((our_fin, _, _),) = host.datagrams_to_send(0.05)
+    assert our_fin == sal_base(
+        our_flow, ref_flow, 8, 17, control(FIN, s_verno + 1, iss + 2, s_nonce)
+    )
+    final = sal_base(ref_flow, our_flow, 8, 17, control(ACK, iss + 2, s_verno + 2, nonce))
+    host.receive_datagram(final, ref, here, 0.06)
+    assert conn.state is State.CLOSED and conn.error is None
+    host.datagrams_to_send(0.06)
+    assert host.connections == {} and host.drops == {} and host.internal_errors == []
+
+
+def test_pyserval_client_handshake_as_a_reference_server_expects() -> None:
+    """Our client's SYN, answered by a scripted reference server's SYN-ACK, gives the third
+    ACK the spec describes; the flow then carries data."""
+    here: Address = ("127.0.0.1", 54324)
+    ref: Address = ("127.0.0.1", 54325)
+    host = HostCore([here], rng=random.Random(11))
+    host.service_table.add(REF_SERVICE, Rule.forward(ref))
+    conn = host.connect(REF_SERVICE, 0.0, datagram=True)
+    ((syn, _, to),) = host.datagrams_to_send(0.0)
+    assert to == ref
+    iss, nonce = struct.unpack_from("!I", syn, 16)[0], syn[24:32]
+    assert syn == sal_base(
+        conn.conn_id, 0, 17, 17, control(SYN, iss, 0, nonce) + service(REF_SERVICE)
+    ) + udp_header(here[0], ref[0], b"")
+    ref_flow, ref_iss, ref_nonce = 4, 0x43DA7359, bytes.fromhex("d7374541ff71be76")
+    synack = sal_base(
+        ref_flow, conn.conn_id, 8, 17, control(SYN | ACK, ref_iss, iss + 1, ref_nonce)
+    )
+    host.receive_datagram(synack + udp_header(ref[0], here[0], b""), ref, here, 0.01)
+    assert conn.state is State.ESTABLISHED
+    ((third, _, _),) = host.datagrams_to_send(0.01)
+    exts = control(ACK, iss + 1, ref_iss + 1, nonce) + service(REF_SERVICE)
+    assert third == sal_base(conn.conn_id, ref_flow, 17, 17, exts) + udp_header(
+        here[0], ref[0], b""
+    )
+    data = sal_base(ref_flow, conn.conn_id, 3, 17, b"") + udp_header(ref[0], here[0], b"x")
+    host.receive_datagram(data + b"x", ref, here, 0.02)
+    assert isinstance(conn, DatagramConnection) and conn.receive_datagram() == b"x"
