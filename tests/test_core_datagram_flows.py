@@ -15,7 +15,7 @@ import pytest
 
 from pyserval.core.host import HostCore, Listener
 from pyserval.naming.service_id import ServiceID
-from pyserval.sal import Rule
+from pyserval.sal import Rule, decode_packet
 from pyserval.testing import Address, LinkConfig, SimNetwork
 from pyserval.transport.connection import State
 from pyserval.transport.datagram_flow import (
@@ -455,3 +455,73 @@ def test_pyserval_client_handshake_as_a_reference_server_expects() -> None:
     data = sal_base(ref_flow, conn.conn_id, 3, 17, b"") + udp_header(ref[0], here[0], b"x")
     host.receive_datagram(data + b"x", ref, here, 0.02)
     assert isinstance(conn, DatagramConnection) and conn.receive_datagram() == b"x"
+
+
+def test_datagram_syn_through_a_router_then_direct() -> None:
+    """Late binding works for datagram flows too: a router forwards the SYN by serviceID
+    (SOURCE path recorded), the instance answers the client directly, and no later packet
+    of the flow passes through the router."""
+    client_addr: Address = ("10.0.0.1", 40000)
+    router_addr: Address = ("10.0.0.9", 7000)
+    net = SimNetwork(seed=2, default_link=LinkConfig(delay=0.002), trace=True)
+    client = HostCore([client_addr], rng=random.Random(1))
+    router = HostCore([router_addr], rng=random.Random(2), forwarding=True)
+    server = HostCore([B], rng=random.Random(3))
+    for h, addr in ((client, client_addr), (router, router_addr), (server, B)):
+        net.attach(h, addr)
+    client.service_table.add(SVC, Rule.forward(router_addr))
+    router.service_table.add(SVC, Rule.forward(B))
+    server.trusted_forwarders.add(router_addr)
+    listener = server.listen(SVC, datagram=True)
+    conn = client.connect(SVC, net.now, datagram=True)
+    assert isinstance(conn, DatagramConnection)
+    net.kick(client)
+    assert net.run_until(lambda: conn.state is State.ESTABLISHED, 10)
+    net.run_for(0.05)
+    peer = listener.accept()
+    assert isinstance(peer, DatagramConnection)
+    conn.send_datagram(b"direct")
+    net.kick(client)
+    net.run_for(0.05)
+    assert peer.receive_datagram() == b"direct"
+    assert router.stats["forwarded_syn"] == 1
+    via_router = [ev for ev in net.trace if ev.fate == "sent" and router_addr in (ev.src, ev.dst)]
+    assert len(via_router) == 2  # the SYN in, the forwarded SYN out: nothing else
+    forwarded = decode_packet(via_router[1].data)
+    assert forwarded.protocol == 17 and forwarded.udp is not None
+    assert forwarded.source_path() is not None
+
+
+def test_nat_rebinding_of_a_datagram_flow_is_checked_then_followed() -> None:
+    n = Net()
+    nat = n.net.add_nat([A[0], A2[0]], "192.0.2.1")
+    client, server = n.connect()
+    old = server.primary.remote_addr
+    nat.rebind()
+    for i in range(5):
+        client.send_datagram(b"after rebinding %d" % i)
+        n.run(0.05)
+    assert drain(server) == [b"after rebinding %d" % i for i in range(5)]  # taken at once
+    n.run(0.5)
+    new = server.primary.remote_addr
+    assert new != old and new == nat.public_address(A)
+    moved = [e for e in n.events["b"] if isinstance(e, FlowMigrated)]
+    assert [e.reason for e in moved] == ["rebinding"]
+    assert n.b.stats["rebinding_challenge"] >= 1
+    server.send_datagram(b"to the new mapping")
+    n.run(0.1)
+    assert drain(client) == [b"to the new mapping"]
+
+
+def test_off_path_fin_or_rst_with_a_wrong_nonce_is_ignored(n: Net) -> None:
+    client, server = n.connect()
+    evil: Address = ("10.6.6.6", 666)
+    for flags in (FIN, RST, 0x40):
+        forged = sal_base(client.conn_id, server.conn_id, 8, 17, control(flags, 0, 0, bytes(8)))
+        n.b.receive_datagram(forged, A, B, n.net.now)  # even from the client's address
+        n.b.receive_datagram(forged, evil, B, n.net.now)
+    n.run(0.1)
+    assert server.state is State.ESTABLISHED and not server.peer_fin_received
+    client.send_datagram(b"still here")
+    n.run(0.1)
+    assert drain(server) == [b"still here"]
