@@ -210,3 +210,33 @@ def test_host_close_ends_open_flows_with_sal_fin() -> None:
             assert flow.connection.fin_acked  # the close waited for the SAL FIN's ACK
 
     asyncio.run(main())
+
+
+def test_a_burst_larger_than_the_queue_is_not_dropped_locally() -> None:
+    async def main() -> None:
+        async with Host(["127.0.0.1:0"]) as server, Host(["127.0.0.1:0"]) as client:
+            listener = await server.listen("dg-burst", kind="datagram")
+            _route(client, server, "dg-burst")
+            flow = await client.connect("dg-burst", kind="datagram")
+            peer = await asyncio.wait_for(listener.accept(), 5)
+            for i in range(3000):  # three times the queue, with no pause of our own
+                await flow.send(b"%d" % i)
+            await asyncio.sleep(0.01)  # the last flush
+            assert flow.dropped == 0 and flow.connection.sent == 3000
+            got: list[bytes] = []
+            with pytest.raises(TimeoutError):
+                while True:
+                    got.append(await asyncio.wait_for(peer.receive(), 0.5))
+            # The receiver read nothing meanwhile: its queue kept the first 1,024 that
+            # reached it (and a few still in the socket buffer once reading made room) and
+            # counted the rest; the loopback socket buffer may drop some too.
+            assert peer.connection.received == len(got) >= 1024
+            assert got == sorted(got, key=int) and len(set(got)) == len(got)
+            assert len(got) + peer.dropped <= 3000 and peer.dropped > 0
+            s = client.socket("datagram")
+            await s.connect("dg-burst")
+            with pytest.raises(pyserval.SocketClosed):
+                await s.sendto(b"x", "dg-burst")  # connected: send, not sendto
+            await s.close()
+
+    asyncio.run(main())

@@ -93,11 +93,17 @@ class ServalDatagramStream(anyio.abc.UnreliableObjectStream[bytes]):
     async def send(self, item: bytes) -> None:
         """Send one datagram (``DatagramTooLarge`` above the limit, ValueError if empty).
 
-        A datagram that finds the send queue full is dropped, as UDP would.
+        When the send queue is full it first lets the host send (one loop pass); a datagram
+        that still finds it full (the flow is migrating) is dropped, as UDP would.
         """
         self._check()
+        conn = self._conn
+        if not conn.has_room(len(item)):
+            self._host.schedule_flush()
+            await anyio.sleep(0)  # the flush runs: the queue empties unless the path changes
+            self._check()
         try:
-            self._conn.send_datagram(item)
+            conn.send_datagram(item)
         except ConnectionError_ as exc:
             raise anyio.BrokenResourceError(str(exc)) from None
         self._host.schedule_flush()

@@ -246,6 +246,8 @@ class ServalSocket:
     async def _ensure_endpoint(self) -> DatagramEndpoint:
         if self._endpoint is not None:
             return self._endpoint
+        if self._flow is not None or self._flow_listener is not None:
+            raise SocketClosed("a connected or listening datagram socket uses send/recv")
         host = await self._get_host()
         if host.core is None:
             raise SocketClosed("the host is not running")

@@ -190,13 +190,17 @@ class DatagramConnection(Connection):
             )
         if n == 0:
             raise ValueError("a datagram flow cannot carry an empty datagram (only a FIN is)")
-        if len(self.tx) >= self.max_queue or self.tx_bytes + n > self.config.send_buffer:
+        if not self.has_room(n):
             self.drops["tx_queue_full"] += 1
             return False
         self.tx.append(bytes(data))
         self.tx_bytes += n
         self.wake(self)
         return True
+
+    def has_room(self, size: int) -> bool:
+        """Whether the send queue takes a datagram of ``size`` bytes now."""
+        return len(self.tx) < self.max_queue and self.tx_bytes + size <= self.config.send_buffer
 
     def receive_datagram(self) -> bytes | None:
         """The oldest datagram received and not yet taken, or None."""
