@@ -12,6 +12,8 @@ import struct
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pyserval.core.host import HostCore, Listener
 from pyserval.naming.service_id import ServiceID
@@ -525,3 +527,41 @@ def test_off_path_fin_or_rst_with_a_wrong_nonce_is_ignored(n: Net) -> None:
     client.send_datagram(b"still here")
     n.run(0.1)
     assert drain(server) == [b"still here"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([0, SYN, ACK, FIN, RST, 0x40, SYN | ACK, FIN | ACK, 0x40 | ACK, 0x42]),
+            st.booleans(),  # the right nonce
+            st.sampled_from([6, 17]),
+            st.booleans(),  # a UDP header
+            st.binary(max_size=8),
+            st.booleans(),  # towards the server (else the client)
+        ),
+        max_size=12,
+    )
+)
+def test_arbitrary_packets_on_a_flow_never_break_it(
+    packets: list[tuple[int, bool, int, bool, bytes, bool]],
+) -> None:
+    n = Net()
+    client, server = n.connect()
+    for flags, right_nonce, proto, udp, payload, to_server in packets:
+        me, peer = (server, client) if to_server else (client, server)
+        host, src, dst = (n.b, A, B) if to_server else (n.a, B, A)
+        nonce = peer.primary.control.local_nonce if right_nonce else bytes(8)
+        cc = me.primary.control
+        exts = control(flags, cc.rcv_ackno, cc.snd_verno, nonce) if flags else b""
+        raw = sal_base(peer.conn_id, me.conn_id, 3 + len(exts) // 4, proto, exts)
+        if udp and proto == 17:
+            raw += udp_header(src[0], dst[0], payload) + payload
+        host.receive_datagram(raw, src, dst, n.net.now)
+        n.run(0.05)
+    n.run(120.0)
+    for h in (n.a, n.b):
+        assert h.internal_errors == [] and h.stats["internal_error"] == 0
+    for c in (client, server):
+        assert c.rx_bytes == sum(map(len, c.rx)) and len(c.rx) <= c.max_queue
+        assert c.state in (State.ESTABLISHED, State.CLOSED, State.TIME_WAIT)
