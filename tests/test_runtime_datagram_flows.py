@@ -44,6 +44,11 @@ def test_high_level_connect_listen_send_receive_close() -> None:
             big = bytes(range(256)) * 200  # one 51,200-byte datagram, one packet on loopback
             await flow.send(big)
             assert await asyncio.wait_for(flow.receive(), 5) == b"echo:" + big
+            largest = bytes(range(251)) * (65487 // 251) + bytes(65487 % 251)
+            listener_side_limit = 65487 - len(b"echo:")
+            await flow.send(largest[:listener_side_limit])  # the echo adds 5 bytes
+            reply = await asyncio.wait_for(flow.receive(), 5)
+            assert reply == b"echo:" + largest[:listener_side_limit] and len(reply) == 65487
             with pytest.raises(pyserval.transport.DatagramTooLarge):
                 await flow.send(bytes(70_000))
             await flow.aclose()

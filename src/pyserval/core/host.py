@@ -13,8 +13,11 @@ Receive path, by packet kind (a dispatch on state, never an exception out of her
   with ``forwarding`` on: a router). DELAY holds it (bounded) and asks the controller
   (``delay_requests``/``release_delayed``). A SYN for a service we do not serve is dropped
   and counted, never answered with RST (the client retries and may reach another instance).
+  Protocol 6 asks for a stream, protocol 17 for a connected datagram flow
+  (``transport.datagram_flow``); each kind reaches only a listener of that kind.
 * ``dst_flowid == 0``, UDP and SERVICE extensions: an unconnected datagram, resolved the same
-  way. One for a service we do not serve is answered with RST.
+  way. One for a service we do not serve is answered with RST; one reaching a listening
+  datagram-flow socket with CONTROL(ACK+RST) and zero numbers, as the reference does.
 * otherwise the flow table names the subflow; a packet for an unknown flow gets RST (unless
   it is itself a RST).
 """
