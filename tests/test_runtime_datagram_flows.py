@@ -190,6 +190,12 @@ def test_migration_of_a_datagram_flow_on_loopback() -> None:
             assert peer.remote_address == second
             await peer.send(b"reply")
             assert await asyncio.wait_for(flow.receive(), 5) == b"reply"
+            # The interface goes away: the flow moves by itself to the one that remains.
+            await client.remove_interface(second)
+            assert flow.local_address == client.addresses[0] != second
+            await flow.send(b"after removal")
+            assert await asyncio.wait_for(peer.receive(), 5) == b"after removal"
+            assert peer.remote_address == client.addresses[0]
             await flow.aclose()
             await peer.aclose()
 

@@ -130,7 +130,8 @@ class DatagramConnection(Connection):
     The application calls :meth:`send_datagram` and :meth:`receive_datagram`;
     :meth:`shutdown` closes (SAL FIN). ``drops`` counts what was dropped, by reason:
     ``rx_queue_full``, ``tx_queue_full``, ``empty`` (a zero-length datagram, which the
-    reference drops too), ``after_fin`` and ``not_udp``.
+    reference drops too), ``after_fin`` and ``not_udp``. Its ``DataReceived`` events count
+    datagrams waiting, not bytes.
     """
 
     def __init__(
