@@ -13,8 +13,11 @@ Receive path, by packet kind (a dispatch on state, never an exception out of her
   with ``forwarding`` on: a router). DELAY holds it (bounded) and asks the controller
   (``delay_requests``/``release_delayed``). A SYN for a service we do not serve is dropped
   and counted, never answered with RST (the client retries and may reach another instance).
+  Protocol 6 asks for a stream, protocol 17 for a connected datagram flow
+  (``transport.datagram_flow``); each kind reaches only a listener of that kind.
 * ``dst_flowid == 0``, UDP and SERVICE extensions: an unconnected datagram, resolved the same
-  way. One for a service we do not serve is answered with RST.
+  way. One for a service we do not serve is answered with RST; one reaching a listening
+  datagram-flow socket with CONTROL(ACK+RST) and zero numbers, as the reference does.
 * otherwise the flow table names the subflow; a packet for an unknown flow gets RST (unless
   it is itself a RST).
 """
@@ -54,6 +57,7 @@ from ..sal.transport_headers import (
 )
 from ..transport.config import StreamConfig
 from ..transport.connection import Connection, Role, State, Subflow, unwrap
+from ..transport.datagram_flow import DatagramConnection, DatagramTooLarge, refuse_unconnected
 from ..transport.events import (
     ConnectionFailed,
     DatagramReceived,
@@ -91,10 +95,6 @@ class NoRoute(Exception):
     """No service table rule leads to the service."""
 
 
-class DatagramTooLarge(ValueError):
-    """A datagram is larger than one SAL datagram can carry."""
-
-
 @dataclass(eq=False)
 class Listener:
     """A service this host accepts connections for."""
@@ -105,6 +105,7 @@ class Listener:
     half_open: dict[tuple[Address, int], Connection] = field(default_factory=dict)
     accept_queue: deque[Connection] = field(default_factory=deque)
     closed: bool = False
+    datagram: bool = False  # connected datagram flows (SYNs with protocol 17), not streams
 
     def accept(self) -> Connection | None:
         """The oldest established connection not yet taken, or None."""
@@ -220,14 +221,17 @@ class HostCore:
         return out
 
     # -- application API ----------------------------------------------------------------
-    def listen(self, service: ServiceLike, backlog: int = 128) -> Listener:
-        """Accept connections to ``service``: adds a DEMUX rule to the service table."""
+    def listen(
+        self, service: ServiceLike, backlog: int = 128, *, datagram: bool = False
+    ) -> Listener:
+        """Accept connections to ``service``: adds a DEMUX rule to the service table.
+        ``datagram``: accept connected datagram flows (protocol 17) instead of streams."""
         sid = as_service_id(service)
         if sid in self.listeners:
             raise ValueError(f"already listening on service {sid.hex}")
         if backlog < 1:
             raise ValueError(f"backlog must be at least 1: {backlog}")
-        listener = Listener(next(self._listener_ids), sid, backlog)
+        listener = Listener(next(self._listener_ids), sid, backlog, datagram=datagram)
         self.listeners[sid] = listener
         self._listener_by_id[listener.listener_id] = listener
         self.service_table.add(sid, Rule.demux(listener))
@@ -250,24 +254,44 @@ class HostCore:
             self._wake(conn)
         listener.half_open.clear()
 
-    def connect(self, service: ServiceLike, now: float) -> Connection:
-        """Open a connection to ``service`` (late-bound: resolved when the SYN goes out).
+    def connect(self, service: ServiceLike, now: float, *, datagram: bool = False) -> Connection:
+        """Open a connection to ``service`` (late-bound: resolved when the SYN goes out);
+        ``datagram``: a connected datagram flow (a :class:`DatagramConnection`).
 
         The connection's events tell how it ends: ConnectionEstablished, or
         ConnectionTimedOut / ConnectionFailed / ConnectionReset.
         """
         sid = as_service_id(service)
         flowid = self.flows.allocate()
-        conn = Connection(flowid, Role.CLIENT, sid, self.config, self._emit)
-        conn.wake = self._wake
-        sf = Subflow(conn, flowid, self.addresses[0], None, self.rng)
-        conn.subflows.append(sf)
+        conn, sf = self._new_flow(flowid, Role.CLIENT, sid, self.addresses[0], None, datagram)
         self.flows.insert(flowid, sf)
         self.connections[flowid] = conn
         conn.syn_due = True
         conn.syn_first = True
         self._wake(conn)
         return conn
+
+    def _new_flow(
+        self,
+        flowid: int,
+        role: Role,
+        sid: ServiceID,
+        local: Address,
+        remote: Address | None,
+        datagram: bool,
+    ) -> tuple[Connection, Subflow]:
+        """A connection (stream or datagram flow) with its first subflow."""
+        if datagram:
+            conn, sf = DatagramConnection.create(
+                flowid, role, sid, self.config, self._emit, local, remote, self.rng
+            )
+            conn.wake = self._wake
+            return conn, sf
+        stream = Connection(flowid, role, sid, self.config, self._emit)
+        stream.wake = self._wake
+        first = Subflow(stream, flowid, local, remote, self.rng)
+        stream.subflows.append(first)
+        return stream, first
 
     def bind_datagram(self, service: ServiceLike) -> DatagramEndpoint:
         """A datagram socket bound to ``service`` (receives what is sent to it)."""
@@ -743,7 +767,8 @@ class HostCore:
         now: float,
     ) -> None:
         svc, tcp = pkt.service, pkt.tcp
-        if svc is None or tcp is None or pkt.protocol != PROTO_TCP:
+        datagram = pkt.protocol == PROTO_UDP  # a connected datagram flow (spec)
+        if svc is None or (pkt.udp is None if datagram else tcp is None):
             self.drops["bad_syn"] += 1
             return
         res = self.service_table.lookup(svc.service_id)
@@ -756,6 +781,9 @@ class HostCore:
                 self.drops["syn_no_service"] += 1  # never RST a SYN
             return
         listener = res.listener
+        if listener.datagram != datagram:
+            self.drops["syn_wrong_protocol"] += 1  # a stream SYN to a datagram socket, or back
+            return
         path = pkt.source_path()
         untrusted_path = False
         if path is not None:
@@ -780,16 +808,18 @@ class HostCore:
             self.drops["accept_queue_full"] += 1
             return
         if len(listener.half_open) >= self.config.max_half_open:
+            if tcp is None:
+                # A connected datagram flow: its third ACK echoes no TCP numbers, so there is
+                # no cookie to build from it; past the table's bound such SYNs are dropped.
+                self.drops["half_open_full"] += 1
+                return
             # A SYN flood, or a burst larger than the table: answer without keeping state.
             self._send_cookie_synack(pkt, ctl, tcp, src, dst, now)
             return
         flowid = self.flows.allocate()
-        conn = Connection(flowid, Role.SERVER, svc.service_id, self.config, self._emit)
-        conn.wake = self._wake
+        conn, sf = self._new_flow(flowid, Role.SERVER, svc.service_id, dst, src, datagram)
         conn.listener_id = listener.listener_id
         conn.peer_key = key
-        sf = Subflow(conn, flowid, dst, src, self.rng)
-        conn.subflows.append(sf)
         self.flows.insert(flowid, sf)
         self.connections[flowid] = conn
         listener.half_open[key] = conn
@@ -1025,6 +1055,11 @@ class HostCore:
         path = pkt.source_path()
         if path is not None:
             src = path[0]  # forwarded: the original sender
+        if res is not None and isinstance(res.listener, Listener) and res.listener.datagram:
+            # A listening connected-mode datagram socket takes only SYNs (spec).
+            self.drops["datagram_to_listener"] += 1
+            self._send(refuse_unconnected(pkt), dst, src)
+            return
         if res is None or not isinstance(res.listener, DatagramEndpoint):
             self.drops["datagram_no_service"] += 1
             self._send_stateless_rst(pkt, None, len(data), dst, src, now)
@@ -1093,6 +1128,10 @@ class HostCore:
         self._wake(conn)
 
     def _established_server(self, conn: Connection) -> None:
+        # The SYN-ACK's retries were cut for half-open state (a minute at most, none for an
+        # unproven path); the proven flow gets the full budget back.
+        for sf in conn.subflows:
+            sf.control.max_retries = sf.control.timers.max_retries
         listener = self._listener_by_id.get(conn.listener_id or 0)
         if listener is None or listener.closed:
             conn.abort_with("listener closed", send_rst=True)
@@ -1178,7 +1217,9 @@ class HostCore:
             if conn.state is State.CLOSED:
                 return
         tcp = pkt.tcp
-        if tcp is not None:
+        if isinstance(conn, DatagramConnection):
+            conn.on_datagram(pkt, now)
+        elif tcp is not None:
             if conn.state is State.TIME_WAIT:
                 # A retransmitted FIN or data: acknowledge again. Never answer a pure ACK:
                 # two ends in TIME_WAIT (simultaneous close) would ACK each other forever.

@@ -29,6 +29,7 @@ from ..naming.service_id import ServiceID, ServiceLike, as_service_id, as_servic
 from ..sal.service_table import Rule, ServiceTable
 from ..transport.config import StreamConfig
 from ..transport.connection import Connection, ConnectionError_, State
+from ..transport.datagram_flow import DatagramConnection
 from ..transport.events import (
     ConnectionClosed,
     ConnectionFailed,
@@ -161,6 +162,13 @@ def _ip_present(ip: str) -> bool:
     finally:
         probe.close()
     return True
+
+
+def _datagram_kind(kind: str) -> bool:
+    """Whether ``kind`` names connected datagram flows (else streams); ValueError if neither."""
+    if kind not in ("stream", "datagram"):
+        raise ValueError(f"kind must be 'stream' or 'datagram', not {kind!r}")
+    return kind == "datagram"
 
 
 class _Waiters:
@@ -772,12 +780,19 @@ class Host:
         await self._waiters.wait_for(conn.conn_id, lambda: ready() or self._closed)
 
     # -- application API ----------------------------------------------------------------
-    async def connect(self, service: ServiceLike, *, timeout: float | None = None) -> Any:
-        """Open a stream to ``service`` (late-bound by serviceID through the service table)."""
+    async def connect(
+        self, service: ServiceLike, *, timeout: float | None = None, kind: str = "stream"
+    ) -> Any:
+        """Open a stream to ``service`` (late-bound by serviceID through the service table).
+
+        ``kind="datagram"``: a connected datagram flow instead, returned as a
+        :class:`~pyserval.runtime.datagram_streams.ServalDatagramStream`.
+        """
         from .streams import ServalConnectError, ServalStream
 
+        datagram = _datagram_kind(kind)
         core = self._require_core()
-        conn = core.connect(service, self._now())
+        conn = core.connect(service, self._now(), datagram=datagram)
         self.schedule_flush()
         limit = self.config.connect_timeout if timeout is None else timeout
         try:
@@ -800,6 +815,10 @@ class Host:
             raise ServalConnectError(
                 f"cannot connect to service {service!s}: {conn.error or 'closed'}"
             )
+        if isinstance(conn, DatagramConnection):
+            from .datagram_streams import ServalDatagramStream
+
+            return ServalDatagramStream(self, conn)
         return ServalStream(self, conn)
 
     async def listen(
@@ -810,25 +829,33 @@ class Host:
         weight: int = 1,
         priority: int = 0,
         key: ServiceKey | None = None,
+        kind: str = "stream",
     ) -> Any:
         """Accept streams to ``service``: returns a listener to ``async for`` or ``serve``.
 
         With a router, the service is registered there with this instance's ``weight`` and
         ``priority``; ``key`` signs the registration of a self-certifying serviceID.
+        ``kind="datagram"``: accept connected datagram flows instead (a
+        :class:`~pyserval.runtime.datagram_streams.ServalDatagramListener`).
         """
         from .streams import ServalListener
 
+        datagram = _datagram_kind(kind)
         core = self._require_core()
         sid = as_service_id(service)
         if key is not None and not key.verify(sid):
             raise ValueError(f"key {key.public_key.raw.hex()} does not certify {sid.hex}")
-        listener = core.listen(sid, backlog)
+        listener = core.listen(sid, backlog, datagram=datagram)
         self._listener_waiters[listener.listener_id] = asyncio.Event()
         try:
             self._register(listener, sid, weight, priority, key)
         except ValueError:
             core.close_listener(listener, self._now())
             raise
+        if datagram:
+            from .datagram_streams import ServalDatagramListener
+
+            return ServalDatagramListener(self, listener)
         return ServalListener(self, listener)
 
     async def wait_incoming(self, listener: Listener) -> Connection | None:

@@ -1317,9 +1317,6 @@ class Connection:
         elif tcp is None or not tcp.flags & TcpFlags.ACK or tcp.ack != (sf.iss + 1) & MASK32:
             return False  # only a TCP ACK of our SYN stands in for a lost third ACK
         sf.control.complete()
-        # The SYN-ACK's retries were cut for half-open state (a minute at most, none for
-        # an unproven path); the proven flow gets the full budget back.
-        sf.control.max_retries = sf.control.timers.max_retries
         if ctl is not None:  # only the third ACK itself: data standing in for it came later
             sf.handshake_sample(now)
         self.state = State.ESTABLISHED
