@@ -15,6 +15,7 @@ from .control import (
     format_table,
 )
 from .naming import FlowID, ServiceID, ServiceKey, ServicePrefix, ServicePublicKey
+from .naming.delegation import Delegation
 from .runtime import (
     Host,
     HostConfig,
@@ -31,6 +32,7 @@ from .runtime import (
     start_server,
 )
 from .runtime.host import install_controller_factory
+from .runtime.secure import SecureListener, SecureStream, SecurityReason, ServalSecurityError
 from .runtime.service_events import ServiceEvent, ServiceEventKind
 from .translator import Translator
 from .transport.config import StreamConfig
@@ -41,12 +43,17 @@ install_controller_factory(HostServiceController)
 __version__ = "0.1.0"
 
 __all__ = [
+    "Delegation",
     "FlowID",
     "Host",
     "HostConfig",
     "Router",
     "ServalConnectError",
     "ServalMigrationError",
+    "ServalSecurityError",
+    "SecureListener",
+    "SecureStream",
+    "SecurityReason",
     "ServalListener",
     "ServalSocket",
     "ServalStream",

@@ -16,6 +16,8 @@ import functools
 import ipaddress
 import os
 import socket
+import ssl
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -24,6 +26,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..core.host import DatagramEndpoint, HostCore, Listener
+from ..naming.delegation import Delegation
 from ..naming.keys import ServiceKey
 from ..naming.service_id import ServiceID, ServiceLike, as_service_id, as_service_prefix
 from ..sal.service_table import Rule, ServiceTable
@@ -772,12 +775,34 @@ class Host:
         await self._waiters.wait_for(conn.conn_id, lambda: ready() or self._closed)
 
     # -- application API ----------------------------------------------------------------
-    async def connect(self, service: ServiceLike, *, timeout: float | None = None) -> Any:
-        """Open a stream to ``service`` (late-bound by serviceID through the service table)."""
+    async def connect(
+        self,
+        service: ServiceLike,
+        *,
+        timeout: float | None = None,
+        secure: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> Any:
+        """Open a stream to ``service`` (late-bound by serviceID through the service table).
+
+        ``secure=True``: a TLS 1.3 :class:`~pyserval.runtime.secure.SecureStream`, returned
+        only once the server proved ``service`` (a self-certifying ID) with its key or a
+        delegation; else :class:`~pyserval.runtime.secure.ServalSecurityError`. With
+        ``ssl_context`` too, that context's own checks (your PKI) replace the serviceID
+        check. ``timeout`` covers the handshake.
+        """
         from .streams import ServalConnectError, ServalStream
 
         core = self._require_core()
-        conn = core.connect(service, self._now())
+        sid: ServiceID | None = None
+        if ssl_context is not None and not secure:
+            raise ValueError("ssl_context= is for secure=True")
+        if secure:
+            from .secure import check_securable
+
+            sid = as_service_id(service) if ssl_context is not None else check_securable(service)
+        start = self._now()
+        conn = core.connect(service, start)
         self.schedule_flush()
         limit = self.config.connect_timeout if timeout is None else timeout
         try:
@@ -793,7 +818,13 @@ class Host:
             raise ServalConnectError(
                 f"cannot connect to service {service!s}: {conn.error or 'closed'}"
             )
-        return ServalStream(self, conn)
+        stream = ServalStream(self, conn)
+        if sid is None:
+            return stream
+        from .secure import secure_client
+
+        left = max(limit - (self._now() - start), 0.001)
+        return await secure_client(stream, sid, ssl_context=ssl_context, timeout=left)
 
     async def listen(
         self,
@@ -803,26 +834,54 @@ class Host:
         weight: int = 1,
         priority: int = 0,
         key: ServiceKey | None = None,
+        secure: bool = False,
+        delegation: Delegation | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> Any:
         """Accept streams to ``service``: returns a listener to ``async for`` or ``serve``.
 
         With a router, the service is registered there with this instance's ``weight`` and
         ``priority``; ``key`` signs the registration of a self-certifying serviceID.
+
+        ``secure=True``: TLS 1.3 (a :class:`~pyserval.runtime.secure.SecureListener`) with
+        a certificate for ``key``, the service key. A replica without the service key passes
+        its own instance key as ``key`` and the service key's ``delegation`` of it (its
+        registration then goes unsigned: routers cannot check delegations yet). With
+        ``ssl_context`` too, that context (your own certificates) is served instead.
         """
         from .streams import ServalListener
 
         core = self._require_core()
         sid = as_service_id(service)
-        if key is not None and not key.verify(sid):
-            raise ValueError(f"key {key.public_key.raw.hex()} does not certify {sid.hex}")
+        if (delegation is not None or ssl_context is not None) and not secure:
+            raise ValueError("delegation= and ssl_context= are for secure=True")
+        register_key = key if delegation is None else None
+        if register_key is not None and not register_key.verify(sid):
+            raise ValueError(f"key {register_key.public_key.raw.hex()} does not certify {sid.hex}")
+        context = ssl_context
+        if secure and context is None:
+            from .secure import server_context
+
+            if key is None:
+                raise ValueError(
+                    "secure=True needs key= (the service key, or an instance key "
+                    "with delegation=), or ssl_context="
+                )
+            if delegation is not None:
+                delegation.check(sid, key.public_key, time.time())  # refuse a stale one now
+            context = server_context(key, delegation)
         listener = core.listen(sid, backlog)
         self._listener_waiters[listener.listener_id] = asyncio.Event()
         try:
-            self._register(listener, sid, weight, priority, key)
+            self._register(listener, sid, weight, priority, register_key)
         except ValueError:
             core.close_listener(listener, self._now())
             raise
-        return ServalListener(self, listener)
+        if context is None:
+            return ServalListener(self, listener)
+        from .secure import SecureListener
+
+        return SecureListener(ServalListener(self, listener), context, backlog=backlog)
 
     async def wait_incoming(self, listener: Listener) -> Connection | None:
         """The next established connection of ``listener`` (None once closed)."""
