@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -113,22 +114,24 @@ def test_a_secure_inbound_translator_refuses_a_plaintext_service(
 
         server = await asyncio.start_server(echo, "127.0.0.1", 0)
         tcp = server.sockets[0].getsockname()
-        async with server:
-            async with Translator(f"service:{sid.hex}", f"tcp:{text(tcp)}") as plain_out:
-                inb = Translator(
-                    "tcp:127.0.0.1:0",
-                    f"service:{sid.hex}",
-                    routes={sid.hex: text(plain_out.serval_addresses[0])},
-                    secure=True,
-                )
-                async with inb:
-                    assert inb.tcp_address is not None
-                    reader, writer = await asyncio.open_connection(*inb.tcp_address)
-                    writer.write(b"not for a plaintext service")
-                    with contextlib.suppress(ConnectionResetError):
-                        assert await asyncio.wait_for(reader.read(), STEP) == b""
-                    writer.close()
-                    assert inb.stats.failed == 1
+        async with (
+            server,
+            Translator(f"service:{sid.hex}", f"tcp:{text(tcp)}") as plain_out,
+        ):
+            inb = Translator(
+                "tcp:127.0.0.1:0",
+                f"service:{sid.hex}",
+                routes={sid.hex: text(plain_out.serval_addresses[0])},
+                secure=True,
+            )
+            async with inb:
+                assert inb.tcp_address is not None
+                reader, writer = await asyncio.open_connection(*inb.tcp_address)
+                writer.write(b"not for a plaintext service")
+                with contextlib.suppress(ConnectionResetError):
+                    assert await asyncio.wait_for(reader.read(), STEP) == b""
+                writer.close()
+                assert inb.stats.failed == 1
 
     with caplog.at_level(logging.WARNING, logger="pyserval.translator"):
         asyncio.run(main())
@@ -161,7 +164,7 @@ def test_cli_keys_and_a_secure_echo_with_a_delegated_key(tmp_path: os.PathLike[s
     assert made.returncode == 0, made.stderr
     sid_hex = made.stdout.strip()
     assert os.stat(service_file).st_mode & 0o777 == 0o600
-    service = ServiceKey.from_private_bytes(bytes.fromhex(open(service_file).read()))
+    service = ServiceKey.from_private_bytes(bytes.fromhex(Path(service_file).read_text()))
     assert service.service_id("0a0b/16").hex == sid_hex  # the file holds the printed ID's key
     assert _cli("key", "new", instance_file).returncode == 0
     done = _cli(
@@ -177,7 +180,7 @@ def test_cli_keys_and_a_secure_echo_with_a_delegated_key(tmp_path: os.PathLike[s
         delegation_file,
     )
     assert done.returncode == 0, done.stderr
-    instance = ServiceKey.from_private_bytes(bytes.fromhex(open(instance_file).read()))
+    instance = ServiceKey.from_private_bytes(bytes.fromhex(Path(instance_file).read_text()))
 
     refused = _cli("echo", "--secure", "--key-file", service_file)  # --service defaults to a name
     assert refused.returncode == 2 and "is a name" in refused.stderr
