@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import anyio
 
@@ -63,11 +64,18 @@ async def _serve(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """Serve until interrupted (then unregister and close cleanly)."""
     try:
+        key, delegation = secure_settings(args)  # unreadable files: say so before starting
         if args.secure:
-            check_securable(args.service)
-            if not args.key_file:
+            sid = check_securable(args.service)
+            if key is None:
                 raise ValueError("--secure needs --key-file")
-        secure_settings(args)  # unreadable files: say so before starting
+            if delegation is not None:
+                delegation.check(sid, key.public_key, time.time())
+            elif not key.verify(sid):
+                raise ValueError(
+                    f"the key in {args.key_file} does not certify {sid.hex} "
+                    "(an instance key needs --delegation-file)"
+                )
     except (ValueError, ServalSecurityError) as exc:
         print(f"pyserval echo: {exc}", file=sys.stderr)
         return 2
