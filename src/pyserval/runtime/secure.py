@@ -318,6 +318,10 @@ class SecureStream(TLSStream):
     direction on its own, RFC 8446 6.1: close_notify, then the Serval FIN; the peer may go
     on sending); ``aclose`` sends close_notify and the FIN without waiting for the peer's
     (which may never come); TLS errors after the handshake are ``BrokenResourceError``.
+
+    One task may send while another receives (the translator's relay does): with no
+    session tickets and no key updates, reading never produces records to send, so the two
+    never write to the Serval stream at once. Two tasks sending at once are not supported.
     """
 
     peer: PeerIdentity | None = field(default=None, init=False)
@@ -372,9 +376,20 @@ class SecureStream(TLSStream):
         """The peer's flowID of the (first) subflow."""
         return self.serval.remote_flowid
 
+    @property
+    def paths(self) -> list[tuple[Address, Address | None]]:
+        """(local, remote) address pair of each subflow."""
+        return self.serval.paths
+
     async def migrate(self, local_address: str | Address, *, timeout: float = 10.0) -> None:
         """Move the flow to another interface (see :meth:`ServalStream.migrate`)."""
         await self.serval.migrate(local_address, timeout=timeout)
+
+    async def add_path(
+        self, local_address: str | Address, remote_address: str | Address, *, timeout: float = 10.0
+    ) -> None:
+        """Open another subflow (see :meth:`ServalStream.add_path`)."""
+        await self.serval.add_path(local_address, remote_address, timeout=timeout)
 
     # -- anyio.abc.ByteStream ------------------------------------------------------------
     async def receive(self, max_bytes: int = 65536) -> bytes:
