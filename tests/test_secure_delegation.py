@@ -1,18 +1,23 @@
 """Delegations and certificates without any network: the 149-byte layout the module
-docstring specifies, every way a delegation is refused, and that the installed OpenSSL
-really does TLS 1.3 with the Ed25519 certificates we make (memory BIOs, no sockets)."""
+docstring specifies, every way a delegation is refused, that the installed OpenSSL really
+does TLS 1.3 with the Ed25519 certificates we make (memory BIOs), and that it refuses a
+server whose CertificateVerify is not by its certificate's key even though the client
+context verifies no certificate (a rogue server built with tlslite-ng, over a socketpair)."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import socket
 import ssl
 import struct
+import threading
+from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from pyserval.naming import Delegation, DelegationProblem, InvalidDelegation, ServiceKey
 from pyserval.runtime.secure import (
@@ -155,3 +160,53 @@ def test_names_cannot_be_secured_but_hex_ids_can() -> None:
     assert "ssl_context" in str(info.value)
     sid = ServiceKey.generate().service_id()
     assert check_securable(sid.hex) == sid and check_securable(sid) == sid
+
+
+def _rogue_server(cert_key: ServiceKey, signing_key: ServiceKey) -> tuple[socket.socket, Any]:
+    """A TLS 1.3 server (tlslite-ng, pure Python, which does not check that its key matches
+    its certificate) presenting ``cert_key``'s certificate and signing CertificateVerify
+    with ``signing_key``; returns the client's socket and the server's thread."""
+    tlslite = pytest.importorskip("tlslite.api")
+    private = Ed25519PrivateKey.from_private_bytes(signing_key.private_bytes()).private_bytes(
+        Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()
+    )
+    chain = tlslite.X509CertChain(
+        [tlslite.X509().parse(certificate_for(cert_key).public_bytes(Encoding.PEM).decode())]
+    )
+    key = tlslite.parsePEMKey(private.decode(), private=True, implementations=["python"])
+    server_sock, client_sock = socket.socketpair()
+    for s in (server_sock, client_sock):
+        s.settimeout(10)
+
+    def serve() -> None:
+        settings = tlslite.HandshakeSettings()
+        settings.minVersion = settings.maxVersion = (3, 4)  # TLS 1.3
+        conn = tlslite.TLSConnection(server_sock)
+        with contextlib.suppress(Exception):  # the client's alert ends it when refused
+            conn.handshakeServer(certChain=chain, privateKey=key, settings=settings)
+            conn.write(b"hello")
+        server_sock.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return client_sock, thread
+
+
+def test_openssl_refuses_a_certificate_verify_not_made_with_the_certificates_key() -> None:
+    """The soundness of checking after the handshake rests on this: even with CERT_NONE,
+    the handshake fails unless the server signs with the key in its certificate."""
+    service, other = ServiceKey.generate(), ServiceKey.generate()
+    sid = service.service_id()
+    # The harness itself works: the same rogue server with the right key is accepted.
+    sock, thread = _rogue_server(service, service)
+    with client_context().wrap_socket(sock) as tls:
+        assert tls.version() == "TLSv1.3"
+        assert check_peer(tls.getpeercert(True), sid, NOW).key == service.public_key
+        assert tls.recv(5) == b"hello"
+    thread.join(10)
+    # The service's certificate, CertificateVerify signed by another key: refused.
+    sock, thread = _rogue_server(service, other)
+    with pytest.raises(ssl.SSLError, match="BAD_SIGNATURE"):
+        client_context().wrap_socket(sock)
+    sock.close()
+    thread.join(10)
