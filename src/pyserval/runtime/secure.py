@@ -26,7 +26,9 @@ completed TLS 1.3 handshake already guarantees whatever the verify mode (RFC 844
 * the Finished messages confirm both sides saw the same transcript, and the traffic keys
   come from the (EC)DHE exchange that transcript contains.
 
-So after the handshake the certificate's public key is proven to belong to whoever holds
+(``tests/test_secure_delegation.py`` shows the installed OpenSSL refusing, under this very
+client context, a server that presents a certificate but signs with another key.) So after
+the handshake the certificate's public key is proven to belong to whoever holds
 the session keys. What remains is exactly the question a CA would answer -- may this key
 speak for the name? -- and :func:`check_peer` answers it from the serviceID itself: the
 key's hash is the ID's low 160 bits, or the certificate carries a delegation, signed by a
@@ -80,6 +82,7 @@ from .streams import ServalConnectError, ServalListener, ServalStream
 
 __all__ = [
     "DELEGATION_OID",
+    "HandshakeFailure",
     "PeerIdentity",
     "SecureListener",
     "SecureStream",
@@ -117,6 +120,15 @@ class SecurityReason(enum.Enum):
     DELEGATION_WRONG_INSTANCE = "delegation_wrong_instance"
     DELEGATION_NOT_YET_VALID = "delegation_not_yet_valid"
     DELEGATION_EXPIRED = "delegation_expired"
+
+
+class HandshakeFailure(enum.Enum):
+    """How a server-side handshake failed (the keys of ``SecureListener.failures``)."""
+
+    TIMEOUT = "timeout"  # no complete handshake within handshake_timeout
+    TLS_ERROR = "tls_error"  # not TLS 1.3 (a plaintext client), or a TLS alert
+    PEER_CLOSED = "peer_closed"  # the client reset or closed mid-handshake
+    OTHER = "other"
 
 
 _BY_PROBLEM: Final = {
@@ -494,7 +506,7 @@ class SecureListener:
     Handshakes run concurrently in the background, at most ``backlog`` at a time (together
     with the finished ones not yet accepted), each limited to ``handshake_timeout``
     seconds, so a slow or silent client holds up nobody. Failed handshakes are counted by
-    kind in ``failures`` and their streams reset.
+    :class:`HandshakeFailure` in ``failures`` and their streams reset.
     """
 
     def __init__(
@@ -508,7 +520,7 @@ class SecureListener:
         self._listener = listener
         self._context = context
         self.handshake_timeout = handshake_timeout
-        self.failures: collections.Counter[str] = collections.Counter()
+        self.failures: collections.Counter[HandshakeFailure] = collections.Counter()
         self._ready: collections.deque[SecureStream] = collections.deque()
         self._slots = asyncio.Semaphore(max(1, backlog))
         self._wake = asyncio.Event()
@@ -556,8 +568,7 @@ class SecureListener:
             else:
                 await tls.abort()
         except Exception as exc:  # a failed handshake costs this stream, nothing else
-            kind = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
-            self.failures[kind] += 1
+            self.failures[_failure(exc)] += 1
             LOGGER.debug("handshake on %s failed: %r", self.service_id.hex, exc)
             await raw.abort()
         except BaseException:
@@ -608,6 +619,16 @@ class SecureListener:
         while self._ready:
             await self._ready.popleft().abort()
         self._wake.set()
+
+
+def _failure(exc: Exception) -> HandshakeFailure:
+    if isinstance(exc, TimeoutError):
+        return HandshakeFailure.TIMEOUT
+    if isinstance(exc, ssl.SSLError) or isinstance(exc.__cause__, ssl.SSLError):
+        return HandshakeFailure.TLS_ERROR
+    if isinstance(exc, anyio.BrokenResourceError | anyio.EndOfStream | anyio.ClosedResourceError):
+        return HandshakeFailure.PEER_CLOSED
+    return HandshakeFailure.OTHER
 
 
 async def _run_handler(
