@@ -36,7 +36,9 @@ key whose hash is, naming this key, valid now. The certificate's own signature, 
 and its validity dates are deliberately ignored: they prove nothing here. Things that would
 make the late check unsound are switched off: TLS below 1.3 (no CertificateVerify of this
 kind; refused), session resumption (no certificate in a resumed handshake; servers issue no
-tickets and clients offer none), and 0-RTT data (never enabled).
+tickets and clients offer none), and 0-RTT data (never enabled). Data a server sends right
+after its Finished (TLS 1.3 allows it) waits in the TLS buffer: the stream reaches the
+application only after the check.
 
 The server does not authenticate the client (TLS without client certificates), just as a
 web server does not: the channel proves the service to the client.
