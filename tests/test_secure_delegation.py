@@ -19,7 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from pyserval.naming import Delegation, DelegationProblem, InvalidDelegation, ServiceKey
+from pyserval.naming import ServiceKey
+from pyserval.naming.delegation import Delegation, DelegationProblem, InvalidDelegation
 from pyserval.runtime.secure import (
     DELEGATION_OID,
     SecurityReason,

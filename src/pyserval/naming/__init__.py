@@ -1,6 +1,5 @@
 """Names in Serval: serviceIDs (and prefixes of them), self-certifying keys, flowIDs."""
 
-from .delegation import Delegation, DelegationProblem, InvalidDelegation
 from .flow_id import FLOW_ID_MAX, FlowID, FlowIDsExhausted, InvalidFlowID, allocate_flow_id
 from .keys import NotCertified, ServiceKey, ServicePublicKey, key_hash
 from .service_id import (
@@ -15,9 +14,6 @@ from .service_id import (
 )
 
 __all__ = [
-    "Delegation",
-    "DelegationProblem",
-    "InvalidDelegation",
     "FLOW_ID_MAX",
     "FlowID",
     "FlowIDsExhausted",
