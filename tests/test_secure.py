@@ -461,3 +461,26 @@ def test_secure_without_a_check_is_an_error_and_a_custom_context_is_used_as_give
                 assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
 
     asyncio.run(main())
+
+
+def test_a_stream_cut_without_close_notify_reads_as_broken_not_complete() -> None:
+    """A Serval FIN is not authenticated: an end of stream without the peer's close_notify
+    must not pass a truncated stream off as complete."""
+
+    async def main() -> None:
+        key = ServiceKey.generate()
+        sid = key.service_id("0a0b/16")
+
+        async def cut(stream: SecureStream) -> None:
+            await stream.send(b"partial")
+            await stream.serval.send_eof()  # the FIN alone, as an attacker could inject
+
+        async with hosts(2) as (server, client):
+            client.add_route(sid.hex, text(server.addresses[0]))
+            async with serving(await server.listen(sid, key=key, secure=True), cut):
+                stream = await client.connect(sid, secure=True, timeout=STEP)
+                assert await stream.receive() == b"partial"
+                with pytest.raises(anyio.BrokenResourceError):
+                    await asyncio.wait_for(stream.receive(), STEP)
+
+    asyncio.run(main())

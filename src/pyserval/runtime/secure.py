@@ -79,7 +79,7 @@ from cryptography.x509.oid import NameOID
 from ..naming.delegation import Delegation, DelegationProblem, InvalidDelegation
 from ..naming.keys import ServiceKey, ServicePublicKey
 from ..naming.service_id import ServiceID, ServiceLike, as_service_id
-from ..transport.connection import Connection
+from ..transport.connection import Connection, ConnectionError_
 from .streams import ServalConnectError, ServalListener, ServalStream
 
 __all__ = [
@@ -448,8 +448,9 @@ class SecureStream(TLSStream):
         """Send close_notify (unless sent) and close the Serval stream; does not wait for
         the peer's close_notify."""
         closed = (ssl.SSLError, anyio.BrokenResourceError, anyio.ClosedResourceError)
-        with contextlib.suppress(*closed):
-            await self._send_close_notify()
+        if self.connection.fin_offset is None:  # else our FIN went already: nothing to add
+            with contextlib.suppress(*closed, ConnectionError_):
+                await self._send_close_notify()
         await self.serval.aclose()
 
     async def abort(self) -> None:
