@@ -184,6 +184,10 @@ def test_cli_keys_and_a_secure_echo_with_a_delegated_key(tmp_path: os.PathLike[s
 
     refused = _cli("echo", "--secure", "--key-file", service_file)  # --service defaults to a name
     assert refused.returncode == 2 and "is a name" in refused.stderr
+    refused = _cli("echo", "--secure", "--key-file", instance_file, "--service", sid_hex)
+    assert refused.returncode == 2 and "needs --delegation-file" in refused.stderr
+    refused = _cli("translate", "--secure", "--from", "tcp:127.0.0.1:0", "--to", "service:web")
+    assert refused.returncode == 2 and "is a name" in refused.stderr
 
     argv = ["-m", "pyserval", "echo", "--service", sid_hex, "--secure"]
     argv += ["--key-file", instance_file, "--delegation-file", delegation_file]
