@@ -15,6 +15,7 @@ from .control import (
     format_table,
 )
 from .naming import FlowID, ServiceID, ServiceKey, ServicePrefix, ServicePublicKey
+from .naming.delegation import Delegation
 from .runtime import (
     Host,
     HostConfig,
@@ -33,6 +34,7 @@ from .runtime import (
     start_server,
 )
 from .runtime.host import install_controller_factory
+from .runtime.secure import SecureListener, SecureStream, SecurityReason, ServalSecurityError
 from .runtime.service_events import ServiceEvent, ServiceEventKind
 from .translator import Translator
 from .transport.config import StreamConfig
@@ -43,6 +45,7 @@ install_controller_factory(HostServiceController)
 __version__ = "0.1.0"
 
 __all__ = [
+    "Delegation",
     "FlowID",
     "Host",
     "HostConfig",
@@ -51,6 +54,10 @@ __all__ = [
     "ServalDatagramListener",
     "ServalDatagramStream",
     "ServalMigrationError",
+    "ServalSecurityError",
+    "SecureListener",
+    "SecureStream",
+    "SecurityReason",
     "ServalListener",
     "ServalSocket",
     "ServalStream",

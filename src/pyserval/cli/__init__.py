@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from . import decode, demo, echo, router, table, tour, translate
+from . import decode, demo, echo, key, router, table, tour, translate
 
 __all__ = ["main"]
 
@@ -21,6 +21,7 @@ _COMMANDS: dict[
     "tour": (tour.add_arguments, tour.run, "the sans-I/O parts at work (simulated network)"),
     "decode": (decode.add_arguments, decode.run, "decode SAL packets given in hex"),
     "translate": (translate.add_arguments, translate.run, "translate between TCP and Serval"),
+    "key": (key.add_arguments, key.run, "make service keys and delegations for --secure"),
 }
 
 

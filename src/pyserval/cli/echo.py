@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 
 import anyio
 
 from ..control import enable_inspection
 from ..runtime import Host, ServalStream
+from ..runtime.secure import SecureStream, ServalSecurityError, check_securable
 from .common import run_until_signal
+from .secure_args import add_secure_arguments, secure_settings
 
 __all__ = ["add_arguments", "run", "serve_echo"]
 
@@ -25,9 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--inspect", action="store_true", help="answer `pyserval table` about this host"
     )
+    add_secure_arguments(parser, serving="with --secure")
 
 
-async def serve_echo(stream: ServalStream) -> None:
+async def serve_echo(stream: ServalStream | SecureStream) -> None:
     """Send back everything received, then end the stream."""
     try:
         while True:
@@ -37,16 +42,41 @@ async def serve_echo(stream: ServalStream) -> None:
 
 
 async def _serve(args: argparse.Namespace) -> None:
+    key, delegation = secure_settings(args)
     host = Host([args.listen], router=args.router, broadcast=args.broadcast)
     async with host:
         if args.inspect:
             enable_inspection(host)
-        listener = await host.listen(args.service, weight=args.weight, priority=args.priority)
+        listener = await host.listen(
+            args.service,
+            weight=args.weight,
+            priority=args.priority,
+            key=key,
+            secure=args.secure,
+            delegation=delegation,
+        )
         addr = "{}:{}".format(*host.addresses[0])
-        print(f"echo {args.name} serving {args.service} at {addr}", flush=True)
+        secure = " (secure)" if args.secure else ""
+        print(f"echo {args.name} serving {args.service} at {addr}{secure}", flush=True)
         await listener.serve(serve_echo)
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until interrupted (then unregister and close cleanly)."""
+    try:
+        key, delegation = secure_settings(args)  # unreadable files: say so before starting
+        if args.secure:
+            sid = check_securable(args.service)
+            if key is None:
+                raise ValueError("--secure needs --key-file")
+            if delegation is not None:
+                delegation.check(sid, key.public_key, time.time())
+            elif not key.verify(sid):
+                raise ValueError(
+                    f"the key in {args.key_file} does not certify {sid.hex} "
+                    "(an instance key needs --delegation-file)"
+                )
+    except (ValueError, ServalSecurityError) as exc:
+        print(f"pyserval echo: {exc}", file=sys.stderr)
+        return 2
     return run_until_signal(_serve(args))

@@ -16,6 +16,8 @@ import functools
 import ipaddress
 import os
 import socket
+import ssl
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -24,6 +26,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..core.host import DatagramEndpoint, HostCore, Listener
+from ..naming.delegation import Delegation
 from ..naming.keys import ServiceKey
 from ..naming.service_id import ServiceID, ServiceLike, as_service_id, as_service_prefix
 from ..sal.service_table import Rule, ServiceTable
@@ -781,18 +784,40 @@ class Host:
 
     # -- application API ----------------------------------------------------------------
     async def connect(
-        self, service: ServiceLike, *, timeout: float | None = None, kind: str = "stream"
+        self,
+        service: ServiceLike,
+        *,
+        timeout: float | None = None,
+        kind: str = "stream",
+        secure: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> Any:
         """Open a stream to ``service`` (late-bound by serviceID through the service table).
 
         ``kind="datagram"``: a connected datagram flow instead, returned as a
         :class:`~pyserval.runtime.datagram_streams.ServalDatagramStream`.
+
+        ``secure=True``: a TLS 1.3 :class:`~pyserval.runtime.secure.SecureStream`, returned
+        only once the server proved ``service`` (a self-certifying ID) with its key or a
+        delegation; else :class:`~pyserval.runtime.secure.ServalSecurityError`. With
+        ``ssl_context`` too, that context's own checks (your PKI) replace the serviceID
+        check. ``timeout`` covers the handshake.
         """
         from .streams import ServalConnectError, ServalStream
 
         datagram = _datagram_kind(kind)
         core = self._require_core()
-        conn = core.connect(service, self._now(), datagram=datagram)
+        sid: ServiceID | None = None
+        if ssl_context is not None and not secure:
+            raise ValueError("ssl_context= is for secure=True")
+        if secure and datagram:
+            raise ValueError("secure=True is for streams, not kind='datagram'")
+        if secure:
+            from .secure import check_securable
+
+            sid = as_service_id(service) if ssl_context is not None else check_securable(service)
+        start = self._now()
+        conn = core.connect(service, start, datagram=datagram)
         self.schedule_flush()
         limit = self.config.connect_timeout if timeout is None else timeout
         try:
@@ -819,7 +844,13 @@ class Host:
             from .datagram_streams import ServalDatagramStream
 
             return ServalDatagramStream(self, conn)
-        return ServalStream(self, conn)
+        stream = ServalStream(self, conn)
+        if sid is None:
+            return stream
+        from .secure import secure_client
+
+        left = max(limit - (self._now() - start), 0.001)
+        return await secure_client(stream, sid, ssl_context=ssl_context, timeout=left)
 
     async def listen(
         self,
@@ -830,6 +861,9 @@ class Host:
         priority: int = 0,
         key: ServiceKey | None = None,
         kind: str = "stream",
+        secure: bool = False,
+        delegation: Delegation | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> Any:
         """Accept streams to ``service``: returns a listener to ``async for`` or ``serve``.
 
@@ -837,18 +871,41 @@ class Host:
         ``priority``; ``key`` signs the registration of a self-certifying serviceID.
         ``kind="datagram"``: accept connected datagram flows instead (a
         :class:`~pyserval.runtime.datagram_streams.ServalDatagramListener`).
+
+        ``secure=True``: TLS 1.3 (a :class:`~pyserval.runtime.secure.SecureListener`) with
+        a certificate for ``key``, the service key. A replica without the service key passes
+        its own instance key as ``key`` and the service key's ``delegation`` of it (its
+        registration then goes unsigned: routers cannot check delegations yet). With
+        ``ssl_context`` too, that context (your own certificates) is served instead.
         """
         from .streams import ServalListener
 
         datagram = _datagram_kind(kind)
         core = self._require_core()
         sid = as_service_id(service)
-        if key is not None and not key.verify(sid):
-            raise ValueError(f"key {key.public_key.raw.hex()} does not certify {sid.hex}")
+        if (delegation is not None or ssl_context is not None) and not secure:
+            raise ValueError("delegation= and ssl_context= are for secure=True")
+        if secure and datagram:
+            raise ValueError("secure=True is for streams, not kind='datagram'")
+        register_key = key if delegation is None else None
+        if register_key is not None and not register_key.verify(sid):
+            raise ValueError(f"key {register_key.public_key.raw.hex()} does not certify {sid.hex}")
+        context = ssl_context
+        if secure and context is None:
+            from .secure import server_context
+
+            if key is None:
+                raise ValueError(
+                    "secure=True needs key= (the service key, or an instance key "
+                    "with delegation=), or ssl_context="
+                )
+            if delegation is not None:
+                delegation.check(sid, key.public_key, time.time())  # refuse a stale one now
+            context = server_context(key, delegation)
         listener = core.listen(sid, backlog, datagram=datagram)
         self._listener_waiters[listener.listener_id] = asyncio.Event()
         try:
-            self._register(listener, sid, weight, priority, key)
+            self._register(listener, sid, weight, priority, register_key)
         except ValueError:
             core.close_listener(listener, self._now())
             raise
@@ -856,7 +913,11 @@ class Host:
             from .datagram_streams import ServalDatagramListener
 
             return ServalDatagramListener(self, listener)
-        return ServalListener(self, listener)
+        if context is None:
+            return ServalListener(self, listener)
+        from .secure import SecureListener
+
+        return SecureListener(ServalListener(self, listener), context, backlog=backlog)
 
     async def wait_incoming(self, listener: Listener) -> Connection | None:
         """The next established connection of ``listener`` (None once closed)."""
