@@ -676,6 +676,7 @@ def test_stream_data_bypasses_the_router(cluster: Cluster) -> None:
 # -- 7. a registration flood ------------------------------------------------------------------
 
 
+@pytest.mark.serial
 def test_a_registration_flood_from_one_address_starves_nobody(cluster: Cluster) -> None:
     """One address sends 3,000 registrations in about 2 s to a router that remembers 2,000
     nonces: it runs into its own share (200), while a live replica's refreshes and a new

@@ -18,7 +18,7 @@ from .helpers.processes import ROOT
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import syn_flood
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.slow, pytest.mark.serial, pytest.mark.timeout(120)]
 
 
 @pytest.mark.parametrize("via", ["direct", "router"])
