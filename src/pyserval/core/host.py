@@ -66,7 +66,7 @@ from ..transport.events import (
     IncomingConnection,
     SendSpaceAvailable,
 )
-from ..transport.migration import CHALLENGE, HELD_PACKETS
+from ..transport.migration import CHALLENGE, HELD_BYTES, HELD_PACKETS
 from ..transport.multipath import MAX_HALF_OPEN_JOINS, MAX_SUBFLOWS, join_proof, new_key
 from .ratelimit import TokenBucket
 from .syncookies import Cookie, SynCookies
@@ -949,6 +949,9 @@ class HostCore:
     ) -> None:
         """Build the server connection a valid cookie third ACK stands for."""
         flowid = cookie.flowid
+        if len(self.flows) >= self.flows.max_flows or flowid in self.flows:
+            self.drops["syn_cookie_no_room"] += 1
+            return
         conn = Connection(flowid, Role.SERVER, sid, self.config, self._emit)
         conn.wake = self._wake
         conn.listener_id = listener.listener_id
@@ -1263,11 +1266,17 @@ class HostCore:
             assert ch is not None
             ch.rx = size
             self.stats["rebinding_challenge"] += 1
-        if ch is not None and ch.candidate == src and len(ch.held) < HELD_PACKETS:
+        if (
+            ch is not None
+            and ch.candidate == src
+            and len(ch.held) < HELD_PACKETS
+            and ch.held_bytes + size <= HELD_BYTES
+        ):
             # Nothing from an unverified address changes the flow: the packet waits for the
             # address check (one round trip) and is taken only if the check succeeds.
             pkt.payload = bytes(pkt.payload)  # it was a view into the receive buffer
             ch.held.append(pkt)
+            ch.held_bytes += size
             self.stats["held_unverified"] += 1
         else:
             self.drops["not_peer_address"] += 1

@@ -32,6 +32,8 @@ __all__ = [
     "AMPLIFICATION_LIMIT",
     "CHALLENGE",
     "CHALLENGE_TRIES",
+    "HELD_BYTES",
+    "HELD_PACKETS",
     "Challenge",
     "MigrationState",
 ]
@@ -60,6 +62,7 @@ class MigrationState:
 
 
 HELD_PACKETS: Final = 32
+HELD_BYTES: Final = 65536  # what a flow keeps from an unverified address, at most
 
 
 @dataclass(slots=True)
@@ -76,6 +79,7 @@ class Challenge:
     # Packets from the candidate, held unprocessed until it proves to be the peer (they
     # change nothing before that), then taken in order: at most HELD_PACKETS of them.
     held: list[Any] = field(default_factory=list)
+    held_bytes: int = 0
 
     def may_send(self, size: int) -> bool:
         """Anti-amplification: whether ``size`` more bytes may go to the candidate."""
