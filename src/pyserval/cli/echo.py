@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--inspect", action="store_true", help="answer `pyserval table` about this host"
     )
+    parser.add_argument(
+        "--pcap", metavar="FILE", help="record every datagram sent and received in a pcap file"
+    )
 
 
 async def serve_echo(stream: ServalStream) -> None:
@@ -37,7 +40,7 @@ async def serve_echo(stream: ServalStream) -> None:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    host = Host([args.listen], router=args.router, broadcast=args.broadcast)
+    host = Host([args.listen], router=args.router, broadcast=args.broadcast, pcap=args.pcap)
     async with host:
         if args.inspect:
             enable_inspection(host)

@@ -52,7 +52,7 @@ Address = tuple[str, int]
 
 
 def _ip_checksum(header: bytes) -> int:
-    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
+    total: int = sum(struct.unpack(f"!{len(header) // 2}H", header))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -74,9 +74,8 @@ def ipv4_udp_frame(payload: bytes, src: Address, dst: Address, ident: int = 0) -
     """
     udp_len = min(8 + len(payload), 0xFFFF)
     total = min(20 + udp_len, 0xFFFF)
-    ip = _IPV4.pack(
-        0x45, 0, total, ident & 0xFFFF, 0x4000, _TTL, _IP_UDP, 0, _ip_bytes(src[0]), _ip_bytes(dst[0])
-    )
+    src_ip, dst_ip = _ip_bytes(src[0]), _ip_bytes(dst[0])
+    ip = _IPV4.pack(0x45, 0, total, ident & 0xFFFF, 0x4000, _TTL, _IP_UDP, 0, src_ip, dst_ip)
     ip = ip[:10] + _ip_checksum(ip).to_bytes(2, "big") + ip[12:]
     return ip + _UDP.pack(src[1] & 0xFFFF, dst[1] & 0xFFFF, udp_len, 0) + payload
 
