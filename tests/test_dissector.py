@@ -300,6 +300,22 @@ def test_pyserval_extensions_5_to_9_and_an_unknown_type(tmp_path: Path) -> None:
 
 
 @needs_tshark
+def test_unconnected_datagram_goes_to_wiresharks_udp(tmp_path: Path) -> None:
+    """base + SERVICE(destination) + SERVICE(source) + UDP (protocol 17), as the spec lays
+    out an unconnected datagram."""
+    path = tmp_path / "dgram.pcap"
+    dst_svc, src_svc = bytes(range(32)), bytes(range(32, 64))
+    exts = bytes([0x20, 36, 0, 0]) + dst_svc + bytes([0x20, 36, 0, 0]) + src_svc
+    payload = b"hello datagram"
+    udp = struct.pack("!HHHH", 0, 0, 8 + len(payload), 0) + payload
+    with PcapWriter(path) as w:
+        w.write(sal_packet(9, 0, exts, proto=17, payload=udp), CLIENT, SERVER)
+    [row] = fields(path, ["sal.protocol", "sal.svc.id", "udp.srcport", "udp.length", "data.data"])
+    # the outer UDP header first, then the one inside the SAL
+    assert row == ["17", f"{dst_svc.hex()},{src_svc.hex()}", "54324,0", "114,22", payload.hex()]
+
+
+@needs_tshark
 def test_heuristic_finds_sal_on_other_ports_and_leaves_other_udp_alone(tmp_path: Path) -> None:
     path = tmp_path / "heur.pcap"
     control = bytes([0x10, 20, 0x04, 0]) + struct.pack("!II", 7, 8) + bytes(8)
