@@ -17,6 +17,7 @@ of datagrams, so a killed process loses at most the batch in progress.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import struct
@@ -43,19 +44,11 @@ DEFAULT_MAX_BYTES: Final = 256 * 1024 * 1024
 
 _FILE_HEADER: Final = struct.Struct("<IHHiIII")
 _RECORD_HEADER: Final = struct.Struct("<IIII")
-_IPV4: Final = struct.Struct("!BBHHHBBH4s4s")
-_UDP: Final = struct.Struct("!HHHH")
+_IP_UDP_HEAD: Final = struct.Struct("!BBHHHBBH4s4sHHHH")  # IPv4 (20 bytes), UDP (8)
 _IP_UDP: Final = 17
 _TTL: Final = 64
 
 Address = tuple[str, int]
-
-
-def _ip_checksum(header: bytes) -> int:
-    total: int = sum(struct.unpack(f"!{len(header) // 2}H", header))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def _ip_bytes(ip: str) -> bytes:
@@ -63,6 +56,17 @@ def _ip_bytes(ip: str) -> bytes:
         return socket.inet_aton(ip)
     except OSError:
         return bytes(4)  # not IPv4 text: recorded as 0.0.0.0 rather than failing the host
+
+
+_FIXED_WORDS: Final = 0x4500 + 0x4000 + ((_TTL << 8) | _IP_UDP)  # version/IHL, DF, TTL/proto
+
+
+@functools.lru_cache(maxsize=1024)
+def _addresses(src_ip: str, dst_ip: str) -> tuple[bytes, bytes, int]:
+    """Both addresses packed, and their part of the header checksum (cached: a capture
+    sees few address pairs, and this is most of a frame's cost)."""
+    src, dst = _ip_bytes(src_ip), _ip_bytes(dst_ip)
+    return src, dst, sum(struct.unpack("!4H", src + dst)) + _FIXED_WORDS
 
 
 def ipv4_udp_frame(payload: bytes, src: Address, dst: Address, ident: int = 0) -> bytes:
@@ -74,10 +78,16 @@ def ipv4_udp_frame(payload: bytes, src: Address, dst: Address, ident: int = 0) -
     """
     udp_len = min(8 + len(payload), 0xFFFF)
     total = min(20 + udp_len, 0xFFFF)
-    src_ip, dst_ip = _ip_bytes(src[0]), _ip_bytes(dst[0])
-    ip = _IPV4.pack(0x45, 0, total, ident & 0xFFFF, 0x4000, _TTL, _IP_UDP, 0, src_ip, dst_ip)
-    ip = ip[:10] + _ip_checksum(ip).to_bytes(2, "big") + ip[12:]
-    return ip + _UDP.pack(src[1] & 0xFFFF, dst[1] & 0xFFFF, udp_len, 0) + payload
+    ident &= 0xFFFF
+    src_ip, dst_ip, partial = _addresses(src[0], dst[0])
+    check = partial + total + ident
+    check = (check & 0xFFFF) + (check >> 16)
+    check = ~((check & 0xFFFF) + (check >> 16)) & 0xFFFF
+    head = _IP_UDP_HEAD.pack(
+        0x45, 0, total, ident, 0x4000, _TTL, _IP_UDP, check, src_ip, dst_ip,
+        src[1] & 0xFFFF, dst[1] & 0xFFFF, udp_len, 0,
+    )  # fmt: skip
+    return head + payload
 
 
 class PcapWriter:
@@ -130,8 +140,7 @@ class PcapWriter:
         ts = time.time() if timestamp is None else timestamp
         sec = int(ts)
         usec = min(int((ts - sec) * 1_000_000), 999_999)
-        f.write(_RECORD_HEADER.pack(sec, usec, len(cap), len(frame)))
-        f.write(cap)
+        f.write(_RECORD_HEADER.pack(sec, usec, len(cap), len(frame)) + cap)
         self._size += 16 + len(cap)
         self.written += 1
 
