@@ -100,6 +100,9 @@ def test_application_error_is_a_500_and_the_server_keeps_serving() -> None:
     async def body(http: httpx.AsyncClient, _: pyserval.Host) -> None:
         r = await http.get("http://web.serval/boom")
         assert r.status_code == 500 and r.text == "Internal Server Error"
+        # half a response: the stream is reset, never ended as if the body were complete
+        with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
+            await http.get("http://web.serval/halfboom")
         assert (await http.get("http://web.serval/whoami")).status_code == 200
 
     run(body)
@@ -125,6 +128,28 @@ def test_names_that_are_not_serval_services_and_https_are_refused() -> None:
             await http.get("https://web.serval/")
         with pytest.raises(httpx.ConnectError):
             await http.get("http://nobody-serves-this.serval/", timeout=5)
+
+    run(body)
+
+
+def test_malformed_requests_get_h11s_error_status_and_the_listener_lives() -> None:
+    async def raw(client: pyserval.Host, request: bytes) -> bytes:
+        stream = await client.connect("web", timeout=10)
+        await stream.send(request)
+        got = b""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(10):
+                while True:
+                    got += await stream.receive()
+        await stream.aclose()
+        return got
+
+    async def body(http: httpx.AsyncClient, client: pyserval.Host) -> None:
+        garbage = await raw(client, b"NOT HTTP AT ALL\r\n\r\n")
+        assert garbage.startswith(b"HTTP/1.1 400 "), garbage
+        huge = await raw(client, b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+        assert huge.startswith(b"HTTP/1.1 431 "), huge  # headers past 64 KiB
+        assert (await http.get("http://web.serval/whoami")).status_code == 200
 
     run(body)
 

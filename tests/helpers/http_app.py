@@ -3,7 +3,7 @@
 - ``GET /whoami``: ``{"replica": $HTTP_APP_REPLICA, "pid": ..., "flowid": ...}``
 - ``POST /sha256``: reads the body as it streams, answers ``{"bytes": n, "sha256": hex}``
 - ``GET /download?n=BYTES``: streams :func:`pattern` bytes, 64 KiB per body message
-- ``GET /boom``: raises (the server answers 500)
+- ``GET /boom``: raises (the server answers 500); ``/halfboom`` raises half way through
 - ``GET /state``: what the lifespan startup put in the state
 """
 
@@ -102,6 +102,10 @@ async def app(
         await send({"type": "http.response.body", "body": b""})
     elif path == "/boom":
         raise RuntimeError("boom (on purpose)")
+    elif path == "/halfboom":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"partial", "more_body": True})
+        raise RuntimeError("boom half way (on purpose)")
     elif path == "/state":
         await _json(send, dict(scope["state"]))
     else:
