@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 import shutil
 import struct
 import subprocess
@@ -19,8 +20,13 @@ from pathlib import Path
 import pytest
 
 import pyserval
+from pyserval.core.host import HostCore
 from pyserval.data import reference_capture
+from pyserval.sal import Rule
+from pyserval.testing import LinkConfig, SimNetwork
 from pyserval.tools.pcap import LINKTYPE_RAW, PcapWriter, dissector_path
+from pyserval.transport.config import StreamConfig
+from pyserval.transport.connection import State
 
 from .simhelpers import exchange, make_pair
 
@@ -433,3 +439,66 @@ def test_host_pcap_records_a_real_connection(tmp_path: Path) -> None:
     # the payload bytes as Wireshark's TCP dissector shows them: exactly what was sent
     payload = b"".join(bytes.fromhex(r[9].replace(":", "")) for r in outgoing if r[9])
     assert payload == message
+
+
+@needs_tshark
+def test_multipath_capture_shows_pyserval_extensions_as_readme_defines_them(
+    tmp_path: Path,
+) -> None:
+    """A multipath connection on the simulated network: MP_CAPABLE keys in SYN and SYN-ACK,
+    the JOIN's token and proof by README's formulas, ADD_ADDR, DSS on data."""
+    a1, a2 = ("10.0.1.1", 40000), ("10.0.2.1", 40000)
+    b1, b2 = ("10.0.1.2", 54325), ("10.0.2.2", 54325)
+    net = SimNetwork(seed=1, default_link=LinkConfig(delay=0.01))
+    net.set_path(a1[0], b2[0], LinkConfig(down=True))
+    net.set_path(a2[0], b1[0], LinkConfig(down=True))
+    path = tmp_path / "mp.pcap"
+    writer = net.capture(path)
+    a = HostCore([a1, a2], rng=random.Random(1), config=StreamConfig(multipath=True))
+    b = HostCore([b1, b2], rng=random.Random(2), config=StreamConfig())
+    net.attach(a, a1, a2)
+    net.attach(b, b1, b2)
+    a.service_table.add("svc", Rule.forward(b1))
+    listener = b.listen("svc")
+    client = a.connect("svc", net.now)
+    net.kick(a)
+    assert net.run_until(lambda: client.state is State.ESTABLISHED, 10)
+    a.add_path(client, a2, b2, net.now)
+    net.kick(a)
+    data = bytes(range(256)) * 2000
+    sent = 0
+    got = bytearray()
+    server = None
+    while len(got) < len(data) and net.now < 30:
+        server = server or listener.accept()
+        if sent < len(data):
+            sent += client.write(data[sent : sent + 65536])
+            net.kick(a)
+        net.run_for(0.01)
+        if server is not None:
+            got += server.read()
+    assert bytes(got) == data
+    writer.close()
+
+    names = ["ip.src", "sal.ctl.flags", "sal.mp_capable.key", "sal.join.token", "sal.join.proof"]
+    names += ["sal.add_addr.ip", "sal.add_addr.port", "sal.dss.flags.dsn", "tcp.len"]
+    rows = [dict(zip(names, r, strict=True)) for r in fields(path, names)]
+    syn = next(r for r in rows if r["sal.ctl.flags"] == "0x80" and r["sal.mp_capable.key"])
+    synack = next(r for r in rows if r["sal.ctl.flags"] == "0xa0" and r["sal.mp_capable.key"])
+    client_key, server_key = (
+        int(syn["sal.mp_capable.key"], 16),
+        int(synack["sal.mp_capable.key"], 16),
+    )
+    join = next(r for r in rows if r["sal.join.token"])
+    assert join["ip.src"] == a2[0] and join["sal.ctl.flags"] == "0x80"
+    # README: a token is the first 4 bytes of SHA-256(key); the proof SHA-256(client key,
+    # server key, "pyserval-join"), keys as 8 big-endian bytes
+    token = hashlib.sha256(server_key.to_bytes(8, "big")).digest()[:4]
+    assert join["sal.join.token"] == "0x" + token.hex()
+    raw = client_key.to_bytes(8, "big") + server_key.to_bytes(8, "big") + b"pyserval-join"
+    assert join["sal.join.proof"] == hashlib.sha256(raw).digest()[:8].hex()
+    adverts = {(r["sal.add_addr.ip"], r["sal.add_addr.port"]) for r in rows if r["sal.add_addr.ip"]}
+    assert (b2[0], str(b2[1])) in adverts
+    data_frames = [r for r in rows if r["tcp.len"] not in ("", "0")]
+    assert data_frames and all(r["sal.dss.flags.dsn"] == "1" for r in data_frames)
+    assert {r["ip.src"] for r in data_frames} >= {a1[0]}
