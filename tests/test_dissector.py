@@ -22,12 +22,14 @@ import pytest
 import pyserval
 from pyserval.core.host import HostCore
 from pyserval.data import reference_capture
+from pyserval.runtime.host import parse_address
 from pyserval.sal import Rule
 from pyserval.testing import LinkConfig, SimNetwork
 from pyserval.tools.pcap import LINKTYPE_RAW, PcapWriter, dissector_path
 from pyserval.transport.config import StreamConfig
 from pyserval.transport.connection import State
 
+from .helpers.processes import Peer
 from .simhelpers import exchange, make_pair
 
 TSHARK = shutil.which("tshark")
@@ -502,3 +504,46 @@ def test_multipath_capture_shows_pyserval_extensions_as_readme_defines_them(
     data_frames = [r for r in rows if r["tcp.len"] not in ("", "0")]
     assert data_frames and all(r["sal.dss.flags.dsn"] == "1" for r in data_frames)
     assert {r["ip.src"] for r in data_frames} >= {a1[0]}
+
+
+@needs_tshark
+def test_router_pcap_shows_the_forwarded_syn_with_its_source_path(tmp_path: Path) -> None:
+    """``pyserval router --pcap``: the SYN it forwards carries SOURCE [client, router] and
+    SOURCE_PORTS with their UDP ports (spec: forwarded SYN; README: type 5)."""
+    path = tmp_path / "router.pcap"
+    router = Peer(["-m", "pyserval", "router", "--listen", "127.0.0.1:0", "--pcap", str(path)])
+    replica: Peer | None = None
+    try:
+        line = router.wait_for(r"^router listening on ", 20)
+        router_addr = parse_address(line.rsplit(" ", 1)[1])
+        route = "{}:{}".format(*router_addr)
+        replica = Peer(["-m", "pyserval", "echo", "--service", "pcap-fwd", "--router", route])
+        replica.wait_for(r"^echo .* serving ", 20)
+
+        async def main() -> Address:
+            client = pyserval.Host(["127.0.0.1:0"], router=route)
+            async with client:
+                deadline = asyncio.get_running_loop().time() + 10
+                while True:  # the replica's registration may still be on its way
+                    try:
+                        stream = await client.connect("pcap-fwd", timeout=2)
+                        break
+                    except pyserval.ServalConnectError:
+                        assert asyncio.get_running_loop().time() < deadline
+                await stream.send(b"ping")
+                assert await stream.receive() == b"ping"
+                await stream.aclose()
+                return client.addresses[0]
+
+        client_addr = asyncio.run(main())
+    finally:
+        for peer in (replica, router):
+            if peer is not None:
+                peer.stop()
+    names = ["ip.src", "ip.dst", "sal.ctl.flags", "sal.source.ip", "sal.source_ports.port"]
+    rows = [dict(zip(names, r, strict=True)) for r in fields(path, names, "sal.source.ip")]
+    forwarded = [r for r in rows if r["ip.src"] == router_addr[0]]
+    assert forwarded, rows
+    assert forwarded[0]["sal.ctl.flags"] == "0x80"
+    assert forwarded[0]["sal.source.ip"] == f"{client_addr[0]},{router_addr[0]}"
+    assert forwarded[0]["sal.source_ports.port"] == f"{client_addr[1]},{router_addr[1]}"

@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--delay-timeout", type=float, default=5.0)
     parser.add_argument(
+        "--pcap", metavar="FILE", help="record every datagram sent and received in a pcap file"
+    )
+    parser.add_argument(
         "--certified",
         action="append",
         default=[],
@@ -42,6 +45,7 @@ async def _serve(args: argparse.Namespace) -> None:
         delay=args.delay,
         delay_timeout=args.delay_timeout,
         certified_prefixes=args.certified,
+        pcap=args.pcap,
     )
     async with router:
         print(f"router listening on {router.address_text}", flush=True)
