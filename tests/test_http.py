@@ -115,6 +115,49 @@ def test_lifespan_startup_runs_before_requests_and_its_state_reaches_them() -> N
     run(body)
 
 
+def test_a_failed_lifespan_startup_raises_and_never_listens() -> None:
+    async def refusing(scope: Any, receive: Any, send: Any) -> None:
+        assert scope["type"] == "lifespan"
+        await receive()
+        await send({"type": "lifespan.startup.failed", "message": "no database"})
+
+    async def plain(scope: Any, receive: Any, send: Any) -> None:  # no lifespan support
+        if scope["type"] != "http":
+            raise ValueError("only http")
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def main() -> None:
+        host = pyserval.Host(["127.0.0.1:0"])
+        async with host:
+            with pytest.raises(pyserval.http.LifespanError, match="no database"):
+                await asyncio.wait_for(serve_asgi(refusing, host, "web"), 10)
+            assert host.core is not None and not host.core.listeners
+            ready = asyncio.Event()
+            task = asyncio.create_task(serve_asgi(plain, host, "web2", ready=ready.set))
+            await asyncio.wait_for(ready.wait(), 10)
+            route = "{}:{}".format(*host.addresses[0])
+            async with pyserval.Host(["127.0.0.1:0"], routes={"web2": route}) as client:
+                transport = AsyncServalTransport(client)
+                async with httpx.AsyncClient(transport=transport) as http:
+                    assert (await http.get("http://web2.serval/")).status_code == 204
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(main())
+
+
+def test_head_gets_the_headers_without_a_body() -> None:
+    async def body(http: httpx.AsyncClient, _: pyserval.Host) -> None:
+        r = await http.head("http://web.serval/whoami")
+        assert r.status_code == 200 and r.content == b""
+        assert int(r.headers["content-length"]) > 0  # what a GET would have carried
+        assert (await http.get("http://web.serval/whoami")).status_code == 200
+
+    run(body)
+
+
 def test_names_that_are_not_serval_services_and_https_are_refused() -> None:
     assert resolve_serval_host("Echo.Serval.", 80) == "echo"
     for name in ("example.com", "127.0.0.1", ".serval"):

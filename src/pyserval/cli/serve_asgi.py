@@ -69,4 +69,10 @@ def run(args: argparse.Namespace) -> int:
     except (ImportError, AttributeError, ValueError) as exc:
         print(f"pyserval serve-asgi: cannot load {args.app}: {exc}", file=sys.stderr)
         return 2
-    return run_until_signal(_serve(args, app))
+    from ..http import LifespanError
+
+    try:
+        return run_until_signal(_serve(args, app))
+    except LifespanError as exc:
+        print(f"pyserval serve-asgi: the application's startup failed: {exc}", file=sys.stderr)
+        return 1

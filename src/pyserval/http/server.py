@@ -73,6 +73,9 @@ class _Exchange:
         self.disconnected = False
         self._status = 200
         self._headers: list[tuple[bytes, bytes]] = []
+        self._head_sent = False
+        # HEAD: the headers say what GET would send, but no body goes out (h11 refuses one)
+        self._no_body = request.method == b"HEAD"
         self._finished = anyio.Event()
 
     async def receive(self) -> Message:
@@ -111,11 +114,11 @@ class _Exchange:
         if self.response_done:
             raise RuntimeError("http.response.body after the response ended")
         try:
-            if self._headers is not None:
-                headers, self._headers = self._headers, None  # type: ignore[assignment]
-                await self.conn.send(h11.Response(status_code=self._status, headers=headers))
+            if not self._head_sent:
+                self._head_sent = True
+                await self.conn.send(h11.Response(status_code=self._status, headers=self._headers))
             body = bytes(message.get("body", b""))
-            if body:
+            if body and not self._no_body:
                 await self.conn.send(h11.Data(data=body))
             if not message.get("more_body", False):
                 self.response_done = True
@@ -390,19 +393,27 @@ async def serve_asgi(
     request arrives before it) and its shutdown after. ``ready()`` is called once listening.
     """
     server = server or AsgiServer(app)
+    failed: LifespanError | None = None
     async with anyio.create_task_group() as tg:
         life = _Lifespan(app, server.state)
         if lifespan:
             tg.start_soon(life.run)
-            await life.startup()
-        listener = await host.listen(service, weight=weight, priority=priority, key=key)
-        try:
-            if ready is not None:
-                ready()
-            await listener.serve(server.handle)
-        finally:
-            await listener.aclose()
-            if lifespan:
-                with anyio.CancelScope(shield=True):
-                    await life.shutdown()
-            tg.cancel_scope.cancel()
+            try:
+                await life.startup()
+            except LifespanError as exc:
+                failed = exc  # raised below, outside the task group (not in an ExceptionGroup)
+                tg.cancel_scope.cancel()
+        if failed is None:
+            listener = await host.listen(service, weight=weight, priority=priority, key=key)
+            try:
+                if ready is not None:
+                    ready()
+                await listener.serve(server.handle)
+            finally:
+                await listener.aclose()
+                if lifespan:
+                    with anyio.CancelScope(shield=True):
+                        await life.shutdown()
+                tg.cancel_scope.cancel()
+    if failed is not None:
+        raise failed
