@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import anyio
 import pytest
 
 httpx = pytest.importorskip("httpx")
@@ -195,6 +196,35 @@ def test_malformed_requests_get_h11s_error_status_and_the_listener_lives() -> No
         assert (await http.get("http://web.serval/whoami")).status_code == 200
 
     run(body)
+
+
+def test_idle_connections_are_closed_after_the_head_timeout() -> None:
+    async def main() -> float:
+        server = pyserval.Host(["127.0.0.1:0"])
+        async with server:
+            ready = asyncio.Event()
+            asgi = pyserval.http.AsgiServer(http_app.app, head_timeout=0.3)
+            task = asyncio.create_task(
+                serve_asgi(http_app.app, server, "web", ready=ready.set, server=asgi)
+            )
+            await asyncio.wait_for(ready.wait(), 10)
+            route = "{}:{}".format(*server.addresses[0])
+            async with pyserval.Host(["127.0.0.1:0"], routes={"web": route}) as client:
+                stream = await client.connect("web", timeout=10)
+                started = time.monotonic()
+                await stream.send(b"GET / HTTP/1.1\r\n")  # and never the rest of the head
+                async with asyncio.timeout(10):
+                    with pytest.raises(anyio.EndOfStream):
+                        await stream.receive()
+                waited = time.monotonic() - started
+                await stream.aclose()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return waited
+
+    waited = asyncio.run(main())
+    assert 0.25 < waited < 5
 
 
 def test_streamed_download_is_paced_by_the_reader_and_arrives_intact() -> None:

@@ -216,8 +216,9 @@ class AsyncServalTransport(httpx.AsyncBaseTransport):
 
     ``retries``: how often httpcore retries a failed *connect* (never a sent request).
     The limits are httpcore's connection pool's: at most ``max_connections`` streams, of
-    which ``max_keepalive_connections`` stay open idle for ``keepalive_expiry`` seconds (0:
-    a new connection, so a new late binding, for every request).
+    which ``max_keepalive_connections`` stay open idle for ``keepalive_expiry`` seconds
+    (``max_keepalive_connections=0``: a new connection, so a new late binding, for every
+    request). The expiry is below the server's 5 s idle close, so the client lets go first.
     """
 
     def __init__(
@@ -228,7 +229,7 @@ class AsyncServalTransport(httpx.AsyncBaseTransport):
         retries: int = 0,
         max_connections: int = 100,
         max_keepalive_connections: int = 20,
-        keepalive_expiry: float = 5.0,
+        keepalive_expiry: float = 4.0,
     ) -> None:
         self.backend = ServalNetworkBackend(host, resolve)
         self._pool = httpcore.AsyncConnectionPool(

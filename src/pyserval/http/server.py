@@ -51,6 +51,7 @@ log = logging.getLogger("pyserval.http")
 READ_CHUNK: Final = 65536
 MAX_HEADER_BYTES: Final = 64 * 1024
 DEFAULT_DRAIN_LIMIT: Final = 1024 * 1024
+DEFAULT_HEAD_TIMEOUT: Final = 5.0
 
 
 class LifespanError(RuntimeError):
@@ -165,7 +166,10 @@ class AsgiServer:
     """Serve ``app`` on Serval streams: ``await listener.serve(server.handle)``.
 
     ``state`` is the lifespan state (copied into each request's scope); ``drain_limit`` the
-    unread request body skipped after a response to keep a connection alive.
+    unread request body skipped after a response to keep a connection alive;
+    ``head_timeout`` the seconds a connection may take to send a whole request head, the
+    first or the next on a kept-alive connection (then it is closed: idle connections and
+    clients that dribble their headers do not hold a task for ever).
     """
 
     def __init__(
@@ -174,11 +178,13 @@ class AsgiServer:
         *,
         root_path: str = "",
         drain_limit: int = DEFAULT_DRAIN_LIMIT,
+        head_timeout: float = DEFAULT_HEAD_TIMEOUT,
         state: dict[str, Any] | None = None,
     ) -> None:
         self.app = app
         self.root_path = root_path
         self.drain_limit = drain_limit
+        self.head_timeout = head_timeout
         self.state: dict[str, Any] = {} if state is None else state
         self.requests = 0
         """Requests handed to the application."""
@@ -216,7 +222,11 @@ class AsgiServer:
 
     async def _serve(self, conn: _HttpConnection) -> None:
         while True:
-            event = await conn.next_event()
+            event = None
+            with anyio.move_on_after(self.head_timeout):
+                event = await conn.next_event()
+            if event is None:
+                return  # idle (or too slow) for head_timeout: close
             if isinstance(event, h11.ConnectionClosed):
                 return
             if not isinstance(event, h11.Request):  # h11 allows nothing else here
