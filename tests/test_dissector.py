@@ -324,6 +324,22 @@ def test_unconnected_datagram_goes_to_wiresharks_udp(tmp_path: Path) -> None:
 
 
 @needs_tshark
+def test_random_bytes_on_the_sal_ports_never_raise_a_lua_error(tmp_path: Path) -> None:
+    rng = random.Random(16)
+    path = tmp_path / "fuzz.pcap"
+    with PcapWriter(path) as w:
+        for i in range(300):
+            body = rng.randbytes(rng.randrange(0, 160))
+            if i % 2 and len(body) >= 12:  # half with a plausible shl and a valid checksum
+                shl = rng.randrange(3, len(body) // 4 + 1)
+                body = sal_packet(1, 2, body[12 : shl * 4], rng.choice((6, 17)), body[shl * 4 :])
+            w.write(body, CLIENT, SERVER)
+    verbose = tshark(path, "-V")
+    assert verbose.count("Frame ") >= 300
+    assert "Lua Error" not in verbose
+
+
+@needs_tshark
 def test_heuristic_finds_sal_on_other_ports_and_leaves_other_udp_alone(tmp_path: Path) -> None:
     path = tmp_path / "heur.pcap"
     control = bytes([0x10, 20, 0x04, 0]) + struct.pack("!II", 7, 8) + bytes(8)
@@ -349,8 +365,13 @@ def test_damaged_headers_are_flagged_not_fatal(tmp_path: Path) -> None:
     with PcapWriter(path) as w:
         for pkt in (bad_checksum, overrun, short_control, good[:11]):
             w.write(pkt, CLIENT, SERVER)
+        # reserved low nibble set in a CONTROL head; then 11 PAD-free extensions
+        w.write(sal_packet(1, 2, bytes([0x11, 20, 0x20, 0]) + bytes(16)), CLIENT, SERVER)
+        w.write(sal_packet(1, 2, (bytes([0x90, 8]) + bytes(6)) * 11), CLIENT, SERVER)
     rows = fields(path, ["sal.checksum.status", "_ws.expert.message"])
     assert rows[0][0] == "bad" and "Bad SAL header checksum" in rows[0][1]
+    assert "reserved bits set in an extension head" in rows[4][1]
+    assert "more than 10 extensions" in rows[5][1]
     assert rows[1][0] == "good" and "extension length 40 past the header" in rows[1][1]
     assert "CONTROL of 8 bytes" in rows[2][1]
     assert rows[3] == ["", ""]  # 11 bytes: too short to be SAL at all

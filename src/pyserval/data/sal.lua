@@ -90,7 +90,9 @@ local ef_malformed = ProtoExpert.new("sal.malformed", "Malformed SAL header",
     expert.group.MALFORMED, expert.severity.ERROR)
 local ef_checksum = ProtoExpert.new("sal.checksum.bad", "Bad SAL header checksum",
     expert.group.CHECKSUM, expert.severity.WARN)
-sal.experts = { ef_malformed, ef_checksum }
+local ef_transport = ProtoExpert.new("sal.transport.malformed", "Malformed transport",
+    expert.group.MALFORMED, expert.severity.ERROR)
+sal.experts = { ef_malformed, ef_checksum, ef_transport }
 
 local tcp_dissector = Dissector.get("tcp")
 local udp_dissector = Dissector.get("udp")
@@ -325,7 +327,10 @@ local function dissect(buf, pinfo, root)
             local et = tree:add(f.ext, ext)
             et:set_text(EXT_NAMES[etype] or ("extension type " .. etype))
             et:add(f.ext_type, ext(0, 1))
-            et:add(f.ext_reserved_nibble, ext(0, 1))
+            local rt = et:add(f.ext_reserved_nibble, ext(0, 1))
+            if bit32.band(head, 0x0F) ~= 0 then
+                rt:add_proto_expert_info(ef_malformed, "reserved bits set in an extension head")
+            end
             et:add(f.ext_length, ext(1, 1))
             local decoder = decoders[etype]
             if decoder == nil then
@@ -344,7 +349,11 @@ local function dissect(buf, pinfo, root)
             off = off + elen
         end
     end
-    tree:add(f.ext_count, count):set_generated()
+    local ct = tree:add(f.ext_count, count)
+    ct:set_generated()
+    if count > 10 then
+        ct:add_proto_expert_info(ef_malformed, "more than 10 extensions")
+    end
     tree:append_text(string.format(", flowIDs 0x%08x -> 0x%08x", buf(0, 4):uint(),
         buf(4, 4):uint()))
 
@@ -358,10 +367,13 @@ local function dissect(buf, pinfo, root)
         -- apart by flowID), so its per-conversation analysis mixes flows between the
         -- same two addresses.
         local inner = buf(hlen):tvb()
-        if proto == 6 then
-            tcp_dissector:call(inner, pinfo, root)
-        else
-            udp_dissector:call(inner, pinfo, root)
+        local transport_dissector = (proto == 6) and tcp_dissector or udp_dissector
+        -- A damaged transport header makes Wireshark's dissector throw; caught here, so it
+        -- is reported as malformed transport rather than as an error of this script.
+        local ok, err = pcall(Dissector.call, transport_dissector, inner, pinfo, root)
+        if not ok then
+            tree:add_proto_expert_info(ef_transport, transport .. " after the SAL header: "
+                .. tostring(err))
         end
         pinfo.cols.protocol:set("SAL/" .. transport)
         pinfo.cols.info:prepend(label .. " | ")
