@@ -193,7 +193,9 @@ class Host:
     """One Serval end host in this process (see the module docstring).
 
     ``Host(listen=["127.0.0.1:0"])``; then ``async with host:`` (or ``await host.start()``
-    and ``await host.close()``).
+    and ``await host.close()``). ``pcap`` (a path or a
+    :class:`~pyserval.tools.pcap.PcapWriter`) records every datagram the host sends and
+    receives, for Wireshark; off by default.
     """
 
     def __init__(
