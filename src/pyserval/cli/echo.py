@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--inspect", action="store_true", help="answer `pyserval table` about this host"
     )
     add_secure_arguments(parser, serving="with --secure")
+    parser.add_argument(
+        "--pcap", metavar="FILE", help="record every datagram sent and received in a pcap file"
+    )
 
 
 async def serve_echo(stream: ServalStream | SecureStream) -> None:
@@ -43,7 +46,7 @@ async def serve_echo(stream: ServalStream | SecureStream) -> None:
 
 async def _serve(args: argparse.Namespace) -> None:
     key, delegation = secure_settings(args)
-    host = Host([args.listen], router=args.router, broadcast=args.broadcast)
+    host = Host([args.listen], router=args.router, broadcast=args.broadcast, pcap=args.pcap)
     async with host:
         if args.inspect:
             enable_inspection(host)

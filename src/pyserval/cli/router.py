@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default 100000)",
     )
     parser.add_argument(
+        "--pcap", metavar="FILE", help="record every datagram sent and received in a pcap file"
+    )
+    parser.add_argument(
         "--certified",
         action="append",
         default=[],
@@ -50,6 +53,7 @@ async def _serve(args: argparse.Namespace) -> None:
         delay_timeout=args.delay_timeout,
         certified_prefixes=args.certified,
         max_nonces=args.max_nonces,
+        pcap=args.pcap,
     )
     async with router:
         print(f"router listening on {router.address_text}", flush=True)

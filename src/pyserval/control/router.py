@@ -75,10 +75,12 @@ class Router:
         delay_timeout: float = 5.0,
         max_ttl: float = 3600.0,
         max_nonces: int = 100_000,
+        pcap: str | os.PathLike[str] | None = None,
     ) -> None:
         self.host = Host(
             [listen],
             config=HostConfig(forwarding=True, delay_timeout=delay_timeout),
+            pcap=pcap,  # every datagram through the router, for Wireshark (None: off)
         )
         self.upstream = parse_address(upstream) if upstream else None
         self.announce = [as_service_prefix(p) for p in announce]

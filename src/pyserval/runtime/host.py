@@ -30,6 +30,7 @@ from ..naming.delegation import Delegation
 from ..naming.keys import ServiceKey
 from ..naming.service_id import ServiceID, ServiceLike, as_service_id, as_service_prefix
 from ..sal.service_table import Rule, ServiceTable
+from ..tools.pcap import PcapWriter
 from ..transport.config import StreamConfig
 from ..transport.connection import Connection, ConnectionError_, State
 from ..transport.datagram_flow import DatagramConnection
@@ -203,7 +204,9 @@ class Host:
     """One Serval end host in this process (see the module docstring).
 
     ``Host(listen=["127.0.0.1:0"])``; then ``async with host:`` (or ``await host.start()``
-    and ``await host.close()``).
+    and ``await host.close()``). ``pcap`` (a path or a
+    :class:`~pyserval.tools.pcap.PcapWriter`) records every datagram the host sends and
+    receives, for Wireshark; off by default.
     """
 
     def __init__(
@@ -215,6 +218,7 @@ class Host:
         broadcast: str | None = None,
         config: HostConfig | None = None,
         stream_config: StreamConfig | None = None,
+        pcap: str | os.PathLike[str] | PcapWriter | None = None,
     ) -> None:
         base = config or HostConfig()
         updates: dict[str, Any] = {}
@@ -251,6 +255,10 @@ class Host:
         self._verdicts: set[asyncio.Task[None]] = set()
         self._watchdog: asyncio.Task[None] | None = None
         self.auto_removed: list[Address] = []  # interfaces the check found gone
+        # Every datagram sent and received, as IPv4/UDP frames (None: off, and the datapath
+        # pays one attribute test per batch). A path is opened when the host starts.
+        self._pcap_spec = pcap
+        self.pcap: PcapWriter | None = None
         for service, address in self.config.routes.items():
             self.add_route(service, address)
 
@@ -265,6 +273,9 @@ class Host:
         if self.core is not None:
             return self
         self._loop = asyncio.get_running_loop()
+        spec = self._pcap_spec
+        if spec is not None and self.pcap is None:
+            self.pcap = spec if isinstance(spec, PcapWriter) else PcapWriter(spec)
         if self.config.listen:
             for text in self.config.listen:
                 await self._open_interface(parse_address(text))
@@ -498,6 +509,10 @@ class Host:
         now = self._now()
         local = ep.address
         receive = core.receive_datagram
+        pcap = self.pcap
+        if pcap is not None:
+            for data, src in batch:
+                pcap.write(data, src, local)
         for data, src in batch:
             receive(data, src, local, now)
         self._flush()
@@ -533,6 +548,8 @@ class Host:
             self._timer.cancel()
         for udp in self.endpoints:
             udp.close()
+        if self.pcap is not None:
+            self.pcap.close()
         for ev in self._waiters.events.values():
             ev.set()
         for ev in self._listener_waiters.values():
@@ -608,12 +625,17 @@ class Host:
         out = core.datagrams_to_send(self._now())
         if out:
             by_ep: dict[Address, list[tuple[bytes, Address]]] = {}
+            pcap = self.pcap
             for data, local, remote in out:
                 by_ep.setdefault(local, []).append((data, remote))
+                if pcap is not None:
+                    pcap.write(data, local, remote)
             for local, items in by_ep.items():
                 ep = self._by_address.get(local) or self.endpoints[0]
                 if not ep.closed:
                     ep.send_many(items)
+        if self.pcap is not None:
+            self.pcap.flush()  # once per batch: a killed process loses at most this batch
         for event in core.events():
             self._dispatch(event)
         if core.delay_requests:
