@@ -8,6 +8,7 @@ import anyio
 
 from ..control import enable_inspection
 from ..runtime import Host, ServalStream
+from ..sal.inet import format_address
 from .common import run_until_signal
 
 __all__ = ["add_arguments", "run", "serve_echo"]
@@ -16,7 +17,9 @@ __all__ = ["add_arguments", "run", "serve_echo"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``pyserval echo``."""
     parser.add_argument("--service", default="echo", help="service name, ID or prefix")
-    parser.add_argument("--listen", default="127.0.0.1:0", help="UDP address (IP:PORT)")
+    parser.add_argument(
+        "--listen", default="127.0.0.1:0", help="UDP address (IP:PORT or [IPv6]:PORT)"
+    )
     parser.add_argument("--router", help="service router to register with (IP:PORT)")
     parser.add_argument("--broadcast", help="ad hoc: broadcast IP:PORT for unresolved SYNs")
     parser.add_argument("--weight", type=int, default=1)
@@ -42,7 +45,7 @@ async def _serve(args: argparse.Namespace) -> None:
         if args.inspect:
             enable_inspection(host)
         listener = await host.listen(args.service, weight=args.weight, priority=args.priority)
-        addr = "{}:{}".format(*host.addresses[0])
+        addr = format_address(host.addresses[0])
         print(f"echo {args.name} serving {args.service} at {addr}", flush=True)
         await listener.serve(serve_echo)
 

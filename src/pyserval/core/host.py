@@ -506,12 +506,15 @@ class HostCore:
 
     def remove_address(self, address: Address, now: float) -> list[Connection]:
         """The local ``address`` is gone: move every flow on it to the first remaining
-        address. Returns the connections moved."""
+        address of its family (else the first remaining one). Returns the connections
+        moved."""
         if address in self.addresses:
             self.addresses.remove(address)
         if not self.addresses:
             return []
-        return self._move_flows(address, self.addresses[0], now)
+        # Stay in the family where there is a choice (the peer's address then still fits).
+        same = [a for a in self.addresses if (":" in a[0]) == (":" in address[0])]
+        return self._move_flows(address, (same or self.addresses)[0], now)
 
     def set_address(self, old: Address, new: Address, now: float) -> list[Connection]:
         """The local address ``old`` changed to ``new``: every flow on it migrates."""
