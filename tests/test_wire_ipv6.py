@@ -22,6 +22,7 @@ from pyserval.sal import (
     Address6Ext,
     ControlExt,
     ControlFlags,
+    Extension,
     MalformedPacket,
     Reason,
     Rule,
@@ -124,7 +125,7 @@ def test_ip6_extensions_round_trip(ext: AddAddrExt | Source6Ext | Address6Ext) -
 
 
 @given(packets(), st.lists(ip6_exts, min_size=1, max_size=3))
-def test_packets_with_ip6_extensions_round_trip(pkt: SalPacket, extra: list[ControlExt]) -> None:
+def test_packets_with_ip6_extensions_round_trip(pkt: SalPacket, extra: list[Extension]) -> None:
     pkt.extensions = (pkt.extensions + list(extra))[:10]
     try:
         wire = pkt.encode()
@@ -170,7 +171,7 @@ def test_source6_encoding_refuses_what_does_not_fit() -> None:
 @st.composite
 def _mutated_ip6(draw: st.DrawFn) -> bytes:
     pkt = draw(packets())
-    pkt.extensions = pkt.extensions[:6] + [draw(ip6_exts)]
+    pkt.extensions = [*pkt.extensions[:6], draw(ip6_exts)]
     try:
         base = bytearray(pkt.encode())
     except ValueError:
