@@ -1,0 +1,108 @@
+"""IPv6 across a veth pair between two network namespaces, and a move from IPv4 to IPv6.
+
+Server namespace: 10.216.0.1/24 and fd00:216::1/64; client namespace: 10.216.0.2/24 and
+fd00:216::2/64, IPv6 addresses added ``nodad`` so they are usable at once. Each end runs
+``tests/helpers/ipv6_peer.py`` in its namespace. Needs root and ``ip``; skipped otherwise,
+and when the namespaces or IPv6 addresses cannot be made. The namespaces are always deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .helpers.processes import Peer
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
+
+HELPER = str(Path(__file__).resolve().parent / "helpers" / "ipv6_peer.py")
+S4, C4 = "10.216.0.1", "10.216.0.2"
+S6, C6 = "fd00:216::1", "fd00:216::2"
+ENABLE_IPV6 = "net.ipv6.conf.all.disable_ipv6=0"
+ENABLE_IPV6 = "net.ipv6.conf.all.disable_ipv6=0"
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=10)
+
+
+@pytest.fixture
+def dual_stack_link() -> Iterator[tuple[list[str], list[str]]]:
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    if shutil.which("ip") is None:
+        pytest.skip("the ip command (iproute2) is missing")
+    tag = f"p6{os.getpid() % 100000}"
+    server, client = f"{tag}s", f"{tag}c"
+    created: list[str] = []
+    try:
+        try:
+            for ns in (server, client):
+                _ip("netns", "add", ns)
+                created.append(ns)
+                subprocess.run(
+                    ["ip", "netns", "exec", ns, "sysctl", "-qw", ENABLE_IPV6],
+                    check=True, capture_output=True, timeout=10,
+                )  # fmt: skip
+                _ip("-n", ns, "link", "set", "lo", "up")
+            _ip(
+                "link", "add", f"{tag}s", "netns", server,
+                "type", "veth", "peer", "name", f"{tag}c", "netns", client,
+            )  # fmt: skip
+            for ns, dev, v4, v6 in ((server, f"{tag}s", S4, S6), (client, f"{tag}c", C4, C6)):
+                _ip("-n", ns, "addr", "add", f"{v4}/24", "dev", dev)
+                _ip("-n", ns, "-6", "addr", "add", f"{v6}/64", "dev", dev, "nodad")
+                _ip("-n", ns, "link", "set", dev, "up")
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", "") or exc
+            pytest.skip(f"cannot set up network namespaces with IPv6: {detail}")
+        yield ["ip", "netns", "exec", server], ["ip", "netns", "exec", client]
+    finally:
+        for ns in created:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+def _run(
+    prefixes: tuple[list[str], list[str]], server_listen: str, client_args: list[str]
+) -> dict[str, object]:
+    in_server, in_client = prefixes
+    with Peer([HELPER, "serve", "--listen", server_listen], prefix=in_server) as server:
+        server.wait_for("^READY ", 15)
+        with Peer([HELPER, "upload", *client_args], prefix=in_client) as client:
+            res = client.result(60)
+            assert client.finish(10) == 0, client.stderr
+    return res
+
+
+def test_ipv6_transfer_across_a_veth_pair(
+    dual_stack_link: tuple[list[str], list[str]],
+) -> None:
+    res = _run(
+        dual_stack_link,
+        f"[{S6}]:54325",
+        ["--listen", f"[{C6}]:0", "--route", f"[{S6}]:54325", "--bytes", "4000000"],
+    )
+    assert res["ok"], res
+    assert res["remote"] == [S6, 54325] and res["local"][0] == C6  # type: ignore[index]
+
+
+def test_a_stream_moves_from_ipv4_to_ipv6_between_namespaces(
+    dual_stack_link: tuple[list[str], list[str]],
+) -> None:
+    res = _run(
+        dual_stack_link,
+        f"{S4}:54325,[{S6}]:54325",
+        [
+            *("--listen", f"{C4}:0,[{C6}]:0"),
+            *("--route", f"{S4}:54325", "--bytes", "8000000"),
+            *("--move-remote", f"[{S6}]:54325"),
+        ],
+    )
+    assert res["ok"], res
+    assert res["first_local"][0] == C4, res  # type: ignore[index]
+    assert res["local"][0] == C6 and res["remote"] == [S6, 54325], res  # type: ignore[index]
