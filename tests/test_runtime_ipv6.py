@@ -14,6 +14,7 @@ import socket
 import pytest
 
 from pyserval.control import Router
+from pyserval.control.router import fetch_table
 from pyserval.runtime.host import Host, HostConfig, parse_address
 from pyserval.runtime.streams import ServalMigrationError, ServalStream
 from pyserval.runtime.udp import UdpEndpoint
@@ -186,8 +187,18 @@ def test_router_on_ipv6_forwards_to_an_ipv6_instance() -> None:
                 # The SYN came through the router, its path in SOURCE6: client, router.
                 assert sources and sources[0].path == (client.addresses[0], router.address)
                 assert stream.remote_address == server.addresses[0]  # answered directly
+                dump = await fetch_table(router.address_text)  # the inspection over IPv6
+                targets = [t.address for e in dump.entries for t in e.targets]
+                assert format_address(server.addresses[0]) in targets
 
     asyncio.run(main())
+
+
+def test_the_interface_check_sees_ipv6_addresses_come_and_go() -> None:
+    from pyserval.runtime.host import _ip_present
+
+    assert _ip_present("::1") and _ip_present("127.0.0.1")
+    assert not _ip_present("fd00:dead:beef::1")  # no interface holds it
 
 
 def test_icmpv6_port_unreachable_is_reported_for_the_remote() -> None:

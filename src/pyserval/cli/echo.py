@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--listen", default="127.0.0.1:0", help="UDP address (IP:PORT or [IPv6]:PORT)"
     )
-    parser.add_argument("--router", help="service router to register with (IP:PORT)")
+    parser.add_argument("--router", help="service router to register with (IP:PORT or [IPv6]:PORT)")
     parser.add_argument("--broadcast", help="ad hoc: broadcast IP:PORT for unresolved SYNs")
     parser.add_argument("--weight", type=int, default=1)
     parser.add_argument("--priority", type=int, default=0)
