@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,7 +34,7 @@ def _ip(*args: str) -> None:
 
 
 @pytest.fixture
-def dual_stack_link() -> Iterator[tuple[list[str], list[str]]]:
+def dual_stack_link() -> Iterator[tuple[list[str], list[str], str]]:
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         pytest.skip("network namespaces need root")
     if shutil.which("ip") is None:
@@ -61,41 +63,47 @@ def dual_stack_link() -> Iterator[tuple[list[str], list[str]]]:
         except (OSError, subprocess.SubprocessError) as exc:
             detail = getattr(exc, "stderr", "") or exc
             pytest.skip(f"cannot set up network namespaces with IPv6: {detail}")
-        yield ["ip", "netns", "exec", server], ["ip", "netns", "exec", client]
+        yield ["ip", "netns", "exec", server], ["ip", "netns", "exec", client], f"{tag}c"
     finally:
         for ns in created:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
 
 
 def _run(
-    prefixes: tuple[list[str], list[str]], server_listen: str, client_args: list[str]
-) -> dict[str, object]:
+    prefixes: tuple[list[str], list[str]],
+    server_listen: str,
+    client_args: list[str],
+    while_sending: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     in_server, in_client = prefixes
     with Peer([HELPER, "serve", "--listen", server_listen], prefix=in_server) as server:
         server.wait_for("^READY ", 15)
         with Peer([HELPER, "upload", *client_args], prefix=in_client) as client:
+            if while_sending is not None:
+                client.wait_for("^SENDING", 15)
+                while_sending()
             res = client.result(60)
             assert client.finish(10) == 0, client.stderr
     return res
 
 
 def test_ipv6_transfer_across_a_veth_pair(
-    dual_stack_link: tuple[list[str], list[str]],
+    dual_stack_link: tuple[list[str], list[str], str],
 ) -> None:
     res = _run(
-        dual_stack_link,
+        dual_stack_link[:2],
         f"[{S6}]:54325",
         ["--listen", f"[{C6}]:0", "--route", f"[{S6}]:54325", "--bytes", "4000000"],
     )
     assert res["ok"], res
-    assert res["remote"] == [S6, 54325] and res["local"][0] == C6  # type: ignore[index]
+    assert res["remote"] == [S6, 54325] and res["local"][0] == C6
 
 
 def test_a_stream_moves_from_ipv4_to_ipv6_between_namespaces(
-    dual_stack_link: tuple[list[str], list[str]],
+    dual_stack_link: tuple[list[str], list[str], str],
 ) -> None:
     res = _run(
-        dual_stack_link,
+        dual_stack_link[:2],
         f"{S4}:54325,[{S6}]:54325",
         [
             *("--listen", f"{C4}:0,[{C6}]:0"),
@@ -104,5 +112,38 @@ def test_a_stream_moves_from_ipv4_to_ipv6_between_namespaces(
         ],
     )
     assert res["ok"], res
-    assert res["first_local"][0] == C4, res  # type: ignore[index]
-    assert res["local"][0] == C6 and res["remote"] == [S6, 54325], res  # type: ignore[index]
+    assert res["first_local"][0] == C4, res
+    assert res["local"][0] == C6 and res["remote"] == [S6, 54325], res
+
+
+def test_an_ipv6_address_removed_mid_transfer_moves_the_flow_to_the_other(
+    dual_stack_link: tuple[list[str], list[str], str],
+) -> None:
+    """The interface check finds fd00:216::2 gone; the flow moves to fd00:216::3 by itself."""
+    if shutil.which("tc") is None:
+        pytest.skip("tc (iproute2) is needed to slow the link down")
+    in_server, in_client, client_dev = dual_stack_link
+    second = "fd00:216::3"
+    _ip("-n", in_client[3], "-6", "addr", "add", f"{second}/64", "dev", client_dev, "nodad")
+    subprocess.run(
+        [*in_client, "tc", "qdisc", "add", "dev", client_dev, "root", "tbf",
+         "rate", "60mbit", "burst", "64kb", "latency", "100ms"],
+        check=True, capture_output=True, timeout=10,
+    )  # fmt: skip
+
+    def cut() -> None:
+        time.sleep(0.8)  # a good part of the transfer in, much of it still to go
+        _ip("-n", in_client[3], "-6", "addr", "del", f"{C6}/64", "dev", client_dev)
+
+    res = _run(
+        (in_server, in_client),
+        f"[{S6}]:54325",
+        [
+            *("--listen", f"[{C6}]:0,[{second}]:0"),
+            *("--route", f"[{S6}]:54325", "--bytes", "16000000"),
+        ],
+        while_sending=cut,
+    )
+    assert res["ok"], res
+    assert res["first_local"][0] == C6 and res["local"][0] == second, res
+    assert [a[0] for a in res["auto_removed"]] == [C6], res

@@ -7,10 +7,11 @@ Run as a script (``PYTHONPATH`` must reach ``src``)::
         --route 10.0.0.1:54325 --bytes 4000000 --move-remote [fd00::1]:54325
 
 ``serve`` prints ``READY {json}`` (its bound addresses) once listening and answers each
-stream, after the client's EOF, with ``<sha256 hex> <byte count>\\n``. ``upload`` sends
-``--bytes`` pseudo-random bytes; with ``--move-remote`` it moves the stream, halfway, to its
-last interface and the server's address given there (an RSYN across IP families). It prints
-``RESULT {json}`` and exits 0 when the digest matched.
+stream, after the client's EOF, with ``<sha256 hex> <byte count>\\n``. ``upload`` prints
+``SENDING`` once connected and sends ``--bytes`` pseudo-random bytes; with
+``--move-remote`` it moves the stream, halfway, to its last interface and the server's
+address given there (an RSYN across IP families). It prints ``RESULT {json}`` and exits 0
+when the digest matched.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ async def upload(args: argparse.Namespace) -> int:
         host.add_route(SERVICE, args.route)
         stream = await host.connect(SERVICE, timeout=10)
         first = stream.local_address
+        print("SENDING", flush=True)
         half = len(data) // 2
         await stream.send(data[:half])
         if args.move_remote:
@@ -78,6 +80,7 @@ async def upload(args: argparse.Namespace) -> int:
                     "first_local": first,
                     "local": stream.local_address,
                     "remote": stream.remote_address,
+                    "auto_removed": host.auto_removed,
                     "reply": reply.decode().strip(),
                 }
             ),
