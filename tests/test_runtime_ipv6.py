@@ -244,3 +244,21 @@ def test_gso_batches_reach_an_ipv6_endpoint_as_sent() -> None:
             tx.close()
 
     asyncio.run(main())
+
+
+def test_sending_across_families_is_counted_never_raised() -> None:
+    async def main() -> None:
+        v4 = await UdpEndpoint.open(("127.0.0.1", 0), lambda batch: None)
+        v6 = await UdpEndpoint.open(("::1", 0), lambda batch: None)
+        try:
+            v4.send(b"x", ("::1", 9))  # an IPv4 socket cannot reach an IPv6 address
+            v6.send(b"x", ("127.0.0.1", 9))  # nor an IPv6-only socket an IPv4 one
+            v4.send_many([(b"y" * 100, ("::1", 9))] * 3)
+            # Each datagram counted once as a failed send (a GSO attempt first, for the batch).
+            assert v4.errors["send:-9"] == 4 and v6.errors["send:-9"] == 1
+            assert v4.stats.datagrams_sent == 0 and v6.stats.datagrams_sent == 0
+        finally:
+            v4.close()
+            v6.close()
+
+    asyncio.run(main())
