@@ -11,6 +11,7 @@ import anyio
 from ..control import enable_inspection
 from ..runtime import Host, ServalStream
 from ..runtime.secure import SecureStream, ServalSecurityError, check_securable
+from ..sal.inet import format_address
 from .common import run_until_signal
 from .secure_args import add_secure_arguments, secure_settings
 
@@ -20,8 +21,10 @@ __all__ = ["add_arguments", "run", "serve_echo"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``pyserval echo``."""
     parser.add_argument("--service", default="echo", help="service name, ID or prefix")
-    parser.add_argument("--listen", default="127.0.0.1:0", help="UDP address (IP:PORT)")
-    parser.add_argument("--router", help="service router to register with (IP:PORT)")
+    parser.add_argument(
+        "--listen", default="127.0.0.1:0", help="UDP address (IP:PORT or [IPv6]:PORT)"
+    )
+    parser.add_argument("--router", help="service router to register with (IP:PORT or [IPv6]:PORT)")
     parser.add_argument("--broadcast", help="ad hoc: broadcast IP:PORT for unresolved SYNs")
     parser.add_argument("--weight", type=int, default=1)
     parser.add_argument("--priority", type=int, default=0)
@@ -58,7 +61,7 @@ async def _serve(args: argparse.Namespace) -> None:
             secure=args.secure,
             delegation=delegation,
         )
-        addr = "{}:{}".format(*host.addresses[0])
+        addr = format_address(host.addresses[0])
         secure = " (secure)" if args.secure else ""
         print(f"echo {args.name} serving {args.service} at {addr}{secure}", flush=True)
         await listener.serve(serve_echo)

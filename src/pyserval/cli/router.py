@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--listen",
         default=f"0.0.0.0:{DEFAULT_ROUTER_PORT}",
-        help=f"UDP address to serve on (default 0.0.0.0:{DEFAULT_ROUTER_PORT})",
+        help=f"UDP address, IP:PORT or [IPv6]:PORT (default 0.0.0.0:{DEFAULT_ROUTER_PORT})",
     )
     parser.add_argument("--upstream", help="router to announce to and send unresolved SYNs to")
     parser.add_argument(

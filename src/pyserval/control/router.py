@@ -30,6 +30,7 @@ from ..core.host import DatagramEndpoint
 from ..naming.service_id import PrefixLike, ServiceID, as_service_prefix
 from ..runtime.host import DelayHandler, Host, HostConfig, parse_address
 from ..runtime.service_events import ServiceEvent, ServiceEventKind
+from ..sal.inet import format_address
 from ..sal.service_table import Action, Rule
 from ..transport.events import DatagramReceived, Event
 from .controller import HostServiceController
@@ -107,8 +108,8 @@ class Router:
 
     @property
     def address_text(self) -> str:
-        """The router's address as ``IP:PORT`` (for ``Host(router=...)``)."""
-        return f"{self.address[0]}:{self.address[1]}"
+        """The router's address as ``IP:PORT`` or ``[IPv6]:PORT`` (for ``Host(router=...)``)."""
+        return format_address(self.address)
 
     # -- life cycle ---------------------------------------------------------------------
     async def start(self) -> Router:
@@ -257,7 +258,7 @@ class TableDump:
 async def fetch_table(router: str | Address, *, timeout: float = 2.0) -> TableDump:
     """Ask the router at ``router`` for its whole service table and counters."""
     addr = parse_address(router) if isinstance(router, str) else router
-    host = Host(["0.0.0.0:0"])
+    host = Host(["[::]:0" if ":" in addr[0] else "0.0.0.0:0"])
     async with host:
         ep = host.bind_datagram(ServiceID(int.from_bytes(os.urandom(32), "big")), register=False)
         replies: asyncio.Queue[TableReply] = asyncio.Queue(maxsize=16)

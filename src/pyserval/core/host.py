@@ -45,6 +45,7 @@ from ..sal.forwarding import (
     forward_packet,
     scan_for_forwarding,
 )
+from ..sal.inet import WILDCARDS
 from ..sal.packet import SalPacket, decode_packet
 from ..sal.service_table import Action, Rule, ServiceTable
 from ..sal.transport_headers import (
@@ -341,7 +342,7 @@ class HostCore:
             UdpHeader(),
             data,
         )
-        self._send(pkt, self.addresses[0], remote)
+        self._send(pkt, self.local_for(remote, self.addresses[0]), remote)
 
     # -- routing ------------------------------------------------------------------------
     def _resolve(self, sid: ServiceID) -> Address | None:
@@ -354,6 +355,18 @@ class HostCore:
         if res.action is Action.DEMUX:
             return self.addresses[0]
         return None  # DROP; DELAY waits for the controller (release_delayed)
+
+    def local_for(self, remote: Address, prefer: Address) -> Address:
+        """The local address to reach ``remote`` from: ``prefer`` when it is of the same
+        family, else this host's first address of that family (a dual-stack host answers
+        IPv6 from IPv6); ``prefer`` when it has none (the send then fails, counted)."""
+        v6 = ":" in remote[0]
+        if (":" in prefer[0]) == v6:
+            return prefer
+        for a in self.addresses:
+            if (":" in a[0]) == v6:
+                return a
+        return prefer
 
     def _forward(
         self, pkt: SalPacket, data: BytesLike, src: Address, dst: Address, hop: Address, kind: str
@@ -372,7 +385,7 @@ class HostCore:
         except ForwardRefused as exc:
             self.drops[exc.reason] += 1
             return
-        self._out.append((out, dst, hop))
+        self._out.append((out, self.local_for(hop, dst), hop))
         self.stats[f"forwarded_{kind}"] += 1
 
     def _fast_forward(self, data: bytes, src: Address, dst: Address) -> bool:
@@ -393,11 +406,11 @@ class HostCore:
             self.drops["loop"] += 1
         else:
             try:
-                out = first_hop_bytes(data, hlen, src, dst)
-            except OSError:  # not IPv4: the general path refuses it properly
+                out = first_hop_bytes(data, hlen, src, dst, hop)
+            except OSError:  # not IP text: the general path refuses it properly
                 res.entry.hits -= 1
                 return False
-            self._out.append((out, dst, hop))
+            self._out.append((out, self.local_for(hop, dst), hop))
             self.stats["forwarded_syn" if kind == FAST_SYN else "forwarded_datagram"] += 1
         return True
 
@@ -516,17 +529,30 @@ class HostCore:
                 self._send(p, sf.local_addr, remote)
 
     # -- migration ----------------------------------------------------------------------
-    def migrate(self, conn: Connection, local: Address, now: float) -> bool:
+    def migrate(
+        self, conn: Connection, local: Address, now: float, remote: Address | None = None
+    ) -> bool:
         """Move ``conn`` to this host's address ``local`` (RSYN exchange); its
         FlowMigrated event tells when the move is done. False if it cannot start now
-        (the connection is closing)."""
+        (the connection is closing).
+
+        ``remote``: the peer's address to move to as well, which a move to the other IP
+        family needs (None: the current one, or one the peer advertised of that family).
+        """
         if local not in self.addresses:
             raise ValueError(f"{local[0]}:{local[1]} is not one of this host's addresses")
         if not conn.subflows or conn.state is not State.ESTABLISHED:
             raise ValueError(f"connection {conn.conn_id:#x} is not established")
         sf = conn.primary
-        if sf.local_addr == local and sf.mig is None:
+        if remote is None:
+            remote = self._peer_address_for(conn, local)
+            if remote is None:
+                raise ValueError(
+                    f"no address of the peer is known in the family of {local[0]}: name one"
+                )
+        if sf.local_addr == local and sf.remote_addr == remote and sf.mig is None:
             return True  # already there
+        self._retarget(sf, remote, now)
         started = conn.start_migration(sf, now, local)
         self._wake(conn)
         return started
@@ -538,12 +564,15 @@ class HostCore:
 
     def remove_address(self, address: Address, now: float) -> list[Connection]:
         """The local ``address`` is gone: move every flow on it to the first remaining
-        address. Returns the connections moved."""
+        address of its family (else the first remaining one). Returns the connections
+        moved."""
         if address in self.addresses:
             self.addresses.remove(address)
         if not self.addresses:
             return []
-        return self._move_flows(address, self.addresses[0], now)
+        # Stay in the family where there is a choice (the peer's address then still fits).
+        same = [a for a in self.addresses if (":" in a[0]) == (":" in address[0])]
+        return self._move_flows(address, (same or self.addresses)[0], now)
 
     def set_address(self, old: Address, new: Address, now: float) -> list[Connection]:
         """The local address ``old`` changed to ``new``: every flow on it migrates."""
@@ -553,6 +582,19 @@ class HostCore:
             self.addresses.append(new)
         return self._move_flows(old, new, now)
 
+    def _peer_address_for(self, conn: Connection, local: Address) -> Address | None:
+        """Where the peer of ``conn`` is reached from ``local``: its current address when
+        of the same family, else the first it advertised (ADD_ADDR) of that family."""
+        remote = conn.primary.remote_addr
+        v6 = ":" in local[0]
+        if remote is not None and (":" in remote[0]) == v6:
+            return remote
+        mp = conn.mp
+        for a in mp.peer_addresses if mp is not None else ():
+            if (":" in a[0]) == v6:
+                return a
+        return None
+
     def _move_flows(self, old: Address, new: Address, now: float) -> list[Connection]:
         moved = []
         for conn in list(self.connections.values()):
@@ -560,11 +602,14 @@ class HostCore:
                 if sf.local_addr != old:
                     continue
                 others = [x for x in conn.live_subflows() if x.local_addr != old]
+                remote = self._peer_address_for(conn, new) if conn.subflows else None
                 if conn.mp is not None and others:
                     conn.subflow_failed(sf, now)  # multipath: the other paths carry on
                 elif (
                     sf is conn.primary
                     and conn.state is State.ESTABLISHED
+                    and remote is not None
+                    and self._retarget(sf, remote, now)
                     and conn.start_migration(sf, now, new)
                 ):
                     moved.append(conn)
@@ -572,6 +617,16 @@ class HostCore:
                     sf.local_addr = new  # closing, a handshake or TIME_WAIT: send from there
             self._wake(conn)
         return moved
+
+    @staticmethod
+    def _retarget(sf: Subflow, remote: Address, now: float) -> bool:
+        """Point ``sf`` at the peer's ``remote`` before a move (a change of IP family);
+        late packets from its old address are taken for a while, as after the peer's move.
+        Returns True (so it can sit in a condition)."""
+        if remote != sf.remote_addr:
+            sf.prev_remote, sf.remote_addr = sf.remote_addr, remote
+            sf.prev_remote_until = now + 2 * sf.rtt.rto
+        return True
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address, Address]]:
         """Every datagram to send now, as (payload, local address, remote address)."""
@@ -630,6 +685,7 @@ class HostCore:
                 conn.emit(ConnectionFailed(conn.conn_id, conn.error))
             return  # a DELAY/DROP rule now may change: retransmissions try again
         sf.remote_addr = remote
+        sf.local_addr = self.local_for(remote, sf.local_addr)
         self._send(pkt, sf.local_addr, remote)
 
     def _schedule(self, conn: Connection) -> None:
@@ -814,10 +870,12 @@ class HostCore:
                 self.drops["half_open_full"] += 1
                 return
             # A SYN flood, or a burst larger than the table: answer without keeping state.
-            self._send_cookie_synack(pkt, ctl, tcp, src, dst, now)
+            self._send_cookie_synack(pkt, ctl, tcp, src, self.local_for(src, dst), now)
             return
         flowid = self.flows.allocate()
-        conn, sf = self._new_flow(flowid, Role.SERVER, svc.service_id, dst, src, datagram)
+        # A forwarded SYN may come from an IPv6 client over IPv4 (or the reverse).
+        here = self.local_for(src, dst)
+        conn, sf = self._new_flow(flowid, Role.SERVER, svc.service_id, here, src, datagram)
         conn.listener_id = listener.listener_id
         conn.peer_key = key
         self.flows.insert(flowid, sf)
@@ -831,13 +889,13 @@ class HostCore:
                     conn.mp.local_key = new_key()
                 synack = sf.synack_packet(sf.control.resend())
             self.mp_tokens[conn.mp.local_token] = conn
-            conn.mp.advertise = [a for a in self.addresses if a != dst and a[0] != "0.0.0.0"]
+            conn.mp.advertise = [a for a in self.addresses if a != here and a[0] not in WILDCARDS]
         # Half-open state lives about a minute at most (see HALF_OPEN_LIFETIME).
         sf.control.max_retries = min(sf.control.max_retries, self._synack_retries)
         if untrusted_path:
             sf.control.max_retries = 0
             self.stats["syn_untrusted_path"] += 1
-        self._send(synack, dst, src)
+        self._send(synack, here, src)
         self._schedule(conn)
 
     # -- SYN cookies ----------------------------------------------------------------------
@@ -1061,11 +1119,11 @@ class HostCore:
         if res is not None and isinstance(res.listener, Listener) and res.listener.datagram:
             # A listening connected-mode datagram socket takes only SYNs (spec).
             self.drops["datagram_to_listener"] += 1
-            self._send(refuse_unconnected(pkt), dst, src)
+            self._send(refuse_unconnected(pkt), self.local_for(src, dst), src)
             return
         if res is None or not isinstance(res.listener, DatagramEndpoint):
             self.drops["datagram_no_service"] += 1
-            self._send_stateless_rst(pkt, None, len(data), dst, src, now)
+            self._send_stateless_rst(pkt, None, len(data), self.local_for(src, dst), src, now)
             return
         services = pkt.services
         source = services[1].service_id.to_bytes() if len(services) > 1 else b""
@@ -1128,6 +1186,10 @@ class HostCore:
             self.drops["closed_flow"] += 1  # closed, not yet forgotten: nothing to deliver
         else:
             self._on_established(conn, sf, pkt, now, src)
+            if src == sf.remote_addr and (":" in dst[0]) != (":" in sf.local_addr[0]):
+                # The peer moved to another family (an RSYN it proved, reaching us on our
+                # interface of that family): answer from there, the only place that can.
+                sf.local_addr = dst
         self._wake(conn)
 
     def _established_server(self, conn: Connection) -> None:

@@ -29,6 +29,7 @@ from ..core.host import DatagramEndpoint, HostCore, Listener
 from ..naming.delegation import Delegation
 from ..naming.keys import ServiceKey
 from ..naming.service_id import ServiceID, ServiceLike, as_service_id, as_service_prefix
+from ..sal.inet import WILDCARDS, canonical_ip, format_address
 from ..sal.service_table import Rule, ServiceTable
 from ..tools.pcap import PcapWriter
 from ..transport.config import StreamConfig
@@ -78,17 +79,24 @@ def install_controller_factory(factory: ControllerFactory) -> None:
 
 
 def parse_address(text: str) -> Address:
-    """``"IP:PORT"`` (IPv4) to ``(ip, port)``, with a clear error naming the text."""
+    """``"IP:PORT"`` (IPv4) or ``"[IP]:PORT"`` (IPv6) to ``(ip, port)``, with a clear error
+    naming the text. An IPv6 address comes back in the text the kernel writes (so it
+    compares equal to the addresses datagrams arrive from)."""
     host, sep, port = text.strip().rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected an address as IP:PORT, got {text!r}")
+        raise ValueError(f"expected an address as IP:PORT or [IPv6]:PORT, got {text!r}")
+    bracketed = len(host) > 2 and host[0] == "[" and host[-1] == "]"
+    if bracketed:
+        host = host[1:-1]
     try:
-        ipaddress.IPv4Address(host)
-    except ValueError:
-        # The SAL carries IPv4 addresses (checksums, SOURCE paths): names are not resolved
+        # The SAL carries IP addresses (checksums, SOURCE paths): names are not resolved
         # here, so that a lookup can never stall the event loop.
-        raise ValueError(f"expected an IPv4 address in IP:PORT, got {text!r}") from None
-    return host, int(port)
+        version = ipaddress.ip_address(host).version
+    except ValueError:
+        raise ValueError(f"expected an IP address in IP:PORT, got {text!r}") from None
+    if (version == 6) != bracketed:
+        raise ValueError(f"an IPv6 address is written [IP]:PORT, an IPv4 one IP:PORT: {text!r}")
+    return (canonical_ip(host) if bracketed else host), int(port)
 
 
 class HostConfig(BaseModel):
@@ -158,7 +166,8 @@ class HostConfig(BaseModel):
 
 def _ip_present(ip: str) -> bool:
     """Whether this machine still has the address ``ip`` (binding to it is allowed)."""
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_DGRAM)
     try:
         probe.bind((ip, 0))
     except OSError as exc:
@@ -345,7 +354,8 @@ class Host:
         return ep.address
 
     async def remove_interface(self, address: str | Address, *, timeout: float = 2.0) -> None:
-        """Take an interface away: every flow on it migrates to the first remaining one
+        """Take an interface away: every flow on it migrates to the first remaining one of
+        its IP family (else the first remaining one)
         (waiting up to ``timeout`` for the moves to complete), then its socket closes."""
         core = self._require_core()
         local = self._known_interface(address)
@@ -379,7 +389,7 @@ class Host:
             await asyncio.sleep(interval)
             if len(self.endpoints) < 2:
                 continue
-            for local in [a for a in self.addresses if a[0] not in ("0.0.0.0", "")]:
+            for local in [a for a in self.addresses if a[0] not in WILDCARDS]:
                 if len(self.endpoints) >= 2 and not _ip_present(local[0]):
                     self.auto_removed.append(local)
                     # ValueError: removed meanwhile; RuntimeError: the host is closing.
@@ -389,8 +399,8 @@ class Host:
     def _known_interface(self, address: str | Address) -> Address:
         local = parse_address(address) if isinstance(address, str) else address
         if local not in self._by_address:
-            known = ", ".join(f"{a[0]}:{a[1]}" for a in self.addresses)
-            raise ValueError(f"{local[0]}:{local[1]} is not an interface of this host ({known})")
+            known = ", ".join(format_address(a) for a in self.addresses)
+            raise ValueError(f"{format_address(local)} is not an interface of this host ({known})")
         return local
 
     def _close_interface(self, local: Address) -> None:
@@ -442,14 +452,23 @@ class Host:
         if conn.closed:
             raise ServalMigrationError(f"the connection closed: {conn.error or 'closed'}")
 
-    async def migrate(self, conn: Connection, local: str | Address, timeout: float) -> None:
-        """Move ``conn`` to the interface ``local`` and wait until the peer confirmed."""
+    async def migrate(
+        self,
+        conn: Connection,
+        local: str | Address,
+        timeout: float,
+        remote: str | Address | None = None,
+    ) -> None:
+        """Move ``conn`` to the interface ``local`` (and the peer's address ``remote``, which
+        a move to the other IP family needs unless the peer advertised one) and wait until
+        the peer confirmed."""
         from .streams import ServalMigrationError
 
         core = self._require_core()
         try:
             target = self._known_interface(local)
-            started = core.migrate(conn, target, self._now())
+            there = parse_address(remote) if isinstance(remote, str) else remote
+            started = core.migrate(conn, target, self._now(), there)
         except ValueError as exc:
             raise ServalMigrationError(str(exc)) from None
         if not started:
@@ -465,7 +484,7 @@ class Host:
                 await self._waiters.wait_for(conn.conn_id, done)
         except TimeoutError:
             raise ServalMigrationError(
-                f"the peer did not confirm the move to {target[0]}:{target[1]} in {timeout} s"
+                f"the peer did not confirm the move to {format_address(target)} in {timeout} s"
             ) from None
         if conn.closed:
             raise ServalMigrationError(f"the connection closed: {conn.error or 'closed'}")
