@@ -26,7 +26,17 @@ class StreamConfig:
     max_retransmissions: int = 15  # consecutive data RTOs before the connection times out
     time_wait: float = 30.0
     idle_timeout: float | None = None  # abort after this long without hearing from the peer
-    keepalive: float | None = None  # probe after this long idle (needs idle_timeout to end)
+    # Liveness, on by default (README "NATs"): with nothing heard from the peer for
+    # `keepalive` seconds a probe goes out, and another every `keepalive` seconds while the
+    # silence lasts; after `keepalive_probes` unanswered probes (one more interval) the
+    # peer is taken for dead. 15 s keeps UDP NAT mappings open (common timeouts are 30 s
+    # and more) and, with 3 probes, finds a dead peer within 60 s. None: no probes.
+    keepalive: float | None = 15.0
+    keepalive_probes: int = 3
+    # RFC 5482's user timeout: give up when data sent stays unacknowledged this long (a
+    # peer that stopped answering), whatever the retransmission backoff. None: only
+    # `max_retransmissions` ends it.
+    user_timeout: float | None = 60.0
     control: ControlTimers = field(default_factory=ControlTimers)
     max_half_open: int = 500  # per listener, SYNs answered but not yet completed
     # Multipath: offer it in our SYNs (client), accept it when offered (server), and the
@@ -44,6 +54,14 @@ class StreamConfig:
         from .multipath import get_scheduler  # here: multipath needs this module's users
 
         get_scheduler(self.scheduler)  # an unknown name fails here, naming the known ones
+        if self.keepalive is not None and not self.keepalive > 0:
+            raise ValueError(f"keepalive must be positive seconds or None: {self.keepalive}")
+        if self.keepalive_probes < 1:
+            raise ValueError(f"keepalive_probes must be at least 1: {self.keepalive_probes}")
+        if self.user_timeout is not None and not self.user_timeout > 0:
+            raise ValueError(f"user_timeout must be positive seconds or None: {self.user_timeout}")
+        if self.idle_timeout is not None and not self.idle_timeout > 0:
+            raise ValueError(f"idle_timeout must be positive seconds or None: {self.idle_timeout}")
         if self.receive_buffer > 0x3FFFFFFF:
             raise ValueError("receive_buffer must be below 1 GiB (window scale limit)")
 
