@@ -17,14 +17,25 @@ Receive path, by packet kind (a dispatch on state, never an exception out of her
   way. One for a service we do not serve is answered with RST.
 * otherwise the flow table names the subflow; a packet for an unknown flow gets RST (unless
   it is itself a RST).
+
+NAT traversal through a router (README "NATs"): a client's SYN or datagram carries a RELAY
+marker, which the first router fills in with the client's address and a tag (a MAC under
+the router's rotating secret). An instance answering a SYN forwarded by a trusted forwarder
+sends its SYN-ACK to the client directly and a copy with the RELAY to that forwarder; a
+router relays a packet only to an address its own tag names, and the client, told by the
+relayed copy where the instance is, sends its third ACK there directly (which opens its
+NAT). Datagram answers to a client heard only through a router go back through it until
+the client is heard directly.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 import random
-from collections import Counter, deque
+import secrets
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -32,7 +43,16 @@ from ..naming.service_id import ServiceID, ServiceLike, as_service_id
 from ..sal.checksum import BytesLike
 from ..sal.control import MASK32
 from ..sal.errors import MalformedPacket
-from ..sal.extensions import AddAddrExt, ControlExt, ControlFlags, DssExt, JoinExt, ServiceExt
+from ..sal.extensions import (
+    AddAddrExt,
+    ControlExt,
+    ControlFlags,
+    DssExt,
+    Extension,
+    JoinExt,
+    RelayExt,
+    ServiceExt,
+)
 from ..sal.flow_table import FlowTable
 from ..sal.forwarding import (
     FAST_SYN,
@@ -63,6 +83,9 @@ Address = tuple[str, int]
 MAX_DATAGRAM: Final = 65507 - 12 - 72 - 8  # UDP payload limit less SAL and UDP headers
 _ZERO_NONCE: Final = bytes(8)
 _MAX_HELD_SYN: Final = 2048  # bytes: 1,024 held SYNs stay within 2 MiB
+_RELAY_BYTES: Final = 16
+RELAY_KEY_LIFETIME: Final = 120.0  # s: a router's relay tags stay good for 2 to 4 minutes
+MAX_DATAGRAM_RELAYS: Final = 4096  # clients whose datagram answers go back via a router
 
 
 class NoRoute(Exception):
@@ -123,6 +146,7 @@ class HostCore:
         forwarding: bool = False,
         max_delayed: int = 1024,
         delay_timeout: float = 10.0,
+        nat_relay: bool = True,
     ) -> None:
         if not addresses:
             raise ValueError("a host needs at least one address")
@@ -162,6 +186,16 @@ class HostCore:
         self.delay_timeout = delay_timeout
         self.delay_requests: list[ServiceID] = []
         self._asking: set[ServiceID] = set()
+        # NATs (see the module docstring): whether our SYNs and datagrams to a service carry
+        # the RELAY marker (off only for a peer that refuses unknown extensions); a router's
+        # two tag secrets (current, previous), rotated every RELAY_KEY_LIFETIME seconds;
+        # the relayed copies of our half-open SYN-ACKs (conn_id -> forwarder, RELAY); where
+        # datagram answers to a client heard only through a router go (LRU-bounded).
+        self.nat_relay = nat_relay
+        self._relay_keys = (secrets.token_bytes(16), secrets.token_bytes(16))
+        self._relay_rotate_at: float | None = None
+        self._synack_relays: dict[int, tuple[Address, RelayExt]] = {}
+        self._datagram_relays: OrderedDict[Address, tuple[Address, bytes]] = OrderedDict()
 
     # -- events -------------------------------------------------------------------------
     def _emit(self, event: Event) -> None:
@@ -275,14 +309,16 @@ class HostCore:
         remote = self._resolve(dst) if to is None else to
         if remote is None:
             raise NoRoute(f"no route to service {dst.hex}")
-        pkt = SalPacket(
-            ep.flowid,
-            0,
-            PROTO_UDP,
-            [ServiceExt(dst), ServiceExt(ep.service_id)],
-            UdpHeader(),
-            data,
-        )
+        exts: list[Extension] = [ServiceExt(dst), ServiceExt(ep.service_id)]
+        relay = self._datagram_relays.get(remote) if to is not None else None
+        if relay is not None and len(data) <= MAX_DATAGRAM - _RELAY_BYTES:
+            # Heard only through a router so far: its NAT may let only the router in.
+            exts.append(RelayExt(remote, relay[1]))
+            remote = relay[0]
+            self.stats["datagram_relay_requests"] += 1
+        elif self._wants_relay(remote) and len(data) <= MAX_DATAGRAM - _RELAY_BYTES:
+            exts.append(RelayExt())  # an answer may come back through the router
+        pkt = SalPacket(ep.flowid, 0, PROTO_UDP, exts, UdpHeader(), data)
         self._send(pkt, self.addresses[0], remote)
 
     # -- routing ------------------------------------------------------------------------
@@ -310,7 +346,7 @@ class HostCore:
             self.drops["no_rebroadcast"] += 1
             return
         try:
-            out = forward_packet(data, pkt, src, dst, hop)
+            out = forward_packet(data, pkt, src, dst, hop, self._relay_tag)
         except ForwardRefused as exc:
             self.drops[exc.reason] += 1
             return
@@ -342,6 +378,62 @@ class HostCore:
             self._out.append((out, dst, hop))
             self.stats["forwarded_syn" if kind == FAST_SYN else "forwarded_datagram"] += 1
         return True
+
+    # -- NAT relay ----------------------------------------------------------------------
+    def _wants_relay(self, hop: Address | None) -> bool:
+        """Whether a SYN or datagram to ``hop`` carries the RELAY marker: only to a
+        forwarder we trust (our router, a static route's target), so what goes straight
+        to a peer keeps the reference's layout."""
+        return self.nat_relay and hop is not None and hop in self.trusted_forwarders
+
+    def _relay_tag(self, address: Address, key: bytes | None = None) -> bytes:
+        """A router's tag for ``address``: only this router can make it, and it names
+        the address (so a relay request cannot send anything anywhere else)."""
+        msg = f"{address[0]}:{address[1]}".encode()
+        return hashlib.blake2b(msg, digest_size=8, key=key or self._relay_keys[0]).digest()
+
+    def _relay_tag_ok(self, address: Address, tag: bytes) -> bool:
+        return any(
+            secrets.compare_digest(self._relay_tag(address, k), tag) for k in self._relay_keys
+        )
+
+    def _rotate_relay_keys(self, now: float) -> None:
+        at = self._relay_rotate_at
+        if at is None:
+            self._relay_rotate_at = now + RELAY_KEY_LIFETIME
+        elif now >= at:
+            self._relay_keys = (secrets.token_bytes(16), self._relay_keys[0])
+            self._relay_rotate_at = now + RELAY_KEY_LIFETIME
+
+    def _relay(self, pkt: SalPacket, relay: RelayExt, src: Address, dst: Address) -> None:
+        """A router: an instance's answer to a client behind a NAT, sent on to the client
+        from the address the client sent to, naming the instance (``src``)."""
+        if not self._relay_tag_ok(relay.address, relay.tag):
+            self.drops["relay_bad_tag"] += 1
+            return
+        ctl = pkt.control
+        if pkt.dst_flowid:
+            want = ControlFlags.SYN | ControlFlags.ACK
+            if ctl is None or ctl.flags & want != want or ctl.flags & ControlFlags.RST:
+                self.drops["relay_not_synack"] += 1  # only handshake answers go this way
+                return
+        elif pkt.protocol != PROTO_UDP or pkt.udp is None:
+            self.drops["relay_not_datagram"] += 1
+            return
+        exts = [RelayExt(src) if e is relay else e for e in pkt.extensions]
+        out = SalPacket(pkt.src_flowid, pkt.dst_flowid, pkt.protocol, exts, pkt.transport)
+        out.payload = pkt.payload
+        self._send(out, dst, relay.address)
+        self.stats["relayed"] += 1
+
+    def _send_relayed(self, pkt: SalPacket, local: Address, via: Address, relay: RelayExt) -> None:
+        """A copy of ``pkt`` to the forwarder ``via``, asking it to relay it."""
+        pkt.extensions.append(relay)
+        try:
+            self._send(pkt, local, via)
+        finally:
+            pkt.extensions.pop()
+        self.stats["relay_requests"] += 1
 
     # -- DELAY --------------------------------------------------------------------------
     def _ask(self, sid: ServiceID) -> None:
@@ -416,6 +508,13 @@ class HostCore:
     def _send_all(self, conn: Connection, pkts: list[SalPacket]) -> None:
         if not pkts or not conn.subflows:
             return
+        if self._synack_relays and conn.state is State.SYN_RECEIVED:
+            relay = self._synack_relays.get(conn.conn_id)
+            if relay is not None:  # a retransmitted SYN-ACK goes both ways again
+                for p in pkts:
+                    ctl = p.control
+                    if ctl is not None and ctl.flags & ControlFlags.SYN:
+                        self._send_relayed(p, conn.primary.local_addr, *relay)
         if len(conn.subflows) > 1:
             self._send_multipath(conn, pkts)
             return
@@ -566,6 +665,8 @@ class HostCore:
                 conn.emit(ConnectionFailed(conn.conn_id, conn.error))
             return  # a DELAY/DROP rule now may change: retransmissions try again
         sf.remote_addr = remote
+        if self._wants_relay(remote):
+            pkt.extensions.append(RelayExt())  # the router may relay the SYN-ACK back
         self._send(pkt, sf.local_addr, remote)
 
     def _schedule(self, conn: Connection) -> None:
@@ -585,6 +686,7 @@ class HostCore:
         if conn.mp is not None and self.mp_tokens.get(conn.mp.local_token) is conn:
             self.mp_tokens.pop(conn.mp.local_token, None)
         conn.scheduled = None
+        self._synack_relays.pop(conn.conn_id, None)
         key = conn.peer_key
         if key is not None:
             self._peer_flows.pop(key, None)
@@ -622,10 +724,11 @@ class HostCore:
     def on_unreachable(self, remote: Address, now: float, reason: str = "unreachable") -> None:
         """The network said ``remote`` cannot be reached (ICMP port/host unreachable).
 
-        A connection still in SYN_SENT towards it fails at once (like ECONNREFUSED); an
-        established one is reset after three such errors with nothing heard in between
-        (one could be stale, from before a restart at the same address). A flow that is
-        migrating ignores them.
+        A connection still in SYN_SENT towards it fails at once (like ECONNREFUSED). For an
+        established one it is a soft error, as Linux TCP and QUIC take it: a NAT whose
+        mapping expired answers this way, and the peer's next packet (from a new port,
+        adopted through the address challenge) saves the flow, so it is counted and left
+        to the keepalive and user timeouts. A flow that is migrating ignores them.
         """
         self.stats["icmp_unreachable"] += 1
         for conn in list(self.connections.values()):
@@ -638,12 +741,8 @@ class HostCore:
                 conn.error = f"service unreachable: {reason} from {remote[0]}:{remote[1]}"
                 conn.emit(ConnectionFailed(conn.conn_id, conn.error))
             elif conn.state is State.ESTABLISHED:
-                if conn.last_heard != conn.unreachable_since:
-                    conn.unreachable_since = conn.last_heard
-                    conn.unreachable_count = 0
                 conn.unreachable_count += 1
-                if conn.unreachable_count >= 3:
-                    conn.abort_with(f"peer unreachable: {reason}", send_rst=False)
+                self.stats["icmp_soft_error"] += 1
             self._wake(conn)
 
     def _internal_error(self, exc: BaseException) -> None:
@@ -668,6 +767,12 @@ class HostCore:
             self.drops["internal_error"] += 1
             return
         try:
+            if self.forwarding:
+                self._rotate_relay_keys(now)
+                relay = pkt.find(RelayExt)
+                if relay is not None and relay.is_request and pkt.source is None:
+                    self._relay(pkt, relay, src, dst)
+                    return
             if pkt.dst_flowid == 0:
                 self._on_unconnected(pkt, data, src, dst, now)
             else:
@@ -718,6 +823,7 @@ class HostCore:
         listener = res.listener
         path = pkt.source_path()
         untrusted_path = False
+        hop = src
         if path is not None:
             # A forwarded SYN: answer the client directly, not the forwarder. Anyone can
             # write a SOURCE path, so for one not from a known forwarder (our router or a
@@ -733,7 +839,11 @@ class HostCore:
             sf = existing.primary
             if existing.state is State.SYN_RECEIVED:
                 sf.handshake_sent_at = None  # two SYN-ACKs out: no RTT sample (Karn)
-                self._send(sf.synack_packet(sf.control.resend()), sf.local_addr, src)
+                synack = sf.synack_packet(sf.control.resend())
+                self._send(synack, sf.local_addr, src)
+                relay = self._synack_relays.get(existing.conn_id)
+                if relay is not None:
+                    self._send_relayed(synack, sf.local_addr, *relay)
             self.stats["duplicate_syn"] += 1
             return
         if len(listener.half_open) >= self.config.max_half_open:
@@ -765,6 +875,14 @@ class HostCore:
             sf.control.max_retries = 0
             self.stats["syn_untrusted_path"] += 1
         self._send(synack, dst, src)
+        marker = pkt.find(RelayExt) if path is not None and not untrusted_path else None
+        if marker is not None and marker.is_request and self.nat_relay:
+            # The client may be behind a NAT that lets in only the router it sent to: a
+            # copy goes back through that router (the forwarder we trust; on a longer path
+            # the first router's tag is not the last one's, and it refuses: README "NATs").
+            entry = (hop, RelayExt(marker.address, marker.tag))
+            self._synack_relays[conn.conn_id] = entry
+            self._send_relayed(synack, dst, *entry)
         self._schedule(conn)
 
     def _on_join(
@@ -828,8 +946,25 @@ class HostCore:
             return
         via = src
         path = pkt.source_path()
+        relay = pkt.find(RelayExt) if len(pkt.extensions) > 2 else None
         if path is not None:
             src = path[0]  # forwarded: the original sender
+            if (
+                relay is not None
+                and relay.is_request
+                and via in self.trusted_forwarders
+                and relay.address == src
+            ):
+                # Answers go back through that router until the sender is heard directly.
+                relays = self._datagram_relays
+                relays[src] = (via, relay.tag)
+                relays.move_to_end(src)
+                if len(relays) > MAX_DATAGRAM_RELAYS:
+                    relays.popitem(last=False)
+        elif relay is not None and relay.is_relayed and via in self.trusted_forwarders:
+            src = relay.address  # our router relayed an instance's answer
+        elif self._datagram_relays:
+            self._datagram_relays.pop(src, None)  # heard directly: answer directly
         if res is None or not isinstance(res.listener, DatagramEndpoint):
             self.drops["datagram_no_service"] += 1
             self._send(self._rst_for(pkt, None), dst, src)
@@ -861,6 +996,16 @@ class HostCore:
         sf = target
         conn = sf.conn
         state = conn.state
+        if state is not State.SYN_RECEIVED and pkt.extensions:
+            ctl = pkt.control
+            if ctl is not None and ctl.flags & ControlFlags.SYN and ctl.flags & ControlFlags.ACK:
+                relay = pkt.find(RelayExt)
+                if relay is not None and relay.is_relayed:
+                    # A SYN-ACK our router relayed: the instance is at relay.address (the
+                    # handshake's numbers prove the SYN-ACK answers our SYN); the third
+                    # ACK goes there directly and opens our NAT towards it.
+                    src = relay.address
+                    self.stats["relayed_synack"] += 1
         if state is State.SYN_SENT:
             if not conn.on_synack(sf, pkt, src, now):
                 self._maybe_reset(conn, sf, pkt, src)
@@ -880,6 +1025,11 @@ class HostCore:
                 sf.handshake_sent_at = None  # its eventual answer will not time the path
             elif conn.on_handshake_ack(sf, pkt, now):
                 self._established_server(conn)
+                self._synack_relays.pop(conn.conn_id, None)
+                if src != sf.remote_addr and conn.state is State.ESTABLISHED:
+                    # The third ACK of a client behind a NAT that maps each destination to
+                    # its own port (symmetric): the address challenge adopts the new port.
+                    self._from_elsewhere(conn, sf, pkt, src, now)
                 tcp = pkt.tcp
                 if tcp is not None and conn.state is State.ESTABLISHED:
                     dss = pkt.find(DssExt) if conn.mp is not None else None

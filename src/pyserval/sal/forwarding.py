@@ -8,17 +8,19 @@ hop, or itself, already on the path drops the packet (a loop), as does one that 
 the path longer than SOURCE can hold.
 
 Only the SAL header is rebuilt: the transport header and payload are copied unchanged, so
-the forwarded bytes are what the original sender wrote apart from the path.
+the forwarded bytes are what the original sender wrote apart from the path (and a RELAY
+marker, which the first forwarder fills in with the sender's address and its tag).
 """
 
 from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Callable
 from typing import Final
 
 from .checksum import BytesLike
-from .extensions import SOURCE_MAX, ExtType, PadExt, SourceExt, SourcePortsExt
+from .extensions import SOURCE_MAX, ExtType, PadExt, RelayExt, SourceExt, SourcePortsExt
 from .packet import SalPacket
 
 __all__ = [
@@ -51,14 +53,21 @@ class ForwardRefused(Exception):
 
 
 def forward_packet(
-    data: BytesLike, pkt: SalPacket, came_from: Address, me: Address, next_hop: Address
+    data: BytesLike,
+    pkt: SalPacket,
+    came_from: Address,
+    me: Address,
+    next_hop: Address,
+    relay_tag: Callable[[Address], bytes] | None = None,
 ) -> bytes:
     """The bytes to send to ``next_hop`` for ``pkt`` (decoded from ``data``).
 
     ``came_from`` is the address the packet arrived from, ``me`` the local address it
-    arrived on. Raises :class:`ForwardRefused` ("loop", "path_too_long", "not_ipv4").
+    arrived on. On the first hop, ``relay_tag`` (the forwarder's MAC of an address) fills
+    in a RELAY marker. Raises :class:`ForwardRefused` ("loop", "path_too_long", "not_ipv4").
     """
     path = pkt.source_path()
+    first_hop = path is None
     if path is None:
         path = [came_from]
     # A forwarder bound to the wildcard address cannot name itself: it is recorded as it
@@ -69,6 +78,12 @@ def forward_packet(
         raise ForwardRefused("path_too_long", f"{len(path)} hops")
     path.append(me)
     kept = [e for e in pkt.extensions if type(e) not in (SourceExt, SourcePortsExt, PadExt)]
+    if first_hop:
+        for i, e in enumerate(kept):
+            if type(e) is RelayExt and e.is_marker:
+                kept[i] = (
+                    RelayExt(came_from, relay_tag(came_from)) if relay_tag is not None else e
+                )
     kept.append(SourceExt(tuple(ip for ip, _ in path)))
     kept.append(SourcePortsExt(tuple(port for _, port in path)))
     try:
@@ -138,8 +153,14 @@ def _scan_extensions(data: bytes, hlen: int, protocol: int) -> tuple[int, int, i
                 return None
             if service < 0:
                 service = int.from_bytes(data[i + 4 : i + 36], "big")
-        elif ext_type == ExtType.SOURCE or ext_type == ExtType.SOURCE_PORTS:
-            return None  # a later hop: the general path extends the list
+        elif (
+            ext_type == ExtType.SOURCE
+            or ext_type == ExtType.SOURCE_PORTS
+            or ext_type == ExtType.RELAY
+        ):
+            # A later hop (the general path extends the list), or a RELAY marker for the
+            # general path to fill in.
+            return None
         i += length
     if service < 0 or count > 8:
         return None

@@ -24,6 +24,7 @@ from .extensions import (
     JoinExt,
     MpCapableExt,
     PadExt,
+    RelayExt,
     ServiceExt,
     SourceExt,
     SourcePortsExt,
@@ -50,6 +51,7 @@ _EXT_DECODERS: Final[dict[int, Callable[[memoryview], Extension]]] = {
     ExtType.DSS: DssExt.decode,
     ExtType.JOIN: JoinExt.decode,
     ExtType.ADD_ADDR: AddAddrExt.decode,
+    ExtType.RELAY: RelayExt.decode,
 }
 
 Transport = TcpHeader | UdpHeader
