@@ -352,7 +352,7 @@ def _pair(config: StreamConfig, kind: str | None = None) -> Behind:
 def test_liveness_defaults() -> None:
     cfg = StreamConfig()
     assert cfg.keepalive is not None and cfg.keepalive <= 25.0
-    assert cfg.keepalive * (cfg.keepalive_probes + 1) <= 60.0
+    assert cfg.keepalive + cfg.keepalive_probes * cfg.keepalive_interval <= 60.0
     assert cfg.user_timeout is not None and cfg.user_timeout <= 60.0
     with pytest.raises(ValueError, match="keepalive"):
         StreamConfig(keepalive=0)
@@ -402,7 +402,7 @@ def test_user_timeout_ends_a_transfer_that_stays_unacknowledged() -> None:
 def test_keepalive_alone_sends_probes_and_keeps_a_nat_mapping_open() -> None:
     # keepalive without idle_timeout (silently ignored before issue 19); a NAT that forgets
     # a mapping after 30 s idle: the server's data still gets in after 10 minutes.
-    cfg = StreamConfig(keepalive=20.0)
+    cfg = StreamConfig(keepalive=20.0, keepalive_interval=20.0)
     b = Behind("port-restricted", config=cfg)
     b.nat.timeout = 30.0
     c, s, _ = b.connect()

@@ -1,8 +1,8 @@
 """Liveness against real processes: a peer SIGKILLed or SIGSTOPped is noticed in bounded
 time by an idle reader (keepalive) and by a sender (user timeout), as
 ``anyio.BrokenResourceError`` from the stream. Short intervals are configured here; the
-defaults (15 s keepalive, 3 probes, 60 s user timeout) are checked in the simulator
-(tests/test_core_nat.py)."""
+defaults (a first probe after 15 s, then 9 probes 5 s apart, a 60 s user timeout) are
+checked in the simulator (tests/test_core_nat.py)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def _client(server: Peer, *args: str) -> Peer:
 def test_an_idle_reader_learns_of_a_dead_or_stopped_peer_by_keepalive(sig: signal.Signals) -> None:
     with _server("hold") as server:
         limits = ["--keepalive", "0.5", "--keepalive-probes", "2", "--user-timeout", "0"]
+        limits += ["--keepalive-interval", "0.5"]
         with _client(server, "--direction", "idle", *limits) as c:
             c.wait_for("^TRANSFERRING$", 20)
             time.sleep(0.2)

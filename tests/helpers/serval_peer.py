@@ -28,8 +28,8 @@ Clients print one line ``RESULT {json}`` and exit 0 on success:
   was raised within ``--deadline`` seconds (a hang).
 
 Stream settings (``--mss``, ``--buffer``, ``--max-retransmissions``, ``--max-rto``,
-``--idle-timeout``, ``--keepalive``, ``--keepalive-probes``, ``--user-timeout``) apply to
-both sides' ``StreamConfig``.
+``--idle-timeout``, ``--keepalive``, ``--keepalive-interval``, ``--keepalive-probes``,
+``--user-timeout``) apply to both sides' ``StreamConfig``.
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ def stream_config(args: argparse.Namespace) -> StreamConfig:
         fields["idle_timeout"] = args.idle_timeout
     if args.keepalive is not None:
         fields["keepalive"] = args.keepalive if args.keepalive > 0 else None
+    if args.keepalive_interval is not None:
+        fields["keepalive_interval"] = args.keepalive_interval
     if args.keepalive_probes is not None:
         fields["keepalive_probes"] = args.keepalive_probes
     if args.user_timeout is not None:
@@ -291,6 +293,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     common.add_argument("--max-rto", type=float)
     common.add_argument("--idle-timeout", type=float)
     common.add_argument("--keepalive", type=float, help="seconds; 0 turns it off")
+    common.add_argument("--keepalive-interval", type=float)
     common.add_argument("--keepalive-probes", type=int)
     common.add_argument("--user-timeout", type=float, help="seconds; 0 turns it off")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

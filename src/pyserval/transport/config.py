@@ -26,13 +26,16 @@ class StreamConfig:
     max_retransmissions: int = 15  # consecutive data RTOs before the connection times out
     time_wait: float = 30.0
     idle_timeout: float | None = None  # abort after this long without hearing from the peer
-    # Liveness, on by default (README "NATs"): with nothing heard from the peer for
-    # `keepalive` seconds a probe goes out, and another every `keepalive` seconds while the
-    # silence lasts; after `keepalive_probes` unanswered probes (one more interval) the
-    # peer is taken for dead. 15 s keeps UDP NAT mappings open (common timeouts are 30 s
-    # and more) and, with 3 probes, finds a dead peer within 60 s. None: no probes.
+    # Liveness, on by default (README "NATs"), as Linux's TCP_KEEPIDLE/KEEPINTVL/KEEPCNT:
+    # with nothing heard from the peer for `keepalive` seconds a probe goes out, then one
+    # every `keepalive_interval` seconds while the silence lasts; when `keepalive_probes`
+    # probes went unanswered (one interval after the last) the peer is taken for dead.
+    # 15 s keeps UDP NAT mappings open (common timeouts are 30 s and more); with 9 probes
+    # 5 s apart a dead peer is found 60 s after it was last heard, and a live one behind
+    # heavy loss is not (each probe and its answer is another chance). None: no probes.
     keepalive: float | None = 15.0
-    keepalive_probes: int = 3
+    keepalive_interval: float = 5.0
+    keepalive_probes: int = 9
     # RFC 5482's user timeout: give up when data sent stays unacknowledged this long (a
     # peer that stopped answering), whatever the retransmission backoff. None: only
     # `max_retransmissions` ends it.
@@ -56,6 +59,8 @@ class StreamConfig:
         get_scheduler(self.scheduler)  # an unknown name fails here, naming the known ones
         if self.keepalive is not None and not self.keepalive > 0:
             raise ValueError(f"keepalive must be positive seconds or None: {self.keepalive}")
+        if not self.keepalive_interval > 0:
+            raise ValueError(f"keepalive_interval must be positive: {self.keepalive_interval}")
         if self.keepalive_probes < 1:
             raise ValueError(f"keepalive_probes must be at least 1: {self.keepalive_probes}")
         if self.user_timeout is not None and not self.user_timeout > 0:

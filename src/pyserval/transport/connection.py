@@ -1633,14 +1633,20 @@ class Connection:
                 latest = w
         return latest
 
+    def _control_outstanding(self) -> bool:
+        """A control packet (SAL FIN, RSYN, JOIN) awaits its answer: its own retransmissions
+        keep the path busy and decide when to give up, so keepalives wait."""
+        return any(sf.control.deadline is not None for sf in self.subflows)
+
     def _liveness_deadline(self) -> float | None:
         """The earliest of the idle timeout, the next keepalive probe (or the end of the
         probes) and the user timeout."""
         cfg = self.config
         heard = self.last_heard
         best = None if cfg.idle_timeout is None else heard + cfg.idle_timeout
-        if cfg.keepalive is not None:
-            d = heard + cfg.keepalive * (self.keepalives_sent + 1)
+        if cfg.keepalive is not None and not self._control_outstanding():
+            # The next probe, or (all sent) the end of the wait for an answer.
+            d = heard + cfg.keepalive + self.keepalives_sent * cfg.keepalive_interval
             if best is None or d < best:
                 best = d
         if cfg.user_timeout is not None:
@@ -1662,16 +1668,17 @@ class Connection:
                 self.time_out(f"user timeout: data unacknowledged for {now - waiting:.1f} s")
                 return True
         ka = cfg.keepalive
-        if ka is None:
+        if ka is None or self._control_outstanding():
             return False
         probes = cfg.keepalive_probes
-        if now >= heard + ka * (probes + 1):
+        interval = cfg.keepalive_interval
+        if now >= heard + ka + probes * interval:
             self.time_out(f"peer silent for {now - heard:.1f} s: {probes} keepalives unanswered")
             return True
-        if now >= heard + ka * (self.keepalives_sent + 1):
+        if now >= heard + ka + self.keepalives_sent * interval:
             # Count the intervals that passed (a late timer sends one probe, not several).
-            passed = max(int((now - heard) // ka), self.keepalives_sent + 1)  # float-safe
-            self.keepalives_sent = min(passed, probes)
+            passed = 1 + int((now - heard - ka) // interval)
+            self.keepalives_sent = min(max(passed, self.keepalives_sent + 1), probes)
             sf = self.primary
             # An already-acknowledged sequence number: the peer answers with an ACK, and
             # both ends' NAT mappings see a packet go out.
