@@ -480,3 +480,40 @@ def test_icmp_from_a_nat_is_soft_for_an_established_flow_and_hard_for_a_syn() ->
     net.run_for(0.1)
     assert conn.state is State.CLOSED and "unreachable" in (conn.error or "")
     assert any(isinstance(e, ConnectionFailed) for e in lone.events())
+
+
+@pytest.mark.parametrize("what", ["syn", "datagram", "syn-padded"])
+def test_a_relay_marker_is_filled_in_alike_by_the_fast_and_the_general_path(what: str) -> None:
+    from pyserval.sal import PadExt
+    from pyserval.sal.forwarding import forward_packet
+
+    client = HostCore([C1], rng=random.Random(7))
+    client.service_table.add("0" * 64 + "/0", Rule.forward(ROUTER))
+    client.trusted_forwarders.add(ROUTER)
+    if what.startswith("syn"):
+        client.connect("svc", 0.0)
+    else:
+        client.send_datagram(client.bind_datagram("me"), "dgram", b"ping")
+    ((data, _, _),) = client.datagrams_to_send(0.0)
+    if what == "syn-padded":  # the marker at an odd offset: the checksum's other half
+        pkt = decode_packet(data)
+        pkt.extensions.insert(2, PadExt())
+        data = pkt.encode(C1[0], ROUTER[0])
+    marker = decode_packet(data).find(RelayExt)
+    assert marker is not None and marker.is_marker
+    router = HostCore([ROUTER], rng=random.Random(2), forwarding=True)
+    router.service_table.add("0" * 64 + "/0", Rule.forward(SERVER))
+    router.receive_datagram(data, C1, ROUTER, 0.0)  # the fast path
+    ((fast, _, hop),) = router.datagrams_to_send(0.0)
+    assert hop == SERVER and router.drops == {}
+    general = forward_packet(data, decode_packet(data), C1, ROUTER, SERVER, router._relay_tag)
+    if what != "syn-padded":
+        assert fast == general
+    else:  # the general path drops PAD; the fast one keeps every byte it does not fill
+        def exts(raw: bytes) -> list[object]:
+            return [e for e in decode_packet(raw).extensions if type(e) is not PadExt]
+
+        assert exts(fast) == exts(general)
+    filled = decode_packet(fast).find(RelayExt)  # the checksum holds: it decodes
+    assert filled is not None and filled.address == C1 and filled.is_request
+    assert router._relay_tag_ok(C1, filled.tag) and not router._relay_tag_ok(C2, filled.tag)

@@ -57,8 +57,10 @@ from ..sal.flow_table import FlowTable
 from ..sal.forwarding import (
     FAST_SYN,
     ForwardRefused,
+    fill_relay_marker,
     first_hop_bytes,
     forward_packet,
+    relay_marker_at,
     scan_for_forwarding,
 )
 from ..sal.packet import SalPacket, decode_packet
@@ -194,6 +196,7 @@ class HostCore:
         self.nat_relay = nat_relay
         self._relay_keys = (secrets.token_bytes(16), secrets.token_bytes(16))
         self._relay_rotate_at: float | None = None
+        self._relay_tags: dict[Address, bytes] = {}  # address -> tag under the current key
         self._synack_relays: dict[int, tuple[Address, RelayExt]] = {}
         self._datagram_relays: OrderedDict[Address, tuple[Address, bytes]] = OrderedDict()
 
@@ -372,6 +375,10 @@ class HostCore:
         else:
             try:
                 out = first_hop_bytes(data, hlen, src, dst)
+                if hlen != 68 and (kind == FAST_SYN or hlen != 84):  # not a plain layout
+                    at = relay_marker_at(out, hlen)
+                    if at >= 0:
+                        out = fill_relay_marker(out, at, src, self._relay_tag(src))
             except OSError:  # not IPv4: the general path refuses it properly
                 res.entry.hits -= 1
                 return False
@@ -389,8 +396,16 @@ class HostCore:
     def _relay_tag(self, address: Address, key: bytes | None = None) -> bytes:
         """A router's tag for ``address``: only this router can make it, and it names
         the address (so a relay request cannot send anything anywhere else)."""
+        if key is None:
+            tag = self._relay_tags.get(address)
+            if tag is None:
+                if len(self._relay_tags) >= 4096:
+                    self._relay_tags.clear()  # many clients: start again rather than grow
+                tag = self._relay_tag(address, self._relay_keys[0])
+                self._relay_tags[address] = tag
+            return tag
         msg = f"{address[0]}:{address[1]}".encode()
-        return hashlib.blake2b(msg, digest_size=8, key=key or self._relay_keys[0]).digest()
+        return hashlib.blake2b(msg, digest_size=8, key=key).digest()
 
     def _relay_tag_ok(self, address: Address, tag: bytes) -> bool:
         return any(
@@ -403,6 +418,7 @@ class HostCore:
             self._relay_rotate_at = now + RELAY_KEY_LIFETIME
         elif now >= at:
             self._relay_keys = (secrets.token_bytes(16), self._relay_keys[0])
+            self._relay_tags.clear()
             self._relay_rotate_at = now + RELAY_KEY_LIFETIME
 
     def _relay(self, pkt: SalPacket, relay: RelayExt, src: Address, dst: Address) -> None:

@@ -27,8 +27,10 @@ __all__ = [
     "FAST_DATAGRAM",
     "FAST_SYN",
     "ForwardRefused",
+    "fill_relay_marker",
     "first_hop_bytes",
     "forward_packet",
+    "relay_marker_at",
     "scan_for_forwarding",
 ]
 
@@ -42,6 +44,8 @@ _SOURCE_HEAD: Final = bytes((ExtType.SOURCE << 4, 12, 0, 0))
 _ADDED_WORDS: Final = 5  # SOURCE with two addresses (12 bytes) + SOURCE_PORTS with two (8)
 _SYN, _ACK = 0x80, 0x20  # CONTROL flags as plain ints (IntFlag operators are slow)
 _suffix_cache: dict[tuple[Address, Address], tuple[bytes, int]] = {}
+_NO_RELAY: Final = bytes(14)  # a RELAY marker's body: no address, no tag
+_RELAY_HEAD: Final = ExtType.RELAY << 4
 
 
 class ForwardRefused(Exception):
@@ -153,14 +157,10 @@ def _scan_extensions(data: bytes, hlen: int, protocol: int) -> tuple[int, int, i
                 return None
             if service < 0:
                 service = int.from_bytes(data[i + 4 : i + 36], "big")
-        elif (
-            ext_type == ExtType.SOURCE
-            or ext_type == ExtType.SOURCE_PORTS
-            or ext_type == ExtType.RELAY
-        ):
-            # A later hop (the general path extends the list), or a RELAY marker for the
-            # general path to fill in.
-            return None
+        elif ext_type == ExtType.SOURCE or ext_type == ExtType.SOURCE_PORTS:
+            return None  # a later hop: the general path extends the list
+        elif ext_type == ExtType.RELAY and (length != 16 or data[i + 2 : i + 16] != _NO_RELAY):
+            return None  # malformed, or not a bare marker: the general path decides
         i += length
     if service < 0 or count > 8:
         return None
@@ -214,4 +214,42 @@ def first_hop_bytes(data: bytes, hlen: int, came_from: Address, me: Address) -> 
             suffix,
             data[hlen:],
         )
+    )
+
+
+def relay_marker_at(data: bytes, hlen: int) -> int:
+    """The offset of a bare RELAY marker in the SAL header ``data[:hlen]`` (well-formed, as
+    :func:`scan_for_forwarding` checked), or -1."""
+    i = 12
+    while i < hlen:
+        head = data[i]
+        if head == 0:
+            i += 1
+            continue
+        length = data[i + 1]
+        if head == _RELAY_HEAD and length == 16 and data[i + 2 : i + 16] == _NO_RELAY:
+            return i
+        i += length
+    return -1
+
+
+def fill_relay_marker(data: bytes, at: int, came_from: Address, tag: bytes) -> bytes:
+    """``data`` with the RELAY marker at ``at`` filled in (the sender's address as this
+    first forwarder sees it, and its tag), the SAL header checksum updated incrementally
+    (RFC 1624: the marker's body was zero, so the new body's words are simply added).
+    Raises OSError when the address is not IPv4 text."""
+    body = came_from[1].to_bytes(2, "big") + socket.inet_aton(came_from[0]) + tag
+    start = at + 2
+    # Whole 16-bit words from the header's start: an odd start shares its first word.
+    words = (b"\0" + body) if start & 1 else body
+    if len(words) & 1:
+        words += b"\0"
+    added = int.from_bytes(words, "big") % 0xFFFF  # 2**16 = 1 (mod 0xFFFF): the word sum
+    old = (data[10] << 8) | data[11]
+    total = (0xFFFF - old) + added
+    total = (total & 0xFFFF) + (total >> 16)
+    total = (total & 0xFFFF) + (total >> 16)
+    check = 0xFFFF - total
+    return b"".join(
+        (data[:10], bytes((check >> 8, check & 0xFF)), data[12:start], body, data[start + 14 :])
     )
