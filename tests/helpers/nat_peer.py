@@ -5,7 +5,8 @@ Run as a script (``PYTHONPATH`` must reach ``src``), each in its own namespace::
     python tests/helpers/nat_peer.py instance --router 192.0.2.1:7000 --listen 192.0.2.10:0
     python tests/helpers/nat_peer.py client CASE --router 192.0.2.1:7000 --listen 10.200.1.2:0
 
-``instance`` registers with the router: ``nat-echo`` (echo until EOF), ``nat-digest`` (read to
+``instance`` (``--no-relay``: answer directly only, as before the RELAY extension)
+registers with the router: ``nat-echo`` (echo until EOF), ``nat-digest`` (read to
 EOF, answer ``<sha256 hex> <count>``), ``nat-late`` (read a line ``N``, wait N seconds with
 nothing sent, then send ``late news``) and the datagram service ``nat-dgram`` (answers every
 datagram with ``pong <data>`` to the address it came from). It prints ``READY`` and, when
@@ -81,6 +82,7 @@ async def instance(args: argparse.Namespace) -> int:
     async with host:
         core = host.core
         assert core is not None
+        core.nat_relay = not args.no_relay
         ep = host.bind_datagram("nat-dgram")
 
         def on_datagram(event: Event) -> None:
@@ -114,7 +116,7 @@ async def connects(host: pyserval.Host, args: argparse.Namespace) -> int:
         message = f"hello {i} through the NAT".encode()
         start = time.perf_counter()
         try:
-            stream = await host.connect("nat-echo", timeout=10)
+            stream = await host.connect("nat-echo", timeout=args.connect_timeout)
             times.append(time.perf_counter() - start)
             await stream.send(message)
             got = b""
@@ -131,6 +133,7 @@ async def connects(host: pyserval.Host, args: argparse.Namespace) -> int:
 
 async def upload(host: pyserval.Host, args: argparse.Namespace) -> int:
     data = random.Random(7).randbytes(args.bytes)
+    started = time.perf_counter()
     stream = await host.connect("nat-digest", timeout=10)
     quarter = len(data) // 4
     await stream.send(data[:quarter])
@@ -150,10 +153,13 @@ async def upload(host: pyserval.Host, args: argparse.Namespace) -> int:
     with contextlib.suppress(anyio.EndOfStream):
         while True:
             reply += await stream.receive()
+    seconds = time.perf_counter() - started - (0.0 if args.migrate_to else args.pause)
     want = f"{hashlib.sha256(data).hexdigest()} {len(data)}\n".encode()
     sf = stream.connection.primary
     result(
         ok=reply == want,
+        seconds=seconds,
+        mb_per_s=len(data) / seconds / 1e6,
         reply=reply.decode(errors="replace"),
         migrated_s=moved_in,
         local=list(sf.local_addr),
@@ -223,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--pause", type=float, default=1.0)
             p.add_argument("--migrate-to")
             p.add_argument("--wait", type=float, default=5.0)
+            p.add_argument("--connect-timeout", type=float, default=10.0)
+        else:
+            p.add_argument("--no-relay", action="store_true", help="answer SYNs directly only")
     args = parser.parse_args(argv)
 
     async def run() -> int:
