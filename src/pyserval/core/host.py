@@ -1012,14 +1012,15 @@ class HostCore:
         sf = target
         conn = sf.conn
         state = conn.state
-        if state is not State.SYN_RECEIVED and pkt.extensions:
+        if state is not State.SYN_RECEIVED and src in self.trusted_forwarders:
             ctl = pkt.control
             if ctl is not None and ctl.flags & ControlFlags.SYN and ctl.flags & ControlFlags.ACK:
                 relay = pkt.find(RelayExt)
                 if relay is not None and relay.is_relayed:
                     # A SYN-ACK our router relayed: the instance is at relay.address (the
                     # handshake's numbers prove the SYN-ACK answers our SYN); the third
-                    # ACK goes there directly and opens our NAT towards it.
+                    # ACK goes there directly and opens our NAT towards it. Only from our
+                    # router: nobody else may make us answer a third address.
                     src = relay.address
                     self.stats["relayed_synack"] += 1
         if state is State.SYN_SENT:
