@@ -517,3 +517,22 @@ def test_a_relay_marker_is_filled_in_alike_by_the_fast_and_the_general_path(what
     filled = decode_packet(fast).find(RelayExt)  # the checksum holds: it decodes
     assert filled is not None and filled.address == C1 and filled.is_request
     assert router._relay_tag_ok(C1, filled.tag) and not router._relay_tag_ok(C2, filled.tag)
+
+
+@pytest.mark.parametrize("kind", ["port-restricted", "symmetric"])
+def test_through_a_router_hierarchy_the_first_router_relays(kind: str) -> None:
+    """Client -> edge router -> datacenter router -> instance: the copy of the SYN-ACK
+    goes to the edge router, the one the client's NAT knows and whose tag it carries."""
+    b = Behind(kind)
+    dc_addr = ("198.51.100.8", 7000)
+    dc = HostCore([dc_addr], rng=random.Random(8), forwarding=True)
+    b.net.attach(dc, dc_addr)
+    b.router.service_table.remove("svc")
+    b.router.service_table.add("svc", Rule.forward(dc_addr))
+    dc.service_table.add("svc", Rule.forward(SERVER))
+    b.server.trusted_forwarders.add(dc_addr)
+    c, s, took = b.connect()
+    assert took <= 5 * D + 1e-9, took  # one more hop each way than with one router
+    assert dc.stats["forwarded_syn"] == 1 and b.router.stats["relayed"] == 1
+    assert dc.drops == {}
+    b.exchange(c, s, DATA[:100_000])

@@ -90,6 +90,17 @@ RELAY_KEY_LIFETIME: Final = 120.0  # s: a router's relay tags stay good for 2 to
 MAX_DATAGRAM_RELAYS: Final = 4096  # clients whose datagram answers go back via a router
 
 
+def _first_router(path: list[Address], last_hop: Address) -> Address:
+    """The router a client sent to: the path's second entry, unless that forwarder was
+    bound to the wildcard address and could not name itself (then the hop we know).
+
+    Anyone can write a SOURCE path, but the answer already goes to its first entry; this
+    adds one packet of the same size to its second, which relays only with its own tag."""
+    if len(path) >= 2 and path[1][0] != "0.0.0.0":
+        return path[1]
+    return last_hop
+
+
 class NoRoute(Exception):
     """No service table rule leads to the service."""
 
@@ -892,11 +903,10 @@ class HostCore:
             self.stats["syn_untrusted_path"] += 1
         self._send(synack, dst, src)
         marker = pkt.find(RelayExt) if path is not None and not untrusted_path else None
-        if marker is not None and marker.is_request and self.nat_relay:
+        if path is not None and marker is not None and marker.is_request and self.nat_relay:
             # The client may be behind a NAT that lets in only the router it sent to: a
-            # copy goes back through that router (the forwarder we trust; on a longer path
-            # the first router's tag is not the last one's, and it refuses: README "NATs").
-            entry = (hop, RelayExt(marker.address, marker.tag))
+            # copy goes back through that router, the first on the path (whose tag it is).
+            entry = (_first_router(path, hop), RelayExt(marker.address, marker.tag))
             self._synack_relays[conn.conn_id] = entry
             self._send_relayed(synack, dst, *entry)
         self._schedule(conn)
@@ -971,9 +981,10 @@ class HostCore:
                 and via in self.trusted_forwarders
                 and relay.address == src
             ):
-                # Answers go back through that router until the sender is heard directly.
+                # Answers go back through the first router on the path (the one the sender
+                # sent to, whose tag it is) until the sender is heard directly.
                 relays = self._datagram_relays
-                relays[src] = (via, relay.tag)
+                relays[src] = (_first_router(path, via), relay.tag)
                 relays.move_to_end(src)
                 if len(relays) > MAX_DATAGRAM_RELAYS:
                     relays.popitem(last=False)
