@@ -12,9 +12,12 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pyserval.core.host import HostCore, Listener
-from pyserval.sal import RelayExt, Rule, decode_packet
+from pyserval.naming import ServiceID
+from pyserval.sal import RelayExt, Rule, SalPacket, decode_packet
 from pyserval.testing import LinkConfig, SimNetwork
 from pyserval.testing.netsim import NatBehaviour
 from pyserval.transport.config import StreamConfig
@@ -536,3 +539,35 @@ def test_through_a_router_hierarchy_the_first_router_relays(kind: str) -> None:
     assert dc.stats["forwarded_syn"] == 1 and b.router.stats["relayed"] == 1
     assert dc.drops == {}
     b.exchange(c, s, DATA[:100_000])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.tuples(st.sampled_from(["203.0.113.1", "198.51.100.66", "0.0.0.0"]), st.integers(0, 65535)),
+    st.binary(min_size=8, max_size=8),
+    st.integers(0, 255),
+    st.integers(0, 2**32 - 1),
+    st.booleans(),
+)
+def test_a_router_never_relays_on_a_tag_it_did_not_make(
+    address: Addr, tag: bytes, flags: int, dst_flowid: int, datagram: bool
+) -> None:
+    router = HostCore([ROUTER], rng=random.Random(2), forwarding=True)
+    router.service_table.add("0" * 64 + "/0", Rule.forward(SERVER))
+    if datagram:
+        from pyserval.sal import ServiceExt
+        from pyserval.sal.transport_headers import UdpHeader
+
+        exts: list[Any] = [ServiceExt(ServiceID.from_name("x")), RelayExt(address, tag)]
+        pkt = SalPacket(1, 0, 17, exts, UdpHeader(), b"data")
+    else:
+        from pyserval.sal import ControlExt
+        from pyserval.sal.transport_headers import TcpHeader
+
+        exts = [ControlExt(flags, 1, 2, bytes(8)), RelayExt(address, tag)]
+        pkt = SalPacket(1, dst_flowid, 6, exts, TcpHeader(seq=1, flags=0x12))
+    router.receive_datagram(pkt.encode(SERVER[0], ROUTER[0]), SERVER, ROUTER, 1.0)
+    out = router.datagrams_to_send(1.0)
+    assert router.internal_errors == []
+    assert router.stats["relayed"] == 0
+    assert all(dst != address for _, _, dst in out)

@@ -448,9 +448,14 @@ class HostCore:
             self.drops["relay_not_datagram"] += 1
             return
         exts = [RelayExt(src) if e is relay else e for e in pkt.extensions]
-        out = SalPacket(pkt.src_flowid, pkt.dst_flowid, pkt.protocol, exts, pkt.transport)
-        out.payload = pkt.payload
-        self._send(out, dst, relay.address)
+        out = SalPacket(
+            pkt.src_flowid, pkt.dst_flowid, pkt.protocol, exts, pkt.transport, pkt.payload
+        )
+        try:
+            self._send(out, dst, relay.address)
+        except ValueError:  # RELAY names IPv4 addresses only
+            self.drops["relay_not_ipv4"] += 1
+            return
         self.stats["relayed"] += 1
 
     def _send_relayed(self, pkt: SalPacket, local: Address, via: Address, relay: RelayExt) -> None:
@@ -458,6 +463,9 @@ class HostCore:
         pkt.extensions.append(relay)
         try:
             self._send(pkt, local, via)
+        except ValueError:  # RELAY names IPv4 addresses only: the direct answer stands
+            self.drops["relay_not_ipv4"] += 1
+            return
         finally:
             pkt.extensions.pop()
         self.stats["relay_requests"] += 1
