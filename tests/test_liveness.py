@@ -42,7 +42,7 @@ def test_an_idle_reader_learns_of_a_dead_or_stopped_peer_by_keepalive(sig: signa
     # A killed process's port answers ICMP unreachable: a soft error now, so it is the
     # keepalive (3 intervals of silence: 1.5 s) that ends it, not the ICMP.
     assert "keepalives unanswered" in res["conn_error"], res
-    assert res["at"] - hit_at < 1.5 + 1.0, res
+    assert res["at"] - hit_at < 1.5 + 3.0, res  # slack for a loaded machine
 
 
 def test_a_sender_facing_a_stopped_peer_gives_up_at_the_user_timeout() -> None:
@@ -59,4 +59,4 @@ def test_a_sender_facing_a_stopped_peer_gives_up_at_the_user_timeout() -> None:
                 server.proc.send_signal(signal.SIGCONT)
     assert res["error"] == "BrokenResourceError", res
     assert "user timeout" in res["conn_error"], res
-    assert 1.5 < res["at"] - stopped_at < 2.0 + 1.5, res
+    assert 1.5 < res["at"] - stopped_at < 2.0 + 3.0, res  # slack for a loaded machine

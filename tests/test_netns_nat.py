@@ -80,7 +80,7 @@ def test_twenty_of_twenty_connects_through_the_router(
     assert res["ok"] == 20, res
     times = sorted(res["connect_s"])
     print(f"\nconnects behind {via}: median {times[10] * 1e3:.1f} ms, max {times[-1] * 1e3:.1f} ms")
-    assert times[-1] < 1.0, times  # never a retransmission timeout
+    assert times[-1] < 2.5, times  # never a SYN retransmission (its timeout is 3 s)
     stats = public.stop()
     assert all(s.get("internal_errors") == [] for s in stats), stats
     relayed = sum(int(s["stats"].get("relay_requests", 0)) for s in stats)  # type: ignore[union-attr]
