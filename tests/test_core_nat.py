@@ -571,3 +571,18 @@ def test_a_router_never_relays_on_a_tag_it_did_not_make(
     assert router.internal_errors == []
     assert router.stats["relayed"] == 0
     assert all(dst != address for _, _, dst in out)
+
+
+@pytest.mark.parametrize("kind", ["port-restricted", "symmetric-icmp"])
+def test_with_defaults_a_30_s_nat_mapping_stays_open_through_a_long_idle(kind: str) -> None:
+    b = Behind(kind, config=StreamConfig())
+    b.nat.timeout = 30.0
+    c, s, _ = b.connect()
+    dropped = b.nat.dropped  # the direct SYN-ACK, filtered (the relayed one got in)
+    b.net.run_for(900.0)  # 15 minutes with nothing to say
+    t0 = b.net.now
+    s.write(b"still there?")
+    b.net.kick(b.server)
+    assert b.net.run_until(lambda: c.readable > 0, 1.0)
+    assert b.net.now - t0 < 0.05  # one way, no retransmission: the mapping was open
+    assert c.read() == b"still there?" and b.nat.dropped == dropped
