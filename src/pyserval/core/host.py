@@ -980,9 +980,29 @@ class HostCore:
             return
         via = src
         path = pkt.source_path()
-        relay = pkt.find(RelayExt) if len(pkt.extensions) > 2 else None
         if path is not None:
             src = path[0]  # forwarded: the original sender
+        src = self._datagram_relay_source(pkt, path, via, src)
+        if res is None or not isinstance(res.listener, DatagramEndpoint):
+            self.drops["datagram_no_service"] += 1
+            self._send(self._rst_for(pkt, None), dst, src)
+            return
+        services = pkt.services
+        source = services[1].service_id.to_bytes() if len(services) > 1 else b""
+        ep = res.listener
+        self._emit(
+            DatagramReceived(
+                ep.flowid, bytes(pkt.payload), source, src, None if via == src else via
+            )
+        )
+
+    def _datagram_relay_source(
+        self, pkt: SalPacket, path: list[Address] | None, via: Address, src: Address
+    ) -> Address:
+        """NATs (README): remember how to answer a datagram's sender, and name the sender
+        of an answer our router relayed. Returns the sender's address."""
+        relay = pkt.find(RelayExt) if len(pkt.extensions) > 2 else None
+        if path is not None:
             if (
                 relay is not None
                 and relay.is_request
@@ -997,21 +1017,10 @@ class HostCore:
                 if len(relays) > MAX_DATAGRAM_RELAYS:
                     relays.popitem(last=False)
         elif relay is not None and relay.is_relayed and via in self.trusted_forwarders:
-            src = relay.address  # our router relayed an instance's answer
+            return relay.address  # our router relayed an instance's answer
         elif self._datagram_relays:
             self._datagram_relays.pop(src, None)  # heard directly: answer directly
-        if res is None or not isinstance(res.listener, DatagramEndpoint):
-            self.drops["datagram_no_service"] += 1
-            self._send(self._rst_for(pkt, None), dst, src)
-            return
-        services = pkt.services
-        source = services[1].service_id.to_bytes() if len(services) > 1 else b""
-        ep = res.listener
-        self._emit(
-            DatagramReceived(
-                ep.flowid, bytes(pkt.payload), source, src, None if via == src else via
-            )
-        )
+        return src
 
     def _on_flow_packet(self, pkt: SalPacket, src: Address, dst: Address, now: float) -> None:
         target = self.flows.get(pkt.dst_flowid)
