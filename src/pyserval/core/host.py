@@ -470,6 +470,32 @@ class HostCore:
             pkt.extensions.pop()
         self.stats["relay_requests"] += 1
 
+    def _datagram_relay_source(
+        self, pkt: SalPacket, path: list[Address] | None, via: Address, src: Address
+    ) -> Address:
+        """NATs (README): remember how to answer a datagram's sender, and name the sender
+        of an answer our router relayed. Returns the sender's address."""
+        relay = pkt.find(RelayExt) if len(pkt.extensions) > 2 else None
+        if path is not None:
+            if (
+                relay is not None
+                and relay.is_request
+                and via in self.trusted_forwarders
+                and relay.address == src
+            ):
+                # Answers go back through the first router on the path (the one the sender
+                # sent to, whose tag it is) until the sender is heard directly.
+                relays = self._datagram_relays
+                relays[src] = (_first_router(path, via), relay.tag)
+                relays.move_to_end(src)
+                if len(relays) > MAX_DATAGRAM_RELAYS:
+                    relays.popitem(last=False)
+        elif relay is not None and relay.is_relayed and via in self.trusted_forwarders:
+            return relay.address  # our router relayed an instance's answer
+        elif self._datagram_relays:
+            self._datagram_relays.pop(src, None)  # heard directly: answer directly
+        return src
+
     # -- DELAY --------------------------------------------------------------------------
     def _ask(self, sid: ServiceID) -> None:
         if sid not in self._asking:
@@ -995,32 +1021,6 @@ class HostCore:
                 ep.flowid, bytes(pkt.payload), source, src, None if via == src else via
             )
         )
-
-    def _datagram_relay_source(
-        self, pkt: SalPacket, path: list[Address] | None, via: Address, src: Address
-    ) -> Address:
-        """NATs (README): remember how to answer a datagram's sender, and name the sender
-        of an answer our router relayed. Returns the sender's address."""
-        relay = pkt.find(RelayExt) if len(pkt.extensions) > 2 else None
-        if path is not None:
-            if (
-                relay is not None
-                and relay.is_request
-                and via in self.trusted_forwarders
-                and relay.address == src
-            ):
-                # Answers go back through the first router on the path (the one the sender
-                # sent to, whose tag it is) until the sender is heard directly.
-                relays = self._datagram_relays
-                relays[src] = (_first_router(path, via), relay.tag)
-                relays.move_to_end(src)
-                if len(relays) > MAX_DATAGRAM_RELAYS:
-                    relays.popitem(last=False)
-        elif relay is not None and relay.is_relayed and via in self.trusted_forwarders:
-            return relay.address  # our router relayed an instance's answer
-        elif self._datagram_relays:
-            self._datagram_relays.pop(src, None)  # heard directly: answer directly
-        return src
 
     def _on_flow_packet(self, pkt: SalPacket, src: Address, dst: Address, now: float) -> None:
         target = self.flows.get(pkt.dst_flowid)
