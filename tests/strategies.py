@@ -14,6 +14,7 @@ from pyserval.sal import (
     JoinExt,
     MpCapableExt,
     PadExt,
+    RelayExt,
     SalPacket,
     ServiceExt,
     SourceExt,
@@ -47,10 +48,11 @@ multipath_exts = st.one_of(
     st.builds(DssExt, st.integers(0, 3), u64, u64),
     st.builds(JoinExt, u32, st.binary(min_size=8, max_size=8)),
     st.builds(AddAddrExt, st.tuples(ipv4, u16)),
+    st.builds(RelayExt, st.tuples(ipv4, u16), st.binary(min_size=8, max_size=8)),
 )
 unknown_exts = st.builds(
     lambda t, body: UnknownExt(t, bytes((t << 4, 2 + len(body))) + body),
-    st.integers(10, 14),  # 15 is pyserval's IP6
+    st.sampled_from([10, 11, 13, 14]),  # 12 is RELAY, 15 is IP6
     st.binary(max_size=30),
 )
 extensions: st.SearchStrategy[Extension] = st.one_of(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -89,7 +88,7 @@ def test_address_removed_mid_transfer_and_the_flow_moves(two_links: tuple[str, s
             *("--bytes", str(20_000_000), *config),
         ]
         with Peer(client_argv, prefix=["ip", "netns", "exec", client_ns]) as client:
-            time.sleep(1.2)  # connected, about a third of the way through
+            client.wait_for("^TRANSFERRING", 30)  # connected and moving data (under any load)
             _ip("-n", client_ns, "addr", "del", "10.215.1.2/24", "dev", first_dev)
             res = client.result(60)
             assert client.finish(10) == 0, client.stderr

@@ -13,7 +13,8 @@ internal errors. Its modes:
 - ``digest``: read everything until EOF, then reply ``<sha256 hex> <byte count>\\n`` (a reply
   that exists only after the half-close);
 - ``reverse``: read everything until EOF, then reply with the bytes reversed;
-- ``source``: send pseudo-random bytes without end (the client reads).
+- ``source``: send pseudo-random bytes without end (the client reads);
+- ``hold``: send one line, then nothing (``until-error --direction idle`` waits in receive).
 
 Clients print one line ``RESULT {json}`` and exit 0 on success:
 
@@ -27,7 +28,8 @@ Clients print one line ``RESULT {json}`` and exit 0 on success:
   was raised within ``--deadline`` seconds (a hang).
 
 Stream settings (``--mss``, ``--buffer``, ``--max-retransmissions``, ``--max-rto``,
-``--idle-timeout``, ``--keepalive``) apply to both sides' ``StreamConfig``.
+``--idle-timeout``, ``--keepalive``, ``--keepalive-interval``, ``--keepalive-probes``,
+``--user-timeout``) apply to both sides' ``StreamConfig``.
 """
 
 from __future__ import annotations
@@ -66,7 +68,13 @@ def stream_config(args: argparse.Namespace) -> StreamConfig:
     if args.idle_timeout is not None:
         fields["idle_timeout"] = args.idle_timeout
     if args.keepalive is not None:
-        fields["keepalive"] = args.keepalive
+        fields["keepalive"] = args.keepalive if args.keepalive > 0 else None
+    if args.keepalive_interval is not None:
+        fields["keepalive_interval"] = args.keepalive_interval
+    if args.keepalive_probes is not None:
+        fields["keepalive_probes"] = args.keepalive_probes
+    if args.user_timeout is not None:
+        fields["user_timeout"] = args.user_timeout if args.user_timeout > 0 else None
     return StreamConfig(**fields)
 
 
@@ -116,11 +124,19 @@ async def handle_source(stream: pyserval.ServalStream) -> None:
             await stream.send(block)
 
 
+async def handle_hold(stream: pyserval.ServalStream) -> None:
+    """Say one line, then send nothing (the client waits in receive: an idle reader)."""
+    await stream.send(b"held\n")
+    with contextlib.suppress(anyio.BrokenResourceError, anyio.EndOfStream):
+        await stream.receive()
+
+
 HANDLERS: dict[str, Callable[[pyserval.ServalStream], Awaitable[None]]] = {
     "echo": handle_echo,
     "digest": handle_digest,
     "reverse": handle_reverse,
     "source": handle_source,
+    "hold": handle_hold,
 }
 
 
@@ -172,6 +188,8 @@ async def upload(host: pyserval.Host, args: argparse.Namespace) -> int:
     start = time.perf_counter()
     for i in range(0, len(data), CHUNK):
         await stream.send(view[i : i + CHUNK])
+        if i == 2 * CHUNK:
+            print("TRANSFERRING", flush=True)  # data flows: a test may now act mid-transfer
     await stream.send_eof()
     reply = (await read_all(stream)).decode()
     seconds = time.perf_counter() - start
@@ -231,6 +249,9 @@ async def until_error(host: pyserval.Host, args: argparse.Namespace) -> int:
                 if args.direction == "up":
                     await stream.send(block)
                     moved += len(block)
+                elif args.direction == "idle":
+                    moved += len(await stream.receive(CHUNK))  # "held", then nothing more
+                    moved += args.announce_after
                 else:
                     moved += len(await stream.receive(CHUNK))
                 if not announced and moved >= args.announce_after:
@@ -273,7 +294,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     common.add_argument("--max-retransmissions", type=int)
     common.add_argument("--max-rto", type=float)
     common.add_argument("--idle-timeout", type=float)
-    common.add_argument("--keepalive", type=float)
+    common.add_argument("--keepalive", type=float, help="seconds; 0 turns it off")
+    common.add_argument("--keepalive-interval", type=float)
+    common.add_argument("--keepalive-probes", type=int)
+    common.add_argument("--user-timeout", type=float, help="seconds; 0 turns it off")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", parents=[common])
@@ -286,7 +310,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         c.add_argument("--listen", default="127.0.0.1:0")
         c.add_argument("--bytes", type=int, default=50_000_000)
         c.add_argument("--count", type=int, default=200)
-        c.add_argument("--direction", choices=["up", "down"], default="up")
+        c.add_argument("--direction", choices=["up", "down", "idle"], default="up")
         c.add_argument("--announce-after", type=int, default=4 * CHUNK)
         c.add_argument("--deadline", type=float, default=60.0)
     return parser.parse_args(argv)

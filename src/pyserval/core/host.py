@@ -20,14 +20,25 @@ Receive path, by packet kind (a dispatch on state, never an exception out of her
   datagram-flow socket with CONTROL(ACK+RST) and zero numbers, as the reference does.
 * otherwise the flow table names the subflow; a packet for an unknown flow gets RST (unless
   it is itself a RST).
+
+NAT traversal through a router (README "NATs"): a client's SYN or datagram carries a RELAY
+marker, which the first router fills in with the client's address and a tag (a MAC under
+the router's rotating secret). An instance answering a SYN forwarded by a trusted forwarder
+sends its SYN-ACK to the client directly and a copy with the RELAY to that forwarder; a
+router relays a packet only to an address its own tag names, and the client, told by the
+relayed copy where the instance is, sends its third ACK there directly (which opens its
+NAT). Datagram answers to a client heard only through a router go back through it until
+the client is heard directly.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 import random
-from collections import Counter, deque
+import secrets
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -36,13 +47,24 @@ from ..naming.service_id import ServiceID, ServiceLike, as_service_id
 from ..sal.checksum import BytesLike
 from ..sal.control import MASK32
 from ..sal.errors import MalformedPacket
-from ..sal.extensions import AddAddrExt, ControlExt, ControlFlags, DssExt, JoinExt, ServiceExt
+from ..sal.extensions import (
+    AddAddrExt,
+    ControlExt,
+    ControlFlags,
+    DssExt,
+    Extension,
+    JoinExt,
+    RelayExt,
+    ServiceExt,
+)
 from ..sal.flow_table import FlowTable
 from ..sal.forwarding import (
     FAST_SYN,
     ForwardRefused,
+    fill_relay_marker,
     first_hop_bytes,
     forward_packet,
+    relay_marker_at,
     scan_for_forwarding,
 )
 from ..sal.inet import WILDCARDS
@@ -90,6 +112,22 @@ def _retries_within(initial_rto: float, lifetime: float) -> int:
     while n < 15 and initial_rto * (2 ** (n + 2) - 1) <= lifetime:
         n += 1
     return n
+
+
+_RELAY_BYTES: Final = 16
+RELAY_KEY_LIFETIME: Final = 120.0  # s: a router's relay tags stay good for 2 to 4 minutes
+MAX_DATAGRAM_RELAYS: Final = 4096  # clients whose datagram answers go back via a router
+
+
+def _first_router(path: list[Address], last_hop: Address) -> Address:
+    """The router a client sent to: the path's second entry, unless that forwarder was
+    bound to the wildcard address and could not name itself (then the hop we know).
+
+    Anyone can write a SOURCE path, but the answer already goes to its first entry; this
+    adds one packet of the same size to its second, which relays only with its own tag."""
+    if len(path) >= 2 and path[1][0] != "0.0.0.0":
+        return path[1]
+    return last_hop
 
 
 class NoRoute(Exception):
@@ -150,6 +188,7 @@ class HostCore:
         rst_rate: float = 100.0,
         rst_burst: int = 200,
         challenge_ack_rate: float = 100.0,
+        nat_relay: bool = True,
     ) -> None:
         if not addresses:
             raise ValueError("a host needs at least one address")
@@ -198,6 +237,17 @@ class HostCore:
         self.challenge_ack_limit = TokenBucket(challenge_ack_rate, max(1.0, challenge_ack_rate))
         self.syn_cookies = SynCookies(self.rng)
         self._synack_retries = _retries_within(self.config.control.initial_rto, HALF_OPEN_LIFETIME)
+        # NATs (see the module docstring): whether our SYNs and datagrams to a service carry
+        # the RELAY marker (off only for a peer that refuses unknown extensions); a router's
+        # two tag secrets (current, previous), rotated every RELAY_KEY_LIFETIME seconds;
+        # the relayed copies of our half-open SYN-ACKs (conn_id -> forwarder, RELAY); where
+        # datagram answers to a client heard only through a router go (LRU-bounded).
+        self.nat_relay = nat_relay
+        self._relay_keys = (secrets.token_bytes(16), secrets.token_bytes(16))
+        self._relay_rotate_at: float | None = None
+        self._relay_tags: dict[Address, bytes] = {}  # address -> tag under the current key
+        self._synack_relays: dict[int, tuple[Address, RelayExt]] = {}
+        self._datagram_relays: OrderedDict[Address, tuple[Address, bytes]] = OrderedDict()
 
     # -- events -------------------------------------------------------------------------
     def _emit(self, event: Event) -> None:
@@ -334,14 +384,16 @@ class HostCore:
         remote = self._resolve(dst) if to is None else to
         if remote is None:
             raise NoRoute(f"no route to service {dst.hex}")
-        pkt = SalPacket(
-            ep.flowid,
-            0,
-            PROTO_UDP,
-            [ServiceExt(dst), ServiceExt(ep.service_id)],
-            UdpHeader(),
-            data,
-        )
+        exts: list[Extension] = [ServiceExt(dst), ServiceExt(ep.service_id)]
+        relay = self._datagram_relays.get(remote) if to is not None else None
+        if relay is not None and len(data) <= MAX_DATAGRAM - _RELAY_BYTES:
+            # Heard only through a router so far: its NAT may let only the router in.
+            exts.append(RelayExt(remote, relay[1]))
+            remote = relay[0]
+            self.stats["datagram_relay_requests"] += 1
+        elif self._wants_relay(remote) and len(data) <= MAX_DATAGRAM - _RELAY_BYTES:
+            exts.append(RelayExt())  # an answer may come back through the router
+        pkt = SalPacket(ep.flowid, 0, PROTO_UDP, exts, UdpHeader(), data)
         self._send(pkt, self.local_for(remote, self.addresses[0]), remote)
 
     # -- routing ------------------------------------------------------------------------
@@ -381,7 +433,7 @@ class HostCore:
             self.drops["no_rebroadcast"] += 1
             return
         try:
-            out = forward_packet(data, pkt, src, dst, hop)
+            out = forward_packet(data, pkt, src, dst, hop, self._relay_tag)
         except ForwardRefused as exc:
             self.drops[exc.reason] += 1
             return
@@ -407,12 +459,120 @@ class HostCore:
         else:
             try:
                 out = first_hop_bytes(data, hlen, src, dst, hop)
+                if hlen != 68 and (kind == FAST_SYN or hlen != 84):  # not a plain layout
+                    at = relay_marker_at(out, hlen)
+                    if at >= 0:
+                        out = fill_relay_marker(out, at, src, self._relay_tag(src))
             except OSError:  # not IP text: the general path refuses it properly
                 res.entry.hits -= 1
                 return False
             self._out.append((out, self.local_for(hop, dst), hop))
             self.stats["forwarded_syn" if kind == FAST_SYN else "forwarded_datagram"] += 1
         return True
+
+    # -- NAT relay ----------------------------------------------------------------------
+    def _wants_relay(self, hop: Address | None) -> bool:
+        """Whether a SYN or datagram to ``hop`` carries the RELAY marker: only to a
+        forwarder we trust (our router, a static route's target), so what goes straight
+        to a peer keeps the reference's layout."""
+        return (
+            self.nat_relay
+            and hop is not None
+            and ":" not in hop[0]  # RELAY carries IPv4 only
+            and hop in self.trusted_forwarders
+        )
+
+    def _relay_tag(self, address: Address, key: bytes | None = None) -> bytes:
+        """A router's tag for ``address``: only this router can make it, and it names
+        the address (so a relay request cannot send anything anywhere else)."""
+        if key is None:
+            tag = self._relay_tags.get(address)
+            if tag is None:
+                if len(self._relay_tags) >= 4096:
+                    self._relay_tags.clear()  # many clients: start again rather than grow
+                tag = self._relay_tag(address, self._relay_keys[0])
+                self._relay_tags[address] = tag
+            return tag
+        msg = f"{address[0]}:{address[1]}".encode()
+        return hashlib.blake2b(msg, digest_size=8, key=key).digest()
+
+    def _relay_tag_ok(self, address: Address, tag: bytes) -> bool:
+        return any(
+            secrets.compare_digest(self._relay_tag(address, k), tag) for k in self._relay_keys
+        )
+
+    def _rotate_relay_keys(self, now: float) -> None:
+        at = self._relay_rotate_at
+        if at is None:
+            self._relay_rotate_at = now + RELAY_KEY_LIFETIME
+        elif now >= at:
+            self._relay_keys = (secrets.token_bytes(16), self._relay_keys[0])
+            self._relay_tags.clear()
+            self._relay_rotate_at = now + RELAY_KEY_LIFETIME
+
+    def _relay(self, pkt: SalPacket, relay: RelayExt, src: Address, dst: Address) -> None:
+        """A router: an instance's answer to a client behind a NAT, sent on to the client
+        from the address the client sent to, naming the instance (``src``)."""
+        if not self._relay_tag_ok(relay.address, relay.tag):
+            self.drops["relay_bad_tag"] += 1
+            return
+        ctl = pkt.control
+        if pkt.dst_flowid:
+            want = ControlFlags.SYN | ControlFlags.ACK
+            if ctl is None or ctl.flags & want != want or ctl.flags & ControlFlags.RST:
+                self.drops["relay_not_synack"] += 1  # only handshake answers go this way
+                return
+        elif pkt.protocol != PROTO_UDP or pkt.udp is None:
+            self.drops["relay_not_datagram"] += 1
+            return
+        exts = [RelayExt(src) if e is relay else e for e in pkt.extensions]
+        out = SalPacket(
+            pkt.src_flowid, pkt.dst_flowid, pkt.protocol, exts, pkt.transport, pkt.payload
+        )
+        try:
+            self._send(out, dst, relay.address)
+        except ValueError:  # RELAY names IPv4 addresses only
+            self.drops["relay_not_ipv4"] += 1
+            return
+        self.stats["relayed"] += 1
+
+    def _send_relayed(self, pkt: SalPacket, local: Address, via: Address, relay: RelayExt) -> None:
+        """A copy of ``pkt`` to the forwarder ``via``, asking it to relay it."""
+        pkt.extensions.append(relay)
+        try:
+            self._send(pkt, local, via)
+        except ValueError:  # RELAY names IPv4 addresses only: the direct answer stands
+            self.drops["relay_not_ipv4"] += 1
+            return
+        finally:
+            pkt.extensions.pop()
+        self.stats["relay_requests"] += 1
+
+    def _datagram_relay_source(
+        self, pkt: SalPacket, path: list[Address] | None, via: Address, src: Address
+    ) -> Address:
+        """NATs (README): remember how to answer a datagram's sender, and name the sender
+        of an answer our router relayed. Returns the sender's address."""
+        relay = pkt.find(RelayExt) if len(pkt.extensions) > 2 else None
+        if path is not None:
+            if (
+                relay is not None
+                and relay.is_request
+                and via in self.trusted_forwarders
+                and relay.address == src
+            ):
+                # Answers go back through the first router on the path (the one the sender
+                # sent to, whose tag it is) until the sender is heard directly.
+                relays = self._datagram_relays
+                relays[src] = (_first_router(path, via), relay.tag)
+                relays.move_to_end(src)
+                if len(relays) > MAX_DATAGRAM_RELAYS:
+                    relays.popitem(last=False)
+        elif relay is not None and relay.is_relayed and via in self.trusted_forwarders:
+            return relay.address  # our router relayed an instance's answer
+        elif self._datagram_relays:
+            self._datagram_relays.pop(src, None)  # heard directly: answer directly
+        return src
 
     # -- DELAY --------------------------------------------------------------------------
     def _ask(self, sid: ServiceID) -> None:
@@ -487,6 +647,13 @@ class HostCore:
     def _send_all(self, conn: Connection, pkts: list[SalPacket]) -> None:
         if not pkts or not conn.subflows:
             return
+        if self._synack_relays and conn.state is State.SYN_RECEIVED:
+            relay = self._synack_relays.get(conn.conn_id)
+            if relay is not None:  # a retransmitted SYN-ACK goes both ways again
+                for p in pkts:
+                    ctl = p.control
+                    if ctl is not None and ctl.flags & ControlFlags.SYN:
+                        self._send_relayed(p, conn.primary.local_addr, *relay)
         if len(conn.subflows) > 1:
             self._send_multipath(conn, pkts)
             return
@@ -686,6 +853,8 @@ class HostCore:
             return  # a DELAY/DROP rule now may change: retransmissions try again
         sf.remote_addr = remote
         sf.local_addr = self.local_for(remote, sf.local_addr)
+        if self._wants_relay(remote):
+            pkt.extensions.append(RelayExt())  # the router may relay the SYN-ACK back
         self._send(pkt, sf.local_addr, remote)
 
     def _schedule(self, conn: Connection) -> None:
@@ -705,6 +874,7 @@ class HostCore:
         if conn.mp is not None and self.mp_tokens.get(conn.mp.local_token) is conn:
             self.mp_tokens.pop(conn.mp.local_token, None)
         conn.scheduled = None
+        self._synack_relays.pop(conn.conn_id, None)
         key = conn.peer_key
         if key is not None:
             self._peer_flows.pop(key, None)
@@ -742,10 +912,11 @@ class HostCore:
     def on_unreachable(self, remote: Address, now: float, reason: str = "unreachable") -> None:
         """The network said ``remote`` cannot be reached (ICMP port/host unreachable).
 
-        A connection still in SYN_SENT towards it fails at once (like ECONNREFUSED); an
-        established one is reset after three such errors with nothing heard in between
-        (one could be stale, from before a restart at the same address). A flow that is
-        migrating ignores them.
+        A connection still in SYN_SENT towards it fails at once (like ECONNREFUSED). For an
+        established one it is a soft error, as Linux TCP and QUIC take it: a NAT whose
+        mapping expired answers this way, and the peer's next packet (from a new port,
+        adopted through the address challenge) saves the flow, so it is counted and left
+        to the keepalive and user timeouts. A flow that is migrating ignores them.
         """
         self.stats["icmp_unreachable"] += 1
         for conn in list(self.connections.values()):
@@ -758,12 +929,8 @@ class HostCore:
                 conn.error = f"service unreachable: {reason} from {remote[0]}:{remote[1]}"
                 conn.emit(ConnectionFailed(conn.conn_id, conn.error))
             elif conn.state is State.ESTABLISHED:
-                if conn.last_heard != conn.unreachable_since:
-                    conn.unreachable_since = conn.last_heard
-                    conn.unreachable_count = 0
                 conn.unreachable_count += 1
-                if conn.unreachable_count >= 3:
-                    conn.abort_with(f"peer unreachable: {reason}", send_rst=False)
+                self.stats["icmp_soft_error"] += 1
             self._wake(conn)
 
     def _internal_error(self, exc: BaseException) -> None:
@@ -788,6 +955,12 @@ class HostCore:
             self.drops["internal_error"] += 1
             return
         try:
+            if self.forwarding:
+                self._rotate_relay_keys(now)
+                relay = pkt.find(RelayExt)
+                if relay is not None and relay.is_request and pkt.source is None:
+                    self._relay(pkt, relay, src, dst)
+                    return
             if pkt.dst_flowid == 0:
                 self._on_unconnected(pkt, data, src, dst, now)
             else:
@@ -842,6 +1015,7 @@ class HostCore:
             return
         path = pkt.source_path()
         untrusted_path = False
+        hop = src
         if path is not None:
             # A forwarded SYN: answer the client directly, not the forwarder. Anyone can
             # write a SOURCE path, so for one not from a known forwarder (our router or a
@@ -857,7 +1031,11 @@ class HostCore:
             sf = existing.primary
             if existing.state is State.SYN_RECEIVED:
                 sf.handshake_sent_at = None  # two SYN-ACKs out: no RTT sample (Karn)
-                self._send(sf.synack_packet(sf.control.resend()), sf.local_addr, src)
+                synack = sf.synack_packet(sf.control.resend())
+                self._send(synack, sf.local_addr, src)
+                relay = self._synack_relays.get(existing.conn_id)
+                if relay is not None:
+                    self._send_relayed(synack, sf.local_addr, *relay)
             self.stats["duplicate_syn"] += 1
             return
         if len(listener.accept_queue) >= listener.backlog:
@@ -869,8 +1047,13 @@ class HostCore:
                 # no cookie to build from it; past the table's bound such SYNs are dropped.
                 self.drops["half_open_full"] += 1
                 return
-            # A SYN flood, or a burst larger than the table: answer without keeping state.
-            self._send_cookie_synack(pkt, ctl, tcp, src, self.local_for(src, dst), now)
+            # A SYN flood, or a burst larger than the table: answer without keeping state
+            # (and through the client's router as well when it may be behind a NAT).
+            marker = pkt.find(RelayExt) if path is not None and not untrusted_path else None
+            relay = None
+            if path is not None and marker is not None and marker.is_request and self.nat_relay:
+                relay = (_first_router(path, hop), RelayExt(marker.address, marker.tag))
+            self._send_cookie_synack(pkt, ctl, tcp, src, self.local_for(src, dst), now, relay)
             return
         flowid = self.flows.allocate()
         # A forwarded SYN may come from an IPv6 client over IPv4 (or the reverse).
@@ -896,6 +1079,13 @@ class HostCore:
             sf.control.max_retries = 0
             self.stats["syn_untrusted_path"] += 1
         self._send(synack, here, src)
+        marker = pkt.find(RelayExt) if path is not None and not untrusted_path else None
+        if path is not None and marker is not None and marker.is_request and self.nat_relay:
+            # The client may be behind a NAT that lets in only the router it sent to: a
+            # copy goes back through that router, the first on the path (whose tag it is).
+            entry = (_first_router(path, hop), RelayExt(marker.address, marker.tag))
+            self._synack_relays[conn.conn_id] = entry
+            self._send_relayed(synack, here, *entry)
         self._schedule(conn)
 
     # -- SYN cookies ----------------------------------------------------------------------
@@ -907,8 +1097,10 @@ class HostCore:
         src: Address,
         dst: Address,
         now: float,
+        relay: tuple[Address, RelayExt] | None = None,
     ) -> None:
-        """Answer a SYN statelessly: the SYN-ACK's numbers encode the flow (core.syncookies)."""
+        """Answer a SYN statelessly: the SYN-ACK's numbers encode the flow (core.syncookies);
+        ``relay``: a copy goes back through the client's router too (see NATs)."""
         cfg = self.config
         sack = cfg.sack and tcp.sack_permitted
         cookie = self.syn_cookies.make(now, src, pkt.src_flowid, tcp.mss, tcp.window_scale, sack)
@@ -942,6 +1134,8 @@ class HostCore:
         )
         self.stats["syn_cookie_sent"] += 1
         self._send(synack, dst, src)
+        if relay is not None:
+            self._send_relayed(synack, dst, *relay)
 
     def _on_cookie_ack(self, pkt: SalPacket, src: Address, dst: Address, now: float) -> bool:
         """A packet for an unknown flow that may be the third ACK of a SYN answered with a
@@ -1116,6 +1310,7 @@ class HostCore:
         path = pkt.source_path()
         if path is not None:
             src = path[0]  # forwarded: the original sender
+        src = self._datagram_relay_source(pkt, path, via, src)
         if res is not None and isinstance(res.listener, Listener) and res.listener.datagram:
             # A listening connected-mode datagram socket takes only SYNs (spec).
             self.drops["datagram_to_listener"] += 1
@@ -1154,6 +1349,17 @@ class HostCore:
         sf = target
         conn = sf.conn
         state = conn.state
+        if state is not State.SYN_RECEIVED and src in self.trusted_forwarders:
+            ctl = pkt.control
+            if ctl is not None and ctl.flags & ControlFlags.SYN and ctl.flags & ControlFlags.ACK:
+                relay = pkt.find(RelayExt)
+                if relay is not None and relay.is_relayed:
+                    # A SYN-ACK our router relayed: the instance is at relay.address (the
+                    # handshake's numbers prove the SYN-ACK answers our SYN); the third
+                    # ACK goes there directly and opens our NAT towards it. Only from our
+                    # router: nobody else may make us answer a third address.
+                    src = relay.address
+                    self.stats["relayed_synack"] += 1
         if state is State.SYN_SENT:
             if not conn.on_synack(sf, pkt, src, now):
                 self._maybe_reset(conn, sf, pkt, src)
@@ -1176,6 +1382,11 @@ class HostCore:
                 sf.handshake_sent_at = None  # its eventual answer will not time the path
             elif conn.on_handshake_ack(sf, pkt, now):
                 self._established_server(conn)
+                self._synack_relays.pop(conn.conn_id, None)
+                if src != sf.remote_addr and conn.state is State.ESTABLISHED:
+                    # The third ACK of a client behind a NAT that maps each destination to
+                    # its own port (symmetric): the address challenge adopts the new port.
+                    self._from_elsewhere(conn, sf, pkt, src, now)
                 tcp = pkt.tcp
                 if tcp is not None and conn.state is State.ESTABLISHED:
                     dss = pkt.find(DssExt) if conn.mp is not None else None

@@ -36,6 +36,7 @@ __all__ = [
     "DssExt",
     "JoinExt",
     "AddAddrExt",
+    "RelayExt",
     "UnknownExt",
     "Address6Ext",
     "Source6Ext",
@@ -67,6 +68,7 @@ class ExtType(enum.IntEnum):
     DSS = 7  # pyserval's own, multipath: data sequence number and data ACK
     JOIN = 8  # pyserval's own, multipath: a new subflow of an existing connection
     ADD_ADDR = 9  # pyserval's own, multipath: another address of the sender
+    RELAY = 12  # pyserval's own, NATs: an answer relayed by the router the client used
     IP6 = 15  # pyserval's own: IPv6 forms of SOURCE, ADD_ADDR and ADDRESS (see Ip6Kind)
 
 
@@ -561,6 +563,66 @@ def decode_ip6(data: memoryview) -> Extension:
     if kind == Ip6Kind.ADDRESS6:
         return Address6Ext.decode(data)
     return UnknownExt(ExtType.IP6, bytes(data))
+
+
+RELAY_TAG_BYTES: Final = 8
+_NO_TAG: Final = bytes(RELAY_TAG_BYTES)
+
+
+class RelayExt(Extension):
+    """RELAY (type 12, 16 bytes): head, UDP port u16, IPv4 address, tag (8 bytes).
+
+    pyserval's NAT traversal through a service router (README "NATs"). Its meaning is
+    told by which fields are zero:
+
+    * marker (address 0.0.0.0:0, zero tag), in a client's SYN or datagram: "an answer
+      may come back relayed by the router I sent this to";
+    * filled in by that first router (the client's address as it saw it, its tag: a MAC
+      of that address under a secret of the router's own);
+    * relay request (tag set, no SOURCE), from the answering instance to that router:
+      "send this on to the address", which the router does only if the tag is its own;
+    * relayed (an address, zero tag), from the router to the client: "this came from the
+      instance at the address", so the client goes there directly.
+    """
+
+    __slots__ = ("address", "tag")
+    type = ExtType.RELAY
+
+    def __init__(self, address: tuple[str, int] = ("0.0.0.0", 0), tag: bytes = _NO_TAG) -> None:
+        if len(tag) != RELAY_TAG_BYTES:
+            raise ValueError(f"a RELAY tag is {RELAY_TAG_BYTES} bytes: {len(tag)}")
+        self.address = address
+        self.tag = bytes(tag)
+
+    @property
+    def is_marker(self) -> bool:
+        """A client's "relayed answers welcome", not yet filled in by a router."""
+        return self.address[1] == 0 and self.tag == _NO_TAG
+
+    @property
+    def is_request(self) -> bool:
+        """Carries a router's tag (a forwarded marker, or an instance's relay request)."""
+        return self.tag != _NO_TAG
+
+    @property
+    def is_relayed(self) -> bool:
+        """A router relayed this packet: ``address`` is where it really came from."""
+        return self.address[1] != 0 and self.tag == _NO_TAG
+
+    @classmethod
+    def decode(cls, data: memoryview) -> RelayExt:
+        if len(data) != 16:
+            raise MalformedPacket(Reason.RELAY_LENGTH, f"RELAY of {len(data)} bytes")
+        port = (data[2] << 8) | data[3]
+        return cls((_ips(data[4:8], 1)[0], port), bytes(data[8:16]))
+
+    def encode(self) -> bytes:
+        ip, port = self.address
+        head = bytes((ExtType.RELAY << 4, 16)) + port.to_bytes(2, "big")
+        return head + _ip_bytes((ip,)) + self.tag
+
+    def __repr__(self) -> str:
+        return f"RelayExt({self.address[0]}:{self.address[1]}, tag={self.tag.hex()})"
 
 
 _DSS: Final = struct.Struct("!BBQQ")

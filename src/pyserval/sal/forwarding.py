@@ -8,7 +8,8 @@ hop, or itself, already on the path drops the packet (a loop), as does one that 
 the path longer than SOURCE can hold.
 
 Only the SAL header is rebuilt: the transport header and payload are copied unchanged, so
-the forwarded bytes are what the original sender wrote apart from the path.
+the forwarded bytes are what the original sender wrote apart from the path (and a RELAY
+marker, which the first forwarder fills in with the sender's address and its tag).
 
 A path with any IPv6 hop (the sender, a forwarder, or the next hop) is written as
 pyserval's SOURCE6 instead (addresses and ports in one extension, at most 13 hops); an
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Callable
 from typing import Final
 
 from .checksum import BytesLike
@@ -27,6 +29,7 @@ from .extensions import (
     SOURCE_MAX,
     ExtType,
     PadExt,
+    RelayExt,
     Source6Ext,
     SourceExt,
     SourcePortsExt,
@@ -38,8 +41,10 @@ __all__ = [
     "FAST_DATAGRAM",
     "FAST_SYN",
     "ForwardRefused",
+    "fill_relay_marker",
     "first_hop_bytes",
     "forward_packet",
+    "relay_marker_at",
     "scan_for_forwarding",
 ]
 
@@ -54,6 +59,8 @@ _ADDED_WORDS: Final = 5  # SOURCE with two addresses (12 bytes) + SOURCE_PORTS w
 _ADDED_WORDS6: Final = 10  # SOURCE6 with two hops (40 bytes)
 _SYN, _ACK = 0x80, 0x20  # CONTROL flags as plain ints (IntFlag operators are slow)
 _suffix_cache: dict[tuple[Address, Address, bool], tuple[bytes, int, int]] = {}
+_NO_RELAY: Final = bytes(14)  # a RELAY marker's body: no address, no tag
+_RELAY_HEAD: Final = ExtType.RELAY << 4
 
 
 class ForwardRefused(Exception):
@@ -65,14 +72,21 @@ class ForwardRefused(Exception):
 
 
 def forward_packet(
-    data: BytesLike, pkt: SalPacket, came_from: Address, me: Address, next_hop: Address
+    data: BytesLike,
+    pkt: SalPacket,
+    came_from: Address,
+    me: Address,
+    next_hop: Address,
+    relay_tag: Callable[[Address], bytes] | None = None,
 ) -> bytes:
     """The bytes to send to ``next_hop`` for ``pkt`` (decoded from ``data``).
 
     ``came_from`` is the address the packet arrived from, ``me`` the local address it
-    arrived on. Raises :class:`ForwardRefused` ("loop", "path_too_long", "bad_address").
+    arrived on. On the first hop, ``relay_tag`` (the forwarder's MAC of an address) fills
+    in a RELAY marker. Raises :class:`ForwardRefused` ("loop", "path_too_long", "bad_address").
     """
     path = pkt.source_path()
+    first_hop = path is None
     if path is None:
         path = [came_from]
     # A forwarder bound to the wildcard address cannot name itself: it is recorded as it
@@ -86,6 +100,12 @@ def forward_packet(
         raise ForwardRefused("path_too_long", f"{len(path) - 1} hops")
     drop = (SourceExt, SourcePortsExt, Source6Ext, PadExt)
     kept = [e for e in pkt.extensions if type(e) not in drop]
+    if first_hop and ":" not in came_from[0]:  # RELAY carries IPv4 only: else left bare
+        for i, e in enumerate(kept):
+            if type(e) is RelayExt and e.is_marker:
+                kept[i] = (
+                    RelayExt(came_from, relay_tag(came_from)) if relay_tag is not None else e
+                )
     if v6:
         kept.append(Source6Ext(tuple(path)))
     else:
@@ -160,6 +180,8 @@ def _scan_extensions(data: bytes, hlen: int, protocol: int) -> tuple[int, int, i
                 service = int.from_bytes(data[i + 4 : i + 36], "big")
         elif ext_type in (ExtType.SOURCE, ExtType.SOURCE_PORTS, ExtType.IP6):
             return None  # a later hop (or an IPv6 form): the general path handles it
+        elif ext_type == ExtType.RELAY and (length != 16 or data[i + 2 : i + 16] != _NO_RELAY):
+            return None  # malformed, or not a bare marker: the general path decides
         i += length
     if service < 0 or count > 8:
         return None
@@ -225,4 +247,42 @@ def first_hop_bytes(
             suffix,
             data[hlen:],
         )
+    )
+
+
+def relay_marker_at(data: bytes, hlen: int) -> int:
+    """The offset of a bare RELAY marker in the SAL header ``data[:hlen]`` (well-formed, as
+    :func:`scan_for_forwarding` checked), or -1."""
+    i = 12
+    while i < hlen:
+        head = data[i]
+        if head == 0:
+            i += 1
+            continue
+        length = data[i + 1]
+        if head == _RELAY_HEAD and length == 16 and data[i + 2 : i + 16] == _NO_RELAY:
+            return i
+        i += length
+    return -1
+
+
+def fill_relay_marker(data: bytes, at: int, came_from: Address, tag: bytes) -> bytes:
+    """``data`` with the RELAY marker at ``at`` filled in (the sender's address as this
+    first forwarder sees it, and its tag), the SAL header checksum updated incrementally
+    (RFC 1624: the marker's body was zero, so the new body's words are simply added).
+    Raises OSError when the address is not IPv4 text."""
+    body = came_from[1].to_bytes(2, "big") + socket.inet_aton(came_from[0]) + tag
+    start = at + 2
+    # Whole 16-bit words from the header's start: an odd start shares its first word.
+    words = (b"\0" + body) if start & 1 else body
+    if len(words) & 1:
+        words += b"\0"
+    added = int.from_bytes(words, "big") % 0xFFFF  # 2**16 = 1 (mod 0xFFFF): the word sum
+    old = (data[10] << 8) | data[11]
+    total = (0xFFFF - old) + added
+    total = (total & 0xFFFF) + (total >> 16)
+    total = (total & 0xFFFF) + (total >> 16)
+    check = 0xFFFF - total
+    return b"".join(
+        (data[:10], bytes((check >> 8, check & 0xFF)), data[12:start], body, data[start + 14 :])
     )

@@ -24,6 +24,7 @@ from .extensions import (
     JoinExt,
     MpCapableExt,
     PadExt,
+    RelayExt,
     ServiceExt,
     Source6Ext,
     SourceExt,
@@ -53,6 +54,7 @@ _EXT_DECODERS: Final[dict[int, Callable[[memoryview], Extension]]] = {
     ExtType.JOIN: JoinExt.decode,
     ExtType.ADD_ADDR: AddAddrExt.decode,
     ExtType.IP6: decode_ip6,
+    ExtType.RELAY: RelayExt.decode,
 }
 
 Transport = TcpHeader | UdpHeader

@@ -6,10 +6,12 @@ connects sans-I/O hosts.
 
 from .netsim import (
     DROP_REASONS,
+    NAT_BEHAVIOURS,
     Address,
     LinkConfig,
     LinkStats,
     Nat,
+    NatBehaviour,
     NetStats,
     SansIONode,
     SimNetwork,
@@ -23,7 +25,9 @@ __all__ = [
     "Address",
     "LinkConfig",
     "LinkStats",
+    "NAT_BEHAVIOURS",
     "Nat",
+    "NatBehaviour",
     "NetStats",
     "SansIONode",
     "SimNetwork",

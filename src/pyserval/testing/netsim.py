@@ -32,7 +32,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Final, NamedTuple, Protocol
+from typing import Final, Literal, NamedTuple, Protocol
 
 from ..tools.pcap import PcapWriter, SimPcapTap
 
@@ -41,7 +41,9 @@ __all__ = [
     "Address",
     "LinkConfig",
     "LinkStats",
+    "NAT_BEHAVIOURS",
     "Nat",
+    "NatBehaviour",
     "NetStats",
     "SansIONode",
     "SimNetwork",
@@ -209,43 +211,148 @@ class TraceEvent(NamedTuple):
     data: bytes
 
 
+NatBehaviour = Literal["endpoint-independent", "address-dependent", "address-and-port-dependent"]
+"""RFC 4787's mapping and filtering behaviours (sections 4.1 and 5)."""
+
+NAT_BEHAVIOURS: Final[tuple[NatBehaviour, ...]] = (
+    "endpoint-independent",
+    "address-dependent",
+    "address-and-port-dependent",
+)
+
+
+class _Mapping:
+    """One NAT binding: an inside address, its public port, and whom it let out to."""
+
+    __slots__ = ("inside", "key", "last_out", "peers", "port")
+
+    def __init__(self, inside: Address, key: tuple[object, ...], port: int, now: float) -> None:
+        self.inside = inside
+        self.key = key
+        self.port = port
+        self.last_out = now
+        self.peers: set[object] = set()  # what filtering compares: IPs or (IP, port)s
+
+
 class Nat:
-    """A NAT box with endpoint-independent mapping and filtering (a "full cone" NAT).
+    """A NAT box with RFC 4787's mapping and filtering behaviours.
 
     Created by :meth:`SimNetwork.add_nat`. Packets from an inside address to an outside one
-    leave from ``(public_ip, port)``, one port per inside ``(ip, port)``, allocated upwards
-    from ``first_port``; packets from outside to a mapped public port are rewritten to the
-    inside address; those to an unmapped port are dropped (reason ``"nat"``).
+    leave from ``(public_ip, port)``, ports allocated upwards from ``first_port``:
+
+    * ``mapping``: ``"endpoint-independent"`` reuses one public port per inside ``(ip,
+      port)`` for every destination; ``"address-dependent"`` one per destination IP;
+      ``"address-and-port-dependent"`` one per destination address (a "symmetric" NAT).
+    * ``filtering``: which outside sources may send in through a mapping: anyone
+      (``"endpoint-independent"``, with EIM a "full cone"), only IPs the inside host sent
+      to through it (``"address-dependent"``), or only the exact addresses
+      (``"address-and-port-dependent"``: "port-restricted", the common Linux masquerade).
+    * ``timeout``: a mapping not used by an outgoing packet for this long is forgotten
+      (incoming packets do not refresh it, RFC 4787 REQ-6 allows either); None: never.
+    * ``icmp``: a packet it drops (no mapping, or filtered) is answered with an ICMP port
+      unreachable, delivered to the sender's ``on_unreachable(address, now)`` if it has one.
+
+    The defaults are the full cone the sim always had. Dropped packets count in
+    :attr:`dropped` (reason ``"nat"``); :attr:`filtered` counts those a mapping existed for.
     """
 
-    __slots__ = ("_by_inside", "_by_port", "_next_port", "dropped", "inside_ips", "public_ip")
+    __slots__ = (
+        "_by_inside",
+        "_by_port",
+        "_next_port",
+        "dropped",
+        "filtered",
+        "filtering",
+        "icmp",
+        "inside_ips",
+        "mapping",
+        "public_ip",
+        "timeout",
+    )
 
-    def __init__(self, inside_ips: Iterable[str], public_ip: str, first_port: int = 40000) -> None:
+    def __init__(
+        self,
+        inside_ips: Iterable[str],
+        public_ip: str,
+        first_port: int = 40000,
+        *,
+        mapping: NatBehaviour = "endpoint-independent",
+        filtering: NatBehaviour = "endpoint-independent",
+        timeout: float | None = None,
+        icmp: bool = False,
+    ) -> None:
+        if mapping not in NAT_BEHAVIOURS or filtering not in NAT_BEHAVIOURS:
+            raise ValueError(f"mapping and filtering are one of {NAT_BEHAVIOURS}")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"a NAT mapping timeout must be positive: {timeout}")
         self.inside_ips: frozenset[str] = frozenset(inside_ips)
         self.public_ip = public_ip
+        self.mapping: NatBehaviour = mapping
+        self.filtering: NatBehaviour = filtering
+        self.timeout = timeout
+        self.icmp = icmp
         self.dropped = 0
-        """Packets dropped because they arrived at an unmapped public port."""
-        self._by_inside: dict[Address, Address] = {}
-        self._by_port: dict[int, Address] = {}
+        """Packets dropped at the public address (no mapping for the port, or filtered)."""
+        self.filtered = 0
+        """Of those, packets dropped by filtering (a mapping existed, not for that sender)."""
+        self._by_inside: dict[tuple[Address, tuple[object, ...]], _Mapping] = {}
+        self._by_port: dict[int, _Mapping] = {}
         self._next_port = first_port
 
     def __repr__(self) -> str:
         return f"Nat({sorted(self.inside_ips)!r}, {self.public_ip!r})"
 
-    def _map(self, inside: Address) -> Address:
-        public = self._by_inside.get(inside)
-        if public is None:
+    def _key(self, dst: Address) -> tuple[object, ...]:
+        if self.mapping == "endpoint-independent":
+            return ()
+        return (dst[0],) if self.mapping == "address-dependent" else (dst,)
+
+    def _peer(self, remote: Address) -> object:
+        return remote[0] if self.filtering == "address-dependent" else remote
+
+    def _expired(self, m: _Mapping, now: float) -> bool:
+        if self.timeout is None or now - m.last_out < self.timeout:
+            return False
+        self._by_inside.pop((m.inside, m.key), None)
+        self._by_port.pop(m.port, None)
+        return True
+
+    def _map(self, inside: Address, dst: Address, now: float) -> Address:
+        """The public source of a packet from ``inside`` to ``dst`` (creating a mapping)."""
+        key = self._key(dst)
+        m = self._by_inside.get((inside, key))
+        if m is None or self._expired(m, now):
             port = self._next_port
             if port > 0xFFFF:
                 raise SimulationError(f"{self!r} ran out of public ports")
             self._next_port = port + 1
-            public = (self.public_ip, port)
-            self._by_inside[inside] = public
-            self._by_port[port] = inside
-        return public
+            m = _Mapping(inside, key, port, now)
+            self._by_inside[(inside, key)] = m
+            self._by_port[port] = m
+        m.last_out = now
+        if self.filtering != "endpoint-independent":
+            m.peers.add(self._peer(dst))
+        return (self.public_ip, m.port)
+
+    def _lookup(self, public_port: int, now: float) -> _Mapping | None:
+        m = self._by_port.get(public_port)
+        if m is None or self._expired(m, now):
+            return None
+        return m
+
+    def _admit(self, public_port: int, src: Address, now: float) -> Address | None:
+        """The inside destination of a packet from ``src`` to our ``public_port``, or None
+        (dropped: no live mapping, or filtered)."""
+        m = self._lookup(public_port, now)
+        if m is None:
+            return None
+        if self.filtering != "endpoint-independent" and self._peer(src) not in m.peers:
+            self.filtered += 1
+            return None
+        return m.inside
 
     def rebind(self, inside: Address | None = None) -> None:
-        """Forget the mapping of ``inside`` (default: all mappings).
+        """Forget the mappings of ``inside`` (default: all mappings).
 
         The next outgoing packet gets a fresh public port, and packets to the old one are
         dropped: this models a NAT rebinding (a mapping timing out).
@@ -254,22 +361,31 @@ class Nat:
             self._by_inside.clear()
             self._by_port.clear()
             return
-        public = self._by_inside.pop(inside, None)
-        if public is not None:
-            del self._by_port[public[1]]
+        for key, m in list(self._by_inside.items()):
+            if m.inside == inside:
+                del self._by_inside[key]
+                del self._by_port[m.port]
 
     def public_address(self, inside: Address) -> Address | None:
-        """The public address ``inside`` is currently mapped to, if any."""
-        return self._by_inside.get(inside)
+        """The public address ``inside`` was last mapped to, if any (expiry not checked)."""
+        best = None
+        for m in self._by_inside.values():
+            if m.inside == inside and (best is None or m.last_out >= best.last_out):
+                best = m
+        return None if best is None else (self.public_ip, best.port)
 
     def inside_address(self, public_port: int) -> Address | None:
         """The inside address the public port is currently mapped to, if any."""
-        return self._by_port.get(public_port)
+        m = self._by_port.get(public_port)
+        return None if m is None else m.inside
 
     @property
     def mappings(self) -> dict[Address, Address]:
-        """A copy of the current mappings, inside address -> public address."""
-        return dict(self._by_inside)
+        """A copy of the current mappings, inside address -> (latest) public address."""
+        out: dict[Address, Address] = {}
+        for m in sorted(self._by_inside.values(), key=lambda m: m.last_out):
+            out[m.inside] = (self.public_ip, m.port)
+        return out
 
 
 class _Node:
@@ -599,13 +715,25 @@ class SimNetwork:
 
     # ------------------------------------------------------------------ NAT
 
-    def add_nat(self, inside_ips: Iterable[str], public_ip: str) -> Nat:
-        """Put the hosts with ``inside_ips`` behind a NAT whose outside address is ``public_ip``.
+    def add_nat(
+        self,
+        inside_ips: Iterable[str],
+        public_ip: str,
+        *,
+        mapping: NatBehaviour = "endpoint-independent",
+        filtering: NatBehaviour = "endpoint-independent",
+        timeout: float | None = None,
+        icmp: bool = False,
+    ) -> Nat:
+        """Put the hosts with ``inside_ips`` behind a NAT whose outside address is ``public_ip``
+        (behaviours as :class:`Nat`; the default is a full cone with no timeout).
 
         Traffic between inside IPs of the same NAT is not translated. An IP may be inside at
         most one NAT, and a public IP belongs to one NAT.
         """
-        nat = Nat(inside_ips, public_ip)
+        nat = Nat(
+            inside_ips, public_ip, mapping=mapping, filtering=filtering, timeout=timeout, icmp=icmp
+        )
         if public_ip in self._nat_by_public:
             raise ValueError(f"{public_ip} is already the public IP of a NAT")
         if public_ip in nat.inside_ips:
@@ -709,9 +837,9 @@ class SimNetwork:
         # the link is named by the endpoint IPs: look through the destination's NAT, if any
         nat = self._nat_by_public.get(dst_ip)
         if nat is not None:
-            inside = nat._by_port.get(dst[1])
-            if inside is not None:
-                dst_ip = inside[0]
+            m = nat._by_port.get(dst[1])
+            if m is not None:
+                dst_ip = m.inside[0]
         key = (src_ip, dst_ip)
         link = self._links.get(key)
         if link is None:
@@ -727,7 +855,7 @@ class SimNetwork:
         wire_src = src
         nat = self._nat_by_inside.get(src_ip)
         if nat is not None and dst[0] not in nat.inside_ips:
-            wire_src = nat._map(src)
+            wire_src = nat._map(src, dst, now)
         loss_filter = self.loss_filter
         if loss_filter is not None and loss_filter(data, src, dst):
             self._drop(link, "filtered", data, src, dst)
@@ -774,6 +902,22 @@ class SimNetwork:
             self._in_flight += 1
             heapq.heappush(self._heap, (t, self._seq, (data, wire_src, dst, link), 0))
 
+    def _icmp_unreachable(self, src: Address, dst: Address) -> None:
+        """A NAT's ICMP port unreachable for a packet from ``src`` to ``dst``: the sender
+        (through its own NAT's mapping, if it is behind one) hears ``on_unreachable(dst)``."""
+        sender = self._owners.get(src)
+        back = self._nat_by_public.get(src[0])
+        if back is not None:
+            m = back._by_port.get(src[1])
+            sender = None if m is None else self._owners.get(m.inside)
+        if sender is None:
+            return
+        hook = getattr(sender.node, "on_unreachable", None)
+        if hook is None:
+            return
+        hook(dst, self._now)
+        self._service(sender)
+
     def _deliver(self, data: bytes, src: Address, dst: Address, link: _Link) -> None:
         self._in_flight -= 1
         if link.cfg.down:
@@ -781,12 +925,14 @@ class SimNetwork:
             return
         nat = self._nat_by_public.get(dst[0])
         if nat is not None:
-            inside = nat._by_port.get(dst[1])
+            inside = nat._admit(dst[1], src, self._now)
             if inside is not None:
                 dst = inside
             elif dst not in self._owners:
                 nat.dropped += 1
                 self._drop(link, "nat", data, src, dst)
+                if nat.icmp:
+                    self._icmp_unreachable(src, dst)
                 return
         st = self._owners.get(dst)
         if st is None:

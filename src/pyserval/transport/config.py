@@ -26,7 +26,20 @@ class StreamConfig:
     max_retransmissions: int = 15  # consecutive data RTOs before the connection times out
     time_wait: float = 30.0
     idle_timeout: float | None = None  # abort after this long without hearing from the peer
-    keepalive: float | None = None  # probe after this long idle (needs idle_timeout to end)
+    # Liveness, on by default (README "NATs"), as Linux's TCP_KEEPIDLE/KEEPINTVL/KEEPCNT:
+    # with nothing heard from the peer for `keepalive` seconds a probe goes out, then one
+    # every `keepalive_interval` seconds while the silence lasts; when `keepalive_probes`
+    # probes went unanswered (one interval after the last) the peer is taken for dead.
+    # 15 s keeps UDP NAT mappings open (common timeouts are 30 s and more); with 9 probes
+    # 5 s apart a dead peer is found 60 s after it was last heard, and a live one behind
+    # heavy loss is not (each probe and its answer is another chance). None: no probes.
+    keepalive: float | None = 15.0
+    keepalive_interval: float = 5.0
+    keepalive_probes: int = 9
+    # RFC 5482's user timeout: give up when data sent stays unacknowledged this long (a
+    # peer that stopped answering), whatever the retransmission backoff. None: only
+    # `max_retransmissions` ends it.
+    user_timeout: float | None = 60.0
     control: ControlTimers = field(default_factory=ControlTimers)
     max_half_open: int = 500  # per listener, SYNs answered but not yet completed
     # Multipath: offer it in our SYNs (client), accept it when offered (server), and the
@@ -44,6 +57,16 @@ class StreamConfig:
         from .multipath import get_scheduler  # here: multipath needs this module's users
 
         get_scheduler(self.scheduler)  # an unknown name fails here, naming the known ones
+        if self.keepalive is not None and not self.keepalive > 0:
+            raise ValueError(f"keepalive must be positive seconds or None: {self.keepalive}")
+        if not self.keepalive_interval > 0:
+            raise ValueError(f"keepalive_interval must be positive: {self.keepalive_interval}")
+        if self.keepalive_probes < 1:
+            raise ValueError(f"keepalive_probes must be at least 1: {self.keepalive_probes}")
+        if self.user_timeout is not None and not self.user_timeout > 0:
+            raise ValueError(f"user_timeout must be positive seconds or None: {self.user_timeout}")
+        if self.idle_timeout is not None and not self.idle_timeout > 0:
+            raise ValueError(f"idle_timeout must be positive seconds or None: {self.idle_timeout}")
         if self.receive_buffer > 0x3FFFFFFF:
             raise ValueError("receive_buffer must be below 1 GiB (window scale limit)")
 

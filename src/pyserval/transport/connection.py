@@ -172,6 +172,9 @@ class Subflow:
         self.recovery_point = 0
         self.rto_deadline: float | None = None
         self.rto_count = 0
+        # Since when sent data has waited for an ACK that moves snd_una (None: nothing
+        # in flight): the user timeout (StreamConfig.user_timeout) counts from here.
+        self.waiting_since: float | None = None
         self.persist_deadline: float | None = None
         self.persist_backoff = 0
         # TCP receive side.
@@ -228,6 +231,8 @@ class Subflow:
         self.dupacks = 0
         self.persist_deadline = None
         self.persist_backoff = 0
+        if self.waiting_since is not None:
+            self.waiting_since = now  # the new path gets the whole user timeout
         if self.segments:
             self.lost.clear()
             for start, seg in self.segments.items():
@@ -401,8 +406,9 @@ class Subflow:
         if not self._acceptable(tcp, len(payload) + (1 if flags & TcpFlags.FIN else 0)):
             conn.challenge_ack_due = True  # RFC 5961: ACK it, change nothing
             return
+        self._heard_again(now)
         conn.last_heard = now
-        conn.keepalive_sent = False
+        conn.keepalives_sent = 0
         if flags & TcpFlags.ACK:
             self._on_ack(tcp, bool(payload) or bool(flags & TcpFlags.FIN), now)
         if payload or flags & TcpFlags.FIN:
@@ -427,6 +433,23 @@ class Subflow:
         cap = recv.capacity
         return seq < rcv_nxt + cap and seq + length + cap >= rcv_nxt
 
+    def _heard_again(self, now: float) -> None:
+        """The peer speaks after a silence while our data waits in RTO backoff: what we
+        sent was probably lost on the way (a NAT mapping that expired meanwhile, a path
+        that was down), and the peer is there again, so it goes now rather than at the
+        next backed-off timeout. Only after a silence longer than the base RTO, so a peer
+        that keeps sending while our data is lost does not set off a resend per segment."""
+        if (
+            self.rto_count
+            and self.rto_deadline is not None
+            and self.rto_deadline > now
+            and now - self.conn.last_heard > self.rtt.base_rto
+        ):
+            self.rtt.clear_backoff()
+            self.rto_count -= 1  # _on_rto counts this one again
+            self.rto_deadline = now
+            self.conn.stats_heard_again += 1
+
     def _on_tcp_mp(
         self, tcp: TcpHeader, payload: BytesLike, now: float, dss: DssExt | None
     ) -> None:
@@ -437,8 +460,9 @@ class Subflow:
             if flags & TcpFlags.SYN:
                 self.ack_pending = True  # a retransmitted SYN-ACK: our ACK was lost
             return
+        self._heard_again(now)
         conn.last_heard = now
-        conn.keepalive_sent = False
+        conn.keepalives_sent = 0
         if dss is not None:
             conn.on_data_ack(dss.data_ack, tcp.window << self.snd_wscale, now)
         fin = bool(flags & TcpFlags.FIN)
@@ -568,6 +592,7 @@ class Subflow:
         else:
             self.rtt.clear_backoff()
         self.snd_una = ack
+        self.waiting_since = now if self.snd_max > ack else None
         self.dupacks = 0
         self.rto_count = 0
         if conn.mp is None:
@@ -803,6 +828,8 @@ class Subflow:
             start = self.snd_max
             self.segments[start] = SentSegment(start + n, now, False, dsn)
             self.snd_max = start + n
+            if self.waiting_since is None:
+                self.waiting_since = now
             out.append(self._data_packet(start, start + n, False, dsn))
             pipe += n
             if self.rto_deadline is None:
@@ -819,6 +846,8 @@ class Subflow:
             self.fin_seq = start
             self.segments[start] = SentSegment(start + 1, now, True, fin_off)
             self.snd_max = start + 1
+            if self.waiting_since is None:
+                self.waiting_since = now
             out.append(self._data_packet(start, start + 1, True, fin_off))
             if self.rto_deadline is None:
                 self.rto_deadline = now + self.rtt.rto
@@ -827,6 +856,8 @@ class Subflow:
         seg_end = end + (1 if fin else 0)
         self.segments[start] = SentSegment(seg_end, now, fin)
         self.snd_max = seg_end
+        if self.waiting_since is None:
+            self.waiting_since = now
         out.append(self._data_packet(start, seg_end, fin))
         self.conn.ack_sent()
         if self.rto_deadline is None:
@@ -964,7 +995,8 @@ class Connection:
         self.delack_deadline: float | None = None
         self.time_wait_deadline: float | None = None
         self.last_heard = 0.0
-        self.keepalive_sent = False
+        self.keepalives_sent = 0  # probes since we last heard from the peer
+        self.stats_heard_again = 0  # resends hastened by hearing the peer (_heard_again)
         self.unreachable_since = -1.0  # last_heard when ICMP errors started to arrive
         self.unreachable_count = 0
         self.error: str | None = None
@@ -1615,14 +1647,80 @@ class Connection:
         for d in (self.delack_deadline, *(sf.next_deadline() for sf in self.subflows)):
             if d is not None and (best is None or d < best):
                 best = d
-        cfg = self.config
-        if self.state is State.ESTABLISHED and cfg.idle_timeout is not None:
-            idle = self.last_heard + (
-                cfg.keepalive if cfg.keepalive and not self.keepalive_sent else cfg.idle_timeout
-            )
-            if best is None or idle < best:
-                best = idle
+        if self.state is State.ESTABLISHED:
+            live = self._liveness_deadline()
+            if live is not None and (best is None or live < best):
+                best = live
         return best
+
+    def _waiting_since(self) -> float | None:
+        """Since when our data has waited for an ACK (the latest of the subflows')."""
+        latest = None
+        for sf in self.subflows:
+            w = sf.waiting_since
+            if w is not None and (latest is None or w > latest):
+                latest = w
+        return latest
+
+    def _control_outstanding(self) -> bool:
+        """A control packet (SAL FIN, RSYN, JOIN) awaits its answer: its own retransmissions
+        keep the path busy and decide when to give up, so keepalives wait."""
+        return any(sf.control.deadline is not None for sf in self.subflows)
+
+    def _liveness_deadline(self) -> float | None:
+        """The earliest of the idle timeout, the next keepalive probe (or the end of the
+        probes) and the user timeout."""
+        cfg = self.config
+        heard = self.last_heard
+        best = None if cfg.idle_timeout is None else heard + cfg.idle_timeout
+        if cfg.keepalive is not None and not self._control_outstanding():
+            # The next probe, or (all sent) the end of the wait for an answer.
+            d = heard + cfg.keepalive + self.keepalives_sent * cfg.keepalive_interval
+            if best is None or d < best:
+                best = d
+        if cfg.user_timeout is not None:
+            waiting = self._waiting_since()
+            if waiting is not None and (best is None or waiting + cfg.user_timeout < best):
+                best = waiting + cfg.user_timeout
+        return best
+
+    def _check_liveness(self, now: float, out: list[SalPacket]) -> bool:
+        """Idle timeout, keepalive probes and user timeout; True if the connection ended."""
+        cfg = self.config
+        heard = self.last_heard
+        if cfg.idle_timeout is not None and now >= heard + cfg.idle_timeout:
+            self.time_out("idle")
+            return True
+        if cfg.user_timeout is not None:
+            waiting = self._waiting_since()
+            if waiting is not None and now >= waiting + cfg.user_timeout:
+                self.time_out(f"user timeout: data unacknowledged for {now - waiting:.1f} s")
+                return True
+        ka = cfg.keepalive
+        if ka is None or self._control_outstanding():
+            return False
+        probes = cfg.keepalive_probes
+        interval = cfg.keepalive_interval
+        if now >= heard + ka + probes * interval:
+            self.time_out(f"peer silent for {now - heard:.1f} s: {probes} keepalives unanswered")
+            return True
+        if now >= heard + ka + self.keepalives_sent * interval:
+            # Count the intervals that passed (a late timer sends one probe, not several).
+            passed = 1 + int((now - heard - ka) // interval)
+            self.keepalives_sent = min(max(passed, self.keepalives_sent + 1), probes)
+            sf = self.primary
+            # An already-acknowledged sequence number: the peer answers with an ACK, and
+            # both ends' NAT mappings see a packet go out.
+            out.append(
+                SalPacket(
+                    sf.local_flowid,
+                    sf.remote_flowid,
+                    PROTO_TCP,
+                    [],
+                    sf.ack_header(TcpFlags.ACK, sf.snd_una - 1),
+                )
+            )
+        return False
 
     def on_timer(self, now: float, out: list[SalPacket]) -> None:
         """Run every timer that is due."""
@@ -1637,23 +1735,8 @@ class Connection:
                 for sf in self.subflows:
                     if sf.mp_unacked:
                         sf.ack_pending = True
-        cfg = self.config
-        if self.state is State.ESTABLISHED and cfg.idle_timeout is not None:
-            if now >= self.last_heard + cfg.idle_timeout:
-                self.time_out("idle")
-                return
-            if cfg.keepalive and not self.keepalive_sent and now >= self.last_heard + cfg.keepalive:
-                self.keepalive_sent = True
-                sf = self.primary
-                out.append(
-                    SalPacket(
-                        sf.local_flowid,
-                        sf.remote_flowid,
-                        PROTO_TCP,
-                        [],
-                        sf.ack_header(TcpFlags.ACK, sf.snd_una - 1),
-                    )
-                )
+        if self.state is State.ESTABLISHED and self._check_liveness(now, out):
+            return
         for sf in list(self.subflows):  # a subflow may be given up on the way
             if sf not in self.subflows:
                 continue
