@@ -76,6 +76,10 @@ Address = tuple[str, int]
 MASK32: Final = 0xFFFFFFFF
 HALF32: Final = 0x80000000
 DUP_THRESH: Final = 3
+# Duplicate ACKs owed by the receiver within one receive batch (one per out-of-order
+# segment, RFC 5681 4.2): bounded like every queue; the runtime hands over at most 256
+# datagrams per batch, so this cap is only reached by a flood.
+MAX_OWED_DUPACKS: Final = 256
 _PEER_DEFAULT_MSS: Final = 536  # RFC 9293 default when the peer sends no MSS option
 _MIN_PEER_MSS: Final = 256
 _CONTROL_PACKET: Final = 32  # bytes of a SAL control packet: base header + CONTROL
@@ -166,6 +170,14 @@ class Subflow:
         self.rack_time = 0.0
         self.sacked_bytes = 0
         self.dupacks = 0
+        # Without SACK: segments the duplicate ACKs say have left the network (each one
+        # was caused by a segment arriving above the hole), kept through a recovery episode
+        # and taken off the pipe, as Linux does for Reno; with SACK the scoreboard knows.
+        self.dup_segments = 0
+        # Without SACK: the next retransmission of the lost head goes out whatever the pipe
+        # (the fast retransmit on the third duplicate ACK, RFC 5681 3.2 step 2, and the
+        # retransmission on a partial ACK, RFC 6582 3.2 step 3).
+        self.rexmit_now = False
         self.in_recovery = False
         self.recovery_after_rto = False
         self.recovery_point = 0
@@ -225,6 +237,8 @@ class Subflow:
         self.rtt.clear_backoff()
         self.rto_count = 0
         self.dupacks = 0
+        self.dup_segments = 0
+        self.rexmit_now = False
         self.persist_deadline = None
         self.persist_backoff = 0
         if self.segments:
@@ -277,18 +291,28 @@ class Subflow:
 
     @property
     def flight(self) -> int:
-        """Bytes in the network by RFC 6675's pipe (outside recovery: unSACKed bytes)."""
+        """Bytes in the network by RFC 6675's pipe (outside recovery: unSACKed bytes).
+
+        Without SACK each duplicate ACK stands for one segment that left the network, so
+        the pipe shrinks by a segment per duplicate ACK: outside recovery that is limited
+        transmit (RFC 3042: one new segment on each of the first two), in recovery it does
+        what RFC 5681's window inflation does, and a partial ACK takes back the duplicates
+        of the segments it covers (RFC 6582's deflation).
+        """
         if not self.in_recovery:
-            return self.snd_max - self.snd_una - self.sacked_bytes
-        pipe = 0
-        for start, seg in self.segments.items():
-            if seg.sacked:
-                continue
-            n = seg.end - start
-            if not seg.lost:
-                pipe += n
-            if seg.retransmitted and seg.lost:
-                pipe += n
+            pipe = self.snd_max - self.snd_una - self.sacked_bytes
+        else:
+            pipe = 0
+            for start, seg in self.segments.items():
+                if seg.sacked:
+                    continue
+                n = seg.end - start
+                if not seg.lost:
+                    pipe += n
+                if seg.retransmitted and seg.lost:
+                    pipe += n
+        if self.dup_segments:
+            pipe = max(pipe - self.dup_segments * self.mss, 0)
         return pipe
 
     # -- packet builders ----------------------------------------------------------------
@@ -501,8 +525,11 @@ class Subflow:
             and (not self.sack_ok or self.sacked_bytes > sacked_before)
         ):
             self.dupacks += 1
+            if not self.sack_ok and not self.recovery_after_rto:
+                # Never more than the segments above the first: that one is the hole.
+                self.dup_segments = min(self.dup_segments + 1, max(len(self.segments) - 1, 0))
         if self.snd_max > self.snd_una and not self.in_recovery:
-            if self.dupacks >= DUP_THRESH or (self.sack_ok and self._first_lost()):
+            if self.dupacks >= self._dup_thresh() or (self.sack_ok and self._first_lost()):
                 self._enter_recovery(now)
         elif self.in_recovery and self.sack_ok:
             self._mark_lost()
@@ -514,6 +541,7 @@ class Subflow:
         rtt_sample: float | None = None
         karn = False
         segs = self.segments
+        covered = 0  # segments acknowledged whole
         while segs:
             start, seg = segs.peekitem(0)
             if start >= ack:
@@ -534,6 +562,7 @@ class Subflow:
                     self.sacked_bytes -= ack - start
                     rest.sacked = True
                 break
+            covered += 1
             if seg.sacked:
                 self.sacked_bytes -= seg.end - start
             if seg.resent:
@@ -549,6 +578,22 @@ class Subflow:
         self.snd_una = ack
         self.dupacks = 0
         self.rto_count = 0
+        if self.dup_segments:
+            # All but the first segment this ACK covers had each caused a duplicate ACK; the
+            # rest came from segments above the new left edge (Linux's tcp_remove_reno_sacks).
+            left = max(min(self.dup_segments - covered + 1, len(self.segments) - 1), 0)
+            if self.in_recovery and ack < self.recovery_point:
+                self.dup_segments = left  # a partial ACK
+            elif self.in_recovery and not self.recovery_after_rto and left >= DUP_THRESH:
+                # Recovery ends, but the receiver already holds at least three segments
+                # above the new left edge: a segment sent during recovery was lost (a new
+                # congestion event). Retransmit it now; its duplicate ACKs came while we
+                # counted them for the old hole, and no more will come if the sender has
+                # nothing new to send.
+                self.dup_segments = left
+                self.dupacks = left
+            else:
+                self.dup_segments = 0
         if conn.mp is None:
             released = conn.send.release(min(ack, conn.send.end))
             if released and conn.send_blocked and conn.send.free > 0:
@@ -568,13 +613,16 @@ class Subflow:
                 for start in list(self.lost):
                     self.segments[start].lost = False
                 self.lost.clear()
+                self.rexmit_now = False
             elif not self.sack_ok:
-                # NewReno partial ACK (RFC 6582): the next hole is lost too.
+                # NewReno partial ACK (RFC 6582): the next hole is lost too, and is resent
+                # at once.
                 first = self.segments.peekitem(0) if self.segments else None
                 if first is not None and not first[1].lost:
                     first[1].lost = True
                     first[1].retransmitted = False
                     self.lost.add(first[0])
+                    self.rexmit_now = not self.recovery_after_rto
         if not self.in_recovery or self.recovery_after_rto:
             self.cc.on_ack(newly, now, rtt_sample, flight_before)
         self.rto_deadline = now + self.rtt.rto if self.snd_max > self.snd_una else None
@@ -602,6 +650,23 @@ class Subflow:
                         self.rack_time = seg.sent_at
                     if seg.lost:
                         self.lost.discard(start)
+
+    def _dup_thresh(self) -> int:
+        """Duplicate ACKs that start a fast retransmit: three, or fewer without SACK when
+        fewer than four segments are outstanding and nothing new can be sent (Early
+        Retransmit, RFC 5827: at most ``oseg - 1`` duplicates can come then)."""
+        if self.sack_ok or self.conn.mp is not None:
+            return DUP_THRESH
+        oseg = len(self.segments)
+        if oseg > DUP_THRESH or oseg < 2:
+            return DUP_THRESH
+        conn = self.conn
+        more = self.snd_max < conn.send.end or (
+            conn.fin_offset is not None and self.snd_max <= conn.fin_offset
+        )
+        if more and self.snd_max < self.snd_una + self.snd_wnd:
+            return DUP_THRESH  # new data can still go out and bring its own duplicates
+        return oseg - 1
 
     def _first_lost(self) -> bool:
         """RFC 6675 IsLost for the first unacknowledged segment."""
@@ -653,6 +718,7 @@ class Subflow:
             start, seg = self.segments.peekitem(0)
             seg.lost = True
             self.lost.add(start)
+        self.rexmit_now = not self.sack_ok
 
     def _on_data(self, tcp: TcpHeader, payload: BytesLike, now: float) -> None:
         conn = self.conn
@@ -717,8 +783,9 @@ class Subflow:
                 if seg.retransmitted or seg.sacked:
                     self.lost.discard(start)
                     continue
-                if pipe > 0 and pipe + (seg.end - start) > self.cc.cwnd:
+                if pipe > 0 and pipe + (seg.end - start) > self.cc.cwnd and not self.rexmit_now:
                     break
+                self.rexmit_now = False
                 seg.retransmitted = True
                 seg.resent = True
                 seg.sent_at = now
@@ -876,6 +943,8 @@ class Subflow:
         self.recovery_after_rto = True
         self.recovery_point = self.snd_max
         self.dupacks = 0
+        self.dup_segments = 0
+        self.rexmit_now = False
         self.rto_deadline = now + self.rtt.rto
 
     def next_deadline(self) -> float | None:
