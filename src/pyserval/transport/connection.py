@@ -759,6 +759,10 @@ class Subflow:
             return
         if not in_order or had_holes or recv.out_of_order_bytes or not delivered:
             conn.ack_now = True  # out of order, filled a hole, or outside the window
+            if seq > recv.rcv_nxt:
+                # Above a hole: one duplicate ACK for each such segment (RFC 5681 4.2), even
+                # when several come in one receive batch; a sender without SACK counts them.
+                conn.dupacks_owed = min(conn.dupacks_owed + 1, MAX_OWED_DUPACKS)
             return
         conn.unacked_segments += 1
         if conn.unacked_segments >= conn.config.ack_every:
@@ -999,6 +1003,7 @@ class Connection:
         self.peer_sal_fin = False
         self.active_close = False
         self.ack_now = False
+        self.dupacks_owed = 0  # immediate ACKs owed for out-of-order segments (bounded)
         self.third_ack_pending = False
         self.unacked_segments = 0
         self.delack_deadline: float | None = None
@@ -1096,8 +1101,15 @@ class Connection:
             self.wake(self)
 
     def abort(self) -> None:
-        """Abortive close: reset the peer and drop everything."""
-        if self.state is not State.CLOSED:
+        """Abortive close: reset the peer and drop everything.
+
+        In TIME_WAIT both directions were delivered and closed already: the connection just
+        goes, with nothing sent (RFC 9293 3.10.7.1: ABORT in TIME-WAIT sends no RST).
+        """
+        if self.state is State.TIME_WAIT:
+            self.state = State.CLOSED
+            self.wake(self)
+        elif self.state is not State.CLOSED:
             self.abort_with("aborted locally", send_rst=True)
             self.wake(self)
 
@@ -1763,6 +1775,10 @@ class Connection:
         else:
             if self.state is State.ESTABLISHED and not frozen:
                 sf.output(now, out)
+            # Duplicate ACKs owed for out-of-order segments go even if data carried the ACK
+            # (a segment with data is no duplicate ACK to its receiver); one is the ACK below.
+            owed = self.dupacks_owed
+            self.dupacks_owed = 0
             if self.ack_now and not frozen:
                 # A SAL FIN and/or control ACK due now rides on the TCP ACK.
                 closing = self._closing_control(sf)
@@ -1771,6 +1787,10 @@ class Connection:
                 else:
                     out.append(sf.pure_ack())
                 self.ack_sent()
+                owed -= 1
+            if not frozen:
+                for _ in range(owed):
+                    out.append(sf.pure_ack())
         closing = self._closing_control(sf)
         if closing is not None:
             out.append(sf.control_packet(closing))
