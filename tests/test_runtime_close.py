@@ -6,6 +6,7 @@ import asyncio
 from typing import cast
 
 import anyio
+import pytest
 
 from pyserval.runtime.host import Host
 from pyserval.runtime.streams import ServalStream
@@ -63,10 +64,8 @@ def test_host_close_sends_nothing_to_a_flow_in_time_wait() -> None:
                 await stream.send(b"ping")
                 assert await stream.receive() == b"ping"
                 await stream.send_eof()  # we close first: our side ends in TIME_WAIT
-                try:
+                with pytest.raises(anyio.EndOfStream):
                     await stream.receive()
-                except anyio.EndOfStream:
-                    pass
                 conn = stream.connection
                 for _ in range(400):
                     if conn.state is State.TIME_WAIT:
