@@ -283,9 +283,17 @@ class Subflow:
         conn = self.conn
         return (self.irs + 1 + conn.recv.rcv_nxt + (1 if conn.peer_fin_received else 0)) & MASK32
 
-    def advertised_window(self) -> int:
-        """The 16-bit window field: receive buffer space scaled down."""
+    def advertised_window(self, hold: bool = False) -> int:
+        """The 16-bit window field: receive buffer space scaled down.
+
+        ``hold``: a duplicate ACK repeats the window last advertised when the real one only
+        grew since (the application read): a sender counts an ACK that changes the window
+        as a window update, not as a duplicate (RFC 5681 section 2), and would miss the
+        loss. The growth goes out with the next ACK that is no duplicate.
+        """
         win = self.conn.recv.window
+        if hold and self.mss <= self.last_adv_window <= win:
+            win = self.last_adv_window
         self.last_adv_window = win
         return min(win >> self.rcv_wscale, 0xFFFF)
 
@@ -366,15 +374,20 @@ class Subflow:
         """The DSS extension with our current data ACK."""
         return DssExt(flags, dsn, self.conn.recv.rcv_nxt)
 
-    def pure_ack(self) -> SalPacket:
-        """An ACK of this subflow (with the data ACK on a multipath connection)."""
+    def pure_ack(self, duplicate: bool = False) -> SalPacket:
+        """An ACK of this subflow (with the data ACK on a multipath connection);
+        ``duplicate``: one owed for an out-of-order segment (its window is held)."""
         exts: list[Extension] = [self.dss()] if self.conn.mp is not None else []
         self.ack_pending = False
         self.mp_unacked = 0
-        return SalPacket(self.local_flowid, self.remote_flowid, PROTO_TCP, exts, self.ack_header())
+        tcp = self.ack_header(hold_window=duplicate)
+        return SalPacket(self.local_flowid, self.remote_flowid, PROTO_TCP, exts, tcp)
 
-    def ack_header(self, flags: int = TcpFlags.ACK, offset: int | None = None) -> TcpHeader:
-        """A TCP header with our current ACK, window and SACK blocks."""
+    def ack_header(
+        self, flags: int = TcpFlags.ACK, offset: int | None = None, hold_window: bool = False
+    ) -> TcpHeader:
+        """A TCP header with our current ACK, window and SACK blocks (``hold_window``: see
+        :meth:`advertised_window`)."""
         opts: list[TcpOption] = []
         if self.sack_ok:
             track = self.rcv_track
@@ -389,7 +402,7 @@ class Subflow:
             seq=self.wire_seq(self.snd_max if offset is None else offset),
             ack=self.wire_ack(),
             flags=flags,
-            window=self.advertised_window(),
+            window=self.advertised_window(hold_window),
             options=opts,
         )
 
@@ -1785,12 +1798,12 @@ class Connection:
                 if closing is not None:
                     out.append(sf.control_packet(closing, [], sf.ack_header()))
                 else:
-                    out.append(sf.pure_ack())
+                    out.append(sf.pure_ack(duplicate=owed > 0))
                 self.ack_sent()
                 owed -= 1
             if not frozen:
                 for _ in range(owed):
-                    out.append(sf.pure_ack())
+                    out.append(sf.pure_ack(duplicate=True))
         closing = self._closing_control(sf)
         if closing is not None:
             out.append(sf.control_packet(closing))
