@@ -1016,9 +1016,9 @@ class Connection:
         self.peer_sal_fin = False
         self.active_close = False
         self.ack_now = False
-        self.dupacks_owed = 0  # immediate ACKs owed for out-of-order segments (bounded)
         self.third_ack_pending = False
         self.unacked_segments = 0
+        self.dupacks_owed = 0  # immediate ACKs owed for out-of-order segments (bounded)
         self.delack_deadline: float | None = None
         self.time_wait_deadline: float | None = None
         self.last_heard = 0.0
