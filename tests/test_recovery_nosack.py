@@ -97,20 +97,30 @@ def test_one_percent_loss_without_sack_is_within_1_5x_of_sack() -> None:
     assert statistics.median(without) <= 1.5 * statistics.median(with_sack)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     losses=st.dictionaries(st.integers(0, 140), st.integers(1, 3), max_size=12),
     ends=st.sampled_from([(True, False), (False, True), (False, False)]),
     congestion=st.sampled_from(["cubic", "newreno"]),
     size=st.integers(1, 140 * MSS),
+    random_loss=st.sampled_from([0.0, 0.02, 0.1]),
+    seed=st.integers(0, 1000),
 )
 def test_transfers_stay_byte_exact_under_any_loss_pattern(
-    losses: dict[int, int], ends: tuple[bool, bool], congestion: str, size: int
+    losses: dict[int, int],
+    ends: tuple[bool, bool],
+    congestion: str,
+    size: int,
+    random_loss: float,
+    seed: int,
 ) -> None:
-    # losses: segment index -> how many of its first sendings are lost.
+    # losses: segment index -> how many of its first sendings are lost; random_loss hits
+    # every packet (ACKs too) on top.
     client_sack, server_sack = ends
     r = transfer(
         size,
+        seed=seed,
+        loss=random_loss,
         client_sack=client_sack,
         server_sack=server_sack,
         congestion=congestion,
