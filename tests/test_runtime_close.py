@@ -77,9 +77,7 @@ def test_host_close_sends_nothing_to_a_flow_in_time_wait() -> None:
                 await client.close()
                 await asyncio.sleep(0.2)
                 late = [decode_packet(d) for d in relay.from_client[seen:]]
-                assert late == [], [
-                    (p.control.flags if p.control else None, p.tcp) for p in late
-                ]
+                assert late == [], [(p.control.flags if p.control else None, p.tcp) for p in late]
                 # The capture did see the flow's own packets, its SAL FIN among them.
                 flags = [decode_packet(d).control for d in relay.from_client[:seen]]
                 assert any(c is not None and c.flags & ControlFlags.FIN for c in flags)
