@@ -76,6 +76,10 @@ Address = tuple[str, int]
 MASK32: Final = 0xFFFFFFFF
 HALF32: Final = 0x80000000
 DUP_THRESH: Final = 3
+# Duplicate ACKs owed by the receiver within one receive batch (one per out-of-order
+# segment, RFC 5681 4.2): bounded like every queue; the runtime hands over at most 256
+# datagrams per batch, so this cap is only reached by a flood.
+MAX_OWED_DUPACKS: Final = 256
 _PEER_DEFAULT_MSS: Final = 536  # RFC 9293 default when the peer sends no MSS option
 _MIN_PEER_MSS: Final = 256
 _CONTROL_PACKET: Final = 32  # bytes of a SAL control packet: base header + CONTROL
@@ -167,6 +171,14 @@ class Subflow:
         self.rack_time = 0.0
         self.sacked_bytes = 0
         self.dupacks = 0
+        # Without SACK: segments the duplicate ACKs say have left the network (each one
+        # was caused by a segment arriving above the hole), kept through a recovery episode
+        # and taken off the pipe, as Linux does for Reno; with SACK the scoreboard knows.
+        self.dup_segments = 0
+        # Without SACK: the next retransmission of the lost head goes out whatever the pipe
+        # (the fast retransmit on the third duplicate ACK, RFC 5681 3.2 step 2, and the
+        # retransmission on a partial ACK, RFC 6582 3.2 step 3).
+        self.rexmit_now = False
         self.in_recovery = False
         self.recovery_after_rto = False
         self.recovery_point = 0
@@ -229,6 +241,8 @@ class Subflow:
         self.rtt.clear_backoff()
         self.rto_count = 0
         self.dupacks = 0
+        self.dup_segments = 0
+        self.rexmit_now = False
         self.persist_deadline = None
         self.persist_backoff = 0
         if self.waiting_since is not None:
@@ -275,26 +289,44 @@ class Subflow:
         conn = self.conn
         return (self.irs + 1 + conn.recv.rcv_nxt + (1 if conn.peer_fin_received else 0)) & MASK32
 
-    def advertised_window(self) -> int:
-        """The 16-bit window field: receive buffer space scaled down."""
+    def advertised_window(self, hold: bool = False) -> int:
+        """The 16-bit window field: receive buffer space scaled down.
+
+        ``hold``: a duplicate ACK repeats the window last advertised when the real one only
+        grew since (the application read): a sender counts an ACK that changes the window
+        as a window update, not as a duplicate (RFC 5681 section 2), and would miss the
+        loss. The growth goes out with the next ACK that is no duplicate.
+        """
         win = self.conn.recv.window
+        if hold and self.mss <= self.last_adv_window <= win:
+            win = self.last_adv_window
         self.last_adv_window = win
         return min(win >> self.rcv_wscale, 0xFFFF)
 
     @property
     def flight(self) -> int:
-        """Bytes in the network by RFC 6675's pipe (outside recovery: unSACKed bytes)."""
+        """Bytes in the network by RFC 6675's pipe (outside recovery: unSACKed bytes).
+
+        Without SACK each duplicate ACK stands for one segment that left the network, so
+        the pipe shrinks by a segment per duplicate ACK: outside recovery that is limited
+        transmit (RFC 3042: one new segment on each of the first two), in recovery it does
+        what RFC 5681's window inflation does, and a partial ACK takes back the duplicates
+        of the segments it covers (RFC 6582's deflation).
+        """
         if not self.in_recovery:
-            return self.snd_max - self.snd_una - self.sacked_bytes
-        pipe = 0
-        for start, seg in self.segments.items():
-            if seg.sacked:
-                continue
-            n = seg.end - start
-            if not seg.lost:
-                pipe += n
-            if seg.retransmitted and seg.lost:
-                pipe += n
+            pipe = self.snd_max - self.snd_una - self.sacked_bytes
+        else:
+            pipe = 0
+            for start, seg in self.segments.items():
+                if seg.sacked:
+                    continue
+                n = seg.end - start
+                if not seg.lost:
+                    pipe += n
+                if seg.retransmitted and seg.lost:
+                    pipe += n
+        if self.dup_segments:
+            pipe = max(pipe - self.dup_segments * self.mss, 0)
         return pipe
 
     # -- packet builders ----------------------------------------------------------------
@@ -348,15 +380,20 @@ class Subflow:
         """The DSS extension with our current data ACK."""
         return DssExt(flags, dsn, self.conn.recv.rcv_nxt)
 
-    def pure_ack(self) -> SalPacket:
-        """An ACK of this subflow (with the data ACK on a multipath connection)."""
+    def pure_ack(self, duplicate: bool = False) -> SalPacket:
+        """An ACK of this subflow (with the data ACK on a multipath connection);
+        ``duplicate``: one owed for an out-of-order segment (its window is held)."""
         exts: list[Extension] = [self.dss()] if self.conn.mp is not None else []
         self.ack_pending = False
         self.mp_unacked = 0
-        return SalPacket(self.local_flowid, self.remote_flowid, PROTO_TCP, exts, self.ack_header())
+        tcp = self.ack_header(hold_window=duplicate)
+        return SalPacket(self.local_flowid, self.remote_flowid, PROTO_TCP, exts, tcp)
 
-    def ack_header(self, flags: int = TcpFlags.ACK, offset: int | None = None) -> TcpHeader:
-        """A TCP header with our current ACK, window and SACK blocks."""
+    def ack_header(
+        self, flags: int = TcpFlags.ACK, offset: int | None = None, hold_window: bool = False
+    ) -> TcpHeader:
+        """A TCP header with our current ACK, window and SACK blocks (``hold_window``: see
+        :meth:`advertised_window`)."""
         opts: list[TcpOption] = []
         if self.sack_ok:
             track = self.rcv_track
@@ -371,7 +408,7 @@ class Subflow:
             seq=self.wire_seq(self.snd_max if offset is None else offset),
             ack=self.wire_ack(),
             flags=flags,
-            window=self.advertised_window(),
+            window=self.advertised_window(hold_window),
             options=opts,
         )
 
@@ -546,8 +583,11 @@ class Subflow:
             and (not self.sack_ok or self.sacked_bytes > sacked_before)
         ):
             self.dupacks += 1
+            if not self.sack_ok and not self.recovery_after_rto:
+                # Never more than the segments above the first: that one is the hole.
+                self.dup_segments = min(self.dup_segments + 1, max(len(self.segments) - 1, 0))
         if self.snd_max > self.snd_una and not self.in_recovery:
-            if self.dupacks >= DUP_THRESH or (self.sack_ok and self._first_lost()):
+            if self.dupacks >= self._dup_thresh() or (self.sack_ok and self._first_lost()):
                 self._enter_recovery(now)
         elif self.in_recovery and self.sack_ok:
             self._mark_lost()
@@ -559,6 +599,7 @@ class Subflow:
         rtt_sample: float | None = None
         karn = False
         segs = self.segments
+        covered = 0  # segments acknowledged whole
         while segs:
             start, seg = segs.peekitem(0)
             if start >= ack:
@@ -579,6 +620,7 @@ class Subflow:
                     self.sacked_bytes -= ack - start
                     rest.sacked = True
                 break
+            covered += 1
             if seg.sacked:
                 self.sacked_bytes -= seg.end - start
             if seg.resent:
@@ -595,6 +637,22 @@ class Subflow:
         self.waiting_since = now if self.snd_max > ack else None
         self.dupacks = 0
         self.rto_count = 0
+        if self.dup_segments:
+            # All but the first segment this ACK covers had each caused a duplicate ACK; the
+            # rest came from segments above the new left edge (Linux's tcp_remove_reno_sacks).
+            left = max(min(self.dup_segments - covered + 1, len(self.segments) - 1), 0)
+            if self.in_recovery and ack < self.recovery_point:
+                self.dup_segments = left  # a partial ACK
+            elif self.in_recovery and not self.recovery_after_rto and left >= DUP_THRESH:
+                # Recovery ends, but the receiver already holds at least three segments
+                # above the new left edge: a segment sent during recovery was lost (a new
+                # congestion event). Retransmit it now; its duplicate ACKs came while we
+                # counted them for the old hole, and no more will come if the sender has
+                # nothing new to send.
+                self.dup_segments = left
+                self.dupacks = left
+            else:
+                self.dup_segments = 0
         if conn.mp is None:
             released = conn.send.release(min(ack, conn.send.end))
             if released and conn.send_blocked and conn.send.free > 0:
@@ -614,13 +672,16 @@ class Subflow:
                 for start in list(self.lost):
                     self.segments[start].lost = False
                 self.lost.clear()
+                self.rexmit_now = False
             elif not self.sack_ok:
-                # NewReno partial ACK (RFC 6582): the next hole is lost too.
+                # NewReno partial ACK (RFC 6582): the next hole is lost too, and is resent
+                # at once.
                 first = self.segments.peekitem(0) if self.segments else None
                 if first is not None and not first[1].lost:
                     first[1].lost = True
                     first[1].retransmitted = False
                     self.lost.add(first[0])
+                    self.rexmit_now = not self.recovery_after_rto
         if not self.in_recovery or self.recovery_after_rto:
             self.cc.on_ack(newly, now, rtt_sample, flight_before)
         self.rto_deadline = now + self.rtt.rto if self.snd_max > self.snd_una else None
@@ -648,6 +709,23 @@ class Subflow:
                         self.rack_time = seg.sent_at
                     if seg.lost:
                         self.lost.discard(start)
+
+    def _dup_thresh(self) -> int:
+        """Duplicate ACKs that start a fast retransmit: three, or fewer without SACK when
+        fewer than four segments are outstanding and nothing new can be sent (Early
+        Retransmit, RFC 5827: at most ``oseg - 1`` duplicates can come then)."""
+        if self.sack_ok or self.conn.mp is not None:
+            return DUP_THRESH
+        oseg = len(self.segments)
+        if oseg > DUP_THRESH or oseg < 2:
+            return DUP_THRESH
+        conn = self.conn
+        more = self.snd_max < conn.send.end or (
+            conn.fin_offset is not None and self.snd_max <= conn.fin_offset
+        )
+        if more and self.snd_max < self.snd_una + self.snd_wnd:
+            return DUP_THRESH  # new data can still go out and bring its own duplicates
+        return oseg - 1
 
     def _first_lost(self) -> bool:
         """RFC 6675 IsLost for the first unacknowledged segment."""
@@ -699,6 +777,7 @@ class Subflow:
             start, seg = self.segments.peekitem(0)
             seg.lost = True
             self.lost.add(start)
+        self.rexmit_now = not self.sack_ok
 
     def _on_data(self, tcp: TcpHeader, payload: BytesLike, now: float) -> None:
         conn = self.conn
@@ -746,6 +825,10 @@ class Subflow:
             return
         if not in_order or had_holes or recv.out_of_order_bytes or not delivered:
             conn.ack_now = True  # out of order, filled a hole, or outside the window
+            if seq > recv.rcv_nxt:
+                # Above a hole: one duplicate ACK for each such segment (RFC 5681 4.2), even
+                # when several come in one receive batch; a sender without SACK counts them.
+                conn.dupacks_owed = min(conn.dupacks_owed + 1, MAX_OWED_DUPACKS)
             return
         conn.unacked_segments += 1
         if conn.unacked_segments >= conn.config.ack_every:
@@ -770,8 +853,9 @@ class Subflow:
                 if seg.retransmitted or seg.sacked:
                     self.lost.discard(start)
                     continue
-                if pipe > 0 and pipe + (seg.end - start) > self.cc.cwnd:
+                if pipe > 0 and pipe + (seg.end - start) > self.cc.cwnd and not self.rexmit_now:
                     break
+                self.rexmit_now = False
                 seg.retransmitted = True
                 seg.resent = True
                 seg.sent_at = now
@@ -935,6 +1019,8 @@ class Subflow:
         self.recovery_after_rto = True
         self.recovery_point = self.snd_max
         self.dupacks = 0
+        self.dup_segments = 0
+        self.rexmit_now = False
         self.rto_deadline = now + self.rtt.rto
 
     def next_deadline(self) -> float | None:
@@ -992,6 +1078,7 @@ class Connection:
         self.challenge_ack_due = False  # an RFC 5961 ACK, if the host's rate limit allows
         self.third_ack_pending = False
         self.unacked_segments = 0
+        self.dupacks_owed = 0  # immediate ACKs owed for out-of-order segments (bounded)
         self.delack_deadline: float | None = None
         self.time_wait_deadline: float | None = None
         self.last_heard = 0.0
@@ -1088,8 +1175,15 @@ class Connection:
             self.wake(self)
 
     def abort(self) -> None:
-        """Abortive close: reset the peer and drop everything."""
-        if self.state is not State.CLOSED:
+        """Abortive close: reset the peer and drop everything.
+
+        In TIME_WAIT both directions were delivered and closed already: the connection just
+        goes, with nothing sent (RFC 9293 3.10.7.1: ABORT in TIME-WAIT sends no RST).
+        """
+        if self.state is State.TIME_WAIT:
+            self.state = State.CLOSED
+            self.wake(self)
+        elif self.state is not State.CLOSED:
             self.abort_with("aborted locally", send_rst=True)
             self.wake(self)
 
@@ -1809,14 +1903,22 @@ class Connection:
         else:
             if self.state is State.ESTABLISHED and not frozen:
                 sf.output(now, out)
+            # Duplicate ACKs owed for out-of-order segments go even if data carried the ACK
+            # (a segment with data is no duplicate ACK to its receiver); one is the ACK below.
+            owed = self.dupacks_owed
+            self.dupacks_owed = 0
             if self.ack_now and not frozen:
                 # A SAL FIN and/or control ACK due now rides on the TCP ACK.
                 closing = self._closing_control(sf)
                 if closing is not None:
                     out.append(sf.control_packet(closing, [], sf.ack_header()))
                 else:
-                    out.append(sf.pure_ack())
+                    out.append(sf.pure_ack(duplicate=owed > 0))
                 self.ack_sent()
+                owed -= 1
+            if not frozen:
+                for _ in range(owed):
+                    out.append(sf.pure_ack(duplicate=True))
         closing = self._closing_control(sf)
         if closing is not None:
             out.append(sf.control_packet(closing))

@@ -1,0 +1,89 @@
+"""Closing a host on real loopback sockets: what it still sends to its peers."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+
+import anyio
+import pytest
+
+from pyserval.runtime.host import Host
+from pyserval.runtime.streams import ServalStream
+from pyserval.sal import ControlFlags, decode_packet
+from pyserval.transport.connection import State
+
+Address = tuple[str, int]
+
+
+class _Relay(asyncio.DatagramProtocol):
+    """A UDP relay on loopback between one client and one server that records what the
+    client sends (the bytes as they left the client's socket)."""
+
+    def __init__(self, server: Address) -> None:
+        self.server = server
+        self.client: Address | None = None
+        self.from_client: list[bytes] = []
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        assert self.transport is not None
+        if addr == self.server:
+            if self.client is not None:
+                self.transport.sendto(data, self.client)
+            return
+        self.client = addr
+        self.from_client.append(data)
+        self.transport.sendto(data, self.server)
+
+
+async def _echo(stream: ServalStream) -> None:
+    try:
+        while True:
+            await stream.send(await stream.receive())
+    except anyio.EndOfStream:
+        await stream.send_eof()
+
+
+def test_host_close_sends_nothing_to_a_flow_in_time_wait() -> None:
+    async def main() -> None:
+        async with Host(["127.0.0.1:0"]) as server:
+            listener = await server.listen("echo")
+            serving = asyncio.ensure_future(listener.serve(_echo))
+            loop = asyncio.get_running_loop()
+            transport, relay = await loop.create_datagram_endpoint(
+                lambda: _Relay(server.addresses[0]), local_addr=("127.0.0.1", 0)
+            )
+            try:
+                client = await Host(["127.0.0.1:0"]).start()
+                client.add_route("echo", "{}:{}".format(*transport.get_extra_info("sockname")))
+                stream = await client.connect("echo")
+                await stream.send(b"ping")
+                assert await stream.receive() == b"ping"
+                await stream.send_eof()  # we close first: our side ends in TIME_WAIT
+                with pytest.raises(anyio.EndOfStream):
+                    await stream.receive()
+                conn = stream.connection
+                for _ in range(400):
+                    if conn.state is State.TIME_WAIT:
+                        break
+                    await asyncio.sleep(0.005)
+                assert conn.state is State.TIME_WAIT
+                await asyncio.sleep(0.05)  # anything the close itself still owed has gone
+                seen = len(relay.from_client)
+                await client.close()
+                await asyncio.sleep(0.2)
+                late = [decode_packet(d) for d in relay.from_client[seen:]]
+                assert late == [], [(p.control.flags if p.control else None, p.tcp) for p in late]
+                # The capture did see the flow's own packets, its SAL FIN among them.
+                flags = [decode_packet(d).control for d in relay.from_client[:seen]]
+                assert any(c is not None and c.flags & ControlFlags.FIN for c in flags)
+                assert conn.state is State.CLOSED
+            finally:
+                transport.close()
+                serving.cancel()
+
+    asyncio.run(main())
