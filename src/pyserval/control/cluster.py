@@ -336,9 +336,9 @@ class ClusterRegistry(Registry):
                 count += 1
         return count
 
-    def unhide(self, address: Address) -> None:
-        """Let remote instances at ``address`` be chosen again."""
-        for item in [h for h in self.hidden if h[1] == address]:
+    def unhide(self, address: Address | None = None) -> None:
+        """Let remote instances at ``address`` (None: every address) be chosen again."""
+        for item in [h for h in self.hidden if address is None or h[1] == address]:
             self.hidden.discard(item)
             self._sync(item[0])
 
@@ -468,8 +468,11 @@ class ClusterSync:
         while True:
             try:
                 await self._session()
-            except (EtcdError, OSError, ValueError) as exc:
-                # ValueError covers answers that are not what the gateway documents.
+            except Exception as exc:
+                # EtcdError and OSError mostly; anything else (an answer that is not what
+                # the gateway documents) is logged and retried the same way, never fatal.
+                if not isinstance(exc, EtcdError | OSError):
+                    log.exception("cluster %s: unexpected error", self.name)
                 if self.connected:
                     log.warning(
                         "cluster %s: etcd unreachable (%s); forwarding with the last table",
@@ -503,7 +506,11 @@ class ClusterSync:
         revision, kvs = await client.range_prefix(reg.root)
         ours = {kv.key: kv.value for kv in kvs if kv.key.startswith(reg.own_prefix)}
         others = {kv.key: kv.value for kv in kvs if not kv.key.startswith(reg.own_prefix)}
-        if reg.replace_remote(others):
+        changed = reg.replace_remote(others)
+        if reg.hidden:
+            reg.unhide()  # the full read is the truth now; ICMP will hide them again if dead
+            changed = True
+        if changed:
             self.router._after_change()
         reg.republish(ours)
         self.revision = revision
@@ -513,10 +520,22 @@ class ClusterSync:
         self.synced.set()
         if not was and self.stats["syncs"] > 1:
             log.warning("cluster %s: etcd back; resynchronised at revision %d", self.name, revision)
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._keepalive())
-            tg.create_task(self._writer())
-            tg.create_task(self._watch(revision + 1))
+        tasks = [
+            asyncio.ensure_future(self._keepalive()),
+            asyncio.ensure_future(self._writer()),
+            asyncio.ensure_future(self._watch(revision + 1)),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            exc = task.exception()
+            if exc is not None:
+                raise exc
+        raise EtcdError("the cluster session ended")  # none of them ends by itself
 
     async def _keepalive(self) -> None:
         while True:
@@ -553,11 +572,15 @@ class ClusterSync:
 
     def hide_unreachable(self, address: Address) -> None:
         """After ICMP for ``address``: remote instances there come back after a hold-down
-        unless their router deleted them meanwhile."""
+        unless their router deleted them meanwhile (while etcd is unreachable they stay
+        hidden: only their router, through etcd, can say they are back)."""
         loop = asyncio.get_running_loop()
         loop.call_later(_HOLD_DOWN, self._unhide, address)
 
     def _unhide(self, address: Address) -> None:
+        if not self.connected:
+            asyncio.get_running_loop().call_later(_HOLD_DOWN, self._unhide, address)
+            return
         self.registry.unhide(address)
         self.router._after_change()
 
