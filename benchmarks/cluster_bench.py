@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
+from tests.helpers.etcd import EtcdCluster  # noqa: E402
+
 import pyserval  # noqa: E402
 from pyserval.control import (  # noqa: E402
     CONTROL_SERVICE,
@@ -50,7 +52,6 @@ from pyserval.control.cluster import InstanceRecord, cluster_root  # noqa: E402
 from pyserval.control.etcd import EtcdClient  # noqa: E402
 from pyserval.naming import ServiceID  # noqa: E402
 from pyserval.sal.service_table import Action  # noqa: E402
-from tests.helpers.etcd import EtcdCluster  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -63,7 +64,9 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def send_register(host: pyserval.Host, ep: Any, router: Router, sids: list[ServiceID]) -> None:
+async def send_register(
+    host: pyserval.Host, ep: Any, router: Router, sids: list[ServiceID]
+) -> None:
     now = time.time()
     regs = [Registration.make(s, now=now, nonce=os.urandom(16), ttl=3600.0) for s in sids]
     data = encode_message(RegisterMessage(seq=1, registrations=regs))
@@ -83,7 +86,11 @@ async def convergence(routers: list[Router], samples: int) -> dict[str, float]:
             await send_register(host, ep, first, [sid])
             while True:
                 res = last.host.service_table.lookup(sid)
-                if res is not None and res.action is Action.FORWARD and res.entry.prefix.length == 256:
+                if (
+                    res is not None
+                    and res.action is Action.FORWARD
+                    and res.entry.prefix.length == 256
+                ):
                     break
                 await asyncio.sleep(0.0002)
             times.append((time.perf_counter() - t0) * 1000)
@@ -130,7 +137,12 @@ async def sync_100k(urls: list[str], services: int) -> dict[str, Any]:
         rec = InstanceRecord(
             service=f"{sid.hex}/256", address=address, weight=1, priority=0, router="writer"
         )
-        ops.append((root + f"instances/writer/{address}/{rec.service}".encode(), rec.model_dump_json().encode()))
+        ops.append(
+            (
+                root + f"instances/writer/{address}/{rec.service}".encode(),
+                rec.model_dump_json().encode(),
+            )
+        )
         pairs.append(f"{rec.service} {rec.address}")
     t0 = time.perf_counter()
     await client.txn(ops)
@@ -148,7 +160,7 @@ async def sync_100k(urls: list[str], services: int) -> dict[str, Any]:
         reg = router.registry
         held = [
             f"{prefix} {pyserval.control.format_instance_address(address)}"
-            for prefix, address, _ in reg.remote_keys.values()  # type: ignore[attr-defined]
+            for prefix, address, _, _ in reg.remote_keys.values()  # type: ignore[attr-defined]
         ]
         table_entries = len(router.host.service_table)
     got = hashlib.sha256("\n".join(sorted(held)).encode()).hexdigest()

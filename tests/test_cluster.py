@@ -102,7 +102,7 @@ def new_registry() -> tuple[ServiceTable, ClusterRegistry]:
 def test_a_local_registration_is_one_put_and_its_expiry_one_delete() -> None:
     table, reg = new_registry()
     reg.handle(reg_message("svc", weight=3), ("127.0.0.5", 4000), 0.0, time.time())
-    (key, value), = reg.take_outbox()
+    ((key, value),) = reg.take_outbox()
     assert key == ROOT + b"instances/me/127.0.0.5:4000/" + str(as_service_prefix("svc")).encode()
     assert value is not None
     body = json.loads(value)
@@ -161,8 +161,10 @@ def test_a_full_read_replaces_the_remote_view_and_republishes_ours() -> None:
     reg.apply([remote_put("a", "svc", "127.0.0.6:4001"), remote_put("b", "svc", "127.0.0.7:4002")])
     kept = remote_put("b", "svc", "127.0.0.7:4002")
     assert kept.value is not None
-    reg.replace_remote({kept.key: kept.value})  # a's instance went away while we were cut off
+    reg.replace_remote({kept.key: (kept.value, 5)})  # a's instance went away while we were cut off
     assert table_targets(table, "svc") == {("127.0.0.5", 4000): 1, ("127.0.0.7", 4002): 1}
+    # The same read again: every key at the revision held, nothing to apply.
+    assert reg.snapshot_events({kept.key: (kept.value, 5)}) == []
     stale = ROOT + b"instances/me/127.0.0.9:9/" + str(as_service_prefix("gone")).encode()
     reg.republish({stale: b"{}"})  # etcd lacks ours and holds one we no longer have
     assert dict(reg.take_outbox()) == {ours: value, stale: None}
@@ -401,7 +403,8 @@ def test_a_sigkilled_router_its_hosts_move_and_clients_keep_connecting(
 
             def local_at_1(d: object) -> bool:
                 return any(
-                    e.targets and e.targets[0].expires_in is not None
+                    e.targets
+                    and e.targets[0].expires_in is not None
                     and e.targets[0].address == want
                     for e in d.entries  # type: ignore[attr-defined]
                 )

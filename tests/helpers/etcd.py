@@ -90,10 +90,12 @@ class EtcdCluster:
             proc = self.procs[i]
             if proc is not None and proc.poll() is not None:
                 raise AssertionError(f"etcd {self.names[i]} exited: {self.log_tail(i)}")
-            with contextlib.suppress(OSError, ValueError):
-                with urllib.request.urlopen(self.urls[i] + "/health", timeout=1) as resp:
-                    if json.loads(resp.read()).get("health") == "true":
-                        return
+            with (
+                contextlib.suppress(OSError, ValueError),
+                urllib.request.urlopen(self.urls[i] + "/health", timeout=1) as resp,
+            ):
+                if json.loads(resp.read()).get("health") == "true":
+                    return
             if time.monotonic() > deadline:
                 raise AssertionError(f"etcd {self.names[i]} not healthy: {self.log_tail(i)}")
             time.sleep(0.05)
