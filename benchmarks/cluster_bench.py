@@ -163,11 +163,15 @@ async def sync_100k(urls: list[str], services: int) -> dict[str, Any]:
             for prefix, address, _, _ in reg.remote_keys.values()  # type: ignore[attr-defined]
         ]
         table_entries = len(router.host.service_table)
+        read_ms = router.cluster.stats["last_read_ms"]
+        apply_ms = router.cluster.stats["last_apply_ms"]
     got = hashlib.sha256("\n".join(sorted(held)).encode()).hexdigest()
     return {
         "services": services,
         "etcd_write_seconds": round(write_s, 2),
         "router_sync_seconds": round(sync_s, 3),
+        "of_which_etcd_read_seconds": read_ms / 1000,
+        "of_which_apply_seconds": apply_ms / 1000,
         "router_rss_growth_mib": round((rss1 - rss0) / 2**20, 1),
         "bytes_per_service": round((rss1 - rss0) / services),
         "table_entries": table_entries,

@@ -543,7 +543,10 @@ class ClusterSync:
         member = RouterRecord(address=reg.address, lease=self.lease, ttl=self.lease_ttl)
         member_key = reg.router_prefix + self.router_id.encode("ascii")
         await client.txn([(member_key, _encode(member))], self.lease)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         revision, kvs = await client.range_prefix(reg.root)
+        read = loop.time()
         ours = {kv.key: kv.value for kv in kvs if kv.key.startswith(reg.own_prefix)}
         others = {
             kv.key: (kv.value, kv.mod_revision)
@@ -557,6 +560,9 @@ class ClusterSync:
             # In chunks, yielding between them: a 100,000-key read must not stop forwarding.
             changed |= reg.apply(events[i : i + _APPLY_CHUNK])
             await asyncio.sleep(0)
+        self.stats["last_read_ms"] = round((read - started) * 1000)
+        self.stats["last_apply_ms"] = round((loop.time() - read) * 1000)
+        self.stats["last_applied_keys"] = len(events)
         if reg.hidden:
             reg.unhide()  # the full read is the truth now; ICMP will hide them again if dead
             changed = True
