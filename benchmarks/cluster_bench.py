@@ -15,15 +15,19 @@ temporary directory and prints one JSON document (and writes it with ``--out``):
   then a new router started: the time until its first full read is applied (keys in its
   table), its resident memory growth, and the SHA-256 of the (service, address) pairs it
   holds against those written (they must match).
-* ``connect_rate``: not measured here (see the README: ``benchmarks/router_bench.py``
-  measures connections through a standalone router; a cluster router forwards from the
-  same service table, and its etcd work is off the data path).
+* ``connect_rate``: sequential connections (connect, the server accepts and closes, the
+  client reads end of stream and closes) through a standalone router and through a cluster
+  router, client, server and router in this process, ``--connect-seconds`` each, alternated three
+  times (medians): the
+  ratio is the cost of being in a cluster on the connection path (none is expected: the
+  SYN is forwarded from the same service table; etcd work happens on changes only).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -33,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import anyio
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -181,6 +187,54 @@ async def sync_100k(urls: list[str], services: int) -> dict[str, Any]:
     }
 
 
+async def connect_rate(router: Router, seconds: float) -> dict[str, float]:
+    """Sequential connect -> accept and close -> end of stream -> close, through ``router``
+    (client, server and router in this process)."""
+    async with (
+        pyserval.Host(["127.0.0.1:0"], router=router.address_text) as server,
+        pyserval.Host(["127.0.0.1:0"], router=router.address_text) as client,
+    ):
+        listener = await server.listen("cr-echo")
+
+        async def accept() -> None:
+            async for stream in listener:
+                await stream.aclose()
+
+        task = asyncio.ensure_future(accept())
+        while router.host.service_table.lookup(ServiceID.from_name("cr-echo")) is None:
+            await asyncio.sleep(0.005)
+        for _ in range(20):  # warm-up
+            s = await client.connect("cr-echo")
+            await s.aclose()
+        n = 0
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            stream = await client.connect("cr-echo")
+            with contextlib.suppress(anyio.EndOfStream):
+                await stream.receive()
+            await stream.aclose()
+            n += 1
+        elapsed = time.perf_counter() - t0
+        task.cancel()
+    return {"connections": n, "per_second": round(n / elapsed, 1)}
+
+
+async def connect_rates(urls: list[str], seconds: float) -> dict[str, Any]:
+    # Alternated, three rounds each, medians: the machine's load drifts between runs.
+    runs: dict[str, list[float]] = {"standalone": [], "cluster": []}
+    for _ in range(3):
+        for name, kw in (("standalone", {}), ("cluster", {"etcd": urls, "cluster": "cr"})):
+            async with Router("127.0.0.1:0", **kw) as router:  # type: ignore[arg-type]
+                runs[name].append((await connect_rate(router, seconds))["per_second"])
+    out: dict[str, Any] = {
+        name: {"per_second_median": statistics.median(v), "runs": v} for name, v in runs.items()
+    }
+    out["cluster_vs_standalone"] = round(
+        out["cluster"]["per_second_median"] / out["standalone"]["per_second_median"], 3
+    )
+    return out
+
+
 async def main_async(args: argparse.Namespace, urls: list[str]) -> dict[str, Any]:
     routers = [Router("127.0.0.1:0", etcd=urls, cluster="dc1") for _ in range(3)]
     for r in routers:
@@ -191,8 +245,9 @@ async def main_async(args: argparse.Namespace, urls: list[str]) -> dict[str, Any
     finally:
         for r in routers:
             await r.close()
+    rates = await connect_rates(urls, args.connect_seconds)
     big = await sync_100k(urls, args.services)
-    return {"convergence_ms": conv, "registrations": rate, "sync_100k": big}
+    return {"convergence_ms": conv, "registrations": rate, "connect_rate": rates, "sync_100k": big}
 
 
 def main() -> int:
@@ -200,6 +255,7 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--burst", type=int, default=6400)
     parser.add_argument("--services", type=int, default=100_000)
+    parser.add_argument("--connect-seconds", type=float, default=3.0)
     parser.add_argument("--out")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as d, EtcdCluster(Path(d), 1) as etcd:
