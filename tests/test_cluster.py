@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 import pyserval
@@ -363,7 +364,14 @@ async def connect_loop(
     while time.monotonic() < end:
         try:
             await echo_once(client, service, timeout=2.0)
-        except (pyserval.ServalConnectError, TimeoutError, OSError):
+        except (
+            pyserval.ServalConnectError,
+            TimeoutError,
+            OSError,
+            anyio.ClosedResourceError,  # reset mid-echo: a replica shutting down
+            anyio.BrokenResourceError,
+            anyio.EndOfStream,
+        ):
             failed += 1
         else:
             ok += 1
@@ -421,7 +429,8 @@ def test_a_sigkilled_router_its_hosts_move_and_clients_keep_connecting(
     assert moved < 1.5
     (ok_dead, failed_dead, gap_dead), (ok_other, failed_other, gap_other) = results
     assert failed_other == 0 and ok_other > 20  # the instance never left the cluster
-    assert failed_dead <= 2 and ok_dead > 20  # one SYN to the dead router, then the next
+    # The one SYN bounced off the dead router is sent again through the next: no failure.
+    assert failed_dead == 0 and ok_dead > 20
     assert gap_dead < 2.0 and gap_other < 2.0
     assert final == {want: 1}
 
@@ -499,5 +508,5 @@ def test_etcd_down_5s_forwarding_goes_on_and_changes_appear_when_it_returns(
     print(f"during the outage ok={ok} failed={failed} gap={gap:.3f}s; resynced in {synced:.3f}s")
     # Router 1 still lists a until etcd returns: connections picked a may fail (its host is
     # gone), those to b succeed; forwarding itself never stops.
-    assert ok > 20
+    assert ok > 20 and failed <= 3
     assert final == {want_b: 1, want_c: 1}

@@ -183,6 +183,10 @@ def _ip_present(ip: str) -> bool:
     return True
 
 
+def _left_syn_sent(conn: Connection) -> bool:
+    return conn.state is not State.SYN_SENT
+
+
 class _Waiters:
     """One asyncio.Event per connection: set on every core event that names it."""
 
@@ -797,23 +801,32 @@ class Host:
         from .streams import ServalConnectError, ServalStream
 
         core = self._require_core()
-        conn = core.connect(service, self._now())
-        self.schedule_flush()
         limit = self.config.connect_timeout if timeout is None else timeout
-        try:
-            async with asyncio.timeout(limit):
-                await self.wait(conn, lambda: conn.state is not State.SYN_SENT)
-        except TimeoutError:
-            conn.abort()
+        routers = self.config.routers
+        # With several routers, a SYN the network bounced off a dead one is sent again
+        # through the next (the controller has moved there by the time we resume).
+        for attempt in range(max(1, len(routers))):
+            conn = core.connect(service, self._now())
             self.schedule_flush()
-            raise ServalConnectError(
-                f"connecting to service {service!s} timed out after {limit} s"
-            ) from None
-        if conn.state is not State.ESTABLISHED:
-            raise ServalConnectError(
-                f"cannot connect to service {service!s}: {conn.error or 'closed'}"
-            )
-        return ServalStream(self, conn)
+            answered = functools.partial(_left_syn_sent, conn)
+            try:
+                async with asyncio.timeout(limit):
+                    await self.wait(conn, answered)
+            except TimeoutError:
+                conn.abort()
+                self.schedule_flush()
+                raise ServalConnectError(
+                    f"connecting to service {service!s} timed out after {limit} s"
+                ) from None
+            if conn.state is State.ESTABLISHED:
+                return ServalStream(self, conn)
+            via = conn.primary.remote_addr if conn.subflows else None
+            bounced = (conn.error or "").startswith("service unreachable")
+            if not (bounced and via in routers and attempt + 1 < len(routers)):
+                break
+        raise ServalConnectError(
+            f"cannot connect to service {service!s}: {conn.error or 'closed'}"
+        )
 
     async def listen(
         self,
