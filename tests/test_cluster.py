@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ from pyserval.control import (
     fetch_table,
 )
 from pyserval.control.controller import ControllerCore
-from pyserval.naming import ServiceKey
+from pyserval.naming import ServiceID, ServiceKey
 from pyserval.naming.service_id import as_service_prefix
 from pyserval.runtime.host import HostConfig
 from pyserval.runtime.service_events import ServiceEvent, ServiceEventKind
@@ -222,6 +223,52 @@ def test_a_router_silent_for_one_ttl_is_noticed_and_the_next_one_gets_everything
     sent = core.poll(t, time.time())
     assert len(sent) == 1  # registrations go to the next router at once
     assert not core.router_silent(t + 0.9)
+
+
+def test_hosts_and_clients_move_past_a_dead_router_to_the_next() -> None:
+    """No etcd: one live router; the first router of the hosts' lists is a closed port."""
+    from pyserval.control import Router
+
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    dead_port = probe.getsockname()[1]
+    probe.close()
+
+    async def main() -> tuple[str, int, dict[str, int]]:
+        dead = f"127.0.0.1:{dead_port}"  # nothing listens there: ICMP port unreachable
+        async with Router("127.0.0.1:0") as router:
+            order = [dead, router.address_text]
+            async with (
+                pyserval.Host(["127.0.0.1:0"], router=order) as server,
+                pyserval.Host(["127.0.0.1:0"], router=order) as client,
+            ):
+                listener = await server.listen("mv-echo")
+
+                async def serve() -> None:
+                    async for stream in listener:
+                        await stream.send(await stream.receive())
+                        await stream.aclose()
+
+                task = asyncio.ensure_future(serve())
+                sid = ServiceID.from_name("mv-echo")
+                async with asyncio.timeout(3):
+                    while router.host.service_table.lookup(sid) is None:
+                        await asyncio.sleep(0.01)
+                # The client's first SYN goes to the dead router, bounces, and is sent
+                # again through the live one: connect succeeds.
+                served = text(await echo_once(client, "mv-echo", timeout=3))
+                task.cancel()
+                assert server.controller is not None and client.controller is not None
+                moved = {
+                    "server": server.controller.core.stats["router_switches"],  # type: ignore[attr-defined]
+                    "client": client.controller.core.stats["router_switches"],  # type: ignore[attr-defined]
+                }
+                return served, len(router.registry), moved
+
+    served, instances, moved = asyncio.run(main())
+    assert instances == 1
+    assert served.startswith("127.0.0.1:")
+    assert moved == {"server": 1, "client": 1}
 
 
 # -- real etcd ---------------------------------------------------------------------------------
