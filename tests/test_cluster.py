@@ -187,6 +187,19 @@ def test_a_key_pinned_at_another_router_is_required_here() -> None:
     assert reg.take_outbox() == []
 
 
+def test_an_instance_held_by_two_routers_stays_until_both_keys_are_gone() -> None:
+    table, reg = new_registry()
+    old, new = remote_put("a", "svc", "127.0.0.6:4001"), remote_put("b", "svc", "127.0.0.6:4001")
+    reg.apply([old, new])  # its host moved from router a to router b; a's lease still runs
+    assert table_targets(table, "svc") == {("127.0.0.6", 4001): 1}
+    reg.apply([WatchEvent(old.key, None, 9)])  # a's lease ran out
+    assert table_targets(table, "svc") == {("127.0.0.6", 4001): 1}
+    assert reg.remove_address(("127.0.0.6", 4001)) == 1
+    assert table_targets(table, "svc") == {}
+    reg.apply([WatchEvent(new.key, None, 10)])
+    assert reg.remove_address(("127.0.0.6", 4001)) == 0  # nothing left there to hide
+
+
 def test_an_unreachable_remote_instance_is_hidden_until_unhidden() -> None:
     table, reg = new_registry()
     reg.apply([remote_put("a", "svc", "127.0.0.6:4001")])

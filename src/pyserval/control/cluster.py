@@ -194,6 +194,9 @@ class ClusterRegistry(Registry):
         self.cluster_stats: Counter[str] = Counter()
         self._keys: dict[ServicePrefix, str] = {}
         self._interned: dict[tuple[int, int], _Remote] = {}
+        # address -> prefix -> how many remote keys: ICMP for an address finds its
+        # instances without a walk over every prefix
+        self._at: dict[Address, dict[ServicePrefix, int]] = {}
 
     # -- local changes go to the outbox ------------------------------------------------
     def instance_key(self, prefix: ServicePrefix, address: Address) -> bytes:
@@ -325,10 +328,15 @@ class ClusterRegistry(Registry):
         if old is not None:
             prefix, address, _, _ = old
             group = self.remote.get(prefix)
-            if group is not None:
-                group.pop((address, rid), None)
+            if group is not None and group.pop((address, rid), None) is not None:
                 if not group:
                     del self.remote[prefix]
+                at = self._at[address]
+                at[prefix] -= 1
+                if not at[prefix]:
+                    del at[prefix]
+                    if not at:
+                        del self._at[address]
             touched.add(prefix)
         if value is None:
             return
@@ -347,6 +355,8 @@ class ClusterRegistry(Registry):
         )
         self.remote_keys[key] = (prefix, address, remote, revision)
         self.remote.setdefault(prefix, {})[(address, rid)] = remote
+        at = self._at.setdefault(address, {})
+        at[prefix] = at.get(prefix, 0) + 1
         touched.add(prefix)
         if rec.public_key is not None and prefix.length == SERVICE_ID_BITS:
             self._pin(prefix, rec.public_key)
@@ -370,8 +380,8 @@ class ClusterRegistry(Registry):
         """Forget local instances at ``address`` (deleted from etcd) and hide remote ones
         there until :meth:`unhide` (their router decides whether they are gone)."""
         count = super().remove_address(address)
-        for prefix, group in self.remote.items():
-            if (prefix, address) not in self.hidden and any(a == address for a, _ in group):
+        for prefix in self._at.get(address, {}):
+            if (prefix, address) not in self.hidden:
                 self.hidden.add((prefix, address))
                 self._sync(prefix)
                 count += 1
