@@ -696,39 +696,42 @@ def test_pins_are_bounded_least_recently_used_first() -> None:
     assert RegistrationGuard(max_pinned=0).check(plain(keys[0].service_id()), REG, HERE, NOW)
 
 
-def test_nonce_store_is_bounded() -> None:
-    guard = RegistrationGuard(max_skew=10.0, max_nonces=3)
-    for i in range(3):
+def test_nonce_store_is_bounded_by_age_and_per_source() -> None:
+    guard = RegistrationGuard(max_skew=10.0, max_nonces=3, max_nonces_per_source=2)
+    for i in range(2):
         guard.check(plain(now=NOW + i), REG, HERE, NOW + i)
+    # HERE used its share: it is refused, and nobody else is.
+    refused(guard, plain(now=NOW + 2), "quota", now=NOW + 2)
+    guard.check(plain(now=NOW + 2), REG, ELSEWHERE, NOW + 2)
     assert guard.nonce_count == 3
-    # Full of nonces that could still be replayed: refuse rather than forget one.
-    refused(guard, plain(now=NOW + 3), "busy", now=NOW + 3)
-    assert guard.nonce_count == 3
+    # Full: the oldest nonce is forgotten to make room (eviction by age), not everyone refused.
+    third = ("203.0.113.5", 40000)
+    guard.check(plain(now=NOW + 3), REG, third, NOW + 3)
+    assert guard.nonce_count == 3 and guard.stats["nonce_evicted"] == 1
+    guard.check(plain(now=NOW + 3), REG, HERE, NOW + 3)  # HERE's oldest left: room again
     # An identical retransmission needs no new slot.
     first = plain(now=NOW + 3)
     full = RegistrationGuard(max_skew=10.0, max_nonces=1)
     full.check(first, REG, HERE, NOW + 3)
     assert full.check(first, REG, HERE, NOW + 4) == HERE
-    # The oldest nonce's window has passed: it is forgotten and there is room again.
-    assert guard.check(plain(now=NOW + 10.5), REG, HERE, NOW + 10.5) == HERE
-    assert guard.nonce_count == 3
     guard.purge(NOW + 100)
     assert guard.nonce_count == 0
 
 
-def test_nonce_store_stays_bounded_under_load() -> None:
-    guard = RegistrationGuard(max_skew=5.0, max_nonces=50)
-    busy = 0
+def test_one_source_flooding_registrations_cannot_starve_others() -> None:
+    guard = RegistrationGuard(max_skew=5.0, max_nonces=50)  # 5 per source by default
+    quota = 0
     for i in range(2000):
         now = NOW + i * 0.05
         try:
-            guard.check(plain(now=now), REG, HERE, now)
+            guard.check(plain(now=now), REG, ELSEWHERE, now)  # the flooder
         except RegistrationRefused as exc:
-            assert exc.reason == "busy"
-            busy += 1
+            assert exc.reason == "quota"
+            quota += 1
         assert guard.nonce_count <= 50
-    assert busy > 0
-    assert guard.stats["busy"] == busy
+        if i % 40 == 0:  # an honest host refreshing every 2 s is never refused
+            assert guard.check(plain(now=now), REG, HERE, now) == HERE
+    assert quota > 0 and guard.stats["quota"] == quota
 
 
 def test_guard_arguments_are_checked() -> None:

@@ -671,3 +671,49 @@ def test_stream_data_bypasses_the_router(cluster: Cluster) -> None:
     # refreshes (four a second) and the second table request.
     assert growth < 50, after.counters
     assert count(after, "packets_forwarded_syn") - count(before, "packets_forwarded_syn") == 1
+
+
+# -- 7. a registration flood ------------------------------------------------------------------
+
+
+@pytest.mark.serial
+def test_a_registration_flood_from_one_address_starves_nobody(cluster: Cluster) -> None:
+    """One address sends 3,000 registrations in about 2 s to a router that remembers 2,000
+    nonces: it runs into its own share (200), while a live replica's refreshes and a new
+    replica's registration go through, and the live service never leaves the table."""
+    router = cluster.router("--max-nonces", "2000")
+    router_address = router.address
+    assert router_address is not None
+    live = cluster.ready(cluster.echo(router, "live-under-flood", name="live"))
+
+    async def main() -> tuple[int, TableDump, Address]:
+        await wait_table(router, lambda d: entry(d, "live-under-flood") is not None, 5, "live")
+        missing = 0
+        async with pyserval.Host(["127.0.0.1:0"]) as host:
+            forger = Forger(host, router_address)
+            core = host.core
+            assert core is not None
+            for i in range(3000):
+                payload = message(RegisterMessage, registration(f"flood-{i}"))
+                core.send_datagram(forger.ep, CONTROL_SERVICE, payload, to=router_address)
+                if i % 50 == 0:
+                    host.schedule_flush()
+                    await asyncio.sleep(0.03)
+                    if i % 500 == 0:
+                        dump = await fetch_table(router.route)
+                        missing += entry(dump, "live-under-flood") is None
+            host.schedule_flush()
+            late = cluster.ready(cluster.echo(router, "late-comer", name="late"))
+            await wait_table(router, lambda d: entry(d, "late-comer") is not None, 5, "late")
+            assert late.address is not None
+            await asyncio.sleep(1.5)  # more than a TTL: had refreshes been refused, gone now
+            after = await fetch_table(router.route)
+        async with client_host(router) as client:
+            served = await echo_once(client, "live-under-flood")
+        return missing, after, served
+
+    missing, after, served = asyncio.run(main())
+    assert missing == 0
+    assert entry(after, "live-under-flood") is not None
+    assert count(after, "guard_quota") > 0 and count(after, "guard_busy") == 0
+    assert live.address is not None and text(served) == text(live.address)

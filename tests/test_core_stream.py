@@ -43,8 +43,12 @@ def test_stream_survives_loss_duplication_reordering(
 ) -> None:
     link = LinkConfig(delay=0.01, jitter=0.002, loss=loss, duplicate=duplicate, reorder=reorder)
     cfg = StreamConfig(congestion=congestion, sack=sack, time_wait=5.0)
-    pair = make_pair(seed=seed, link=link, config=cfg)
+    # The handshake on a clean link: a server gives half-open state up after about a minute
+    # (issue 11), which at 30% loss each way a handshake can outlast; lossy handshakes are
+    # tested in test_core_handshake.py. Everything after it runs on the lossy link.
+    pair = make_pair(seed=seed, link=LinkConfig(delay=0.01), config=cfg)
     pair.connect()
+    pair.net.default_link = link
     rng = random.Random(seed)
     up, down = rng.randbytes(up_size), rng.randbytes(down_size)
     exchange(pair, up, down)

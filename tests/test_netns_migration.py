@@ -75,6 +75,7 @@ def two_links() -> Iterator[tuple[str, str, str]]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
 
 
+@pytest.mark.serial
 def test_address_removed_mid_transfer_and_the_flow_moves(two_links: tuple[str, str, str]) -> None:
     server_ns, client_ns, first_dev = two_links
     config = ["--service", "bulk", "--buffer", str(2 << 20)]

@@ -8,6 +8,9 @@ host-local flowIDs and survive address changes::
     await stream.send(b"hello"); reply = await stream.receive()
 """
 
+import importlib
+from typing import Any
+
 from .control import (
     HostServiceController,
     Router,
@@ -15,10 +18,13 @@ from .control import (
     format_table,
 )
 from .naming import FlowID, ServiceID, ServiceKey, ServicePrefix, ServicePublicKey
+from .naming.delegation import Delegation
 from .runtime import (
     Host,
     HostConfig,
     ServalConnectError,
+    ServalDatagramListener,
+    ServalDatagramStream,
     ServalListener,
     ServalMigrationError,
     ServalSocket,
@@ -31,7 +37,9 @@ from .runtime import (
     start_server,
 )
 from .runtime.host import install_controller_factory
+from .runtime.secure import SecureListener, SecureStream, SecurityReason, ServalSecurityError
 from .runtime.service_events import ServiceEvent, ServiceEventKind
+from .tools.pcap import PcapWriter
 from .translator import Translator
 from .transport.config import StreamConfig
 
@@ -40,13 +48,30 @@ install_controller_factory(HostServiceController)
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> Any:
+    # ``pyserval.http`` (httpx transport, ASGI server) needs the optional [http] extra: it is
+    # imported on first use, so ``import pyserval`` works without httpx and h11.
+    if name == "http":
+        return importlib.import_module(".http", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "Delegation",
     "FlowID",
     "Host",
     "HostConfig",
+    "PcapWriter",
     "Router",
     "ServalConnectError",
+    "ServalDatagramListener",
+    "ServalDatagramStream",
     "ServalMigrationError",
+    "ServalSecurityError",
+    "SecureListener",
+    "SecureStream",
+    "SecurityReason",
     "ServalListener",
     "ServalSocket",
     "ServalStream",

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from . import decode, demo, echo, router, table, tour, translate
+from . import decode, demo, dissector, echo, key, router, serve_asgi, table, tour, translate
 
 __all__ = ["main"]
 
@@ -21,6 +21,17 @@ _COMMANDS: dict[
     "tour": (tour.add_arguments, tour.run, "the sans-I/O parts at work (simulated network)"),
     "decode": (decode.add_arguments, decode.run, "decode SAL packets given in hex"),
     "translate": (translate.add_arguments, translate.run, "translate between TCP and Serval"),
+    "key": (key.add_arguments, key.run, "make service keys and delegations for --secure"),
+    "dissector": (
+        dissector.add_arguments,
+        dissector.run,
+        "print the path of the Wireshark/tshark dissector for SAL",
+    ),
+    "serve-asgi": (
+        serve_asgi.add_arguments,
+        serve_asgi.run,
+        "serve an ASGI application (HTTP/1.1) on a serviceID",
+    ),
 }
 
 

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--listen",
         default=f"0.0.0.0:{DEFAULT_ROUTER_PORT}",
-        help=f"UDP address to serve on (default 0.0.0.0:{DEFAULT_ROUTER_PORT})",
+        help=f"UDP address, IP:PORT or [IPv6]:PORT (default 0.0.0.0:{DEFAULT_ROUTER_PORT})",
     )
     parser.add_argument("--upstream", help="router to announce to and send unresolved SYNs to")
     parser.add_argument(
@@ -28,6 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--delay", action="append", default=[], help="prefix whose SYNs wait for an instance"
     )
     parser.add_argument("--delay-timeout", type=float, default=5.0)
+    parser.add_argument(
+        "--max-nonces",
+        type=int,
+        default=100_000,
+        help="registrations remembered against replay (one source may hold a tenth; "
+        "default 100000)",
+    )
+    parser.add_argument(
+        "--pcap", metavar="FILE", help="record every datagram sent and received in a pcap file"
+    )
     parser.add_argument(
         "--certified",
         action="append",
@@ -58,6 +68,8 @@ async def _serve(args: argparse.Namespace) -> None:
         delay=args.delay,
         delay_timeout=args.delay_timeout,
         certified_prefixes=args.certified,
+        max_nonces=args.max_nonces,
+        pcap=args.pcap,
         etcd=args.etcd or None,
         cluster=args.cluster,
         lease_ttl=args.lease_ttl,

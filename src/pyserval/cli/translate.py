@@ -3,6 +3,10 @@
     pyserval translate --from tcp:127.0.0.1:8080 --to service:web --router 127.0.0.1:54326
     pyserval translate --from service:web --to tcp:127.0.0.1:80 --router 127.0.0.1:54326
 
+With ``--secure`` the Serval hop is TLS 1.3 proving a self-certifying serviceID (given in
+hex): the outbound side serves with ``--key-file`` (and ``--delegation-file``), the inbound
+side checks the proof.
+
 Prints ``translating FROM -> TO`` once ready (with the TCP port actually bound), logs each
 connection on standard error, and runs until SIGINT or SIGTERM.
 """
@@ -13,8 +17,10 @@ import argparse
 import logging
 import sys
 
+from ..runtime.secure import ServalSecurityError
 from ..translator import DEFAULT_CHUNK, Translator
 from .common import run_until_signal
+from .secure_args import add_secure_arguments, secure_settings
 
 __all__ = ["add_arguments", "run"]
 
@@ -64,12 +70,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="outbound: also check the TCP server this often while up (s; 0: only on failure)",
     )
+    add_secure_arguments(parser, serving="outbound")
     parser.add_argument(
         "--log-level", default="INFO", help="DEBUG, INFO, WARNING (connection logs are INFO)"
     )
 
 
 def _translator(args: argparse.Namespace) -> Translator:
+    key, delegation = secure_settings(args)
     return Translator(
         args.source,
         args.target,
@@ -85,6 +93,9 @@ def _translator(args: argparse.Namespace) -> Translator:
         priority=args.priority,
         probe_interval=args.probe_interval,
         health_interval=args.health_interval,
+        secure=args.secure,
+        key=key,
+        delegation=delegation,
     )
 
 
@@ -92,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     """Translate until interrupted (then reset what is still open and unregister)."""
     try:
         translator = _translator(args)  # bad endpoints, addresses or settings: say so now
-    except ValueError as exc:
+    except (ValueError, ServalSecurityError) as exc:
         print(f"pyserval translate: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(

@@ -225,11 +225,12 @@ class ClusterRegistry(Registry):
         priority: int,
         expires: float,
         touched: set[ServicePrefix],
-    ) -> bool:
+    ) -> str | None:
         before = self.instances.get(prefix, {}).get(address)
         old = None if before is None else (before.weight, before.priority)
-        if not super()._add(prefix, address, weight, priority, expires, touched):
-            return False
+        refused = super()._add(prefix, address, weight, priority, expires, touched)
+        if refused is not None:
+            return refused
         if old != (weight, priority):
             record = InstanceRecord(
                 service=str(prefix),
@@ -240,7 +241,7 @@ class ClusterRegistry(Registry):
                 public_key=self._keys.get(prefix),
             )
             self._queue(self.instance_key(prefix, address), _encode(record))
-        return True
+        return None
 
     def _remove(self, prefix: ServicePrefix, address: Address, touched: set[ServicePrefix]) -> bool:
         if not super()._remove(prefix, address, touched):

@@ -58,12 +58,17 @@ class Registry:
         min_ttl: float = 0.1,
         max_ttl: float = 3600.0,
         max_instances: int = 1_000_000,
+        max_instances_per_source: int = 10_000,
     ) -> None:
         self.table = table
         self.guard = guard or RegistrationGuard()
         self.min_ttl = min_ttl
         self.max_ttl = max_ttl
         self.max_instances = max_instances
+        # One source's (IP and port: one host's) share of the table: a flood of
+        # registrations from one address fills its own quota, never the table others need.
+        self.max_instances_per_source = max_instances_per_source
+        self._per_source: Counter[Address] = Counter()
         self.instances: dict[ServicePrefix, dict[Address, Instance]] = {}
         self.stats: Counter[str] = Counter()
         self._count = 0
@@ -96,8 +101,9 @@ class Registry:
             prefix = reg.prefix
             if msg.kind is MessageKind.REGISTER:
                 ttl = min(max(reg.ttl, self.min_ttl), self.max_ttl)
-                if not self._add(prefix, address, reg.weight, reg.priority, now + ttl, touched):
-                    results.append(RegistrationResult(ok=False, reason="full"))
+                added = self._add(prefix, address, reg.weight, reg.priority, now + ttl, touched)
+                if added is not None:
+                    results.append(RegistrationResult(ok=False, reason=added))
                     continue
             else:
                 self._remove(prefix, address, touched)
@@ -114,17 +120,24 @@ class Registry:
         priority: int,
         expires: float,
         touched: set[ServicePrefix],
-    ) -> bool:
+    ) -> str | None:
+        """Add or refresh an instance; None, or why it was refused ("full", "quota")."""
         group = self.instances.setdefault(prefix, {})
         inst = group.get(address)
         if inst is None:
+            refused = None
             if self._count >= self.max_instances:
-                self.stats["refused_full"] += 1
+                refused = "full"
+            elif self._per_source[address] >= self.max_instances_per_source:
+                refused = "quota"
+            if refused is not None:
+                self.stats[f"refused_{refused}"] += 1
                 if not group:
                     del self.instances[prefix]
-                return False
+                return refused
             group[address] = Instance(address, weight, priority, expires)
             self._count += 1
+            self._per_source[address] += 1
             self.stats["registered"] += 1
             touched.add(prefix)
             # One heap entry per instance: a refresh only moves ``expires`` later, and
@@ -136,13 +149,18 @@ class Registry:
                 touched.add(prefix)
             inst.expires = max(inst.expires, expires)
             self.stats["refreshed"] += 1
-        return True
+        return None
 
     def _remove(self, prefix: ServicePrefix, address: Address, touched: set[ServicePrefix]) -> bool:
         group = self.instances.get(prefix)
         if group is None or group.pop(address, None) is None:
             return False
         self._count -= 1
+        left = self._per_source[address] - 1
+        if left:
+            self._per_source[address] = left
+        else:
+            del self._per_source[address]
         if not group:
             del self.instances[prefix]
         touched.add(prefix)

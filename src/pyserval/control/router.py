@@ -32,6 +32,7 @@ from ..core.host import DatagramEndpoint
 from ..naming.service_id import PrefixLike, ServiceID, as_service_prefix
 from ..runtime.host import DelayHandler, Host, HostConfig, parse_address
 from ..runtime.service_events import ServiceEvent, ServiceEventKind
+from ..sal.inet import format_address
 from ..sal.service_table import Action, Rule
 from ..transport.events import DatagramReceived, Event
 from .controller import HostServiceController
@@ -79,6 +80,8 @@ class Router:
         delay_handler: DelayHandler | None = None,
         delay_timeout: float = 5.0,
         max_ttl: float = 3600.0,
+        max_nonces: int = 100_000,
+        pcap: str | os.PathLike[str] | None = None,
         etcd: str | Sequence[str] | None = None,
         cluster: str | None = None,
         lease_ttl: float = 3.0,
@@ -86,11 +89,12 @@ class Router:
         self.host = Host(
             [listen],
             config=HostConfig(forwarding=True, delay_timeout=delay_timeout),
+            pcap=pcap,  # every datagram through the router, for Wireshark (None: off)
         )
         self.upstream = parse_address(upstream) if upstream else None
         self.announce = [as_service_prefix(p) for p in announce]
         self.delay = [as_service_prefix(p) for p in delay]
-        guard = RegistrationGuard(certified_prefixes=certified_prefixes)
+        guard = RegistrationGuard(certified_prefixes=certified_prefixes, max_nonces=max_nonces)
         self.registry = Registry(self.host.service_table, guard, max_ttl=max_ttl)
         self.cluster: ClusterSync | None = None
         self._cluster_args: tuple[list[str], str, float] | None = None
@@ -116,8 +120,8 @@ class Router:
 
     @property
     def address_text(self) -> str:
-        """The router's address as ``IP:PORT`` (for ``Host(router=...)``)."""
-        return f"{self.address[0]}:{self.address[1]}"
+        """The router's address as ``IP:PORT`` or ``[IPv6]:PORT`` (for ``Host(router=...)``)."""
+        return format_address(self.address)
 
     # -- life cycle ---------------------------------------------------------------------
     async def start(self) -> Router:
@@ -298,7 +302,7 @@ class TableDump:
 async def fetch_table(router: str | Address, *, timeout: float = 2.0) -> TableDump:
     """Ask the router at ``router`` for its whole service table and counters."""
     addr = parse_address(router) if isinstance(router, str) else router
-    host = Host(["0.0.0.0:0"])
+    host = Host(["[::]:0" if ":" in addr[0] else "0.0.0.0:0"])
     async with host:
         ep = host.bind_datagram(ServiceID(int.from_bytes(os.urandom(32), "big")), register=False)
         replies: asyncio.Queue[TableReply] = asyncio.Queue(maxsize=16)

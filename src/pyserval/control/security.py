@@ -6,9 +6,13 @@ memories:
 
 * **nonces** seen within the clock-skew window, against replays. A nonce is remembered
   until ``timestamp + max_skew``; after that the registration is refused as stale anyway.
-  Expired nonces are purged from a heap ordered by expiry (amortised O(log n) each). When
-  ``max_nonces`` unexpired nonces are remembered, new registrations are refused ("busy")
-  rather than forgetting a nonce that could still be replayed.
+  Expired nonces are purged from a heap ordered by expiry (amortised O(log n) each). Each
+  source (the observed IP and port: one host's socket) may hold at most
+  ``max_nonces_per_source`` of them: past that *its*
+  registrations are refused ("quota"), nobody else's. When ``max_nonces`` are remembered in
+  all, the oldest is forgotten (evicted by age) to make room: a flood from many addresses
+  can at worst reopen the replay window of the oldest registrations, never make a router
+  refuse every host (which used to let one address make every live service expire).
 * **pinned keys** (trust on first use) for serviceIDs outside the certified prefixes: once
   an ID was registered with a valid key, later registrations and unregistrations for it must
   carry that key. The map holds at most ``max_pinned`` IDs and forgets the least recently
@@ -47,6 +51,7 @@ REFUSAL_REASONS: Final = (
     "stale",
     "replay",
     "busy",
+    "quota",
     "address_mismatch",
     "not_certified",
     "bad_signature",
@@ -94,6 +99,7 @@ class RegistrationGuard:
         max_skew: float = 30.0,
         max_nonces: int = 100_000,
         max_pinned: int = 100_000,
+        max_nonces_per_source: int | None = None,
     ) -> None:
         if not (math.isfinite(max_skew) and max_skew > 0):
             raise ValueError(f"max_skew must be a positive number of seconds, got {max_skew!r}")
@@ -107,6 +113,12 @@ class RegistrationGuard:
         self.max_skew = float(max_skew)
         self.max_nonces = max_nonces
         self.max_pinned = max_pinned
+        # One source's share: a host refreshing 80 services 4 times a second within the
+        # 30 s window fits the default (100,000 / 10).
+        self.max_nonces_per_source = (
+            max(1, max_nonces // 10) if max_nonces_per_source is None else max_nonces_per_source
+        )
+        self._per_source: Counter[tuple[str, int]] = Counter()  # source -> nonces it holds
         self._seen: dict[str, _Seen] = {}
         self._expiries: list[tuple[float, str]] = []  # heap, one item per _seen entry
         self._pinned: OrderedDict[int, bytes] = OrderedDict()  # ID value -> raw key, LRU last
@@ -153,8 +165,17 @@ class RegistrationGuard:
         heap = self._expiries
         # Strictly past: at now == timestamp + max_skew the registration is not stale yet.
         while heap and heap[0][0] < now:
-            _, nonce = heapq.heappop(heap)
-            del self._seen[nonce]
+            self._forget_oldest()
+
+    def _forget_oldest(self) -> None:
+        _, nonce = heapq.heappop(self._expiries)
+        seen = self._seen.pop(nonce)
+        source = seen.observed
+        left = self._per_source[source] - 1
+        if left:
+            self._per_source[source] = left
+        else:
+            del self._per_source[source]
 
     def check(
         self, reg: Registration, op: MessageKind, observed: tuple[str, int], now: float
@@ -253,14 +274,19 @@ class RegistrationGuard:
                 )
         # All checks passed: remember the nonce, then the key.
         if seen is None:
-            if len(self._seen) >= self.max_nonces:
+            if self._per_source[observed] >= self.max_nonces_per_source:
                 raise RegistrationRefused(
-                    "busy",
-                    f"{len(self._seen)} recent nonces are remembered (the limit): try again "
-                    "in a few seconds",
+                    "quota",
+                    f"{observed[0]}:{observed[1]} sent {self._per_source[observed]} "
+                    f"registrations within "
+                    f"{self.max_skew:g} s (its limit): try again in a few seconds",
                 )
+            while len(self._seen) >= self.max_nonces:
+                self._forget_oldest()  # by age, not by refusing everyone
+                self.stats["nonce_evicted"] += 1
             expiry = reg.timestamp + self.max_skew
             self._seen[reg.nonce] = _Seen(expiry, digest, observed)
+            self._per_source[observed] += 1
             heapq.heappush(self._expiries, (expiry, reg.nonce))
         # Only a registration pins a key; an unregistration refreshes an existing pin.
         if (

@@ -13,8 +13,11 @@ Receive path, by packet kind (a dispatch on state, never an exception out of her
   with ``forwarding`` on: a router). DELAY holds it (bounded) and asks the controller
   (``delay_requests``/``release_delayed``). A SYN for a service we do not serve is dropped
   and counted, never answered with RST (the client retries and may reach another instance).
+  Protocol 6 asks for a stream, protocol 17 for a connected datagram flow
+  (``transport.datagram_flow``); each kind reaches only a listener of that kind.
 * ``dst_flowid == 0``, UDP and SERVICE extensions: an unconnected datagram, resolved the same
-  way. One for a service we do not serve is answered with RST.
+  way. One for a service we do not serve is answered with RST; one reaching a listening
+  datagram-flow socket with CONTROL(ACK+RST) and zero numbers, as the reference does.
 * otherwise the flow table names the subflow; a packet for an unknown flow gets RST (unless
   it is itself a RST).
 """
@@ -28,6 +31,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Final
 
+from ..naming.entropy import SecureRandom
 from ..naming.service_id import ServiceID, ServiceLike, as_service_id
 from ..sal.checksum import BytesLike
 from ..sal.control import MASK32
@@ -41,11 +45,20 @@ from ..sal.forwarding import (
     forward_packet,
     scan_for_forwarding,
 )
+from ..sal.inet import WILDCARDS
 from ..sal.packet import SalPacket, decode_packet
 from ..sal.service_table import Action, Rule, ServiceTable
-from ..sal.transport_headers import PROTO_TCP, PROTO_UDP, TcpFlags, UdpHeader
+from ..sal.transport_headers import (
+    PROTO_TCP,
+    PROTO_UDP,
+    TcpFlags,
+    TcpHeader,
+    TcpOption,
+    UdpHeader,
+)
 from ..transport.config import StreamConfig
 from ..transport.connection import Connection, Role, State, Subflow, unwrap
+from ..transport.datagram_flow import DatagramConnection, DatagramTooLarge, refuse_unconnected
 from ..transport.events import (
     ConnectionFailed,
     DatagramReceived,
@@ -54,8 +67,10 @@ from ..transport.events import (
     IncomingConnection,
     SendSpaceAvailable,
 )
-from ..transport.migration import CHALLENGE
+from ..transport.migration import CHALLENGE, HELD_BYTES, HELD_PACKETS
 from ..transport.multipath import MAX_HALF_OPEN_JOINS, MAX_SUBFLOWS, join_proof, new_key
+from .ratelimit import TokenBucket
+from .syncookies import Cookie, SynCookies
 
 __all__ = ["DatagramEndpoint", "DatagramTooLarge", "HostCore", "Listener", "NoRoute"]
 
@@ -63,14 +78,22 @@ Address = tuple[str, int]
 MAX_DATAGRAM: Final = 65507 - 12 - 72 - 8  # UDP payload limit less SAL and UDP headers
 _ZERO_NONCE: Final = bytes(8)
 _MAX_HELD_SYN: Final = 2048  # bytes: 1,024 held SYNs stay within 2 MiB
+_CONTROL_EXT: Final = 20  # bytes of a CONTROL extension: what a RST may add to its cause
+# A half-open flow retransmits its SYN-ACK for at most about this long: a flood of SYNs
+# from addresses that never answer cannot hold the table for longer.
+HALF_OPEN_LIFETIME: Final = 64.0
+
+
+def _retries_within(initial_rto: float, lifetime: float) -> int:
+    """How many doubling retransmissions fit before giving up within ``lifetime``."""
+    n = 0  # n retransmissions give up after initial_rto * (2 ** (n + 1) - 1) seconds
+    while n < 15 and initial_rto * (2 ** (n + 2) - 1) <= lifetime:
+        n += 1
+    return n
 
 
 class NoRoute(Exception):
     """No service table rule leads to the service."""
-
-
-class DatagramTooLarge(ValueError):
-    """A datagram is larger than one SAL datagram can carry."""
 
 
 @dataclass(eq=False)
@@ -83,6 +106,7 @@ class Listener:
     half_open: dict[tuple[Address, int], Connection] = field(default_factory=dict)
     accept_queue: deque[Connection] = field(default_factory=deque)
     closed: bool = False
+    datagram: bool = False  # connected datagram flows (SYNs with protocol 17), not streams
 
     def accept(self) -> Connection | None:
         """The oldest established connection not yet taken, or None."""
@@ -123,12 +147,17 @@ class HostCore:
         forwarding: bool = False,
         max_delayed: int = 1024,
         delay_timeout: float = 10.0,
+        rst_rate: float = 100.0,
+        rst_burst: int = 200,
+        challenge_ack_rate: float = 100.0,
     ) -> None:
         if not addresses:
             raise ValueError("a host needs at least one address")
         self.addresses = list(addresses)
         self.config = config or StreamConfig()
-        self.rng = rng or random.Random()
+        # Every unguessable value (flowIDs, nonces, ISS, tokens) comes from the OS CSPRNG;
+        # a seeded random.Random is only for the simulated network's determinism.
+        self.rng = rng if rng is not None else SecureRandom()
         self.service_table = ServiceTable(rng=self.rng) if service_table is None else service_table
         self.flows: FlowTable[Subflow | DatagramEndpoint] = FlowTable(max_flows, self.rng)
         self.connections: dict[int, Connection] = {}
@@ -162,6 +191,13 @@ class HostCore:
         self.delay_timeout = delay_timeout
         self.delay_requests: list[ServiceID] = []
         self._asking: set[ServiceID] = set()
+        # Answers to packets nobody asked for (stateless RSTs, SYN-cookie reminders) and
+        # challenge ACKs (RFC 5961) are rate-limited per host: junk is never turned into a
+        # flood of answers. The counts are in ``stats`` (rst_sent, rst_rate_limited, ...).
+        self.rst_limit = TokenBucket(rst_rate, rst_burst)
+        self.challenge_ack_limit = TokenBucket(challenge_ack_rate, max(1.0, challenge_ack_rate))
+        self.syn_cookies = SynCookies(self.rng)
+        self._synack_retries = _retries_within(self.config.control.initial_rto, HALF_OPEN_LIFETIME)
 
     # -- events -------------------------------------------------------------------------
     def _emit(self, event: Event) -> None:
@@ -186,14 +222,17 @@ class HostCore:
         return out
 
     # -- application API ----------------------------------------------------------------
-    def listen(self, service: ServiceLike, backlog: int = 128) -> Listener:
-        """Accept connections to ``service``: adds a DEMUX rule to the service table."""
+    def listen(
+        self, service: ServiceLike, backlog: int = 128, *, datagram: bool = False
+    ) -> Listener:
+        """Accept connections to ``service``: adds a DEMUX rule to the service table.
+        ``datagram``: accept connected datagram flows (protocol 17) instead of streams."""
         sid = as_service_id(service)
         if sid in self.listeners:
             raise ValueError(f"already listening on service {sid.hex}")
         if backlog < 1:
             raise ValueError(f"backlog must be at least 1: {backlog}")
-        listener = Listener(next(self._listener_ids), sid, backlog)
+        listener = Listener(next(self._listener_ids), sid, backlog, datagram=datagram)
         self.listeners[sid] = listener
         self._listener_by_id[listener.listener_id] = listener
         self.service_table.add(sid, Rule.demux(listener))
@@ -216,24 +255,44 @@ class HostCore:
             self._wake(conn)
         listener.half_open.clear()
 
-    def connect(self, service: ServiceLike, now: float) -> Connection:
-        """Open a connection to ``service`` (late-bound: resolved when the SYN goes out).
+    def connect(self, service: ServiceLike, now: float, *, datagram: bool = False) -> Connection:
+        """Open a connection to ``service`` (late-bound: resolved when the SYN goes out);
+        ``datagram``: a connected datagram flow (a :class:`DatagramConnection`).
 
         The connection's events tell how it ends: ConnectionEstablished, or
         ConnectionTimedOut / ConnectionFailed / ConnectionReset.
         """
         sid = as_service_id(service)
         flowid = self.flows.allocate()
-        conn = Connection(flowid, Role.CLIENT, sid, self.config, self._emit)
-        conn.wake = self._wake
-        sf = Subflow(conn, flowid, self.addresses[0], None, self.rng)
-        conn.subflows.append(sf)
+        conn, sf = self._new_flow(flowid, Role.CLIENT, sid, self.addresses[0], None, datagram)
         self.flows.insert(flowid, sf)
         self.connections[flowid] = conn
         conn.syn_due = True
         conn.syn_first = True
         self._wake(conn)
         return conn
+
+    def _new_flow(
+        self,
+        flowid: int,
+        role: Role,
+        sid: ServiceID,
+        local: Address,
+        remote: Address | None,
+        datagram: bool,
+    ) -> tuple[Connection, Subflow]:
+        """A connection (stream or datagram flow) with its first subflow."""
+        if datagram:
+            conn, sf = DatagramConnection.create(
+                flowid, role, sid, self.config, self._emit, local, remote, self.rng
+            )
+            conn.wake = self._wake
+            return conn, sf
+        stream = Connection(flowid, role, sid, self.config, self._emit)
+        stream.wake = self._wake
+        first = Subflow(stream, flowid, local, remote, self.rng)
+        stream.subflows.append(first)
+        return stream, first
 
     def bind_datagram(self, service: ServiceLike) -> DatagramEndpoint:
         """A datagram socket bound to ``service`` (receives what is sent to it)."""
@@ -283,7 +342,7 @@ class HostCore:
             UdpHeader(),
             data,
         )
-        self._send(pkt, self.addresses[0], remote)
+        self._send(pkt, self.local_for(remote, self.addresses[0]), remote)
 
     # -- routing ------------------------------------------------------------------------
     def _resolve(self, sid: ServiceID) -> Address | None:
@@ -296,6 +355,18 @@ class HostCore:
         if res.action is Action.DEMUX:
             return self.addresses[0]
         return None  # DROP; DELAY waits for the controller (release_delayed)
+
+    def local_for(self, remote: Address, prefer: Address) -> Address:
+        """The local address to reach ``remote`` from: ``prefer`` when it is of the same
+        family, else this host's first address of that family (a dual-stack host answers
+        IPv6 from IPv6); ``prefer`` when it has none (the send then fails, counted)."""
+        v6 = ":" in remote[0]
+        if (":" in prefer[0]) == v6:
+            return prefer
+        for a in self.addresses:
+            if (":" in a[0]) == v6:
+                return a
+        return prefer
 
     def _forward(
         self, pkt: SalPacket, data: BytesLike, src: Address, dst: Address, hop: Address, kind: str
@@ -314,7 +385,7 @@ class HostCore:
         except ForwardRefused as exc:
             self.drops[exc.reason] += 1
             return
-        self._out.append((out, dst, hop))
+        self._out.append((out, self.local_for(hop, dst), hop))
         self.stats[f"forwarded_{kind}"] += 1
 
     def _fast_forward(self, data: bytes, src: Address, dst: Address) -> bool:
@@ -335,11 +406,11 @@ class HostCore:
             self.drops["loop"] += 1
         else:
             try:
-                out = first_hop_bytes(data, hlen, src, dst)
-            except OSError:  # not IPv4: the general path refuses it properly
+                out = first_hop_bytes(data, hlen, src, dst, hop)
+            except OSError:  # not IP text: the general path refuses it properly
                 res.entry.hits -= 1
                 return False
-            self._out.append((out, dst, hop))
+            self._out.append((out, self.local_for(hop, dst), hop))
             self.stats["forwarded_syn" if kind == FAST_SYN else "forwarded_datagram"] += 1
         return True
 
@@ -458,17 +529,30 @@ class HostCore:
                 self._send(p, sf.local_addr, remote)
 
     # -- migration ----------------------------------------------------------------------
-    def migrate(self, conn: Connection, local: Address, now: float) -> bool:
+    def migrate(
+        self, conn: Connection, local: Address, now: float, remote: Address | None = None
+    ) -> bool:
         """Move ``conn`` to this host's address ``local`` (RSYN exchange); its
         FlowMigrated event tells when the move is done. False if it cannot start now
-        (the connection is closing)."""
+        (the connection is closing).
+
+        ``remote``: the peer's address to move to as well, which a move to the other IP
+        family needs (None: the current one, or one the peer advertised of that family).
+        """
         if local not in self.addresses:
             raise ValueError(f"{local[0]}:{local[1]} is not one of this host's addresses")
         if not conn.subflows or conn.state is not State.ESTABLISHED:
             raise ValueError(f"connection {conn.conn_id:#x} is not established")
         sf = conn.primary
-        if sf.local_addr == local and sf.mig is None:
+        if remote is None:
+            remote = self._peer_address_for(conn, local)
+            if remote is None:
+                raise ValueError(
+                    f"no address of the peer is known in the family of {local[0]}: name one"
+                )
+        if sf.local_addr == local and sf.remote_addr == remote and sf.mig is None:
             return True  # already there
+        self._retarget(sf, remote, now)
         started = conn.start_migration(sf, now, local)
         self._wake(conn)
         return started
@@ -480,12 +564,15 @@ class HostCore:
 
     def remove_address(self, address: Address, now: float) -> list[Connection]:
         """The local ``address`` is gone: move every flow on it to the first remaining
-        address. Returns the connections moved."""
+        address of its family (else the first remaining one). Returns the connections
+        moved."""
         if address in self.addresses:
             self.addresses.remove(address)
         if not self.addresses:
             return []
-        return self._move_flows(address, self.addresses[0], now)
+        # Stay in the family where there is a choice (the peer's address then still fits).
+        same = [a for a in self.addresses if (":" in a[0]) == (":" in address[0])]
+        return self._move_flows(address, (same or self.addresses)[0], now)
 
     def set_address(self, old: Address, new: Address, now: float) -> list[Connection]:
         """The local address ``old`` changed to ``new``: every flow on it migrates."""
@@ -495,6 +582,19 @@ class HostCore:
             self.addresses.append(new)
         return self._move_flows(old, new, now)
 
+    def _peer_address_for(self, conn: Connection, local: Address) -> Address | None:
+        """Where the peer of ``conn`` is reached from ``local``: its current address when
+        of the same family, else the first it advertised (ADD_ADDR) of that family."""
+        remote = conn.primary.remote_addr
+        v6 = ":" in local[0]
+        if remote is not None and (":" in remote[0]) == v6:
+            return remote
+        mp = conn.mp
+        for a in mp.peer_addresses if mp is not None else ():
+            if (":" in a[0]) == v6:
+                return a
+        return None
+
     def _move_flows(self, old: Address, new: Address, now: float) -> list[Connection]:
         moved = []
         for conn in list(self.connections.values()):
@@ -502,11 +602,14 @@ class HostCore:
                 if sf.local_addr != old:
                     continue
                 others = [x for x in conn.live_subflows() if x.local_addr != old]
+                remote = self._peer_address_for(conn, new) if conn.subflows else None
                 if conn.mp is not None and others:
                     conn.subflow_failed(sf, now)  # multipath: the other paths carry on
                 elif (
                     sf is conn.primary
                     and conn.state is State.ESTABLISHED
+                    and remote is not None
+                    and self._retarget(sf, remote, now)
                     and conn.start_migration(sf, now, new)
                 ):
                     moved.append(conn)
@@ -514,6 +617,16 @@ class HostCore:
                     sf.local_addr = new  # closing, a handshake or TIME_WAIT: send from there
             self._wake(conn)
         return moved
+
+    @staticmethod
+    def _retarget(sf: Subflow, remote: Address, now: float) -> bool:
+        """Point ``sf`` at the peer's ``remote`` before a move (a change of IP family);
+        late packets from its old address are taken for a while, as after the peer's move.
+        Returns True (so it can sit in a condition)."""
+        if remote != sf.remote_addr:
+            sf.prev_remote, sf.remote_addr = sf.remote_addr, remote
+            sf.prev_remote_until = now + 2 * sf.rtt.rto
+        return True
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address, Address]]:
         """Every datagram to send now, as (payload, local address, remote address)."""
@@ -526,6 +639,12 @@ class HostCore:
 
     def _flush(self, conn: Connection, now: float) -> None:
         pkts: list[SalPacket] = []
+        if conn.challenge_ack_due:
+            conn.challenge_ack_due = False
+            if self.challenge_ack_limit.take(now):
+                conn.ack_now = True
+            else:
+                self.stats["challenge_ack_rate_limited"] += 1
         try:
             if conn.syn_due and conn.state is State.SYN_SENT:
                 self._send_syn(conn, now)
@@ -566,6 +685,7 @@ class HostCore:
                 conn.emit(ConnectionFailed(conn.conn_id, conn.error))
             return  # a DELAY/DROP rule now may change: retransmissions try again
         sf.remote_addr = remote
+        sf.local_addr = self.local_for(remote, sf.local_addr)
         self._send(pkt, sf.local_addr, remote)
 
     def _schedule(self, conn: Connection) -> None:
@@ -671,7 +791,7 @@ class HostCore:
             if pkt.dst_flowid == 0:
                 self._on_unconnected(pkt, data, src, dst, now)
             else:
-                self._on_flow_packet(pkt, src, dst, now)
+                self._on_flow_packet(pkt, src, dst, now, len(data))
         except Exception as exc:  # never let a packet take the host down
             self._internal_error(exc)
             self.drops["internal_error"] += 1
@@ -687,7 +807,7 @@ class HostCore:
             else:
                 self._on_syn(pkt, ctl, data, src, dst, now)
         elif pkt.protocol == PROTO_UDP and pkt.service is not None and pkt.udp is not None:
-            self._on_datagram(pkt, data, src, dst)
+            self._on_datagram(pkt, data, src, dst, now)
         elif ctl is not None and ctl.flags & ControlFlags.RST:
             self.drops["rst_no_flow"] += 1
         else:
@@ -703,7 +823,8 @@ class HostCore:
         now: float,
     ) -> None:
         svc, tcp = pkt.service, pkt.tcp
-        if svc is None or tcp is None or pkt.protocol != PROTO_TCP:
+        datagram = pkt.protocol == PROTO_UDP  # a connected datagram flow (spec)
+        if svc is None or (pkt.udp is None if datagram else tcp is None):
             self.drops["bad_syn"] += 1
             return
         res = self.service_table.lookup(svc.service_id)
@@ -716,6 +837,9 @@ class HostCore:
                 self.drops["syn_no_service"] += 1  # never RST a SYN
             return
         listener = res.listener
+        if listener.datagram != datagram:
+            self.drops["syn_wrong_protocol"] += 1  # a stream SYN to a datagram socket, or back
+            return
         path = pkt.source_path()
         untrusted_path = False
         if path is not None:
@@ -736,19 +860,24 @@ class HostCore:
                 self._send(sf.synack_packet(sf.control.resend()), sf.local_addr, src)
             self.stats["duplicate_syn"] += 1
             return
-        if len(listener.half_open) >= self.config.max_half_open:
-            self.drops["half_open_full"] += 1
-            return
         if len(listener.accept_queue) >= listener.backlog:
             self.drops["accept_queue_full"] += 1
             return
+        if len(listener.half_open) >= self.config.max_half_open:
+            if tcp is None:
+                # A connected datagram flow: its third ACK echoes no TCP numbers, so there is
+                # no cookie to build from it; past the table's bound such SYNs are dropped.
+                self.drops["half_open_full"] += 1
+                return
+            # A SYN flood, or a burst larger than the table: answer without keeping state.
+            self._send_cookie_synack(pkt, ctl, tcp, src, self.local_for(src, dst), now)
+            return
         flowid = self.flows.allocate()
-        conn = Connection(flowid, Role.SERVER, svc.service_id, self.config, self._emit)
-        conn.wake = self._wake
+        # A forwarded SYN may come from an IPv6 client over IPv4 (or the reverse).
+        here = self.local_for(src, dst)
+        conn, sf = self._new_flow(flowid, Role.SERVER, svc.service_id, here, src, datagram)
         conn.listener_id = listener.listener_id
         conn.peer_key = key
-        sf = Subflow(conn, flowid, dst, src, self.rng)
-        conn.subflows.append(sf)
         self.flows.insert(flowid, sf)
         self.connections[flowid] = conn
         listener.half_open[key] = conn
@@ -760,12 +889,167 @@ class HostCore:
                     conn.mp.local_key = new_key()
                 synack = sf.synack_packet(sf.control.resend())
             self.mp_tokens[conn.mp.local_token] = conn
-            conn.mp.advertise = [a for a in self.addresses if a != dst and a[0] != "0.0.0.0"]
+            conn.mp.advertise = [a for a in self.addresses if a != here and a[0] not in WILDCARDS]
+        # Half-open state lives about a minute at most (see HALF_OPEN_LIFETIME).
+        sf.control.max_retries = min(sf.control.max_retries, self._synack_retries)
         if untrusted_path:
             sf.control.max_retries = 0
             self.stats["syn_untrusted_path"] += 1
-        self._send(synack, dst, src)
+        self._send(synack, here, src)
         self._schedule(conn)
+
+    # -- SYN cookies ----------------------------------------------------------------------
+    def _send_cookie_synack(
+        self,
+        pkt: SalPacket,
+        ctl: ControlExt,
+        tcp: TcpHeader,
+        src: Address,
+        dst: Address,
+        now: float,
+    ) -> None:
+        """Answer a SYN statelessly: the SYN-ACK's numbers encode the flow (core.syncookies)."""
+        cfg = self.config
+        sack = cfg.sack and tcp.sack_permitted
+        cookie = self.syn_cookies.make(now, src, pkt.src_flowid, tcp.mss, tcp.window_scale, sack)
+        if cookie.flowid in self.flows:
+            self.drops["syn_cookie_collision"] += 1  # its retransmission may fall elsewhere
+            return
+        opts = [TcpOption.mss(cfg.mss)]
+        if tcp.window_scale is not None:
+            opts += [TcpOption.nop(), TcpOption.window_scale(cfg.window_scale)]
+        if sack:
+            opts += [TcpOption.nop(), TcpOption.nop(), TcpOption.sack_permitted()]
+        synack = SalPacket(
+            cookie.flowid,
+            pkt.src_flowid,
+            PROTO_TCP,
+            [
+                ControlExt(
+                    ControlFlags.SYN | ControlFlags.ACK,
+                    cookie.verno,
+                    (ctl.verno + 1) & MASK32,
+                    cookie.nonce,
+                )
+            ],
+            TcpHeader(
+                seq=cookie.iss,
+                ack=(tcp.seq + 1) & MASK32,
+                flags=TcpFlags.SYN | TcpFlags.ACK,
+                window=min(cfg.receive_buffer, 0xFFFF),
+                options=opts,
+            ),
+        )
+        self.stats["syn_cookie_sent"] += 1
+        self._send(synack, dst, src)
+
+    def _on_cookie_ack(self, pkt: SalPacket, src: Address, dst: Address, now: float) -> bool:
+        """A packet for an unknown flow that may be the third ACK of a SYN answered with a
+        cookie. True when it was one (taken, or answered); False: treat as unknown."""
+        tcp, ctl = pkt.tcp, pkt.control
+        if tcp is None or tcp.flags & (TcpFlags.SYN | TcpFlags.RST) or not tcp.flags & TcpFlags.ACK:
+            return False
+        if ctl is not None and (
+            not ctl.flags & ControlFlags.ACK
+            or ctl.flags & (ControlFlags.SYN | ControlFlags.RST | ControlFlags.RSYN)
+        ):
+            return False
+        cookie = self.syn_cookies.check(
+            now,
+            src,
+            pkt.src_flowid,
+            pkt.dst_flowid,
+            (tcp.ack - 1) & MASK32,
+            None if ctl is None else (ctl.ackno - 1) & MASK32,
+        )
+        if cookie is None:
+            return False
+        svc = pkt.service
+        if ctl is None or svc is None:
+            # Data before the third ACK (which was lost): ask for it again with a SYN-ACK,
+            # which the client answers with its third ACK. Rate-limited as RSTs are.
+            if self.rst_limit.take(now):
+                self.stats["syn_cookie_reminder"] += 1
+                remind = SalPacket(
+                    cookie.flowid,
+                    pkt.src_flowid,
+                    PROTO_TCP,
+                    [
+                        ControlExt(
+                            ControlFlags.SYN | ControlFlags.ACK, cookie.verno, 0, cookie.nonce
+                        )
+                    ],
+                    TcpHeader(seq=cookie.iss, ack=tcp.seq, flags=TcpFlags.SYN | TcpFlags.ACK),
+                )
+                self._send(remind, dst, src)
+            return True
+        res = self.service_table.lookup(svc.service_id)
+        listener = res.listener if res is not None else None
+        if not isinstance(listener, Listener) or listener.closed:
+            return False
+        if len(listener.accept_queue) >= listener.backlog:
+            self.drops["accept_queue_full"] += 1  # the client's next ACK may find room
+            return True
+        self._establish_from_cookie(listener, cookie, pkt, ctl, tcp, svc.service_id, src, dst, now)
+        return True
+
+    def _establish_from_cookie(
+        self,
+        listener: Listener,
+        cookie: Cookie,
+        pkt: SalPacket,
+        ctl: ControlExt,
+        tcp: TcpHeader,
+        sid: ServiceID,
+        src: Address,
+        dst: Address,
+        now: float,
+    ) -> None:
+        """Build the server connection a valid cookie third ACK stands for."""
+        flowid = cookie.flowid
+        if len(self.flows) >= self.flows.max_flows or flowid in self.flows:
+            self.drops["syn_cookie_no_room"] += 1
+            return
+        conn = Connection(flowid, Role.SERVER, sid, self.config, self._emit)
+        conn.wake = self._wake
+        conn.listener_id = listener.listener_id
+        key = (src, pkt.src_flowid)
+        conn.peer_key = key
+        sf = Subflow(conn, flowid, dst, src, self.rng)
+        sf.iss = cookie.iss
+        sf.control.local_nonce = cookie.nonce
+        sf.control.snd_verno = cookie.verno
+        # The client's SYN as the cookie remembers it: its numbers are the third ACK's less
+        # one, its options the cookie's summary.
+        opts = [TcpOption.mss(cookie.mss)]
+        if cookie.window_scale is not None:
+            opts.append(TcpOption.window_scale(cookie.window_scale))
+        if cookie.sack:
+            opts.append(TcpOption.sack_permitted())
+        syn = SalPacket(
+            pkt.src_flowid,
+            0,
+            PROTO_TCP,
+            [ControlExt(ControlFlags.SYN, (ctl.verno - 1) & MASK32, 0, ctl.nonce), ServiceExt(sid)],
+            TcpHeader(
+                seq=(tcp.seq - 1) & MASK32, flags=TcpFlags.SYN, window=tcp.window, options=opts
+            ),
+        )
+        conn.subflows.append(sf)
+        self.flows.insert(flowid, sf)
+        self.connections[flowid] = conn
+        self._peer_flows[key] = conn
+        conn.accept_syn(sf, syn, now)  # the SYN-ACK it returns went out as the cookie
+        sf.handshake_sent_at = None  # no RTT sample: we do not know when the SYN came
+        if not conn.on_handshake_ack(sf, pkt, now):  # cannot fail: the cookie matched
+            conn.abort_with("SYN cookie mismatch", send_rst=False)
+            self._forget(conn)
+            return
+        self.stats["syn_cookie_accepted"] += 1
+        self._established_server(conn)
+        if conn.state is State.ESTABLISHED:
+            sf.on_tcp(tcp, pkt.payload, now)
+        self._wake(conn)
 
     def _on_join(
         self, pkt: SalPacket, ctl: ControlExt, join: JoinExt, src: Address, dst: Address, now: float
@@ -817,7 +1101,9 @@ class HostCore:
         self._wake(conn)
         return sf
 
-    def _on_datagram(self, pkt: SalPacket, data: BytesLike, src: Address, dst: Address) -> None:
+    def _on_datagram(
+        self, pkt: SalPacket, data: BytesLike, src: Address, dst: Address, now: float
+    ) -> None:
         svc = pkt.service
         assert svc is not None
         res = self.service_table.lookup(svc.service_id)
@@ -830,9 +1116,14 @@ class HostCore:
         path = pkt.source_path()
         if path is not None:
             src = path[0]  # forwarded: the original sender
+        if res is not None and isinstance(res.listener, Listener) and res.listener.datagram:
+            # A listening connected-mode datagram socket takes only SYNs (spec).
+            self.drops["datagram_to_listener"] += 1
+            self._send(refuse_unconnected(pkt), self.local_for(src, dst), src)
+            return
         if res is None or not isinstance(res.listener, DatagramEndpoint):
             self.drops["datagram_no_service"] += 1
-            self._send(self._rst_for(pkt, None), dst, src)
+            self._send_stateless_rst(pkt, None, len(data), self.local_for(src, dst), src, now)
             return
         services = pkt.services
         source = services[1].service_id.to_bytes() if len(services) > 1 else b""
@@ -843,15 +1134,17 @@ class HostCore:
             )
         )
 
-    def _on_flow_packet(self, pkt: SalPacket, src: Address, dst: Address, now: float) -> None:
+    def _on_flow_packet(
+        self, pkt: SalPacket, src: Address, dst: Address, now: float, size: int
+    ) -> None:
         target = self.flows.get(pkt.dst_flowid)
         if target is None:
             ctl = pkt.control
-            if ctl is None or not ctl.flags & ControlFlags.RST:
-                self.drops["unknown_flow"] += 1
-                self._send(self._rst_for(pkt, ctl), dst, src)
-            else:
+            if ctl is not None and ctl.flags & ControlFlags.RST:
                 self.drops["rst_unknown_flow"] += 1
+            elif not self._on_cookie_ack(pkt, src, dst, now):
+                self.drops["unknown_flow"] += 1
+                self._send_stateless_rst(pkt, ctl, size, dst, src, now)
             return
         if isinstance(target, DatagramEndpoint):
             ctl = pkt.control
@@ -866,8 +1159,11 @@ class HostCore:
                 self._maybe_reset(conn, sf, pkt, src)
         elif state is State.SYN_RECEIVED:
             listener = self._listener_by_id.get(conn.listener_id or 0)
-            if pkt.src_flowid != sf.remote_flowid:
-                self.drops["wrong_peer_flow"] += 1
+            ctl = pkt.control
+            if pkt.src_flowid != sf.remote_flowid and not (
+                pkt.src_flowid == 0 and ctl is not None and ctl.flags & ControlFlags.RST
+            ):
+                self.drops["wrong_peer_flow"] += 1  # (a stateless RST has no flowID)
             elif (
                 listener is not None
                 and len(listener.accept_queue) >= listener.backlog
@@ -890,9 +1186,17 @@ class HostCore:
             self.drops["closed_flow"] += 1  # closed, not yet forgotten: nothing to deliver
         else:
             self._on_established(conn, sf, pkt, now, src)
+            if src == sf.remote_addr and (":" in dst[0]) != (":" in sf.local_addr[0]):
+                # The peer moved to another family (an RSYN it proved, reaching us on our
+                # interface of that family): answer from there, the only place that can.
+                sf.local_addr = dst
         self._wake(conn)
 
     def _established_server(self, conn: Connection) -> None:
+        # The SYN-ACK's retries were cut for half-open state (a minute at most, none for an
+        # unproven path); the proven flow gets the full budget back.
+        for sf in conn.subflows:
+            sf.control.max_retries = sf.control.timers.max_retries
         listener = self._listener_by_id.get(conn.listener_id or 0)
         if listener is None or listener.closed:
             conn.abort_with("listener closed", send_rst=True)
@@ -919,9 +1223,15 @@ class HostCore:
             # first answer won. Reset the loser so it does not hold a half-open flow; the
             # RST echoes the loser's own nonce (ours must never go to a stranger).
             self.stats["losing_synack"] += 1
-            rst = ControlExt(ControlFlags.RST, 0, 0, ctl.nonce)
+            rst = ControlExt(ControlFlags.RST, ctl.verno, 0, ctl.nonce)  # echoes its SYN-ACK
             loser = SalPacket(sf.local_flowid, pkt.src_flowid, pkt.protocol, [rst])
             self._send(loser, sf.local_addr, src)
+            return
+        if pkt.src_flowid != sf.remote_flowid and not (
+            pkt.src_flowid == 0 and ctl is not None and ctl.flags & ControlFlags.RST
+        ):
+            # Only the peer's flow speaks on this flow (a stateless RST has no flowID).
+            self.drops["wrong_peer_flow"] += 1
             return
         if src != sf.remote_addr and not self._from_elsewhere(conn, sf, pkt, src, now):
             return
@@ -947,6 +1257,17 @@ class HostCore:
             if not sf.control.nonce_ok(ctl):
                 self.drops["bad_nonce"] += 1
                 return
+            if ctl.flags & CHALLENGE and src != sf.remote_addr:
+                # The answer to our address check: once it proves the candidate, the
+                # packets held from there are taken, in the order they came.
+                ch = sf.challenge
+                held = ch.held if ch is not None and ch.candidate == src else []
+                conn.on_control(sf, ctl, now, src)
+                if held and sf.remote_addr == src:
+                    self.stats["held_replayed"] += len(held)
+                    for old in held:
+                        self._on_established(conn, sf, old, now, src)
+                return
             if conn.mp is not None:
                 for ext in pkt.extensions:
                     if type(ext) is AddAddrExt:
@@ -961,7 +1282,9 @@ class HostCore:
             if conn.state is State.CLOSED:
                 return
         tcp = pkt.tcp
-        if tcp is not None:
+        if isinstance(conn, DatagramConnection):
+            conn.on_datagram(pkt, now)
+        elif tcp is not None:
             if conn.state is State.TIME_WAIT:
                 # A retransmitted FIN or data: acknowledge again. Never answer a pure ACK:
                 # two ends in TIME_WAIT (simultaneous close) would ACK each other forever.
@@ -990,20 +1313,36 @@ class HostCore:
             ch.rx += size  # also the answer to our challenge: it counts for the budget
         if ctl is not None and ctl.flags & ControlFlags.RSYN:
             return True  # RSYN, RSYN+ACK or a challenge answer: nonce and exchange decide
-        if conn.state is not State.ESTABLISHED or (
-            src == sf.prev_remote and now < sf.prev_remote_until
-        ):
-            return True
+        if src == sf.prev_remote and now < sf.prev_remote_until:
+            return True  # late packets from where the (verified) peer just was
+        if conn.state is not State.ESTABLISHED:
+            self.drops["not_peer_address"] += 1
+            return False
         if ctl is not None and ctl.flags & ControlFlags.RST:
             self.drops["rst_from_elsewhere"] += 1
             return False
         mig = sf.mig
         if (ch is None or ch.candidate != src) and (mig is None or not mig.busy):
             conn.check_address(sf, src, self.rng.getrandbits(64), now)
-            assert sf.challenge is not None
-            sf.challenge.rx = size
+            ch = sf.challenge
+            assert ch is not None
+            ch.rx = size
             self.stats["rebinding_challenge"] += 1
-        return True
+        if (
+            ch is not None
+            and ch.candidate == src
+            and len(ch.held) < HELD_PACKETS
+            and ch.held_bytes + size <= HELD_BYTES
+        ):
+            # Nothing from an unverified address changes the flow: the packet waits for the
+            # address check (one round trip) and is taken only if the check succeeds.
+            pkt.payload = bytes(pkt.payload)  # it was a view into the receive buffer
+            ch.held.append(pkt)
+            ch.held_bytes += size
+            self.stats["held_unverified"] += 1
+        else:
+            self.drops["not_peer_address"] += 1
+        return False
 
     def _maybe_reset(
         self, conn: Connection, sf: Subflow, pkt: SalPacket, src: Address | None = None
@@ -1014,15 +1353,24 @@ class HostCore:
             self.drops["unexpected_packet"] += 1
             return
         cc = sf.control
-        genuine = (cc.peer_nonce is not None and ctl.nonce == cc.peer_nonce) or (
-            ctl.nonce == cc.local_nonce  # a stateless reset echoing our own nonce
-        )
+        genuine = cc.peer_nonce is not None and ctl.nonce == cc.peer_nonce
+        if not genuine and ctl.nonce == cc.local_nonce:
+            # A stateless reset echoing our own nonce answers one of our control packets:
+            # it must also echo that packet's number (the outstanding one, or the one our
+            # ACKs carry), which nobody who did not see the packet knows.
+            echoed = ctl.verno
+            genuine = echoed == cc.snd_verno or (
+                cc.outstanding is not None and echoed == cc.outstanding_verno
+            )
         if not genuine and ctl.nonce == _ZERO_NONCE and src == sf.remote_addr:
             # A stateless reset answering a data segment echoes that segment's sequence
             # number in verno: it must come from the peer's address and name the exact
-            # start of a segment we have in flight (in the spirit of RFC 5961).
+            # start of a segment we have in flight (RFC 5961's exact-sequence rule). One
+            # inside what we have in flight but not exact gets a challenge ACK.
             echoed = unwrap(ctl.verno, sf.iss + 1, sf.snd_una)
             genuine = echoed in sf.segments
+            if not genuine and sf.snd_una <= echoed < sf.snd_max:
+                self._challenge_ack(conn, "rst")
         if not genuine:
             self.drops["bad_nonce"] += 1
             return
@@ -1030,6 +1378,34 @@ class HostCore:
             conn.subflow_failed(sf, 0.0)  # one path reset: the others carry on
             return
         conn.on_reset()
+
+    def _send_stateless_rst(
+        self,
+        pkt: SalPacket,
+        ctl: ControlExt | None,
+        size: int,
+        local: Address,
+        remote: Address,
+        now: float,
+    ) -> None:
+        """Answer ``pkt`` (``size`` bytes, for no flow or service of ours) with a RST, within
+        the host's rate limit and never larger than the packet plus a CONTROL extension."""
+        rst = self._rst_for(pkt, ctl).encode(local[0], remote[0])
+        if len(rst) > size + _CONTROL_EXT:
+            self.stats["rst_too_large"] += 1
+            return
+        if not self.rst_limit.take(now):
+            self.stats["rst_rate_limited"] += 1
+            return
+        self.stats["rst_sent"] += 1
+        self._out.append((rst, local, remote))
+
+    def _challenge_ack(self, conn: Connection, why: str) -> None:
+        """RFC 5961: answer a doubtful segment with an ACK (so a genuine peer resyncs)
+        instead of acting on it; at most ``challenge_ack_rate`` a second per host."""
+        conn.challenge_ack_due = True
+        self.stats[f"challenge_ack_{why}"] += 1
+        self._wake(conn)
 
     def _rst_for(self, pkt: SalPacket, ctl: ControlExt | None) -> SalPacket:
         """A stateless RST answering ``pkt`` (for an unknown flow or service)."""

@@ -1,5 +1,6 @@
 """Names in Serval: serviceIDs (and prefixes of them), self-certifying keys, flowIDs."""
 
+from .entropy import SecureRandom
 from .flow_id import FLOW_ID_MAX, FlowID, FlowIDsExhausted, InvalidFlowID, allocate_flow_id
 from .keys import NotCertified, ServiceKey, ServicePublicKey, key_hash
 from .service_id import (
@@ -25,6 +26,7 @@ __all__ = [
     "ServiceKey",
     "ServiceLike",
     "ServicePrefix",
+    "SecureRandom",
     "ServicePublicKey",
     "allocate_flow_id",
     "as_service_id",

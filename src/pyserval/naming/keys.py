@@ -10,13 +10,18 @@ signature is good, without any certificate authority.
 from __future__ import annotations
 
 import hashlib
-from typing import Final
+import math
+import time
+from typing import TYPE_CHECKING, Final
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .service_id import SERVICE_ID_BITS, PrefixLike, ServiceID, ServicePrefix, as_service_prefix
+
+if TYPE_CHECKING:
+    from .delegation import Delegation
 
 __all__ = [
     "CERTIFIED_BITS",
@@ -156,6 +161,28 @@ class ServiceKey:
         """Sign ``data`` on behalf of ``service_id``; refuse an ID this key does not certify."""
         self._public.check_certifies(service_id)
         return self.sign(data)
+
+    def delegate(
+        self,
+        instance_key: ServiceKey | ServicePublicKey,
+        *,
+        valid_for: float,
+        now: float | None = None,
+    ) -> Delegation:
+        """Let ``instance_key`` act for every serviceID this key certifies, for
+        ``valid_for`` seconds from ``now`` (Unix time; default: the wall clock, read here
+        because issuing is an operator's act, not part of any protocol path).
+
+        Only the instance's public half is needed: a replica can keep its private key and
+        send the public key to whoever holds this one.
+        """
+        from .delegation import Delegation
+
+        if not valid_for > 0:
+            raise ValueError(f"valid_for must be positive seconds, got {valid_for}")
+        start = math.floor(time.time() if now is None else now)
+        public = instance_key.public_key if isinstance(instance_key, ServiceKey) else instance_key
+        return Delegation.issue(self, public, start, start + math.ceil(valid_for))
 
     def __repr__(self) -> str:
         return f"ServiceKey(public={self._public.raw.hex()})"

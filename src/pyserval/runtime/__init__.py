@@ -1,6 +1,7 @@
 """The asyncio runtime: UDP encapsulation endpoints, the host, sockets and streams."""
 
 from .api import connect, default_host, listen, open_connection, start_server
+from .datagram_streams import ServalDatagramListener, ServalDatagramStream
 from .host import Host, HostConfig, parse_address
 from .socket import ServalSocket, SocketClosed
 from .streams import ServalConnectError, ServalListener, ServalMigrationError, ServalStream
@@ -9,6 +10,8 @@ __all__ = [
     "Host",
     "HostConfig",
     "ServalConnectError",
+    "ServalDatagramListener",
+    "ServalDatagramStream",
     "ServalMigrationError",
     "ServalListener",
     "ServalSocket",

@@ -8,10 +8,15 @@ The default host is created on first use from ``PYSERVAL_*`` environment variabl
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable
+from typing import Literal, overload
 
+from ..naming.delegation import Delegation
+from ..naming.keys import ServiceKey
 from ..naming.service_id import ServiceLike
 from .host import Host, HostConfig
+from .secure import SecureListener, SecureStream
 from .stdio import open_connection_on, start_server_on
 from .streams import ServalListener, ServalStream
 
@@ -32,21 +37,84 @@ async def default_host() -> Host:
     return _default
 
 
+@overload
 async def connect(
-    service: ServiceLike, *, host: Host | None = None, timeout: float | None = None
-) -> ServalStream:
-    """Open a stream to ``service`` (an ``anyio.abc.ByteStream``)."""
+    service: ServiceLike,
+    *,
+    host: Host | None = None,
+    timeout: float | None = None,
+    secure: Literal[False] = False,
+) -> ServalStream: ...
+
+
+@overload
+async def connect(
+    service: ServiceLike,
+    *,
+    host: Host | None = None,
+    timeout: float | None = None,
+    secure: Literal[True],
+    ssl_context: ssl.SSLContext | None = None,
+) -> SecureStream: ...
+
+
+async def connect(
+    service: ServiceLike,
+    *,
+    host: Host | None = None,
+    timeout: float | None = None,
+    secure: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
+) -> ServalStream | SecureStream:
+    """Open a stream to ``service`` (an ``anyio.abc.ByteStream``); ``secure=True``: TLS 1.3
+    that proves the serviceID (see :meth:`Host.connect`)."""
     h = host or await default_host()
-    stream: ServalStream = await h.connect(service, timeout=timeout)
+    stream: ServalStream | SecureStream = await h.connect(
+        service, timeout=timeout, secure=secure, ssl_context=ssl_context
+    )
     return stream
 
 
+@overload
 async def listen(
-    service: ServiceLike, *, host: Host | None = None, backlog: int = 128
-) -> ServalListener:
-    """Accept streams to ``service``: ``async for stream in listener`` or ``serve(handler)``."""
+    service: ServiceLike,
+    *,
+    host: Host | None = None,
+    backlog: int = 128,
+    key: ServiceKey | None = None,
+    secure: Literal[False] = False,
+) -> ServalListener: ...
+
+
+@overload
+async def listen(
+    service: ServiceLike,
+    *,
+    host: Host | None = None,
+    backlog: int = 128,
+    key: ServiceKey | None = None,
+    secure: Literal[True],
+    delegation: Delegation | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> SecureListener: ...
+
+
+async def listen(
+    service: ServiceLike,
+    *,
+    host: Host | None = None,
+    backlog: int = 128,
+    key: ServiceKey | None = None,
+    secure: bool = False,
+    delegation: Delegation | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> ServalListener | SecureListener:
+    """Accept streams to ``service``: ``async for stream in listener`` or ``serve(handler)``;
+    ``key``, ``secure``, ``delegation``, ``ssl_context`` as for :meth:`Host.listen`."""
     h = host or await default_host()
-    listener: ServalListener = await h.listen(service, backlog)
+    listener: ServalListener | SecureListener = await h.listen(
+        service, backlog, key=key, secure=secure, delegation=delegation, ssl_context=ssl_context
+    )
     return listener
 
 
@@ -56,10 +124,15 @@ async def open_connection(
     host: Host | None = None,
     timeout: float | None = None,
     limit: int = 2**16,
+    secure: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Like :func:`asyncio.open_connection`, to a serviceID instead of host and port."""
+    """Like :func:`asyncio.open_connection`, to a serviceID instead of host and port
+    (``secure=True``: TLS 1.3 that proves the serviceID, see :meth:`Host.connect`)."""
     h = host or await default_host()
-    return await open_connection_on(h, service, timeout=timeout, limit=limit)
+    return await open_connection_on(
+        h, service, timeout=timeout, limit=limit, secure=secure, ssl_context=ssl_context
+    )
 
 
 async def start_server(
@@ -71,7 +144,22 @@ async def start_server(
     host: Host | None = None,
     backlog: int = 128,
     limit: int = 2**16,
+    key: ServiceKey | None = None,
+    secure: bool = False,
+    delegation: Delegation | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> asyncio.AbstractServer:
-    """Like :func:`asyncio.start_server`, serving a serviceID."""
+    """Like :func:`asyncio.start_server`, serving a serviceID (``key``, ``secure``,
+    ``delegation``, ``ssl_context`` as for :meth:`Host.listen`)."""
     h = host or await default_host()
-    return await start_server_on(h, client_connected_cb, service, backlog=backlog, limit=limit)
+    return await start_server_on(
+        h,
+        client_connected_cb,
+        service,
+        backlog=backlog,
+        limit=limit,
+        key=key,
+        secure=secure,
+        delegation=delegation,
+        ssl_context=ssl_context,
+    )

@@ -16,6 +16,8 @@ import functools
 import ipaddress
 import os
 import socket
+import ssl
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -24,11 +26,15 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..core.host import DatagramEndpoint, HostCore, Listener
+from ..naming.delegation import Delegation
 from ..naming.keys import ServiceKey
 from ..naming.service_id import ServiceID, ServiceLike, as_service_id, as_service_prefix
+from ..sal.inet import WILDCARDS, canonical_ip, format_address
 from ..sal.service_table import Rule, ServiceTable
+from ..tools.pcap import PcapWriter
 from ..transport.config import StreamConfig
 from ..transport.connection import Connection, ConnectionError_, State
+from ..transport.datagram_flow import DatagramConnection
 from ..transport.events import (
     ConnectionClosed,
     ConnectionFailed,
@@ -73,17 +79,24 @@ def install_controller_factory(factory: ControllerFactory) -> None:
 
 
 def parse_address(text: str) -> Address:
-    """``"IP:PORT"`` (IPv4) to ``(ip, port)``, with a clear error naming the text."""
+    """``"IP:PORT"`` (IPv4) or ``"[IP]:PORT"`` (IPv6) to ``(ip, port)``, with a clear error
+    naming the text. An IPv6 address comes back in the text the kernel writes (so it
+    compares equal to the addresses datagrams arrive from)."""
     host, sep, port = text.strip().rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected an address as IP:PORT, got {text!r}")
+        raise ValueError(f"expected an address as IP:PORT or [IPv6]:PORT, got {text!r}")
+    bracketed = len(host) > 2 and host[0] == "[" and host[-1] == "]"
+    if bracketed:
+        host = host[1:-1]
     try:
-        ipaddress.IPv4Address(host)
-    except ValueError:
-        # The SAL carries IPv4 addresses (checksums, SOURCE paths): names are not resolved
+        # The SAL carries IP addresses (checksums, SOURCE paths): names are not resolved
         # here, so that a lookup can never stall the event loop.
-        raise ValueError(f"expected an IPv4 address in IP:PORT, got {text!r}") from None
-    return host, int(port)
+        version = ipaddress.ip_address(host).version
+    except ValueError:
+        raise ValueError(f"expected an IP address in IP:PORT, got {text!r}") from None
+    if (version == 6) != bracketed:
+        raise ValueError(f"an IPv6 address is written [IP]:PORT, an IPv4 one IP:PORT: {text!r}")
+    return (canonical_ip(host) if bracketed else host), int(port)
 
 
 class HostConfig(BaseModel):
@@ -173,7 +186,8 @@ class HostConfig(BaseModel):
 
 def _ip_present(ip: str) -> bool:
     """Whether this machine still has the address ``ip`` (binding to it is allowed)."""
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_DGRAM)
     try:
         probe.bind((ip, 0))
     except OSError as exc:
@@ -185,6 +199,13 @@ def _ip_present(ip: str) -> bool:
 
 def _left_syn_sent(conn: Connection) -> bool:
     return conn.state is not State.SYN_SENT
+
+
+def _datagram_kind(kind: str) -> bool:
+    """Whether ``kind`` names connected datagram flows (else streams); ValueError if neither."""
+    if kind not in ("stream", "datagram"):
+        raise ValueError(f"kind must be 'stream' or 'datagram', not {kind!r}")
+    return kind == "datagram"
 
 
 class _Waiters:
@@ -216,7 +237,9 @@ class Host:
     """One Serval end host in this process (see the module docstring).
 
     ``Host(listen=["127.0.0.1:0"])``; then ``async with host:`` (or ``await host.start()``
-    and ``await host.close()``).
+    and ``await host.close()``). ``pcap`` (a path or a
+    :class:`~pyserval.tools.pcap.PcapWriter`) records every datagram the host sends and
+    receives, for Wireshark; off by default.
     """
 
     def __init__(
@@ -228,6 +251,7 @@ class Host:
         broadcast: str | None = None,
         config: HostConfig | None = None,
         stream_config: StreamConfig | None = None,
+        pcap: str | os.PathLike[str] | PcapWriter | None = None,
     ) -> None:
         base = config or HostConfig()
         updates: dict[str, Any] = {}
@@ -264,6 +288,10 @@ class Host:
         self._verdicts: set[asyncio.Task[None]] = set()
         self._watchdog: asyncio.Task[None] | None = None
         self.auto_removed: list[Address] = []  # interfaces the check found gone
+        # Every datagram sent and received, as IPv4/UDP frames (None: off, and the datapath
+        # pays one attribute test per batch). A path is opened when the host starts.
+        self._pcap_spec = pcap
+        self.pcap: PcapWriter | None = None
         for service, address in self.config.routes.items():
             self.add_route(service, address)
 
@@ -278,6 +306,9 @@ class Host:
         if self.core is not None:
             return self
         self._loop = asyncio.get_running_loop()
+        spec = self._pcap_spec
+        if spec is not None and self.pcap is None:
+            self.pcap = spec if isinstance(spec, PcapWriter) else PcapWriter(spec)
         if self.config.listen:
             for text in self.config.listen:
                 await self._open_interface(parse_address(text))
@@ -347,7 +378,8 @@ class Host:
         return ep.address
 
     async def remove_interface(self, address: str | Address, *, timeout: float = 2.0) -> None:
-        """Take an interface away: every flow on it migrates to the first remaining one
+        """Take an interface away: every flow on it migrates to the first remaining one of
+        its IP family (else the first remaining one)
         (waiting up to ``timeout`` for the moves to complete), then its socket closes."""
         core = self._require_core()
         local = self._known_interface(address)
@@ -381,7 +413,7 @@ class Host:
             await asyncio.sleep(interval)
             if len(self.endpoints) < 2:
                 continue
-            for local in [a for a in self.addresses if a[0] not in ("0.0.0.0", "")]:
+            for local in [a for a in self.addresses if a[0] not in WILDCARDS]:
                 if len(self.endpoints) >= 2 and not _ip_present(local[0]):
                     self.auto_removed.append(local)
                     # ValueError: removed meanwhile; RuntimeError: the host is closing.
@@ -391,8 +423,8 @@ class Host:
     def _known_interface(self, address: str | Address) -> Address:
         local = parse_address(address) if isinstance(address, str) else address
         if local not in self._by_address:
-            known = ", ".join(f"{a[0]}:{a[1]}" for a in self.addresses)
-            raise ValueError(f"{local[0]}:{local[1]} is not an interface of this host ({known})")
+            known = ", ".join(format_address(a) for a in self.addresses)
+            raise ValueError(f"{format_address(local)} is not an interface of this host ({known})")
         return local
 
     def _close_interface(self, local: Address) -> None:
@@ -444,14 +476,23 @@ class Host:
         if conn.closed:
             raise ServalMigrationError(f"the connection closed: {conn.error or 'closed'}")
 
-    async def migrate(self, conn: Connection, local: str | Address, timeout: float) -> None:
-        """Move ``conn`` to the interface ``local`` and wait until the peer confirmed."""
+    async def migrate(
+        self,
+        conn: Connection,
+        local: str | Address,
+        timeout: float,
+        remote: str | Address | None = None,
+    ) -> None:
+        """Move ``conn`` to the interface ``local`` (and the peer's address ``remote``, which
+        a move to the other IP family needs unless the peer advertised one) and wait until
+        the peer confirmed."""
         from .streams import ServalMigrationError
 
         core = self._require_core()
         try:
             target = self._known_interface(local)
-            started = core.migrate(conn, target, self._now())
+            there = parse_address(remote) if isinstance(remote, str) else remote
+            started = core.migrate(conn, target, self._now(), there)
         except ValueError as exc:
             raise ServalMigrationError(str(exc)) from None
         if not started:
@@ -467,7 +508,7 @@ class Host:
                 await self._waiters.wait_for(conn.conn_id, done)
         except TimeoutError:
             raise ServalMigrationError(
-                f"the peer did not confirm the move to {target[0]}:{target[1]} in {timeout} s"
+                f"the peer did not confirm the move to {format_address(target)} in {timeout} s"
             ) from None
         if conn.closed:
             raise ServalMigrationError(f"the connection closed: {conn.error or 'closed'}")
@@ -511,6 +552,10 @@ class Host:
         now = self._now()
         local = ep.address
         receive = core.receive_datagram
+        pcap = self.pcap
+        if pcap is not None:
+            for data, src in batch:
+                pcap.write(data, src, local)
         for data, src in batch:
             receive(data, src, local, now)
         self._flush()
@@ -546,6 +591,8 @@ class Host:
             self._timer.cancel()
         for udp in self.endpoints:
             udp.close()
+        if self.pcap is not None:
+            self.pcap.close()
         for ev in self._waiters.events.values():
             ev.set()
         for ev in self._listener_waiters.values():
@@ -621,12 +668,17 @@ class Host:
         out = core.datagrams_to_send(self._now())
         if out:
             by_ep: dict[Address, list[tuple[bytes, Address]]] = {}
+            pcap = self.pcap
             for data, local, remote in out:
                 by_ep.setdefault(local, []).append((data, remote))
+                if pcap is not None:
+                    pcap.write(data, local, remote)
             for local, items in by_ep.items():
                 ep = self._by_address.get(local) or self.endpoints[0]
                 if not ep.closed:
                     ep.send_many(items)
+        if self.pcap is not None:
+            self.pcap.flush()  # once per batch: a killed process loses at most this batch
         for event in core.events():
             self._dispatch(event)
         if core.delay_requests:
@@ -796,17 +848,46 @@ class Host:
         await self._waiters.wait_for(conn.conn_id, lambda: ready() or self._closed)
 
     # -- application API ----------------------------------------------------------------
-    async def connect(self, service: ServiceLike, *, timeout: float | None = None) -> Any:
-        """Open a stream to ``service`` (late-bound by serviceID through the service table)."""
+    async def connect(
+        self,
+        service: ServiceLike,
+        *,
+        timeout: float | None = None,
+        kind: str = "stream",
+        secure: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> Any:
+        """Open a stream to ``service`` (late-bound by serviceID through the service table).
+
+        ``kind="datagram"``: a connected datagram flow instead, returned as a
+        :class:`~pyserval.runtime.datagram_streams.ServalDatagramStream`.
+
+        ``secure=True``: a TLS 1.3 :class:`~pyserval.runtime.secure.SecureStream`, returned
+        only once the server proved ``service`` (a self-certifying ID) with its key or a
+        delegation; else :class:`~pyserval.runtime.secure.ServalSecurityError`. With
+        ``ssl_context`` too, that context's own checks (your PKI) replace the serviceID
+        check. ``timeout`` covers the handshake.
+        """
         from .streams import ServalConnectError, ServalStream
 
+        datagram = _datagram_kind(kind)
         core = self._require_core()
+        sid: ServiceID | None = None
+        if ssl_context is not None and not secure:
+            raise ValueError("ssl_context= is for secure=True")
+        if secure and datagram:
+            raise ValueError("secure=True is for streams, not kind='datagram'")
+        if secure:
+            from .secure import check_securable
+
+            sid = as_service_id(service) if ssl_context is not None else check_securable(service)
+        start = self._now()
         limit = self.config.connect_timeout if timeout is None else timeout
         routers = self.config.routers
         # With several routers, a SYN the network bounced off a dead one is sent again
         # through the next (the controller has moved there by the time we resume).
         for attempt in range(max(1, len(routers))):
-            conn = core.connect(service, self._now())
+            conn = core.connect(service, self._now(), datagram=datagram)
             self.schedule_flush()
             answered = functools.partial(_left_syn_sent, conn)
             try:
@@ -818,15 +899,32 @@ class Host:
                 raise ServalConnectError(
                     f"connecting to service {service!s} timed out after {limit} s"
                 ) from None
+            except BaseException:
+                # Cancelled (or interrupted): nothing may be left behind. The connection is
+                # aborted, so no more SYNs go out; a SYN-ACK that still comes finds no flow
+                # and is answered with a RST, which ends the server's half of it.
+                conn.abort()
+                self.schedule_flush()
+                raise
             if conn.state is State.ESTABLISHED:
-                return ServalStream(self, conn)
+                break
             via = conn.primary.remote_addr if conn.subflows else None
             bounced = (conn.error or "").startswith("service unreachable")
             if not (bounced and via in routers and attempt + 1 < len(routers)):
-                break
-        raise ServalConnectError(
-            f"cannot connect to service {service!s}: {conn.error or 'closed'}"
-        )
+                raise ServalConnectError(
+                    f"cannot connect to service {service!s}: {conn.error or 'closed'}"
+                )
+        if isinstance(conn, DatagramConnection):
+            from .datagram_streams import ServalDatagramStream
+
+            return ServalDatagramStream(self, conn)
+        stream = ServalStream(self, conn)
+        if sid is None:
+            return stream
+        from .secure import secure_client
+
+        left = max(limit - (self._now() - start), 0.001)
+        return await secure_client(stream, sid, ssl_context=ssl_context, timeout=left)
 
     async def listen(
         self,
@@ -836,26 +934,64 @@ class Host:
         weight: int = 1,
         priority: int = 0,
         key: ServiceKey | None = None,
+        kind: str = "stream",
+        secure: bool = False,
+        delegation: Delegation | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> Any:
         """Accept streams to ``service``: returns a listener to ``async for`` or ``serve``.
 
         With a router, the service is registered there with this instance's ``weight`` and
         ``priority``; ``key`` signs the registration of a self-certifying serviceID.
+        ``kind="datagram"``: accept connected datagram flows instead (a
+        :class:`~pyserval.runtime.datagram_streams.ServalDatagramListener`).
+
+        ``secure=True``: TLS 1.3 (a :class:`~pyserval.runtime.secure.SecureListener`) with
+        a certificate for ``key``, the service key. A replica without the service key passes
+        its own instance key as ``key`` and the service key's ``delegation`` of it (its
+        registration then goes unsigned: routers cannot check delegations yet). With
+        ``ssl_context`` too, that context (your own certificates) is served instead.
         """
         from .streams import ServalListener
 
+        datagram = _datagram_kind(kind)
         core = self._require_core()
         sid = as_service_id(service)
-        if key is not None and not key.verify(sid):
-            raise ValueError(f"key {key.public_key.raw.hex()} does not certify {sid.hex}")
-        listener = core.listen(sid, backlog)
+        if (delegation is not None or ssl_context is not None) and not secure:
+            raise ValueError("delegation= and ssl_context= are for secure=True")
+        if secure and datagram:
+            raise ValueError("secure=True is for streams, not kind='datagram'")
+        register_key = key if delegation is None else None
+        if register_key is not None and not register_key.verify(sid):
+            raise ValueError(f"key {register_key.public_key.raw.hex()} does not certify {sid.hex}")
+        context = ssl_context
+        if secure and context is None:
+            from .secure import server_context
+
+            if key is None:
+                raise ValueError(
+                    "secure=True needs key= (the service key, or an instance key "
+                    "with delegation=), or ssl_context="
+                )
+            if delegation is not None:
+                delegation.check(sid, key.public_key, time.time())  # refuse a stale one now
+            context = server_context(key, delegation)
+        listener = core.listen(sid, backlog, datagram=datagram)
         self._listener_waiters[listener.listener_id] = asyncio.Event()
         try:
-            self._register(listener, sid, weight, priority, key)
+            self._register(listener, sid, weight, priority, register_key)
         except ValueError:
             core.close_listener(listener, self._now())
             raise
-        return ServalListener(self, listener)
+        if datagram:
+            from .datagram_streams import ServalDatagramListener
+
+            return ServalDatagramListener(self, listener)
+        if context is None:
+            return ServalListener(self, listener)
+        from .secure import SecureListener
+
+        return SecureListener(ServalListener(self, listener), context, backlog=backlog)
 
     async def wait_incoming(self, listener: Listener) -> Connection | None:
         """The next established connection of ``listener`` (None once closed)."""

@@ -15,10 +15,13 @@ import struct
 from pathlib import Path
 from typing import Final
 
-__all__ = ["MAX_AUTO_MSS", "OVERHEAD", "interface_mtu", "mss_for"]
+__all__ = ["MAX_AUTO_MSS", "OVERHEAD", "OVERHEAD6", "interface_mtu", "mss_for"]
 
 # IPv4 20 + UDP 8 + SAL base 12 + TCP 20 + room for SACK options 28.
 OVERHEAD: Final = 88
+# IPv6's header is 40 bytes, not 20 (and a forwarded SYN's SOURCE6 is larger, but a SYN
+# carries no data).
+OVERHEAD6: Final = OVERHEAD + 20
 MAX_AUTO_MSS: Final = 32768  # larger buys little and makes each loss cost more
 _SIOCGIFADDR: Final = 0x8915
 _SIOCGIFMTU: Final = 0x8921
@@ -38,17 +41,34 @@ def _ioctl(sock: socket.socket, request: int, name: str) -> bytes | None:
         return None
 
 
-def interface_mtu(ip: str) -> int | None:
-    """The MTU of the interface that holds ``ip``, or None when unknown (a wildcard
-    address, another platform, an address no interface holds)."""
+def _ipv6_interface(addr: ipaddress.IPv6Address) -> str | None:
+    """The name of the interface holding an IPv6 address (Linux ``/proc/net/if_inet6``)."""
     try:
-        addr = ipaddress.IPv4Address(ip)
+        lines = Path("/proc/net/if_inet6").read_text().splitlines()
+    except OSError:
+        return None
+    want = addr.packed.hex()
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[0] == want:
+            return fields[5]
+    return None
+
+
+def interface_mtu(ip: str) -> int | None:
+    """The MTU of the interface that holds ``ip`` (IPv4 or IPv6), or None when unknown (a
+    wildcard address, another platform, an address no interface holds)."""
+    try:
+        addr = ipaddress.ip_address(ip)
     except ValueError:
         return None
     if addr.is_unspecified:
         return None  # any interface: the smallest MTU would be the safe answer
     if addr.is_loopback:
         return _sysfs_mtu("lo")
+    if isinstance(addr, ipaddress.IPv6Address):
+        name = _ipv6_interface(addr)
+        return _sysfs_mtu(name) if name is not None else None
     try:
         names = [name for _, name in socket.if_nameindex()]
     except OSError:
@@ -67,5 +87,6 @@ def mss_for(ips: list[str], default: int) -> int:
     mtus = [interface_mtu(ip) for ip in ips]
     if not mtus or any(m is None for m in mtus):
         return default
-    smallest = min(m for m in mtus if m is not None)
-    return max(min(smallest - OVERHEAD, MAX_AUTO_MSS), 536)
+    pairs = zip(mtus, ips, strict=True)
+    room = min(m - (OVERHEAD6 if ":" in ip else OVERHEAD) for m, ip in pairs if m is not None)
+    return max(min(room, MAX_AUTO_MSS), 536)

@@ -2,7 +2,10 @@
 
 Like a socket, but names are serviceIDs: ``bind`` and ``connect`` take a serviceID (or its
 text), ``accept`` and ``recvfrom`` report the peer's address and, for datagrams, its
-serviceID. Every blocking call is a coroutine.
+serviceID. Every blocking call is a coroutine. A datagram socket works unconnected
+(``sendto``/``recvfrom``) or, as the reference's, connected: ``connect`` runs the SAL
+handshake and ``bind`` + ``listen`` + ``accept`` hands out one socket per client flow; a
+connected one uses ``send``/``recv`` (see ``runtime.datagram_streams``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from ..core.host import DatagramEndpoint
 from ..naming.keys import ServiceKey
 from ..naming.service_id import ServiceID, ServiceLike, as_service_id
 from ..transport.events import ConnectionFailed, DatagramReceived, Event
+from .datagram_streams import ServalDatagramListener, ServalDatagramStream
 from .host import Host
 from .streams import ServalListener, ServalStream
 
@@ -44,6 +48,8 @@ class ServalSocket:
         self._stream: ServalStream | None = None
         self._listener: ServalListener | None = None
         self._endpoint: DatagramEndpoint | None = None
+        self._flow: ServalDatagramStream | None = None  # a connected datagram socket
+        self._flow_listener: ServalDatagramListener | None = None
         self._datagrams: deque[tuple[bytes, ServiceID, Address]] = deque()
         self._datagram_ready = asyncio.Event()
         self._datagram_error: str | None = None
@@ -67,21 +73,29 @@ class ServalSocket:
         """Our flowID (stream: of the connection; datagram: of the socket)."""
         if self._stream is not None:
             return self._stream.local_flowid
+        if self._flow is not None:
+            return self._flow.local_flowid
         return self._endpoint.flowid if self._endpoint is not None else None
 
     @property
     def remote_flowid(self) -> int | None:
-        """The peer's flowID of a connected stream socket."""
+        """The peer's flowID of a connected socket."""
+        if self._flow is not None:
+            return self._flow.remote_flowid
         return self._stream.remote_flowid if self._stream is not None else None
 
     @property
     def local_address(self) -> Address | None:
-        """Our address of a connected stream socket."""
+        """Our address of a connected socket."""
+        if self._flow is not None:
+            return self._flow.local_address
         return self._stream.local_address if self._stream is not None else None
 
     @property
     def peer_address(self) -> Address | None:
-        """The peer's address of a connected stream socket."""
+        """The peer's address of a connected socket."""
+        if self._flow is not None:
+            return self._flow.remote_address
         return self._stream.remote_address if self._stream is not None else None
 
     def _check_open(self, what: str) -> None:
@@ -121,16 +135,27 @@ class ServalSocket:
     async def listen(self, backlog: int = 128) -> None:
         """Accept connections to the bound serviceID (registers it with the host)."""
         self._check_open("listen")
-        if self.kind != "stream":
-            raise SocketClosed("listen needs a stream socket")
         if self._local is None:
             raise SocketClosed("bind a serviceID before listen")
         host = await self._get_host()
+        if self.kind == "datagram":
+            if self._endpoint is not None or self._flow is not None:
+                raise SocketClosed("listen needs a datagram socket not yet used or connected")
+            self._flow_listener = await host.listen(
+                self._local, backlog, kind="datagram", **self._registration
+            )
+            return
         self._listener = await host.listen(self._local, backlog, **self._registration)
 
     async def accept(self) -> tuple[ServalSocket, Address | None]:
         """The next connection: a connected socket and the peer's address."""
         self._check_open("accept")
+        if self._flow_listener is not None:
+            flow = await self._flow_listener.accept()
+            peer = ServalSocket("datagram", host=self._host)
+            peer._flow = flow
+            peer._local = flow.service_id
+            return peer, flow.remote_address
         if self._listener is None:
             raise SocketClosed("accept needs a listening socket")
         stream = await self._listener.accept()
@@ -140,15 +165,20 @@ class ServalSocket:
         return sock, stream.remote_address
 
     async def connect(self, service: ServiceLike, *, timeout: float | None = None) -> None:
-        """Connect a stream socket to ``service`` (``ServalConnectError`` on failure)."""
+        """Connect to ``service`` (``ServalConnectError`` on failure): a stream, or for a
+        datagram socket a connected flow (SAL handshake; then ``send``/``recv``)."""
         self._check_open("connect")
-        if self.kind != "stream":
-            raise SocketClosed("connect needs a stream socket; datagrams use sendto")
-        if self._stream is not None:
+        if self._stream is not None or self._flow is not None:
             raise SocketClosed("socket is already connected")
+        if self._flow_listener is not None:
+            raise SocketClosed("a listening socket cannot connect")
         host = await self._get_host()
-        self._peer = as_service_id(service)
-        self._stream = await host.connect(self._peer, timeout=timeout)
+        peer = as_service_id(service)
+        if self.kind == "datagram":
+            self._flow = await host.connect(peer, timeout=timeout, kind="datagram")
+        else:
+            self._stream = await host.connect(peer, timeout=timeout)
+        self._peer = peer
 
     # -- streams --------------------------------------------------------------------------
     def _connected(self, what: str) -> ServalStream:
@@ -158,7 +188,10 @@ class ServalSocket:
         return self._stream
 
     async def send(self, data: bytes) -> int:
-        """Send all of ``data`` (waits while the send buffer is full); returns its length."""
+        """Send all of ``data`` (waits while the send buffer is full); returns its length.
+        A connected datagram socket sends it as one datagram."""
+        if self._flow is not None:
+            return await self._flow_send(data)
         stream = self._connected("send")
         try:
             await stream.send(data)
@@ -169,7 +202,10 @@ class ServalSocket:
     sendall = send
 
     async def recv(self, max_bytes: int = 65536) -> bytes:
-        """Up to ``max_bytes``; ``b""`` at end of stream."""
+        """Up to ``max_bytes``; ``b""`` at end of stream. A connected datagram socket
+        returns the next datagram (truncated to ``max_bytes``); ``b""`` once the peer closed."""
+        if self._flow is not None:
+            return await self._flow_recv(max_bytes)
         stream = self._connected("recv")
         try:
             return await stream.receive(max_bytes)
@@ -180,12 +216,38 @@ class ServalSocket:
 
     async def shutdown(self) -> None:
         """Half-close the write side (the peer reads end of stream)."""
+        if self._flow is not None:
+            self._check_open("shut down")
+            await self._flow.send_eof()
+            return
         await self._connected("shut down").send_eof()
+
+    # -- connected datagrams --------------------------------------------------------------
+    async def _flow_send(self, data: bytes) -> int:
+        self._check_open("send")
+        assert self._flow is not None
+        try:
+            await self._flow.send(data)
+        except anyio.BrokenResourceError as exc:
+            raise ConnectionResetError(str(exc)) from None
+        return len(data)
+
+    async def _flow_recv(self, max_bytes: int) -> bytes:
+        self._check_open("recv")
+        assert self._flow is not None
+        try:
+            return (await self._flow.receive())[:max_bytes]
+        except anyio.EndOfStream:
+            return b""
+        except anyio.BrokenResourceError as exc:
+            raise ConnectionResetError(str(exc)) from None
 
     # -- datagrams ------------------------------------------------------------------------
     async def _ensure_endpoint(self) -> DatagramEndpoint:
         if self._endpoint is not None:
             return self._endpoint
+        if self._flow is not None or self._flow_listener is not None:
+            raise SocketClosed("a connected or listening datagram socket uses send/recv")
         host = await self._get_host()
         if host.core is None:
             raise SocketClosed("the host is not running")
@@ -247,8 +309,12 @@ class ServalSocket:
         self._closed = True
         if self._stream is not None:
             await self._stream.aclose()
+        if self._flow is not None:
+            await self._flow.aclose()
         if self._listener is not None:
             await self._listener.aclose()
+        if self._flow_listener is not None:
+            await self._flow_listener.aclose()
         if self._endpoint is not None and self._host is not None:
             self._host.unwatch(self._endpoint.flowid)
             self._host.unbind_datagram(self._endpoint)

@@ -11,9 +11,12 @@ advertised window: the sender slows down.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ..naming.delegation import Delegation
+from ..naming.keys import ServiceKey
 from ..naming.service_id import ServiceLike
 from ..transport.connection import Connection
 from ..transport.events import (
@@ -26,6 +29,7 @@ from ..transport.events import (
     StreamEnded,
 )
 from .host import Host
+from .streams import ServalStream
 
 __all__ = ["ServalServer", "ServalTransport", "open_connection_on", "start_server_on"]
 
@@ -184,16 +188,44 @@ class ServalTransport(asyncio.Transport):
 
 
 async def open_connection_on(
-    host: Host, service: ServiceLike, *, timeout: float | None = None, limit: int = 2**16
+    host: Host,
+    service: ServiceLike,
+    *,
+    timeout: float | None = None,
+    limit: int = 2**16,
+    secure: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """``asyncio.open_connection`` to ``service`` through ``host``."""
-    stream = await host.connect(service, timeout=timeout)
+    """``asyncio.open_connection`` to ``service`` through ``host`` (``secure`` and
+    ``ssl_context`` as for :meth:`Host.connect`)."""
+    stream = await host.connect(service, timeout=timeout, secure=secure, ssl_context=ssl_context)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=limit, loop=loop)
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-    transport = ServalTransport(host, stream.connection, protocol)
+    transport = _transport_for(host, stream, protocol)
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
     return reader, writer
+
+
+def _transport_for(host: Host, stream: Any, protocol: asyncio.Protocol) -> asyncio.Transport:
+    """A plain stream's connection directly; a secure one through its TLS layer."""
+    if isinstance(stream, ServalStream):
+        return ServalTransport(host, stream.connection, protocol)
+    from .secure import SecureStream
+    from .stream_transport import ByteStreamTransport
+
+    assert isinstance(stream, SecureStream)
+    extra = {
+        "peername": stream.remote_address,
+        "sockname": stream.local_address,
+        "serviceid": stream.service_id,
+        "local_flowid": stream.local_flowid,
+        "remote_flowid": stream.remote_flowid,
+        "serval_connection": stream.connection,
+        "ssl_object": stream._ssl_object,
+        "peer_identity": stream.peer,
+    }
+    return ByteStreamTransport(stream, protocol, extra)
 
 
 class ServalServer(asyncio.AbstractServer):
@@ -212,7 +244,7 @@ class ServalServer(asyncio.AbstractServer):
         async for stream in self._listener:
             reader = asyncio.StreamReader(limit=self._limit, loop=loop)
             protocol = asyncio.StreamReaderProtocol(reader, self._callback, loop=loop)
-            ServalTransport(self._host, stream.connection, protocol)
+            _transport_for(self._host, stream, protocol)
 
     def close(self) -> None:
         if self._task is not None:
@@ -248,7 +280,14 @@ async def start_server_on(
     *,
     backlog: int = 128,
     limit: int = 2**16,
+    key: ServiceKey | None = None,
+    secure: bool = False,
+    delegation: Delegation | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> ServalServer:
-    """``asyncio.start_server`` for ``service`` on ``host``."""
-    listener = await host.listen(service, backlog)
+    """``asyncio.start_server`` for ``service`` on ``host`` (``key``, ``secure``,
+    ``delegation`` and ``ssl_context`` as for :meth:`Host.listen`)."""
+    listener = await host.listen(
+        service, backlog, key=key, secure=secure, delegation=delegation, ssl_context=ssl_context
+    )
     return ServalServer(host, listener, callback, limit)

@@ -88,15 +88,24 @@ class ServalStream(anyio.abc.ByteStream):
         self._check()
         await self._host.add_path(self._conn, local_address, remote_address, timeout)
 
-    async def migrate(self, local_address: str | Address, *, timeout: float = 10.0) -> None:
-        """Move this connection to another of the host's interfaces (``"IP:PORT"``).
+    async def migrate(
+        self,
+        local_address: str | Address,
+        *,
+        timeout: float = 10.0,
+        remote: str | Address | None = None,
+    ) -> None:
+        """Move this connection to another of the host's interfaces (``"IP:PORT"`` or
+        ``"[IPv6]:PORT"``).
 
         Returns once the peer confirmed the move (RSYN exchange); raises
         :class:`ServalMigrationError` if it cannot start or is not confirmed in time. Data
-        in flight is sent again on the new path; nothing is lost or duplicated.
+        in flight is sent again on the new path; nothing is lost or duplicated. A move to
+        the other IP family also needs the peer's address in that family: ``remote``, or
+        one the peer advertised (multipath ADD_ADDR).
         """
         self._check()
-        await self._host.migrate(self._conn, local_address, timeout)
+        await self._host.migrate(self._conn, local_address, timeout, remote)
 
     # -- anyio.abc.ByteStream -----------------------------------------------------------
     def _check(self) -> None:

@@ -1,4 +1,10 @@
-"""One UDP socket of a host (an "interface"), driven by the asyncio event loop (Linux, IPv4).
+"""One UDP socket of a host (an "interface"), driven by the asyncio event loop (Linux).
+
+An endpoint is IPv4 or IPv6 by its local address (``"::1"`` opens an IPv6 socket). An IPv6
+socket is IPv6 only (``IPV6_V6ONLY``): a dual-stack host opens one interface per family,
+so an IPv4 peer never appears as an IPv4-mapped IPv6 address. Remote addresses are always
+``(ip, port)`` pairs: the flow label and scope of IPv6 socket addresses are dropped on
+receive (a link-local peer keeps its zone in the IP text, as the kernel writes it).
 
 Serval packets travel encapsulated in UDP. :class:`UdpEndpoint` is the lowest runtime piece:
 it owns one non-blocking socket, reads *batches* of datagrams per wake-up and sends batches
@@ -19,7 +25,8 @@ of them and the receiver sees the same datagrams as with one ``sendto`` each.
 
 Errors: an ICMP error or any other failed ``recv``/``send`` never escapes into the event
 loop; it is counted in :attr:`UdpEndpoint.errors`. With ``on_icmp_error`` the endpoint also
-asks the kernel for the ICMP errors of an unconnected socket (``IP_RECVERR``) and reports
+asks the kernel for the ICMP errors of an unconnected socket (``IP_RECVERR``, or
+``IPV6_RECVERR`` for ICMPv6) and reports
 which remote each one was about.
 
 Measured on CPython 3.11 (loopback): ``recvfrom(65536)`` per datagram is cheaper than
@@ -54,7 +61,7 @@ __all__ = [
 ]
 
 Address = tuple[str, int]
-"""An IPv4 socket address: (dotted quad, port)."""
+"""A socket address: (IP text, port); IPv6 text as the kernel writes it."""
 
 DatagramHandler = Callable[[list[tuple[bytes, Address]]], None]
 """Receives one batch of ``(payload, source address)`` pairs per socket wake-up.
@@ -71,7 +78,8 @@ DEFAULT_SEND_QUEUE: Final = 4096
 GSO_MAX_SEGMENTS: Final = 64
 """Datagrams per GSO call: the kernel's UDP_MAX_SEGMENTS on older kernels (newer allow 128)."""
 GSO_MAX_BYTES: Final = 65000
-"""Payload bytes per GSO call: the whole super-datagram must fit one IPv4 packet length."""
+"""Payload bytes per GSO call: the whole super-datagram must fit one IP packet length
+(IPv4's 65,535 with its header; IPv6's payload length field counts the UDP header too)."""
 
 # Linux values; the socket module of Python 3.11 does not export them.
 _UDP_SEGMENT: Final = 103
@@ -79,6 +87,8 @@ _UDP_GRO: Final = 104
 _SO_SNDBUFFORCE: Final = 32
 _SO_RCVBUFFORCE: Final = 33
 _IP_RECVERR: Final = 11
+_IPV6_RECVERR: Final = 25
+_SO_EE_ORIGIN_ICMP6: Final = 3
 _SO_EE_ORIGIN_ICMP: Final = 2
 
 # The largest IPv4 UDP payload is 65,507 bytes; a GRO read returns at most one IP packet's
@@ -140,11 +150,16 @@ def _set_buffer(sock: socket.socket, force: int, plain: int, size: int) -> None:
 
 
 def _make_socket(local: Address, reuse_port: bool, rcvbuf: int, sndbuf: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    v6 = ":" in local[0]
+    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
-        # Ad hoc discovery sends unresolved SYNs to a broadcast address.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        if v6:
+            # One family per socket: an IPv4 peer reaches the host's IPv4 interface.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        else:
+            # Ad hoc discovery sends unresolved SYNs to a broadcast address (IPv4 only).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if rcvbuf > 0:
@@ -185,6 +200,7 @@ class UdpEndpoint:
         "_queue_limit",
         "_reading",
         "_sock",
+        "_v6",
         "_want_gro",
         "_want_gso",
         "_writing",
@@ -227,6 +243,7 @@ class UdpEndpoint:
         self._want_gro = gro
         self._gso = False
         self._gro = False
+        self._v6 = False
         self._gso_max_segment = GSO_MAX_BYTES
         self._max_batch = max_batch
         self._queue: deque[tuple[bytes, Address]] = deque()
@@ -287,10 +304,14 @@ class UdpEndpoint:
         # a probe that costs no datagram.
         self._gso = self._want_gso and _probe_option(sock, _UDP_SEGMENT, 0)
         self._gro = self._want_gro and _probe_option(sock, _UDP_GRO, 1)
+        self._v6 = sock.family == socket.AF_INET6
         if self._on_icmp_error is not None:
-            sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+            if self._v6:
+                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
         self._sock = sock
-        self.address = sock.getsockname()
+        self.address = sock.getsockname()[:2]
         self._loop.add_reader(sock.fileno(), self._on_readable)
         self._reading = True
 
@@ -366,6 +387,9 @@ class UdpEndpoint:
             # that reported one, means they are waiting.
             self._drain_error_queue(sock)
         if batch:
+            if self._v6:
+                # (host, port, flowinfo, scope_id) -> (host, port): one address form.
+                batch = [(data, addr[:2]) for data, addr in batch]
             stats = self.stats
             stats.datagrams_received += len(batch)
             stats.bytes_received += nbytes
@@ -441,16 +465,19 @@ class UdpEndpoint:
                 # EAGAIN: the queue is empty (anything else: nothing more to learn here).
                 return
             for level, kind, value in ancdata:
-                if level != socket.IPPROTO_IP or kind != _IP_RECVERR:
+                if (level, kind) not in (
+                    (socket.IPPROTO_IP, _IP_RECVERR),
+                    (socket.IPPROTO_IPV6, _IPV6_RECVERR),
+                ):
                     continue
                 if len(value) < _SOCK_EXTENDED_ERR.size:
                     continue
                 err, origin = _SOCK_EXTENDED_ERR.unpack_from(value)[:2]
                 name = errno.errorcode.get(err, str(err))
-                prefix = "icmp:" if origin == _SO_EE_ORIGIN_ICMP else "local:"
-                self.errors[prefix + name] += 1
+                icmp = origin in (_SO_EE_ORIGIN_ICMP, _SO_EE_ORIGIN_ICMP6)
+                self.errors[("icmp:" if icmp else "local:") + name] += 1
                 if handler is not None and isinstance(addr, tuple):
-                    handler(addr, err)
+                    handler(addr[:2], err)
 
     # -- send ----------------------------------------------------------------------------
 

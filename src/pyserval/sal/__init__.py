@@ -7,6 +7,7 @@ from .checksum import internet_checksum, transport_checksum
 from .errors import MalformedPacket, Reason
 from .extensions import (
     AddAddrExt,
+    Address6Ext,
     AddressExt,
     ControlExt,
     ControlFlags,
@@ -17,6 +18,7 @@ from .extensions import (
     MpCapableExt,
     PadExt,
     ServiceExt,
+    Source6Ext,
     SourceExt,
     SourcePortsExt,
     UnknownExt,
@@ -39,6 +41,7 @@ __all__ = [
     "PROTO_TCP",
     "PROTO_UDP",
     "Action",
+    "Address6Ext",
     "AddressExt",
     "ControlExt",
     "ControlFlags",
@@ -57,6 +60,7 @@ __all__ = [
     "ServiceExt",
     "ServiceTable",
     "ServiceTableFull",
+    "Source6Ext",
     "SourceExt",
     "SourcePortsExt",
     "MpCapableExt",

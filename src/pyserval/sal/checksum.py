@@ -1,4 +1,4 @@
-"""The Internet checksum (RFC 1071) and the IPv4 pseudo-header sums.
+"""The Internet checksum (RFC 1071) and the pseudo-header sums (IPv4, and IPv6 per RFC 8200 8.1).
 
 The ones'-complement sum of 16-bit big-endian words is congruent, modulo 0xFFFF, to the
 buffer read as one big integer (because 0x10000 = 1 mod 0xFFFF). ``int.from_bytes`` and one
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import socket
 from typing import Final
+
+from .inet import packed_ip16
 
 __all__ = [
     "internet_checksum",
@@ -60,8 +62,21 @@ def ipv4_bytes(address: str | bytes) -> bytes:
     return socket.inet_aton(address)
 
 
+def _is_v6(address: str | bytes) -> bool:
+    return len(address) == 16 if isinstance(address, bytes) else ":" in address
+
+
 def pseudo_header_sum(src: str | bytes, dst: str | bytes, protocol: int, length: int) -> int:
-    """Partial sum of the IPv4 pseudo-header (source, destination, 0, protocol, length)."""
+    """Partial sum of the pseudo-header: IPv4's (source, destination, 0, protocol, length)
+    when both addresses are IPv4, else IPv6's (RFC 8200 8.1: source, destination, 32-bit
+    length, three zero bytes, next header), an IPv4 one written IPv4-mapped."""
+    if _is_v6(src) or _is_v6(dst):
+        return words_sum(
+            packed_ip16(src)
+            + packed_ip16(dst)
+            + length.to_bytes(4, "big")
+            + bytes((0, 0, 0, protocol))
+        )
     return words_sum(
         ipv4_bytes(src) + ipv4_bytes(dst) + bytes((0, protocol)) + length.to_bytes(2, "big")
     )

@@ -25,6 +25,7 @@ class Reason(enum.StrEnum):
     SOURCE_LENGTH = "source_length"
     SOURCE_PORTS_LENGTH = "source_ports_length"
     MULTIPATH_LENGTH = "multipath_length"
+    IP6_LENGTH = "ip6_length"
     TCP_TRUNCATED = "tcp_truncated"
     TCP_DATA_OFFSET = "tcp_data_offset"
     TCP_OPTION = "tcp_option"

@@ -3,6 +3,12 @@
 Each extension but PAD starts with two bytes: the type in the high nibble of byte 0 (low
 nibble reserved, zero) and the total length in bytes. PAD is a single zero byte. Decoders
 here are given a view of exactly one extension and raise :class:`MalformedPacket` only.
+
+The reference's address-carrying extensions (ADDRESS, SOURCE) hold IPv4 only. pyserval's
+type 15 (IP6) carries the IPv6 forms, one kind per third byte: SOURCE6 (a forwarding path
+with ports), ADD_ADDR6 and ADDRESS6. One type number for all three, the last of the nibble,
+keeps 10-14 free for later. An IPv4-only exchange never contains it, so its bytes are what
+they were before IPv6 support.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import ClassVar, Final
 
 from ..naming.service_id import ServiceID
 from .errors import MalformedPacket, Reason
+from .inet import packed_ip16, unpack_ip16
 
 __all__ = [
     "AddressExt",
@@ -30,6 +37,10 @@ __all__ = [
     "JoinExt",
     "AddAddrExt",
     "UnknownExt",
+    "Address6Ext",
+    "Source6Ext",
+    "Ip6Kind",
+    "decode_ip6",
     "MAX_EXTENSIONS",
     "NONCE_BYTES",
 ]
@@ -38,6 +49,9 @@ MAX_EXTENSIONS: Final = 10
 NONCE_BYTES: Final = 8
 SOURCE_MIN: Final = 2
 SOURCE_MAX: Final = 20
+SOURCE6_MAX: Final = 13
+"""Most hops in SOURCE6: 4 + 18 * 13 bytes (padded to 240) fit the one-byte length."""
+ADDRESS6_MAX: Final = 15
 
 
 class ExtType(enum.IntEnum):
@@ -53,6 +67,15 @@ class ExtType(enum.IntEnum):
     DSS = 7  # pyserval's own, multipath: data sequence number and data ACK
     JOIN = 8  # pyserval's own, multipath: a new subflow of an existing connection
     ADD_ADDR = 9  # pyserval's own, multipath: another address of the sender
+    IP6 = 15  # pyserval's own: IPv6 forms of SOURCE, ADD_ADDR and ADDRESS (see Ip6Kind)
+
+
+class Ip6Kind(enum.IntEnum):
+    """Third byte of an IP6 extension (type 15): which IPv6 form it carries."""
+
+    SOURCE6 = 1
+    ADD_ADDR6 = 2
+    ADDRESS6 = 3
 
 
 class ControlFlags:
@@ -91,6 +114,13 @@ def _ip_bytes(addresses: tuple[str, ...]) -> bytes:
         return b"".join(socket.inet_aton(a) for a in addresses)
     except OSError as exc:
         raise ValueError(f"bad IPv4 address in {addresses!r}") from exc
+
+
+def _ip16_bytes(addresses: tuple[str, ...]) -> bytes:
+    try:
+        return b"".join(packed_ip16(a) for a in addresses)
+    except ValueError as exc:
+        raise ValueError(f"bad IP address in {addresses!r}") from exc
 
 
 class Extension:
@@ -389,7 +419,12 @@ class JoinExt(Extension):
 
 
 class AddAddrExt(Extension):
-    """ADD_ADDR (type 9): head, UDP port u16, IPv4 address (8 bytes)."""
+    """ADD_ADDR: another (IP, UDP port) of the sender, of either family.
+
+    IPv4 travels as type 9 (8 bytes: head, UDP port u16, IPv4 address); IPv6 as the IP6
+    extension's ADD_ADDR6 form (24 bytes: head, kind 2, reserved u8, UDP port u16,
+    reserved u16, IPv6 address). Both decode to this class, so a receiver handles one.
+    """
 
     __slots__ = ("address",)
     type = ExtType.ADD_ADDR
@@ -406,10 +441,126 @@ class AddAddrExt(Extension):
 
     def encode(self) -> bytes:
         ip, port = self.address
+        if ":" in ip:
+            head = bytes((ExtType.IP6 << 4, 24, Ip6Kind.ADD_ADDR6, 0))
+            return head + port.to_bytes(2, "big") + bytes(2) + _ip16_bytes((ip,))
         return bytes((ExtType.ADD_ADDR << 4, 8)) + port.to_bytes(2, "big") + _ip_bytes((ip,))
 
     def __repr__(self) -> str:
-        return f"AddAddrExt({self.address[0]}:{self.address[1]})"
+        ip, port = self.address
+        return f"AddAddrExt([{ip}]:{port})" if ":" in ip else f"AddAddrExt({ip}:{port})"
+
+
+class Source6Ext(Extension):
+    """SOURCE6 (type 15, kind 1): the path a forwarded packet took when any hop is IPv6.
+
+    Head, kind 1, count u8 (2..13), then ``count`` entries of a 16-byte address (an IPv4
+    hop IPv4-mapped) and its UDP port u16, original source first, zero-padded to a whole
+    word. It replaces SOURCE + SOURCE_PORTS in such a packet (an IPv4-only path keeps them).
+    """
+
+    __slots__ = ("path",)
+    type = ExtType.IP6
+
+    def __init__(self, path: tuple[tuple[str, int], ...]) -> None:
+        self.path = tuple(path)
+
+    @classmethod
+    def decode(cls, data: memoryview) -> Source6Ext:
+        n = len(data)
+        count = data[3] if n >= 4 else -1
+        if not SOURCE_MIN <= count <= SOURCE6_MAX or n != _source6_length(count):
+            raise MalformedPacket(
+                Reason.IP6_LENGTH, f"SOURCE6 of {n} bytes does not hold 2..13 whole entries"
+            )
+        end = 4 + 18 * count
+        if any(data[end:n]):
+            raise MalformedPacket(Reason.EXTENSION_RESERVED, "SOURCE6 padding is not zero")
+        path = tuple(
+            (unpack_ip16(data[i : i + 16]), (data[i + 16] << 8) | data[i + 17])
+            for i in range(4, end, 18)
+        )
+        return cls(path)
+
+    def encode(self) -> bytes:
+        count = len(self.path)
+        if not SOURCE_MIN <= count <= SOURCE6_MAX:
+            raise ValueError(f"SOURCE6 holds 2..13 hops, got {count}")
+        length = _source6_length(count)
+        body = b"".join(_ip16_bytes((ip,)) + port.to_bytes(2, "big") for ip, port in self.path)
+        head = bytes((ExtType.IP6 << 4, length, Ip6Kind.SOURCE6, count))
+        return head + body.ljust(length - 4, b"\0")
+
+    def __repr__(self) -> str:
+        return f"Source6Ext({self.path})"
+
+
+def _source6_length(count: int) -> int:
+    return 4 + (18 * count + 3) // 4 * 4
+
+
+class Address6Ext(Extension):
+    """ADDRESS6 (type 15, kind 3): ADDRESS with IPv6 addresses (12 + 16n bytes, n <= 15).
+
+    Head, kind 3, reserved u8, verno u32, ackno u32, n 16-byte addresses. Like the
+    reference's ADDRESS it is parsed and not acted on.
+    """
+
+    __slots__ = ("verno", "ackno", "addresses")
+    type = ExtType.IP6
+
+    def __init__(self, verno: int, ackno: int, addresses: tuple[str, ...] = ()) -> None:
+        self.verno = verno
+        self.ackno = ackno
+        self.addresses = tuple(addresses)
+
+    @classmethod
+    def decode(cls, data: memoryview) -> Address6Ext:
+        n = len(data)
+        if n < 12 or (n - 12) % 16:
+            raise MalformedPacket(Reason.IP6_LENGTH, f"ADDRESS6 of {n} bytes is not 12 + 16n")
+        if data[3]:
+            raise MalformedPacket(Reason.EXTENSION_RESERVED, "ADDRESS6 reserved byte set")
+        verno, ackno = struct.unpack_from("!II", data, 4)
+        return cls(verno, ackno, tuple(unpack_ip16(data[i : i + 16]) for i in range(12, n, 16)))
+
+    def encode(self) -> bytes:
+        if len(self.addresses) > ADDRESS6_MAX:
+            raise ValueError("too many addresses for one ADDRESS6 extension")
+        body = _ip16_bytes(self.addresses)
+        head = bytes((ExtType.IP6 << 4, 12 + len(body), Ip6Kind.ADDRESS6, 0))
+        return head + struct.pack("!II", self.verno, self.ackno) + body
+
+    def __repr__(self) -> str:
+        return f"Address6Ext(verno={self.verno:#x}, ackno={self.ackno:#x}, {self.addresses})"
+
+
+def _decode_add_addr6(data: memoryview) -> AddAddrExt:
+    if len(data) != 24:
+        raise MalformedPacket(Reason.IP6_LENGTH, f"ADD_ADDR6 of {len(data)} bytes, not 24")
+    if data[3] or data[6] or data[7]:
+        raise MalformedPacket(Reason.EXTENSION_RESERVED, "ADD_ADDR6 reserved bytes set")
+    ip = unpack_ip16(data[8:24])
+    if ":" not in ip:
+        # An IPv4 address goes in ADD_ADDR (type 9): one form per address keeps the
+        # encoding unique.
+        raise MalformedPacket(Reason.IP6_LENGTH, "ADD_ADDR6 holds an IPv4-mapped address")
+    return AddAddrExt((ip, (data[4] << 8) | data[5]))
+
+
+def decode_ip6(data: memoryview) -> Extension:
+    """An IP6 extension (type 15) by its kind byte; an unknown kind is kept whole (a later
+    version's form, ignored here as any unknown extension is)."""
+    if len(data) < 4:
+        raise MalformedPacket(Reason.IP6_LENGTH, f"IP6 extension of {len(data)} bytes")
+    kind = data[2]
+    if kind == Ip6Kind.SOURCE6:
+        return Source6Ext.decode(data)
+    if kind == Ip6Kind.ADD_ADDR6:
+        return _decode_add_addr6(data)
+    if kind == Ip6Kind.ADDRESS6:
+        return Address6Ext.decode(data)
+    return UnknownExt(ExtType.IP6, bytes(data))
 
 
 _DSS: Final = struct.Struct("!BBQQ")

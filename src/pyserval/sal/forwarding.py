@@ -9,6 +9,10 @@ the path longer than SOURCE can hold.
 
 Only the SAL header is rebuilt: the transport header and payload are copied unchanged, so
 the forwarded bytes are what the original sender wrote apart from the path.
+
+A path with any IPv6 hop (the sender, a forwarder, or the next hop) is written as
+pyserval's SOURCE6 instead (addresses and ports in one extension, at most 13 hops); an
+IPv4-only path keeps the reference's SOURCE and the bytes it always had.
 """
 
 from __future__ import annotations
@@ -18,7 +22,16 @@ import struct
 from typing import Final
 
 from .checksum import BytesLike
-from .extensions import SOURCE_MAX, ExtType, PadExt, SourceExt, SourcePortsExt
+from .extensions import (
+    SOURCE6_MAX,
+    SOURCE_MAX,
+    ExtType,
+    PadExt,
+    Source6Ext,
+    SourceExt,
+    SourcePortsExt,
+)
+from .inet import WILDCARDS
 from .packet import SalPacket
 
 __all__ = [
@@ -38,8 +51,9 @@ _BASE: Final = struct.Struct("!4xIBBH")  # dst_flowid, shl, protocol, check
 _PORTS: Final = struct.Struct("!BBBBHH")
 _SOURCE_HEAD: Final = bytes((ExtType.SOURCE << 4, 12, 0, 0))
 _ADDED_WORDS: Final = 5  # SOURCE with two addresses (12 bytes) + SOURCE_PORTS with two (8)
+_ADDED_WORDS6: Final = 10  # SOURCE6 with two hops (40 bytes)
 _SYN, _ACK = 0x80, 0x20  # CONTROL flags as plain ints (IntFlag operators are slow)
-_suffix_cache: dict[tuple[Address, Address], tuple[bytes, int]] = {}
+_suffix_cache: dict[tuple[Address, Address, bool], tuple[bytes, int, int]] = {}
 
 
 class ForwardRefused(Exception):
@@ -56,25 +70,31 @@ def forward_packet(
     """The bytes to send to ``next_hop`` for ``pkt`` (decoded from ``data``).
 
     ``came_from`` is the address the packet arrived from, ``me`` the local address it
-    arrived on. Raises :class:`ForwardRefused` ("loop", "path_too_long", "not_ipv4").
+    arrived on. Raises :class:`ForwardRefused` ("loop", "path_too_long", "bad_address").
     """
     path = pkt.source_path()
     if path is None:
         path = [came_from]
     # A forwarder bound to the wildcard address cannot name itself: it is recorded as it
     # is, but never compared (two such routers would look like one).
-    if next_hop in path or (me[0] != "0.0.0.0" and me in path):
+    if next_hop in path or (me[0] not in WILDCARDS and me in path):
         raise ForwardRefused("loop", f"{next_hop[0]}:{next_hop[1]} already on the path")
-    if len(path) + 1 > SOURCE_MAX:
-        raise ForwardRefused("path_too_long", f"{len(path)} hops")
     path.append(me)
-    kept = [e for e in pkt.extensions if type(e) not in (SourceExt, SourcePortsExt, PadExt)]
-    kept.append(SourceExt(tuple(ip for ip, _ in path)))
-    kept.append(SourcePortsExt(tuple(port for _, port in path)))
+    # The next hop is not written down, but an IPv6 one means the path leaves IPv4.
+    v6 = any(":" in ip for ip, _ in path) or ":" in next_hop[0]
+    if len(path) > (SOURCE6_MAX if v6 else SOURCE_MAX):
+        raise ForwardRefused("path_too_long", f"{len(path) - 1} hops")
+    drop = (SourceExt, SourcePortsExt, Source6Ext, PadExt)
+    kept = [e for e in pkt.extensions if type(e) not in drop]
+    if v6:
+        kept.append(Source6Ext(tuple(path)))
+    else:
+        kept.append(SourceExt(tuple(ip for ip, _ in path)))
+        kept.append(SourcePortsExt(tuple(port for _, port in path)))
     try:
         header = SalPacket(pkt.src_flowid, pkt.dst_flowid, pkt.protocol, kept).encode()
-    except ValueError as exc:  # an IPv6 or otherwise unencodable address on the path
-        raise ForwardRefused("not_ipv4", str(exc)) from None
+    except ValueError as exc:  # an unencodable address on the path (a name, a bad text)
+        raise ForwardRefused("bad_address", str(exc)) from None
     view = memoryview(data)
     return header + bytes(view[view[8] * 4 :])
 
@@ -93,7 +113,7 @@ def scan_for_forwarding(data: bytes) -> tuple[int, int, int] | None:
         return None
     dst, shl, protocol, _ = _BASE.unpack_from(data)
     hlen = shl * 4
-    if dst or hlen <= 12 or hlen > n or shl > 255 - _ADDED_WORDS:
+    if dst or hlen <= 12 or hlen > n or shl > 255 - _ADDED_WORDS6:
         return None
     check = int.from_bytes(data[:hlen], "big")
     if not check or check % 0xFFFF:
@@ -138,8 +158,8 @@ def _scan_extensions(data: bytes, hlen: int, protocol: int) -> tuple[int, int, i
                 return None
             if service < 0:
                 service = int.from_bytes(data[i + 4 : i + 36], "big")
-        elif ext_type == ExtType.SOURCE or ext_type == ExtType.SOURCE_PORTS:
-            return None  # a later hop: the general path extends the list
+        elif ext_type in (ExtType.SOURCE, ExtType.SOURCE_PORTS, ExtType.IP6):
+            return None  # a later hop (or an IPv6 form): the general path handles it
         i += length
     if service < 0 or count > 8:
         return None
@@ -150,36 +170,48 @@ def _scan_extensions(data: bytes, hlen: int, protocol: int) -> tuple[int, int, i
     return (FAST_DATAGRAM, service, hlen) if protocol == 17 else None
 
 
-def _path_suffix(came_from: Address, me: Address) -> tuple[bytes, int]:
-    """SOURCE ``[came_from, me]`` + SOURCE_PORTS, and what they add to the header's
-    ones'-complement sum (with the shl change); cached per address pair."""
-    key = (came_from, me)
+def _path_suffix(came_from: Address, me: Address, next_hop: Address) -> tuple[bytes, int, int]:
+    """SOURCE ``[came_from, me]`` + SOURCE_PORTS (SOURCE6 when a hop is IPv6), what they
+    add to the header's ones'-complement sum (with the shl change), and the words added;
+    cached per address triple."""
+    key = (came_from, me, ":" in next_hop[0])
     hit = _suffix_cache.get(key)
     if hit is None:
-        suffix = (
-            _SOURCE_HEAD
-            + socket.inet_aton(came_from[0])  # OSError for IPv6 or names
-            + socket.inet_aton(me[0])
-            + _PORTS.pack(ExtType.SOURCE_PORTS << 4, 8, 2, 0, came_from[1], me[1])
-        )
-        added = (_ADDED_WORDS << 8) + sum(
+        if key[2] or ":" in came_from[0] or ":" in me[0]:
+            try:
+                suffix = Source6Ext((came_from, me)).encode()
+            except ValueError as exc:
+                raise OSError(str(exc)) from None
+            words = _ADDED_WORDS6
+        else:
+            suffix = (
+                _SOURCE_HEAD
+                + socket.inet_aton(came_from[0])  # OSError for names
+                + socket.inet_aton(me[0])
+                + _PORTS.pack(ExtType.SOURCE_PORTS << 4, 8, 2, 0, came_from[1], me[1])
+            )
+            words = _ADDED_WORDS
+        added = (words << 8) + sum(
             int.from_bytes(suffix[i : i + 2], "big") for i in range(0, len(suffix), 2)
         )
-        hit = (suffix, added)
+        hit = (suffix, added, words)
         if len(_suffix_cache) >= 4096:
             _suffix_cache.clear()  # many clients: start again rather than grow
         _suffix_cache[key] = hit
     return hit
 
 
-def first_hop_bytes(data: bytes, hlen: int, came_from: Address, me: Address) -> bytes:
+def first_hop_bytes(
+    data: bytes, hlen: int, came_from: Address, me: Address, next_hop: Address | None = None
+) -> bytes:
     """``data`` (a packet :func:`scan_for_forwarding` accepted) with SOURCE
-    ``[came_from, me]`` and SOURCE_PORTS appended to its SAL header.
+    ``[came_from, me]`` and SOURCE_PORTS appended to its SAL header (SOURCE6 instead when
+    ``came_from``, ``me`` or ``next_hop`` is IPv6).
 
     The checksum is updated incrementally (RFC 1624): the old header's sum, plus the shl
-    change, plus the appended words. Raises OSError when an address is not IPv4 text.
+    change, plus the appended words. Raises OSError when an address is not IP text.
     """
-    suffix, added = _path_suffix(came_from, me)
+    suffix, added, words = _path_suffix(came_from, me, next_hop or came_from)
     old = (data[10] << 8) | data[11]
     total = (0xFFFF - old) + added
     total = (total & 0xFFFF) + (total >> 16)
@@ -188,7 +220,7 @@ def first_hop_bytes(data: bytes, hlen: int, came_from: Address, me: Address) -> 
     return b"".join(
         (
             data[:8],
-            bytes((data[8] + _ADDED_WORDS, data[9], check >> 8, check & 0xFF)),
+            bytes((data[8] + words, data[9], check >> 8, check & 0xFF)),
             data[12:hlen],
             suffix,
             data[hlen:],

@@ -25,9 +25,11 @@ from .extensions import (
     MpCapableExt,
     PadExt,
     ServiceExt,
+    Source6Ext,
     SourceExt,
     SourcePortsExt,
     UnknownExt,
+    decode_ip6,
 )
 from .transport_headers import PROTO_TCP, PROTO_UDP, TcpHeader, UdpHeader
 
@@ -50,6 +52,7 @@ _EXT_DECODERS: Final[dict[int, Callable[[memoryview], Extension]]] = {
     ExtType.DSS: DssExt.decode,
     ExtType.JOIN: JoinExt.decode,
     ExtType.ADD_ADDR: AddAddrExt.decode,
+    ExtType.IP6: decode_ip6,
 }
 
 Transport = TcpHeader | UdpHeader
@@ -128,9 +131,13 @@ class SalPacket:
 
     def source_path(self) -> list[tuple[str, int]] | None:
         """The (IP, UDP port) path of a forwarded packet, original source first; ports a
-        peer did not send (a reference forwarder) are the reference client port 54324."""
+        peer did not send (a reference forwarder) are the reference client port 54324.
+        A path with IPv6 hops comes from SOURCE6 (which a forwarder writes instead)."""
         source = self.source
         if source is None:
+            for e in self.extensions:
+                if type(e) is Source6Ext:
+                    return list(e.path)
             return None
         ports_ext = self.source_ports
         ports: tuple[int, ...] = ports_ext.ports if ports_ext is not None else ()
@@ -172,7 +179,8 @@ class SalPacket:
 
     def encode(self, src_ip: str | bytes | None = None, dst_ip: str | bytes | None = None) -> bytes:
         """Wire bytes. With ``src_ip`` and ``dst_ip`` the transport checksum is (re)computed
-        over the IPv4 pseudo-header, as the reference does; otherwise the stored one is used.
+        over the IPv4 pseudo-header, as the reference does (IPv6 addresses: the IPv6
+        pseudo-header); otherwise the stored one is used.
         """
         header = bytearray(self._sal_header(0))
         check = internet_checksum(header)
@@ -190,7 +198,7 @@ class SalPacket:
         return b"".join((header, t.encode(), self.payload))
 
     def verify_transport_checksum(self, src_ip: str | bytes, dst_ip: str | bytes) -> bool:
-        """Whether the transport checksum is right for these IPv4 addresses.
+        """Whether the transport checksum is right for these addresses (IPv4 or IPv6).
 
         Over UDP encapsulation a mismatch is not a reason to drop (NATs rewrite addresses).
         """

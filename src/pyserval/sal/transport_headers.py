@@ -215,7 +215,8 @@ class TcpHeader:
         return len(self.encode())
 
     def compute_checksum(self, src_ip: str | bytes, dst_ip: str | bytes, payload: BytesLike) -> int:
-        """The checksum for this header and ``payload`` between these IPv4 addresses."""
+        """The checksum for this header and ``payload`` between these addresses (IPv4 or
+        IPv6 pseudo-header by family)."""
         return transport_checksum(src_ip, dst_ip, PROTO_TCP, self.encode(0), payload)
 
     def verify_checksum(self, src_ip: str | bytes, dst_ip: str | bytes, payload: BytesLike) -> bool:

@@ -27,11 +27,14 @@ network's ``default_link``.
 from __future__ import annotations
 
 import heapq
+import os
 import random
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Final, NamedTuple, Protocol
+
+from ..tools.pcap import PcapWriter, SimPcapTap
 
 __all__ = [
     "DROP_REASONS",
@@ -367,6 +370,28 @@ class SimNetwork:
     def tap(self, tap: Tap | None) -> None:
         self._tap = tap
         self._observed = self._tracing or tap is not None
+
+    def capture(
+        self, path: str | os.PathLike[str], fates: tuple[str, ...] = ("sent",)
+    ) -> PcapWriter:
+        """Record datagram events in a pcap file at ``path`` (for Wireshark/tshark).
+
+        ``fates`` as in :class:`~pyserval.tools.pcap.SimPcapTap`; any tap already set keeps
+        being called. Close the returned writer (or use ``with``) to finish the file.
+        """
+        writer = PcapWriter(path)
+        pcap_tap = SimPcapTap(writer, fates)
+        previous = self._tap
+        if previous is None:
+            self.tap = pcap_tap
+        else:
+
+            def both(now: float, data: bytes, src: Address, dst: Address, fate: str) -> None:
+                previous(now, data, src, dst, fate)
+                pcap_tap(now, data, src, dst, fate)
+
+            self.tap = both
+        return writer
 
     def idle(self) -> bool:
         """True when no datagram is in flight and no node has a timer armed."""

@@ -35,6 +35,7 @@ from typing import Any
 import anyio
 
 from ..runtime.host import Host
+from ..runtime.secure import SecureStream
 from ..runtime.streams import ServalStream
 from ..transport.connection import ConnectionError_
 from ..transport.events import ConnectionFailed, ConnectionReset, ConnectionTimedOut, Event
@@ -320,7 +321,12 @@ class Relay:
     """
 
     def __init__(
-        self, tcp: TcpPipe, stream: ServalStream, host: Host, *, chunk: int = DEFAULT_CHUNK
+        self,
+        tcp: TcpPipe,
+        stream: ServalStream | SecureStream,
+        host: Host,
+        *,
+        chunk: int = DEFAULT_CHUNK,
     ) -> None:
         self.tcp = tcp
         self.stream = stream

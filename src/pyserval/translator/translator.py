@@ -28,13 +28,17 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import ssl
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..naming.delegation import Delegation
+from ..naming.keys import ServiceKey
 from ..naming.service_id import ServiceID, as_service_id
 from ..runtime.host import Host
+from ..runtime.secure import SecureListener, SecureStream, check_securable
 from ..runtime.streams import ServalConnectError, ServalListener, ServalStream
 from ..transport.config import StreamConfig
 from .relay import DEFAULT_CHUNK, Relay, TcpPipe
@@ -155,6 +159,11 @@ class Translator:
       often a TCP server found down is tried again; ``health_interval`` > 0 also checks it
       that often while it is up (a TCP connect, closed at once), to withdraw before a
       client is turned away.
+    - ``secure``: the Serval hop is TLS 1.3 that proves the serviceID (a self-certifying
+      ID in hex; see :mod:`pyserval.runtime.secure`). Inbound, the translator is the
+      client and checks the proof; outbound it serves with ``key`` (the service key, or an
+      instance key with ``delegation``), or with ``ssl_context`` (either side: your PKI).
+      ``key`` without ``secure`` only signs the outbound registration.
     """
 
     def __init__(
@@ -177,6 +186,10 @@ class Translator:
         probe_interval: float = 0.5,
         health_interval: float = 0.0,
         logger: logging.Logger | None = None,
+        secure: bool = False,
+        key: ServiceKey | None = None,
+        delegation: Delegation | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.source = parse_endpoint(source) if isinstance(source, str) else source
         self.target = parse_endpoint(target) if isinstance(target, str) else target
@@ -189,6 +202,16 @@ class Translator:
                 f"translate tcp:HOST:PORT -> service:NAME or service:NAME -> tcp:HOST:PORT, "
                 f"not {self.source} -> {self.target}"
             )
+        if secure and ssl_context is None:
+            service = self.target if self.direction == "inbound" else self.source
+            assert isinstance(service, ServiceEndpoint)
+            check_securable(service.name)  # a name cannot be proved: say so now
+            if self.direction == "outbound" and key is None:
+                raise ValueError("a secure outbound translator needs key= (or ssl_context=)")
+        self.secure = secure
+        self.key = key
+        self.delegation = delegation
+        self.ssl_context = ssl_context
         if max_connections < 1:
             raise ValueError(f"max_connections must be at least 1: {max_connections}")
         if chunk < 1024:
@@ -216,7 +239,7 @@ class Translator:
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._tcp_address: Address | None = None
-        self._listener: ServalListener | None = None
+        self._listener: ServalListener | SecureListener | None = None
         self._withdrawn = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
         self._started = False
@@ -402,8 +425,11 @@ class Translator:
         assert isinstance(target, ServiceEndpoint)
         try:
             try:
-                stream: ServalStream = await self.host.connect(
-                    target.service_id, timeout=self.connect_timeout
+                stream: ServalStream | SecureStream = await self.host.connect(
+                    target.service_id,
+                    timeout=self.connect_timeout,
+                    secure=self.secure,
+                    ssl_context=self.ssl_context,
                 )
             except (ServalConnectError, RuntimeError) as exc:
                 pipe.reset()
@@ -438,14 +464,20 @@ class Translator:
     async def _listen(self) -> None:
         source = self.source
         assert isinstance(source, ServiceEndpoint)
-        listener: ServalListener = await self.host.listen(
-            source.service_id, weight=self.weight, priority=self.priority
+        listener: ServalListener | SecureListener = await self.host.listen(
+            source.service_id,
+            weight=self.weight,
+            priority=self.priority,
+            key=self.key,
+            secure=self.secure,
+            delegation=self.delegation,
+            ssl_context=self.ssl_context,
         )
         self._listener = listener
         self._withdrawn.clear()
         self._spawn(self._accept(listener))
 
-    async def _accept(self, listener: ServalListener) -> None:
+    async def _accept(self, listener: ServalListener | SecureListener) -> None:
         # Ends once the listener is closed and the streams it had queued are taken.
         async for stream in listener:
             number = next(self._numbers)
@@ -469,7 +501,9 @@ class Translator:
             self.stats.accepted += 1
             self._spawn(self._outbound(session, stream))
 
-    async def _outbound(self, session: TranslatedConnection, stream: ServalStream) -> None:
+    async def _outbound(
+        self, session: TranslatedConnection, stream: ServalStream | SecureStream
+    ) -> None:
         target = self.target
         assert isinstance(target, TcpEndpoint)
         loop = asyncio.get_running_loop()

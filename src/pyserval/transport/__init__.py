@@ -10,6 +10,7 @@ from .congestion import (
     make_congestion_control,
 )
 from .connection import Connection, ConnectionError_, Role, State, Subflow
+from .datagram_flow import DatagramConnection, DatagramTooLarge
 from .events import (
     ConnectionClosed,
     ConnectionEstablished,
@@ -38,6 +39,8 @@ __all__ = [
     "ConnectionTimedOut",
     "Cubic",
     "DataReceived",
+    "DatagramConnection",
+    "DatagramTooLarge",
     "DatagramReceived",
     "Event",
     "FlowMigrated",

@@ -153,6 +153,7 @@ class Subflow:
         self.snd_una = 0
         self.snd_max = 0  # highest offset sent + 1 (FIN counts one)
         self.snd_wnd = cfg.mss  # until the peer tells us
+        self.max_snd_wnd = 0xFFFF  # the largest window the peer offered (RFC 5961 5.2)
         self.snd_wscale = 0
         self.rcv_wscale = cfg.window_scale
         self.mss = cfg.mss
@@ -397,6 +398,9 @@ class Subflow:
             conn.third_ack_pending = conn.role is Role.CLIENT
             conn.ack_now = True
             return
+        if not self._acceptable(tcp, len(payload) + (1 if flags & TcpFlags.FIN else 0)):
+            conn.challenge_ack_due = True  # RFC 5961: ACK it, change nothing
+            return
         conn.last_heard = now
         conn.keepalive_sent = False
         if flags & TcpFlags.ACK:
@@ -407,6 +411,21 @@ class Subflow:
             # An old sequence number: a keepalive or zero-window probe. Answer with an ACK
             # that carries our window (RFC 9293: unacceptable segments are acknowledged).
             conn.ack_now = True
+
+    def _acceptable(self, tcp: TcpHeader, length: int) -> bool:
+        """Whether a segment's numbers are plausible for this flow (RFC 9293 3.10.7.4 and
+        RFC 5961): its sequence range touches what the receive buffer could ever have
+        offered around ``rcv_nxt``, and its ACK lies in [snd_una - max window, snd_max].
+        Anything else is not from the peer as it stands now, and changes nothing."""
+        if tcp.flags & TcpFlags.ACK:
+            ack = unwrap(tcp.ack, self.iss + 1, self.snd_una)
+            if ack > self.snd_max or ack < self.snd_una - self.max_snd_wnd:
+                return False
+        recv = self.conn.recv
+        rcv_nxt = recv.rcv_nxt
+        seq = unwrap(tcp.seq, self.irs + 1, rcv_nxt)
+        cap = recv.capacity
+        return seq < rcv_nxt + cap and seq + length + cap >= rcv_nxt
 
     def _on_tcp_mp(
         self, tcp: TcpHeader, payload: BytesLike, now: float, dss: DssExt | None
@@ -482,6 +501,8 @@ class Subflow:
         window_changed = window != self.snd_wnd
         if ack >= self.snd_una:
             self.snd_wnd = window
+            if window > self.max_snd_wnd:
+                self.max_snd_wnd = window
             if window and self.persist_deadline is not None:
                 self.persist_deadline = None
                 self.persist_backoff = 0
@@ -659,19 +680,26 @@ class Subflow:
         recv = conn.recv
         seq = unwrap(tcp.seq, self.irs + 1, recv.rcv_nxt)
         end = seq + len(payload)
+        # Segments that contradict the peer's FIN (data past it, a FIN elsewhere, a FIN
+        # before data already taken) are not from the peer as we know it: an ACK answers
+        # them (RFC 5961's challenge ACK) and they change nothing. A reset would let anyone
+        # who guesses the flowIDs end the flow.
         if conn.peer_fin_received:
             assert conn.peer_fin_offset is not None
             if end > conn.peer_fin_offset:
-                conn.protocol_violation("data after FIN")
-            conn.ack_now = True  # an old duplicate or retransmitted FIN: our ACK was lost
+                conn.challenge_ack_due = True
+            else:
+                conn.ack_now = True  # an old duplicate or retransmitted FIN: our ACK was lost
             return
         if tcp.flags & TcpFlags.FIN:
-            if conn.peer_fin_offset is not None and conn.peer_fin_offset != end:
-                conn.protocol_violation("FIN moved")
+            if (conn.peer_fin_offset is not None and conn.peer_fin_offset != end) or (
+                end < recv.rcv_nxt
+            ):
+                conn.challenge_ack_due = True
                 return
             conn.peer_fin_offset = end
         if conn.peer_fin_offset is not None and end > conn.peer_fin_offset:
-            conn.protocol_violation("data beyond FIN")
+            conn.challenge_ack_due = True
             return
         in_order = seq == recv.rcv_nxt
         had_holes = recv.out_of_order_bytes > 0
@@ -930,6 +958,7 @@ class Connection:
         self.peer_sal_fin = False
         self.active_close = False
         self.ack_now = False
+        self.challenge_ack_due = False  # an RFC 5961 ACK, if the host's rate limit allows
         self.third_ack_pending = False
         self.unacked_segments = 0
         self.delack_deadline: float | None = None
@@ -1686,7 +1715,10 @@ class Connection:
         if self.third_ack_pending:
             self.third_ack_pending = False
             ext = sf.control.ext(ControlFlags.ACK)
-            out.append(sf.control_packet(ext, [ServiceExt(self.service_id)], sf.ack_header()))
+            # Always at our initial sequence number + 1, even when data went out since: a
+            # server answering with SYN cookies rebuilds our ISN from it.
+            tcp = sf.ack_header(TcpFlags.ACK, 0)
+            out.append(sf.control_packet(ext, [ServiceExt(self.service_id)], tcp))
             self.ack_sent()
         frozen = sf.frozen
         if self.mp is not None:

@@ -25,13 +25,15 @@ came from it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Final
+from dataclasses import dataclass, field
+from typing import Any, Final
 
 __all__ = [
     "AMPLIFICATION_LIMIT",
     "CHALLENGE",
     "CHALLENGE_TRIES",
+    "HELD_BYTES",
+    "HELD_PACKETS",
     "Challenge",
     "MigrationState",
 ]
@@ -59,6 +61,10 @@ class MigrationState:
         return self.own_rsyn or self.awaiting_ack
 
 
+HELD_PACKETS: Final = 32
+HELD_BYTES: Final = 65536  # what a flow keeps from an unverified address, at most
+
+
 @dataclass(slots=True)
 class Challenge:
     """A check that the peer is reachable at ``candidate`` (it was seen there)."""
@@ -70,6 +76,10 @@ class Challenge:
     tries: int = 1
     rx: int = 0  # bytes received from the candidate
     tx: int = 0  # bytes sent to it
+    # Packets from the candidate, held unprocessed until it proves to be the peer (they
+    # change nothing before that), then taken in order: at most HELD_PACKETS of them.
+    held: list[Any] = field(default_factory=list)
+    held_bytes: int = 0
 
     def may_send(self, size: int) -> bool:
         """Anti-amplification: whether ``size`` more bytes may go to the candidate."""
