@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import sys
 
 from ..control import DEFAULT_ROUTER_PORT, Router
 from .common import run_until_signal
@@ -42,6 +44,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="prefix whose IDs must be self-certifying (registrations signed by their key)",
     )
+    parser.add_argument(
+        "--etcd",
+        action="append",
+        default=[],
+        help="etcd member URL(s) (http://IP:PORT, comma-separated or repeated): share the "
+        "registry with the other routers of --cluster (needs pyserval[cluster])",
+    )
+    parser.add_argument("--cluster", help="the cluster's name (its prefix in etcd)")
+    parser.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=3.0,
+        help="seconds after this router dies until the others drop its instances (default 3)",
+    )
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -54,12 +70,26 @@ async def _serve(args: argparse.Namespace) -> None:
         certified_prefixes=args.certified,
         max_nonces=args.max_nonces,
         pcap=args.pcap,
+        etcd=args.etcd or None,
+        cluster=args.cluster,
+        lease_ttl=args.lease_ttl,
     )
     async with router:
         print(f"router listening on {router.address_text}", flush=True)
+        if router.cluster is not None:
+            state = "in sync" if router.cluster.connected else "etcd unreachable, retrying"
+            print(
+                f"cluster {router.cluster.name}: router {router.cluster.router_id}, "
+                f"lease {router.cluster.lease:x}, {state}",
+                flush=True,
+            )
         await asyncio.Event().wait()
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until interrupted."""
+    if bool(args.etcd) != bool(args.cluster):
+        print("pyserval router: --etcd and --cluster go together", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     return run_until_signal(_serve(args))

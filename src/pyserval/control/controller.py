@@ -14,11 +14,17 @@ answers, and says which control messages to send and when it must run next:
 
 :class:`HostServiceController` is the asyncio adapter a :class:`~pyserval.Host` with a
 ``router`` gets: a datagram socket of its own, one timer, and the host's service events.
+A host given several routers (the routers of one cluster) uses the first until it stops
+answering -- the network reports it unreachable, or no ACK came for ``ttl`` seconds while
+registrations were outstanding -- then moves to the next: its registrations are sent there
+at once, and its unresolved SYNs go there from then on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import time
 from collections import Counter
@@ -30,6 +36,7 @@ from ..core.host import DatagramEndpoint
 from ..naming.service_id import ServiceID, ServicePrefix
 from ..runtime.host import Host
 from ..runtime.service_events import ServiceEvent, ServiceEventKind
+from ..sal.service_table import NoSuchEntry, NoSuchRule, Rule
 from ..transport.events import DatagramReceived, Event
 from .messages import (
     CONTROL_SERVICE,
@@ -46,7 +53,10 @@ from .messages import (
 
 __all__ = ["ControllerCore", "HostServiceController"]
 
+log = logging.getLogger("pyserval.controller")
+
 Address = tuple[str, int]
+_DEFAULT_PREFIX: Final = "0" * 64 + "/0"
 _MAX_PENDING: Final = 256  # messages awaiting an answer we still match acks against
 
 
@@ -88,6 +98,8 @@ class ControllerCore:
         self.leaving: dict[ServicePrefix, _Leaving] = {}
         self.stats: Counter[str] = Counter()
         self._refresh_at: float | None = None
+        # When the oldest REGISTER still without any ACK since was sent (router liveness).
+        self.unanswered_since: float | None = None
         self._seq = int.from_bytes(os.urandom(4), "big")
         # seq -> (kind, prefixes in message order): what an ACK answers.
         self._pending: dict[int, tuple[MessageKind, list[ServicePrefix]]] = {}
@@ -122,6 +134,7 @@ class ControllerCore:
         if sent is None:
             self.stats["stale_ack"] += 1
             return
+        self.unanswered_since = None
         kind, prefixes = sent
         for prefix, result in zip(prefixes, msg.results, strict=False):
             if kind is MessageKind.UNREGISTER:
@@ -142,6 +155,8 @@ class ControllerCore:
         if self.services and self._refresh_at is not None and now >= self._refresh_at:
             self._refresh_at = now + self.interval
             out += self._messages(MessageKind.REGISTER, list(self.services.values()), wall)
+            if self.unanswered_since is None:
+                self.unanswered_since = now
         elif not self.services:
             self._refresh_at = None
         due = [leave for leave in self.leaving.values() if leave.due <= now]
@@ -188,6 +203,22 @@ class ControllerCore:
             self.stats[f"sent_{kind.name.lower()}"] += 1
         return out
 
+    def router_silent(self, now: float) -> bool:
+        """Whether the router left our registrations unanswered for ``ttl`` seconds."""
+        since = self.unanswered_since
+        return since is not None and now - since >= self.ttl
+
+    def switch_router(self, now: float) -> None:
+        """We talk to another router now: forget what the old one said, register at once."""
+        self._pending.clear()
+        self.accepted.clear()
+        self.refused.clear()
+        self.unanswered_since = None
+        self._refresh_at = now
+        for leave in self.leaving.values():
+            leave.due, leave.tries = now, 0
+        self.stats["router_switches"] += 1
+
     def next_deadline(self) -> float | None:
         """When :meth:`poll` must run next."""
         times = [leave.due for leave in self.leaving.values()]
@@ -202,6 +233,9 @@ class HostServiceController:
     def __init__(self, host: Host, router: Address) -> None:
         self.host = host
         self.router = router
+        self.routers = host.config.routers or [router]
+        if router not in self.routers:
+            self.routers.insert(0, router)
         self.core = ControllerCore(ttl=host.config.registration_ttl)
         self._endpoint: DatagramEndpoint | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -220,7 +254,28 @@ class HostServiceController:
         )
         host.watch(self._endpoint.flowid, self._on_event)
         self._unsubscribe = host.subscribe(self._on_service_event)
+        if len(self.routers) > 1:
+            host.add_unreachable_hook(self._on_unreachable)
         self.pump()
+
+    def _on_unreachable(self, address: Address) -> None:
+        if address == self.router and not self._closed:
+            self.switch_router("unreachable")
+            self.pump()
+
+    def switch_router(self, why: str) -> None:
+        """Move to the next router of the list (its registrations are sent there at once)."""
+        old = self.router
+        new = self.routers[(self.routers.index(old) + 1) % len(self.routers)]
+        if new == old:
+            return
+        table = self.host.service_table
+        table.add(_DEFAULT_PREFIX, Rule.forward(new, priority=-1))
+        with contextlib.suppress(NoSuchEntry, NoSuchRule):
+            table.remove(_DEFAULT_PREFIX, Rule.forward(old, priority=-1))
+        self.router = new
+        self.core.switch_router(self._now())
+        log.warning("router %s:%d %s: moving to %s:%d", *old, why, *new)
 
     def _on_service_event(self, event: ServiceEvent) -> None:
         self.core.on_service_event(event, self._now())
@@ -243,6 +298,8 @@ class HostServiceController:
         core = host.core
         if core is None:
             return
+        if len(self.routers) > 1 and self.core.router_silent(self._now()):
+            self.switch_router("stopped answering")
         for data in self.core.poll(self._now(), time.time()):
             core.send_datagram(self._endpoint, CONTROL_SERVICE, data, to=self.router)
         host.schedule_flush()

@@ -14,6 +14,8 @@ A :class:`Router` is a forwarding :class:`~pyserval.Host` plus a :class:`Registr
 * DELAY: SYNs to a ``delay`` prefix are held (bounded) while the verdict is awaited; the
   default verdict waits up to ``delay_timeout`` for an instance to register.
 * Inspection: TABLE_REQUEST pages through the table and counters (``pyserval table``).
+* Cluster: with ``etcd`` and ``cluster``, the registry is shared with the cluster's other
+  routers through etcd (:mod:`pyserval.control.cluster`; needs the ``[cluster]`` extra).
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from ..core.host import DatagramEndpoint
 from ..naming.service_id import PrefixLike, ServiceID, as_service_prefix
@@ -48,6 +50,9 @@ from .messages import (
 )
 from .registry import Registry
 from .security import RegistrationGuard
+
+if TYPE_CHECKING:
+    from .cluster import ClusterSync
 
 __all__ = ["DEFAULT_ROUTER_PORT", "Router", "TableDump", "fetch_table", "format_table"]
 
@@ -77,6 +82,9 @@ class Router:
         max_ttl: float = 3600.0,
         max_nonces: int = 100_000,
         pcap: str | os.PathLike[str] | None = None,
+        etcd: str | Sequence[str] | None = None,
+        cluster: str | None = None,
+        lease_ttl: float = 3.0,
     ) -> None:
         self.host = Host(
             [listen],
@@ -86,11 +94,15 @@ class Router:
         self.upstream = parse_address(upstream) if upstream else None
         self.announce = [as_service_prefix(p) for p in announce]
         self.delay = [as_service_prefix(p) for p in delay]
-        self.registry = Registry(
-            self.host.service_table,
-            RegistrationGuard(certified_prefixes=certified_prefixes, max_nonces=max_nonces),
-            max_ttl=max_ttl,
-        )
+        guard = RegistrationGuard(certified_prefixes=certified_prefixes, max_nonces=max_nonces)
+        self.registry = Registry(self.host.service_table, guard, max_ttl=max_ttl)
+        self.cluster: ClusterSync | None = None
+        self._cluster_args: tuple[list[str], str, float] | None = None
+        if etcd is not None or cluster is not None:
+            if etcd is None or cluster is None:
+                raise ValueError("a cluster router needs both etcd (URLs) and cluster (a name)")
+            urls = [u for e in ([etcd] if isinstance(etcd, str) else etcd) for u in e.split(",")]
+            self._cluster_args = ([u.strip() for u in urls if u.strip()], cluster, lease_ttl)
         self.delay_handler = delay_handler
         self.delay_timeout = delay_timeout
         self._endpoint: DatagramEndpoint | None = None
@@ -116,6 +128,8 @@ class Router:
         """Open the interface, bind the control service, announce upstream."""
         host = self.host
         await host.start()
+        if self._cluster_args is not None:
+            await self._start_cluster(*self._cluster_args)
         self._endpoint = host.bind_datagram(CONTROL_SERVICE, register=False)
         host.watch(self._endpoint.flowid, self._on_event)
         host.add_unreachable_hook(self._on_unreachable)
@@ -133,8 +147,36 @@ class Router:
             self._upstream_controller = ctl
         return self
 
+    async def _start_cluster(self, urls: list[str], name: str, lease_ttl: float) -> None:
+        # Imported here: the single-router mode needs none of the [cluster] extra.
+        from .cluster import (
+            ClusterRegistry,
+            ClusterSync,
+            ClusterTableService,
+            check_lease_ttl,
+            cluster_root,
+            new_router_id,
+        )
+
+        old = self.registry
+        self.registry = ClusterRegistry(
+            self.host.service_table,
+            old.guard,
+            root=cluster_root(name),
+            router_id=new_router_id(),
+            address=self.address_text,
+            max_ttl=old.max_ttl,
+        )
+        self.cluster = ClusterSync(
+            self, self.registry, urls, name, lease_ttl=check_lease_ttl(lease_ttl)
+        )
+        self.inspection = ClusterTableService(self, self.cluster)
+        await self.cluster.start()
+
     async def close(self) -> None:
         """Withdraw announcements and stop."""
+        if self.cluster is not None:
+            await self.cluster.close()
         ctl = self._upstream_controller
         if ctl is not None:
             now = self.host.loop.time()
@@ -220,6 +262,8 @@ class Router:
 
     def _on_unreachable(self, address: Address) -> None:
         if self.registry.remove_address(address):
+            if self.cluster is not None:
+                self.cluster.hide_unreachable(address)
             self._after_change()
 
     # -- DELAY --------------------------------------------------------------------------
@@ -310,7 +354,32 @@ def format_table(dump: TableDump, names: dict[str, str] | None = None) -> str:
             for t in e.targets
         )
         lines.append(f"{e.prefix:<72} {e.action:<8} {e.hits:>8}  {targets}")
-    if dump.counters:
+    cluster = {k: v for k, v in dump.counters.items() if k.startswith(("cluster[", "router["))}
+    if cluster:
+        lines += _format_cluster(cluster)
+    rest = {k: v for k, v in dump.counters.items() if k not in cluster}
+    if rest:
         lines.append("counters:")
-        lines += [f"  {k} = {v}" for k, v in dump.counters.items()]
+        lines += [f"  {k} = {v}" for k, v in rest.items()]
     return "\n".join(lines)
+
+
+def _format_cluster(counters: dict[str, int]) -> list[str]:
+    """The cluster counters (``cluster[NAME]_x``, ``router[ID@ADDR]_x``) as a section."""
+    lines: list[str] = []
+    for key, value in counters.items():
+        if key.startswith("cluster["):
+            name, _, field = key[len("cluster[") :].partition("]_")
+            if not lines:
+                lines.append(f"cluster {name}:")
+            shown = ("yes" if value else "NO (etcd unreachable)") if field == "connected" else value
+            lines.append(f"  {field} = {shown}")
+    routers: dict[str, dict[str, int]] = {}
+    for key, value in counters.items():
+        if key.startswith("router["):
+            rid, _, field = key[len("router[") :].partition("]_")
+            routers.setdefault(rid, {})[field] = value
+    for rid, fields in routers.items():
+        lease = fields.get("lease", 0)
+        lines.append(f"  router {rid}: lease {lease:x} ttl={fields.get('ttl', 0)}s")
+    return lines

@@ -144,6 +144,12 @@ class RegistrationGuard:
         p = as_service_prefix(prefix)
         return self._pinned.get(p.value) if p.length == SERVICE_ID_BITS else None
 
+    def pin_key(self, prefix: PrefixLike, raw: bytes) -> None:
+        """Pin ``raw`` as the key of a /256 serviceID (a router cluster shares its pins)."""
+        p = as_service_prefix(prefix)
+        if p.length == SERVICE_ID_BITS and self.max_pinned > 0:
+            self._pin(p.value, raw)
+
     def certified_block(self, prefix: ServicePrefix) -> ServicePrefix | None:
         """The longest certified prefix overlapping ``prefix`` (holding it, or inside it)."""
         best: ServicePrefix | None = None

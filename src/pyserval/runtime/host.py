@@ -109,7 +109,8 @@ class HostConfig(BaseModel):
     routes: dict[str, str] = Field(default_factory=dict)  # service (name/ID/prefix) -> IP:PORT
     connect_timeout: float = 30.0
     # The service router this host registers its services with and sends unresolved SYNs
-    # to (IP:PORT); None: static routes only.
+    # to (IP:PORT); None: static routes only. Several, comma-separated (a list is joined):
+    # routers of one cluster, the first used until it stops answering, then the next.
     router: str | None = None
     # Seconds a registration lives at the router without a refresh (refreshed 4 times per
     # period), so a dead instance stops getting clients within this time.
@@ -134,12 +135,31 @@ class HostConfig(BaseModel):
             parse_address(text)
         return value
 
-    @field_validator("router", "broadcast")
+    @field_validator("router", mode="before")
+    @classmethod
+    def _check_routers(cls, value: object) -> object:
+        if isinstance(value, list | tuple):
+            value = ",".join(str(v) for v in value)
+        if isinstance(value, str):
+            items = [t.strip() for t in value.split(",") if t.strip()]
+            if not items:
+                raise ValueError(f"expected one or more routers as IP:PORT, got {value!r}")
+            for text in items:
+                parse_address(text)
+            return ",".join(items)
+        return value
+
+    @field_validator("broadcast")
     @classmethod
     def _check_address(cls, value: str | None) -> str | None:
         if value is not None:
             parse_address(value)
         return value
+
+    @property
+    def routers(self) -> list[Address]:
+        """The routers of ``router`` as addresses, in order of preference."""
+        return [parse_address(t) for t in self.router.split(",")] if self.router else []
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> HostConfig:
@@ -175,6 +195,10 @@ def _ip_present(ip: str) -> bool:
     finally:
         probe.close()
     return True
+
+
+def _left_syn_sent(conn: Connection) -> bool:
+    return conn.state is not State.SYN_SENT
 
 
 def _datagram_kind(kind: str) -> bool:
@@ -223,7 +247,7 @@ class Host:
         listen: list[str] | None = None,
         *,
         routes: dict[str, str] | None = None,
-        router: str | None = None,
+        router: str | list[str] | None = None,
         broadcast: str | None = None,
         config: HostConfig | None = None,
         stream_config: StreamConfig | None = None,
@@ -236,7 +260,7 @@ class Host:
         if routes is not None:
             updates["routes"] = {**base.routes, **routes}
         if router is not None:
-            updates["router"] = router
+            updates["router"] = router if isinstance(router, str) else ",".join(router)
         if broadcast is not None:
             updates["broadcast"] = broadcast
         self.config = HostConfig(**{**base.model_dump(), **updates})
@@ -312,11 +336,11 @@ class Host:
             self.core.broadcast.add(target)
             self.service_table.add(default, Rule.forward(target, priority=-1))
         if cfg.router is not None:
-            router = parse_address(cfg.router)
+            router = cfg.routers[0]  # the controller moves to the next when it stops answering
             self.service_table.add(default, Rule.forward(router, priority=-1))
             if _controller_factory is None:
                 raise RuntimeError("no service controller installed: import pyserval first")
-            self.core.trusted_forwarders.add(router)
+            self.core.trusted_forwarders.update(cfg.routers)
             self.controller = _controller_factory(self, router)
             await self.controller.start()
         return self
@@ -858,29 +882,38 @@ class Host:
 
             sid = as_service_id(service) if ssl_context is not None else check_securable(service)
         start = self._now()
-        conn = core.connect(service, start, datagram=datagram)
-        self.schedule_flush()
         limit = self.config.connect_timeout if timeout is None else timeout
-        try:
-            async with asyncio.timeout(limit):
-                await self.wait(conn, lambda: conn.state is not State.SYN_SENT)
-        except TimeoutError:
-            conn.abort()
+        routers = self.config.routers
+        # With several routers, a SYN the network bounced off a dead one is sent again
+        # through the next (the controller has moved there by the time we resume).
+        for attempt in range(max(1, len(routers))):
+            conn = core.connect(service, self._now(), datagram=datagram)
             self.schedule_flush()
-            raise ServalConnectError(
-                f"connecting to service {service!s} timed out after {limit} s"
-            ) from None
-        except BaseException:
-            # Cancelled (or interrupted): nothing may be left behind. The connection is
-            # aborted, so no more SYNs go out; a SYN-ACK that still comes finds no flow and
-            # is answered with a RST, which ends the server's half of it.
-            conn.abort()
-            self.schedule_flush()
-            raise
-        if conn.state is not State.ESTABLISHED:
-            raise ServalConnectError(
-                f"cannot connect to service {service!s}: {conn.error or 'closed'}"
-            )
+            answered = functools.partial(_left_syn_sent, conn)
+            try:
+                async with asyncio.timeout(limit):
+                    await self.wait(conn, answered)
+            except TimeoutError:
+                conn.abort()
+                self.schedule_flush()
+                raise ServalConnectError(
+                    f"connecting to service {service!s} timed out after {limit} s"
+                ) from None
+            except BaseException:
+                # Cancelled (or interrupted): nothing may be left behind. The connection is
+                # aborted, so no more SYNs go out; a SYN-ACK that still comes finds no flow
+                # and is answered with a RST, which ends the server's half of it.
+                conn.abort()
+                self.schedule_flush()
+                raise
+            if conn.state is State.ESTABLISHED:
+                break
+            via = conn.primary.remote_addr if conn.subflows else None
+            bounced = (conn.error or "").startswith("service unreachable")
+            if not (bounced and via in routers and attempt + 1 < len(routers)):
+                raise ServalConnectError(
+                    f"cannot connect to service {service!s}: {conn.error or 'closed'}"
+                )
         if isinstance(conn, DatagramConnection):
             from .datagram_streams import ServalDatagramStream
 
