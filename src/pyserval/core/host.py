@@ -61,6 +61,7 @@ from ..transport.datagram_flow import DatagramConnection, DatagramTooLarge, refu
 from ..transport.events import (
     ConnectionFailed,
     DatagramReceived,
+    DatagramRefused,
     DataReceived,
     Event,
     IncomingConnection,
@@ -1088,7 +1089,9 @@ class HostCore:
         if isinstance(target, DatagramEndpoint):
             ctl = pkt.control
             if ctl is not None and ctl.flags & ControlFlags.RST:
-                self._emit(ConnectionFailed(target.flowid, "datagram refused: no such service"))
+                self._emit(
+                    DatagramRefused(target.flowid, "datagram refused: no such service", src)
+                )
             return
         sf = target
         conn = sf.conn

@@ -769,6 +769,20 @@ class Host:
                 raise
         return ep
 
+    def send_datagram(
+        self,
+        ep: DatagramEndpoint,
+        service: ServiceLike,
+        data: bytes,
+        *,
+        to: Address | None = None,
+    ) -> None:
+        """Send one unconnected datagram from ``ep`` to ``service``: through the service
+        table, or straight to the address ``to`` (a reply to where a datagram came from).
+        Raises ``NoRoute`` or ``DatagramTooLarge`` at once."""
+        self._require_core().send_datagram(ep, service, data, to=to)
+        self.schedule_flush()
+
     def unbind_datagram(self, ep: DatagramEndpoint) -> None:
         """Close a datagram socket (raises UNREGISTER)."""
         if self.core is not None:
