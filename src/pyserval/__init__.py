@@ -16,9 +16,12 @@ from .control import (
 )
 from .naming import FlowID, ServiceID, ServiceKey, ServicePrefix, ServicePublicKey
 from .runtime import (
+    DatagramError,
     Host,
+    HostClosed,
     HostConfig,
     ServalConnectError,
+    ServalConnectTimeout,
     ServalDatagramListener,
     ServalDatagramStream,
     ServalListener,
@@ -43,11 +46,14 @@ install_controller_factory(HostServiceController)
 __version__ = "0.1.0"
 
 __all__ = [
+    "DatagramError",
     "FlowID",
     "Host",
+    "HostClosed",
     "HostConfig",
     "Router",
     "ServalConnectError",
+    "ServalConnectTimeout",
     "ServalDatagramListener",
     "ServalDatagramStream",
     "ServalMigrationError",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+from ..naming.keys import ServiceKey
 from ..naming.service_id import ServiceLike
 from .host import Host, HostConfig
 from .stdio import open_connection_on, start_server_on
@@ -25,7 +26,8 @@ async def default_host() -> Host:
     """The process-wide host (created and started on first use, per event loop)."""
     global _default, _default_loop
     loop = asyncio.get_running_loop()
-    if _default is None or _default_loop is not loop:
+    if _default is None or _default_loop is not loop or _default.closed:
+        # A closed default host is replaced: a Host does not restart.
         _default = Host(config=HostConfig.from_env())
         _default_loop = loop
         await _default.start()
@@ -35,18 +37,34 @@ async def default_host() -> Host:
 async def connect(
     service: ServiceLike, *, host: Host | None = None, timeout: float | None = None
 ) -> ServalStream:
-    """Open a stream to ``service`` (an ``anyio.abc.ByteStream``)."""
+    """Open a stream to ``service`` (an ``anyio.abc.ByteStream``).
+
+    Raises :class:`ServalConnectError`; after ``timeout`` seconds without an answer its
+    subclass :class:`ServalConnectTimeout`, which is also a :class:`TimeoutError`.
+    """
     h = host or await default_host()
     stream: ServalStream = await h.connect(service, timeout=timeout)
     return stream
 
 
 async def listen(
-    service: ServiceLike, *, host: Host | None = None, backlog: int = 128
+    service: ServiceLike,
+    *,
+    host: Host | None = None,
+    backlog: int = 128,
+    weight: int = 1,
+    priority: int = 0,
+    key: ServiceKey | None = None,
 ) -> ServalListener:
-    """Accept streams to ``service``: ``async for stream in listener`` or ``serve(handler)``."""
+    """Accept streams to ``service``: ``async for stream in listener`` or ``serve(handler)``.
+
+    ``weight``, ``priority`` and ``key`` are those of :meth:`Host.listen` (the registration
+    with the host's router; ``key`` signs a self-certifying serviceID's).
+    """
     h = host or await default_host()
-    listener: ServalListener = await h.listen(service, backlog)
+    listener: ServalListener = await h.listen(
+        service, backlog, weight=weight, priority=priority, key=key
+    )
     return listener
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "REFERENCE_PORTS",
     "DelayHandler",
     "Host",
+    "HostClosed",
     "HostConfig",
     "install_controller_factory",
     "parse_address",
@@ -85,6 +86,10 @@ def parse_address(text: str) -> Address:
         # here, so that a lookup can never stall the event loop.
         raise ValueError(f"expected an IPv4 address in IP:PORT, got {text!r}") from None
     return host, int(port)
+
+
+class HostClosed(RuntimeError):
+    """The host was closed: it does not run again (create a new :class:`Host`)."""
 
 
 class HostConfig(BaseModel):
@@ -257,8 +262,20 @@ class Host:
         """The bound addresses of the host's interfaces."""
         return [ep.address for ep in self.endpoints]
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (a closed host does not start again)."""
+        return self._closed
+
     async def start(self) -> Host:
-        """Open the interfaces and start the core."""
+        """Open the interfaces and start the core.
+
+        A host runs once: after :meth:`close` it cannot start again (its flowIDs, nonces
+        and registrations are gone); ``start`` then raises :class:`HostClosed`. Create a
+        new ``Host`` with the same configuration instead.
+        """
+        if self._closed:
+            raise HostClosed("this host was closed and cannot be restarted: create a new Host")
         if self.core is not None:
             return self
         self._loop = asyncio.get_running_loop()
@@ -587,7 +604,9 @@ class Host:
         return self._loop.time()
 
     def _require_core(self) -> HostCore:
-        if self.core is None or self._closed:
+        if self._closed:
+            raise HostClosed("the host is closed (a closed host cannot be restarted)")
+        if self.core is None:
             raise RuntimeError("the host is not running: use 'async with host' or start()")
         return self.core
 
@@ -802,7 +821,7 @@ class Host:
         ``kind="datagram"``: a connected datagram flow instead, returned as a
         :class:`~pyserval.runtime.datagram_streams.ServalDatagramStream`.
         """
-        from .streams import ServalConnectError, ServalStream
+        from .streams import ServalConnectError, ServalConnectTimeout, ServalStream
 
         datagram = _datagram_kind(kind)
         core = self._require_core()
@@ -815,7 +834,7 @@ class Host:
         except TimeoutError:
             conn.abort()
             self.schedule_flush()
-            raise ServalConnectError(
+            raise ServalConnectTimeout(
                 f"connecting to service {service!s} timed out after {limit} s"
             ) from None
         except BaseException:
