@@ -14,7 +14,7 @@ import logging
 import sys
 
 from ..translator import DEFAULT_CHUNK, Translator
-from .common import run_until_signal
+from .common import add_metrics_argument, run_until_signal, start_metrics
 
 __all__ = ["add_arguments", "run"]
 
@@ -43,12 +43,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--listen", default="127.0.0.1:0", help="UDP address of the Serval interface"
     )
-    parser.add_argument("--max-connections", type=int, default=1024)
-    parser.add_argument("--mss", type=int, help="Serval segment size (default 1408)")
+    parser.add_argument(
+        "--max-connections", type=int, default=1024, help="connections translated at once"
+    )
+    parser.add_argument(
+        "--mss", type=int, help="Serval segment size (default: 1408, or what the MTU allows)"
+    )
     parser.add_argument(
         "--chunk", type=int, default=DEFAULT_CHUNK, help="largest read on either side (bytes)"
     )
-    parser.add_argument("--connect-timeout", type=float, default=10.0)
+    parser.add_argument(
+        "--connect-timeout", type=float, default=10.0, help="seconds to reach the other side"
+    )
     parser.add_argument("--syn-rto", type=float, default=1.0, help="first SYN retry (s)")
     parser.add_argument("--weight", type=int, default=1, help="outbound: registration weight")
     parser.add_argument("--priority", type=int, default=0, help="outbound: registration priority")
@@ -67,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level", default="INFO", help="DEBUG, INFO, WARNING (connection logs are INFO)"
     )
+    add_metrics_argument(parser)
 
 
 def _translator(args: argparse.Namespace) -> Translator:
@@ -106,7 +113,12 @@ def run(args: argparse.Namespace) -> int:
         try:
             async with translator:
                 print(f"translating {translator.describe()}", flush=True)
-                await translator.serve_forever()
+                metrics = await start_metrics(args, lambda m: m.add_translator(translator))
+                try:
+                    await translator.serve_forever()
+                finally:
+                    if metrics is not None:
+                        await metrics.close()
         except OSError as exc:  # e.g. the TCP address is taken
             failed.append(exc)
 

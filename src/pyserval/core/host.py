@@ -643,6 +643,10 @@ class HostCore:
         """Remove a closed connection from the host's tables (the object stays readable)."""
         if self.connections.pop(conn.conn_id, None) is None:
             return
+        # Kept so that a count of retransmissions survives the flows it was made on.
+        resent = sum(sf.retransmissions for sf in conn.subflows)
+        if resent:
+            self.stats["retransmissions_ended"] += resent
         for sf in conn.subflows:
             self.flows.remove(sf.local_flowid)
             if sf.peer_key is not None:

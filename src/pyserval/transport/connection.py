@@ -172,6 +172,7 @@ class Subflow:
         self.recovery_point = 0
         self.rto_deadline: float | None = None
         self.rto_count = 0
+        self.retransmissions = 0  # data segments sent again (for inspection and metrics)
         self.persist_deadline: float | None = None
         self.persist_backoff = 0
         # TCP receive side.
@@ -749,6 +750,7 @@ class Subflow:
                     break
                 seg.retransmitted = True
                 seg.resent = True
+                self.retransmissions += 1
                 seg.sent_at = now
                 self.lost.discard(start)
                 out.append(self._data_packet(start, seg.end, seg.fin, seg.dsn))
