@@ -102,7 +102,7 @@ def test_a_port_in_use_is_one_line_and_exit_1(command: str) -> None:
     taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     taken.bind(("127.0.0.1", 0))
     try:
-        where = "127.0.0.1:{}".format(taken.getsockname()[1])
+        where = f"127.0.0.1:{taken.getsockname()[1]}"
         done = _cli(command, "--listen", where)
     finally:
         taken.close()
