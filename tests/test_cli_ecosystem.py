@@ -7,12 +7,14 @@ The commands run as real processes (``python -m pyserval``) against real loopbac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
 import subprocess
 import sys
 import time
 
+import anyio
 import pytest
 
 import pyserval
@@ -159,8 +161,9 @@ def test_echo_does_not_warn_when_the_router_acknowledges() -> None:
 
 
 async def _echo(stream: ServalStream) -> None:
-    while True:
-        await stream.send(await stream.receive())
+    with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+        while True:
+            await stream.send(await stream.receive())
 
 
 def test_flows_shows_a_live_connection_like_ss() -> None:

@@ -8,6 +8,8 @@ host-local flowIDs and survive address changes::
     await stream.send(b"hello"); reply = await stream.receive()
 """
 
+import logging as _logging
+
 from .control import (
     HostServiceController,
     Router,
@@ -42,6 +44,10 @@ from .transport.config import StreamConfig
 
 # The control plane sits above the runtime: the package root wires it in.
 install_controller_factory(HostServiceController)
+
+# A library logs, the application decides where to: silent unless logging is configured
+# (loggers: pyserval.host, pyserval.router, pyserval.controller, pyserval.translator).
+_logging.getLogger("pyserval").addHandler(_logging.NullHandler())
 
 __version__ = "0.1.0"
 

@@ -9,8 +9,8 @@ their counters (nothing is counted twice or kept apart from the components' own 
 * ``pyserval_drops_total{reason}``: packets dropped, by the core's reason;
 * ``pyserval_connections{state}``: live connections by state;
 * ``pyserval_retransmissions_total``: data segments sent again (live and ended flows);
-* ``pyserval_rtt_seconds``: a histogram of the smoothed RTT of every live path, taken at
-  the scrape (so it shows the paths as they are, not a history);
+* ``pyserval_rtt_seconds``: a histogram of the smoothed RTT of every path of the
+  established connections, taken at the scrape (the paths as they are, not a history);
 * ``pyserval_registrations_total{event}``, ``pyserval_instances`` (routers),
   ``pyserval_registration_messages_total{event}``, ``pyserval_services_acknowledged``
   (hosts registering with a router);
@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 from .runtime.host import Host, parse_address
+from .transport.connection import State
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
@@ -134,7 +135,7 @@ class MetricsExporter:
             "pyserval_retransmissions", "Data segments sent again", labels=names
         )
         rtt = _Histogram(
-            "pyserval_rtt_seconds", "Smoothed RTT of every live path at scrape time", names
+            "pyserval_rtt_seconds", "Smoothed RTT of established paths at scrape time", names
         )
         reg_msgs = CounterMetricFamily(
             "pyserval_registration_messages",
@@ -161,9 +162,10 @@ class MetricsExporter:
             resent = core.stats.get("retransmissions_ended", 0)
             for conn in core.connections.values():
                 states[conn.state.value] = states.get(conn.state.value, 0) + 1
+                established = conn.state is State.ESTABLISHED
                 for sf in conn.subflows:
                     resent += sf.retransmissions
-                    if sf.rtt.srtt is not None:
+                    if established and sf.rtt.srtt is not None:
                         rtt.observe(key, sf.rtt.srtt)
             for state, n in sorted(states.items()):
                 conns.add_metric([*key, state], n)

@@ -14,6 +14,7 @@ import dataclasses
 import errno
 import functools
 import ipaddress
+import logging
 import os
 import socket
 from collections import defaultdict
@@ -86,6 +87,9 @@ def parse_address(text: str) -> Address:
         # here, so that a lookup can never stall the event loop.
         raise ValueError(f"expected an IPv4 address in IP:PORT, got {text!r}") from None
     return host, int(port)
+
+
+LOGGER = logging.getLogger("pyserval.host")
 
 
 class HostClosed(RuntimeError):
@@ -313,6 +317,11 @@ class Host:
             self.core.trusted_forwarders.add(router)
             self.controller = _controller_factory(self, router)
             await self.controller.start()
+        LOGGER.info(
+            "host up on %s (router %s)",
+            ", ".join(f"{ip}:{port}" for ip, port in self.addresses),
+            cfg.router or "none",
+        )
         return self
 
     async def _open_interface(self, local: Address) -> UdpEndpoint:
@@ -525,6 +534,7 @@ class Host:
         """
         if self._closed:
             return
+        LOGGER.info("host on %s closing", ", ".join(f"{ip}:{p}" for ip, p in self.addresses))
         core = self.core
         if core is not None:
             limit = self.config.close_timeout if timeout is None else timeout
