@@ -109,6 +109,11 @@ def test_scrape_counts_what_the_network_did() -> None:
                 assert _value(m, "pyserval_rtt_seconds_bucket", **cl, le="+Inf") == 1
                 assert _value(m, "pyserval_rtt_seconds_bucket", **cl, le="1.0") == 1
                 assert 0 < _value(m, "pyserval_rtt_seconds_sum", **cl) < 1.0
+                # Every connection's handshake RTT was kept: 3 at the client (the first two
+                # have ended), 3 at the server.
+                assert _value(m, "pyserval_handshake_rtt_seconds_count", **cl) == 3
+                assert _value(m, "pyserval_handshake_rtt_seconds_count", **sl) == 3
+                assert _value(m, "pyserval_handshake_rtt_seconds_bucket", **cl, le="1.0") == 3
                 status, _ = await _get(address, "/other")
                 assert status == "HTTP/1.1 404 Not Found"
                 await live.aclose()

@@ -11,6 +11,8 @@ their counters (nothing is counted twice or kept apart from the components' own 
 * ``pyserval_retransmissions_total``: data segments sent again (live and ended flows);
 * ``pyserval_rtt_seconds``: a histogram of the smoothed RTT of every path of the
   established connections, taken at the scrape (the paths as they are, not a history);
+* ``pyserval_handshake_rtt_seconds``: a histogram of each connection's first RTT sample
+  (its handshake), kept since the host was added: the history;
 * ``pyserval_registrations_total{event}``, ``pyserval_instances`` (routers),
   ``pyserval_registration_messages_total{event}``, ``pyserval_services_acknowledged``
   (hosts registering with a router);
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from .runtime.host import Host, parse_address
 from .transport.connection import State
+from .transport.events import ConnectionEstablished, Event, IncomingConnection
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
@@ -84,6 +87,11 @@ class MetricsExporter:
                 "metrics need the prometheus-client package: pip install 'pyserval[metrics]'"
             )
         self.hosts: list[tuple[str, str, Host]] = []  # (role, instance, host)
+        self._handshakes = _Histogram(
+            "pyserval_handshake_rtt_seconds",
+            "First RTT sample of each connection (its handshake)",
+            ["role", "instance"],
+        )
         self.routers: list[tuple[str, Router]] = []
         self.translators: list[tuple[str, Translator]] = []
         self.registry = CollectorRegistry(auto_describe=False)
@@ -94,6 +102,17 @@ class MetricsExporter:
     def add_host(self, host: Host, instance: str = "host", *, role: str = "host") -> None:
         """Report on ``host`` (its packets, drops, connections, registrations)."""
         self.hosts.append((role, instance, host))
+        key = [role, instance]
+
+        def on_event(event: Event) -> None:
+            core = host.core
+            if core is not None and isinstance(event, ConnectionEstablished | IncomingConnection):
+                conn = core.connections.get(event.conn_id)
+                srtt = conn.primary.rtt.srtt if conn is not None and conn.subflows else None
+                if srtt is not None:
+                    self._handshakes.observe(key, srtt)
+
+        host.add_event_hook(on_event)
 
     def add_router(self, router: Router, instance: str = "router") -> None:
         """Report on ``router``: its host's packets and its registry."""
@@ -178,6 +197,7 @@ class MetricsExporter:
                 acknowledged.add_metric(key, len(getattr(ctl_core, "accepted", ())))
         yield from (received, events, syns, drops, conns, retrans)
         yield rtt.family()
+        yield self._handshakes.family()
         yield from (reg_msgs, acknowledged)
         yield from self._router_metrics()
         yield from self._translator_metrics()
