@@ -139,10 +139,12 @@ def test_first_syn_retransmission_after_one_second() -> None:
             try:
                 client.add_route("conv-syn", "{}:{}".format(*sink.get_extra_info("sockname")))
                 with pytest.raises(ServalConnectTimeout):
-                    await client.connect("conv-syn", timeout=1.6)
+                    await client.connect("conv-syn", timeout=2.5)
             finally:
                 sink.close()
-            assert len(arrivals) == 2, arrivals  # the SYN and one retry within 1.6 s
-            assert 0.9 <= arrivals[1] - arrivals[0] <= 1.4
+            # The SYN, one retry after 1 s, and none after that within 2.5 s (the next is
+            # due 2 s after the first retry). Generous bounds: the machine may be loaded.
+            assert len(arrivals) == 2, arrivals
+            assert 0.9 <= arrivals[1] - arrivals[0] < 2.0
 
     asyncio.run(main())

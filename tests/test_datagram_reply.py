@@ -79,7 +79,7 @@ def test_reply_through_a_router_goes_straight_back() -> None:
                     assert service == ServiceID.parse("dg-routed")
                     assert address == server_host.addresses[0]
                     # The request went through the router, the reply did not.
-                    assert router.counters().get("packets_forwarded_datagram", 0) >= 1
+                    assert router.counters().get("packets_forwarded_datagram", 0) == 1
                     await client.close()
                 await server.close()
 
