@@ -19,6 +19,7 @@ answers, and says which control messages to send and when it must run next:
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections import Counter
@@ -45,6 +46,8 @@ from .messages import (
 )
 
 __all__ = ["ControllerCore", "HostServiceController"]
+
+LOGGER = logging.getLogger("pyserval.controller")
 
 Address = tuple[str, int]
 _MAX_PENDING: Final = 256  # messages awaiting an answer we still match acks against
@@ -232,7 +235,11 @@ class HostServiceController:
             and event.address == self.router
             and event.via is None
         ):
+            refused = dict(self.core.refused)
             self.core.on_datagram(event.data)
+            for prefix, reason in self.core.refused.items():
+                if refused.get(prefix) != reason:
+                    LOGGER.warning("router %s:%d refused %s: %s", *self.router, prefix, reason)
             self.pump()
 
     def pump(self) -> None:

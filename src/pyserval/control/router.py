@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Iterable
@@ -48,6 +49,8 @@ from .messages import (
 )
 from .registry import Registry
 from .security import RegistrationGuard
+
+LOGGER = logging.getLogger("pyserval.router")
 
 __all__ = ["DEFAULT_ROUTER_PORT", "Router", "TableDump", "fetch_table", "format_table"]
 
@@ -180,6 +183,17 @@ class Router:
             now = self.host.loop.time()
             self.registry.expire(now)
             ack = self.registry.handle(msg, event.address, now, time.time())
+            if LOGGER.isEnabledFor(logging.INFO):
+                what = "register" if isinstance(msg, RegisterMessage) else "unregister"
+                for reg, result in zip(msg.registrations, ack.results, strict=False):
+                    LOGGER.log(
+                        logging.DEBUG if result.ok else logging.INFO,
+                        "%s %s from %s:%d: %s",
+                        what,
+                        reg.prefix,
+                        *event.address,
+                        "ok" if result.ok else f"refused ({result.reason})",
+                    )
             self._reply(event, encode_message(ack))
             self._after_change()
         elif isinstance(msg, TableRequest):
