@@ -503,10 +503,11 @@ def test_a_delayed_syn_is_released_when_a_replica_registers(cluster: Cluster) ->
 
     async def main() -> tuple[float, Address, Peer, TableDump, TableDump]:
         loop = asyncio.get_running_loop()
-        async with client_host(router) as client:
+        # A first SYN retransmission at 3 s (the default is 1 s) is longer than this whole
+        # test: the one SYN the client sends is held at the router, then released.
+        slow = StreamConfig(control=ControlTimers(initial_rto=3.0))
+        async with client_host(router, stream_config=slow) as client:
             start = loop.time()
-            # The default SYN retransmission timeout (3 s) is longer than this whole test:
-            # the one SYN the client sends is held at the router, then released.
             connecting = asyncio.ensure_future(client.connect("late-echo", timeout=10))
             try:
                 await asyncio.sleep(0.3)

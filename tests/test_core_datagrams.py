@@ -20,7 +20,7 @@ from pyserval.sal import (
     decode_packet,
 )
 from pyserval.testing import Address, LinkConfig, SimNetwork
-from pyserval.transport.events import ConnectionFailed, DatagramReceived
+from pyserval.transport.events import DatagramReceived, DatagramRefused
 
 A: Address = ("10.0.0.1", 54324)
 B: Address = ("10.0.0.2", 54325)
@@ -146,7 +146,7 @@ def test_datagram_to_host_without_service_gets_rst(n: Net, listening: bool) -> N
     ctl = rst.control
     assert ctl is not None and ctl.flags == ControlFlags.RST
     ev = n.a.events()
-    assert len(ev) == 1 and isinstance(ev[0], ConnectionFailed)
+    assert len(ev) == 1 and isinstance(ev[0], DatagramRefused)
     assert ev[0].conn_id == a_ep.flowid
     assert len(n.sent(A)) == 1  # the RST is not answered
 
@@ -161,7 +161,7 @@ def test_unbound_endpoint_refuses_datagrams_and_ignores_late_rst(n: Net) -> None
     n.net.run_for(0.1)
     assert n.b.events() == []
     assert n.b.drops["datagram_no_service"] == 1
-    assert isinstance(n.a.events()[0], ConnectionFailed)
+    assert isinstance(n.a.events()[0], DatagramRefused)
     # Once a's socket is gone too, a RST for it is dropped, never answered.
     n.a.unbind_datagram(a_ep)
     rst = SalPacket(0, a_ep.flowid, PROTO_UDP, [ControlExt(ControlFlags.RST)]).encode(B[0], A[0])

@@ -166,8 +166,9 @@ def test_delay_holds_syns_until_the_verdict() -> None:
     net.run_for(0.1)  # the third ACKs
     assert len(listener.accept_queue) == 3
     # The other two were dropped at the full queue; their SYN retransmissions are held again
-    # and this time the verdict is to drop them.
-    net.run_for(3.5)
+    # and this time the verdict is to drop them. The first retransmission goes at 1 s (the
+    # initial control RTO), the next at 3 s: run until between the two.
+    net.run_for(1.6 - net.now)
     assert router.take_delay_requests() == [ServiceID.from_name("svc")]
     assert router.release_delayed("svc", None, net.now) == 2
     assert router.drops["delay_verdict_drop"] == 2

@@ -9,6 +9,7 @@ host-local flowIDs and survive address changes::
 """
 
 import importlib
+import logging as _logging
 from typing import Any
 
 from .control import (
@@ -20,9 +21,12 @@ from .control import (
 from .naming import FlowID, ServiceID, ServiceKey, ServicePrefix, ServicePublicKey
 from .naming.delegation import Delegation
 from .runtime import (
+    DatagramError,
     Host,
+    HostClosed,
     HostConfig,
     ServalConnectError,
+    ServalConnectTimeout,
     ServalDatagramListener,
     ServalDatagramStream,
     ServalListener,
@@ -46,6 +50,10 @@ from .transport.config import StreamConfig
 # The control plane sits above the runtime: the package root wires it in.
 install_controller_factory(HostServiceController)
 
+# A library logs, the application decides where to: silent unless logging is configured
+# (loggers: pyserval.host, pyserval.router, pyserval.controller, pyserval.translator).
+_logging.getLogger("pyserval").addHandler(_logging.NullHandler())
+
 __version__ = "0.1.0"
 
 
@@ -58,13 +66,16 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "DatagramError",
     "Delegation",
     "FlowID",
     "Host",
+    "HostClosed",
     "HostConfig",
     "PcapWriter",
     "Router",
     "ServalConnectError",
+    "ServalConnectTimeout",
     "ServalDatagramListener",
     "ServalDatagramStream",
     "ServalMigrationError",

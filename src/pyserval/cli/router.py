@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 
 from ..control import DEFAULT_ROUTER_PORT, Router
-from .common import run_until_signal
+from .common import (
+    add_metrics_argument,
+    address,
+    naming_address,
+    run_until_signal,
+    start_metrics,
+)
 
 __all__ = ["add_arguments", "run"]
 
@@ -17,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``pyserval router``."""
     parser.add_argument(
         "--listen",
+        type=address,
         default=f"0.0.0.0:{DEFAULT_ROUTER_PORT}",
-        help=f"UDP address, IP:PORT or [IPv6]:PORT (default 0.0.0.0:{DEFAULT_ROUTER_PORT})",
+        help="UDP address to serve on, IP:PORT or [IPv6]:PORT",
     )
     parser.add_argument("--upstream", help="router to announce to and send unresolved SYNs to")
     parser.add_argument(
@@ -27,13 +35,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--delay", action="append", default=[], help="prefix whose SYNs wait for an instance"
     )
-    parser.add_argument("--delay-timeout", type=float, default=5.0)
+    parser.add_argument(
+        "--delay-timeout",
+        type=float,
+        default=5.0,
+        help="seconds a delayed SYN waits for an instance before it is dropped",
+    )
     parser.add_argument(
         "--max-nonces",
         type=int,
         default=100_000,
-        help="registrations remembered against replay (one source may hold a tenth; "
-        "default 100000)",
+        help="registrations remembered against replay (one source may hold a tenth)",
     )
     parser.add_argument(
         "--pcap", metavar="FILE", help="record every datagram sent and received in a pcap file"
@@ -58,6 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=3.0,
         help="seconds after this router dies until the others drop its instances (default 3)",
     )
+    add_metrics_argument(parser)
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -74,7 +87,9 @@ async def _serve(args: argparse.Namespace) -> None:
         cluster=args.cluster,
         lease_ttl=args.lease_ttl,
     )
-    async with router:
+    async with contextlib.AsyncExitStack() as stack:
+        async with naming_address(args.listen):
+            await stack.enter_async_context(router)
         print(f"router listening on {router.address_text}", flush=True)
         if router.cluster is not None:
             state = "in sync" if router.cluster.connected else "etcd unreachable, retrying"
@@ -83,7 +98,12 @@ async def _serve(args: argparse.Namespace) -> None:
                 f"lease {router.cluster.lease:x}, {state}",
                 flush=True,
             )
-        await asyncio.Event().wait()
+        metrics = await start_metrics(args, lambda m: m.add_router(router))
+        try:
+            await asyncio.Event().wait()
+        finally:
+            if metrics is not None:
+                await metrics.close()
 
 
 def run(args: argparse.Namespace) -> int:

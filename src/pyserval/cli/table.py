@@ -8,6 +8,7 @@ import json
 import sys
 
 from ..control import DEFAULT_ROUTER_PORT, fetch_table, format_table
+from .common import address
 
 __all__ = ["add_arguments", "run"]
 
@@ -18,11 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--router",
         "--host",
         dest="router",
+        type=address,
         default=f"127.0.0.1:{DEFAULT_ROUTER_PORT}",
         help="the router (or a host serving inspection, e.g. `pyserval echo --inspect`)",
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--timeout", type=float, default=2.0)
+    parser.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for answers")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,7 +32,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         dump = asyncio.run(fetch_table(args.router, timeout=args.timeout))
     except TimeoutError:
-        print(f"no answer from a router at {args.router}", file=sys.stderr)
+        print(
+            f"pyserval table: error: no answer from a router at {args.router} within "
+            f"{args.timeout:g} s (is it running, and is that its address?)",
+            file=sys.stderr,
+        )
         return 1
     if args.json:
         entries = [e.model_dump() for e in dump.entries]

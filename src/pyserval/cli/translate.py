@@ -19,7 +19,7 @@ import sys
 
 from ..runtime.secure import ServalSecurityError
 from ..translator import DEFAULT_CHUNK, Translator
-from .common import run_until_signal
+from .common import add_metrics_argument, run_until_signal, start_metrics
 from .secure_args import add_secure_arguments, secure_settings
 
 __all__ = ["add_arguments", "run"]
@@ -49,12 +49,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--listen", default="127.0.0.1:0", help="UDP address of the Serval interface"
     )
-    parser.add_argument("--max-connections", type=int, default=1024)
-    parser.add_argument("--mss", type=int, help="Serval segment size (default 1408)")
+    parser.add_argument(
+        "--max-connections", type=int, default=1024, help="connections translated at once"
+    )
+    parser.add_argument(
+        "--mss", type=int, help="Serval segment size (default: 1408, or what the MTU allows)"
+    )
     parser.add_argument(
         "--chunk", type=int, default=DEFAULT_CHUNK, help="largest read on either side (bytes)"
     )
-    parser.add_argument("--connect-timeout", type=float, default=10.0)
+    parser.add_argument(
+        "--connect-timeout", type=float, default=10.0, help="seconds to reach the other side"
+    )
     parser.add_argument("--syn-rto", type=float, default=1.0, help="first SYN retry (s)")
     parser.add_argument("--weight", type=int, default=1, help="outbound: registration weight")
     parser.add_argument("--priority", type=int, default=0, help="outbound: registration priority")
@@ -74,6 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level", default="INFO", help="DEBUG, INFO, WARNING (connection logs are INFO)"
     )
+    add_metrics_argument(parser)
 
 
 def _translator(args: argparse.Namespace) -> Translator:
@@ -117,7 +124,12 @@ def run(args: argparse.Namespace) -> int:
         try:
             async with translator:
                 print(f"translating {translator.describe()}", flush=True)
-                await translator.serve_forever()
+                metrics = await start_metrics(args, lambda m: m.add_translator(translator))
+                try:
+                    await translator.serve_forever()
+                finally:
+                    if metrics is not None:
+                        await metrics.close()
         except OSError as exc:  # e.g. the TCP address is taken
             failed.append(exc)
 

@@ -6,6 +6,7 @@ argument. ``HostServiceController`` and ``Router`` put them on the asyncio runti
 """
 
 from .controller import ControllerCore, HostServiceController
+from .flows import FlowsService, fetch_flows, flow_infos, format_flows
 from .inspection import TableService, enable_inspection
 from .messages import (
     CONTROL_SERVICE,
@@ -17,8 +18,12 @@ from .messages import (
     AckMessage,
     BadControlMessage,
     ControlMessage,
+    FlowInfo,
+    FlowsReply,
+    FlowsRequest,
     MessageKind,
     MessageTooLarge,
+    PathInfo,
     RegisterMessage,
     Registration,
     RegistrationResult,
@@ -47,6 +52,10 @@ __all__ = [
     "TableDump",
     "TableService",
     "enable_inspection",
+    "fetch_flows",
+    "flow_infos",
+    "format_flows",
+    "FlowsService",
     "fetch_table",
     "format_table",
     "MAX_MESSAGE_BYTES",
@@ -58,6 +67,10 @@ __all__ = [
     "AckMessage",
     "BadControlMessage",
     "ControlMessage",
+    "FlowInfo",
+    "FlowsReply",
+    "FlowsRequest",
+    "PathInfo",
     "MessageKind",
     "MessageTooLarge",
     "RegisterMessage",

@@ -53,7 +53,8 @@ from .messages import (
 
 __all__ = ["ControllerCore", "HostServiceController"]
 
-log = logging.getLogger("pyserval.controller")
+LOGGER = logging.getLogger("pyserval.controller")
+log = LOGGER
 
 Address = tuple[str, int]
 _DEFAULT_PREFIX: Final = "0" * 64 + "/0"
@@ -287,7 +288,11 @@ class HostServiceController:
             and event.address == self.router
             and event.via is None
         ):
+            refused = dict(self.core.refused)
             self.core.on_datagram(event.data)
+            for prefix, reason in self.core.refused.items():
+                if refused.get(prefix) != reason:
+                    LOGGER.warning("router %s:%d refused %s: %s", *self.router, prefix, reason)
             self.pump()
 
     def pump(self) -> None:

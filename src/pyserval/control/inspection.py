@@ -1,4 +1,5 @@
-"""Answering TABLE_REQUESTs: a router's (or any host's) service table and counters.
+"""Answering TABLE_REQUESTs: a router's (or any host's) service table and counters; a
+host's FLOWS_REQUESTs (its live connections) are answered by ``control.flows``.
 
 A page is at most three times the size of the (padded) request and at most ``rate``
 requests are answered a second, because each answer walks the whole table: inspection must
@@ -13,10 +14,12 @@ from ..core.host import DatagramEndpoint
 from ..naming.service_id import ServiceID
 from ..runtime.host import Host
 from ..transport.events import DatagramReceived, Event
+from .flows import FlowsService
 from .messages import (
     CONTROL_SERVICE,
     TABLE_PAGE,
     BadControlMessage,
+    FlowsRequest,
     MessageTooLarge,
     TableEntryInfo,
     TableReply,
@@ -124,8 +127,10 @@ class TableService:
 
 
 def enable_inspection(host: Host) -> TableService:
-    """Let ``pyserval table --router IP:PORT`` read ``host``'s table (a running host)."""
+    """Let ``pyserval table --host IP:PORT`` read ``host``'s table and ``pyserval flows
+    --host IP:PORT`` its connections (a running host)."""
     service = TableService(host)
+    flows = FlowsService(host)
     endpoint: DatagramEndpoint = host.bind_datagram(CONTROL_SERVICE, register=False)
 
     def on_event(event: Event) -> None:
@@ -135,13 +140,15 @@ def enable_inspection(host: Host) -> TableService:
             msg = decode_message(event.data)
         except BadControlMessage:
             return
+        page: bytes | None = None
         if isinstance(msg, TableRequest) and host.core is not None:
             page = service.answer(msg, len(event.data))
-            if page is not None:
-                source = event.source_service
-                to = ServiceID(source) if len(source) == 32 else CONTROL_SERVICE
-                host.core.send_datagram(endpoint, to, page, to=event.address)
-                host.schedule_flush()
+        elif isinstance(msg, FlowsRequest) and host.core is not None:
+            page = flows.answer(msg, len(event.data))
+        if page is not None:
+            source = event.source_service
+            to = ServiceID(source) if len(source) == 32 else CONTROL_SERVICE
+            host.send_datagram(endpoint, to, page, to=event.address)
 
     host.watch(endpoint.flowid, on_event)
     return service

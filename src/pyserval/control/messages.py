@@ -39,9 +39,11 @@ from ..naming.service_id import as_service_prefix as _as_service_prefix
 
 __all__ = [
     "CONTROL_SERVICE",
+    "FLOWS_PAGE",
     "MAGIC",
     "MAX_COUNTERS",
     "MAX_MESSAGE_BYTES",
+    "MAX_PATHS",
     "MAX_REGISTRATIONS",
     "MAX_TARGETS",
     "PROTOCOL_VERSION",
@@ -50,8 +52,12 @@ __all__ = [
     "AckMessage",
     "BadControlMessage",
     "ControlMessage",
+    "FlowInfo",
+    "FlowsReply",
+    "FlowsRequest",
     "MessageKind",
     "MessageTooLarge",
+    "PathInfo",
     "RegisterMessage",
     "Registration",
     "RegistrationResult",
@@ -87,6 +93,12 @@ MAX_TARGETS: Final = 256
 MAX_COUNTERS: Final = 256
 """Most counters in one TABLE_REPLY."""
 
+FLOWS_PAGE: Final = 50
+"""Most connections in one FLOWS_REPLY."""
+
+MAX_PATHS: Final = 16
+"""Most paths (subflows) listed for one connection of a FLOWS_REPLY."""
+
 SIGNING_DOMAIN: Final = b"pyserval/registration/v1\x00"
 
 _SEQ_LIMIT: Final = 1 << 63
@@ -104,6 +116,8 @@ class MessageKind(IntEnum):
     ACK = 3
     TABLE_REQUEST = 4
     TABLE_REPLY = 5
+    FLOWS_REQUEST = 6
+    FLOWS_REPLY = 7
 
 
 class BadControlMessage(ValueError):
@@ -440,11 +454,95 @@ class TableReply(_Model):
     counters: dict[_CounterName, _Count] = Field(default_factory=dict, max_length=MAX_COUNTERS)
 
 
-ControlMessage = RegisterMessage | UnregisterMessage | AckMessage | TableRequest | TableReply
+class FlowsRequest(_Model):
+    """Ask a host for a page of its live connections, starting at connection ``offset``."""
+
+    kind: ClassVar[MessageKind] = MessageKind.FLOWS_REQUEST
+
+    seq: _Seq
+    offset: _Count = 0
+    pad: str = Field(default="", max_length=30_000)  # as TableRequest's: bounds the answer
+
+
+_Seconds = Annotated[float, Field(ge=0.0, le=1e7, allow_inf_nan=False)]
+_FlowIDValue = Annotated[int, Field(ge=0, le=0xFFFFFFFF)]
+
+
+class PathInfo(_Model):
+    """One path (subflow) of a connection: its addresses and transport state.
+
+    ``rtt`` is the smoothed round-trip time (None before the first sample); byte counts
+    are of the subflow's sequence space (the SYN and FIN count one each).
+    """
+
+    local: str = Field(min_length=3, max_length=64)
+    remote: str | None = Field(default=None, min_length=3, max_length=64)
+    local_flowid: _FlowIDValue
+    remote_flowid: _FlowIDValue
+    rtt: _Seconds | None = None
+    rttvar: _Seconds = 0.0
+    rto: _Seconds = 0.0
+    cwnd: _Count = 0
+    in_flight: _Count = 0
+    bytes_sent: _Count = 0
+    bytes_acked: _Count = 0
+    retransmissions: _Count = 0
+
+    @field_validator("local", "remote")
+    @classmethod
+    def _check_address(cls, value: str | None) -> str | None:
+        return None if value is None else _canonical_target(value)
+
+
+class FlowInfo(_Model):
+    """One live connection of a host, as ``pyserval flows`` shows it."""
+
+    service: str = Field(min_length=64, max_length=64)
+    kind: Literal["stream", "datagram"]
+    role: Literal["client", "server"]
+    state: Literal["syn_sent", "syn_received", "established", "time_wait", "closed"]
+    bytes_received: _Count = 0
+    paths: list[PathInfo] = Field(default_factory=list, max_length=MAX_PATHS)
+    error: str = Field(default="", max_length=200)
+
+    @field_validator("service")
+    @classmethod
+    def _check_service(cls, value: str) -> str:
+        return _hex_field(value, 64, "service")
+
+
+class FlowsReply(_Model):
+    """A page of a host's connections: ``offset`` .. ``offset+len(flows)-1`` of ``total``."""
+
+    kind: ClassVar[MessageKind] = MessageKind.FLOWS_REPLY
+
+    seq: _Seq
+    offset: _Count = 0
+    total: _Count = 0
+    flows: list[FlowInfo] = Field(default_factory=list, max_length=FLOWS_PAGE)
+
+
+ControlMessage = (
+    RegisterMessage
+    | UnregisterMessage
+    | AckMessage
+    | TableRequest
+    | TableReply
+    | FlowsRequest
+    | FlowsReply
+)
 
 _MODELS: Final[dict[MessageKind, type[ControlMessage]]] = {
     model.kind: model
-    for model in (RegisterMessage, UnregisterMessage, AckMessage, TableRequest, TableReply)
+    for model in (
+        RegisterMessage,
+        UnregisterMessage,
+        AckMessage,
+        TableRequest,
+        TableReply,
+        FlowsRequest,
+        FlowsReply,
+    )
 }
 
 

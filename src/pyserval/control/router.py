@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -50,6 +51,8 @@ from .messages import (
 )
 from .registry import Registry
 from .security import RegistrationGuard
+
+LOGGER = logging.getLogger("pyserval.router")
 
 if TYPE_CHECKING:
     from .cluster import ClusterSync
@@ -222,6 +225,17 @@ class Router:
             now = self.host.loop.time()
             self.registry.expire(now)
             ack = self.registry.handle(msg, event.address, now, time.time())
+            if LOGGER.isEnabledFor(logging.INFO):
+                what = "register" if isinstance(msg, RegisterMessage) else "unregister"
+                for reg, result in zip(msg.registrations, ack.results, strict=False):
+                    LOGGER.log(
+                        logging.DEBUG if result.ok else logging.INFO,
+                        "%s %s from %s:%d: %s",
+                        what,
+                        reg.prefix,
+                        *event.address,
+                        "ok" if result.ok else f"refused ({result.reason})",
+                    )
             self._reply(event, encode_message(ack))
             self._after_change()
         elif isinstance(msg, TableRequest):

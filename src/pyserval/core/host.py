@@ -84,6 +84,7 @@ from ..transport.datagram_flow import DatagramConnection, DatagramTooLarge, refu
 from ..transport.events import (
     ConnectionFailed,
     DatagramReceived,
+    DatagramRefused,
     DataReceived,
     Event,
     IncomingConnection,
@@ -867,6 +868,10 @@ class HostCore:
         """Remove a closed connection from the host's tables (the object stays readable)."""
         if self.connections.pop(conn.conn_id, None) is None:
             return
+        # Kept so that a count of retransmissions survives the flows it was made on.
+        resent = sum(sf.retransmissions for sf in conn.subflows)
+        if resent:
+            self.stats["retransmissions_ended"] += resent
         for sf in conn.subflows:
             self.flows.remove(sf.local_flowid)
             if sf.peer_key is not None:
@@ -1344,7 +1349,9 @@ class HostCore:
         if isinstance(target, DatagramEndpoint):
             ctl = pkt.control
             if ctl is not None and ctl.flags & ControlFlags.RST:
-                self._emit(ConnectionFailed(target.flowid, "datagram refused: no such service"))
+                self._emit(
+                    DatagramRefused(target.flowid, "datagram refused: no such service", src)
+                )
             return
         sf = target
         conn = sf.conn

@@ -2,14 +2,23 @@
 
 from .api import connect, default_host, listen, open_connection, start_server
 from .datagram_streams import ServalDatagramListener, ServalDatagramStream
-from .host import Host, HostConfig, parse_address
-from .socket import ServalSocket, SocketClosed
-from .streams import ServalConnectError, ServalListener, ServalMigrationError, ServalStream
+from .host import Host, HostClosed, HostConfig, parse_address
+from .socket import DatagramError, ServalSocket, SocketClosed
+from .streams import (
+    ServalConnectError,
+    ServalConnectTimeout,
+    ServalListener,
+    ServalMigrationError,
+    ServalStream,
+)
 
 __all__ = [
+    "DatagramError",
     "Host",
+    "HostClosed",
     "HostConfig",
     "ServalConnectError",
+    "ServalConnectTimeout",
     "ServalDatagramListener",
     "ServalDatagramStream",
     "ServalMigrationError",

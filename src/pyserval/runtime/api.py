@@ -30,7 +30,8 @@ async def default_host() -> Host:
     """The process-wide host (created and started on first use, per event loop)."""
     global _default, _default_loop
     loop = asyncio.get_running_loop()
-    if _default is None or _default_loop is not loop:
+    if _default is None or _default_loop is not loop or _default.closed:
+        # A closed default host is replaced: a Host does not restart.
         _default = Host(config=HostConfig.from_env())
         _default_loop = loop
         await _default.start()
@@ -67,7 +68,11 @@ async def connect(
     ssl_context: ssl.SSLContext | None = None,
 ) -> ServalStream | SecureStream:
     """Open a stream to ``service`` (an ``anyio.abc.ByteStream``); ``secure=True``: TLS 1.3
-    that proves the serviceID (see :meth:`Host.connect`)."""
+    that proves the serviceID (see :meth:`Host.connect`).
+
+    Raises :class:`ServalConnectError`; after ``timeout`` seconds without an answer its
+    subclass :class:`ServalConnectTimeout`, which is also a :class:`TimeoutError`.
+    """
     h = host or await default_host()
     stream: ServalStream | SecureStream = await h.connect(
         service, timeout=timeout, secure=secure, ssl_context=ssl_context
@@ -81,6 +86,8 @@ async def listen(
     *,
     host: Host | None = None,
     backlog: int = 128,
+    weight: int = 1,
+    priority: int = 0,
     key: ServiceKey | None = None,
     secure: Literal[False] = False,
 ) -> ServalListener: ...
@@ -92,6 +99,8 @@ async def listen(
     *,
     host: Host | None = None,
     backlog: int = 128,
+    weight: int = 1,
+    priority: int = 0,
     key: ServiceKey | None = None,
     secure: Literal[True],
     delegation: Delegation | None = None,
@@ -104,16 +113,29 @@ async def listen(
     *,
     host: Host | None = None,
     backlog: int = 128,
+    weight: int = 1,
+    priority: int = 0,
     key: ServiceKey | None = None,
     secure: bool = False,
     delegation: Delegation | None = None,
     ssl_context: ssl.SSLContext | None = None,
 ) -> ServalListener | SecureListener:
-    """Accept streams to ``service``: ``async for stream in listener`` or ``serve(handler)``;
-    ``key``, ``secure``, ``delegation``, ``ssl_context`` as for :meth:`Host.listen`."""
+    """Accept streams to ``service``: ``async for stream in listener`` or ``serve(handler)``.
+
+    ``weight``, ``priority`` and ``key`` are those of :meth:`Host.listen` (the registration
+    with the host's router; ``key`` signs a self-certifying serviceID's); ``secure``,
+    ``delegation``, ``ssl_context`` as for :meth:`Host.listen` too.
+    """
     h = host or await default_host()
     listener: ServalListener | SecureListener = await h.listen(
-        service, backlog, key=key, secure=secure, delegation=delegation, ssl_context=ssl_context
+        service,
+        backlog,
+        weight=weight,
+        priority=priority,
+        key=key,
+        secure=secure,
+        delegation=delegation,
+        ssl_context=ssl_context,
     )
     return listener
 

@@ -14,6 +14,7 @@ import dataclasses
 import errno
 import functools
 import ipaddress
+import logging
 import os
 import socket
 import ssl
@@ -53,6 +54,7 @@ __all__ = [
     "REFERENCE_PORTS",
     "DelayHandler",
     "Host",
+    "HostClosed",
     "HostConfig",
     "install_controller_factory",
     "parse_address",
@@ -97,6 +99,13 @@ def parse_address(text: str) -> Address:
     if (version == 6) != bracketed:
         raise ValueError(f"an IPv6 address is written [IP]:PORT, an IPv4 one IP:PORT: {text!r}")
     return (canonical_ip(host) if bracketed else host), int(port)
+
+
+LOGGER = logging.getLogger("pyserval.host")
+
+
+class HostClosed(RuntimeError):
+    """The host was closed: it does not run again (create a new :class:`Host`)."""
 
 
 class HostConfig(BaseModel):
@@ -301,8 +310,20 @@ class Host:
         """The bound addresses of the host's interfaces."""
         return [ep.address for ep in self.endpoints]
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (a closed host does not start again)."""
+        return self._closed
+
     async def start(self) -> Host:
-        """Open the interfaces and start the core."""
+        """Open the interfaces and start the core.
+
+        A host runs once: after :meth:`close` it cannot start again (its flowIDs, nonces
+        and registrations are gone); ``start`` then raises :class:`HostClosed`. Create a
+        new ``Host`` with the same configuration instead.
+        """
+        if self._closed:
+            raise HostClosed("this host was closed and cannot be restarted: create a new Host")
         if self.core is not None:
             return self
         self._loop = asyncio.get_running_loop()
@@ -343,6 +364,11 @@ class Host:
             self.core.trusted_forwarders.update(cfg.routers)
             self.controller = _controller_factory(self, router)
             await self.controller.start()
+        LOGGER.info(
+            "host up on %s (router %s)",
+            ", ".join(f"{ip}:{port}" for ip, port in self.addresses),
+            cfg.router or "none",
+        )
         return self
 
     async def _open_interface(self, local: Address) -> UdpEndpoint:
@@ -569,6 +595,7 @@ class Host:
         """
         if self._closed:
             return
+        LOGGER.info("host on %s closing", ", ".join(f"{ip}:{p}" for ip, p in self.addresses))
         core = self.core
         if core is not None:
             limit = self.config.close_timeout if timeout is None else timeout
@@ -650,7 +677,9 @@ class Host:
         return self._loop.time()
 
     def _require_core(self) -> HostCore:
-        if self.core is None or self._closed:
+        if self._closed:
+            raise HostClosed("the host is closed (a closed host cannot be restarted)")
+        if self.core is None:
             raise RuntimeError("the host is not running: use 'async with host' or start()")
         return self.core
 
@@ -837,6 +866,20 @@ class Host:
                 raise
         return ep
 
+    def send_datagram(
+        self,
+        ep: DatagramEndpoint,
+        service: ServiceLike,
+        data: bytes,
+        *,
+        to: Address | None = None,
+    ) -> None:
+        """Send one unconnected datagram from ``ep`` to ``service``: through the service
+        table, or straight to the address ``to`` (a reply to where a datagram came from).
+        Raises ``NoRoute`` or ``DatagramTooLarge`` at once."""
+        self._require_core().send_datagram(ep, service, data, to=to)
+        self.schedule_flush()
+
     def unbind_datagram(self, ep: DatagramEndpoint) -> None:
         """Close a datagram socket (raises UNREGISTER)."""
         if self.core is not None:
@@ -868,7 +911,7 @@ class Host:
         ``ssl_context`` too, that context's own checks (your PKI) replace the serviceID
         check. ``timeout`` covers the handshake.
         """
-        from .streams import ServalConnectError, ServalStream
+        from .streams import ServalConnectError, ServalConnectTimeout, ServalStream
 
         datagram = _datagram_kind(kind)
         core = self._require_core()
@@ -896,7 +939,7 @@ class Host:
             except TimeoutError:
                 conn.abort()
                 self.schedule_flush()
-                raise ServalConnectError(
+                raise ServalConnectTimeout(
                     f"connecting to service {service!s} timed out after {limit} s"
                 ) from None
             except BaseException:

@@ -6,6 +6,13 @@ serviceID. Every blocking call is a coroutine. A datagram socket works unconnect
 (``sendto``/``recvfrom``) or, as the reference's, connected: ``connect`` runs the SAL
 handshake and ``bind`` + ``listen`` + ``accept`` hands out one socket per client flow; a
 connected one uses ``send``/``recv`` (see ``runtime.datagram_streams``).
+
+Unconnected datagrams answer as UDP's do: ``sendto(reply, source)`` with the ``source``
+that ``recvfrom`` returned (a ``(serviceID, address)`` pair) goes straight back to that
+address, whether or not the sender's serviceID is routable (an unbound socket's is random).
+A refusal (the peer host has no such service) arrives after ``sendto`` returned, so it is
+reported as a distinct :class:`DatagramError` (``recv_error`` / ``datagram_errors``), never
+raised by an unrelated later ``recvfrom``. This module does no routing of its own.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -20,19 +28,29 @@ import anyio
 from ..core.host import DatagramEndpoint
 from ..naming.keys import ServiceKey
 from ..naming.service_id import ServiceID, ServiceLike, as_service_id
-from ..transport.events import ConnectionFailed, DatagramReceived, Event
+from ..transport.events import DatagramReceived, DatagramRefused, Event
 from .datagram_streams import ServalDatagramListener, ServalDatagramStream
-from .host import Host
+from .host import Host, parse_address
 from .streams import ServalListener, ServalStream
 
-__all__ = ["SocketClosed", "ServalSocket"]
+__all__ = ["DatagramError", "SocketClosed", "ServalSocket"]
 
 Address = tuple[str, int]
 DATAGRAM_QUEUE = 1024
+ERROR_QUEUE = 64  # refusals kept for recv_error(); older ones are dropped (and counted)
 
 
 class SocketClosed(OSError):
     """An operation on a closed socket (or one in the wrong state for it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DatagramError:
+    """An asynchronous error of an unconnected datagram socket: the host at ``address``
+    refused a datagram we sent it (``reason``)."""
+
+    reason: str
+    address: Address
 
 
 class ServalSocket:
@@ -52,8 +70,10 @@ class ServalSocket:
         self._flow_listener: ServalDatagramListener | None = None
         self._datagrams: deque[tuple[bytes, ServiceID, Address]] = deque()
         self._datagram_ready = asyncio.Event()
-        self._datagram_error: str | None = None
+        self._errors: deque[DatagramError] = deque()
+        self._error_ready = asyncio.Event()
         self.dropped_datagrams = 0
+        self.dropped_errors = 0
         self._closed = False
         self._registration: dict[str, Any] = {}
 
@@ -269,20 +289,37 @@ class ServalSocket:
                 return
             source = ServiceID(event.source_service) if event.source_service else ServiceID(0)
             self._datagrams.append((event.data, source, event.address))
-        elif isinstance(event, ConnectionFailed):
-            self._datagram_error = event.reason
-        self._datagram_ready.set()
+            self._datagram_ready.set()
+        elif isinstance(event, DatagramRefused):
+            if len(self._errors) >= ERROR_QUEUE:
+                self._errors.popleft()
+                self.dropped_errors += 1
+            self._errors.append(DatagramError(event.reason, event.address))
+            self._error_ready.set()
 
-    async def sendto(self, data: bytes, service: ServiceLike) -> int:
-        """Send one datagram to ``service``; returns its length."""
+    async def sendto(
+        self, data: bytes, target: ServiceLike | tuple[ServiceLike, Address | str]
+    ) -> int:
+        """Send one datagram; returns its length.
+
+        ``target`` is a service (resolved through the service table, like a SYN), or a
+        ``(service, address)`` pair such as ``recvfrom`` returns: then the datagram goes
+        straight to ``address`` (``"IP:PORT"`` or a tuple), the natural way to answer a
+        sender whose serviceID no router knows. Errors known at once (no route, too large)
+        are raised here; a later refusal by the peer is a :class:`DatagramError`.
+        """
         self._check_open("sendto")
         if self.kind != "datagram":
             raise SocketClosed("sendto needs a datagram socket")
+        to: Address | None = None
+        if isinstance(target, tuple):
+            service, where = target
+            to = parse_address(where) if isinstance(where, str) else (str(where[0]), where[1])
+        else:
+            service = target
         ep = await self._ensure_endpoint()
         host = await self._get_host()
-        assert host.core is not None
-        host.core.send_datagram(ep, service, data)
-        host.schedule_flush()
+        host.send_datagram(ep, service, data, to=to)
         return len(data)
 
     async def recvfrom(self, max_bytes: int = 65536) -> tuple[bytes, tuple[ServiceID, Address]]:
@@ -292,14 +329,29 @@ class ServalSocket:
             raise SocketClosed("recvfrom needs a datagram socket")
         await self._ensure_endpoint()
         while not self._datagrams:
-            if self._datagram_error is not None:
-                error, self._datagram_error = self._datagram_error, None
-                raise ConnectionRefusedError(error)
             self._datagram_ready.clear()
             await self._datagram_ready.wait()
             self._check_open("recvfrom")
         data, source, address = self._datagrams.popleft()
         return data[:max_bytes], (source, address)
+
+    @property
+    def datagram_errors(self) -> list[DatagramError]:
+        """Refusals received and not yet taken by :meth:`recv_error` (oldest first)."""
+        return list(self._errors)
+
+    async def recv_error(self) -> DatagramError:
+        """The next refusal of a datagram this socket sent (waits for one): errors are
+        reported here, apart from the datagrams ``recvfrom`` returns."""
+        self._check_open("recv_error")
+        if self.kind != "datagram":
+            raise SocketClosed("recv_error needs a datagram socket")
+        await self._ensure_endpoint()
+        while not self._errors:
+            self._error_ready.clear()
+            await self._error_ready.wait()
+            self._check_open("recv_error")
+        return self._errors.popleft()
 
     # -- closing --------------------------------------------------------------------------
     async def close(self) -> None:
@@ -319,6 +371,7 @@ class ServalSocket:
             self._host.unwatch(self._endpoint.flowid)
             self._host.unbind_datagram(self._endpoint)
         self._datagram_ready.set()
+        self._error_ready.set()
 
     async def __aenter__(self) -> ServalSocket:
         return self

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -12,7 +13,13 @@ from ..naming.service_id import ServiceID
 from ..transport.connection import Connection, State
 from .host import Host
 
-__all__ = ["ServalConnectError", "ServalListener", "ServalMigrationError", "ServalStream"]
+__all__ = [
+    "ServalConnectError",
+    "ServalConnectTimeout",
+    "ServalListener",
+    "ServalMigrationError",
+    "ServalStream",
+]
 
 Address = tuple[str, int]
 
@@ -23,6 +30,11 @@ class ServalMigrationError(Exception):
 
 class ServalConnectError(ConnectionError):
     """A connection to a service could not be set up (no route, timeout, reset)."""
+
+
+class ServalConnectTimeout(ServalConnectError, TimeoutError):
+    """``connect`` got no answer within its ``timeout``: a :class:`ServalConnectError`
+    (so existing handlers still catch it) and a :class:`TimeoutError`."""
 
 
 class ServalStream(anyio.abc.ByteStream):
@@ -168,8 +180,9 @@ class ServalStream(anyio.abc.ByteStream):
         self._host.schedule_flush()
 
 
-class ServalListener:
-    """Accepts streams to a service: ``async for stream in listener`` or ``serve(handler)``."""
+class ServalListener(anyio.abc.Listener[ServalStream]):
+    """Accepts streams to a service: an ``anyio.abc.Listener`` (``serve(handler)``,
+    ``async with listener``), and ``async for stream in listener``."""
 
     def __init__(self, host: Host, listener: Listener) -> None:
         self._host = host
@@ -197,8 +210,18 @@ class ServalListener:
             except anyio.ClosedResourceError:
                 return
 
-    async def serve(self, handler: Callable[[ServalStream], Awaitable[object]]) -> None:
-        """Run ``handler(stream)`` in its own task for every incoming stream."""
+    async def serve(
+        self,
+        handler: Callable[[ServalStream], Any],
+        task_group: anyio.abc.TaskGroup | None = None,
+    ) -> None:
+        """Run ``handler(stream)`` in its own task for every incoming stream (in
+        ``task_group`` if given, else in one of its own), until the listener is closed.
+        Each stream is closed when its handler returns."""
+        if task_group is not None:
+            async for stream in self:
+                task_group.start_soon(_run_handler, handler, stream)
+            return
         async with anyio.create_task_group() as tg:
             async for stream in self:
                 tg.start_soon(_run_handler, handler, stream)
@@ -208,8 +231,6 @@ class ServalListener:
         self._host.close_listener(self._listener)
 
 
-async def _run_handler(
-    handler: Callable[[ServalStream], Awaitable[object]], stream: ServalStream
-) -> None:
+async def _run_handler(handler: Callable[[ServalStream], Any], stream: ServalStream) -> None:
     async with stream:
         await handler(stream)

@@ -5,8 +5,8 @@ Sans-I/O: methods take ``now`` and return what to send; nothing here reads a clo
 Control numbers follow ``shared/spec/sal-wire.md``: each side picks a random initial verno;
 SYN, FIN and RSYN consume one number each, pure ACKs none; ackno is the next verno expected
 from the peer. Control packets are sent stop-and-wait (one outstanding) and retransmitted
-with an RTO that starts at 3 s, doubles per retry within [200 ms, 120 s], and gives up after
-15 retries.
+with an RTO that starts at 1 s (RFC 6298's initial RTO; the reference used 3 s, RFC 1122's),
+doubles per retry within [200 ms, 120 s], and gives up after 15 retries.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ MASK32: Final = 0xFFFFFFFF
 class ControlTimers:
     """Control retransmission settings (seconds)."""
 
-    initial_rto: float = 3.0
+    # 1 s as RFC 6298 (2.1) recommends: a SYN sent to a replica that just died is retried
+    # (and resolved again, so it reaches a live one) after 1 s, not the reference's 3 s.
+    initial_rto: float = 1.0
     min_rto: float = 0.2
     max_rto: float = 120.0
     max_retries: int = 15

@@ -187,6 +187,7 @@ class Subflow:
         # Since when sent data has waited for an ACK that moves snd_una (None: nothing
         # in flight): the user timeout (StreamConfig.user_timeout) counts from here.
         self.waiting_since: float | None = None
+        self.retransmissions = 0  # data segments sent again (for inspection and metrics)
         self.persist_deadline: float | None = None
         self.persist_backoff = 0
         # TCP receive side.
@@ -858,6 +859,7 @@ class Subflow:
                 self.rexmit_now = False
                 seg.retransmitted = True
                 seg.resent = True
+                self.retransmissions += 1
                 seg.sent_at = now
                 self.lost.discard(start)
                 out.append(self._data_packet(start, seg.end, seg.fin, seg.dsn))

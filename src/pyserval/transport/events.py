@@ -12,6 +12,7 @@ __all__ = [
     "ConnectionTimedOut",
     "DataReceived",
     "DatagramReceived",
+    "DatagramRefused",
     "Event",
     "FlowMigrated",
     "PathAdded",
@@ -94,6 +95,15 @@ class DatagramReceived(Event):
     source_service: bytes
     address: tuple[str, int]  # the sender (the SOURCE path's first address if forwarded)
     via: tuple[str, int] | None = None  # the UDP source it came from, when different
+
+
+@dataclass(frozen=True, slots=True)
+class DatagramRefused(Event):
+    """A host answered an unconnected datagram of a bound socket with a RST (no such
+    service there): ``address`` is where the refusal came from."""
+
+    reason: str
+    address: tuple[str, int]
 
 
 @dataclass(frozen=True, slots=True)
