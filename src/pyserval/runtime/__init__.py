@@ -3,12 +3,14 @@
 from .api import connect, default_host, listen, open_connection, start_server
 from .datagram_streams import ServalDatagramListener, ServalDatagramStream
 from .host import Host, HostConfig, parse_address
+from .install import Installation, install
 from .socket import ServalSocket, SocketClosed
 from .streams import ServalConnectError, ServalListener, ServalMigrationError, ServalStream
 
 __all__ = [
     "Host",
     "HostConfig",
+    "Installation",
     "ServalConnectError",
     "ServalDatagramListener",
     "ServalDatagramStream",
@@ -19,6 +21,7 @@ __all__ = [
     "SocketClosed",
     "connect",
     "default_host",
+    "install",
     "listen",
     "open_connection",
     "parse_address",
