@@ -61,15 +61,29 @@ def lines_changed(name: str) -> int:
 class Ports(Cluster):
     """The processes of one test: router, translators, servers, the program."""
 
+    def __init__(self, tmp: Path) -> None:
+        super().__init__(tmp)
+        self.python_servers: list[Peer] = []
+
+    def close(self) -> None:
+        for peer in self.python_servers:  # example servers: no SIGTERM handler of their own
+            peer.kill()
+            peer.__exit__(None, None, None)
+        super().close()
+
     def program(self, argv: list[str], router: str, **env: str) -> Peer:
-        peer = Peer(argv, env=child_env(PYSERVAL_ROUTER=router, **env))
+        env = {"PYSERVAL_ROUTER": router, "PYSERVAL_LISTEN": "127.0.0.1:0", **env}
+        peer = Peer(argv, env=child_env(**env))
         self.peers.append(peer)
         return peer
 
     def serve(self, script: str, service: str, router: str, *extra: str) -> Peer:
         """A ``NAME_serval.py serve`` process, once it registered ``service``."""
         peer = self.program([str(PORTS / script), "serve", *extra], router)
+        self.peers.remove(peer)
+        self.python_servers.append(peer)
         peer.wait_for(r"^serving ", STARTUP)
+        wait_registered(router, service, 1)
         return peer
 
 
@@ -124,6 +138,23 @@ def test_redis_py_zero_line_keys_pipeline_pubsub(ports: Ports) -> None:
     ]
     direct.close()
     assert lines_changed("redis") == 3
+
+
+# -- websockets ---------------------------------------------------------------------------------
+
+
+@library("websockets")
+def test_websockets_zero_line_echo_1mb_and_close_codes(ports: Ports) -> None:
+    router = ports.router()
+    server = ports.serve("websockets_serval.py", "echo", router)
+    got = result(ports.program([str(PORTS / "websockets_serval.py")], router), 60)
+    assert got["text"] == "hello"
+    assert got["echo_sha256"] == got["sent_sha256"]  # 1 MB out and back, byte-exact
+    assert (got["close_code"], got["close_reason"]) == (4001, "asked to")
+    # The server saw the first connection closed normally by the client, the second by itself.
+    assert server.wait_for(r"^closed ", 10) == "closed 1000"
+    assert server.wait_for(r"^closed ", 10) == "closed 4001"
+    assert lines_changed("websockets") == 4
 
 
 def test_lines_changed_counts_code_not_docstrings(tmp_path: Path) -> None:
