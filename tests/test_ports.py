@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import hashlib
 import importlib.util
 import json
 import os
@@ -155,6 +156,29 @@ def test_websockets_zero_line_echo_1mb_and_close_codes(ports: Ports) -> None:
     assert server.wait_for(r"^closed ", 10) == "closed 1000"
     assert server.wait_for(r"^closed ", 10) == "closed 4001"
     assert lines_changed("websockets") == 4
+
+
+# -- aiohttp ------------------------------------------------------------------------------------
+
+
+def served_content(size: int) -> bytes:
+    """What ``GET /data?size=N`` of the aiohttp example serves: SHA-256(str(i)) repeated to
+    fill each 64 KiB block i, cut at ``size``."""
+    blocks = (hashlib.sha256(str(i).encode()).digest() * 2048 for i in range(size // 65536 + 1))
+    return b"".join(blocks)[:size]
+
+
+@library("aiohttp")
+def test_aiohttp_server_zero_line_client_connector_streamed_bodies(ports: Ports) -> None:
+    router = ports.router()
+    ports.serve("aiohttp_serval.py", "web", router)
+    size = 3_000_000 + 17  # not a whole number of blocks
+    peer = ports.program([str(PORTS / "aiohttp_serval.py"), "web.serval", "80", str(size)], router)
+    got = result(peer, 60)
+    expected = hashlib.sha256(served_content(size)).hexdigest()
+    assert (got["get_sha256"], got["get_bytes"]) == (expected, size)
+    assert got["post"] == {"sha256": expected, "bytes": size}
+    assert lines_changed("aiohttp") == 9
 
 
 def test_lines_changed_counts_code_not_docstrings(tmp_path: Path) -> None:
