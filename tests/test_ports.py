@@ -20,7 +20,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -181,13 +180,42 @@ def test_aiohttp_server_zero_line_client_connector_streamed_bodies(ports: Ports)
     assert lines_changed("aiohttp") == 9
 
 
+# -- asyncssh -----------------------------------------------------------------------------------
+
+
+def ssh_keys(directory: Path) -> Path:
+    """Host and client key pairs, made for this test."""
+    import asyncssh
+
+    directory.mkdir()
+    for name in ("host_key", "client_key"):
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        key.write_private_key(str(directory / name))
+        key.write_public_key(str(directory / f"{name}.pub"))
+    return directory
+
+
+@library("asyncssh")
+def test_asyncssh_zero_line_command_and_sftp_checked_by_sha256(ports: Ports) -> None:
+    keys = ssh_keys(ports.tmp / "keys")
+    payload = os.urandom(2_000_000)
+    file = ports.tmp / "payload.bin"
+    file.write_bytes(payload)
+    router = ports.router()
+    ports.serve("asyncssh_serval.py", "ssh", router, str(keys))
+    peer = ports.program([str(PORTS / "asyncssh_serval.py"), str(keys), str(file)], router)
+    got = result(peer, 60)
+    assert got["output"] == "ran hello world as serval\n"
+    sha = hashlib.sha256(payload).hexdigest()
+    assert got["sent_sha256"] == got["back_sha256"] == sha
+    # The copy the server wrote into its SFTP root is the file, byte for byte.
+    assert hashlib.sha256((keys / "root" / "copy.bin").read_bytes()).hexdigest() == sha
+    assert lines_changed("asyncssh") == 5
+
+
 def test_lines_changed_counts_code_not_docstrings(tmp_path: Path) -> None:
     a, b = tmp_path / "a.py", tmp_path / "b.py"
     a.write_text('"""Doc\none."""\n\nimport x\n\n# note\nx.run("h")\n')
     b.write_text('"""Doc\nchanged a lot."""\n\nimport x\nimport y\n\n# other\nx.run("s")\n')
     assert code_lines(b) == ["import x", "import y", 'x.run("s")']
     assert sum(1 for ln in difflib.ndiff(code_lines(a), code_lines(b)) if ln[:2] == "+ ") == 2
-
-
-def _unused() -> None:  # keep imports used while rows are added
-    _ = (os, signal)
