@@ -20,6 +20,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -138,6 +140,49 @@ def test_redis_py_zero_line_keys_pipeline_pubsub(ports: Ports) -> None:
     ]
     direct.close()
     assert lines_changed("redis") == 3
+
+
+# -- aiomcache ----------------------------------------------------------------------------------
+
+
+def memcached(ports: Ports) -> int:
+    port = free_port()
+    ports.server(
+        [str(program("memcached")), "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-u", "nobody"],
+        port,
+    )
+    return port
+
+
+def memcached_get(port: int, keys: list[str]) -> dict[str, str]:
+    """``get`` over plain TCP, in memcached's text protocol: past Serval entirely."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"get {' '.join(keys)}\r\n".encode())
+        reply = b""
+        while not reply.endswith(b"END\r\n"):
+            chunk = sock.recv(65536)
+            assert chunk, reply
+            reply += chunk
+    found = re.findall(rb"VALUE (\S+) \d+ \d+\r\n(.*?)\r\n", reply)
+    return {k.decode(): v.decode() for k, v in found}
+
+
+@needs("memcached")
+@library("aiomcache")
+def test_aiomcache_zero_line_set_get_and_multi_get(ports: Ports) -> None:
+    port = memcached(ports)
+    router = ports.router()
+    ports.translate("service:memcached", f"tcp:127.0.0.1:{port}", router)
+    wait_registered(router, "memcached", 1)
+    argv = [str(PORTS / "aiomcache_serval.py"), "memcached.serval", "11211", "1000"]
+    got = result(ports.program(argv, router), 60)
+    assert got["right"] == 1000
+    assert got["multi_get"] == [f"value:{i}" for i in range(0, 1000, 20)] + [None]
+    assert memcached_get(port, ["key:0", "key:999", "missing"]) == {
+        "key:0": "value:0",
+        "key:999": "value:999",
+    }
+    assert lines_changed("aiomcache") == 3
 
 
 # -- websockets ---------------------------------------------------------------------------------
