@@ -22,7 +22,8 @@ import json
 import os
 import re
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +257,53 @@ def test_asyncssh_zero_line_command_and_sftp_checked_by_sha256(ports: Ports) -> 
     # The copy the server wrote into its SFTP root is the file, byte for byte.
     assert hashlib.sha256((keys / "root" / "copy.bin").read_bytes()).hexdigest() == sha
     assert lines_changed("asyncssh") == 5
+
+
+# -- two replicas behind the router, one SIGKILLed mid-run ---------------------------------------
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+
+
+@needs("redis-server")
+@library("redis")
+@pytest.mark.slow
+def test_redis_py_rides_out_a_sigkilled_translator_replica(ports: Ports) -> None:
+    import redis
+
+    port = redis_server(ports)
+    router = ports.router()
+    # Two outbound translators (the replicas) in front of one redis-server.
+    a, b = (
+        ports.translate("service:redis", f"tcp:127.0.0.1:{port}", router, "--log-level", "INFO")
+        for _ in "AB"
+    )
+    wait_registered(router, "redis", 2)
+    peer = ports.program([str(PORTS / "redis_serval.py"), "redis.serval", "6379", "10000"], router)
+    direct = redis.Redis(host="127.0.0.1", port=port)
+    wait_until(lambda: int(direct.dbsize()) >= 2000, 60, "2,000 keys written")
+    b.kill()  # SIGKILL, mid-run: its flows go silent, its UDP port answers ICMP unreachable
+    b.__exit__(None, None, None)
+    got = result(peer, 90)
+    # What the program sees: nothing. redis-py's own retry (on ConnectionError) opens a new
+    # connection, which the router sends to the replica left; every key is right.
+    assert got["right"] == 10_000
+    assert got["pipeline"] == ["0", "1", "42", "3", "[b'a', b'b', b'c']"]
+    assert got["heard"] == ["item 0", "item 1", "item 2"]
+    assert int(direct.dbsize()) == 10_000 + 2
+    direct.close()
+    wait_registered(router, "redis", 1)
+    a.proc.terminate()
+    a.__exit__(None, None, None)
+    opened = {name: len(re.findall(r"#\d+ open:", t.stderr)) for name, t in (("A", a), ("B", b))}
+    print(f"\nredis connections opened through each translator replica: {opened}")
+    assert opened["B"] > 0  # the victim carried connections before it was killed
+    assert opened["A"] > 0
 
 
 def test_lines_changed_counts_code_not_docstrings(tmp_path: Path) -> None:
