@@ -306,6 +306,73 @@ def test_redis_py_rides_out_a_sigkilled_translator_replica(ports: Ports) -> None
     assert opened["A"] > 0
 
 
+def cpu_ticks(peer: Peer) -> int:
+    """User plus system CPU time of a child so far (clock ticks, from /proc)."""
+    fields = Path(f"/proc/{peer.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def busy_replica(replicas: dict[str, Peer], timeout: float) -> str:
+    """The replica serving the transfer now: the one whose CPU time grows fastest."""
+    before = {name: cpu_ticks(p) for name, p in replicas.items()}
+    deadline = time.monotonic() + timeout
+    while True:
+        time.sleep(0.3)
+        grown = {name: cpu_ticks(p) - before[name] for name, p in replicas.items()}
+        name = max(grown, key=lambda n: grown[n])
+        if grown[name] >= 10 or time.monotonic() > deadline:  # 0.1 s of CPU: it is moving data
+            return name
+
+
+PROGRAM_ERROR = re.compile(r"^(\w+(?:\.\w+)*(?:Error|Exception|Lost|Disconnected)\w*)", re.M)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("program_name", ["aiohttp", "asyncssh"])
+def test_a_replica_sigkilled_mid_transfer(ports: Ports, program_name: str) -> None:
+    """Two server replicas; the one carrying a large transfer is SIGKILLed in the middle.
+    The program sees its library's own connection-lost error (no hang); run again, it is
+    served by the replica left."""
+    pytest.importorskip(program_name)
+    router = ports.router()
+    script = f"{program_name}_serval.py"
+    service = {"aiohttp": "web", "asyncssh": "ssh"}[program_name]
+    size = 40_000_000
+    if program_name == "aiohttp":
+        serve_extra: list[str] = []
+        client = [str(PORTS / script), "web.serval", "80", str(size)]
+    else:
+        keys = ssh_keys(ports.tmp / "keys")
+        serve_extra = [str(keys)]
+        big = ports.tmp / "big.bin"
+        big.write_bytes(os.urandom(size))  # the upload (put) is under way at the kill
+        client = [str(PORTS / script), str(keys), str(big)]
+    replicas = {}
+    for name in "AB":
+        peer = ports.program([str(PORTS / script), "serve", *serve_extra], router)
+        ports.peers.remove(peer)
+        ports.python_servers.append(peer)
+        peer.wait_for(r"^serving ", STARTUP)
+        replicas[name] = peer
+    wait_registered(router, service, 2)
+    first = ports.program(client, router)
+    victim = busy_replica(replicas, 20)
+    replicas[victim].kill()
+    first_rc = first.finish(60)
+    seen = PROGRAM_ERROR.findall(first.stderr)
+    print(
+        f"\n{program_name}: replica {victim} killed mid-transfer; the program exited "
+        f"{first_rc}, last error {seen[-1] if seen else None}"
+    )
+    assert first_rc != 0 and seen, first.stderr[-2000:]
+    wait_registered(router, service, 1)
+    again = result(ports.program(client, router), 60)
+    if program_name == "aiohttp":
+        assert again["get_bytes"] == size and again["post"]["bytes"] == size
+    else:
+        assert again["sent_sha256"] == again["back_sha256"]
+
+
 def test_lines_changed_counts_code_not_docstrings(tmp_path: Path) -> None:
     a, b = tmp_path / "a.py", tmp_path / "b.py"
     a.write_text('"""Doc\none."""\n\nimport x\n\n# note\nx.run("h")\n')
