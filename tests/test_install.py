@@ -240,3 +240,19 @@ def test_tls_runs_on_top_and_checks_the_service_name(tmp_path: Path) -> None:
                 srv.close()
 
     asyncio.run(main())
+
+
+def test_install_on_new_loops_covers_asyncio_run() -> None:
+    from pyserval.runtime.install import install_on_new_loops
+
+    async def main() -> bool:
+        loop = asyncio.get_running_loop()
+        return "create_connection" in vars(loop) and "create_server" in vars(loop)
+
+    assert not asyncio.run(main())
+    install_on_new_loops()
+    try:
+        assert asyncio.run(main())
+    finally:
+        asyncio.set_event_loop_policy(None)
+    assert not asyncio.run(main())

@@ -259,6 +259,35 @@ def test_asyncssh_zero_line_command_and_sftp_checked_by_sha256(ports: Ports) -> 
     assert lines_changed("asyncssh") == 5
 
 
+# -- python -m pyserval.launch: the plain-TCP programs themselves, unchanged ---------------------
+
+
+@needs("redis-server")
+@library("redis")
+@library("websockets")
+def test_launch_runs_the_unchanged_tcp_programs_on_serval(ports: Ports) -> None:
+    port = redis_server(ports)
+    router = ports.router()
+    ports.translate("service:redis", f"tcp:127.0.0.1:{port}", router)
+    wait_registered(router, "redis", 1)
+    launch = ["-m", "pyserval.launch"]
+    argv = [*launch, str(PORTS / "redis_tcp.py"), "redis.serval", "6379", "1000"]
+    got = result(ports.program(argv, router), 60)
+    assert got["right"] == 1000 and got["heard"] == ["item 0", "item 1", "item 2"]
+    server = ports.program(
+        [*launch, str(PORTS / "websockets_tcp.py"), "serve", "echo.serval"], router
+    )
+    ports.peers.remove(server)
+    ports.python_servers.append(server)
+    server.wait_for(r"^serving ", STARTUP)
+    wait_registered(router, "echo", 1)
+    got = result(
+        ports.program([*launch, str(PORTS / "websockets_tcp.py"), "echo.serval"], router), 60
+    )
+    assert got["echo_sha256"] == got["sent_sha256"] and got["close_code"] == 4001
+    assert server.wait_for(r"^closed ", 10) == "closed 1000"
+
+
 # -- two replicas behind the router, one SIGKILLed mid-run ---------------------------------------
 
 

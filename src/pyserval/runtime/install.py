@@ -59,7 +59,15 @@ from .host import Host
 from .stdio import ServalTransport
 from .streams import ServalListener
 
-__all__ = ["SUFFIX", "Installation", "ServiceServer", "ServiceTransport", "install", "service_name"]
+__all__ = [
+    "SUFFIX",
+    "Installation",
+    "ServiceServer",
+    "ServiceTransport",
+    "install",
+    "install_on_new_loops",
+    "service_name",
+]
 
 SUFFIX = ".serval"
 LOGGER = logging.getLogger("pyserval.install")
@@ -419,6 +427,26 @@ class Installation:
         if kwargs.get("start_serving", True):
             await server.start_serving()
         return server
+
+
+class _InstallingPolicy(asyncio.DefaultEventLoopPolicy):
+    """Every new event loop resolves Serval names (the default host, made on first use)."""
+
+    def __init__(self, suffix: str) -> None:
+        super().__init__()
+        self._suffix = suffix
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        loop = super().new_event_loop()
+        Installation(None, loop, self._suffix)._apply()
+        return loop
+
+
+def install_on_new_loops(suffix: str = SUFFIX) -> None:
+    """Install on every event loop made from now on (``asyncio.run`` included), each with the
+    process-wide default host; what ``python -m pyserval.launch`` does before it runs an
+    unchanged program. Replaces the event loop policy."""
+    asyncio.set_event_loop_policy(_InstallingPolicy(suffix))
 
 
 def install(
