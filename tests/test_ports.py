@@ -357,19 +357,28 @@ PROGRAM_ERROR = re.compile(r"^(\w+(?:\.\w+)*(?:Error|Exception|Lost|Disconnected
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("program_name", ["aiohttp", "asyncssh"])
+@pytest.mark.parametrize("program_name", ["aiohttp", "asyncssh", "websockets", "aiomcache"])
 def test_a_replica_sigkilled_mid_transfer(ports: Ports, program_name: str) -> None:
-    """Two server replicas; the one carrying a large transfer is SIGKILLed in the middle.
-    The program sees its library's own connection-lost error (no hang); run again, it is
-    served by the replica left."""
+    """Two server replicas (for aiomcache: two outbound translators to one memcached); the
+    one carrying the program's traffic is SIGKILLed in the middle. The program sees its
+    library's own connection-lost error (no hang); run again, it is served by the replica
+    left."""
     pytest.importorskip(program_name)
     router = ports.router()
     script = f"{program_name}_serval.py"
-    service = {"aiohttp": "web", "asyncssh": "ssh"}[program_name]
+    service = {"aiohttp": "web", "asyncssh": "ssh", "websockets": "echo"}.get(
+        program_name, "memcached"
+    )
     size = 40_000_000
+    serve_extra: list[str] = []
     if program_name == "aiohttp":
-        serve_extra: list[str] = []
         client = [str(PORTS / script), "web.serval", "80", str(size)]
+    elif program_name == "websockets":
+        client = [str(PORTS / script), "echo.serval", "80", "60"]  # 60 messages of 1 MB
+    elif program_name == "aiomcache":
+        if program("memcached") is None:
+            pytest.skip("not installed: memcached")
+        client = [str(PORTS / script), "memcached.serval", "11211", "15000"]
     else:
         keys = ssh_keys(ports.tmp / "keys")
         serve_extra = [str(keys)]
@@ -377,7 +386,12 @@ def test_a_replica_sigkilled_mid_transfer(ports: Ports, program_name: str) -> No
         big.write_bytes(os.urandom(size))  # the upload (put) is under way at the kill
         client = [str(PORTS / script), str(keys), str(big)]
     replicas = {}
+    memcached_port = memcached(ports) if program_name == "aiomcache" else 0
     for name in "AB":
+        if program_name == "aiomcache":
+            target = f"tcp:127.0.0.1:{memcached_port}"
+            replicas[name] = ports.translate("service:memcached", target, router)
+            continue
         peer = ports.program([str(PORTS / script), "serve", *serve_extra], router)
         ports.peers.remove(peer)
         ports.python_servers.append(peer)
@@ -398,6 +412,10 @@ def test_a_replica_sigkilled_mid_transfer(ports: Ports, program_name: str) -> No
     again = result(ports.program(client, router), 60)
     if program_name == "aiohttp":
         assert again["get_bytes"] == size and again["post"]["bytes"] == size
+    elif program_name == "websockets":
+        assert again["echo_sha256"] == again["sent_sha256"]
+    elif program_name == "aiomcache":
+        assert again["right"] == 15000
     else:
         assert again["sent_sha256"] == again["back_sha256"]
 

@@ -7,7 +7,8 @@ by the name ``echo.serval``. Hosts come from the environment (``PYSERVAL_ROUTER`
 
 Usage: ``python examples/ports/websockets_serval.py serve [HOST [PORT]]`` (the echo server;
 prints ``serving``, then ``closed CODE`` for every connection that ends), or
-``python examples/ports/websockets_serval.py [HOST [PORT]]`` (the client; prints one JSON line).
+``python examples/ports/websockets_serval.py [HOST [PORT [ROUNDS]]]`` (the client, ROUNDS
+1 MB messages; prints one JSON line).
 """
 
 from __future__ import annotations
@@ -43,14 +44,18 @@ async def server(host: str, port: int) -> None:
         await srv.serve_forever()
 
 
-async def client(host: str, port: int) -> dict[str, object]:
+async def client(host: str, port: int, rounds: int) -> dict[str, object]:
     pyserval.install()
-    big = os.urandom(1_000_000)
+    sent, echoed = hashlib.sha256(), hashlib.sha256()
     async with connect(f"ws://{host}:{port}/", max_size=2**21) as ws:
         await ws.send("hello")
         text = await ws.recv()
-        await ws.send(big)
-        echoed = await ws.recv()
+        for _ in range(rounds):
+            big = os.urandom(1_000_000)
+            sent.update(big)
+            await ws.send(big)
+            back = await ws.recv()
+            echoed.update(back if isinstance(back, bytes) else b"")
     # A second connection: the server closes it with its own code.
     async with connect(f"ws://{host}:{port}/") as ws:
         await ws.send("close 4001")
@@ -60,8 +65,8 @@ async def client(host: str, port: int) -> dict[str, object]:
             code, reason = exc.rcvd.code if exc.rcvd else None, exc.rcvd.reason if exc.rcvd else ""
     return {
         "text": text,
-        "sent_sha256": hashlib.sha256(big).hexdigest(),
-        "echo_sha256": hashlib.sha256(echoed if isinstance(echoed, bytes) else b"").hexdigest(),
+        "sent_sha256": sent.hexdigest(),
+        "echo_sha256": echoed.hexdigest(),
         "close_code": code,
         "close_reason": reason,
     }
@@ -76,4 +81,5 @@ if __name__ == "__main__":
     if serving:
         asyncio.run(server(host, port))
     else:
-        print(json.dumps(asyncio.run(client(host, port))))
+        rounds = int(args[2]) if len(args) > 2 else 1
+        print(json.dumps(asyncio.run(client(host, port, rounds))))
