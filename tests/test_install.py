@@ -256,3 +256,33 @@ def test_install_on_new_loops_covers_asyncio_run() -> None:
     finally:
         asyncio.set_event_loop_policy(None)
     assert not asyncio.run(main())
+
+
+def test_starttls_upgrades_a_serval_stream_in_place(tmp_path: Path) -> None:
+    cert, key = _certificate(tmp_path, "upper.serval")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+
+    async def starttls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert await reader.readline() == b"STARTTLS\n"
+        writer.write(b"GO\n")
+        await writer.drain()
+        await writer.start_tls(server_ctx)
+        await upper(reader, writer)
+
+    async def main() -> None:
+        async with pair("upper") as (server, client):
+            with pyserval.install(server, connect=False), pyserval.install(client, serve=False):
+                srv = await asyncio.start_server(starttls, "upper.serval", 0)
+                reader, writer = await asyncio.open_connection("upper.serval", 0)
+                writer.write(b"STARTTLS\n")
+                assert await reader.readline() == b"GO\n"
+                await writer.start_tls(client_ctx, server_hostname="upper.serval")
+                writer.write(b"now private\n")
+                assert await reader.readline() == b"NOW PRIVATE\n"
+                assert writer.get_extra_info("peercert") is not None
+                writer.close()
+                srv.close()
+
+    asyncio.run(main())

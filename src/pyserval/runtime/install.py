@@ -82,7 +82,7 @@ def service_name(host: object, suffix: str = SUFFIX) -> str | None:
     if not isinstance(host, str):
         return None
     name = host[:-1] if host.endswith(".") else host
-    if len(name) > len(suffix) and name.lower().endswith(suffix):
+    if len(name) > len(suffix) and name.lower().endswith(suffix.lower()):
         return name[: -len(suffix)]
     return None
 
