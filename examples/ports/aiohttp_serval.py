@@ -26,6 +26,8 @@ from aiohttp import web
 import pyserval
 
 CHUNK = 64 * 1024
+# A server that goes away silently must not leave the client waiting for ever.
+TIMEOUT = aiohttp.ClientTimeout(total=None, sock_read=10)
 
 
 def block(i: int) -> bytes:
@@ -76,7 +78,7 @@ async def client(host: str, port: int, size: int) -> dict[str, object]:
         for i in range((size + CHUNK - 1) // CHUNK):
             yield block(i)[: size - i * CHUNK]
 
-    async with aiohttp.ClientSession(connector=ServalConnector()) as session:
+    async with aiohttp.ClientSession(timeout=TIMEOUT, connector=ServalConnector()) as session:
         got, total = hashlib.sha256(), 0
         async with session.get(f"http://{host}:{port}/data", params={"size": size}) as resp:
             async for chunk in resp.content.iter_chunked(CHUNK):
