@@ -269,7 +269,8 @@ class Installation:
         self._installed = True
 
     def uninstall(self) -> None:
-        """Give the loop its own methods back (those it had before :func:`install`)."""
+        """Give the loop the methods it had before :func:`install` (installations on one loop
+        stack: undo them in reverse order, as nested ``with`` blocks do)."""
         if not self._installed:
             return
         self._installed = False
