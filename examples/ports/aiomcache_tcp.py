@@ -19,8 +19,9 @@ async def main(host: str, port: int, keys: int) -> dict[str, object]:
     client = aiomcache.Client(host, port, pool_size=4)
     right = 0
     for i in range(keys):
-        await client.set(b"key:%d" % i, b"value:%d" % i)
-        right += await client.get(b"key:%d" % i) == b"value:%d" % i
+        async with asyncio.timeout(10):  # a server that went away silently: give up
+            await client.set(b"key:%d" % i, b"value:%d" % i)
+            right += await client.get(b"key:%d" % i) == b"value:%d" % i
     wanted = [b"key:%d" % i for i in range(0, keys, max(1, keys // 50))] + [b"missing"]
     values = await client.multi_get(*wanted)
     await client.close()

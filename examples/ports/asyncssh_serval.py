@@ -54,6 +54,7 @@ async def client(keys: Path, file: Path, host: str, port: int) -> dict[str, obje
         username="serval",
         client_keys=[str(keys / "client_key")],
         known_hosts=(trusted, [], []),
+        keepalive_interval=5,  # a server that went away silently is noticed in 15 s
     ) as conn:
         ran = await conn.run("hello world", check=True)
         async with conn.start_sftp_client() as sftp:

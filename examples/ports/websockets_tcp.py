@@ -42,7 +42,10 @@ async def server(host: str, port: int) -> None:
 
 async def client(host: str, port: int, rounds: int) -> dict[str, object]:
     sent, echoed = hashlib.sha256(), hashlib.sha256()
-    async with connect(f"ws://{host}:{port}/", max_size=2**21) as ws:
+    # Pings every 5 s: a server that went away silently is noticed in about 10 s.
+    async with connect(
+        f"ws://{host}:{port}/", max_size=2**21, ping_interval=5, ping_timeout=5
+    ) as ws:
         await ws.send("hello")
         text = await ws.recv()
         for _ in range(rounds):
