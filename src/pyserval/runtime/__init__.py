@@ -3,6 +3,7 @@
 from .api import connect, default_host, listen, open_connection, start_server
 from .datagram_streams import ServalDatagramListener, ServalDatagramStream
 from .host import Host, HostClosed, HostConfig, parse_address
+from .install import Installation, install
 from .socket import DatagramError, ServalSocket, SocketClosed
 from .streams import (
     ServalConnectError,
@@ -17,6 +18,7 @@ __all__ = [
     "Host",
     "HostClosed",
     "HostConfig",
+    "Installation",
     "ServalConnectError",
     "ServalConnectTimeout",
     "ServalDatagramListener",
@@ -28,6 +30,7 @@ __all__ = [
     "SocketClosed",
     "connect",
     "default_host",
+    "install",
     "listen",
     "open_connection",
     "parse_address",

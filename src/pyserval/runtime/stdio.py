@@ -39,7 +39,7 @@ ClientConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitab
 class ServalTransport(asyncio.Transport):
     """An asyncio transport on one Serval connection (see the module docstring)."""
 
-    def __init__(self, host: Host, conn: Connection, protocol: asyncio.Protocol) -> None:
+    def __init__(self, host: Host, conn: Connection, protocol: asyncio.BaseProtocol) -> None:
         super().__init__()
         self._host = host
         self._conn = conn
@@ -75,11 +75,11 @@ class ServalTransport(asyncio.Transport):
             data = conn.read(256 * 1024)
             if not data:
                 break
-            self._protocol.data_received(data)
+            _feed(self._protocol, data)
             self._host.schedule_flush()  # the window may have opened
         if conn.at_eof and not self._eof_delivered and not self._read_paused and not self._lost:
             self._eof_delivered = True
-            keep_open = self._protocol.eof_received()
+            keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
             if not keep_open:
                 self.close()
 
@@ -180,11 +180,26 @@ class ServalTransport(asyncio.Transport):
         return info.get(name, default)
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        assert isinstance(protocol, asyncio.Protocol)
         self._protocol = protocol
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         return self._protocol
+
+
+def _feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
+    """Hand ``data`` to a protocol of either kind (TLS on top is a ``BufferedProtocol``)."""
+    if not isinstance(protocol, asyncio.BufferedProtocol):
+        protocol.data_received(data)  # type: ignore[attr-defined]
+        return
+    view = memoryview(data)
+    while view:
+        buf = memoryview(protocol.get_buffer(len(view)))
+        n = min(len(buf), len(view))
+        if n == 0:
+            raise RuntimeError("get_buffer() returned an empty buffer")
+        buf[:n] = view[:n]
+        protocol.buffer_updated(n)
+        view = view[n:]
 
 
 async def open_connection_on(
