@@ -1434,6 +1434,12 @@ class HostCore:
             # first answer won. Reset the loser so it does not hold a half-open flow; the
             # RST echoes the loser's own nonce (ours must never go to a stranger).
             self.stats["losing_synack"] += 1
+            if not self.rst_limit.take(now):
+                # Anyone who knows one of our flowIDs (its own connection's) can send these
+                # from forged addresses: the answer is rate-limited like any stateless RST.
+                self.stats["rst_rate_limited"] += 1
+                return
+            self.stats["rst_sent"] += 1
             rst = ControlExt(ControlFlags.RST, ctl.verno, 0, ctl.nonce)  # echoes its SYN-ACK
             loser = SalPacket(sf.local_flowid, pkt.src_flowid, pkt.protocol, [rst])
             self._send(loser, sf.local_addr, src)

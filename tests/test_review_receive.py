@@ -1,0 +1,67 @@
+"""Adversarial review of the receive path (issue 11): answers an attacker can draw out.
+
+The attacker is off-path but owns a connection of its own to the host (so it knows that
+connection's two flowIDs) and forges source addresses. Whatever it sends, the host's answers
+to addresses that did not ask for them stay within the per-host rate limits the README
+promises (``rst_rate``/``rst_burst``), whichever path of the receive code answers.
+"""
+
+from __future__ import annotations
+
+import random
+
+from pyserval.core.host import HostCore
+from pyserval.naming.service_id import as_service_id
+from pyserval.sal import (
+    PROTO_TCP,
+    PROTO_UDP,
+    ControlExt,
+    ControlFlags,
+    SalPacket,
+    ServiceExt,
+    UdpHeader,
+)
+from pyserval.transport.connection import State
+
+from .simhelpers import A, B, make_pair
+
+BURST = 20  # the host's rst_burst in these tests: what may go out at one instant
+
+
+def _victim(i: int) -> tuple[str, int]:
+    return (f"10.7.{i // 250}.{i % 250 + 1}", 7000 + i)
+
+
+def _sent_to_victims(host: HostCore, now: float) -> int:
+    return sum(1 for _, _, to in host.datagrams_to_send(now) if to[0].startswith("10.7."))
+
+
+def test_forged_synacks_on_an_own_flow_do_not_reflect_unlimited_resets() -> None:
+    # A SYN-ACK on an established flow from elsewhere is answered with a RST ("losing
+    # SYN-ACK"). The attacker's own connection gives it a flowID; forged sources aim the RSTs.
+    p = make_pair()
+    p.b.rst_limit.burst = p.b.rst_limit._tokens = BURST
+    p.b.rst_limit.rate = 0.0
+    p.connect()
+    assert p.server is not None
+    s = p.server.primary
+    now = p.net.now
+    out = 0
+    for i in range(1000):
+        ext = ControlExt(ControlFlags.SYN | ControlFlags.ACK, i, 0, bytes(8))
+        pkt = SalPacket(0x1000 + i, s.local_flowid, PROTO_TCP, [ext])
+        victim = _victim(i)
+        p.b.receive_datagram(pkt.encode(victim[0], B[0]), victim, B, now)
+        out += _sent_to_victims(p.b, now)
+    assert p.b.stats["losing_synack"] == 1000
+    assert out <= BURST, out
+    assert p.server.state is State.ESTABLISHED
+
+
+def test_a_client_still_gets_its_first_refusal() -> None:
+    host = HostCore([B], rng=random.Random(1))
+    host.listen("dg", datagram=True)
+    pkt = SalPacket(0x77, 0, PROTO_UDP, [ServiceExt(as_service_id("dg"))], UdpHeader(), b"x")
+    host.receive_datagram(pkt.encode(A[0], B[0]), A, B, 0.0)
+    ((data, _, to),) = host.datagrams_to_send(0.0)
+    assert to == A and len(data) == 12 + 20
