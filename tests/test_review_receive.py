@@ -58,6 +58,20 @@ def test_forged_synacks_on_an_own_flow_do_not_reflect_unlimited_resets() -> None
     assert p.server.state is State.ESTABLISHED
 
 
+def test_unconnected_datagrams_to_a_connected_listener_get_rate_limited_refusals() -> None:
+    host = HostCore([B], rng=random.Random(1), rst_rate=0.0, rst_burst=BURST)
+    host.listen("dg", datagram=True)
+    sid = as_service_id("dg")
+    out = 0
+    for i in range(1000):
+        pkt = SalPacket(0x2000 + i, 0, PROTO_UDP, [ServiceExt(sid)], UdpHeader(), b"x")
+        victim = _victim(i)
+        host.receive_datagram(pkt.encode(victim[0], B[0]), victim, B, 0.0)
+        out += _sent_to_victims(host, 0.0)
+    assert host.drops["datagram_to_listener"] == 1000
+    assert out <= BURST, out
+
+
 def test_a_client_still_gets_its_first_refusal() -> None:
     host = HostCore([B], rng=random.Random(1))
     host.listen("dg", datagram=True)

@@ -1314,6 +1314,10 @@ class HostCore:
         if res is not None and isinstance(res.listener, Listener) and res.listener.datagram:
             # A listening connected-mode datagram socket takes only SYNs (spec).
             self.drops["datagram_to_listener"] += 1
+            if not self.rst_limit.take(now):
+                self.stats["rst_rate_limited"] += 1  # an answer nobody asked for, as a RST
+                return
+            self.stats["rst_sent"] += 1
             self._send(refuse_unconnected(pkt), self.local_for(src, dst), src)
             return
         if res is None or not isinstance(res.listener, DatagramEndpoint):
