@@ -17,13 +17,17 @@ from pyserval.sal import (
     PROTO_UDP,
     ControlExt,
     ControlFlags,
+    DssExt,
     SalPacket,
     ServiceExt,
+    TcpFlags,
+    TcpHeader,
     UdpHeader,
 )
 from pyserval.transport.connection import State
 
 from .simhelpers import A, B, make_pair
+from .test_core_multipath import A1, B1, DATA, Two
 
 BURST = 20  # the host's rst_burst in these tests: what may go out at one instant
 
@@ -79,3 +83,27 @@ def test_a_client_still_gets_its_first_refusal() -> None:
     host.receive_datagram(pkt.encode(A[0], B[0]), A, B, 0.0)
     ((data, _, to),) = host.datagrams_to_send(0.0)
     assert to == A and len(data) == 12 + 20
+
+
+def test_multipath_segments_with_wild_numbers_neither_kill_nor_feed_the_flow() -> None:
+    # Multipath subflows skipped RFC 5961's window checks: a segment with both flowIDs from
+    # the peer's address but numbers far from anything in flight was taken, and a DATA_FIN
+    # before what was already received reset the connection ("protocol violation").
+    two = Two()
+    two.transfer(DATA[:200_000])
+    s = two.server.primary
+    rcv = two.server.recv.rcv_nxt
+    far = (s.irs + 1 + 1_000_000_000) & 0xFFFFFFFF
+    ack = s.wire_seq(s.snd_una)
+    forged = [
+        (far, TcpFlags.ACK, DssExt(DssExt.HAS_DSN, rcv, 0), b"EVIL"),  # data far off
+        (far, TcpFlags.FIN | TcpFlags.ACK, DssExt(DssExt.HAS_DSN | DssExt.DATA_FIN, 0, 0), b""),
+        (far, TcpFlags.FIN | TcpFlags.ACK, DssExt(DssExt.HAS_DSN | DssExt.DATA_FIN, rcv, 0), b""),
+    ]
+    for seq, flags, dss, payload in forged:
+        tcp = TcpHeader(seq=seq, ack=ack, flags=flags)
+        pkt = SalPacket(s.remote_flowid, s.local_flowid, PROTO_TCP, [dss], tcp, payload)
+        two.b.receive_datagram(pkt.encode(A1[0], B1[0]), A1, B1, two.net.now)
+    assert two.server.state is State.ESTABLISHED, two.server.error
+    assert two.server.peer_fin_offset is None and two.server.read() == b""
+    two.transfer(DATA[200_000:400_000])  # and the flow still carries data intact
