@@ -140,3 +140,20 @@ def test_multipath_segments_with_wild_numbers_neither_kill_nor_feed_the_flow() -
     assert two.server.state is State.ESTABLISHED, two.server.error
     assert two.server.peer_fin_offset is None and two.server.read() == b""
     two.transfer(DATA[200_000:400_000])  # and the flow still carries data intact
+
+
+def _syn(flowid: int, service: str = "echo") -> bytes:
+    ctl = ControlExt(ControlFlags.SYN, 1, 0, b"\x01" * 8)
+    tcp = TcpHeader(seq=1, flags=TcpFlags.SYN)
+    pkt = SalPacket(flowid, 0, PROTO_TCP, [ctl, ServiceExt(as_service_id(service))], tcp)
+    return pkt.encode(A[0], B[0])
+
+
+def test_a_full_flow_table_drops_syns_by_reason_not_as_internal_errors() -> None:
+    host = HostCore([B], rng=random.Random(1), max_flows=3)
+    host.listen("echo")
+    for i in range(10):
+        host.receive_datagram(_syn(0x100 + i), A, B, 0.0)
+    assert len(host.flows) == 3
+    assert host.internal_errors == [] and host.drops["internal_error"] == 0
+    assert host.drops["flow_table_full"] == 7

@@ -1055,6 +1055,9 @@ class HostCore:
                 relay = (_first_router(path, hop), RelayExt(marker.address, marker.tag))
             self._send_cookie_synack(pkt, ctl, tcp, src, self.local_for(src, dst), now, relay)
             return
+        if len(self.flows) >= self.flows.max_flows:
+            self.drops["flow_table_full"] += 1  # (allocate would raise FlowTableFull)
+            return
         flowid = self.flows.allocate()
         # A forwarded SYN may come from an IPv6 client over IPv4 (or the reverse).
         here = self.local_for(src, dst)
@@ -1267,6 +1270,9 @@ class HostCore:
         half_open = sum(x.join_state == "syn_received" for x in conn.subflows)
         if len(conn.subflows) >= MAX_SUBFLOWS or half_open >= MAX_HALF_OPEN_JOINS:
             self.drops["join_too_many"] += 1
+            return
+        if len(self.flows) >= self.flows.max_flows:
+            self.drops["flow_table_full"] += 1
             return
         flowid = self.flows.allocate()
         sf = Subflow(conn, flowid, dst, src, self.rng)
