@@ -25,7 +25,9 @@ from pyserval.sal import (
     TcpFlags,
     TcpHeader,
     UdpHeader,
+    decode_packet,
 )
+from pyserval.transport.config import StreamConfig
 from pyserval.transport.connection import State
 
 from .simhelpers import A, B, make_pair
@@ -183,3 +185,35 @@ def test_an_address_check_does_not_reveal_a_guessed_source_flowid() -> None:
         if any(to == evil for _, _, to in p.b.datagrams_to_send(now)):
             answered.append(guess)
     assert answered == [], "the right source flowID was the only one answered"
+
+
+def _cookie_third_ack(host: HostCore, service: str) -> SalPacket:
+    """A client at A sends a SYN for "echo", gets a SYN cookie, and answers it naming
+    ``service`` in its third ACK."""
+    host.receive_datagram(_syn(0x4242), A, B, 0.0)
+    ((data, _, to),) = host.datagrams_to_send(0.0)
+    synack = decode_packet(data)
+    ctl, tcp = synack.control, synack.tcp
+    assert to == A and ctl is not None and tcp is not None and host.stats["syn_cookie_sent"]
+    ack = ControlExt(ControlFlags.ACK, 2, (ctl.verno + 1) & 0xFFFFFFFF, b"\x01" * 8)
+    third = TcpHeader(seq=2, ack=(tcp.seq + 1) & 0xFFFFFFFF, flags=TcpFlags.ACK)
+    return SalPacket(
+        0x4242, synack.src_flowid, PROTO_TCP, [ack, ServiceExt(as_service_id(service))], third
+    )
+
+
+def test_a_cookie_for_one_service_opens_no_stream_on_a_datagram_listener() -> None:
+    host = HostCore([B], rng=random.Random(1), config=StreamConfig(max_half_open=0))
+    host.listen("echo")
+    dg = host.listen("dg", datagram=True)
+    pkt = _cookie_third_ack(host, "dg")
+    host.receive_datagram(pkt.encode(A[0], B[0]), A, B, 0.0)
+    assert not dg.accept_queue and not host.connections
+
+
+def test_a_cookie_third_ack_naming_its_own_service_still_works() -> None:
+    host = HostCore([B], rng=random.Random(1), config=StreamConfig(max_half_open=0))
+    echo = host.listen("echo")
+    pkt = _cookie_third_ack(host, "echo")
+    host.receive_datagram(pkt.encode(A[0], B[0]), A, B, 0.0)
+    assert len(echo.accept_queue) == 1 and host.stats["syn_cookie_accepted"] == 1

@@ -1182,7 +1182,9 @@ class HostCore:
             return True
         res = self.service_table.lookup(svc.service_id)
         listener = res.listener if res is not None else None
-        if not isinstance(listener, Listener) or listener.closed:
+        # The cookie does not name the service: a stream made from it must not land in a
+        # connected datagram listener's queue (only stream listeners ever send cookies).
+        if not isinstance(listener, Listener) or listener.closed or listener.datagram:
             return False
         if len(listener.accept_queue) >= listener.backlog:
             self.drops["accept_queue_full"] += 1  # the client's next ACK may find room
