@@ -1060,6 +1060,9 @@ class HostCore:
                 relay = (_first_router(path, hop), RelayExt(marker.address, marker.tag))
             self._send_cookie_synack(pkt, ctl, tcp, src, self.local_for(src, dst), now, relay)
             return
+        if len(self.flows) >= self.flows.max_flows:
+            self.drops["flow_table_full"] += 1  # (allocate would raise FlowTableFull)
+            return
         flowid = self.flows.allocate()
         # A forwarded SYN may come from an IPv6 client over IPv4 (or the reverse).
         here = self.local_for(src, dst)
@@ -1184,7 +1187,9 @@ class HostCore:
             return True
         res = self.service_table.lookup(svc.service_id)
         listener = res.listener if res is not None else None
-        if not isinstance(listener, Listener) or listener.closed:
+        # The cookie does not name the service: a stream made from it must not land in a
+        # connected datagram listener's queue (only stream listeners ever send cookies).
+        if not isinstance(listener, Listener) or listener.closed or listener.datagram:
             return False
         if len(listener.accept_queue) >= listener.backlog:
             self.drops["accept_queue_full"] += 1  # the client's next ACK may find room
@@ -1273,6 +1278,9 @@ class HostCore:
         if len(conn.subflows) >= MAX_SUBFLOWS or half_open >= MAX_HALF_OPEN_JOINS:
             self.drops["join_too_many"] += 1
             return
+        if len(self.flows) >= self.flows.max_flows:
+            self.drops["flow_table_full"] += 1
+            return
         flowid = self.flows.allocate()
         sf = Subflow(conn, flowid, dst, src, self.rng)
         sf.peer_key = key
@@ -1319,6 +1327,10 @@ class HostCore:
         if res is not None and isinstance(res.listener, Listener) and res.listener.datagram:
             # A listening connected-mode datagram socket takes only SYNs (spec).
             self.drops["datagram_to_listener"] += 1
+            if not self.rst_limit.take(now):
+                self.stats["rst_rate_limited"] += 1  # an answer nobody asked for, as a RST
+                return
+            self.stats["rst_sent"] += 1
             self._send(refuse_unconnected(pkt), self.local_for(src, dst), src)
             return
         if res is None or not isinstance(res.listener, DatagramEndpoint):
@@ -1441,6 +1453,12 @@ class HostCore:
             # first answer won. Reset the loser so it does not hold a half-open flow; the
             # RST echoes the loser's own nonce (ours must never go to a stranger).
             self.stats["losing_synack"] += 1
+            if not self.rst_limit.take(now):
+                # Anyone who knows one of our flowIDs (its own connection's) can send these
+                # from forged addresses: the answer is rate-limited like any stateless RST.
+                self.stats["rst_rate_limited"] += 1
+                return
+            self.stats["rst_sent"] += 1
             rst = ControlExt(ControlFlags.RST, ctl.verno, 0, ctl.nonce)  # echoes its SYN-ACK
             loser = SalPacket(sf.local_flowid, pkt.src_flowid, pkt.protocol, [rst])
             self._send(loser, sf.local_addr, src)

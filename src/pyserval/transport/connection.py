@@ -456,17 +456,18 @@ class Subflow:
             # that carries our window (RFC 9293: unacceptable segments are acknowledged).
             conn.ack_now = True
 
-    def _acceptable(self, tcp: TcpHeader, length: int) -> bool:
+    def _acceptable(self, tcp: TcpHeader, length: int, track: SeqTracker | None = None) -> bool:
         """Whether a segment's numbers are plausible for this flow (RFC 9293 3.10.7.4 and
         RFC 5961): its sequence range touches what the receive buffer could ever have
         offered around ``rcv_nxt``, and its ACK lies in [snd_una - max window, snd_max].
-        Anything else is not from the peer as it stands now, and changes nothing."""
+        Anything else is not from the peer as it stands now, and changes nothing.
+        ``track``: a multipath subflow's own sequence space (its ``rcv_track``)."""
         if tcp.flags & TcpFlags.ACK:
             ack = unwrap(tcp.ack, self.iss + 1, self.snd_una)
             if ack > self.snd_max or ack < self.snd_una - self.max_snd_wnd:
                 return False
         recv = self.conn.recv
-        rcv_nxt = recv.rcv_nxt
+        rcv_nxt = recv.rcv_nxt if track is None else track.rcv_nxt
         seq = unwrap(tcp.seq, self.irs + 1, rcv_nxt)
         cap = recv.capacity
         return seq < rcv_nxt + cap and seq + length + cap >= rcv_nxt
@@ -498,6 +499,11 @@ class Subflow:
             if flags & TcpFlags.SYN:
                 self.ack_pending = True  # a retransmitted SYN-ACK: our ACK was lost
             return
+        track = self.rcv_track
+        assert track is not None
+        if not self._acceptable(tcp, len(payload) + (1 if flags & TcpFlags.FIN else 0), track):
+            conn.challenge_ack_due = True  # RFC 5961 as on a single path: change nothing
+            return
         self._heard_again(now)
         conn.last_heard = now
         conn.keepalives_sent = 0
@@ -507,12 +513,9 @@ class Subflow:
         if flags & TcpFlags.ACK:
             self._on_ack(tcp, bool(payload) or fin, now)
         if not payload and not fin:
-            track = self.rcv_track
-            if track is not None and unwrap(tcp.seq, self.irs + 1, track.rcv_nxt) < track.rcv_nxt:
+            if unwrap(tcp.seq, self.irs + 1, track.rcv_nxt) < track.rcv_nxt:
                 self.ack_pending = True  # a keepalive or window probe: answer it
             return
-        track = self.rcv_track
-        assert track is not None
         seq = unwrap(tcp.seq, self.irs + 1, track.rcv_nxt)
         end = seq + len(payload) + (1 if fin else 0)
         if end <= track.rcv_nxt or dss is None or not dss.flags & DssExt.HAS_DSN:
@@ -531,7 +534,7 @@ class Subflow:
         if payload:
             fin_at = conn.peer_fin_offset
             if fin_at is not None and dss.dsn + len(payload) > fin_at:
-                conn.protocol_violation("data beyond the DATA_FIN")
+                conn.challenge_ack_due = True  # contradicts the DATA_FIN: changes nothing
                 return
             if dss.dsn + len(payload) > recv.rcv_nxt + recv.window:
                 self.ack_pending = True
@@ -543,11 +546,13 @@ class Subflow:
                 self.ack_pending = True
                 return  # too many holes to keep it: not taken (so not ACKed), resent later
         if fin and dss.flags & DssExt.DATA_FIN:
-            if conn.peer_fin_offset is not None and conn.peer_fin_offset != dss.dsn:
-                conn.protocol_violation("DATA_FIN moved")
-                return
-            if dss.dsn < recv.rcv_nxt:
-                conn.protocol_violation("DATA_FIN before data already received")
+            # A DATA_FIN that contradicts what we have is not from the peer as we know it:
+            # as on a single path it gets a challenge ACK (a reset would let anyone who
+            # knows the flowIDs end the connection).
+            if (
+                conn.peer_fin_offset is not None and conn.peer_fin_offset != dss.dsn
+            ) or dss.dsn < recv.rcv_nxt:
+                conn.challenge_ack_due = True
                 return
             conn.peer_fin_offset = dss.dsn
         track.add(seq, end)
