@@ -21,7 +21,7 @@ any rule: they are there for when the better rules are removed.
 Data structure: a path-compressed binary trie over the ID bits, MSB first, under a
 direct-indexed first level (the shape of an LC-trie's root):
 
-* The top ``k`` bits of an ID index two flat lists. ``k`` grows with the table, 2 bits at a
+* The top ``k`` bits of an ID index two flat lists. ``k`` grows with the table, 1 bit at a
   time from 8 to 22, keeping two slots or more per entry (up to 2M entries); growing
   re-places every entry once, like a hash table resize (amortised O(1) per add). Only
   :meth:`clear` shrinks it.
@@ -86,9 +86,11 @@ _BIT: Final[tuple[int, ...]] = (*(1 << (_BITS - 1 - n) for n in range(_BITS)), 0
 _LIM: Final[tuple[int, ...]] = tuple(1 << (_BITS - n) for n in range(_BITS + 1))
 # _MASK[n]: the first n bits set.
 _MASK: Final[tuple[int, ...]] = tuple(_ALL ^ ((1 << (_BITS - n)) - 1) for n in range(_BITS + 1))
-# Stride (bits indexed directly): grows by 2 bits (4x the slots) once there are more entries
-# than half the slots, up to 22 bits: two lists of 4M slots, 64 MiB, from 512Ki entries on.
-_STRIDES: Final = (8, 10, 12, 14, 16, 18, 20, 22)
+# Stride (bits indexed directly): grows by 1 bit (2x the slots) once there are more entries
+# than half the slots, up to 22 bits: two lists of 4M slots, 64 MiB, from 1Mi entries on.
+# (Steps of 2 bits kept 2 to 8 slots per entry: at 1M entries 64 B/entry of slot lists, where
+# 1-bit steps need 32 B for a few more branch nodes, about 10 B.)
+_STRIDES: Final = tuple(range(8, 23))
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -356,7 +358,10 @@ class _State:
             else:
                 # Several targets: lookups draw from cumulative weights with bisect, the way
                 # random.choices does, so each pick is O(log n) with nothing rebuilt.
-                self.targets = tuple(targets)
+                # (The rule's own tuple when one rule holds them all: not a second copy.)
+                self.targets = (
+                    rules[0].targets if len(rules[0].targets) == len(targets) else tuple(targets)
+                )
                 self.cum = list(accumulate(t.weight for t in targets))
                 self.total = self.cum[-1]
                 self.hi = len(targets) - 1
@@ -381,7 +386,7 @@ class Entry(Resolution):
     # block (seven would too; nine would take 112). CPython lays slots out in name order:
     # the five a lookup reads sort first. The rules, the answer and the precomputed draw
     # live in a shared _State.
-    __slots__ = ("_hits", "_key", "_left", "_lim", "_right", "_state", "_x_key", "_x_length")
+    __slots__ = ("_hits", "_key", "_left", "_lim", "_pick", "_right", "_state", "_x_key")
     # Trie node fields.
     _key: int | None  # the prefix value (bits past its length are 0); None: branch node
     _lim: int  # _LIM[length] (shared): the id is in the prefix iff (id ^ key) < lim, and
@@ -389,9 +394,9 @@ class Entry(Resolution):
     _left: Entry | None  # child whose next bit is 0
     _right: Entry | None  # child whose next bit is 1
     _x_key: int  # the prefix value, for branch nodes too
-    _x_length: int
     # Entry fields.
     _state: _State  # shared with every entry of equal rules (set by the table)
+    _pick: list[int] | None  # _state.cum: not None when a lookup must draw a target
     _hits: int
 
     def __init__(self, value: int, length: int, state: _State) -> None:
@@ -400,9 +405,14 @@ class Entry(Resolution):
         self._key = self._x_key = value | 0
         self._left = self._right = None
         self._lim = _LIM[length]
-        self._x_length = length
         self._hits = 0
         self._state = state
+        self._pick = state.cum
+
+    @property
+    def _x_length(self) -> int:
+        # Not stored (an eighth slot would cost a larger memory block): _lim is 2**(256-n).
+        return _BITS + 1 - self._lim.bit_length()
 
     @property
     def prefix(self) -> ServicePrefix:
@@ -465,7 +475,6 @@ def _branch(key: int, length: int) -> Entry:
     node._x_key = key
     node._left = node._right = None
     node._lim = _LIM[length]
-    node._x_length = length
     return node
 
 
@@ -570,10 +579,10 @@ class ServiceTable:
             if best is None:
                 return None
         best._hits += 1
-        state = best._state
-        cum = state.cum
+        cum = best._pick
         if cum is None:
             return best  # the entry is its own answer
+        state = best._state
         return _Pick(
             best, state.targets[bisect_right(cum, self._random() * state.total, 0, state.hi)]
         )
@@ -781,7 +790,8 @@ class ServiceTable:
 
     def _set_rules(self, entry: Entry, rules: tuple[Rule, ...]) -> None:
         old = entry._state
-        entry._state = self._state_of(rules)
+        entry._state = state = self._state_of(rules)
+        entry._pick = state.cum
         self._release(old)
 
     def _regrow(self) -> None:
@@ -966,6 +976,7 @@ class ServiceTable:
             users[id(e._state)] = users.get(id(e._state), 0) + 1
         for e in entries:
             assert e._state.users == users[id(e._state)], "state user counts"
+            assert e._pick is e._state.cum
             assert e._state.rules and e._state.rules == tuple(
                 sorted(e._state.rules, key=_neg_priority)
             )
