@@ -43,10 +43,9 @@ from ..sal.forwarding import (
     FAST_SYN,
     ForwardRefused,
     first_hop_bytes,
-    first_hop_template,
+    forward_first_hops,
     forward_packet,
     scan_for_forwarding,
-    stamp_first_hop,
 )
 from ..sal.inet import WILDCARDS
 from ..sal.packet import SalPacket, decode_packet
@@ -424,72 +423,39 @@ class HostCore:
         address ``dst``, in order.
 
         The same outcome packet for packet. A router's first-hop forwarding (what
-        :meth:`_fast_forward` does per packet) runs inline here: no calls per packet but the
-        scan, the lookup and the stamp, and the path suffix made once per sender and hop.
+        :meth:`_fast_forward` does per packet) runs as one loop over the batch
+        (:func:`~pyserval.sal.forwarding.forward_first_hops`); the rest goes packet by
+        packet.
         """
         receive = self.receive_datagram
         if not self.forwarding:
             for data, src in batch:
                 receive(data, src, dst, now)
             return
-        scan = scan_for_forwarding
-        stamp = stamp_first_hop
-        lookup = self.service_table.lookup_int
-        broadcast = self.broadcast
-        append = self._out.append
-        syns = datagrams = taken = 0
-        last_hop: Address | None = None
-        last_src: Address | None = None
-        local = dst
-        template: tuple[bytes, int, int] = (b"", 0, 0)
-        for data, src in batch:
-            try:
-                scanned = scan(data)
-                if scanned is None:
-                    receive(data, src, dst, now, fast=False)
-                    continue
-                res = lookup(scanned[1])
-                if res is None:
-                    receive(data, src, dst, now, fast=False)
-                    continue
-                target = res.target
-                if target is None:
-                    res.entry.hits -= 1  # the full path looks it up (and counts it) again
-                    receive(data, src, dst, now, fast=False)
-                    continue
-                hop = target.address
-                if hop in broadcast:
-                    self.drops["no_rebroadcast"] += 1
-                elif hop in (src, dst):
-                    self.drops["loop"] += 1
-                else:
-                    if hop is not last_hop or src != last_src:
-                        last_src = None  # until the template is made
-                        try:
-                            template = first_hop_template(src, dst, hop)
-                        except OSError:  # not IP text: the general path refuses it
-                            res.entry.hits -= 1
-                            receive(data, src, dst, now, fast=False)
-                            continue
-                        if hop is not last_hop:
-                            local = self.local_for(hop, dst)
-                            last_hop = hop
-                        last_src = src
-                    append((stamp(data, scanned[2], template), local, hop))
-                    if scanned[0] == FAST_SYN:
-                        syns += 1
-                    else:
-                        datagrams += 1
-                taken += 1
-            except Exception as exc:  # never let a packet take the host down
-                taken += 1
-                self._internal_error(exc)
-                self.drops["internal_error"] += 1
+
+        def other(data: bytes, src: Address) -> None:
+            receive(data, src, dst, now, fast=False)
+
+        syns, datagrams, taken = forward_first_hops(
+            batch,
+            dst,
+            self.service_table.lookup_int,
+            self.broadcast,
+            self.local_for,
+            self._out,
+            other,
+            self._fast_path_error,
+            self.drops,
+        )
         self.received += taken
         if syns:
             self.stats["forwarded_syn"] += syns
         if datagrams:
             self.stats["forwarded_datagram"] += datagrams
+
+    def _fast_path_error(self, exc: Exception) -> None:
+        self._internal_error(exc)
+        self.drops["internal_error"] += 1
 
     # -- DELAY --------------------------------------------------------------------------
     def _ask(self, sid: ServiceID) -> None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable
 from typing import Final
 
 from .checksum import BytesLike
@@ -33,16 +35,16 @@ from .extensions import (
 )
 from .inet import WILDCARDS
 from .packet import SalPacket
+from .service_table import Resolution
 
 __all__ = [
     "FAST_DATAGRAM",
     "FAST_SYN",
     "ForwardRefused",
     "first_hop_bytes",
-    "first_hop_template",
+    "forward_first_hops",
     "forward_packet",
     "scan_for_forwarding",
-    "stamp_first_hop",
 ]
 
 Address = tuple[str, int]
@@ -184,32 +186,6 @@ def _scan_extensions(data: bytes, hlen: int, protocol: int) -> tuple[int, int, i
     return (FAST_DATAGRAM, service, hlen) if protocol == 17 else None
 
 
-def first_hop_template(
-    came_from: Address, me: Address, next_hop: Address
-) -> tuple[bytes, int, int]:
-    """What :func:`first_hop_bytes` appends for this address triple, as the opaque
-    template :func:`stamp_first_hop` takes (a batch of packets from one sender to one
-    next hop shares it). Raises OSError when an address is not IP text."""
-    return _path_suffix(came_from, me, next_hop)
-
-
-def stamp_first_hop(data: bytes, hlen: int, template: tuple[bytes, int, int]) -> bytes:
-    """:func:`first_hop_bytes` with the path suffix already made (:func:`first_hop_template`)."""
-    suffix, added, words = template
-    total = (0xFFFF - ((data[10] << 8) | data[11])) + added
-    total = (total & 0xFFFF) + (total >> 16)
-    check = 0xFFFF - ((total & 0xFFFF) + (total >> 16))
-    return b"".join(
-        (
-            data[:8],
-            bytes((data[8] + words, data[9], check >> 8, check & 0xFF)),
-            data[12:hlen],
-            suffix,
-            data[hlen:],
-        )
-    )
-
-
 def _path_suffix(came_from: Address, me: Address, next_hop: Address) -> tuple[bytes, int, int]:
     """SOURCE ``[came_from, me]`` + SOURCE_PORTS (SOURCE6 when a hop is IPv6), what they
     add to the header's ones'-complement sum (with the shl change), and the words added;
@@ -266,3 +242,134 @@ def first_hop_bytes(
             data[hlen:],
         )
     )
+
+
+def forward_first_hops(
+    batch: Iterable[tuple[bytes, Address]],
+    me: Address,
+    lookup: Callable[[int], Resolution | None],
+    broadcast: Collection[Address],
+    local_for: Callable[[Address, Address], Address],
+    out: list[tuple[bytes, Address, Address]],
+    other: Callable[[bytes, Address], None],
+    on_error: Callable[[Exception], None],
+    drops: Counter[str],
+) -> tuple[int, int, int]:
+    """A router's first hop for a batch read on local address ``me``: what
+    :func:`scan_for_forwarding`, a lookup and :func:`first_hop_bytes` do packet by packet,
+    in one loop (a first-hop SYN of the usual layout costs no call but the lookup).
+
+    Each datagram of ``batch`` either goes on here, appended to ``out`` as
+    ``(bytes, local_for(hop, me), hop)``, or is dropped here and counted in ``drops``
+    (``no_rebroadcast``: the rule's target is in ``broadcast``; ``loop``: it is the sender
+    or ``me``), or is handed to ``other(data, source)`` (not a first-hop packet, no
+    FORWARD target, an address that is not IP text), in batch order. ``lookup`` is
+    :meth:`ServiceTable.lookup_int`; an entry whose packet goes to ``other`` has its hit
+    taken back (the general path looks it up again). An exception in one packet goes to
+    ``on_error`` and the batch goes on. Returns (SYNs forwarded, datagrams forwarded,
+    datagrams handled here).
+    """
+    append = out.append
+    unpack = _SYN_HEAD.unpack_from
+    from_bytes = int.from_bytes
+    syns = datagrams = taken = 0
+    last_hop: Address | None = None
+    last_src: Address | None = None
+    local = me
+    suffix = b""
+    added = words = 0
+    for data, src in batch:
+        try:
+            if len(data) >= 68:
+                dst_flowid, shl, protocol, check, e1, len1, flags, e2, len2 = unpack(data)
+                if (
+                    shl == 17
+                    and e1 == 0x10
+                    and len1 == 20
+                    and e2 == 0x20
+                    and len2 == 36
+                    and not dst_flowid
+                    and protocol == 6
+                    and flags & 0xA0 == _SYN  # SYN without ACK
+                ):
+                    total = from_bytes(data[:68], "big")
+                    if total and not total % 0xFFFF:
+                        kind = FAST_SYN
+                        hlen = 68
+                        service = from_bytes(data[36:68], "big")
+                    else:
+                        other(data, src)  # a bad checksum: the decoder counts it
+                        continue
+                else:
+                    scanned = scan_for_forwarding(data)
+                    if scanned is None:
+                        other(data, src)
+                        continue
+                    kind, service, hlen = scanned
+                    check = (data[10] << 8) | data[11]
+            else:
+                scanned = scan_for_forwarding(data)
+                if scanned is None:
+                    other(data, src)
+                    continue
+                kind, service, hlen = scanned
+                check = (data[10] << 8) | data[11]
+            res = lookup(service)
+            if res is None:
+                other(data, src)
+                continue
+            target = res.target
+            if target is None:
+                res.entry.hits -= 1  # the general path looks it up (and counts it) again
+                other(data, src)
+                continue
+            hop = target.address
+            if hop is not last_hop or src != last_src:
+                # A new sender or next hop: the checks and the path suffix, once.
+                if hop in broadcast:
+                    drops["no_rebroadcast"] += 1
+                    taken += 1
+                    continue
+                if hop in (src, me):
+                    drops["loop"] += 1
+                    taken += 1
+                    continue
+                last_src = None  # until the suffix is made
+                try:
+                    suffix, added, words = _path_suffix(src, me, hop)
+                except OSError:  # not IP text: the general path refuses it
+                    res.entry.hits -= 1
+                    other(data, src)
+                    continue
+                if hop is not last_hop:
+                    local = local_for(hop, me)
+                    last_hop = hop
+                last_src = src
+            # RFC 1624: the old header's sum, plus the shl change and the added words.
+            total = (0xFFFF - check) + added
+            total = (total & 0xFFFF) + (total >> 16)
+            check = 0xFFFF - ((total & 0xFFFF) + (total >> 16))
+            append(
+                (
+                    b"".join(
+                        (
+                            data[:8],
+                            bytes((data[8] + words, data[9], check >> 8, check & 0xFF)),
+                            data[12:hlen],
+                            suffix,
+                            data[hlen:],
+                        )
+                    ),
+                    local,
+                    hop,
+                )
+            )
+            if kind == FAST_SYN:
+                syns += 1
+            else:
+                datagrams += 1
+            taken += 1
+        except Exception as exc:  # never let a packet take the router down
+            taken += 1
+            on_error(exc)
+    return syns, datagrams, taken
