@@ -276,8 +276,9 @@ def forward_first_hops(
     last_hop: Address | None = None
     last_src: Address | None = None
     local = me
-    suffix = b""
+    suffix = syn_head = b""
     added = words = 0
+    head: bytes | None
     for data, src in batch:
         try:
             if len(data) >= 68:
@@ -297,6 +298,7 @@ def forward_first_hops(
                         kind = FAST_SYN
                         hlen = 68
                         service = from_bytes(data[36:68], "big")
+                        head = b""  # the suffix's (shl, protocol) bytes, made below
                     else:
                         other(data, src)  # a bad checksum: the decoder counts it
                         continue
@@ -307,6 +309,7 @@ def forward_first_hops(
                         continue
                     kind, service, hlen = scanned
                     check = (data[10] << 8) | data[11]
+                    head = None
             else:
                 scanned = scan_for_forwarding(data)
                 if scanned is None:
@@ -314,6 +317,7 @@ def forward_first_hops(
                     continue
                 kind, service, hlen = scanned
                 check = (data[10] << 8) | data[11]
+                head = None
             res = lookup(service)
             if res is None:
                 other(data, src)
@@ -337,6 +341,7 @@ def forward_first_hops(
                 last_src = None  # until the suffix is made
                 try:
                     suffix, added, words = _path_suffix(src, me, hop)
+                    syn_head = bytes((17 + words, 6))  # a fixed-layout SYN's shl, protocol
                 except OSError:  # not IP text: the general path refuses it
                     res.entry.hits -= 1
                     other(data, src)
@@ -349,12 +354,14 @@ def forward_first_hops(
             total = (0xFFFF - check) + added
             total = (total & 0xFFFF) + (total >> 16)
             check = 0xFFFF - ((total & 0xFFFF) + (total >> 16))
+            head = syn_head if head is not None else bytes((data[8] + words, data[9]))
             append(
                 (
                     b"".join(
                         (
                             data[:8],
-                            bytes((data[8] + words, data[9], check >> 8, check & 0xFF)),
+                            head,
+                            check.to_bytes(2, "big"),
                             data[12:hlen],
                             suffix,
                             data[hlen:],
