@@ -321,7 +321,7 @@ class _State:
     action: Action
     target: Target | None  # the one target (FORWARD with one target), else None
     listener: object | None  # DEMUX
-    cum: list[int] | None  # cumulative weights of `targets` when a draw is needed, else None
+    cum: tuple[int, ...] | None  # cumulative weights of `targets` if a draw is needed, else None
     targets: tuple[Target, ...]
     total: int
     hi: int
@@ -362,7 +362,7 @@ class _State:
                 self.targets = (
                     rules[0].targets if len(rules[0].targets) == len(targets) else tuple(targets)
                 )
-                self.cum = list(accumulate(t.weight for t in targets))
+                self.cum = tuple(accumulate(t.weight for t in targets))  # smaller than a list
                 self.total = self.cum[-1]
                 self.hi = len(targets) - 1
         else:
@@ -396,7 +396,7 @@ class Entry(Resolution):
     _x_key: int  # the prefix value, for branch nodes too
     # Entry fields.
     _state: _State  # shared with every entry of equal rules (set by the table)
-    _pick: list[int] | None  # _state.cum: not None when a lookup must draw a target
+    _pick: tuple[int, ...] | None  # _state.cum: not None when a lookup must draw a target
     _hits: int
 
     def __init__(self, value: int, length: int, state: _State) -> None:
