@@ -13,6 +13,13 @@ the forwarded bytes are what the original sender wrote apart from the path.
 A path with any IPv6 hop (the sender, a forwarder, or the next hop) is written as
 pyserval's SOURCE6 instead (addresses and ports in one extension, at most 13 hops); an
 IPv4-only path keeps the reference's SOURCE and the bytes it always had.
+
+A router's first hop (a SYN or unconnected datagram no forwarder has touched) is forwarded
+from the SAL header alone, never decoded: :func:`scan_for_forwarding` and
+:func:`first_hop_bytes` per packet, :func:`forward_first_hops` for a batch read (one loop,
+the usual SYN layout parsed inline: per-packet calls are what the fast path costs). The
+policy around them (what counts as a loop or a broadcast, where the rest goes) is the
+caller's: this module only builds bytes.
 """
 
 from __future__ import annotations
