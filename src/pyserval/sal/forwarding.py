@@ -18,8 +18,8 @@ A router's first hop (a SYN or unconnected datagram no forwarder has touched) is
 from the SAL header alone, never decoded: :func:`scan_for_forwarding` and
 :func:`first_hop_bytes` per packet, :func:`forward_first_hops` for a batch read (one loop,
 the usual SYN layout parsed inline: per-packet calls are what the fast path costs). The
-policy around them (what counts as a loop or a broadcast, where the rest goes) is the
-caller's: this module only builds bytes.
+caller supplies the rest: the lookup, which targets are broadcasts, the local address to
+send from, and where the packets the fast path declines go.
 """
 
 from __future__ import annotations
