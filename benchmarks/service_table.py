@@ -245,9 +245,10 @@ def run_all_in(size: int, seed: int, traced: bool) -> dict[str, Any]:
     pairs = _draw_prefixes(size, random.Random(seed))
     rng = random.Random(seed + 7)
     gc.collect()
+    _malloc_trim()  # the same before as after (below), so that only the load is counted
+    rss0_untrimmed = rss0 = _rss_bytes()
     if traced:
         tracemalloc.start()
-    rss0 = _rss_bytes()
     table = st.ServiceTable(rng=random.Random(seed + 1))
     table.add(ServicePrefix.default(), st.Rule.drop())
     t0 = time.perf_counter()
@@ -268,7 +269,9 @@ def run_all_in(size: int, seed: int, traced: bool) -> dict[str, Any]:
         " of the prefix values, the Rule and Target objects it keeps), nothing the caller"
         " holds; the (value, length) pairs drawn before are excluded",
         "bytes_per_rule": round((rss1 - rss0) / (size + 1), 1),
-        "bytes_per_rule_before_malloc_trim": round((rss_untrimmed - rss0) / (size + 1), 1),
+        "bytes_per_rule_before_malloc_trim": round(
+            (rss_untrimmed - rss0_untrimmed) / (size + 1), 1
+        ),
         "malloc_trim": trimmed,
         "load_rules_per_s": round((size + 1) / load_s),
         "distinct_rule_sets": len(getattr(table, "_states", {})) or None,
