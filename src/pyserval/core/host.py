@@ -28,7 +28,6 @@ import heapq
 import itertools
 import random
 from collections import Counter, deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -38,12 +37,12 @@ from ..sal.checksum import BytesLike
 from ..sal.control import MASK32
 from ..sal.errors import MalformedPacket
 from ..sal.extensions import AddAddrExt, ControlExt, ControlFlags, DssExt, JoinExt, ServiceExt
+from ..sal.first_hop import forward_first_hops
 from ..sal.flow_table import FlowTable
 from ..sal.forwarding import (
     FAST_SYN,
     ForwardRefused,
     first_hop_bytes,
-    forward_first_hops,
     forward_packet,
     scan_for_forwarding,
 )
@@ -416,47 +415,6 @@ class HostCore:
             self.stats["forwarded_syn" if kind == FAST_SYN else "forwarded_datagram"] += 1
         return True
 
-    def receive_datagrams(
-        self, batch: Iterable[tuple[bytes, Address]], dst: Address, now: float
-    ) -> None:
-        """:meth:`receive_datagram` for each ``(payload, source)`` of a batch read on local
-        address ``dst``, in order.
-
-        The same outcome packet for packet. A router's first-hop forwarding (what
-        :meth:`_fast_forward` does per packet) runs as one loop over the batch
-        (:func:`~pyserval.sal.forwarding.forward_first_hops`); the rest goes packet by
-        packet.
-        """
-        receive = self.receive_datagram
-        if not self.forwarding:
-            for data, src in batch:
-                receive(data, src, dst, now)
-            return
-
-        def other(data: bytes, src: Address) -> None:
-            receive(data, src, dst, now, fast=False)
-
-        syns, datagrams, taken = forward_first_hops(
-            batch,
-            dst,
-            self.service_table.lookup_int,
-            self.broadcast,
-            self.local_for,
-            self._out,
-            other,
-            self._fast_path_error,
-            self.drops,
-        )
-        self.received += taken
-        if syns:
-            self.stats["forwarded_syn"] += syns
-        if datagrams:
-            self.stats["forwarded_datagram"] += datagrams
-
-    def _fast_path_error(self, exc: Exception) -> None:
-        self._internal_error(exc)
-        self.drops["internal_error"] += 1
-
     # -- DELAY --------------------------------------------------------------------------
     def _ask(self, sid: ServiceID) -> None:
         if sid not in self._asking:
@@ -815,6 +773,49 @@ class HostCore:
             self.internal_errors.append(exc)
 
     # -- receive path -------------------------------------------------------------------
+    def receive_datagrams(
+        self, batch: list[tuple[bytes, Address]], dst: Address, now: float
+    ) -> None:
+        """:meth:`receive_datagram` for each ``(payload, source)`` of a batch read on local
+        address ``dst``, in order.
+
+        The same outcome packet for packet. A router forwards the batch's first-hop SYNs of
+        the usual layout in one loop (:func:`~pyserval.sal.first_hop.forward_first_hops`:
+        what :meth:`_fast_forward` does, without the calls per packet); the rest goes
+        packet by packet.
+        """
+        receive = self.receive_datagram
+        if not self.forwarding:
+            for data, src in batch:
+                receive(data, src, dst, now)
+            return
+
+        def declined(data: bytes, src: Address) -> None:
+            receive(data, src, dst, now, fast=False)  # looked up already: the general path
+
+        def other(data: bytes, src: Address) -> None:
+            receive(data, src, dst, now)
+
+        syns, taken = forward_first_hops(
+            batch,
+            dst,
+            self.service_table.lookup_int,
+            self.broadcast,
+            self.local_for,
+            self._out,
+            declined,
+            other,
+            self._fast_path_error,
+            self.drops,
+        )
+        self.received += taken
+        if syns:
+            self.stats["forwarded_syn"] += syns
+
+    def _fast_path_error(self, exc: Exception) -> None:
+        self._internal_error(exc)
+        self.drops["internal_error"] += 1
+
     def receive_datagram(
         self, data: bytes, src: Address, dst: Address, now: float, *, fast: bool = True
     ) -> None:

@@ -13,21 +13,12 @@ the forwarded bytes are what the original sender wrote apart from the path.
 A path with any IPv6 hop (the sender, a forwarder, or the next hop) is written as
 pyserval's SOURCE6 instead (addresses and ports in one extension, at most 13 hops); an
 IPv4-only path keeps the reference's SOURCE and the bytes it always had.
-
-A router's first hop (a SYN or unconnected datagram no forwarder has touched) is forwarded
-from the SAL header alone, never decoded: :func:`scan_for_forwarding` and
-:func:`first_hop_bytes` per packet, :func:`forward_first_hops` for a batch read (one loop,
-the usual SYN layout parsed inline: per-packet calls are what the fast path costs). The
-caller supplies the rest: the lookup, which targets are broadcasts, the local address to
-send from, and where the packets the fast path declines go.
 """
 
 from __future__ import annotations
 
 import socket
 import struct
-from collections import Counter
-from collections.abc import Callable, Collection, Iterable
 from typing import Final
 
 from .checksum import BytesLike
@@ -42,14 +33,12 @@ from .extensions import (
 )
 from .inet import WILDCARDS
 from .packet import SalPacket
-from .service_table import Resolution
 
 __all__ = [
     "FAST_DATAGRAM",
     "FAST_SYN",
     "ForwardRefused",
     "first_hop_bytes",
-    "forward_first_hops",
     "forward_packet",
     "scan_for_forwarding",
 ]
@@ -59,10 +48,6 @@ Address = tuple[str, int]
 FAST_SYN: Final = 1
 FAST_DATAGRAM: Final = 2
 _BASE: Final = struct.Struct("!4xIBBH")  # dst_flowid, shl, protocol, check
-# The same plus, for the layout a SYN has (CONTROL at 12, SERVICE at 32), the first
-# extension's type and length, the CONTROL flags, and the second extension's type and
-# length: the fast path's checks in one unpack instead of six indexings.
-_SYN_HEAD: Final = struct.Struct("!4xIBBHBBB17xBB")
 _PORTS: Final = struct.Struct("!BBBBHH")
 _SOURCE_HEAD: Final = bytes((ExtType.SOURCE << 4, 12, 0, 0))
 _ADDED_WORDS: Final = 5  # SOURCE with two addresses (12 bytes) + SOURCE_PORTS with two (8)
@@ -124,18 +109,7 @@ def scan_for_forwarding(data: bytes) -> tuple[int, int, int] | None:
     header: forwarding does not need it, and the receiver checks it.
     """
     n = len(data)
-    if n >= 68:
-        # The layout of a first-hop SYN (spec: CONTROL, SERVICE), the common case, in one
-        # unpack; anything else goes through the general checks below.
-        dst, shl, protocol, _, e1, len1, flags, e2, len2 = _SYN_HEAD.unpack_from(data)
-        if shl == 17 and e1 == 0x10 and len1 == 20 and e2 == 0x20 and len2 == 36 and not dst:
-            check = int.from_bytes(data[:68], "big")
-            if not check or check % 0xFFFF:
-                return None
-            if protocol == 6 and flags & _SYN and not flags & _ACK:
-                return FAST_SYN, int.from_bytes(data[36:68], "big"), 68
-            return None
-    elif n < 16:
+    if n < 16:
         return None
     dst, shl, protocol, _ = _BASE.unpack_from(data)
     hlen = shl * 4
@@ -147,7 +121,10 @@ def scan_for_forwarding(data: bytes) -> tuple[int, int, int] | None:
     # The layouts every SAL stack sends (spec: SYN = CONTROL, SERVICE; unconnected
     # datagram = SERVICE, SERVICE) are recognised by their fixed offsets.
     if hlen == 68 and data[12] == 0x10 and data[13] == 20 and data[32] == 0x20 and data[33] == 36:
-        return None  # a SYN's layout that the check above declined (not a first-hop SYN)
+        flags = data[14]
+        if protocol == 6 and flags & _SYN and not flags & _ACK:
+            return FAST_SYN, int.from_bytes(data[36:68], "big"), hlen
+        return None
     if hlen == 84 and data[12] == 0x20 and data[13] == 36 and data[48] == 0x20 and data[49] == 36:
         return (FAST_DATAGRAM, int.from_bytes(data[16:48], "big"), hlen) if protocol == 17 else None
     return _scan_extensions(data, hlen, protocol)
@@ -249,141 +226,3 @@ def first_hop_bytes(
             data[hlen:],
         )
     )
-
-
-def forward_first_hops(
-    batch: Iterable[tuple[bytes, Address]],
-    me: Address,
-    lookup: Callable[[int], Resolution | None],
-    broadcast: Collection[Address],
-    local_for: Callable[[Address, Address], Address],
-    out: list[tuple[bytes, Address, Address]],
-    other: Callable[[bytes, Address], None],
-    on_error: Callable[[Exception], None],
-    drops: Counter[str],
-) -> tuple[int, int, int]:
-    """A router's first hop for a batch read on local address ``me``: what
-    :func:`scan_for_forwarding`, a lookup and :func:`first_hop_bytes` do packet by packet,
-    in one loop (a first-hop SYN of the usual layout costs no call but the lookup).
-
-    Each datagram of ``batch`` either goes on here, appended to ``out`` as
-    ``(bytes, local_for(hop, me), hop)``, or is dropped here and counted in ``drops``
-    (``no_rebroadcast``: the rule's target is in ``broadcast``; ``loop``: it is the sender
-    or ``me``), or is handed to ``other(data, source)`` (not a first-hop packet, no
-    FORWARD target, an address that is not IP text), in batch order. ``lookup`` is
-    :meth:`ServiceTable.lookup_int`; an entry whose packet goes to ``other`` has its hit
-    taken back (the general path looks it up again). An exception in one packet goes to
-    ``on_error`` and the batch goes on. Returns (SYNs forwarded, datagrams forwarded,
-    datagrams handled here).
-    """
-    append = out.append
-    unpack = _SYN_HEAD.unpack_from
-    from_bytes = int.from_bytes
-    syns = datagrams = taken = 0
-    last_hop: Address | None = None
-    last_src: Address | None = None
-    local = me
-    suffix = syn_head = b""
-    added = words = 0
-    head: bytes | None
-    for data, src in batch:
-        try:
-            if len(data) >= 68:
-                dst_flowid, shl, protocol, check, e1, len1, flags, e2, len2 = unpack(data)
-                if (
-                    shl == 17
-                    and e1 == 0x10
-                    and len1 == 20
-                    and e2 == 0x20
-                    and len2 == 36
-                    and not dst_flowid
-                    and protocol == 6
-                    and flags & 0xA0 == _SYN  # SYN without ACK
-                ):
-                    total = from_bytes(data[:68], "big")
-                    if total and not total % 0xFFFF:
-                        kind = FAST_SYN
-                        hlen = 68
-                        service = from_bytes(data[36:68], "big")
-                        head = b""  # the suffix's (shl, protocol) bytes, made below
-                    else:
-                        other(data, src)  # a bad checksum: the decoder counts it
-                        continue
-                else:
-                    scanned = scan_for_forwarding(data)
-                    if scanned is None:
-                        other(data, src)
-                        continue
-                    kind, service, hlen = scanned
-                    check = (data[10] << 8) | data[11]
-                    head = None
-            else:
-                scanned = scan_for_forwarding(data)
-                if scanned is None:
-                    other(data, src)
-                    continue
-                kind, service, hlen = scanned
-                check = (data[10] << 8) | data[11]
-                head = None
-            res = lookup(service)
-            if res is None:
-                other(data, src)
-                continue
-            target = res.target
-            if target is None:
-                res.entry.hits -= 1  # the general path looks it up (and counts it) again
-                other(data, src)
-                continue
-            hop = target.address
-            if hop is not last_hop or src != last_src:
-                # A new sender or next hop: the checks and the path suffix, once.
-                if hop in broadcast:
-                    drops["no_rebroadcast"] += 1
-                    taken += 1
-                    continue
-                if hop in (src, me):
-                    drops["loop"] += 1
-                    taken += 1
-                    continue
-                last_src = None  # until the suffix is made
-                try:
-                    suffix, added, words = _path_suffix(src, me, hop)
-                    syn_head = bytes((17 + words, 6))  # a fixed-layout SYN's shl, protocol
-                except OSError:  # not IP text: the general path refuses it
-                    res.entry.hits -= 1
-                    other(data, src)
-                    continue
-                if hop is not last_hop:
-                    local = local_for(hop, me)
-                    last_hop = hop
-                last_src = src
-            # RFC 1624: the old header's sum, plus the shl change and the added words.
-            total = (0xFFFF - check) + added
-            total = (total & 0xFFFF) + (total >> 16)
-            check = 0xFFFF - ((total & 0xFFFF) + (total >> 16))
-            head = syn_head if head is not None else bytes((data[8] + words, data[9]))
-            append(
-                (
-                    b"".join(
-                        (
-                            data[:8],
-                            head,
-                            check.to_bytes(2, "big"),
-                            data[12:hlen],
-                            suffix,
-                            data[hlen:],
-                        )
-                    ),
-                    local,
-                    hop,
-                )
-            )
-            if kind == FAST_SYN:
-                syns += 1
-            else:
-                datagrams += 1
-            taken += 1
-        except Exception as exc:  # never let a packet take the router down
-            taken += 1
-            on_error(exc)
-    return syns, datagrams, taken
