@@ -1,6 +1,6 @@
 """A router's batched receive (``HostCore.receive_datagrams``) against the per-packet path.
 
-The batch form forwards first-hop SYNs and datagrams inline; everything else goes to the
+The batch form forwards first-hop SYNs of the usual layout inline; everything else goes to the
 per-packet path. The expectation is the per-packet path itself (``receive_datagram``, which
 the other forwarding tests check against the spec): two routers built alike, one fed the
 batch, one fed the same datagrams one at a time, must send the same bytes in the same
