@@ -22,7 +22,7 @@ Data structure: a path-compressed binary trie over the ID bits, MSB first, under
 direct-indexed first level (the shape of an LC-trie's root):
 
 * The top ``k`` bits of an ID index two flat lists. ``k`` grows with the table, 1 bit at a
-  time from 8 to 22, keeping two slots or more per entry (up to 2M entries); growing
+  time from 8 to 22, keeping four slots or more per entry (up to 1M entries); growing
   re-places every entry once, like a hash table resize (amortised O(1) per add). Only
   :meth:`clear` shrinks it.
 * Prefixes of at most ``k`` bits live in that first level by controlled prefix expansion:
@@ -42,7 +42,7 @@ direct-indexed first level (the shape of an LC-trie's root):
 * Memory: a million rules with a few hundred next hops hold few distinct rule sets, so the
   rules, their Rule and Target objects and the precomputed answer live in a shared
   ``_State`` per distinct set (interned, counted, forgotten when no entry uses it); an
-  entry is eight slots (a 96-byte block) plus its key int. At 1M entries that is under 300
+  entry is six slots (an 80-byte block) plus its key int. At 1M entries that is under 300
   bytes per rule all in, index included (``benchmarks/service_table.py``).
 
 No I/O, no clock. Not thread safe (the asyncio stack uses it from one thread).
@@ -94,9 +94,9 @@ _LIM: Final[tuple[int, ...]] = tuple(1 << (_BITS - n) for n in range(_BITS + 1))
 # _MASK[n]: the first n bits set.
 _MASK: Final[tuple[int, ...]] = tuple(_ALL ^ ((1 << (_BITS - n)) - 1) for n in range(_BITS + 1))
 # Stride (bits indexed directly): grows by 1 bit (2x the slots) once there are more entries
-# than half the slots, up to 22 bits: two lists of 4M slots, 64 MiB, from 1Mi entries on.
-# (Steps of 2 bits kept 2 to 8 slots per entry: at 1M entries 64 B/entry of slot lists, where
-# 1-bit steps need 32 B for a few more branch nodes, about 10 B.)
+# than a quarter of the slots, up to 22 bits: two lists of 4M slots, 64 MiB, from 512Ki
+# entries on. (Four slots or more per entry: a lookup visits about 1.2 trie nodes at 1M
+# entries; with two, 1.4 and a slower lookup for 32 B less per entry.)
 _STRIDES: Final = tuple(range(8, 23))
 
 
@@ -389,32 +389,35 @@ class Entry(Resolution):
     :func:`_branch` with only the node fields set; they are never handed out.
     """
 
-    # Eight slots: with the object and GC headers an instance takes a 96-byte pymalloc
-    # block (seven would too; nine would take 112). CPython lays slots out in name order:
-    # the five a lookup reads sort first. The rules, the answer and the precomputed draw
-    # live in a shared _State.
-    __slots__ = ("_hits", "_key", "_left", "_lim", "_pick", "_right", "_state", "_x_key")
+    # Six slots: with the object and GC headers an instance takes an 80-byte pymalloc
+    # block (seven or eight would take 96). All six are what a lookup reads; the rules, the
+    # answer and the precomputed draw live in a shared _State, and the prefix length is
+    # _lim's (see _x_key and _x_length).
+    __slots__ = ("_hits", "_key", "_left", "_lim", "_right", "_state")
     # Trie node fields.
     _key: int | None  # the prefix value (bits past its length are 0); None: branch node
     _lim: int  # _LIM[length] (shared): the id is in the prefix iff (id ^ key) < lim, and
     # (id << 1) & lim is the id's bit just past the prefix, which picks the child
     _left: Entry | None  # child whose next bit is 0
     _right: Entry | None  # child whose next bit is 1
-    _x_key: int  # the prefix value, for branch nodes too
     # Entry fields.
     _state: _State  # shared with every entry of equal rules (set by the table)
-    _pick: tuple[int, ...] | None  # _state.cum: not None when a lookup must draw a target
-    _hits: int
+    _hits: int  # lookups answered; a branch node (never an answer) keeps its key here
 
     def __init__(self, value: int, length: int, state: _State) -> None:
         # A private copy of the value (`| 0` makes a new int): it lands in the same
         # pymalloc pool, so the same memory page, as the entry itself.
-        self._key = self._x_key = value | 0
+        self._key = value | 0
         self._left = self._right = None
         self._lim = _LIM[length]
         self._hits = 0
         self._state = state
-        self._pick = state.cum
+
+    @property
+    def _x_key(self) -> int:
+        # The prefix value, for branch nodes too (a sixth slot would cost a larger block).
+        key = self._key
+        return key if key is not None else self._hits
 
     @property
     def _x_length(self) -> int:
@@ -479,7 +482,7 @@ def _branch(key: int, length: int) -> Entry:
     """A pure branch node: only the trie fields are set."""
     node = Entry.__new__(Entry)
     node._key = None
-    node._x_key = key
+    node._hits = key  # see Entry._x_key
     node._left = node._right = None
     node._lim = _LIM[length]
     return node
@@ -586,10 +589,10 @@ class ServiceTable:
             if best is None:
                 return None
         best._hits += 1
-        cum = best._pick
+        state = best._state
+        cum = state.cum
         if cum is None:
             return best  # the entry is its own answer
-        state = best._state
         return _Pick(
             best, state.targets[bisect_right(cum, self._random() * state.total, 0, state.hi)]
         )
@@ -770,7 +773,7 @@ class ServiceTable:
         entry = Entry(prefix.value, prefix.length, self._state_of(rules))
         self._count += 1
         self._rule_count += len(rules)
-        if self._count > (1 << self._stride) >> 1 and self._stride < _STRIDES[-1]:
+        if self._count > (1 << self._stride) >> 2 and self._stride < _STRIDES[-1]:
             self._regrow()
         self._place(entry)
         return entry
@@ -797,8 +800,7 @@ class ServiceTable:
 
     def _set_rules(self, entry: Entry, rules: tuple[Rule, ...]) -> None:
         old = entry._state
-        entry._state = state = self._state_of(rules)
-        entry._pick = state.cum
+        entry._state = self._state_of(rules)
         self._release(old)
 
     def _regrow(self) -> None:
@@ -806,7 +808,7 @@ class ServiceTable:
         entries = self._entries()
         stride = self._stride
         for s in _STRIDES:
-            if s > stride and (self._count <= (1 << s) >> 1 or s == _STRIDES[-1]):
+            if s > stride and (self._count <= (1 << s) >> 2 or s == _STRIDES[-1]):
                 stride = s
                 break
         self._reset(stride)
@@ -983,7 +985,6 @@ class ServiceTable:
             users[id(e._state)] = users.get(id(e._state), 0) + 1
         for e in entries:
             assert e._state.users == users[id(e._state)], "state user counts"
-            assert e._pick is e._state.cum
             assert e._state.rules and e._state.rules == tuple(
                 sorted(e._state.rules, key=_neg_priority)
             )
