@@ -98,11 +98,33 @@ class Control:
         self._conn.recv()
 
 
+# Which event loop the child processes run: "asyncio" (the default) or "uvloop" (the
+# optional [uvloop] extra). An environment variable, so that spawned children see it;
+# set with use_loop() (the benchmarks' --loop option).
+LOOP_ENV = "PYSERVAL_BENCH_LOOP"
+
+
+def use_loop(name: str) -> None:
+    """Run the benchmark's child processes on this event loop ("asyncio" or "uvloop")."""
+    if name == "uvloop":
+        import uvloop  # noqa: F401  (fail here, in the parent, when it is not installed)
+    os.environ[LOOP_ENV] = name
+
+
+def _run(main: Coroutine[Any, Any, Result]) -> Result:
+    if os.environ.get(LOOP_ENV, "asyncio") == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main)
+    return asyncio.run(main)
+
+
 def _child(side: Side, conn: Connection, params: Params) -> None:
     try:
         # CPU time of the run itself (the interpreter start and imports are excluded).
         cpu0 = time.process_time()
-        result = asyncio.run(side(Control(conn), params))
+        result = _run(side(Control(conn), params))
         result["cpu_s"] = round(time.process_time() - cpu0, 3)
         conn.send(("result", result))
     except BaseException as exc:
@@ -458,6 +480,7 @@ def environment() -> Result:
         "net.core.wmem_max": _sysctl("net.core.wmem_max"),
         # Other work on the machine competes with the two processes: say how much.
         "loadavg_1min_at_start": round(os.getloadavg()[0], 2),
+        "event_loop": os.environ.get(LOOP_ENV, "asyncio"),
     }
 
 

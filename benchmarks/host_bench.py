@@ -148,7 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         "--mss", default="0,1408,8192,32768", help="segment sizes; 0: the host default"
     )
     parser.add_argument("--out")
+    parser.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the event loop of every process (uvloop: the optional [uvloop] extra)",
+    )
     args = parser.parse_args(argv)
+    baselines.use_loop(args.loop)
     out: dict[str, Any] = {"environment": baselines.environment()}
     out["serval_bulk"] = [serval_bulk(args.seconds, int(m)) for m in args.mss.split(",")]
     out["serval_connect"] = serval_connect_rate(args.seconds)

@@ -678,7 +678,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-connect", action="store_true", help="skip the connection rates")
     parser.add_argument("--profile", action="store_true", help="one more router run, profiled")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the event loop of every process (uvloop: the optional [uvloop] extra)",
+    )
     args = parser.parse_args(argv)
+    baselines.use_loop(args.loop)
     args.duts = [d.strip() for d in args.duts.split(",") if d.strip()]
     unknown = set(args.duts) - set(DUTS)
     if unknown:

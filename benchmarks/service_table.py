@@ -1,6 +1,6 @@
 """Benchmark of the service table: load time, lookups per second, memory per rule.
 
-    python benchmarks/service_table.py [--sizes 1000,100000,1000000] [--out FILE]
+    python benchmarks/service_table.py [--sizes 1000,100000,1000000] [--out FILE] [--src DIR]
 
 Each size runs in a fresh child process (so RSS deltas are not muddied by memory freed
 by the previous size) and the parent prints one JSON document with every result.
@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,17 @@ def _rss_bytes() -> int:
         return 0
 
 
+def _malloc_trim() -> bool:
+    """glibc's malloc_trim(0): free heap pages back to the OS; False where unavailable."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.malloc_trim(0)) or True
+    except (OSError, AttributeError):
+        return False
+
+
 def _draw_prefixes(n: int, rng: random.Random) -> list[tuple[int, int]]:
     """``n`` distinct (value, length) pairs following DISTRIBUTION."""
     seen: set[tuple[int, int]] = set()
@@ -78,12 +89,19 @@ def _make_inputs(
     st: Any, pairs: list[tuple[int, int]], rng: random.Random
 ) -> list[tuple[Any, Any]]:
     """A (prefix, rule) pair for each drawn prefix, rules following DISTRIBUTION."""
+    return list(_iter_inputs(st, pairs, rng))
+
+
+def _iter_inputs(
+    st: Any, pairs: list[tuple[int, int]], rng: random.Random
+) -> Iterator[tuple[Any, Any]]:
+    """:func:`_make_inputs` one pair at a time: every prefix and rule is a new object,
+    as when a controller streams its rules in, and only what the table keeps survives."""
     from pyserval.naming.service_id import ServicePrefix
 
     hops = [st.Target((f"10.{i // 250}.{i % 250}.1", 4000 + i)) for i in range(256)]
     weighted = [st.Target(h.address, w) for h in hops[:32] for w in range(1, 11)]
     listeners = [object() for _ in range(64)]
-    out: list[tuple[Any, Any]] = []
     for value, length in pairs:
         r = rng.random()
         if r < 0.80:
@@ -96,8 +114,8 @@ def _make_inputs(
             rule = st.Rule.delay()
         else:
             rule = st.Rule.drop()
-        out.append((ServicePrefix._of(value, length), rule))
-    return out
+        # A new int for the value too: the caller's prefix is its own object.
+        yield ServicePrefix._of(value | 0, length), rule
 
 
 def _rate(fn: Callable[[Any], Any], items: Sequence[Any], repeat: int) -> dict[str, float]:
@@ -219,6 +237,57 @@ def run_one(
     return results
 
 
+def run_all_in(size: int, seed: int, traced: bool) -> dict[str, Any]:
+    """Bytes per rule *all in*, in a fresh process: rules streamed into an empty table."""
+    st = _import_table()
+    from pyserval.naming.service_id import ServicePrefix
+
+    pairs = _draw_prefixes(size, random.Random(seed))
+    rng = random.Random(seed + 7)
+    gc.collect()
+    _malloc_trim()  # the same before as after (below), so that only the load is counted
+    rss0_untrimmed = rss0 = _rss_bytes()
+    if traced:
+        tracemalloc.start()
+    table = st.ServiceTable(rng=random.Random(seed + 1))
+    table.add(ServicePrefix.default(), st.Rule.drop())
+    t0 = time.perf_counter()
+    for prefix, rule in _iter_inputs(st, pairs, rng):
+        table.add(prefix, rule)
+    load_s = time.perf_counter() - t0
+    gc.collect()
+    rss_untrimmed = _rss_bytes()
+    # Freed heap memory that glibc has not handed back yet (the stride lists the table
+    # outgrew, the list of entries a regrow walks) is not the table's: give it back first.
+    trimmed = _malloc_trim()
+    rss1 = _rss_bytes()
+    out: dict[str, Any] = {
+        "size": size,
+        "method": "fresh process; RSS delta (/proc/self/statm, after gc.collect) over a load"
+        " whose prefixes and rules are made one at a time and dropped after add(), as from"
+        " a controller: everything the table holds (entries, trie, stride arrays, its copies"
+        " of the prefix values, the Rule and Target objects it keeps), nothing the caller"
+        " holds; the (value, length) pairs drawn before are excluded",
+        "bytes_per_rule": round((rss1 - rss0) / (size + 1), 1),
+        "bytes_per_rule_before_malloc_trim": round(
+            (rss_untrimmed - rss0_untrimmed) / (size + 1), 1
+        ),
+        "malloc_trim": trimmed,
+        "load_rules_per_s": round((size + 1) / load_s),
+        "distinct_rule_sets": len(getattr(table, "_states", {})) or None,
+        "goal_bytes_per_rule": 300,
+    }
+    out["meets_goal"] = out["bytes_per_rule"] <= 300
+    if traced:
+        current, _peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        out["tracemalloc_bytes_per_rule"] = round(current / (size + 1), 1)
+        out["tracemalloc_note"] = (
+            "a traced load (RSS then includes tracemalloc's own records: use the traced figure)"
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,100000,1000000")
@@ -231,8 +300,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also trace a second load with tracemalloc for sizes over 100000 (slow)",
     )
+    parser.add_argument(
+        "--src", type=Path, default=None, help="import pyserval from this src/ (e.g. main's)"
+    )
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--all-in", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+
+    if args.all_in is not None:
+        print(json.dumps(run_all_in(args.all_in, args.seed, args.tracemalloc)))
+        return 0
 
     if args.one is not None:
         result = run_one(args.one, args.lookups, args.repeat, args.seed, args.tracemalloc)
@@ -241,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH")) if p)
+    src = str(args.src) if args.src is not None else str(SRC)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     runs = []
     for size in sizes:
         cmd = [
@@ -262,7 +340,19 @@ def main(argv: list[str] | None = None) -> int:
         if done.returncode:
             sys.stderr.write(done.stderr)
             raise SystemExit(f"benchmark for size {size} failed (exit {done.returncode})")
-        runs.append(json.loads(done.stdout))
+        result = json.loads(done.stdout)
+        traced = [False, True] if args.tracemalloc or size <= 100_000 else [False]
+        for trace in traced:
+            cmd = [sys.executable, __file__, "--all-in", str(size), "--seed", str(args.seed)]
+            if trace:
+                cmd.append("--tracemalloc")
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if done.returncode:
+                sys.stderr.write(done.stderr)
+                raise SystemExit(f"all-in memory run for {size} failed ({done.returncode})")
+            key = "all_in_traced" if trace else "all_in"
+            result["memory"][key] = json.loads(done.stdout)
+        runs.append(result)
     report = {
         "benchmark": "pyserval service table",
         "python": sys.version.split()[0],
@@ -273,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         "timing": "time.perf_counter around a plain for loop calling the bound method; best"
         " and median of --repeat runs; the loop and call cost is included (see"
         " empty_python_call_loop for that floor)",
+        "src": src,
+        "loadavg_at_start": list(os.getloadavg()),
         "distribution": DISTRIBUTION,
         "results": runs,
     }

@@ -622,3 +622,59 @@ def test_large_clustered_table_with_growth_and_removals() -> None:
         table.remove(ServicePrefix(ServiceID(key[0]), key[1]))
     assert len(table) == 0 and all(root is None for root in table._roots)
     assert all(slot is None for slot in table._short)
+
+
+# -- shared rule sets (memory) ---------------------------------------------------------------
+
+
+def test_entries_with_equal_rules_share_one_copy() -> None:
+    table = ServiceTable()
+    first = table.add("aa/8", Rule.forward(A))
+    second = table.add("bb/8", Rule.forward(A))  # an equal rule, another object
+    third = table.add("cc/8", Rule.forward(B))
+    assert first.rules is second.rules and first.rules[0] is second.rules[0]
+    assert third.rules is not first.rules
+    table.add("bb/8", Rule.drop(priority=-1))  # second's rules change: no longer shared
+    assert second.rules != first.rules and first.rules == (Rule.forward(A),)
+    table._check()
+
+
+def test_rule_sets_no_entry_uses_are_forgotten() -> None:
+    table = ServiceTable(rng=random.Random(3))
+    for i in range(200):
+        table.add(prefix(i << 200, 56), Rule.forward(Target(A, 1 + i), Target(B, 2)))
+    assert len(table._states) == 200
+    table._check()
+    for i in range(200):
+        table.remove(prefix(i << 200, 56))
+    assert len(table) == 0 and table._states == {}
+    table._check()
+
+
+def test_weighted_resolution_names_its_entry_and_follows_rule_changes() -> None:
+    table = ServiceTable(rng=random.Random(4))
+    entry = table.add("abcd/16", Rule.forward(A))
+    assert table.lookup(sid("abcd")) is entry and entry.target == Target(A)
+    table.add("abcd/16", Rule.forward(B))  # two FORWARD rules: a draw per lookup
+    picks = {table.lookup(sid("abcd")) for _ in range(50)}
+    assert all(isinstance(r, Resolution) and r.entry is entry for r in picks)
+    assert all(r.action is Action.FORWARD and r.listener is None for r in picks)
+    assert {r.target.address for r in picks if r.target is not None} == {A, B}
+    assert entry.hits == 51 and "FORWARD" in repr(next(iter(picks)))
+    table.remove("abcd/16", Rule.forward(A))
+    assert table.lookup(sid("abcd")) is entry and entry.target == Target(B)
+    table._check()
+
+
+def test_unhashable_listener_still_works() -> None:
+    class Unhashable:
+        __hash__ = None  # type: ignore[assignment]
+
+    table = ServiceTable()
+    listener = Unhashable()
+    entry = table.add("abcd/16", Rule.demux(listener))
+    res = table.lookup(sid("abcd"))
+    assert res is entry and res.listener is listener and res.action is Action.DEMUX
+    table.remove("abcd/16")
+    assert len(table) == 0
+    table._check()

@@ -57,6 +57,7 @@ from ..sal.extensions import (
     RelayExt,
     ServiceExt,
 )
+from ..sal.first_hop import forward_first_hops
 from ..sal.flow_table import FlowTable
 from ..sal.forwarding import (
     FAST_SYN,
@@ -944,12 +945,60 @@ class HostCore:
             self.internal_errors.append(exc)
 
     # -- receive path -------------------------------------------------------------------
-    def receive_datagram(self, data: bytes, src: Address, dst: Address, now: float) -> None:
-        """Take one UDP payload that arrived on local address ``dst`` from ``src``."""
+    def receive_datagrams(
+        self, batch: list[tuple[bytes, Address]], dst: Address, now: float
+    ) -> None:
+        """:meth:`receive_datagram` for each ``(payload, source)`` of a batch read on local
+        address ``dst``, in order.
+
+        The same outcome packet for packet. A router forwards the batch's first-hop SYNs of
+        the usual layout in one loop (:func:`~pyserval.sal.first_hop.forward_first_hops`:
+        what :meth:`_fast_forward` does, without the calls per packet); the rest goes
+        packet by packet.
+        """
+        receive = self.receive_datagram
+        if not self.forwarding:
+            for data, src in batch:
+                receive(data, src, dst, now)
+            return
+
+        def declined(data: bytes, src: Address) -> None:
+            receive(data, src, dst, now, fast=False)  # looked up already: the general path
+
+        def other(data: bytes, src: Address) -> None:
+            receive(data, src, dst, now)
+
+        syns, taken = forward_first_hops(
+            batch,
+            dst,
+            self.service_table.lookup_int,
+            self.broadcast,
+            self.local_for,
+            self._out,
+            declined,
+            other,
+            self._fast_path_error,
+            self.drops,
+        )
+        self.received += taken
+        if syns:
+            self.stats["forwarded_syn"] += syns
+
+    def _fast_path_error(self, exc: Exception) -> None:
+        self._internal_error(exc)
+        self.drops["internal_error"] += 1
+
+    def receive_datagram(
+        self, data: bytes, src: Address, dst: Address, now: float, *, fast: bool = True
+    ) -> None:
+        """Take one UDP payload that arrived on local address ``dst`` from ``src``.
+
+        ``fast=False``: the first-hop fast path has already declined it (see
+        :meth:`receive_datagrams`)."""
         self.received += 1
         try:
             # A router first tries forwarding from the SAL header alone.
-            if self.forwarding and self._fast_forward(data, src, dst):
+            if fast and self.forwarding and self._fast_forward(data, src, dst):
                 return
             pkt = decode_packet(data)
         except MalformedPacket as exc:

@@ -577,13 +577,11 @@ class Host:
             return
         now = self._now()
         local = ep.address
-        receive = core.receive_datagram
         pcap = self.pcap
         if pcap is not None:
             for data, src in batch:
                 pcap.write(data, src, local)
-        for data, src in batch:
-            receive(data, src, local, now)
+        core.receive_datagrams(batch, local, now)
         self._flush()
 
     async def close(self, timeout: float | None = None) -> None:
@@ -698,10 +696,14 @@ class Host:
         if out:
             by_ep: dict[Address, list[tuple[bytes, Address]]] = {}
             pcap = self.pcap
-            for data, local, remote in out:
-                by_ep.setdefault(local, []).append((data, remote))
-                if pcap is not None:
-                    pcap.write(data, local, remote)
+            if pcap is None and len(self.endpoints) == 1:
+                # One interface takes everything (see the lookup below): no grouping.
+                by_ep[self.endpoints[0].address] = [(data, remote) for data, _, remote in out]
+            else:
+                for data, local, remote in out:
+                    by_ep.setdefault(local, []).append((data, remote))
+                    if pcap is not None:
+                        pcap.write(data, local, remote)
             for local, items in by_ep.items():
                 ep = self._by_address.get(local) or self.endpoints[0]
                 if not ep.closed:

@@ -21,8 +21,8 @@ any rule: they are there for when the better rules are removed.
 Data structure: a path-compressed binary trie over the ID bits, MSB first, under a
 direct-indexed first level (the shape of an LC-trie's root):
 
-* The top ``k`` bits of an ID index two flat lists. ``k`` grows with the table, 2 bits at a
-  time from 8 to 22, keeping two slots or more per entry (up to 2M entries); growing
+* The top ``k`` bits of an ID index two flat lists. ``k`` grows with the table, 1 bit at a
+  time from 8 to 22, keeping four slots or more per entry (up to 1M entries); growing
   re-places every entry once, like a hash table resize (amortised O(1) per add). Only
   :meth:`clear` shrinks it.
 * Prefixes of at most ``k`` bits live in that first level by controlled prefix expansion:
@@ -34,15 +34,23 @@ direct-indexed first level (the shape of an LC-trie's root):
   one xor and one comparison, and a failed check ends the walk, since nothing below it can
   match either. With the first level sized as above a lookup visits about one node.
 * Per-packet cost in a big table is mostly memory latency, so: entries are their own trie
-  nodes, the fields a lookup reads share one cache line, resolutions (and the cumulative
-  weights of a weighted pick) are computed when rules change, not per lookup, and the
-  per-packet path allocates only short-lived ints.
+  nodes and, unless a weighted draw is needed, their own :class:`Resolution` (a lookup
+  touches the slot, the node and its key, nothing else), the answer (and the cumulative
+  weights of a weighted pick) is computed when rules change, not per lookup, and the
+  per-packet path allocates only short-lived ints (and, for a weighted pick, the small
+  resolution it returns).
+* Memory: a million rules with a few hundred next hops hold few distinct rule sets, so the
+  rules, their Rule and Target objects and the precomputed answer live in a shared
+  ``_State`` per distinct set (interned, counted, forgotten when no entry uses it); an
+  entry is six slots (an 80-byte block) plus its key int. At 1M entries that is under 300
+  bytes per rule all in, index included (``benchmarks/service_table.py``).
 
 No I/O, no clock. Not thread safe (the asyncio stack uses it from one thread).
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import random
 from bisect import bisect_right
@@ -85,9 +93,11 @@ _BIT: Final[tuple[int, ...]] = (*(1 << (_BITS - 1 - n) for n in range(_BITS)), 0
 _LIM: Final[tuple[int, ...]] = tuple(1 << (_BITS - n) for n in range(_BITS + 1))
 # _MASK[n]: the first n bits set.
 _MASK: Final[tuple[int, ...]] = tuple(_ALL ^ ((1 << (_BITS - n)) - 1) for n in range(_BITS + 1))
-# Stride (bits indexed directly): grows by 2 bits (4x the slots) once there are more entries
-# than half the slots, up to 22 bits: two lists of 4M slots, 64 MiB, from 512Ki entries on.
-_STRIDES: Final = (8, 10, 12, 14, 16, 18, 20, 22)
+# Stride (bits indexed directly): grows by 1 bit (2x the slots) once there are more entries
+# than a quarter of the slots, up to 22 bits: two lists of 4M slots, 64 MiB, from 512Ki
+# entries on. (Four slots or more per entry: a lookup visits about 1.2 trie nodes at 1M
+# entries; with two, 1.4 and a slower lookup for 32 B less per entry.)
+_STRIDES: Final = tuple(range(8, 23))
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -231,32 +241,36 @@ class Resolution:
     """The outcome of a lookup: the ``entry`` that matched and what to do.
 
     ``target`` is the chosen :class:`Target` for FORWARD (else None); ``listener`` is the
-    local listener for DEMUX (else None). Resolutions are precomputed and shared between
-    lookups, hence immutable.
+    local listener for DEMUX (else None). Read only.
+
+    An entry whose answer needs no draw is its own resolution (the same object on every
+    lookup, nothing stored besides the entry); a weighted FORWARD pick returns a small
+    resolution made for that lookup (one object, not one per target kept per entry).
     """
 
-    __slots__ = ("action", "entry", "listener", "target")
-    entry: Entry
-    action: Action
-    target: Target | None
-    listener: object | None
+    __slots__ = ()
 
-    def __init__(
-        self,
-        entry: Entry,
-        action: Action,
-        target: Target | None = None,
-        listener: object | None = None,
-    ) -> None:
-        object.__setattr__(self, "entry", entry)
-        object.__setattr__(self, "action", action)
-        object.__setattr__(self, "target", target)
-        object.__setattr__(self, "listener", listener)
+    @property
+    def entry(self) -> Entry:
+        """The entry that answered the lookup."""
+        raise NotImplementedError
 
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError("Resolution is immutable")
+    @property
+    def action(self) -> Action:
+        """What to do with the packet."""
+        raise NotImplementedError
 
-    def __repr__(self) -> str:
+    @property
+    def target(self) -> Target | None:
+        """The chosen next hop (FORWARD), else None."""
+        raise NotImplementedError
+
+    @property
+    def listener(self) -> object | None:
+        """The local listener (DEMUX), else None."""
+        raise NotImplementedError
+
+    def _describe(self) -> str:
         extra = ""
         if self.target is not None:
             extra = f", target={self.target!r}"
@@ -265,98 +279,67 @@ class Resolution:
         return f"Resolution({self.action.name}, prefix={self.entry.prefix}{extra})"
 
 
-class Entry:
-    """The rules held at one prefix, highest priority first, and a hit counter.
+class _Pick(Resolution):
+    """A weighted FORWARD choice: the entry and the target drawn for one lookup."""
 
-    Entries are made and changed by the :class:`ServiceTable`; ``hits`` counts the
-    lookups this entry answered (callers may reset it).
+    __slots__ = ("_entry", "_target")
+    _entry: Entry
+    _target: Target
 
-    An entry is also its own node in the table's trie: a lookup that ends here touches one
-    object, not a node and then an entry (memory latency, not bytecodes, is what a lookup
-    in a big table mostly pays for). Pure branch nodes are instances too, made by
-    :func:`_branch` with only the node fields set; they are never handed out.
-    """
-
-    # CPython lays slots out in name order, and with eleven slots an instance takes a
-    # 128-byte pymalloc block, so (after the 16-byte GC header) it starts on a 64-byte cache
-    # line; with ten it would take 112-byte blocks, which mostly do not. The six fields a
-    # lookup reads sort first, so with the object header they fill exactly that first line:
-    # a lookup in a big table pays one memory access per node, not two. The cold fields
-    # (prefixed _x_) follow.
-    __slots__ = (
-        "_hits",
-        "_key",
-        "_left",
-        "_lim",
-        "_right",
-        "_single",
-        "_x_key",
-        "_x_length",
-        "_x_pick",
-        "_x_prefix",
-        "_x_rules",
-    )
-    # Trie node fields.
-    _key: int | None  # the prefix value (bits past its length are 0); None: branch node
-    _lim: int  # _LIM[length] (shared): the id is in the prefix iff (id ^ key) < lim, and
-    # (id << 1) & lim is the id's bit just past the prefix, which picks the child
-    _left: Entry | None  # child whose next bit is 0
-    _right: Entry | None  # child whose next bit is 1
-    _x_key: int  # the prefix value, for branch nodes too
-    _x_length: int
-    # Entry fields.
-    _single: Resolution | None  # the answer, or None when a weighted pick is needed
-    _x_pick: tuple[tuple[Resolution, ...], list[int], int, int]  # choices, cum, total, hi
-    _x_prefix: ServicePrefix | None  # made when first asked for
-    _x_rules: tuple[Rule, ...]
-    _hits: int
-
-    def __init__(self, prefix: ServicePrefix, rules: tuple[Rule, ...]) -> None:
-        length = prefix.length
-        # A private copy of the value (`| 0` makes a new int): it lands in the same
-        # pymalloc pool, so the same memory page, as the Resolution made just below. A
-        # lookup reads both right after the node; in a big table sharing one page (one TLB
-        # miss instead of two) was measured at about 20% more lookups per second.
-        self._key = self._x_key = prefix.value | 0
-        self._left = self._right = None
-        self._lim = _LIM[length]
-        self._x_length = length
-        self._x_prefix = None
-        self._hits = 0
-        self._set_rules(rules)
+    def __init__(self, entry: Entry, target: Target) -> None:
+        self._entry = entry
+        self._target = target
 
     @property
-    def prefix(self) -> ServicePrefix:
-        """The prefix this entry matches."""
-        prefix = self._x_prefix
-        if prefix is None:
-            # Made on demand: the table itself needs only the key and the length.
-            prefix = self._x_prefix = ServicePrefix._of(self._x_key, self._x_length)
-        return prefix
-
-    @property
-    def hits(self) -> int:
-        """How many lookups this entry answered (assignable, e.g. to reset it)."""
-        return self._hits
-
-    @hits.setter
-    def hits(self, value: int) -> None:
-        self._hits = value
-
-    @property
-    def rules(self) -> tuple[Rule, ...]:
-        """The rules, highest priority first (ties in the order they were added)."""
-        return self._x_rules
+    def entry(self) -> Entry:
+        """The entry that answered the lookup."""
+        return self._entry
 
     @property
     def action(self) -> Action:
-        """The action a lookup resolving to this entry takes."""
-        single = self._single
-        return (single if single is not None else self._x_pick[0][0]).action
+        """Always FORWARD."""
+        return Action.FORWARD
 
-    def _set_rules(self, rules: tuple[Rule, ...]) -> None:
-        """Store ``rules`` (non-empty, already sorted) and precompute the resolutions."""
-        self._x_rules = rules
+    @property
+    def target(self) -> Target | None:
+        """The target drawn for this lookup."""
+        return self._target
+
+    @property
+    def listener(self) -> object | None:
+        """Always None."""
+        return None
+
+    def __repr__(self) -> str:
+        return self._describe()
+
+
+class _State:
+    """What an entry's rules resolve to, shared by every entry with equal rules.
+
+    A table of a million rules has few distinct rule sets (a few hundred next hops), so the
+    rules, their Rule and Target objects and the precomputed answer are held once per
+    distinct set (interned by the table, with a count of the entries using it) rather than
+    once per entry.
+    """
+
+    __slots__ = ("action", "cum", "hi", "listener", "rules", "target", "targets", "total", "users")
+    rules: tuple[Rule, ...]
+    action: Action
+    target: Target | None  # the one target (FORWARD with one target), else None
+    listener: object | None  # DEMUX
+    cum: tuple[int, ...] | None  # cumulative weights of `targets` if a draw is needed, else None
+    targets: tuple[Target, ...]
+    total: int
+    hi: int
+    users: int
+
+    def __init__(self, rules: tuple[Rule, ...]) -> None:
+        self.rules = rules
+        self.users = 0
+        self.target = self.listener = self.cum = None
+        self.targets = ()
+        self.total = self.hi = 0
         top = rules[0].priority
         demux: Rule | None = None
         targets: list[Target] = []
@@ -372,45 +355,136 @@ class Entry:
                 targets.extend(rule.targets)
             elif action is Action.DELAY:
                 delay = True
-        self._x_pick = _NO_PICK
         if demux is not None:
-            self._single = Resolution(self, Action.DEMUX, None, demux.listener)
-        elif len(targets) == 1:
-            self._single = Resolution(self, Action.FORWARD, targets[0], None)
+            self.action = Action.DEMUX
+            self.listener = demux.listener
         elif targets:
-            # Several targets: lookups draw from cumulative weights with bisect, the way
-            # random.choices does, so each pick is O(log n) with nothing rebuilt.
-            self._single = None
-            cum = list(accumulate(t.weight for t in targets))
-            choices = tuple(Resolution(self, Action.FORWARD, t, None) for t in targets)
-            self._x_pick = (choices, cum, cum[-1], len(targets) - 1)
-        elif delay:
-            self._single = Resolution(self, Action.DELAY)
+            self.action = Action.FORWARD
+            if len(targets) == 1:
+                self.target = targets[0]
+            else:
+                # Several targets: lookups draw from cumulative weights with bisect, the way
+                # random.choices does, so each pick is O(log n) with nothing rebuilt.
+                # (The rule's own tuple when one rule holds them all: not a second copy.)
+                self.targets = (
+                    rules[0].targets if len(rules[0].targets) == len(targets) else tuple(targets)
+                )
+                self.cum = tuple(accumulate(t.weight for t in targets))  # smaller than a list
+                self.total = self.cum[-1]
+                self.hi = len(targets) - 1
         else:
-            self._single = Resolution(self, Action.DROP)
+            self.action = Action.DELAY if delay else Action.DROP
+
+
+class Entry(Resolution):
+    """The rules held at one prefix, highest priority first, and a hit counter.
+
+    Entries are made and changed by the :class:`ServiceTable`; ``hits`` counts the
+    lookups this entry answered (callers may reset it). An entry whose answer needs no
+    weighted draw is the :class:`Resolution` its lookups return (``entry`` is itself).
+
+    An entry is also its own node in the table's trie: a lookup that ends here touches one
+    object, not a node and then an entry (memory latency, not bytecodes, is what a lookup
+    in a big table mostly pays for). Pure branch nodes are instances too, made by
+    :func:`_branch` with only the node fields set; they are never handed out.
+    """
+
+    # Six slots: with the object and GC headers an instance takes an 80-byte pymalloc
+    # block (seven or eight would take 96). All six are what a lookup reads; the rules, the
+    # answer and the precomputed draw live in a shared _State, and the prefix length is
+    # _lim's (see _x_key and _x_length).
+    __slots__ = ("_hits", "_key", "_left", "_lim", "_right", "_state")
+    # Trie node fields.
+    _key: int | None  # the prefix value (bits past its length are 0); None: branch node
+    _lim: int  # _LIM[length] (shared): the id is in the prefix iff (id ^ key) < lim, and
+    # (id << 1) & lim is the id's bit just past the prefix, which picks the child
+    _left: Entry | None  # child whose next bit is 0
+    _right: Entry | None  # child whose next bit is 1
+    # Entry fields.
+    _state: _State  # shared with every entry of equal rules (set by the table)
+    _hits: int  # lookups answered; a branch node (never an answer) keeps its key here
+
+    def __init__(self, value: int, length: int, state: _State) -> None:
+        # A private copy of the value (`| 0` makes a new int): it lands in the same
+        # pymalloc pool, so the same memory page, as the entry itself.
+        self._key = value | 0
+        self._left = self._right = None
+        self._lim = _LIM[length]
+        self._hits = 0
+        self._state = state
+
+    @property
+    def _x_key(self) -> int:
+        # The prefix value, for branch nodes too (a sixth slot would cost a larger block).
+        key = self._key
+        return key if key is not None else self._hits
+
+    @property
+    def _x_length(self) -> int:
+        # Not stored (an eighth slot would cost a larger memory block): _lim is 2**(256-n).
+        return _BITS + 1 - self._lim.bit_length()
+
+    @property
+    def prefix(self) -> ServicePrefix:
+        """The prefix this entry matches."""
+        # Made on demand: the table itself needs only the key and the length.
+        return ServicePrefix._of(self._x_key, self._x_length)
+
+    @property
+    def hits(self) -> int:
+        """How many lookups this entry answered (assignable, e.g. to reset it)."""
+        return self._hits
+
+    @hits.setter
+    def hits(self, value: int) -> None:
+        self._hits = value
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        """The rules, highest priority first (ties in the order they were added)."""
+        return self._state.rules
+
+    @property
+    def entry(self) -> Entry:
+        """The entry itself (an entry is the resolution of its lookups)."""
+        return self
+
+    @property
+    def action(self) -> Action:
+        """The action a lookup resolving to this entry takes."""
+        return self._state.action
+
+    @property
+    def target(self) -> Target | None:
+        """The one FORWARD target when no draw is needed, else None (see :meth:`resolve`)."""
+        return self._state.target
+
+    @property
+    def listener(self) -> object | None:
+        """The DEMUX listener, else None."""
+        return self._state.listener
 
     def resolve(self, rng: random.Random) -> Resolution:
         """The resolution of a lookup answered by this entry (weighted pick with ``rng``)."""
-        if self._single is not None:
-            return self._single
-        choices, cum, total, hi = self._x_pick
-        return choices[bisect_right(cum, rng.random() * total, 0, hi)]
+        state = self._state
+        cum = state.cum
+        if cum is None:
+            return self
+        return _Pick(
+            self, state.targets[bisect_right(cum, rng.random() * state.total, 0, state.hi)]
+        )
 
     def __repr__(self) -> str:
-        return f"Entry({self.prefix}, rules={list(self._x_rules)!r}, hits={self._hits})"
-
-
-_NO_PICK: Final[tuple[tuple[Resolution, ...], list[int], int, int]] = ((), [], 0, 0)
+        return f"Entry({self.prefix}, rules={list(self._state.rules)!r}, hits={self._hits})"
 
 
 def _branch(key: int, length: int) -> Entry:
     """A pure branch node: only the trie fields are set."""
     node = Entry.__new__(Entry)
     node._key = None
-    node._x_key = key
+    node._hits = key  # see Entry._x_key
     node._left = node._right = None
     node._lim = _LIM[length]
-    node._x_length = length
     return node
 
 
@@ -434,6 +508,7 @@ class ServiceTable:
         "_short",
         "_short_entries",
         "_slot_shift",
+        "_states",
         "_stride",
     )
 
@@ -447,6 +522,8 @@ class ServiceTable:
         self._max_entries = max_entries
         self._count = 0
         self._rule_count = 0
+        # The distinct rule sets, each held once however many entries use it.
+        self._states: dict[tuple[Rule, ...], _State] = {}
         self._reset(_STRIDES[0])
 
     def _reset(self, stride: int) -> None:
@@ -512,11 +589,13 @@ class ServiceTable:
             if best is None:
                 return None
         best._hits += 1
-        res = best._single
-        if res is None:
-            choices, cum, total, hi = best._x_pick
-            return choices[bisect_right(cum, self._random() * total, 0, hi)]
-        return res
+        state = best._state
+        cum = state.cum
+        if cum is None:
+            return best  # the entry is its own answer
+        return _Pick(
+            best, state.targets[bisect_right(cum, self._random() * state.total, 0, state.hi)]
+        )
 
     def lookup(self, service_id: ServiceLike) -> Resolution | None:
         """Resolve a serviceID: longest match, precedence, weighted pick; counts a hit.
@@ -591,8 +670,8 @@ class ServiceTable:
         entry = self._get(p.value, p.length)
         if entry is None:
             return self._insert(p, (rule,))
-        if rule not in entry._x_rules:
-            entry._set_rules(tuple(sorted((*entry._x_rules, rule), key=_neg_priority)))
+        if rule not in entry._state.rules:
+            self._set_rules(entry, tuple(sorted((*entry._state.rules, rule), key=_neg_priority)))
             self._rule_count += 1
         return entry
 
@@ -617,8 +696,8 @@ class ServiceTable:
             return None
         if entry is None:
             return self._insert(p, new_rules)
-        self._rule_count += len(new_rules) - len(entry._x_rules)
-        entry._set_rules(new_rules)
+        self._rule_count += len(new_rules) - len(entry._state.rules)
+        self._set_rules(entry, new_rules)
         return entry
 
     def remove(self, prefix: PrefixLike, rule: Rule | None = None) -> None:
@@ -634,20 +713,21 @@ class ServiceTable:
         if rule is None:
             self._delete(entry)
             return
-        if rule not in entry._x_rules:
+        if rule not in entry._state.rules:
             raise NoSuchRule(f"the entry at {p} has no rule {rule!r}")
-        rest = list(entry._x_rules)
+        rest = list(entry._state.rules)
         rest.remove(rule)
         if not rest:
             self._delete(entry)
             return
-        entry._set_rules(tuple(rest))
+        self._set_rules(entry, tuple(rest))
         self._rule_count -= 1
 
     def clear(self) -> None:
         """Remove every entry (the stride shrinks back to its initial size)."""
         self._count = 0
         self._rule_count = 0
+        self._states = {}
         self._reset(_STRIDES[0])
 
     # -- iteration ---------------------------------------------------------------------------
@@ -690,20 +770,45 @@ class ServiceTable:
                 f"service table full: {self._count} entries (max_entries={self._max_entries}),"
                 f" cannot add {prefix}"
             )
-        entry = Entry(prefix, rules)
+        entry = Entry(prefix.value, prefix.length, self._state_of(rules))
         self._count += 1
         self._rule_count += len(rules)
-        if self._count > (1 << self._stride) >> 1 and self._stride < _STRIDES[-1]:
+        if self._count > (1 << self._stride) >> 2 and self._stride < _STRIDES[-1]:
             self._regrow()
         self._place(entry)
         return entry
+
+    def _state_of(self, rules: tuple[Rule, ...]) -> _State:
+        """The shared state for ``rules`` (non-empty, sorted), counting one more user."""
+        try:
+            state = self._states.get(rules)
+        except TypeError:  # an unhashable listener: these rules are not shared
+            state = _State(rules)
+        else:
+            if state is None:
+                state = self._states[rules] = _State(rules)
+        state.users += 1
+        return state
+
+    def _release(self, state: _State) -> None:
+        """One user fewer; a state no entry uses is forgotten."""
+        state.users -= 1
+        if not state.users:
+            with contextlib.suppress(TypeError):
+                if self._states.get(state.rules) is state:
+                    del self._states[state.rules]
+
+    def _set_rules(self, entry: Entry, rules: tuple[Rule, ...]) -> None:
+        old = entry._state
+        entry._state = self._state_of(rules)
+        self._release(old)
 
     def _regrow(self) -> None:
         """Take the next stride: re-place every entry (amortised like a hash resize)."""
         entries = self._entries()
         stride = self._stride
         for s in _STRIDES:
-            if s > stride and (self._count <= (1 << s) >> 1 or s == _STRIDES[-1]):
+            if s > stride and (self._count <= (1 << s) >> 2 or s == _STRIDES[-1]):
                 stride = s
                 break
         self._reset(stride)
@@ -772,7 +877,8 @@ class ServiceTable:
         value = entry._x_key
         length = entry._x_length
         self._count -= 1
-        self._rule_count -= len(entry._x_rules)
+        self._rule_count -= len(entry._state.rules)
+        self._release(entry._state)
         if length <= self._stride:
             del self._short_entries[value | length]
             # Slots this entry was best for fall back to the longest short prefix above it
@@ -872,4 +978,15 @@ class ServiceTable:
             want[start : start + width] = [entry] * width
         assert all(a is b for a, b in zip(self._short, want, strict=True)), "short slots"
         assert seen + len(self._short_entries) == self._count
-        assert sum(len(e.rules) for e in self._entries()) == self._rule_count
+        entries = self._entries()
+        assert sum(len(e.rules) for e in entries) == self._rule_count
+        users: dict[int, int] = {}
+        for e in entries:
+            users[id(e._state)] = users.get(id(e._state), 0) + 1
+        for e in entries:
+            assert e._state.users == users[id(e._state)], "state user counts"
+            assert e._state.rules and e._state.rules == tuple(
+                sorted(e._state.rules, key=_neg_priority)
+            )
+        for rules, state in self._states.items():
+            assert state.rules is rules and state.users > 0 and id(state) in users
