@@ -9,7 +9,6 @@ the default one), the RFC 5961 rules, the cookie layout of ``core.syncookies``.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import struct
 from collections.abc import Callable
@@ -154,11 +153,11 @@ def test_secure_random_bits_are_uniform_enough() -> None:
 
 
 # -- 2. off-path injection -----------------------------------------------------------------
-def _inject_all(pair_seed: int, spoof_peer: bool) -> tuple[str, dict[str, int]]:
+def _inject_all(pair_seed: int, spoof_peer: bool) -> dict[str, int]:
     """A 300 KB transfer each way while an attacker who knows both flowIDs injects FIN,
     data, RST, RSYN and FIN at every sequence number it could guess well (the next
     expected byte included, as if it had seen it)."""
-    p = make_pair(seed=pair_seed, link=LinkConfig(delay=0.01, bandwidth=5e6))
+    p = make_pair(seed=pair_seed, link=LinkConfig(delay=0.01, bandwidth=2e6))
     p.connect()
     assert p.client is not None and p.server is not None
     c = p.client.primary
@@ -183,17 +182,17 @@ def _inject_all(pair_seed: int, spoof_peer: bool) -> tuple[str, dict[str, int]]:
         p.net.kick(p.a)
 
     timers = Timers(p.net)
-    timers.at(p.net.now + 0.05, attack)
-    timers.at(p.net.now + 0.2, attack)
-    exchange(p, up, down, timeout=120)
-    got = hashlib.sha256(up).hexdigest()
-    return got, dict(p.a.drops) | dict(p.a.stats)
+    timers.at(p.net.now + 0.03, attack)
+    timers.at(p.net.now + 0.1, attack)
+    exchange(p, up, down, timeout=120)  # asserts both directions arrived byte-exact
+    assert p.client.error is None and p.server.error is None
+    assert not timers.items  # both attacks ran during the transfer
+    return dict(p.a.drops) | dict(p.a.stats)
 
 
 @pytest.mark.parametrize("spoof_peer", [False, True], ids=["from-elsewhere", "spoofed-source"])
 def test_off_path_injection_with_the_right_flowids_changes_nothing(spoof_peer: bool) -> None:
-    digest, counts = _inject_all(3, spoof_peer)  # exchange() checks both directions' bytes
-    assert digest
+    counts = _inject_all(3, spoof_peer)
     if spoof_peer:
         assert counts["bad_nonce"] >= 4  # RST/RSYN/FIN without the nonce
     else:

@@ -1417,17 +1417,24 @@ class HostCore:
         sf = target
         conn = sf.conn
         state = conn.state
-        if state is not State.SYN_RECEIVED and src in self.trusted_forwarders:
-            ctl = pkt.control
-            if ctl is not None and ctl.flags & ControlFlags.SYN and ctl.flags & ControlFlags.ACK:
-                relay = pkt.find(RelayExt)
-                if relay is not None and relay.is_relayed:
-                    # A SYN-ACK our router relayed: the instance is at relay.address (the
-                    # handshake's numbers prove the SYN-ACK answers our SYN); the third
-                    # ACK goes there directly and opens our NAT towards it. Only from our
-                    # router: nobody else may make us answer a third address.
-                    src = relay.address
-                    self.stats["relayed_synack"] += 1
+        ctl = pkt.control
+        # Data segments carry no CONTROL: the cheap test first, the set lookup only for the
+        # few SYN-ACKs (this runs for every packet of every flow).
+        synack = ControlFlags.SYN | ControlFlags.ACK
+        if (
+            ctl is not None
+            and ctl.flags & synack == synack
+            and state is not State.SYN_RECEIVED
+            and src in self.trusted_forwarders
+        ):
+            relay = pkt.find(RelayExt)
+            if relay is not None and relay.is_relayed:
+                # A SYN-ACK our router relayed: the instance is at relay.address (the
+                # handshake's numbers prove the SYN-ACK answers our SYN); the third ACK
+                # goes there directly and opens our NAT towards it. Only from our router:
+                # nobody else may make us answer a third address.
+                src = relay.address
+                self.stats["relayed_synack"] += 1
         if state is State.SYN_SENT:
             if not conn.on_synack(sf, pkt, src, now):
                 self._maybe_reset(conn, sf, pkt, src)
@@ -1551,6 +1558,8 @@ class HostCore:
                 if held and sf.remote_addr == src:
                     self.stats["held_replayed"] += len(held)
                     for old in held:
+                        if conn.state is State.CLOSED or sf.remote_addr != src:
+                            break  # a held packet ended the flow or moved it: stop there
                         self._on_established(conn, sf, old, now, src)
                 return
             if conn.mp is not None:
