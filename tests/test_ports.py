@@ -358,7 +358,17 @@ PROGRAM_ERROR = re.compile(r"^(\w+(?:\.\w+)*(?:Error|Exception|Lost|Disconnected
 
 @pytest.mark.slow
 @pytest.mark.serial  # timeouts of real programs under a replica's death: load-sensitive
-@pytest.mark.parametrize("program_name", ["aiohttp", "asyncssh", "websockets", "aiomcache"])
+@pytest.mark.parametrize(
+    "program_name",
+    [
+        # Flaky in a fresh-clone CI run: the aiohttp client sometimes exits 0 (its transfer
+        # was not on the replica killed), sometimes outlasts its wait. Open in issue 18.
+        pytest.param("aiohttp", marks=pytest.mark.xfail(strict=False, reason="flaky: #18")),
+        "asyncssh",
+        "websockets",
+        "aiomcache",
+    ],
+)
 def test_a_replica_sigkilled_mid_transfer(ports: Ports, program_name: str) -> None:
     """Two server replicas (for aiomcache: two outbound translators to one memcached); the
     one carrying the program's traffic is SIGKILLed in the middle. The program sees its
