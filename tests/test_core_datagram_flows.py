@@ -19,6 +19,7 @@ from pyserval.core.host import HostCore, Listener
 from pyserval.naming.service_id import ServiceID
 from pyserval.sal import Rule, decode_packet
 from pyserval.testing import Address, LinkConfig, SimNetwork
+from pyserval.transport.config import StreamConfig
 from pyserval.transport.connection import State
 from pyserval.transport.datagram_flow import (
     MAX_FLOW_DATAGRAM,
@@ -75,12 +76,14 @@ SYN, ACK, RST, FIN = 0x80, 0x20, 0x08, 0x04
 
 
 class Net:
-    def __init__(self, seed: int = 1, loss: float = 0.0) -> None:
+    def __init__(
+        self, seed: int = 1, loss: float = 0.0, server_config: StreamConfig | None = None
+    ) -> None:
         self.net = SimNetwork(
             seed=seed, default_link=LinkConfig(delay=0.005, loss=loss), trace=True
         )
         self.a = HostCore([A, A2], rng=random.Random(seed))
-        self.b = HostCore([B], rng=random.Random(seed + 100))
+        self.b = HostCore([B], rng=random.Random(seed + 100), config=server_config)
         self.net.attach(self.a, A, A2)
         self.net.attach(self.b, B)
         self.a.service_table.add(SVC, Rule.forward(B))
@@ -570,3 +573,85 @@ def test_arbitrary_packets_on_a_flow_never_break_it(
     for c in (client, server):
         assert c.rx_bytes == sum(map(len, c.rx)) and len(c.rx) <= c.max_queue
         assert c.state in (State.ESTABLISHED, State.CLOSED, State.TIME_WAIT)
+
+
+# -- SYN cookies (issue 11): a SYN flood cannot lock a datagram listener out either ----------
+def test_datagram_flows_complete_on_cookies_alone() -> None:
+    n = Net(seed=3, server_config=StreamConfig(max_half_open=0))  # every SYN stateless
+    client, server = n.connect()
+    assert n.b.stats["syn_cookie_sent"] == 1 and n.b.stats["syn_cookie_accepted"] == 1
+    assert not n.listener.half_open
+    # The SYN-ACK on the wire: protocol 17, CONTROL(SYN+ACK) acknowledging the SYN's
+    # number, and the cookie's verno in it (what the third ACK then acknowledges).
+    syn, third = n.sent(A[0])[:2]
+    synack = n.sent(B[0])[0]
+    assert synack[9] == 17 and synack[14] == SYN | ACK
+    syn_verno = struct.unpack_from("!I", syn, 16)[0]
+    verno, ackno = struct.unpack_from("!II", synack, 16)
+    assert ackno == (syn_verno + 1) & 0xFFFFFFFF
+    assert struct.unpack_from("!I", third, 20)[0] == (verno + 1) & 0xFFFFFFFF
+    for i in range(20):
+        client.send_datagram(b"up%d" % i)
+        server.send_datagram(b"down%d" % i)
+    n.run(1.0)
+    assert drain(server) == [b"up%d" % i for i in range(20)]
+    assert drain(client) == [b"down%d" % i for i in range(20)]
+
+
+def test_a_datagram_flow_whose_third_ack_was_lost_is_asked_for_it_again() -> None:
+    n = Net(seed=4, server_config=StreamConfig(max_half_open=0))
+    dropped: list[bytes] = []
+
+    def lose_third_ack(data: bytes, src: Address, dst: Address) -> bool:
+        if not dropped and src == A and data[14] == ACK:  # CONTROL(ACK) only: the third
+            dropped.append(data)
+            return True
+        return False
+
+    n.net.loss_filter = lose_third_ack
+    client = n.a.connect(SVC, n.net.now, datagram=True)
+    assert isinstance(client, DatagramConnection)
+    n.net.kick(n.a)
+    assert n.net.run_until(lambda: client.state is State.ESTABLISHED, 10)
+    assert dropped and not n.b.connections  # the server keeps nothing
+    client.send_datagram(b"first")  # flowIDs only: answered with a reminder SYN-ACK
+    n.net.kick(n.a)
+    assert n.net.run_until(lambda: bool(n.listener.accept_queue), 10)
+    assert n.b.stats["syn_cookie_reminder"] == 1 and n.b.stats["syn_cookie_accepted"] == 1
+    server = n.listener.accept()
+    assert isinstance(server, DatagramConnection)
+    client.send_datagram(b"second")
+    n.run(1.0)
+    # Datagram semantics: the one that drew the reminder was not kept (no state held it).
+    assert drain(server) == [b"second"]
+
+
+def test_forged_datagram_cookie_acks_make_nothing() -> None:
+    n = Net(seed=5, server_config=StreamConfig(max_half_open=0))
+    held: list[bytes] = []
+
+    def hold_third_ack(data: bytes, src: Address, dst: Address) -> bool:
+        if src == A and data[14] == ACK:
+            held.append(data)
+            return True
+        return False
+
+    n.net.loss_filter = hold_third_ack
+    client = n.a.connect(SVC, n.net.now, datagram=True)
+    assert isinstance(client, DatagramConnection)
+    n.net.kick(n.a)
+    assert n.net.run_until(lambda: bool(held), 10)
+    third = held[0]
+    ackno = struct.unpack_from("!I", third, 20)[0]
+    for bad in (0x02, 0x80_00_00_00):  # the cookie's verno echoed with one bit flipped
+        forged = bytearray(third)
+        struct.pack_into("!I", forged, 20, ackno ^ bad)
+        struct.pack_into("!H", forged, 10, 0)
+        struct.pack_into("!H", forged, 10, ones_sum(bytes(forged[: 12 + 20 + 36])))
+        n.b.receive_datagram(bytes(forged), A, B, n.net.now)
+    assert n.b.syn_cookies.failed == 2 and not n.b.connections
+    # From another address, the genuine third ACK is no cookie either (the MAC covers it).
+    n.b.receive_datagram(third, A2, B, n.net.now)
+    assert n.b.syn_cookies.failed == 3 and not n.b.connections
+    n.b.receive_datagram(third, A, B, n.net.now)
+    assert n.b.stats["syn_cookie_accepted"] == 1 and len(n.listener.accept_queue) == 1

@@ -9,6 +9,7 @@ the default one), the RFC 5961 rules, the cookie layout of ``core.syncookies``.
 
 from __future__ import annotations
 
+import itertools
 import random
 import struct
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from collections.abc import Callable
 import pytest
 
 from pyserval.core.host import HALF_OPEN_LIFETIME, HostCore
+from pyserval.core.ratelimit import JitteredBudget
 from pyserval.core.syncookies import PERIOD
 from pyserval.naming.entropy import SecureRandom
 from pyserval.naming.service_id import as_service_id
@@ -196,7 +198,10 @@ def test_off_path_injection_with_the_right_flowids_changes_nothing(spoof_peer: b
     if spoof_peer:
         assert counts["bad_nonce"] >= 4  # RST/RSYN/FIN without the nonce
     else:
-        assert counts["rebinding_challenge"] >= 1  # a check of the address, never a move
+        # Numbers outside the window and no nonce prove nothing: no move, and not even an
+        # address check (a challenge to the attacker would confirm its flowID guess).
+        assert counts["unproven_from_elsewhere"] >= 8
+        assert counts.get("rebinding_challenge", 0) == 0
 
 
 def test_wrong_source_flowid_is_dropped() -> None:
@@ -225,6 +230,39 @@ def test_out_of_window_fin_gets_a_rate_limited_challenge_ack_not_a_reset() -> No
     assert p.client.state is State.ESTABLISHED and not p.client.peer_fin_received
     sent = p.a.challenge_ack_limit.granted
     assert 1 <= sent <= 100 and p.a.stats["challenge_ack_rate_limited"] == 500 - sent
+
+
+def test_one_flow_draws_at_most_one_challenge_ack_per_half_second() -> None:
+    # Spoofed in-window segments on a victim flow cost the host-wide budget at most two
+    # challenge ACKs a second (Linux's tcp_invalid_ratelimit): an attacker counting its own
+    # challenge ACKs cannot see what its guesses did to the victim (CVE-2016-5696).
+    p = make_pair()
+    p.connect()
+    assert p.client is not None
+    c = p.client.primary
+    start = p.net.now
+    sent_at: list[float] = []
+    for i in range(500):  # one every 10 ms for 5 s
+        now = start + i * 0.01
+        seq = (c.irs + 1 + 3_000_000 + i) & 0xFFFFFFFF
+        tcp = TcpHeader(seq=seq, ack=c.wire_seq(0), flags=TcpFlags.FIN | TcpFlags.ACK)
+        pkt = SalPacket(c.remote_flowid, c.local_flowid, PROTO_TCP, [], tcp)
+        p.a.receive_datagram(pkt.encode(B[0], A[0]), B, A, now)
+        if p.a.datagrams_to_send(now):
+            sent_at.append(now)
+    assert len(sent_at) == 10  # at 0, 0.5, ..., 4.5 s
+    assert all(b - a >= 0.5 - 1e-9 for a, b in itertools.pairwise(sent_at))
+    assert p.client.state is State.ESTABLISHED
+
+
+def test_the_host_wide_challenge_ack_budget_is_drawn_anew_each_second() -> None:
+    budget = JitteredBudget(100, SecureRandom())
+    per_second = []
+    for second in range(40):
+        per_second.append(sum(budget.take(second + k / 1000) for k in range(1000)))
+    assert all(50 <= n < 150 for n in per_second), per_second
+    # Not a fixed refill: 40 draws from 100 values all equal has probability 1e-78.
+    assert len(set(per_second)) > 5
 
 
 def test_stateless_reset_echoing_our_nonce_needs_our_control_number() -> None:

@@ -7,7 +7,15 @@ import random
 import pytest
 
 from pyserval.core.host import HostCore, Listener
-from pyserval.sal import ControlExt, ControlFlags, Rule, SalPacket, decode_packet
+from pyserval.sal import (
+    ControlExt,
+    ControlFlags,
+    Rule,
+    SalPacket,
+    TcpFlags,
+    TcpHeader,
+    decode_packet,
+)
 from pyserval.testing import LinkConfig, SimNetwork
 from pyserval.transport.config import StreamConfig
 from pyserval.transport.connection import Connection, State
@@ -195,7 +203,11 @@ def test_spoofed_data_from_elsewhere_starts_a_challenge_that_fails_harmlessly() 
     s.net.attach(evil := HostCore([EVIL]), EVIL)
 
     def spoof() -> None:
-        ack = SalPacket(sf.remote_flowid, sf.local_flowid, 6, [])
+        # Both flowIDs and numbers inside the window (as if seen on the path): only such a
+        # packet may start an address check (see test_core_hardening's off-path tests).
+        seq = (sf.irs + 1 + s.server.recv.rcv_nxt) & 0xFFFFFFFF
+        tcp = TcpHeader(seq=seq, ack=sf.wire_seq(sf.snd_una), flags=TcpFlags.ACK)
+        ack = SalPacket(sf.remote_flowid, sf.local_flowid, 6, [], tcp)
         evil._out.append((ack.encode(), EVIL, B1))
         s.net.kick(evil)
 

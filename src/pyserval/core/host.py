@@ -93,7 +93,7 @@ from ..transport.events import (
 )
 from ..transport.migration import CHALLENGE, HELD_BYTES, HELD_PACKETS
 from ..transport.multipath import MAX_HALF_OPEN_JOINS, MAX_SUBFLOWS, join_proof, new_key
-from .ratelimit import TokenBucket
+from .ratelimit import JitteredBudget, TokenBucket
 from .syncookies import Cookie, SynCookies
 
 __all__ = ["DatagramEndpoint", "DatagramTooLarge", "HostCore", "Listener", "NoRoute"]
@@ -106,6 +106,17 @@ _CONTROL_EXT: Final = 20  # bytes of a CONTROL extension: what a RST may add to 
 # A half-open flow retransmits its SYN-ACK for at most about this long: a flood of SYNs
 # from addresses that never answer cannot hold the table for longer.
 HALF_OPEN_LIFETIME: Final = 64.0
+# Address checks (a challenge sent to where a flow's peer seems to be now) a connection may
+# start: a few at once, then one per 5 s. Only the flow's own peer can start them (the
+# packet must carry both flowIDs and plausible numbers), but an attacker that owns a
+# connection could otherwise aim a challenge (and its retransmissions) at any address per
+# packet it sends. A host-wide bucket bounds what many such connections can do together.
+CHECK_BURST: Final = 3
+CHECK_RATE: Final = 0.2
+# RFC 5961 challenge ACKs: at most one per connection per half second (Linux's
+# tcp_invalid_ratelimit), so spoofed segments cannot drain the host-wide budget through one
+# victim flow, and that budget is jittered (see JitteredBudget).
+CHALLENGE_ACK_INTERVAL: Final = 0.5
 
 
 def _retries_within(initial_rto: float, lifetime: float) -> int:
@@ -190,6 +201,8 @@ class HostCore:
         rst_rate: float = 100.0,
         rst_burst: int = 200,
         challenge_ack_rate: float = 100.0,
+        check_rate: float = 50.0,
+        check_burst: int = 100,
         nat_relay: bool = True,
     ) -> None:
         if not addresses:
@@ -236,7 +249,12 @@ class HostCore:
         # challenge ACKs (RFC 5961) are rate-limited per host: junk is never turned into a
         # flood of answers. The counts are in ``stats`` (rst_sent, rst_rate_limited, ...).
         self.rst_limit = TokenBucket(rst_rate, rst_burst)
-        self.challenge_ack_limit = TokenBucket(challenge_ack_rate, max(1.0, challenge_ack_rate))
+        self.challenge_ack_limit = JitteredBudget(max(1.0, challenge_ack_rate), self.rng)
+        self._challenge_ack_at: dict[int, float] = {}  # conn_id -> when it last sent one
+        # Address checks: per connection (conn_id -> bucket, made on its first check) and
+        # for the whole host (see CHECK_BURST).
+        self.check_limit = TokenBucket(check_rate, check_burst)
+        self._check_limits: dict[int, TokenBucket] = {}
         self.syn_cookies = SynCookies(self.rng)
         self._synack_retries = _retries_within(self.config.control.initial_rto, HALF_OPEN_LIFETIME)
         # NATs (see the module docstring): whether our SYNs and datagrams to a service carry
@@ -810,7 +828,11 @@ class HostCore:
         pkts: list[SalPacket] = []
         if conn.challenge_ack_due:
             conn.challenge_ack_due = False
-            if self.challenge_ack_limit.take(now):
+            last = self._challenge_ack_at.get(conn.conn_id)
+            if (last is None or now - last >= CHALLENGE_ACK_INTERVAL) and (
+                self.challenge_ack_limit.take(now)
+            ):
+                self._challenge_ack_at[conn.conn_id] = now
                 conn.ack_now = True
             else:
                 self.stats["challenge_ack_rate_limited"] += 1
@@ -881,6 +903,8 @@ class HostCore:
             self.mp_tokens.pop(conn.mp.local_token, None)
         conn.scheduled = None
         self._synack_relays.pop(conn.conn_id, None)
+        self._challenge_ack_at.pop(conn.conn_id, None)
+        self._check_limits.pop(conn.conn_id, None)
         key = conn.peer_key
         if key is not None:
             self._peer_flows.pop(key, None)
@@ -1096,18 +1120,17 @@ class HostCore:
             self.drops["accept_queue_full"] += 1
             return
         if len(listener.half_open) >= self.config.max_half_open:
-            if tcp is None:
-                # A connected datagram flow: its third ACK echoes no TCP numbers, so there is
-                # no cookie to build from it; past the table's bound such SYNs are dropped.
-                self.drops["half_open_full"] += 1
-                return
             # A SYN flood, or a burst larger than the table: answer without keeping state
             # (and through the client's router as well when it may be behind a NAT).
             marker = pkt.find(RelayExt) if path is not None and not untrusted_path else None
             relay = None
             if path is not None and marker is not None and marker.is_request and self.nat_relay:
                 relay = (_first_router(path, hop), RelayExt(marker.address, marker.tag))
-            self._send_cookie_synack(pkt, ctl, tcp, src, self.local_for(src, dst), now, relay)
+            here = self.local_for(src, dst)
+            if tcp is None:
+                self._send_datagram_cookie_synack(pkt, ctl, src, here, now, relay)
+            else:
+                self._send_cookie_synack(pkt, ctl, tcp, src, here, now, relay)
             return
         if len(self.flows) >= self.flows.max_flows:
             self.drops["flow_table_full"] += 1  # (allocate would raise FlowTableFull)
@@ -1194,9 +1217,100 @@ class HostCore:
         if relay is not None:
             self._send_relayed(synack, dst, *relay)
 
+    def _send_datagram_cookie_synack(
+        self,
+        pkt: SalPacket,
+        ctl: ControlExt,
+        src: Address,
+        dst: Address,
+        now: float,
+        relay: tuple[Address, RelayExt] | None = None,
+    ) -> None:
+        """Answer a connected-datagram SYN statelessly (see core.syncookies)."""
+        cookie = self.syn_cookies.make_datagram(now, src, pkt.src_flowid)
+        if cookie.flowid in self.flows:
+            self.drops["syn_cookie_collision"] += 1
+            return
+        synack = self._datagram_cookie_synack(cookie, pkt.src_flowid, (ctl.verno + 1) & MASK32)
+        self.stats["syn_cookie_sent"] += 1
+        self._send(synack, dst, src)
+        if relay is not None:
+            self._send_relayed(synack, dst, *relay)
+
+    @staticmethod
+    def _datagram_cookie_synack(cookie: Cookie, peer_flowid: int, ackno: int) -> SalPacket:
+        flags = ControlFlags.SYN | ControlFlags.ACK
+        ext = ControlExt(flags, cookie.verno, ackno, cookie.nonce)
+        return SalPacket(cookie.flowid, peer_flowid, PROTO_UDP, [ext], UdpHeader())
+
+    def _on_datagram_cookie_ack(
+        self, pkt: SalPacket, src: Address, dst: Address, now: float
+    ) -> bool:
+        """_on_cookie_ack for a connected datagram flow (protocol 17)."""
+        ctl, svc = pkt.control, pkt.service
+        if pkt.udp is None:
+            return False
+        if ctl is None:
+            # A datagram before the third ACK (lost): only the flowID can be checked, which
+            # is enough to ask for the third ACK again, never to build the flow.
+            cookie = self.syn_cookies.match_datagram_flowid(
+                now, src, pkt.src_flowid, pkt.dst_flowid
+            )
+            if cookie is None:
+                return False
+            if self.rst_limit.take(now):
+                self.stats["syn_cookie_reminder"] += 1
+                self._send(self._datagram_cookie_synack(cookie, pkt.src_flowid, 0), dst, src)
+            return True
+        if (
+            svc is None
+            or ctl.flags & (ControlFlags.SYN | ControlFlags.RST | ControlFlags.RSYN)
+            or not ctl.flags & ControlFlags.ACK
+        ):
+            return False
+        cookie = self.syn_cookies.check_datagram(
+            now, src, pkt.src_flowid, pkt.dst_flowid, (ctl.ackno - 1) & MASK32
+        )
+        if cookie is None:
+            return False
+        res = self.service_table.lookup(svc.service_id)
+        listener = res.listener if res is not None else None
+        if not isinstance(listener, Listener) or listener.closed or not listener.datagram:
+            return False
+        if len(listener.accept_queue) >= listener.backlog:
+            self.drops["accept_queue_full"] += 1
+            return True
+        if len(self.flows) >= self.flows.max_flows or cookie.flowid in self.flows:
+            self.drops["syn_cookie_no_room"] += 1
+            return True
+        conn, sf = self._new_flow(cookie.flowid, Role.SERVER, svc.service_id, dst, src, True)
+        conn.listener_id = listener.listener_id
+        key = (src, pkt.src_flowid)
+        conn.peer_key = key
+        sf.control.local_nonce = cookie.nonce
+        sf.control.snd_verno = cookie.verno
+        # The client's SYN as the third ACK implies it: its number is the ACK's less one.
+        syn_ctl = ControlExt(ControlFlags.SYN, (ctl.verno - 1) & MASK32, 0, ctl.nonce)
+        syn = SalPacket(pkt.src_flowid, 0, PROTO_UDP, [syn_ctl, ServiceExt(svc.service_id)])
+        self.flows.insert(cookie.flowid, sf)
+        self.connections[cookie.flowid] = conn
+        self._peer_flows[key] = conn
+        conn.accept_syn(sf, syn, now)  # its SYN-ACK went out as the cookie
+        sf.handshake_sent_at = None
+        if not conn.on_handshake_ack(sf, pkt, now):  # cannot fail: the cookie matched
+            conn.abort_with("SYN cookie mismatch", send_rst=False)
+            self._forget(conn)
+            return True
+        self.stats["syn_cookie_accepted"] += 1
+        self._established_server(conn)
+        self._wake(conn)
+        return True
+
     def _on_cookie_ack(self, pkt: SalPacket, src: Address, dst: Address, now: float) -> bool:
         """A packet for an unknown flow that may be the third ACK of a SYN answered with a
         cookie. True when it was one (taken, or answered); False: treat as unknown."""
+        if pkt.protocol == PROTO_UDP:
+            return self._on_datagram_cookie_ack(pkt, src, dst, now)
         tcp, ctl = pkt.tcp, pkt.control
         if tcp is None or tcp.flags & (TcpFlags.SYN | TcpFlags.RST) or not tcp.flags & TcpFlags.ACK:
             return False
@@ -1444,7 +1558,7 @@ class HostCore:
             if pkt.src_flowid != sf.remote_flowid and not (
                 pkt.src_flowid == 0 and ctl is not None and ctl.flags & ControlFlags.RST
             ):
-                self.drops["wrong_peer_flow"] += 1  # (a stateless RST has no flowID)
+                self._wrong_peer_flow(pkt, ctl, size, dst, src, now)
             elif (
                 listener is not None
                 and len(listener.accept_queue) >= listener.backlog
@@ -1471,7 +1585,7 @@ class HostCore:
         elif state is State.CLOSED:
             self.drops["closed_flow"] += 1  # closed, not yet forgotten: nothing to deliver
         else:
-            self._on_established(conn, sf, pkt, now, src)
+            self._on_established(conn, sf, pkt, now, src, dst)
             if src == sf.remote_addr and (":" in dst[0]) != (":" in sf.local_addr[0]):
                 # The peer moved to another family (an RSYN it proved, reaching us on our
                 # interface of that family): answer from there, the only place that can.
@@ -1493,7 +1607,13 @@ class HostCore:
         self._emit(IncomingConnection(conn.conn_id, listener.listener_id))
 
     def _on_established(
-        self, conn: Connection, sf: Subflow, pkt: SalPacket, now: float, src: Address
+        self,
+        conn: Connection,
+        sf: Subflow,
+        pkt: SalPacket,
+        now: float,
+        src: Address,
+        dst: Address | None = None,
     ) -> None:
         ctl = pkt.control
         if sf.join_state == "syn_sent":
@@ -1523,7 +1643,8 @@ class HostCore:
             pkt.src_flowid == 0 and ctl is not None and ctl.flags & ControlFlags.RST
         ):
             # Only the peer's flow speaks on this flow (a stateless RST has no flowID).
-            self.drops["wrong_peer_flow"] += 1
+            size = len(pkt.payload) + 32  # as _on_flow_packet counts it
+            self._wrong_peer_flow(pkt, ctl, size, dst or sf.local_addr, src, now)
             return
         if src != sf.remote_addr and not self._from_elsewhere(conn, sf, pkt, src, now):
             return
@@ -1617,6 +1738,12 @@ class HostCore:
             return False
         mig = sf.mig
         if (ch is None or ch.candidate != src) and (mig is None or not mig.busy):
+            if not self._proves_flow(conn, sf, pkt):
+                self.drops["unproven_from_elsewhere"] += 1
+                return False
+            if not self._may_check(conn, now):
+                self.drops["not_peer_address"] += 1
+                return False
             conn.check_address(sf, src, self.rng.getrandbits(64), now)
             ch = sf.challenge
             assert ch is not None
@@ -1636,6 +1763,49 @@ class HostCore:
             self.stats["held_unverified"] += 1
         else:
             self.drops["not_peer_address"] += 1
+        return False
+
+    def _wrong_peer_flow(
+        self,
+        pkt: SalPacket,
+        ctl: ControlExt | None,
+        size: int,
+        local: Address,
+        remote: Address,
+        now: float,
+    ) -> None:
+        """A packet for one of our flows from another flow than its peer's: answered
+        exactly as a packet for no flow at all is, so that probing cannot tell which of our
+        flowIDs are in use (and then guess the peer's flowID alone, 2^32 tries instead of
+        2^64). The answer goes to the sender and names the sender's flow, not ours."""
+        self.drops["wrong_peer_flow"] += 1
+        if ctl is None or not ctl.flags & ControlFlags.RST:
+            self._send_stateless_rst(pkt, ctl, size, local, remote, now)
+
+    def _proves_flow(self, conn: Connection, sf: Subflow, pkt: SalPacket) -> bool:
+        """Whether a packet from an unverified address shows it comes from the flow's peer
+        as it stands now: a CONTROL extension with the peer's nonce, or a TCP segment whose
+        numbers are plausible (RFC 5961's window). Only such a packet may start an address
+        check: the flowIDs alone would make the check an oracle for the peer's flowID. A
+        connected datagram flow has no numbers: its two flowIDs (64 bits) are all it has."""
+        ctl = pkt.control
+        if ctl is not None and ctl.nonce == sf.control.peer_nonce:
+            return True
+        tcp = pkt.tcp
+        if tcp is None:
+            return isinstance(conn, DatagramConnection) and ctl is None
+        track = sf.rcv_track if conn.mp is not None else None
+        length = len(pkt.payload) + (1 if tcp.flags & TcpFlags.FIN else 0)
+        return sf._acceptable(tcp, length, track)
+
+    def _may_check(self, conn: Connection, now: float) -> bool:
+        """Whether ``conn`` may start one more address check now (see CHECK_BURST)."""
+        limit = self._check_limits.get(conn.conn_id)
+        if limit is None:
+            limit = self._check_limits[conn.conn_id] = TokenBucket(CHECK_RATE, CHECK_BURST)
+        if limit.take(now) and self.check_limit.take(now):
+            return True
+        self.stats["check_rate_limited"] += 1
         return False
 
     def _maybe_reset(

@@ -19,6 +19,11 @@ flowID, 32 of control verno and 22 of ISS at once (86 bits) without seeing any c
 for the address it claims; a client that can see its own cookies can only complete
 connections from its own address, which it could do anyway.
 
+Connected datagram flows (protocol 17) have no TCP numbers: their cookie is our flowID and
+our control verno alone, whose low bit carries the period's parity, over a summary that
+marks the datagram kind (so a stream cookie never opens a datagram flow, nor the reverse).
+Their third ACK echoes both (63 bits of MAC to match).
+
 Secrets rotate every :data:`PERIOD` seconds and the previous one stays valid, so a cookie
 lives between one and two periods (at most a minute). What it deliberately does not carry:
 a multipath offer (the MP_CAPABLE key is not echoed: cookie connections are single-path) and
@@ -40,6 +45,7 @@ MSS_TABLE: Final = (256, 536, 1220, 1408, 1460, 8192, 16384, 32768)
 _META_BITS: Final = 10
 _META_MASK: Final = (1 << _META_BITS) - 1
 _PACK = struct.Struct("!HIH")
+_DATAGRAM: Final = 0x8000  # the summary of a datagram cookie (stream summaries are 10 bits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +100,54 @@ class SynCookies:
             ws_field - 1 if ws_field else None,
             bool(meta & 0x20),
         )
+
+    def make_datagram(self, now: float, addr: tuple[str, int], peer_flowid: int) -> Cookie:
+        """The cookie for a connected-datagram SYN from ``addr`` with flowID ``peer_flowid``
+        (its ``iss``, ``mss``, ``window_scale`` and ``sack`` mean nothing)."""
+        index = int(now // PERIOD)
+        key = self._secret(index, create=True)
+        assert key is not None
+        self.made += 1
+        return self._datagram_cookie(key, addr, peer_flowid, index & 1)
+
+    def _datagram_cookie(
+        self, key: bytes, addr: tuple[str, int], peer_flowid: int, parity: int
+    ) -> Cookie:
+        cookie = self._derive(key, addr[0], addr[1], peer_flowid, _DATAGRAM | parity)
+        verno = (cookie.verno & ~1) | parity
+        return Cookie(cookie.flowid, verno, 0, cookie.nonce, 0, None, False)
+
+    def check_datagram(
+        self, now: float, addr: tuple[str, int], peer_flowid: int, local_flowid: int, verno: int
+    ) -> Cookie | None:
+        """The datagram cookie a third ACK echoes (our ``local_flowid``, ``verno`` = its
+        CONTROL ackno - 1), or None if forged or expired."""
+        self.checked += 1
+        parity = verno & 1
+        index = int(now // PERIOD)
+        if (index & 1) != parity:
+            index -= 1
+        key = self._secret(index, create=False)
+        if key is not None:
+            cookie = self._datagram_cookie(key, addr, peer_flowid, parity)
+            if cookie.flowid == local_flowid and cookie.verno == verno:
+                return cookie
+        self.failed += 1
+        return None
+
+    def match_datagram_flowid(
+        self, now: float, addr: tuple[str, int], peer_flowid: int, local_flowid: int
+    ) -> Cookie | None:
+        """The live datagram cookie whose flowID is ``local_flowid`` (32 bits only: enough
+        to answer with a reminder SYN-ACK, never to build a flow), or None."""
+        index = int(now // PERIOD)
+        for i in (index, index - 1):
+            key = self._secret(i, create=False)
+            if key is not None:
+                cookie = self._datagram_cookie(key, addr, peer_flowid, i & 1)
+                if cookie.flowid == local_flowid:
+                    return cookie
+        return None
 
     def make(
         self,
