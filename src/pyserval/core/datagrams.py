@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 
 def bind_datagram(host: HostCore, service: ServiceLike) -> DatagramEndpoint:
-    """A datagram socket bound to ``service`` (receives what is sent to it)."""
+    """``HostCore.bind_datagram`` (documented there)."""
     sid = as_service_id(service)
     if sid in host.datagram_endpoints:
         raise ValueError(f"a datagram socket is already bound to {sid.hex}")
@@ -57,7 +57,7 @@ def bind_datagram(host: HostCore, service: ServiceLike) -> DatagramEndpoint:
 
 
 def unbind_datagram(host: HostCore, ep: DatagramEndpoint) -> None:
-    """Close a datagram socket."""
+    """``HostCore.unbind_datagram`` (documented there)."""
     if host.datagram_endpoints.pop(ep.service_id, None) is None:
         return
     host.flows.remove(ep.flowid)
@@ -75,8 +75,7 @@ def send_datagram(
     data: bytes,
     to: Address | None = None,
 ) -> None:
-    """Send one unconnected datagram to ``service`` (via the service table, or straight
-    to the address ``to``); raises NoRoute or DatagramTooLarge."""
+    """``HostCore.send_datagram`` (documented there)."""
     if len(data) > MAX_DATAGRAM:
         raise DatagramTooLarge(
             f"datagram of {len(data)} bytes exceeds the limit of {MAX_DATAGRAM} bytes"

@@ -47,13 +47,7 @@ def send_challenging(host: HostCore, sf: Subflow, pkts: list[SalPacket], remote:
 def migrate(
     host: HostCore, conn: Connection, local: Address, now: float, remote: Address | None = None
 ) -> bool:
-    """Move ``conn`` to this host's address ``local`` (RSYN exchange); its
-    FlowMigrated event tells when the move is done. False if it cannot start now
-    (the connection is closing).
-
-    ``remote``: the peer's address to move to as well, which a move to the other IP
-    family needs (None: the current one, or one the peer advertised of that family).
-    """
+    """``HostCore.migrate`` (documented there)."""
     if local not in host.addresses:
         raise ValueError(f"{local[0]}:{local[1]} is not one of this host's addresses")
     if not conn.subflows or conn.state is not State.ESTABLISHED:
@@ -74,15 +68,13 @@ def migrate(
 
 
 def add_address(host: HostCore, address: Address) -> None:
-    """A new local address (interface) the host can use."""
+    """``HostCore.add_address`` (documented there)."""
     if address not in host.addresses:
         host.addresses.append(address)
 
 
 def remove_address(host: HostCore, address: Address, now: float) -> list[Connection]:
-    """The local ``address`` is gone: move every flow on it to the first remaining
-    address of its family (else the first remaining one). Returns the connections
-    moved."""
+    """``HostCore.remove_address`` (documented there)."""
     if address in host.addresses:
         host.addresses.remove(address)
     if not host.addresses:
@@ -93,7 +85,7 @@ def remove_address(host: HostCore, address: Address, now: float) -> list[Connect
 
 
 def set_address(host: HostCore, old: Address, new: Address, now: float) -> list[Connection]:
-    """The local address ``old`` changed to ``new``: every flow on it migrates."""
+    """``HostCore.set_address`` (documented there)."""
     if old in host.addresses:
         host.addresses[host.addresses.index(old)] = new
     elif new not in host.addresses:
@@ -152,14 +144,7 @@ def retarget(sf: Subflow, remote: Address, now: float) -> bool:
 def on_unreachable(
     host: HostCore, remote: Address, now: float, reason: str = "unreachable"
 ) -> None:
-    """The network said ``remote`` cannot be reached (ICMP port/host unreachable).
-
-    A connection still in SYN_SENT towards it fails at once (like ECONNREFUSED). For an
-    established one it is a soft error, as Linux TCP and QUIC take it: a NAT whose
-    mapping expired answers this way, and the peer's next packet (from a new port,
-    adopted through the address challenge) saves the flow, so it is counted and left
-    to the keepalive and user timeouts. A flow that is migrating ignores them.
-    """
+    """``HostCore.on_unreachable`` (documented there)."""
     host.stats["icmp_unreachable"] += 1
     for conn in list(host.connections.values()):
         if not conn.subflows or conn.primary.remote_addr != remote:
@@ -179,8 +164,7 @@ def on_unreachable(
 def add_path(
     host: HostCore, conn: Connection, local: Address, remote: Address, now: float
 ) -> Subflow:
-    """Open another subflow of multipath ``conn`` from our ``local`` address to the
-    peer's ``remote`` one; PathAdded tells when it carries data."""
+    """``HostCore.add_path`` (documented there)."""
     if local not in host.addresses:
         raise ValueError(f"{local[0]}:{local[1]} is not one of this host's addresses")
     for sf in conn.subflows:

@@ -126,8 +126,7 @@ def wants_relay(host: HostCore, hop: Address | None) -> bool:
 
 
 def relay_tag(host: HostCore, address: Address, key: bytes | None = None) -> bytes:
-    """A router's tag for ``address``: only this router can make it, and it names
-    the address (so a relay request cannot send anything anywhere else)."""
+    """``HostCore._relay_tag`` (documented there)."""
     if key is None:
         tag = host._relay_tags.get(address)
         if tag is None:
@@ -246,15 +245,13 @@ def hold(
 
 
 def take_delay_requests(host: HostCore) -> list[ServiceID]:
-    """Services with SYNs held by a DELAY rule that the controller has not answered."""
+    """``HostCore.take_delay_requests`` (documented there)."""
     out, host.delay_requests = host.delay_requests, []
     return out
 
 
 def release_delayed(host: HostCore, service: ServiceLike, hop: Address | None, now: float) -> int:
-    """The controller's verdict for ``service``: forward its held SYNs to ``hop``, or drop
-    them (``hop`` None). Local connections waiting on the DELAY rule go to ``hop`` too.
-    Returns how many SYNs were released."""
+    """``HostCore.release_delayed`` (documented there)."""
     sid = as_service_id(service)
     host._asking.discard(sid)
     keep: deque[Delayed] = deque()
