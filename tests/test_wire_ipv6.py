@@ -12,7 +12,7 @@ import socket
 import struct
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pyserval.core.host import HostCore
@@ -194,6 +194,26 @@ def _mutated_ip6(draw: st.DrawFn) -> bytes:
 
 @settings(max_examples=500)
 @given(_mutated_ip6(), st.booleans())
+# Found by this test: a nonzero reserved field of MP_CAPABLE was dropped on re-encoding.
+@example(
+    bytes.fromhex("00000000000000002a06cb52600c0000")
+    + bytes(8)
+    + b"\x80\x10"
+    + bytes(14)
+    + b"\x80\x10"
+    + bytes(14)
+    + b"P\x18\t"
+    + bytes(21)
+    + b"`\x0c\x00\x01"
+    + bytes(8)
+    + b"\xf0L\x01\x04"
+    + bytes(71)
+    + b"\x03"
+    + bytes(12)
+    + b"P"
+    + bytes(7),
+    True,
+)
 def test_mutated_ip6_packets_decode_or_raise_malformed_only(data: bytes, verify: bool) -> None:
     try:
         pkt = decode_packet(data, verify=verify)

@@ -48,6 +48,7 @@ def bind_datagram(host: HostCore, service: ServiceLike) -> DatagramEndpoint:
     sid = as_service_id(service)
     if sid in host.datagram_endpoints:
         raise ValueError(f"a datagram socket is already bound to {sid.hex}")
+    host.flow_room()
     flowid = host.flows.allocate()
     ep = DatagramEndpoint(flowid, sid)
     host.flows.insert(flowid, ep)

@@ -42,11 +42,35 @@ from .records import (
     CONTROL_EXT_BYTES,
     ZERO_NONCE,
     Address,
-    DatagramEndpoint,
 )
+from .time_wait import TimeWait
 
 if TYPE_CHECKING:
     from .host import HostCore
+
+
+def on_time_wait(
+    host: HostCore,
+    record: TimeWait,
+    pkt: SalPacket,
+    src: Address,
+    dst: Address,
+    now: float,
+    size: int,
+) -> None:
+    """A packet for a flow in TIME_WAIT (see core.time_wait)."""
+    ctl = pkt.control
+    if pkt.src_flowid != record.peer_flowid and not (
+        pkt.src_flowid == 0 and ctl is not None and ctl.flags & ControlFlags.RST
+    ):
+        wrong_peer_flow(host, pkt, ctl, size, dst, src, now)
+        return
+    answer, dropped = record.answer(pkt, src)
+    if dropped is not None:
+        host.drops[dropped] += 1
+    if answer is not None:
+        host.stats["time_wait_answered"] += 1
+        host._out.append((answer, record.local, record.peer))
 
 
 def on_flow_packet(
@@ -61,7 +85,10 @@ def on_flow_packet(
             host.drops["unknown_flow"] += 1
             send_stateless_rst(host, pkt, ctl, size, dst, src, now)
         return
-    if isinstance(target, DatagramEndpoint):
+    if not isinstance(target, Subflow):
+        if isinstance(target, TimeWait):
+            on_time_wait(host, target, pkt, src, dst, now, size)
+            return
         ctl = pkt.control
         if ctl is not None and ctl.flags & ControlFlags.RST:
             host._emit(DatagramRefused(target.flowid, "datagram refused: no such service", src))

@@ -149,7 +149,7 @@ def on_syn(
         else:
             send_cookie_synack(host, pkt, ctl, tcp, src, here, now, relay)
         return
-    if len(host.flows) >= host.flows.max_flows:
+    if not host.flow_room():
         host.drops["flow_table_full"] += 1  # (allocate would raise FlowTableFull)
         return
     flowid = host.flows.allocate()
@@ -297,7 +297,7 @@ def on_datagram_cookie_ack(
     if len(listener.accept_queue) >= listener.backlog:
         host.drops["accept_queue_full"] += 1
         return True
-    if len(host.flows) >= host.flows.max_flows or cookie.flowid in host.flows:
+    if not host.flow_room() or cookie.flowid in host.flows:
         host.drops["syn_cookie_no_room"] += 1
         return True
     conn, sf = host._new_flow(cookie.flowid, Role.SERVER, svc.service_id, dst, src, True)
@@ -389,7 +389,7 @@ def establish_from_cookie(
 ) -> None:
     """Build the server connection a valid cookie third ACK stands for."""
     flowid = cookie.flowid
-    if len(host.flows) >= host.flows.max_flows or flowid in host.flows:
+    if not host.flow_room() or flowid in host.flows:
         host.drops["syn_cookie_no_room"] += 1
         return
     conn = Connection(flowid, Role.SERVER, sid, host.config, host._emit)
@@ -461,7 +461,7 @@ def on_join(
     if len(conn.subflows) >= MAX_SUBFLOWS or half_open >= MAX_HALF_OPEN_JOINS:
         host.drops["join_too_many"] += 1
         return
-    if len(host.flows) >= host.flows.max_flows:
+    if not host.flow_room():
         host.drops["flow_table_full"] += 1
         return
     flowid = host.flows.allocate()

@@ -55,6 +55,7 @@ from .records import (
     retries_within,
 )
 from .syncookies import SynCookies
+from .time_wait import TimeWait, TimeWaitTable
 
 __all__ = [
     "CHECK_BURST",
@@ -89,6 +90,7 @@ class HostCore:
         check_rate: float = 50.0,
         check_burst: int = 100,
         nat_relay: bool = True,
+        compact_time_wait: bool = True,
     ) -> None:
         if not addresses:
             raise ValueError("a host needs at least one address")
@@ -98,7 +100,13 @@ class HostCore:
         # a seeded random.Random is only for the simulated network's determinism.
         self.rng = rng if rng is not None else SecureRandom()
         self.service_table = ServiceTable(rng=self.rng) if service_table is None else service_table
-        self.flows: FlowTable[Subflow | DatagramEndpoint] = FlowTable(max_flows, self.rng)
+        self.flows: FlowTable[Subflow | DatagramEndpoint | TimeWait] = FlowTable(
+            max_flows, self.rng
+        )
+        # Flows in TIME_WAIT, as small records (core.time_wait) unless compact_time_wait
+        # is off (then the whole connection waits, as before).
+        self.time_wait = TimeWaitTable()
+        self.compact_time_wait = compact_time_wait
         self.connections: dict[int, Connection] = {}
         self.listeners: dict[ServiceID, Listener] = {}
         self.datagram_endpoints: dict[ServiceID, DatagramEndpoint] = {}
@@ -110,7 +118,9 @@ class HostCore:
         self._max_events = max_events
         self._out: list[tuple[bytes, Address, Address]] = []
         self._dirty: dict[int, Connection] = {}  # insertion-ordered set of connections
-        self._timers: list[tuple[float, int, Connection]] = []
+        # (deadline, tiebreak, conn_id): by id, so that a stale entry holds no connection
+        # alive after the host let it go (a flow in TIME_WAIT becomes a small record).
+        self._timers: list[tuple[float, int, int]] = []
         self._tiebreak = itertools.count()
         self._listener_ids = itertools.count(1)
         # (peer address, peer flowID) -> server connection: recognises duplicate SYNs.
@@ -218,6 +228,7 @@ class HostCore:
         ConnectionTimedOut / ConnectionFailed / ConnectionReset.
         """
         sid = as_service_id(service)
+        self.flow_room()
         flowid = self.flows.allocate()
         conn, sf = self._new_flow(flowid, Role.CLIENT, sid, self.addresses[0], None, datagram)
         self.flows.insert(flowid, sf)
@@ -420,13 +431,53 @@ class HostCore:
             conn.dead_subflows.clear()
         if conn.state is State.CLOSED:
             self._forget(conn)
+        elif conn.state is State.TIME_WAIT and self.compact_time_wait and self._retire(conn):
+            pass
         else:
             self._schedule(conn)
+
+    def _retire(self, conn: Connection) -> bool:
+        """Replace a connection in TIME_WAIT by its record (core.time_wait); False when it
+        keeps the whole object (multipath)."""
+        if conn.mp is not None or len(conn.subflows) != 1:
+            return False
+        record = TimeWait.of(conn, conn.primary, isinstance(conn, DatagramConnection))
+        if record is None:
+            return False
+        self._forget(conn)
+        self.flows.insert(record.flowid, record)
+        self.time_wait.add(record)
+        self.stats["time_wait_records"] += 1
+        return True
+
+    def flow_room(self) -> bool:
+        """Whether the flow table has room for one more flow, making it by ending the
+        oldest TIME_WAIT record when it is full (see core.time_wait)."""
+        flows = self.flows
+        if len(flows) < flows.max_flows:
+            return True
+        record = self.time_wait.oldest()
+        if record is None:
+            return False
+        self._end_time_wait(record)
+        self.stats["time_wait_evicted"] += 1
+        return True
+
+    def end_time_waits(self) -> None:
+        """End every TIME_WAIT at once, sending nothing (the host is closing)."""
+        while (record := self.time_wait.oldest()) is not None:
+            self._end_time_wait(record)
+
+    def _end_time_wait(self, record: TimeWait) -> None:
+        self.flows.remove(record.flowid)
+        conn = record.conn() if record.conn is not None else None
+        if conn is not None and conn.state is State.TIME_WAIT:
+            conn.state = State.CLOSED  # for an application still holding the object
 
     def _schedule(self, conn: Connection) -> None:
         d = conn.next_deadline()
         if d is not None and d != conn.scheduled:
-            heapq.heappush(self._timers, (d, next(self._tiebreak), conn))
+            heapq.heappush(self._timers, (d, next(self._tiebreak), conn.conn_id))
         conn.scheduled = d
 
     def _forget(self, conn: Connection) -> None:
@@ -457,19 +508,26 @@ class HostCore:
     def next_deadline(self) -> float | None:
         """When :meth:`handle_timer` must run next (one timer for the whole host)."""
         timers = self._timers
+        waits = self.time_wait.next_deadline()
+        connections = self.connections
         while timers:
-            d, _, conn = timers[0]
-            if conn.scheduled == d and conn.conn_id in self.connections:
-                return d
+            d, _, conn_id = timers[0]
+            conn = connections.get(conn_id)
+            if conn is not None and conn.scheduled == d:
+                return d if waits is None or d < waits else waits
             heapq.heappop(timers)  # stale: the connection re-armed or went away
-        return None
+        return waits
 
     def handle_timer(self, now: float) -> None:
         """Run every connection timer that is due."""
+        if self.time_wait:
+            for record in self.time_wait.expire(now):
+                self._end_time_wait(record)
         timers = self._timers
         while timers and timers[0][0] <= now:
-            d, _, conn = heapq.heappop(timers)
-            if conn.scheduled != d or conn.conn_id not in self.connections:
+            d, _, conn_id = heapq.heappop(timers)
+            conn = self.connections.get(conn_id)
+            if conn is None or conn.scheduled != d:
                 continue
             conn.scheduled = None
             pkts: list[SalPacket] = []

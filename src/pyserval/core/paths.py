@@ -172,6 +172,7 @@ def add_path(
             raise ValueError(f"there is already a path {local} -> {remote}")
     if len(conn.subflows) >= MAX_SUBFLOWS:
         raise ValueError(f"a connection has at most {MAX_SUBFLOWS} subflows")
+    host.flow_room()
     flowid = host.flows.allocate()
     sf = Subflow(conn, flowid, local, remote, host.rng)
     conn.add_subflow(sf, now)  # raises if the connection is not multipath

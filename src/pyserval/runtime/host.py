@@ -611,6 +611,7 @@ class Host:
         if core is not None:
             for conn in list(core.connections.values()):
                 conn.abort()
+            core.end_time_waits()
             self._flush()
         if self._timer is not None:
             self._timer.cancel()

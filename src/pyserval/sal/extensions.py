@@ -348,20 +348,22 @@ def _ports_length(count: int) -> int:
 class MpCapableExt(Extension):
     """MP_CAPABLE (type 6): head, reserved u16, the sender's 64-bit key (12 bytes)."""
 
-    __slots__ = ("key",)
+    __slots__ = ("key", "reserved")
     type = ExtType.MP_CAPABLE
 
-    def __init__(self, key: int) -> None:
+    def __init__(self, key: int, reserved: int = 0) -> None:
         self.key = key
+        self.reserved = reserved  # kept, so that what decodes encodes to the same bytes
 
     @classmethod
     def decode(cls, data: memoryview) -> MpCapableExt:
         if len(data) != 12:
             raise MalformedPacket(Reason.MULTIPATH_LENGTH, f"MP_CAPABLE of {len(data)} bytes")
-        return cls(int.from_bytes(data[4:12], "big"))
+        return cls(int.from_bytes(data[4:12], "big"), (data[2] << 8) | data[3])
 
     def encode(self) -> bytes:
-        return bytes((ExtType.MP_CAPABLE << 4, 12, 0, 0)) + self.key.to_bytes(8, "big")
+        head = bytes((ExtType.MP_CAPABLE << 4, 12)) + self.reserved.to_bytes(2, "big")
+        return head + self.key.to_bytes(8, "big")
 
     def __repr__(self) -> str:
         return f"MpCapableExt(key={self.key:#018x})"
@@ -372,25 +374,27 @@ class DssExt(Extension):
     the DATA_FIN), cumulative data ACK u64 (20 bytes). Flags: 0x01 the DSN is valid,
     0x02 DATA_FIN."""
 
-    __slots__ = ("flags", "dsn", "data_ack")
+    __slots__ = ("flags", "dsn", "data_ack", "reserved")
     type = ExtType.DSS
     HAS_DSN: Final = 0x01
     DATA_FIN: Final = 0x02
 
-    def __init__(self, flags: int, dsn: int, data_ack: int) -> None:
+    def __init__(self, flags: int, dsn: int, data_ack: int, reserved: int = 0) -> None:
         self.flags = flags
         self.dsn = dsn
         self.data_ack = data_ack
+        self.reserved = reserved
 
     @classmethod
     def decode(cls, data: memoryview) -> DssExt:
         if len(data) != 20:
             raise MalformedPacket(Reason.MULTIPATH_LENGTH, f"DSS of {len(data)} bytes")
-        flags, _, dsn, ack = _DSS.unpack_from(data, 2)
-        return cls(flags, dsn, ack)
+        flags, reserved, dsn, ack = _DSS.unpack_from(data, 2)
+        return cls(flags, dsn, ack, reserved)
 
     def encode(self) -> bytes:
-        return bytes((ExtType.DSS << 4, 20)) + _DSS.pack(self.flags, 0, self.dsn, self.data_ack)
+        body = _DSS.pack(self.flags, self.reserved, self.dsn, self.data_ack)
+        return bytes((ExtType.DSS << 4, 20)) + body
 
     def __repr__(self) -> str:
         return f"DssExt(flags={self.flags:#x}, dsn={self.dsn}, data_ack={self.data_ack})"
@@ -399,21 +403,23 @@ class DssExt(Extension):
 class JoinExt(Extension):
     """JOIN (type 8): head, reserved u16, the server's token u32, an 8-byte proof (16)."""
 
-    __slots__ = ("token", "proof")
+    __slots__ = ("token", "proof", "reserved")
     type = ExtType.JOIN
 
-    def __init__(self, token: int, proof: bytes) -> None:
+    def __init__(self, token: int, proof: bytes, reserved: int = 0) -> None:
         self.token = token
         self.proof = bytes(proof)
+        self.reserved = reserved
 
     @classmethod
     def decode(cls, data: memoryview) -> JoinExt:
         if len(data) != 16:
             raise MalformedPacket(Reason.MULTIPATH_LENGTH, f"JOIN of {len(data)} bytes")
-        return cls(int.from_bytes(data[4:8], "big"), bytes(data[8:16]))
+        reserved = (data[2] << 8) | data[3]
+        return cls(int.from_bytes(data[4:8], "big"), bytes(data[8:16]), reserved)
 
     def encode(self) -> bytes:
-        head = bytes((ExtType.JOIN << 4, 16, 0, 0))
+        head = bytes((ExtType.JOIN << 4, 16)) + self.reserved.to_bytes(2, "big")
         return head + self.token.to_bytes(4, "big") + self.proof
 
     def __repr__(self) -> str:
