@@ -9,6 +9,11 @@ processes. What the program printed is checked against an independent expectatio
 server's own state read over plain TCP, SHA-256 of what was sent), and the number of changed
 lines is measured on the two files.
 
+In the replica-SIGKILL tests each Python server replica runs through
+``tests/helpers/port_replica.py`` (the example unchanged, its library's send path wrapped) and
+says what it carries; the replica killed is the one that said so, mid-way through a transfer
+too long to end first.
+
 A test is skipped when its library (the ``ports`` extra) or server program is missing.
 """
 
@@ -20,7 +25,10 @@ import hashlib
 import importlib.util
 import json
 import os
+import queue
 import re
+import shutil
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +43,7 @@ from .test_translator_programs import Cluster, free_port, needs, program, wait_r
 pytestmark = pytest.mark.timeout(120)
 
 PORTS = ROOT / "examples" / "ports"
+REPLICA = ROOT / "tests" / "helpers" / "port_replica.py"
 STARTUP = 20.0
 
 
@@ -61,6 +70,34 @@ def lines_changed(name: str) -> int:
     return sum(1 for ln in difflib.ndiff(tcp, serval) if ln.startswith("+ "))
 
 
+class StderrPeer(Peer):
+    """A :class:`Peer` whose stderr lines a test can wait for too (a translator logs there)."""
+
+    def __init__(self, argv: list[str], **kw: Any) -> None:
+        self.err_lines: queue.Queue[str | None] = queue.Queue()
+        self.err_seen: list[str] = []
+        super().__init__(argv, **kw)
+
+    def _pump_err(self) -> None:
+        assert self.proc.stderr is not None
+        lines = []
+        for line in self.proc.stderr:
+            lines.append(line)
+            self.err_lines.put(line.rstrip("\n"))
+        self.err_lines.put(None)
+        self.stderr = "".join(lines)
+
+    def logged_so_far(self) -> list[str]:
+        """The stderr lines up to now, without waiting."""
+        while True:
+            try:
+                line = self.err_lines.get_nowait()
+            except queue.Empty:
+                return list(self.err_seen)
+            if line is not None:
+                self.err_seen.append(line)
+
+
 class Ports(Cluster):
     """The processes of one test: router, translators, servers, the program."""
 
@@ -78,6 +115,15 @@ class Ports(Cluster):
         env = {"PYSERVAL_ROUTER": router, "PYSERVAL_LISTEN": "127.0.0.1:0", **env}
         peer = Peer(argv, env=child_env(**env))
         self.peers.append(peer)
+        return peer
+
+    def translator(self, service: str, target: str, router: str) -> StderrPeer:
+        """An outbound ``pyserval translate`` whose connection log (stderr, INFO: a line
+        per connection opened and closed) the test reads as it comes."""
+        argv = ["-m", "pyserval", "translate", "--from", f"service:{service}", "--to", target]
+        peer = StderrPeer([*argv, "--router", router, "--log-level", "INFO"])
+        self.peers.append(peer)
+        peer.wait_for(r"^translating ", STARTUP)
         return peer
 
     def serve(self, script: str, service: str, router: str, *extra: str) -> Peer:
@@ -308,16 +354,18 @@ def test_redis_py_rides_out_a_sigkilled_translator_replica(ports: Ports) -> None
     port = redis_server(ports)
     router = ports.router()
     # Two outbound translators (the replicas) in front of one redis-server.
-    a, b = (
-        ports.translate("service:redis", f"tcp:127.0.0.1:{port}", router, "--log-level", "INFO")
-        for _ in "AB"
-    )
+    a, b = (ports.translator("redis", f"tcp:127.0.0.1:{port}", router) for _ in "AB")
     wait_registered(router, "redis", 2)
     peer = ports.program([str(PORTS / "redis_serval.py"), "redis.serval", "6379", "10000"], router)
     direct = redis.Redis(host="127.0.0.1", port=port)
     wait_until(lambda: int(direct.dbsize()) >= 2000, 60, "2,000 keys written")
     b.kill()  # SIGKILL, mid-run: its flows go silent, its UDP port answers ICMP unreachable
-    b.__exit__(None, None, None)
+    assert peer.proc.poll() is None, peer.stderr[-2000:]  # the program was still running
+    b.finish(10)
+    # B's own log, complete now: it had opened connections for the program and closed none,
+    # so it carried live ones when it was killed (redis-py keeps its 16 busy throughout).
+    assert re.search(r"#\d+ open: ", b.stderr), b.stderr[-2000:]
+    assert " close after " not in b.stderr
     got = result(peer, 90)
     # What the program sees: nothing. redis-py's own retry (on ConnectionError) opens a new
     # connection, which the router sends to the replica left; every key is right.
@@ -326,109 +374,214 @@ def test_redis_py_rides_out_a_sigkilled_translator_replica(ports: Ports) -> None
     assert got["heard"] == ["item 0", "item 1", "item 2"]
     assert int(direct.dbsize()) == 10_000 + 2
     direct.close()
-    wait_registered(router, "redis", 1)
+    wait_registered(router, "redis", 1, timeout=30)
     a.proc.terminate()
-    a.__exit__(None, None, None)
+    assert a.finish(10) == 0
     opened = {name: len(re.findall(r"#\d+ open:", t.stderr)) for name, t in (("A", a), ("B", b))}
     print(f"\nredis connections opened through each translator replica: {opened}")
-    assert opened["B"] > 0  # the victim carried connections before it was killed
     assert opened["A"] > 0
 
 
-def cpu_ticks(peer: Peer) -> int:
-    """User plus system CPU time of a child so far (clock ticks, from /proc)."""
-    fields = Path(f"/proc/{peer.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
-def busy_replica(replicas: dict[str, Peer], timeout: float) -> str:
-    """The replica serving the transfer now: the one whose CPU time grows fastest."""
-    before = {name: cpu_ticks(p) for name, p in replicas.items()}
+def first_to_say(
+    replicas: dict[str, Peer], pattern: str, timeout: float, *, stderr: bool = False
+) -> str:
+    """The name of the replica that printed a line matching ``pattern`` first (each replica's
+    lines as its own process wrote them, through its pipe)."""
     deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name, peer in replicas.items():
+            lines = peer.err_lines if isinstance(peer, StderrPeer) and stderr else peer.lines
+            try:
+                line = lines.get(timeout=0.02)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(f"replica {name} exited: {peer.stderr[-2000:]}")
+            seen = peer.err_seen if isinstance(peer, StderrPeer) and stderr else peer.seen
+            seen.append(line)
+            if re.search(pattern, line):
+                return name
+    raise AssertionError(f"no replica said {pattern!r} within {timeout} s")
+
+
+def said_so_far(peer: Peer) -> list[str]:
+    """The stdout lines of a running ``peer`` up to now, without waiting."""
     while True:
-        time.sleep(0.3)
-        grown = {name: cpu_ticks(p) - before[name] for name, p in replicas.items()}
-        name = max(grown, key=lambda n: grown[n])
-        if grown[name] >= 10 or time.monotonic() > deadline:  # 0.1 s of CPU: it is moving data
-            return name
+        try:
+            line = peer.lines.get_nowait()
+        except queue.Empty:
+            return list(peer.seen)
+        if line is not None:
+            peer.seen.append(line)
 
 
-PROGRAM_ERROR = re.compile(r"^(\w+(?:\.\w+)*(?:Error|Exception|Lost|Disconnected)\w*)", re.M)
+# The last exception a program's traceback names: the one it saw (a chained traceback ends
+# with the outermost). Builtins have no module prefix.
+FINAL_ERROR = re.compile(r"^((?:\w+\.)*\w*(?:Error|Exception|Lost|Closed)\w*)(?::|$)", re.M)
+
+# Far more than any run here waits for: the first program's transfer is under way when its
+# replica is killed, however slow the machine (the replica's own line says how far it got).
+ENDLESS = 10**11
+BIG_UPLOAD = 2**30  # asyncssh's upload: a real file
+
+
+def memcached_items(port: int) -> int:
+    """``curr_items`` of memcached, asked over plain TCP."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"stats\r\n")
+        reply = b""
+        while not reply.endswith(b"END\r\n"):
+            chunk = sock.recv(65536)
+            assert chunk, reply
+            reply += chunk
+    found = re.search(rb"STAT curr_items (\d+)", reply)
+    assert found is not None, reply
+    return int(found[1])
 
 
 @pytest.mark.slow
-@pytest.mark.serial  # timeouts of real programs under a replica's death: load-sensitive
+@pytest.mark.serial  # the library timeouts of real programs under a replica's death
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize(
-    "program_name",
+    ("program_name", "seen"),
     [
-        # Flaky in a fresh-clone CI run: the aiohttp client sometimes exits 0 (its transfer
-        # was not on the replica killed), sometimes outlasts its wait. Open in issue 18.
-        pytest.param("aiohttp", marks=pytest.mark.xfail(strict=False, reason="flaky: #18")),
-        "asyncssh",
-        "websockets",
-        "aiomcache",
+        ("aiohttp", "aiohttp.client_exceptions.SocketTimeoutError"),  # sock_read, mid-body
+        ("asyncssh", "asyncssh.misc.ConnectionLost"),  # keepalive unanswered
+        ("websockets", "websockets.exceptions.ConnectionClosedError"),  # ping unanswered
+        ("aiomcache", "TimeoutError"),  # the program's own asyncio.timeout per command
     ],
 )
-def test_a_replica_sigkilled_mid_transfer(ports: Ports, program_name: str) -> None:
+def test_a_replica_sigkilled_mid_transfer(ports: Ports, program_name: str, seen: str) -> None:
     """Two server replicas (for aiomcache: two outbound translators to one memcached); the
-    one carrying the program's traffic is SIGKILLed in the middle. The program sees its
-    library's own connection-lost error (no hang); run again, it is served by the replica
-    left."""
+    one carrying the program's transfer, by its own report, is SIGKILLed in the middle of
+    it. The program sees its library's own error (no hang); run again, it is served by the
+    replica left, every byte checked.
+
+    The first run's transfer is endless (``ENDLESS`` bytes, keys or messages), so it is still
+    under way at the kill whatever the load; the replicas report from their own processes
+    what they carry (``tests/helpers/port_replica.py``; a translator's connection log)."""
     pytest.importorskip(program_name)
+    if program_name == "aiomcache" and program("memcached") is None:
+        pytest.skip("not installed: memcached")
     router = ports.router()
-    script = f"{program_name}_serval.py"
+    script = str(PORTS / f"{program_name}_serval.py")
     service = {"aiohttp": "web", "asyncssh": "ssh", "websockets": "echo"}.get(
         program_name, "memcached"
     )
-    size = 40_000_000
-    serve_extra: list[str] = []
-    if program_name == "aiohttp":
-        client = [str(PORTS / script), "web.serval", "80", str(size)]
-    elif program_name == "websockets":
-        client = [str(PORTS / script), "echo.serval", "80", "60"]  # 60 messages of 1 MB
-    elif program_name == "aiomcache":
-        if program("memcached") is None:
-            pytest.skip("not installed: memcached")
-        client = [str(PORTS / script), "memcached.serval", "11211", "15000"]
-    else:
-        keys = ssh_keys(ports.tmp / "keys")
-        serve_extra = [str(keys)]
-        big = ports.tmp / "big.bin"
-        big.write_bytes(os.urandom(size))  # the upload (put) is under way at the kill
-        client = [str(PORTS / script), str(keys), str(big)]
-    replicas = {}
+    replicas: dict[str, Peer] = {}
     memcached_port = memcached(ports) if program_name == "aiomcache" else 0
+    keys: dict[str, Path] = {}
+    if program_name == "asyncssh":
+        made = ssh_keys(ports.tmp / "keys")
+        for name in "AB":  # one key directory each: each replica its own SFTP root
+            keys[name] = ports.tmp / f"keys-{name}"
+            shutil.copytree(made, keys[name])
     for name in "AB":
         if program_name == "aiomcache":
             target = f"tcp:127.0.0.1:{memcached_port}"
-            replicas[name] = ports.translate("service:memcached", target, router)
-            continue
-        peer = ports.program([str(PORTS / script), "serve", *serve_extra], router)
-        ports.peers.remove(peer)
-        ports.python_servers.append(peer)
-        peer.wait_for(r"^serving ", STARTUP)
+            peer: Peer = ports.translator("memcached", target, router)
+        else:
+            extra = [str(keys[name])] if keys else []
+            env = child_env(PYSERVAL_ROUTER=router, PYSERVAL_LISTEN="127.0.0.1:0")
+            peer = Peer([str(REPLICA), program_name, "serve", *extra], env=env)
+            ports.python_servers.append(peer)
+            peer.wait_for(r"^serving ", STARTUP)
         replicas[name] = peer
-    wait_registered(router, service, 2)
-    first = ports.program(client, router)
-    victim = busy_replica(replicas, 20)
-    replicas[victim].kill()
-    first_rc = first.finish(90)
-    seen = PROGRAM_ERROR.findall(first.stderr)
-    print(
-        f"\n{program_name}: replica {victim} killed mid-transfer; the program exited "
-        f"{first_rc}, last error {seen[-1] if seen else None}"
-    )
-    assert first_rc != 0 and seen, first.stderr[-2000:]
-    wait_registered(router, service, 1)
-    again = result(ports.program(client, router), 60)
+    wait_registered(router, service, 2, timeout=30)
+
+    # -- the first run, endless, and the kill of the replica carrying it --------------------
     if program_name == "aiohttp":
-        assert again["get_bytes"] == size and again["post"]["bytes"] == size
+        first_argv = [script, "web.serval", "80", str(ENDLESS)]
     elif program_name == "websockets":
-        assert again["echo_sha256"] == again["sent_sha256"]
+        first_argv = [script, "echo.serval", "80", str(ENDLESS)]  # 1 MB messages
     elif program_name == "aiomcache":
-        assert again["right"] == 15000
+        first_argv = [script, "memcached.serval", "11211", str(ENDLESS)]
     else:
-        assert again["sent_sha256"] == again["back_sha256"]
+        # Not sparse (asyncssh copies only a sparse file's data) and not endless: 1 GiB,
+        # half a minute of upload here against milliseconds to react to the replica's line.
+        big = ports.tmp / "big.bin"
+        block = os.urandom(2**20)
+        with big.open("wb") as f:
+            for _ in range(BIG_UPLOAD // len(block)):
+                f.write(block)
+        first_argv = [script, str(keys["A"]), str(big)]
+    first = ports.program(first_argv, router)
+    if program_name == "aiomcache":
+        # The translator logs each connection it opens; memcached's own count says the
+        # program's commands then went through (its pool takes its connections in turn).
+        victim = first_to_say(replicas, r"#\d+ open: ", 60, stderr=True)
+        wait_until(lambda: memcached_items(memcached_port) >= 2000, 60, "2,000 keys set")
+    else:
+        victim = first_to_say(replicas, r"^carrying \d+$", 60)
+    survivor = "B" if victim == "A" else "A"
+    assert first.proc.poll() is None, first.stderr[-2000:]  # the transfer is under way
+    replicas[victim].kill()
+    assert replicas[victim].proc.returncode == -signal.SIGKILL
+    # What the other replica had carried by then: nothing of this program.
+    other = replicas[survivor]
+    if isinstance(other, StderrPeer):
+        # aiomcache opens its pool of four connections at once and takes them in turn: the
+        # router spreads them, so the other translator may carry some too (the victim's
+        # commands hang all the same). Its connections so far, to tell the retry's apart:
+        opened_before = sum(" open: " in ln for ln in other.logged_so_far())
+    else:
+        assert not any(ln.startswith("request ") for ln in said_so_far(replicas[survivor]))
+    first_rc = first.finish(120)
+    errors = FINAL_ERROR.findall(first.stderr)
+    print(
+        f"\n{program_name}: replica {victim} (carrying the transfer) killed; the program "
+        f"exited {first_rc}, last error {errors[-1] if errors else None}"
+    )
+    assert first_rc != 0 and errors and errors[-1] == seen, first.stderr[-3000:]
+    replicas[victim].finish(10)
+    if program_name == "aiomcache":  # the victim's connection was open when it died
+        assert re.search(r"#\d+ open: ", replicas[victim].stderr)
+        assert " close after " not in replicas[victim].stderr
+    else:  # it had said how far it got, and never that the transfer ended
+        said = replicas[victim].seen
+        assert any(ln.startswith("carrying ") for ln in said), said
+        assert not any(ln.startswith("done ") for ln in said), said
+    if program_name == "asyncssh":  # its SFTP root holds what reached it: part of the file
+        partial = (keys[victim] / "root" / "copy.bin").stat().st_size
+        assert 4 * 2**20 <= partial < BIG_UPLOAD
+        big.unlink()  # pytest keeps the last runs' directories
+
+    # -- run again: the replica left serves it, every byte checked ---------------------------
+    wait_registered(router, service, 1, timeout=30)
+    survivor_peer = replicas[survivor]
+    if program_name == "aiohttp":
+        size = 3_000_000 + 17
+        again = result(ports.program([script, "web.serval", "80", str(size)], router), 90)
+        expected = hashlib.sha256(served_content(size)).hexdigest()
+        assert (again["get_sha256"], again["get_bytes"]) == (expected, size)
+        assert again["post"] == {"sha256": expected, "bytes": size}
+        survivor_peer.wait_for(rf"^done GET /data\?size={size} {size}$", 10)
+        survivor_peer.wait_for(r"^done POST /sha256 ", 10)
+    elif program_name == "websockets":
+        again = result(ports.program([script, "echo.serval", "80", "3"], router), 90)
+        assert again["echo_sha256"] == again["sent_sha256"]
+        assert (again["close_code"], again["close_reason"]) == (4001, "asked to")
+        survivor_peer.wait_for(r"^request websocket$", 10)
+        assert survivor_peer.wait_for(r"^closed ", 10) == "closed 1000"
+    elif program_name == "aiomcache":
+        argv = [script, "memcached.serval", "11211", "1000"]
+        again = result(ports.program(argv, router), 90)
+        assert again["right"] == 1000
+        assert memcached_get(memcached_port, ["key:999"]) == {"key:999": "value:999"}
+        survivor_peer.proc.terminate()  # its log, complete: it carried the run
+        assert survivor_peer.finish(10) == 0
+        assert survivor_peer.stderr.count(" open: ") >= opened_before + 4
+    else:
+        payload = os.urandom(2_000_000)
+        file = ports.tmp / "payload.bin"
+        file.write_bytes(payload)
+        again = result(ports.program([script, str(keys["A"]), str(file)], router), 90)
+        sha = hashlib.sha256(payload).hexdigest()
+        assert again["sent_sha256"] == again["back_sha256"] == sha
+        # The copy the survivor wrote into its own SFTP root is the file, byte for byte.
+        copy = keys[survivor] / "root" / "copy.bin"
+        assert hashlib.sha256(copy.read_bytes()).hexdigest() == sha
+        survivor_peer.wait_for(r"^done sftp copy.bin 2000000$", 10)
 
 
 def test_lines_changed_counts_code_not_docstrings(tmp_path: Path) -> None:
