@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import treepath  # noqa: E402
+import treepath
 
 SRC = treepath.pin()
 
@@ -487,7 +487,8 @@ def _check_forwarded(packets: list[bytes], ids: list[int]) -> Result:
             pkt = decode_packet(data)
             ext = pkt.service
             flowid = pkt.src_flowid
-            if ext is not None and 1 <= flowid <= len(ids) and ext.service_id.value == ids[flowid - 1]:
+            known = 1 <= flowid <= len(ids)
+            if ext is not None and known and ext.service_id.value == ids[flowid - 1]:
                 good += 1
             else:
                 bad.append(f"flowID {flowid}: another serviceID")

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import treepath  # noqa: E402
+import treepath
 
 SRC = treepath.pin()
 

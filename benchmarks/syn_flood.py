@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import treepath  # noqa: E402
+import treepath
 
 # pyserval from PYTHONPATH when set (suite.py runs other trees so), else this checkout's.
 SRC = treepath.pin()
