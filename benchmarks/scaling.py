@@ -8,11 +8,14 @@ JSON document is printed (and written with ``--out``):
 
 * ``streams``: for each count N, a fresh client process and a fresh server process. The
   client host opens N streams to the server (at most 100 handshakes at a time), then sends
-  on all N at once for ``--seconds``: each stream carries its own byte sequence (rotating
-  slices of a random pattern), ends it, and waits for the server's answer, the byte count
-  and SHA-256 of what arrived on that stream, which must equal its own (recomputed after
-  the clock stopped). Reported: aggregate MB/s (checked bytes / time from the first send to
-  the last answer; the receiver's hashing is in it: about 0.6 ms per MB), how many streams
+  on all N at once for ``--seconds``, each stream at most its share of 1 GiB (64 MiB with
+  ``--quick``; with many streams the send buffers fill at once and draining them takes
+  longer than the sending). Each stream carries its own byte sequence (rotating slices of
+  a random pattern), ends it, and waits for the server's answer, the byte count and
+  SHA-256 of what arrived on that stream, which must equal its own (recomputed after the
+  clock stopped). Reported: aggregate MB/s (checked bytes / time from the first send to the
+  last answer; the receiver's hashing is in it, about 0.6 ms per MB), the CPU time of both
+  processes per MB over that time (steadier than MB/s on a busy machine), how many streams
   checked out, the round-trip times of a 64-byte request/response on one more stream
   (echoed and compared by the server) while the bulk runs (p50, p99, max) and before it,
   and RSS per connection of both processes (``/proc/PID/statm``): idle after the N
@@ -28,8 +31,9 @@ JSON document is printed (and written with ``--out``):
 
 ``--quick`` (under a minute): 1 s per stream count and router run, 100,000 rules.
 
-Only the public API is used (``pyserval``, ``pyserval.sal``, ``pyserval.naming``), so the
-same script measures other source trees (``PYTHONPATH=<tree>/src``, see ``suite.py``).
+Only the public API is used (``pyserval``, ``pyserval.sal``, ``pyserval.naming``; the bare
+relay of ``suite_cases.py forwarding`` also ``pyserval.runtime.udp``), so the same script
+measures other source trees (``PYTHONPATH=<tree>/src``, see ``suite.py``).
 What it does not measure: streams across several client hosts, loss (loopback drops
 nothing unless a socket buffer overflows), or the router's registry under churn.
 """
@@ -182,7 +186,7 @@ async def stream_server(ctl: Control, params: Params) -> Result:
         loops.append(asyncio.ensure_future(accept(ping, serve_ping)))
         ip, port = host.addresses[0]
         ctl.announce((ip, port, os.getpid()))  # type: ignore[arg-type]
-        await ctl.stopped()
+        stats["samples"] = await _sample_cpu(ctl)
         for task in [*loops, *tasks]:
             task.cancel()
         await asyncio.gather(*loops, *tasks, return_exceptions=True)
@@ -256,7 +260,7 @@ async def stream_client(ctl: Control, params: Params) -> Result:
 
         async def bulk(index: int, stream: Any) -> tuple[bytes, float, int]:
             j = 0
-            while time.perf_counter() < deadline:
+            while time.perf_counter() < deadline and j < cap:
                 await stream.send(_chunk(index, j, pattern))
                 j += 1
             await stream.send_eof()
@@ -269,12 +273,15 @@ async def stream_client(ctl: Control, params: Params) -> Result:
             return answer, done, j
 
         helpers = [asyncio.ensure_future(sample()), asyncio.ensure_future(pinger())]
+        cap = max(1, params.get("max_bytes", 1 << 62) // chunk_size(n))
+        cpu0 = time.process_time()
         start = time.perf_counter()
         deadline = start + params["seconds"]
         answers = await asyncio.gather(
             *(bulk(i, s) for i, s in enumerate(streams)), return_exceptions=True
         )
         finished = time.perf_counter()
+        cpu1 = time.process_time()
         running[0] = False
         await asyncio.gather(*helpers, return_exceptions=True)
         if ping is not None:
@@ -304,6 +311,8 @@ async def stream_client(ctl: Control, params: Params) -> Result:
             "ok": ok == n,
             "failures": failures[:10],
             "seconds": round(seconds, 3),
+            "window": [start, finished],
+            "client_cpu_s": round(cpu1 - cpu0, 4),
             "bytes_checked": moved,
             "mb_per_s": round(moved / seconds / MB, 1),
             "last_stream_done_after_s": round(
@@ -326,13 +335,41 @@ async def stream_client(ctl: Control, params: Params) -> Result:
     return out
 
 
+def cpu_in_window(samples: list[list[float]], t0: float, t1: float) -> float:
+    """CPU seconds a process spent in [t0, t1], from its ``_sample_cpu`` samples: its CPU
+    share between the samples inside the window, times the window's length (a window
+    shorter than two samples takes the nearest samples around it)."""
+    inside = [x for x in samples if t0 <= x[0] <= t1]
+    if len(inside) < 2:
+        before = [x for x in samples if x[0] < t0][-1:]
+        after = [x for x in samples if x[0] > t1][:1]
+        inside = before + inside + after
+    if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+        return float("nan")
+    share = (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+    return share * (t1 - t0)
+
+
+def byte_cap(n: int, quick: bool) -> int:
+    """Bytes one of ``n`` streams sends at most (see the module docstring)."""
+    return max((64 << 20) // n, 64 << 10) if quick else max((1 << 30) // n, 1 << 20)
+
+
 def streams_run(
-    n: int, seconds: float, mss: int = 0, seed: int = 1, *, ping: bool = True
+    n: int,
+    seconds: float,
+    mss: int = 0,
+    seed: int = 1,
+    *,
+    ping: bool = True,
+    max_bytes: int | None = None,
 ) -> Result:
     """One client host with ``n`` concurrent streams to one server host, fresh processes;
-    every stream sends for ``seconds``; ``ping``: the small request/response meanwhile."""
+    every stream sends for ``seconds`` (or ``max_bytes``); ``ping``: the small
+    request/response meanwhile. CPU per MB: both processes' CPU time over the bulk."""
     params = {
         "streams": n,
+        "max_bytes": max_bytes if max_bytes is not None else 1 << 62,
         "ping": ping,
         "seconds": seconds,
         "mss": mss,
@@ -340,6 +377,12 @@ def streams_run(
         "grace": 0.05,
     }
     server, client = run_pair(stream_server, stream_client, params)
+    server_cpu = cpu_in_window(server.pop("samples"), *client.pop("window"))
+    client_cpu = client.pop("client_cpu_s")
+    client["cpu_in_bulk_s"] = {"client": client_cpu, "server": round(server_cpu, 4)}
+    mb = client["bytes_checked"] / MB
+    per_mb = (client_cpu + server_cpu) / mb * 1e6 if mb else float("nan")
+    client["cpu_us_per_mb"] = round(per_mb, 1) if per_mb == per_mb else None  # NaN: unknown
     client["mss"] = mss or "host default"
     client["server"] = {k: server[k] for k in ("bulk_streams", "bytes", "errors")}
     client["cpu_s"] = {"client": client["cpu_s"], "server": server["cpu_s"]}
@@ -377,8 +420,11 @@ async def router_side(ctl: Control, params: Params) -> Result:
         rss0 = rss()
         t0 = time.perf_counter()
         if pairs:
+            # A prefix object where add_route's type says name or ID: it takes prefixes as
+            # text too, but parsing a million of them would dominate the load time.
+            add_route: Any = host.add_route
             for value, length in pairs:
-                host.add_route(ServicePrefix(value, length), sink)
+                add_route(ServicePrefix(value, length), sink)
         else:
             host.add_route(FORWARD, sink)
         load_s = time.perf_counter() - t0
@@ -677,13 +723,20 @@ def run(args: argparse.Namespace) -> Result:
     if "streams" in args.only:
         levels = []
         for n in args.streams:
-            result = streams_run(n, args.seconds, mss=args.mss, ping=not args.no_ping)
+            result = streams_run(
+                n,
+                args.seconds,
+                mss=args.mss,
+                ping=not args.no_ping,
+                max_bytes=byte_cap(n, args.quick),
+            )
             ok = ok and result["ok"]
             levels.append(result)
         out["streams"] = levels
         out["streams_summary"] = {
             str(r["streams"]): {
                 "mb_per_s": r["mb_per_s"],
+                "cpu_us_per_mb": r["cpu_us_per_mb"],
                 "ping_p99_us": r["ping_rtt_us_during_bulk"].get("p99"),
                 "rss_per_conn_client_idle": r["rss_per_connection_bytes"]["client"]["idle"],
                 "rss_per_conn_server_idle": r["rss_per_connection_bytes"]["server"]["idle"],

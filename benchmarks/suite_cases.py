@@ -12,7 +12,8 @@ run them against a source tree from before and after such a change (``PYTHONPATH
 * ``stream``: one stream for ``--seconds``, checked (byte count and SHA-256) by the
   receiver; MB/s (``scaling.streams_run`` with one stream and no ping);
 * ``connect``: sequential connect -> the server accepts and closes -> the client reads end
-  of stream and closes (``host_bench.py``'s cycle); connections per second;
+  of stream and closes (``host_bench.py``'s cycle); connections per second, and the CPU
+  time of both processes per connection;
 * ``forwarding``: SYNs per second through a one-rule router and through a bare relay with
   the same batched reads (``scaling.router_run``), and their ratio.
 
@@ -23,11 +24,13 @@ Each prints one JSON object. Not a replacement for the full benchmarks: no basel
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import treepath
@@ -45,11 +48,23 @@ SERVICE = "suite-connect"
 
 
 async def accept_server(ctl: Control, params: Params) -> Result:
-    """Accept streams and close each at once, until stopped."""
+    """Accept streams and close each at once, until stopped; sample this process's CPU."""
+    accepted = 0
+
+    async def serve(listener: Any) -> None:
+        nonlocal accepted
+        async for stream in listener:
+            accepted += 1
+            await stream.aclose()
+
     async with pyserval.Host([f"{HOST}:0"]) as host:
         listener = await host.listen(SERVICE, backlog=1024)
         ctl.announce(host.addresses[0])
-        return {"accepted": await baselines.accept_and_close(ctl, listener)}
+        task = asyncio.ensure_future(serve(listener))
+        samples = await scaling._sample_cpu(ctl)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return {"accepted": accepted, "samples": samples}
 
 
 async def connect_client(ctl: Control, params: Params) -> Result:
@@ -63,6 +78,7 @@ async def connect_client(ctl: Control, params: Params) -> Result:
     ip, port = params["address"]
     async with pyserval.Host([f"{HOST}:0"], stream_config=config) as host:
         host.add_route(SERVICE, f"{ip}:{port}")
+        cpu0 = time.process_time()
         start = time.perf_counter()
         end = start + params["seconds"]
         now = start
@@ -74,13 +90,19 @@ async def connect_client(ctl: Control, params: Params) -> Result:
             t = time.perf_counter()
             durations.append(t - now)
             now = t
-    return {"durations": durations, "seconds": now - start}
+        cpu = time.process_time() - cpu0
+    return {"durations": durations, "seconds": now - start, "window": [start, now], "cpu": cpu}
 
 
 def connect_rate(seconds: float) -> Result:
     """Sequential connection set-ups per second over loopback."""
     server, client = run_pair(accept_server, connect_client, {"seconds": seconds})
+    server_cpu = scaling.cpu_in_window(server.pop("samples"), *client["window"])
     summary = baselines.connect_summary(server, client)
+    # CPU per connection (both processes, over the client's loop): steadier than the rate
+    # when other work shares the cores.
+    cpu = client["cpu"] + server_cpu
+    summary["cpu_us_per_connection"] = round(cpu / max(summary["connections"], 1) * 1e6, 1)
     # Every connection the client completed was accepted (the server may count one more:
     # a connect in flight when the client's time ran out).
     summary["ok"] = server["accepted"] >= summary["connections"] > 0
