@@ -8,8 +8,8 @@ JSON document is printed (and written with ``--out``):
 
 * ``streams``: for each count N, a fresh client process and a fresh server process. The
   client host opens N streams to the server (at most 100 handshakes at a time), then sends
-  on all N at once for ``--seconds``, each stream at most its share of 1 GiB (64 MiB with
-  ``--quick``; with many streams the send buffers fill at once and draining them takes
+  on all N at once for ``--seconds``, each stream at most its share of 256 MiB (64 MiB
+  with ``--quick``; with many streams the send buffers fill at once and draining them takes
   longer than the sending). Each stream carries its own byte sequence (rotating slices of
   a random pattern), ends it, and waits for the server's answer, the byte count and
   SHA-256 of what arrived on that stream, which must equal its own (recomputed after the
@@ -352,7 +352,7 @@ def cpu_in_window(samples: list[list[float]], t0: float, t1: float) -> float:
 
 def byte_cap(n: int, quick: bool) -> int:
     """Bytes one of ``n`` streams sends at most (see the module docstring)."""
-    return max((64 << 20) // n, 64 << 10) if quick else max((1 << 30) // n, 1 << 20)
+    return max((64 << 20) // n, 64 << 10) if quick else max((256 << 20) // n, 256 << 10)
 
 
 def streams_run(
