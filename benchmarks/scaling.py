@@ -113,9 +113,15 @@ def _latency_us(samples: list[float]) -> Result:
 
 
 def _stream_config(params: Params) -> Any:
-    """The hosts' stream settings: None (the host default) or ``StreamConfig(mss=...)``."""
+    """The hosts' stream settings: None (the host default) or ``StreamConfig(mss=...)``,
+    with ``buffer`` bytes of send and receive buffer when given."""
     mss = params.get("mss", 0)
-    return pyserval.StreamConfig(mss=mss) if mss else None
+    if not mss:
+        return None
+    buffer = params.get("buffer")
+    if buffer:
+        return pyserval.StreamConfig(mss=mss, send_buffer=buffer, receive_buffer=buffer)
+    return pyserval.StreamConfig(mss=mss)
 
 
 def _chunk(index: int, j: int, pattern: bytes) -> bytes:
@@ -363,12 +369,15 @@ def streams_run(
     *,
     ping: bool = True,
     max_bytes: int | None = None,
+    buffer: int | None = None,
 ) -> Result:
     """One client host with ``n`` concurrent streams to one server host, fresh processes;
     every stream sends for ``seconds`` (or ``max_bytes``); ``ping``: the small
-    request/response meanwhile. CPU per MB: both processes' CPU time over the bulk."""
+    request/response meanwhile; ``buffer``: send and receive buffer bytes (with ``mss``).
+    CPU per MB: both processes' CPU time over the bulk."""
     params = {
         "streams": n,
+        "buffer": buffer,
         "max_bytes": max_bytes if max_bytes is not None else 1 << 62,
         "ping": ping,
         "seconds": seconds,

@@ -10,7 +10,8 @@ measure the same things through ``pyserval``'s public API only, so that ``suite.
 run them against a source tree from before and after such a change (``PYTHONPATH``):
 
 * ``stream``: one stream for ``--seconds``, checked (byte count and SHA-256) by the
-  receiver; MB/s (``scaling.streams_run`` with one stream and no ping);
+  receiver; MB/s (``scaling.streams_run`` with one stream and no ping; with ``--mss``,
+  8 MiB buffers, as ``host_bench.py``);
 * ``connect``: sequential connect -> the server accepts and closes -> the client reads end
   of stream and closes (``host_bench.py``'s cycle); connections per second, and the CPU
   time of both processes per connection;
@@ -133,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out: Result = {"case": args.case, "pyserval_src": str(SRC)}
     if args.case == "stream":
-        out.update(scaling.streams_run(1, args.seconds, mss=args.mss, ping=False))
+        # With a segment size, 8 MiB buffers as host_bench.py uses (issue 14's figures).
+        buffer = 8 << 20 if args.mss else None
+        out.update(scaling.streams_run(1, args.seconds, mss=args.mss, ping=False, buffer=buffer))
     elif args.case == "connect":
         out.update(connect_rate(args.seconds))
     else:
