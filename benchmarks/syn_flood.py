@@ -27,8 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import treepath
+
+# pyserval from PYTHONPATH when set (suite.py runs other trees so), else this checkout's.
+SRC = treepath.pin()
 
 import pyserval  # noqa: E402
 from pyserval.naming.service_id import as_service_id  # noqa: E402
@@ -48,7 +51,7 @@ SERVICE = "flooded"
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYSERVAL_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -1,0 +1,149 @@
+"""The suite's cases that need a public-API version of an existing benchmark.
+
+    python benchmarks/suite_cases.py stream [--mss 1408] [--seconds 3]
+    python benchmarks/suite_cases.py connect [--seconds 3]
+    python benchmarks/suite_cases.py forwarding [--seconds 3] [--window 256]
+
+``host_bench.py`` and ``router_bench.py`` reach into internals (the connection's
+subflows, ``HostCore``) that the transport and runtime restructuring moves; these cases
+measure the same things through ``pyserval``'s public API only, so that ``suite.py`` can
+run them against a source tree from before and after such a change (``PYTHONPATH``):
+
+* ``stream``: one stream for ``--seconds``, checked (byte count and SHA-256) by the
+  receiver; MB/s (``scaling.streams_run`` with one stream and no ping; with ``--mss``,
+  8 MiB buffers, as ``host_bench.py``);
+* ``connect``: sequential connect -> the server accepts and closes -> the client reads end
+  of stream and closes (``host_bench.py``'s cycle); connections per second, and the CPU
+  time of both processes per connection;
+* ``forwarding``: SYNs per second through a one-rule router and through a bare relay with
+  the same batched reads (``scaling.router_run``), and their ratio.
+
+Each prints one JSON object. Not a replacement for the full benchmarks: no baselines
+(asyncio TCP, UDP blast), no profiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import treepath
+
+SRC = treepath.pin()
+
+import anyio  # noqa: E402
+
+import baselines  # noqa: E402
+import pyserval  # noqa: E402
+import scaling  # noqa: E402
+from baselines import HOST, Control, Params, Result, run_pair  # noqa: E402
+
+SERVICE = "suite-connect"
+
+
+async def accept_server(ctl: Control, params: Params) -> Result:
+    """Accept streams and close each at once, until stopped; sample this process's CPU."""
+    accepted = 0
+
+    async def serve(listener: Any) -> None:
+        nonlocal accepted
+        async for stream in listener:
+            accepted += 1
+            await stream.aclose()
+
+    async with pyserval.Host([f"{HOST}:0"]) as host:
+        listener = await host.listen(SERVICE, backlog=1024)
+        ctl.announce(host.addresses[0])
+        task = asyncio.ensure_future(serve(listener))
+        samples = await scaling._sample_cpu(ctl)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return {"accepted": accepted, "samples": samples}
+
+
+async def connect_client(ctl: Control, params: Params) -> Result:
+    """Connect, read end of stream, close; one at a time for ``seconds``."""
+    durations: list[float] = []
+    try:
+        # A short TIME_WAIT, as host_bench's client: 30 s of them would pile up.
+        config = pyserval.StreamConfig(time_wait=1.0)
+    except TypeError:
+        config = None
+    ip, port = params["address"]
+    async with pyserval.Host([f"{HOST}:0"], stream_config=config) as host:
+        host.add_route(SERVICE, f"{ip}:{port}")
+        cpu0 = time.process_time()
+        start = time.perf_counter()
+        end = start + params["seconds"]
+        now = start
+        while now < end:
+            stream = await host.connect(SERVICE)
+            with contextlib.suppress(anyio.EndOfStream):
+                await stream.receive()
+            await stream.aclose()
+            t = time.perf_counter()
+            durations.append(t - now)
+            now = t
+        cpu = time.process_time() - cpu0
+    return {"durations": durations, "seconds": now - start, "window": [start, now], "cpu": cpu}
+
+
+def connect_rate(seconds: float) -> Result:
+    """Sequential connection set-ups per second over loopback."""
+    server, client = run_pair(accept_server, connect_client, {"seconds": seconds})
+    server_cpu = scaling.cpu_in_window(server.pop("samples"), *client["window"])
+    summary = baselines.connect_summary(server, client)
+    # CPU per connection (both processes, over the client's loop): steadier than the rate
+    # when other work shares the cores.
+    cpu = client["cpu"] + server_cpu
+    summary["cpu_us_per_connection"] = round(cpu / max(summary["connections"], 1) * 1e6, 1)
+    # Every connection the client completed was accepted (the server may count one more:
+    # a connect in flight when the client's time ran out).
+    summary["ok"] = server["accepted"] >= summary["connections"] > 0
+    return summary
+
+
+def forwarding(seconds: float, window: int) -> Result:
+    """SYNs per second through a one-rule router and a bare relay, and the ratios."""
+    router = scaling.router_run(1, seconds, window)
+    relay = scaling.router_run(1, seconds, window, relay=True)
+    r_cpu, b_cpu = router["dut_cpu_us_per_syn"], relay["dut_cpu_us_per_syn"]
+    return {
+        "router": router,
+        "relay": relay,
+        "router_vs_relay": round(router["per_s"] / relay["per_s"], 3) if relay["per_s"] else None,
+        "router_vs_relay_by_cpu": round(b_cpu / r_cpu, 3) if r_cpu and b_cpu else None,
+        "ok": router["ok"] and relay["ok"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one case; print its JSON; exit 1 if its data check failed."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("case", choices=("stream", "connect", "forwarding"))
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--mss", type=int, default=0, help="stream: segment size (0: default)")
+    parser.add_argument("--window", type=int, default=256, help="forwarding: SYNs in flight")
+    args = parser.parse_args(argv)
+    out: Result = {"case": args.case, "pyserval_src": str(SRC)}
+    if args.case == "stream":
+        # With a segment size, 8 MiB buffers as host_bench.py uses (issue 14's figures).
+        buffer = 8 << 20 if args.mss else None
+        out.update(scaling.streams_run(1, args.seconds, mss=args.mss, ping=False, buffer=buffer))
+    elif args.case == "connect":
+        out.update(connect_rate(args.seconds))
+    else:
+        out.update(forwarding(args.seconds, args.window))
+    print(json.dumps(out, indent=2))
+    return 0 if out["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
