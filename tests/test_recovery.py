@@ -106,6 +106,16 @@ def test_a_block_sacks_only_the_segments_wholly_inside_it() -> None:
     assert rec.on_sack([(1500, 3000)], 0, snd_max, now=0.1) == 0  # nothing new
 
 
+def test_a_partial_ack_of_a_sacked_segment_keeps_the_rest_sacked() -> None:
+    rec = make()
+    rec.on_sent(0, 1000, False, 0.0)
+    rec.on_sent(1000, 3000, False, 0.0)  # one 2000-byte segment
+    rec.on_sack([(1000, 3000)], 0, 3000, now=0.1)
+    rec.on_ack(1500, now=0.2)  # the ACK ends inside it
+    assert [(s, seg.end, seg.sacked) for s, seg in rec.segments.items()] == [(1500, 3000, True)]
+    assert rec.sacked_bytes == 1500
+
+
 @pytest.mark.parametrize(
     "block",
     [(0, 0), (2000, 1000), (0 - MSS, 2000), (2000, 5000)],
