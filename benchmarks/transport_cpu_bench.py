@@ -17,7 +17,8 @@ addresses, fate, bytes). Two builds with the same digests sent the same packets 
 times: a refactoring that must not change behaviour can be checked by it. The received
 bytes are checked by SHA-256.
 
-Run: ``python benchmarks/transport_cpu_bench.py [--seeds 3] [--repeat 3] [--out FILE]``.
+Run: ``python benchmarks/transport_cpu_bench.py [--seeds 3] [--repeat 3] [--scenarios a,b]
+[--out FILE]``.
 """
 
 from __future__ import annotations
@@ -120,10 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=3, help="runs per scenario (best kept)")
+    parser.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS)
+    )
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
     results: dict[str, Any] = {}
-    for name, (link, sack, size) in SCENARIOS.items():
+    for name in args.scenarios.split(","):
+        link, sack, size = SCENARIOS[name]
         best = None
         runs: list[dict[str, Any]] = []
         for _ in range(args.repeat):

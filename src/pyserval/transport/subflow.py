@@ -345,7 +345,9 @@ class Subflow(SegmentBuilder):
         ):
             rec.on_duplicate_ack()
         if self.snd_max > self.snd_una and not rec.in_recovery:
-            if rec.dupacks >= self._dup_thresh() or (sack_ok and rec.first_lost()):
+            # The threshold is at least one: without duplicates it is not worked out.
+            dupacks = rec.dupacks
+            if (dupacks and dupacks >= self._dup_thresh()) or (sack_ok and rec.first_lost()):
                 # A congestion event: the window shrinks for what is in flight now.
                 self.cc.on_congestion_event(now, self.snd_max - self.snd_una - rec.sacked_bytes)
                 rec.enter_recovery(self.snd_max)
