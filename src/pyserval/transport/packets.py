@@ -1,0 +1,200 @@
+"""Building a subflow's segments: SYN, JOIN SYN and SYN-ACK with their options, data
+segments, pure and duplicate ACKs, probes and SAL control packets.
+
+:class:`SegmentBuilder` is a mixin of :class:`~pyserval.transport.subflow.Subflow`: its
+methods are the subflow's own (``sf.ack_header()``, ``sf.control_packet(...)``), so
+building a segment costs no extra call, and a subclass (the datagram flow's subflow)
+overrides the ones it builds differently. The attributes it reads are declared below; the
+subflow sets them. This is where offsets become 32-bit wire numbers (``ISS + 1 + offset``)
+and the receive buffer's free space becomes the advertised window.
+
+It decides nothing: what to send and when is the subflow's (``subflow.py``) and the
+connection's; the SAL wire format itself is ``pyserval.sal``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..naming.service_id import ServiceID
+from ..sal.extensions import ControlExt, DssExt, Extension, JoinExt, MpCapableExt, ServiceExt
+from ..sal.packet import SalPacket
+from ..sal.transport_headers import PROTO_TCP, TcpFlags, TcpHeader, TcpOption
+from .common import MASK32
+from .multipath import SeqTracker, join_proof
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+__all__ = ["SegmentBuilder"]
+
+
+class SegmentBuilder:
+    """The segment builders of a subflow (see the module docstring)."""
+
+    # Set by the subflow: what the builders read.
+    conn: Connection
+    local_flowid: int
+    remote_flowid: int
+    iss: int  # our initial sequence number
+    irs: int  # the peer's
+    snd_max: int  # where new data starts (send offset)
+    mss: int
+    rcv_wscale: int
+    peer_offered_wscale: bool
+    sack_ok: bool
+    rcv_track: SeqTracker | None  # multipath: this subflow's receive sequence
+    last_adv_window: int  # ... and written: the window last advertised
+    ack_pending: bool  # ... cleared by every segment that carries our ACK
+    mp_unacked: int
+
+    # -- sequence numbers and window ----------------------------------------------------
+    def wire_seq(self, offset: int) -> int:
+        """32-bit sequence number of send offset ``offset``."""
+        return (self.iss + 1 + offset) & MASK32
+
+    def wire_ack(self) -> int:
+        """The 32-bit acknowledgement number we send."""
+        track = self.rcv_track
+        if track is not None:
+            return (self.irs + 1 + track.rcv_nxt) & MASK32
+        conn = self.conn
+        return (self.irs + 1 + conn.recv.rcv_nxt + (1 if conn.peer_fin_received else 0)) & MASK32
+
+    def advertised_window(self, hold: bool = False) -> int:
+        """The 16-bit window field: receive buffer space scaled down.
+
+        ``hold``: a duplicate ACK repeats the window last advertised when the real one only
+        grew since (the application read): a sender counts an ACK that changes the window
+        as a window update, not as a duplicate (RFC 5681 section 2), and would miss the
+        loss. The growth goes out with the next ACK that is no duplicate.
+        """
+        win = self.conn.recv.window
+        if hold and self.mss <= self.last_adv_window <= win:
+            win = self.last_adv_window
+        self.last_adv_window = win
+        return min(win >> self.rcv_wscale, 0xFFFF)
+
+    # -- handshake ----------------------------------------------------------------------
+    def _syn_options(self) -> list[TcpOption]:
+        opts = [
+            TcpOption.mss(self.conn.config.mss),
+            TcpOption.nop(),
+            TcpOption.window_scale(self.rcv_wscale),
+        ]
+        if self.conn.config.sack:
+            opts += [TcpOption.nop(), TcpOption.nop(), TcpOption.sack_permitted()]
+        return opts
+
+    def syn_packet(self, control: ControlExt, service_id: ServiceID) -> SalPacket:
+        """SYN: base, CONTROL(SYN), SERVICE(destination) and the TCP SYN."""
+        tcp = TcpHeader(seq=self.iss, flags=TcpFlags.SYN, window=0, options=self._syn_options())
+        exts: list[Extension] = [control, ServiceExt(service_id)]
+        if self.conn.mp_offer is not None:
+            exts.append(MpCapableExt(self.conn.mp_offer))
+        return SalPacket(self.local_flowid, 0, PROTO_TCP, exts, tcp)
+
+    def join_syn_packet(self, control: ControlExt) -> SalPacket:
+        """The SYN of a new subflow: JOIN names the connection instead of a service."""
+        mp = self.conn.mp
+        assert mp is not None
+        join = JoinExt(mp.peer_token, join_proof(mp.local_key, mp.peer_key))
+        tcp = TcpHeader(seq=self.iss, flags=TcpFlags.SYN, window=0, options=self._syn_options())
+        return SalPacket(self.local_flowid, 0, PROTO_TCP, [control, join], tcp)
+
+    def synack_packet(self, control: ControlExt) -> SalPacket:
+        """SYN-ACK: base, CONTROL(SYN+ACK) and the TCP SYN-ACK."""
+        opts = [TcpOption.mss(self.conn.config.mss)]
+        if self.peer_offered_wscale:
+            opts += [TcpOption.nop(), TcpOption.window_scale(self.rcv_wscale)]
+        if self.sack_ok:
+            opts += [TcpOption.nop(), TcpOption.nop(), TcpOption.sack_permitted()]
+        tcp = TcpHeader(
+            seq=self.iss,
+            ack=self.wire_ack(),
+            flags=TcpFlags.SYN | TcpFlags.ACK,
+            window=min(self.conn.recv.window, 0xFFFF),  # never scaled in a SYN
+            options=opts,
+        )
+        exts: list[Extension] = [control]
+        mp = self.conn.mp
+        if mp is not None and self is self.conn.primary:
+            exts.append(MpCapableExt(mp.local_key))
+        return SalPacket(self.local_flowid, self.remote_flowid, PROTO_TCP, exts, tcp)
+
+    # -- ACKs and data ------------------------------------------------------------------
+    def dss(self, flags: int = 0, dsn: int = 0) -> DssExt:
+        """The DSS extension with our current data ACK."""
+        return DssExt(flags, dsn, self.conn.recv.rcv_nxt)
+
+    def pure_ack(self, duplicate: bool = False) -> SalPacket:
+        """An ACK of this subflow (with the data ACK on a multipath connection);
+        ``duplicate``: one owed for an out-of-order segment (its window is held)."""
+        exts: list[Extension] = [self.dss()] if self.conn.mp is not None else []
+        self.ack_pending = False
+        self.mp_unacked = 0
+        tcp = self.ack_header(hold_window=duplicate)
+        return SalPacket(self.local_flowid, self.remote_flowid, PROTO_TCP, exts, tcp)
+
+    def ack_header(
+        self, flags: int = TcpFlags.ACK, offset: int | None = None, hold_window: bool = False
+    ) -> TcpHeader:
+        """A TCP header with our current ACK, window and SACK blocks (``hold_window``: see
+        :meth:`advertised_window`)."""
+        opts: list[TcpOption] = []
+        if self.sack_ok:
+            track = self.rcv_track
+            blocks = track.sack_blocks(3) if track is not None else self.conn.recv.sack_blocks(3)
+            if blocks:
+                base = self.irs + 1
+                opts = [TcpOption.nop(), TcpOption.nop()]
+                opts.append(
+                    TcpOption.sack([((base + s) & MASK32, (base + e) & MASK32) for s, e in blocks])
+                )
+        return TcpHeader(
+            seq=self.wire_seq(self.snd_max if offset is None else offset),
+            ack=self.wire_ack(),
+            flags=flags,
+            window=self.advertised_window(hold_window),
+            options=opts,
+        )
+
+    def _data_packet(self, start: int, end: int, fin: bool, dsn: int = -1) -> SalPacket:
+        """The data segment [start, end) of our send offsets (``end`` counts a FIN);
+        ``dsn``: multipath, the data sequence number of its first byte."""
+        data_end = end - 1 if fin else end
+        conn = self.conn
+        exts: list[Extension] = []
+        if dsn < 0:
+            payload = conn.send.read(start, data_end) if data_end > start else b""
+        else:
+            payload = conn.read_dsn(dsn, data_end - start) if data_end > start else b""
+            flags = DssExt.HAS_DSN | (DssExt.DATA_FIN if fin else 0)
+            exts.append(self.dss(flags, dsn))
+            self.ack_pending = False
+            self.mp_unacked = 0
+        flags = TcpFlags.ACK | (TcpFlags.FIN if fin else 0) | (TcpFlags.PSH if payload else 0)
+        tcp = self.ack_header(flags, start)
+        return SalPacket(self.local_flowid, self.remote_flowid, PROTO_TCP, exts, tcp, payload)
+
+    def probe_packet(self, snd_una: int) -> SalPacket:
+        """A zero-window probe (or keepalive): an ACK at the already-acknowledged sequence
+        number ``snd_una - 1``, so the peer answers with its current ACK and window."""
+        return SalPacket(
+            self.local_flowid,
+            self.remote_flowid,
+            PROTO_TCP,
+            [],
+            self.ack_header(TcpFlags.ACK, snd_una - 1),
+        )
+
+    # -- SAL control --------------------------------------------------------------------
+    def control_packet(
+        self,
+        control: ControlExt,
+        extra: list[Extension] | None = None,
+        tcp: TcpHeader | None = None,
+    ) -> SalPacket:
+        """A SAL control packet of this flow (SAL FIN, control ACK, RST, third ACK)."""
+        exts: list[Extension] = [control, *(extra or [])]
+        return SalPacket(self.local_flowid, self.remote_flowid, PROTO_TCP, exts, tcp)
