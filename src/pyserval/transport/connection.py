@@ -2,11 +2,15 @@
 
 A :class:`Connection` is what the application sees: a bounded send buffer, a receive buffer
 whose free space is the advertised window (so a slow reader slows the sender), half-close
-and abort. It owns one or more :class:`Subflow` objects; each is one SAL flow (its own
-flowIDs, address pair, SAL control channel) carrying its own TCP sequence space, congestion
-control, RTT estimate and SACK scoreboard. Today a connection runs one subflow and the
-subflow's data offsets are the connection's; multipath adds a mapping between the two
-without changing this structure.
+and abort. Its subflows belong to its flow manager (``conn.flows``, see
+``transport.flows``); each :class:`Subflow` is one SAL flow (its own flowIDs, address pair,
+SAL control channel) carrying its own TCP sequence space, congestion control, RTT estimate
+and SACK scoreboard. On a single path the subflow's data offsets are the connection's;
+multipath maps the stream's bytes (DSN) onto subflows. The close sequence is
+``transport.close_state``'s state machine (``conn.close``).
+
+What this module does not do: choose paths, move or join subflows (the flow manager), or
+send anything itself.
 
 The host core (``pyserval.core``) feeds decoded packets to :meth:`Subflow.on_packet`, calls
 :meth:`Connection.on_timer` at :meth:`Connection.next_deadline`, and collects datagrams
