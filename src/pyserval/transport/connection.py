@@ -43,6 +43,7 @@ from ..sal.extensions import (
 )
 from ..sal.packet import SalPacket
 from ..sal.transport_headers import PROTO_TCP, TcpFlags, TcpHeader, TcpOption
+from . import liveness
 from .buffers import ReceiveBuffer, SendBuffer
 from .close_state import CloseEvent, CloseState, CloseStateError, Side, Stage
 from .config import StreamConfig
@@ -1143,24 +1144,9 @@ class Connection:
             self._close_event(Side.REMOTE, CloseEvent.FIN)
 
     @property
-    def sal_fin_acked(self) -> bool:
-        """Our SAL FIN is acknowledged: our direction is closed at both levels."""
-        return self.close.local is Stage.DONE
-
-    @property
     def peer_sal_fin(self) -> bool:
         """The peer's SAL FIN arrived: its direction is closed at both levels."""
         return self.close.remote is Stage.DONE
-
-    @property
-    def active_close(self) -> bool:
-        """We closed first (so we end in TIME_WAIT)."""
-        return self.close.active_close
-
-    @property
-    def sal_fin_due(self) -> bool:
-        """Our SAL FIN waits for another control exchange (an RSYN) to finish."""
-        return self.close.local is Stage.FIN_ACKED
 
     def _close_event(self, side: Side, event: CloseEvent) -> bool:
         """Advance the close sequence. An event its tables refuse is a protocol violation:
@@ -1577,79 +1563,10 @@ class Connection:
             if d is not None and (best is None or d < best):
                 best = d
         if self.state is State.ESTABLISHED:
-            live = self._liveness_deadline()
+            live = liveness.deadline(self)
             if live is not None and (best is None or live < best):
                 best = live
         return best
-
-    def _waiting_since(self) -> float | None:
-        """Since when our data has waited for an ACK (the latest of the subflows')."""
-        latest = None
-        for sf in self.subflows:
-            w = sf.waiting_since
-            if w is not None and (latest is None or w > latest):
-                latest = w
-        return latest
-
-    def _control_outstanding(self) -> bool:
-        """A control packet (SAL FIN, RSYN, JOIN) awaits its answer: its own retransmissions
-        keep the path busy and decide when to give up, so keepalives wait."""
-        return any(sf.control.deadline is not None for sf in self.subflows)
-
-    def _liveness_deadline(self) -> float | None:
-        """The earliest of the idle timeout, the next keepalive probe (or the end of the
-        probes) and the user timeout."""
-        cfg = self.config
-        heard = self.last_heard
-        best = None if cfg.idle_timeout is None else heard + cfg.idle_timeout
-        if cfg.keepalive is not None and not self._control_outstanding():
-            # The next probe, or (all sent) the end of the wait for an answer.
-            d = heard + cfg.keepalive + self.keepalives_sent * cfg.keepalive_interval
-            if best is None or d < best:
-                best = d
-        if cfg.user_timeout is not None:
-            waiting = self._waiting_since()
-            if waiting is not None and (best is None or waiting + cfg.user_timeout < best):
-                best = waiting + cfg.user_timeout
-        return best
-
-    def _check_liveness(self, now: float, out: list[SalPacket]) -> bool:
-        """Idle timeout, keepalive probes and user timeout; True if the connection ended."""
-        cfg = self.config
-        heard = self.last_heard
-        if cfg.idle_timeout is not None and now >= heard + cfg.idle_timeout:
-            self.time_out("idle")
-            return True
-        if cfg.user_timeout is not None:
-            waiting = self._waiting_since()
-            if waiting is not None and now >= waiting + cfg.user_timeout:
-                self.time_out(f"user timeout: data unacknowledged for {now - waiting:.1f} s")
-                return True
-        ka = cfg.keepalive
-        if ka is None or self._control_outstanding():
-            return False
-        probes = cfg.keepalive_probes
-        interval = cfg.keepalive_interval
-        if now >= heard + ka + probes * interval:
-            self.time_out(f"peer silent for {now - heard:.1f} s: {probes} keepalives unanswered")
-            return True
-        if now >= heard + ka + self.keepalives_sent * interval:
-            # Count the intervals that passed (a late timer sends one probe, not several).
-            passed = 1 + int((now - heard - ka) // interval)
-            self.keepalives_sent = min(max(passed, self.keepalives_sent + 1), probes)
-            sf = self.primary
-            # An already-acknowledged sequence number: the peer answers with an ACK, and
-            # both ends' NAT mappings see a packet go out.
-            out.append(
-                SalPacket(
-                    sf.local_flowid,
-                    sf.remote_flowid,
-                    PROTO_TCP,
-                    [],
-                    sf.ack_header(TcpFlags.ACK, sf.snd_una - 1),
-                )
-            )
-        return False
 
     def on_timer(self, now: float, out: list[SalPacket]) -> None:
         """Run every timer that is due."""
@@ -1665,7 +1582,7 @@ class Connection:
                 for sf in self.subflows:
                     if sf.mp_unacked:
                         sf.ack_pending = True
-        if self.state is State.ESTABLISHED and self._check_liveness(now, out):
+        if self.state is State.ESTABLISHED and liveness.check(self, now, out):
             return
         for sf in list(self.subflows):  # a subflow may be given up on the way
             if sf not in self.subflows:
