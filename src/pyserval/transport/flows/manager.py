@@ -94,7 +94,7 @@ class FlowManager:
     def enable_multipath(self, local_key: int, peer_key: int) -> None:
         """Both ends agreed: data from now on is mapped by DSN (see ``flows.multipath``)."""
         mp = MultipathState(local_key, peer_key, get_scheduler(self.conn.config.scheduler))
-        self.mp = mp
+        self.mp = self.conn.mp = mp  # the connection's copy is read per packet
         sf = self.subflows[0]
         mp.snd_right = sf.snd_wnd  # the window the peer's SYN (or SYN-ACK) offered
         sf.rcv_track = SeqTracker()
