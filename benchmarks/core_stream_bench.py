@@ -10,7 +10,9 @@ counts much less than in wall-clock figures). The received bytes are checked by 
 Cases: ``single`` (one path, no loss), ``lossy`` (one path, 1% loss each way: recovery and
 SACK), ``multipath`` (two paths, DSN mapping, the scheduler, per-subflow ACKs). Per case:
 the best and median of ``--repeat`` runs in CPU seconds, and microseconds of CPU per data
-packet sent (best run).
+packet sent (best run). ``connect``: ``--connections`` sequential connections (handshake,
+the server closes, the client reads end of stream and closes, both ends closed), CPU
+microseconds per connection, best and median of ``--repeat`` runs.
 
 Run: ``python benchmarks/core_stream_bench.py [--mb 8] [--repeat 5] [--out FILE]``.
 """
@@ -104,17 +106,56 @@ def transfer(case: str, size: int, seed: int) -> tuple[float, int]:
     return cpu, packets
 
 
+def connections(count: int, seed: int) -> float:
+    """CPU seconds for ``count`` sequential connections: connect, accept, the server
+    closes, the client reads end of stream and closes, both ends gone."""
+    net = SimNetwork(seed=seed, default_link=LinkConfig(delay=0.0005))
+    cfg = StreamConfig(time_wait=0.01)
+    a = HostCore([A1], rng=random.Random(seed), config=cfg)
+    b = HostCore([B1], rng=random.Random(seed + 1), config=cfg)
+    net.attach(a, A1)
+    net.attach(b, B1)
+    a.service_table.add("c", Rule.forward(B1))
+    listener = b.listen("c")
+    start = time.process_time()
+    for _ in range(count):
+        client = a.connect("c", net.now)
+        net.kick(a)
+        accepted: list[Connection] = []
+
+        def ready(client: Connection = client, accepted: list[Connection] = accepted) -> bool:
+            if not accepted:
+                conn = listener.accept()
+                if conn is not None:
+                    accepted.append(conn)
+            return bool(accepted) and client.state is State.ESTABLISHED
+
+        if not net.run_until(ready, 10):
+            raise RuntimeError("handshake did not complete")
+        server = accepted[0]
+        server.shutdown()
+        net.kick(b)
+        if not net.run_until(lambda c=client: c.at_eof, 10):
+            raise RuntimeError("no end of stream")
+        client.shutdown()
+        net.kick(a)
+        if not net.run_until(lambda c=client, s=server: c.closed and s.closed, 10):
+            raise RuntimeError("the connection did not close")
+    return time.process_time() - start
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every case and print (and optionally write) the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=float, default=8.0)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--connections", type=int, default=500)
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     size = int(args.mb * (1 << 20))
     out: dict[str, Any] = {"mib": args.mb, "repeat": args.repeat, "cases": {}}
-    for case in args.cases.split(","):
+    for case in filter(None, args.cases.split(",")):
         runs = [transfer(case, size, seed) for seed in range(1, args.repeat + 1)]
         cpus = [c for c, _ in runs]
         best = min(range(len(runs)), key=lambda i: cpus[i])
@@ -123,6 +164,13 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_s_median": round(statistics.median(cpus), 4),
             "data_packets": runs[best][1],
             "us_per_packet_best": round(cpus[best] / max(runs[best][1], 1) * 1e6, 2),
+        }
+    if args.connections:
+        cpus = [connections(args.connections, seed) for seed in range(1, args.repeat + 1)]
+        out["connect"] = {
+            "count": args.connections,
+            "us_per_connection_best": round(min(cpus) / args.connections * 1e6, 1),
+            "us_per_connection_median": round(statistics.median(cpus) / args.connections * 1e6, 1),
         }
     text = json.dumps(out, indent=2)
     print(text)

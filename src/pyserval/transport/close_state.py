@@ -52,14 +52,14 @@ __all__ = [
 ]
 
 
-class Side(enum.Enum):
+class Side(enum.StrEnum):
     """Which direction of the stream: what we send, or what the peer sends."""
 
     LOCAL = "local"
     REMOTE = "remote"
 
 
-class Stage(enum.Enum):
+class Stage(enum.StrEnum):
     """Where one direction is in its close (see the module docstring)."""
 
     OPEN = "open"
@@ -70,7 +70,7 @@ class Stage(enum.Enum):
     DONE = "done"  # both levels closed in this direction
 
 
-class CloseEvent(enum.Enum):
+class CloseEvent(enum.StrEnum):
     """What moves a direction along."""
 
     SHUTDOWN = "shutdown"  # the application closed its writing side
@@ -121,6 +121,14 @@ JOINT_TCP_STATES: Final[dict[tuple[bool, bool, bool, bool], str]] = {
 }
 
 _ACKED_OR_LATER: Final = frozenset({_L.FIN_ACKED, _L.SAL_FIN_SENT, _L.DONE})
+# Bound once: an Enum class attribute is a slow lookup, and process() runs several times
+# per connection. (The enums are StrEnums for the same reason: a str hashes in C, an
+# Enum member through a Python __hash__, and the tables are dicts keyed by them.)
+_LOCAL: Final = Side.LOCAL
+_OPEN: Final = Stage.OPEN
+_DONE: Final = Stage.DONE
+_SHUTDOWN: Final = CloseEvent.SHUTDOWN
+_TABLES: Final = (TRANSITIONS[Side.LOCAL], TRANSITIONS[Side.REMOTE])
 
 
 class CloseStateError(Exception):
@@ -142,8 +150,8 @@ class CloseState:
     __slots__ = ("local", "remote", "active_close")
 
     def __init__(self) -> None:
-        self.local = Stage.OPEN
-        self.remote = Stage.OPEN
+        self.local = _OPEN
+        self.remote = _OPEN
         # Set by SHUTDOWN: we closed while the peer's direction was still open, so we are
         # the side that waits in TIME_WAIT (RFC 9293 3.6).
         self.active_close = False
@@ -151,22 +159,26 @@ class CloseState:
     def process(self, side: Side, event: CloseEvent) -> Stage:
         """Apply ``event`` to ``side``; returns the new stage. Raises
         :class:`CloseStateError` (and changes nothing) if the table has no such move."""
-        stage = self.local if side is Side.LOCAL else self.remote
-        new = TRANSITIONS[side][stage].get(event)
-        if new is None:
-            raise CloseStateError(side, stage, event)
-        if side is Side.LOCAL:
-            if event is CloseEvent.SHUTDOWN:
-                self.active_close = self.remote is Stage.OPEN
+        if side is _LOCAL:
+            stage = self.local
+            new = _TABLES[0][stage].get(event)
+            if new is None:
+                raise CloseStateError(side, stage, event)
+            if event is _SHUTDOWN:
+                self.active_close = self.remote is _OPEN
             self.local = new
         else:
+            stage = self.remote
+            new = _TABLES[1][stage].get(event)
+            if new is None:
+                raise CloseStateError(side, stage, event)
             self.remote = new
         return new
 
     @property
     def finished(self) -> bool:
         """Both directions closed at both levels: the connection ends (the joint rule)."""
-        return self.local is Stage.DONE and self.remote is Stage.DONE
+        return self.local is _DONE and self.remote is _DONE
 
     @property
     def tcp_state(self) -> str:
@@ -174,8 +186,8 @@ class CloseState:
         local = self.local
         key = (
             local in _ACKED_OR_LATER,
-            local is not Stage.OPEN,
-            self.remote is not Stage.OPEN,
+            local is not _OPEN,
+            self.remote is not _OPEN,
             self.active_close,
         )
         return JOINT_TCP_STATES[key]
