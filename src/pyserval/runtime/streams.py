@@ -79,7 +79,7 @@ class ServalStream(anyio.abc.ByteStream):
     @property
     def paths(self) -> list[tuple[Address, Address | None]]:
         """(local, remote) address pair of each subflow."""
-        return [(sf.local_addr, sf.remote_addr) for sf in self._conn.subflows]
+        return self._conn.flows.paths
 
     @property
     def multipath(self) -> bool:

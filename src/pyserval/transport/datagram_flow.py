@@ -44,6 +44,7 @@ from ..sal.control import ControlTimeout
 from ..sal.extensions import ControlExt, ControlFlags, Extension, ServiceExt
 from ..sal.packet import SalPacket
 from ..sal.transport_headers import PROTO_UDP, TcpHeader, UdpHeader
+from .close_state import CloseEvent, Side, Stage
 from .config import StreamConfig
 from .connection import Address, Connection, ConnectionError_, Role, State, Subflow
 from .events import ConnectionEstablished, DataReceived, Event, StreamEnded
@@ -237,8 +238,10 @@ class DatagramConnection(Connection):
         self._check_open("shut down")
         if self.fin_offset is None:
             self.fin_offset = 0
-            if not self.peer_sal_fin:
-                self.active_close = True
+            self._close_event(Side.LOCAL, CloseEvent.SHUTDOWN)
+            # Without a transport FIN the peer's close is its SAL FIN: we closed first
+            # unless that already arrived.
+            self.close.active_close = not self.peer_sal_fin
             self._fin_wanted = True
             self.wake(self)
 
@@ -340,8 +343,12 @@ class DatagramConnection(Connection):
             self.peer_fin_received = True  # no transport FIN comes first on a UDP flow
             self.emit(StreamEnded(self.conn_id))
         super().on_control(sf, ext, now, src)
-        if self.sal_fin_acked:
-            self.fin_acked = True  # our close is complete (what Host.close waits for)
+
+    @property
+    def fin_acked(self) -> bool:
+        """Our close is complete: the SAL FIN is acknowledged (what Host.close waits for;
+        a datagram flow has no transport FIN whose ACK would say more)."""
+        return self.close.local is Stage.DONE
 
     # -- output -------------------------------------------------------------------------
     def output(self, now: float, out: list[SalPacket]) -> None:
@@ -362,10 +369,10 @@ class DatagramConnection(Connection):
             if self._fin_wanted and not sf.frozen:
                 self._fin_wanted = False
                 if self.state is State.ESTABLISHED:
-                    if sf.control.outstanding is not None:
-                        self.sal_fin_due = True  # after the exchange in progress (an RSYN)
-                    else:
-                        self._start_sal_fin(now)
+                    # No transport FIN to wait for: the SAL FIN is due at once, after the
+                    # exchange in progress (an RSYN) if there is one.
+                    self._close_event(Side.LOCAL, CloseEvent.FIN_ACKED)
+                    self._sal_fin_when_free(now)
         self.ack_now = False  # no transport ACKs on a datagram flow
         super().output(now, out)
 
