@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
 
 import anyio
 import anyio.abc
@@ -257,7 +257,7 @@ class ServalListener(anyio.abc.Listener[ServalStream]):
 
     async def serve(
         self,
-        handler: Callable[[ServalStream], Any],
+        handler: Callable[[ServalStream], Awaitable[object]],
         task_group: anyio.abc.TaskGroup | None = None,
     ) -> None:
         """Run ``handler(stream)`` in its own task for every incoming stream (in
@@ -276,6 +276,8 @@ class ServalListener(anyio.abc.Listener[ServalStream]):
         self._host.close_listener(self._listener)
 
 
-async def _run_handler(handler: Callable[[ServalStream], Any], stream: ServalStream) -> None:
+async def _run_handler(
+    handler: Callable[[ServalStream], Awaitable[object]], stream: ServalStream
+) -> None:
     async with stream:
         await handler(stream)
