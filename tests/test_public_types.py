@@ -84,7 +84,7 @@ def _untyped(fn: Callable[..., object]) -> list[str]:
 
 
 def _public_callables() -> list[tuple[str, Callable[..., object]]]:
-    found = []
+    found: list[tuple[str, Callable[..., object]]] = []
     for name in pyserval.__all__:
         if name in SKIP:
             continue
