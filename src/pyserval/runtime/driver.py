@@ -268,11 +268,6 @@ class Driver:
                 )
 
     async def wait(self, conn: Connection, ready: Callable[[], bool]) -> None:
-        """Wait until ``ready()`` holds for ``conn`` (re-checked at each of its events), or
-        the host closed."""
-        await self.waiters.wait_for(conn.conn_id, lambda: ready() or self.closed)
-
-    async def wait_until(self, conn: Connection, ready: Callable[[], bool]) -> None:
         """Wait until ``ready()`` holds for ``conn`` (re-checked at each of its events)."""
         await self.waiters.wait_for(conn.conn_id, ready)
 

@@ -459,7 +459,8 @@ class Host:
 
     async def wait(self, conn: Connection, ready: Callable[[], bool]) -> None:
         """Wait until ``ready()`` holds for ``conn`` (re-checked at each of its events)."""
-        await self._driver.wait(conn, ready)
+        driver = self._driver
+        await driver.wait(conn, lambda: ready() or driver.closed)
 
     def watch(self, conn: Connection | int, callback: Callable[[Event], None]) -> None:
         """Call ``callback`` with every event of ``conn`` (a connection or a datagram

@@ -151,7 +151,7 @@ class Interfaces:
                 return
             try:
                 async with asyncio.timeout(remaining):
-                    await self._driver.wait_until(conn, functools.partial(_settled, conn))
+                    await self._driver.wait(conn, functools.partial(_settled, conn))
             except TimeoutError:
                 return
 
@@ -196,7 +196,7 @@ class Interfaces:
         driver.schedule_flush()
         try:
             async with asyncio.timeout(timeout):
-                await driver.wait_until(conn, lambda: conn.closed or sf.join_state is None)
+                await driver.wait(conn, lambda: conn.closed or sf.join_state is None)
         except TimeoutError:
             raise ServalMigrationError(
                 f"the peer did not answer the new path {here} -> {there} in {timeout} s"
@@ -231,7 +231,7 @@ class Interfaces:
 
         try:
             async with asyncio.timeout(timeout):
-                await driver.wait_until(conn, done)
+                await driver.wait(conn, done)
         except TimeoutError:
             raise ServalMigrationError(
                 f"the peer did not confirm the move to {format_address(target)} in {timeout} s"
