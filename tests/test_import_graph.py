@@ -118,8 +118,13 @@ def _targets(
             stem = ".".join(base + ([node.module] if node.module else []))
         else:
             stem = node.module or ""
-        # ``from pkg import name``: pkg itself, and pkg.name when that is a module.
-        names = [stem] + [f"{stem}.{alias.name}" for alias in node.names]
+        # ``from pkg import name``: pkg.name when that is a module, else pkg (where the
+        # name is defined). A package's ``__init__`` runs before any of its modules, as a
+        # parent package always does: that is not counted as a dependency on it.
+        subs = [f"{stem}.{alias.name}" for alias in node.names]
+        names = [sub for sub in subs if sub in known]
+        if len(names) < len(subs):
+            names.append(stem)
     found = set()
     for name in names:
         # ``import a.b.c`` loads a, a.b and a.b.c; the deepest known one is the dependency.
@@ -219,6 +224,9 @@ def test_the_graph_sees_known_edges() -> None:
     assert "pyserval.control" in graph.runtime["pyserval"]
     assert "pyserval.runtime.api" in graph.deferred["pyserval.runtime.socket"]
     assert "pyserval.runtime.host" in graph.typing["pyserval.runtime.socket"]
+    # ``from . import cli_module`` is an edge to the module, not to the package.
+    assert "pyserval.cli.router" in graph.runtime["pyserval.cli"]
+    assert "pyserval.cli" not in graph.runtime["pyserval.cli.router"]
 
 
 def test_every_subpackage_has_a_layer() -> None:
