@@ -51,9 +51,6 @@ ALLOWED_DEFERRED: dict[tuple[str, str], str] = {
         "ServalSocket() without a host uses the process-wide default Host, and Host.socket() "
         "makes ServalSockets: two constructors that name each other"
     ),
-    ("pyserval.naming.keys", "pyserval.naming.delegation"): (
-        "ServiceKey.delegate issues a Delegation, which is made of ServicePublicKeys"
-    ),
 }
 
 
