@@ -76,9 +76,7 @@ async def send_register(
     now = time.time()
     regs = [Registration.make(s, now=now, nonce=os.urandom(16), ttl=3600.0) for s in sids]
     data = encode_message(RegisterMessage(seq=1, registrations=regs))
-    assert host.core is not None
-    host.core.send_datagram(ep, CONTROL_SERVICE, data, to=router.address)
-    host.schedule_flush()
+    host.send_datagram(ep, CONTROL_SERVICE, data, to=router.address)
 
 
 async def convergence(routers: list[Router], samples: int) -> dict[str, float]:

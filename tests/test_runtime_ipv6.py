@@ -195,7 +195,7 @@ def test_router_on_ipv6_forwards_to_an_ipv6_instance() -> None:
 
 
 def test_the_interface_check_sees_ipv6_addresses_come_and_go() -> None:
-    from pyserval.runtime.host import _ip_present
+    from pyserval.runtime.interfaces import _ip_present
 
     assert _ip_present("::1") and _ip_present("127.0.0.1")
     assert not _ip_present("fd00:dead:beef::1")  # no interface holds it

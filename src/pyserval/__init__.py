@@ -42,15 +42,11 @@ from .runtime import (
     open_connection,
     start_server,
 )
-from .runtime.host import install_controller_factory
 from .runtime.secure import SecureListener, SecureStream, SecurityReason, ServalSecurityError
 from .runtime.service_events import ServiceEvent, ServiceEventKind
 from .tools.pcap import PcapWriter
 from .translator import Translator
 from .transport.config import StreamConfig
-
-# The control plane sits above the runtime: the package root wires it in.
-install_controller_factory(HostServiceController)
 
 # A library logs, the application decides where to: silent unless logging is configured
 # (loggers: pyserval.host, pyserval.router, pyserval.controller, pyserval.translator).
@@ -68,6 +64,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "HostServiceController",
     "DatagramError",
     "Delegation",
     "FlowID",

@@ -300,14 +300,12 @@ class HostServiceController:
         if self._closed or self._endpoint is None:
             return
         host = self.host
-        core = host.core
-        if core is None:
+        if host.core is None or host.closed:
             return
         if len(self.routers) > 1 and self.core.router_silent(self._now()):
             self.switch_router("stopped answering")
         for data in self.core.poll(self._now(), time.time()):
-            core.send_datagram(self._endpoint, CONTROL_SERVICE, data, to=self.router)
-        host.schedule_flush()
+            host.send_datagram(self._endpoint, CONTROL_SERVICE, data, to=self.router)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

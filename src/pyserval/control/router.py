@@ -246,13 +246,11 @@ class Router:
             stats["unexpected_message"] += 1
 
     def _reply(self, event: DatagramReceived, data: bytes) -> None:
-        core = self.host.core
-        if core is None or self._endpoint is None:
+        if self.host.core is None or self.host.closed or self._endpoint is None:
             return
         source = event.source_service
         to_service = ServiceID(source) if len(source) == 32 else CONTROL_SERVICE
-        core.send_datagram(self._endpoint, to_service, data, to=event.address)
-        self.host.schedule_flush()
+        self.host.send_datagram(self._endpoint, to_service, data, to=event.address)
 
     def _after_change(self) -> None:
         """Wake verdicts waiting for a registration; re-arm the expiry timer."""
@@ -335,13 +333,11 @@ async def fetch_table(router: str | Address, *, timeout: float = 2.0) -> TableDu
         async with asyncio.timeout(timeout):
             while True:
                 seq += 1
-                assert host.core is not None
                 req = TableRequest(seq=seq, offset=len(entries), pad=" " * _TABLE_PAD)
                 data = encode_message(req)
                 reply = None
                 while reply is None:  # sent again until answered (lost, or rate-limited)
-                    host.core.send_datagram(ep, CONTROL_SERVICE, data, to=addr)
-                    host.schedule_flush()
+                    host.send_datagram(ep, CONTROL_SERVICE, data, to=addr)
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(0.25):
                             reply = await replies.get()

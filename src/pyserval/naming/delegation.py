@@ -28,7 +28,7 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from .keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, ServicePublicKey
+from .public_key import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, ServicePublicKey
 from .service_id import ServiceID
 
 if TYPE_CHECKING:

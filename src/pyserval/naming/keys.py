@@ -9,98 +9,34 @@ signature is good, without any certificate authority.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
-from typing import TYPE_CHECKING, Final
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .service_id import SERVICE_ID_BITS, PrefixLike, ServiceID, ServicePrefix, as_service_prefix
-
-if TYPE_CHECKING:
-    from .delegation import Delegation
+from .delegation import Delegation
+from .public_key import (  # re-exported: their home before public_key
+    CERTIFIED_BITS,
+    MAX_CERTIFIED_PREFIX,
+    PUBLIC_KEY_BYTES,
+    SIGNATURE_BYTES,
+    NotCertified,
+    ServicePublicKey,
+    key_hash,
+)
+from .service_id import PrefixLike, ServiceID, ServicePrefix, as_service_prefix
 
 __all__ = [
     "CERTIFIED_BITS",
     "MAX_CERTIFIED_PREFIX",
+    "PUBLIC_KEY_BYTES",
+    "SIGNATURE_BYTES",
     "NotCertified",
     "ServiceKey",
     "ServicePublicKey",
     "key_hash",
 ]
-
-CERTIFIED_BITS: Final = 160
-MAX_CERTIFIED_PREFIX: Final = SERVICE_ID_BITS - CERTIFIED_BITS  # 96
-_HASH_MASK: Final = (1 << CERTIFIED_BITS) - 1
-_HASH_DOMAIN: Final = b"pyserval/self-certifying/v1\x00"
-PUBLIC_KEY_BYTES: Final = 32
-SIGNATURE_BYTES: Final = 64
-
-
-class NotCertified(ValueError):
-    """A serviceID is not certified by the key it was presented with."""
-
-
-def key_hash(public_key: bytes) -> int:
-    """The 160-bit hash of a raw 32-byte Ed25519 public key that certifies IDs."""
-    digest = hashlib.sha256(_HASH_DOMAIN + public_key).digest()
-    return int.from_bytes(digest[:20], "big")
-
-
-class ServicePublicKey:
-    """The public half: checks that it certifies an ID and verifies signatures."""
-
-    __slots__ = ("_raw", "_key", "_hash")
-
-    def __init__(self, raw: bytes) -> None:
-        raw = bytes(raw)
-        if len(raw) != PUBLIC_KEY_BYTES:
-            raise ValueError(f"an Ed25519 public key is 32 bytes, got {len(raw)}")
-        self._raw = raw
-        self._key = Ed25519PublicKey.from_public_bytes(raw)
-        self._hash = key_hash(raw)
-
-    @property
-    def raw(self) -> bytes:
-        """The 32-byte raw public key."""
-        return self._raw
-
-    def certifies(self, service_id: ServiceID) -> bool:
-        """Whether the low 160 bits of ``service_id`` are this key's hash."""
-        return (service_id.value & _HASH_MASK) == self._hash
-
-    def check_certifies(self, service_id: ServiceID) -> None:
-        """Raise :class:`NotCertified` unless this key certifies ``service_id``."""
-        if not self.certifies(service_id):
-            raise NotCertified(
-                f"serviceID {service_id.hex} is not certified by public key {self._raw.hex()}: "
-                f"its low 160 bits are {service_id.value & _HASH_MASK:040x}, "
-                f"the key's hash is {self._hash:040x}"
-            )
-
-    def verify_signature(self, data: bytes, signature: bytes) -> bool:
-        """Whether ``signature`` is this key's signature of ``data``."""
-        if len(signature) != SIGNATURE_BYTES:
-            return False
-        try:
-            self._key.verify(bytes(signature), bytes(data))
-        except InvalidSignature:
-            return False
-        return True
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, ServicePublicKey):
-            return self._raw == other._raw
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self._raw)
-
-    def __repr__(self) -> str:
-        return f"ServicePublicKey('{self._raw.hex()}')"
 
 
 class ServiceKey:
@@ -176,8 +112,6 @@ class ServiceKey:
         Only the instance's public half is needed: a replica can keep its private key and
         send the public key to whoever holds this one.
         """
-        from .delegation import Delegation
-
         if not valid_for > 0:
             raise ValueError(f"valid_for must be positive seconds, got {valid_for}")
         start = math.floor(time.time() if now is None else now)

@@ -24,7 +24,7 @@ from ..core.host import Listener
 from ..naming.service_id import ServiceID
 from ..transport.connection import ConnectionError_, State
 from ..transport.datagram_flow import DatagramConnection
-from .host import Host
+from .streams import StreamHost
 
 __all__ = ["ServalDatagramListener", "ServalDatagramStream"]
 
@@ -34,7 +34,7 @@ Address = tuple[str, int]
 class ServalDatagramStream(anyio.abc.UnreliableObjectStream[bytes]):
     """A connected Serval datagram flow (see the module docstring)."""
 
-    def __init__(self, host: Host, conn: DatagramConnection) -> None:
+    def __init__(self, host: StreamHost, conn: DatagramConnection) -> None:
         self._host = host
         self._conn = conn
         self._closed = False
@@ -156,7 +156,7 @@ class ServalDatagramStream(anyio.abc.UnreliableObjectStream[bytes]):
 class ServalDatagramListener:
     """Accepts datagram flows to a service: ``async for flow in listener`` or ``serve``."""
 
-    def __init__(self, host: Host, listener: Listener) -> None:
+    def __init__(self, host: StreamHost, listener: Listener) -> None:
         self._host = host
         self._listener = listener
 

@@ -57,7 +57,7 @@ import anyio
 from ..transport.connection import Connection
 from .host import Host
 from .stdio import ServalTransport
-from .streams import ServalListener
+from .streams import ServalListener, StreamHost
 
 __all__ = [
     "SUFFIX",
@@ -94,7 +94,7 @@ class ServiceTransport(ServalTransport):
     _start_tls_compatible = True
 
     def __init__(
-        self, host: Host, conn: Connection, protocol: asyncio.BaseProtocol, service: str
+        self, host: StreamHost, conn: Connection, protocol: asyncio.BaseProtocol, service: str
     ) -> None:
         self._service = service
         super().__init__(host, conn, protocol)
@@ -137,7 +137,7 @@ class ServiceServer(asyncio.AbstractServer):
     def __init__(
         self,
         installation: Installation,
-        host: Host,
+        host: StreamHost,
         listeners: list[tuple[str, ServalListener]],
         factory: ProtocolFactory,
         sslcontext: ssl_module.SSLContext | None,
@@ -318,7 +318,7 @@ class Installation:
     # -- the transport ------------------------------------------------------------------
     def attach(
         self,
-        host: Host,
+        host: StreamHost,
         conn: Connection,
         protocol: asyncio.BaseProtocol,
         service: str,

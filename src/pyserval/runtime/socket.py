@@ -21,7 +21,7 @@ import asyncio
 import os
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -30,8 +30,11 @@ from ..naming.keys import ServiceKey
 from ..naming.service_id import ServiceID, ServiceLike, as_service_id
 from ..transport.events import DatagramReceived, DatagramRefused, Event
 from .datagram_streams import ServalDatagramListener, ServalDatagramStream
-from .host import Host, parse_address
+from .interfaces import parse_address
 from .streams import ServalListener, ServalStream
+
+if TYPE_CHECKING:  # the host makes sockets (Host.socket): it imports this module
+    from .host import Host
 
 __all__ = ["DatagramError", "SocketClosed", "ServalSocket"]
 

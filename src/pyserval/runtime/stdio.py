@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..naming.delegation import Delegation
 from ..naming.keys import ServiceKey
@@ -28,8 +28,12 @@ from ..transport.events import (
     SendSpaceAvailable,
     StreamEnded,
 )
-from .host import Host
-from .streams import ServalStream
+from .secure import SecureListener, SecureStream
+from .stream_transport import ByteStreamTransport
+from .streams import ServalListener, ServalStream, StreamHost
+
+if TYPE_CHECKING:  # only the two openers below need a whole host
+    from .host import Host
 
 __all__ = ["ServalServer", "ServalTransport", "open_connection_on", "start_server_on"]
 
@@ -39,7 +43,7 @@ ClientConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitab
 class ServalTransport(asyncio.Transport):
     """An asyncio transport on one Serval connection (see the module docstring)."""
 
-    def __init__(self, host: Host, conn: Connection, protocol: asyncio.BaseProtocol) -> None:
+    def __init__(self, host: StreamHost, conn: Connection, protocol: asyncio.BaseProtocol) -> None:
         super().__init__()
         self._host = host
         self._conn = conn
@@ -222,13 +226,12 @@ async def open_connection_on(
     return reader, writer
 
 
-def _transport_for(host: Host, stream: Any, protocol: asyncio.Protocol) -> asyncio.Transport:
+def _transport_for(
+    host: StreamHost, stream: ServalStream | SecureStream, protocol: asyncio.Protocol
+) -> asyncio.Transport:
     """A plain stream's connection directly; a secure one through its TLS layer."""
     if isinstance(stream, ServalStream):
         return ServalTransport(host, stream.connection, protocol)
-    from .secure import SecureStream
-    from .stream_transport import ByteStreamTransport
-
     assert isinstance(stream, SecureStream)
     extra = {
         "peername": stream.remote_address,
@@ -246,7 +249,13 @@ def _transport_for(host: Host, stream: Any, protocol: asyncio.Protocol) -> async
 class ServalServer(asyncio.AbstractServer):
     """What :func:`start_server_on` returns: an ``asyncio.AbstractServer`` on a service."""
 
-    def __init__(self, host: Host, listener: Any, callback: ClientConnected, limit: int) -> None:
+    def __init__(
+        self,
+        host: StreamHost,
+        listener: ServalListener | SecureListener,
+        callback: ClientConnected,
+        limit: int,
+    ) -> None:
         self._host = host
         self._listener = listener
         self._callback = callback

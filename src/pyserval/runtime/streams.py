@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
 
 import anyio
 import anyio.abc
@@ -11,7 +12,7 @@ import anyio.abc
 from ..core.host import Listener
 from ..naming.service_id import ServiceID
 from ..transport.connection import Connection, State
-from .host import Host
+from ..transport.events import Event
 
 __all__ = [
     "ServalConnectError",
@@ -19,6 +20,7 @@ __all__ = [
     "ServalListener",
     "ServalMigrationError",
     "ServalStream",
+    "StreamHost",
 ]
 
 Address = tuple[str, int]
@@ -37,10 +39,53 @@ class ServalConnectTimeout(ServalConnectError, TimeoutError):
     (so existing handlers still catch it) and a :class:`TimeoutError`."""
 
 
+class StreamHost(Protocol):
+    """What streams, listeners and transports need from their host: a
+    :class:`~pyserval.runtime.host.Host` is one. (A protocol, so that this module, below the
+    host, does not import it.)"""
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the host runs on."""
+        ...
+
+    def schedule_flush(self) -> None:
+        """Send what the core has, once, at the end of this loop pass."""
+
+    async def wait(self, conn: Connection, ready: Callable[[], bool]) -> None:
+        """Wait until ``ready()`` holds for ``conn`` (or the host closed)."""
+
+    async def wait_incoming(self, listener: Listener) -> Connection | None:
+        """The next established connection of ``listener`` (None once closed)."""
+
+    def close_listener(self, listener: Listener) -> None:
+        """Stop accepting on ``listener``."""
+
+    def watch(self, conn: Connection | int, callback: Callable[[Event], None]) -> None:
+        """Call ``callback`` with every event of ``conn``."""
+
+    def unwatch(self, conn: Connection | int) -> None:
+        """Stop calling the watcher of ``conn``."""
+
+    async def migrate(
+        self,
+        conn: Connection,
+        local: str | Address,
+        timeout: float,
+        remote: str | Address | None = None,
+    ) -> None:
+        """Move ``conn`` to the interface ``local``; returns once the peer confirmed."""
+
+    async def add_path(
+        self, conn: Connection, local: str | Address, remote: str | Address, timeout: float
+    ) -> None:
+        """Open another subflow of multipath ``conn``; returns once it carries data."""
+
+
 class ServalStream(anyio.abc.ByteStream):
     """A connected Serval TCP stream. ``send`` waits while the send buffer is full."""
 
-    def __init__(self, host: Host, conn: Connection) -> None:
+    def __init__(self, host: StreamHost, conn: Connection) -> None:
         self._host = host
         self._conn = conn
         self._closed = False
@@ -184,7 +229,7 @@ class ServalListener(anyio.abc.Listener[ServalStream]):
     """Accepts streams to a service: an ``anyio.abc.Listener`` (``serve(handler)``,
     ``async with listener``), and ``async for stream in listener``."""
 
-    def __init__(self, host: Host, listener: Listener) -> None:
+    def __init__(self, host: StreamHost, listener: Listener) -> None:
         self._host = host
         self._listener = listener
 
@@ -212,7 +257,7 @@ class ServalListener(anyio.abc.Listener[ServalStream]):
 
     async def serve(
         self,
-        handler: Callable[[ServalStream], Any],
+        handler: Callable[[ServalStream], Awaitable[object]],
         task_group: anyio.abc.TaskGroup | None = None,
     ) -> None:
         """Run ``handler(stream)`` in its own task for every incoming stream (in
@@ -231,6 +276,8 @@ class ServalListener(anyio.abc.Listener[ServalStream]):
         self._host.close_listener(self._listener)
 
 
-async def _run_handler(handler: Callable[[ServalStream], Any], stream: ServalStream) -> None:
+async def _run_handler(
+    handler: Callable[[ServalStream], Awaitable[object]], stream: ServalStream
+) -> None:
     async with stream:
         await handler(stream)

@@ -1,0 +1,331 @@
+"""The runtime driver: a :class:`~pyserval.core.HostCore` on real UDP sockets and asyncio.
+
+A thin adapter and nothing more. Datagrams read in batches from each interface go to the
+core, and what the core wants to send goes out once per batch (and once per loop pass after
+application calls, coalesced: :meth:`Driver.schedule_flush`). One ``loop.call_at`` timer
+serves the whole host, re-armed only when the core's next deadline changes. Core events wake
+the tasks waiting on the connection they name, and go to the watchers and hooks.
+
+What it does not do: choose addresses or migrate (``runtime.interfaces``), talk to the
+control plane or register services (``runtime.services``), or offer streams (``Host``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import defaultdict
+from collections.abc import Callable
+
+from ..core.host import DatagramEndpoint, HostCore, Listener
+from ..naming.service_id import ServiceID, ServiceLike
+from ..tools.pcap import PcapWriter
+from ..transport.connection import Connection
+from ..transport.events import (
+    ConnectionClosed,
+    ConnectionFailed,
+    ConnectionReset,
+    ConnectionTimedOut,
+    Event,
+    IncomingConnection,
+)
+from .udp import UdpEndpoint
+
+__all__ = ["Address", "Driver", "HostClosed"]
+
+Address = tuple[str, int]
+Batch = list[tuple[bytes, Address]]
+
+_FINAL_EVENTS = (ConnectionClosed, ConnectionReset, ConnectionTimedOut, ConnectionFailed)
+
+
+class HostClosed(RuntimeError):
+    """The host was closed: it does not run again (create a new :class:`Host`)."""
+
+
+class _Waiters:
+    """One asyncio.Event per connection: set on every core event that names it."""
+
+    def __init__(self) -> None:
+        self.events: dict[int, asyncio.Event] = defaultdict(asyncio.Event)
+
+    def wake(self, conn_id: int, final: bool = False) -> None:
+        # A final event (closed, reset, timed out, failed) wakes the waiters and forgets
+        # the entry, so the table does not grow with every connection ever made; a later
+        # wait_for finds its condition already true.
+        ev = self.events.pop(conn_id, None) if final else self.events.get(conn_id)
+        if ev is not None:
+            ev.set()
+
+    async def wait_for(self, conn_id: int, ready: Callable[[], bool]) -> None:
+        if ready():
+            return  # no entry for a wait that never blocks
+        ev = self.events[conn_id]
+        while not ready():
+            ev.clear()
+            if ready():
+                return
+            await ev.wait()
+
+
+class Driver:
+    """Runs one :class:`HostCore`: its interfaces' sockets, its timer, its waiters.
+
+    ``start`` takes the core and the running loop; until then (and after ``close``) every
+    call that needs the core raises. ``on_delay`` is called with the serviceIDs whose SYNs a
+    DELAY rule holds (the services part asks for a verdict).
+    """
+
+    def __init__(self) -> None:
+        self.core: HostCore | None = None
+        self.endpoints: list[UdpEndpoint] = []
+        self.by_address: dict[Address, UdpEndpoint] = {}
+        self.pcap: PcapWriter | None = None
+        self.closed = False
+        self.on_delay: Callable[[ServiceID], None] = lambda sid: None
+        # Where the sockets' batches go; the Host points it at its own ``_on_batch`` so
+        # that a test may tap the receive path there.
+        self.on_batch: Callable[[UdpEndpoint, Batch], None] = self.receive_batch
+        self.waiters = _Waiters()
+        self._listener_waiters: dict[int, asyncio.Event] = {}
+        self._event_hooks: list[Callable[[Event], None]] = []
+        self._conn_hooks: dict[int, Callable[[Event], None]] = {}
+        self._unreachable_hooks: list[Callable[[Address], None]] = []
+        self._flush_pending = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- state ----------------------------------------------------------------------------
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the driver runs on."""
+        if self._loop is None:
+            raise RuntimeError("the host is not running")
+        return self._loop
+
+    def bind_loop(self) -> None:
+        """Take the running event loop (before the first interface opens)."""
+        self._loop = asyncio.get_running_loop()
+
+    @property
+    def addresses(self) -> list[Address]:
+        """The bound addresses of the interfaces."""
+        return [ep.address for ep in self.endpoints]
+
+    def now(self) -> float:
+        """The loop's clock: the ``now`` every core call takes."""
+        assert self._loop is not None
+        return self._loop.time()
+
+    def require_core(self) -> HostCore:
+        """The running core; :class:`HostClosed` or RuntimeError when there is none."""
+        if self.closed:
+            raise HostClosed("the host is closed (a closed host cannot be restarted)")
+        if self.core is None:
+            raise RuntimeError("the host is not running: use 'async with host' or start()")
+        return self.core
+
+    # -- interfaces' sockets ----------------------------------------------------------------
+    def open_endpoint(self, local: Address) -> UdpEndpoint:
+        """Bind a UDP socket at ``local`` whose batches go to the core."""
+        holder: list[UdpEndpoint] = []
+
+        def on_datagrams(batch: Batch) -> None:
+            self.on_batch(holder[0], batch)
+
+        # UdpEndpoint.open does no waiting: driving its coroutine once binds and registers
+        # the socket on the running loop, so interfaces can be added from plain calls.
+        coro = UdpEndpoint.open(local, on_datagrams, on_icmp_error=self._on_icmp)
+        try:
+            coro.send(None)
+        except StopIteration as done:
+            ep: UdpEndpoint = done.value
+        else:  # pragma: no cover - open() never suspends
+            coro.close()
+            raise RuntimeError("UdpEndpoint.open suspended")
+        holder.append(ep)
+        self.endpoints.append(ep)
+        self.by_address[ep.address] = ep
+        return ep
+
+    def close_endpoint(self, local: Address) -> None:
+        """Close the socket bound at ``local`` (if any)."""
+        ep = self.by_address.pop(local, None)
+        if ep is not None:
+            self.endpoints.remove(ep)
+            ep.close()
+
+    def receive_batch(self, ep: UdpEndpoint, batch: Batch) -> None:
+        """A batch of datagrams read on one interface: all to the core, then one flush."""
+        core = self.core
+        if core is None:
+            return
+        local = ep.address
+        pcap = self.pcap
+        if pcap is not None:
+            for data, src in batch:
+                pcap.write(data, src, local)
+        core.receive_datagrams(batch, local, self.now())
+        self.flush()
+
+    def _on_icmp(self, remote: Address, errno_: int) -> None:
+        """ICMP error for a datagram we sent: tell the core, send what follows."""
+        if self.core is not None:
+            self.core.on_unreachable(remote, self.now(), os.strerror(errno_).lower())
+            for hook in list(self._unreachable_hooks):
+                hook(remote)
+            self.flush()
+
+    # -- sending --------------------------------------------------------------------------
+    def send_datagram(
+        self, ep: DatagramEndpoint, service: ServiceLike, data: bytes, to: Address | None
+    ) -> None:
+        """One unconnected datagram from ``ep`` (sent at the end of this loop pass)."""
+        self.require_core().send_datagram(ep, service, data, to=to)
+        self.schedule_flush()
+
+    def schedule_flush(self) -> None:
+        """Send what the core has, once, at the end of this loop pass."""
+        if not self._flush_pending and self._loop is not None:
+            self._flush_pending = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Send what the core has now, hand out its events, re-arm the timer."""
+        self._flush_pending = False
+        core = self.core
+        if core is None:
+            return
+        out = core.datagrams_to_send(self.now())
+        if out:
+            by_ep: dict[Address, Batch] = {}
+            pcap = self.pcap
+            if pcap is None and len(self.endpoints) == 1:
+                # One interface takes everything (see the lookup below): no grouping.
+                by_ep[self.endpoints[0].address] = [(data, remote) for data, _, remote in out]
+            else:
+                for data, local, remote in out:
+                    by_ep.setdefault(local, []).append((data, remote))
+                    if pcap is not None:
+                        pcap.write(data, local, remote)
+            for local, items in by_ep.items():
+                ep = self.by_address.get(local) or self.endpoints[0]
+                if not ep.closed:
+                    ep.send_many(items)
+        if self.pcap is not None:
+            self.pcap.flush()  # once per batch: a killed process loses at most this batch
+        for event in core.events():
+            self._dispatch(event)
+        if core.delay_requests:
+            for sid in core.take_delay_requests():
+                self.on_delay(sid)
+        self._arm_timer(core.next_deadline())
+
+    # -- the timer ----------------------------------------------------------------------
+    def _arm_timer(self, deadline: float | None) -> None:
+        if deadline == self._timer_at:
+            return
+        at = self._timer_at
+        if self._timer is not None and at is not None and (deadline is None or deadline > at):
+            # An earlier timer is armed: let it fire (the core re-arms from its deadline
+            # then) rather than cancel and re-create one at every flush of a busy host.
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None and self._loop is not None and not self.closed:
+            # Never a sub-millisecond busy timer: round up to the next millisecond.
+            self._timer = self._loop.call_at(max(deadline, self.now() + 0.001), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        core = self.core
+        if core is None:
+            return
+        core.handle_timer(self.now())
+        self.flush()
+
+    # -- events and waiters -------------------------------------------------------------
+    def _dispatch(self, event: Event) -> None:
+        if isinstance(event, IncomingConnection):
+            ev = self._listener_waiters.get(event.listener_id)
+            if ev is not None:
+                ev.set()
+        self.waiters.wake(event.conn_id, final=isinstance(event, _FINAL_EVENTS))
+        hooks = list(self._event_hooks)
+        conn_hook = self._conn_hooks.get(event.conn_id)
+        if conn_hook is not None:
+            hooks.insert(0, conn_hook)
+        for hook in hooks:
+            try:
+                hook(event)
+            except Exception as exc:  # application code must not break the receive path
+                self.loop.call_exception_handler(
+                    {"message": f"pyserval event hook failed on {event!r}", "exception": exc}
+                )
+
+    async def wait(self, conn: Connection, ready: Callable[[], bool]) -> None:
+        """Wait until ``ready()`` holds for ``conn`` (re-checked at each of its events)."""
+        await self.waiters.wait_for(conn.conn_id, ready)
+
+    def add_listener(self, listener: Listener) -> None:
+        """Give ``listener`` a waiter that its incoming connections set."""
+        self._listener_waiters[listener.listener_id] = asyncio.Event()
+
+    def wake_listener(self, listener: Listener) -> None:
+        """Wake whoever waits on ``listener`` (it was closed)."""
+        ev = self._listener_waiters.get(listener.listener_id)
+        if ev is not None:
+            ev.set()
+
+    async def wait_incoming(self, listener: Listener) -> Connection | None:
+        """The next established connection of ``listener`` (None once closed)."""
+        ev = self._listener_waiters[listener.listener_id]
+        while True:
+            conn = listener.accept()
+            if conn is not None:
+                return conn
+            if listener.closed or self.closed:
+                return None
+            ev.clear()
+            await ev.wait()
+
+    def watch(self, conn_id: int, callback: Callable[[Event], None]) -> None:
+        """Call ``callback`` with every event naming ``conn_id`` (one watcher each)."""
+        self._conn_hooks[conn_id] = callback
+
+    def unwatch(self, conn_id: int) -> None:
+        """Stop calling the watcher of ``conn_id``."""
+        self._conn_hooks.pop(conn_id, None)
+
+    def add_event_hook(self, hook: Callable[[Event], None]) -> None:
+        """Call ``hook`` with every core event."""
+        self._event_hooks.append(hook)
+
+    def add_unreachable_hook(self, hook: Callable[[Address], None]) -> None:
+        """Call ``hook(address)`` when the network reports ``address`` unreachable."""
+        self._unreachable_hooks.append(hook)
+
+    # -- the end ----------------------------------------------------------------------------
+    def shut_down(self) -> None:
+        """Abort every flow (the peers hear a RST), close the sockets, wake every waiter."""
+        self.closed = True
+        core = self.core
+        if core is not None:
+            for conn in list(core.connections.values()):
+                conn.abort()
+            core.end_time_waits()
+            self.flush()
+        if self._timer is not None:
+            self._timer.cancel()
+        for udp in self.endpoints:
+            udp.close()
+        if self.pcap is not None:
+            self.pcap.close()
+        for ev in self.waiters.events.values():
+            ev.set()
+        for ev in self._listener_waiters.values():
+            ev.set()
