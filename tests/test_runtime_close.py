@@ -11,9 +11,8 @@ import pytest
 from pyserval.runtime.host import Host
 from pyserval.runtime.streams import ServalStream
 from pyserval.sal import ControlFlags, decode_packet
+from pyserval.sal.inet import Address
 from pyserval.transport.connection import State
-
-Address = tuple[str, int]
 
 
 class _Relay(asyncio.DatagramProtocol):

@@ -27,6 +27,7 @@ import pytest
 from pyserval import Router
 from pyserval.runtime.host import Host
 from pyserval.runtime.streams import ServalStream
+from pyserval.sal.inet import Address
 from pyserval.translator import (
     ServiceEndpoint,
     TcpEndpoint,
@@ -37,7 +38,6 @@ from pyserval.transport.config import StreamConfig
 
 pytestmark = pytest.mark.timeout(60)
 
-Address = tuple[str, int]
 ServalHandler = Callable[[ServalStream], Awaitable[None]]
 TcpHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

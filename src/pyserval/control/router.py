@@ -33,7 +33,7 @@ from ..core.host import DatagramEndpoint
 from ..naming.service_id import PrefixLike, ServiceID, as_service_prefix
 from ..runtime.host import DelayHandler, Host, HostConfig, parse_address
 from ..runtime.service_events import ServiceEvent, ServiceEventKind
-from ..sal.inet import format_address
+from ..sal.inet import Address, format_address
 from ..sal.service_table import Action, Rule
 from ..transport.events import DatagramReceived, Event
 from .controller import HostServiceController
@@ -59,7 +59,6 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_ROUTER_PORT", "Router", "TableDump", "fetch_table", "format_table"]
 
-Address = tuple[str, int]
 DEFAULT_ROUTER_PORT: Final = 54326
 _DEFAULT_PREFIX: Final = "0" * 64 + "/0"
 _TABLE_PAD: Final = 8000  # bytes fetch_table pads its requests to (answers: 3x that)

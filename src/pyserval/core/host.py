@@ -42,6 +42,7 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Final
 
+from ..errors import NoRoute
 from ..naming.entropy import SecureRandom
 from ..naming.service_id import ServiceID, ServiceLike, as_service_id
 from ..sal.checksum import BytesLike
@@ -68,7 +69,7 @@ from ..sal.forwarding import (
     relay_marker_at,
     scan_for_forwarding,
 )
-from ..sal.inet import WILDCARDS
+from ..sal.inet import WILDCARDS, Address
 from ..sal.packet import SalPacket, decode_packet
 from ..sal.service_table import Action, Rule, ServiceTable
 from ..sal.transport_headers import (
@@ -98,7 +99,6 @@ from .syncookies import Cookie, SynCookies
 
 __all__ = ["DatagramEndpoint", "DatagramTooLarge", "HostCore", "Listener", "NoRoute"]
 
-Address = tuple[str, int]
 MAX_DATAGRAM: Final = 65507 - 12 - 72 - 8  # UDP payload limit less SAL and UDP headers
 _ZERO_NONCE: Final = bytes(8)
 _MAX_HELD_SYN: Final = 2048  # bytes: 1,024 held SYNs stay within 2 MiB
@@ -130,10 +130,6 @@ def _first_router(path: list[Address], last_hop: Address) -> Address:
     if len(path) >= 2 and path[1][0] != "0.0.0.0":
         return path[1]
     return last_hop
-
-
-class NoRoute(Exception):
-    """No service table rule leads to the service."""
 
 
 @dataclass(eq=False)

@@ -33,6 +33,8 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
+from ..sal.inet import Address
+
 __all__ = ["MSS_TABLE", "PERIOD", "Cookie", "SynCookies"]
 
 PERIOD: Final = 30.0
@@ -98,7 +100,7 @@ class SynCookies:
     def make(
         self,
         now: float,
-        addr: tuple[str, int],
+        addr: Address,
         peer_flowid: int,
         mss: int | None,
         window_scale: int | None,
@@ -121,7 +123,7 @@ class SynCookies:
     def check(
         self,
         now: float,
-        addr: tuple[str, int],
+        addr: Address,
         peer_flowid: int,
         local_flowid: int,
         iss: int,

@@ -22,13 +22,12 @@ import anyio.abc
 
 from ..core.host import Listener
 from ..naming.service_id import ServiceID
+from ..sal.inet import Address
 from ..transport.connection import ConnectionError_, State
 from ..transport.datagram_flow import DatagramConnection
 from .host import Host
 
 __all__ = ["ServalDatagramListener", "ServalDatagramStream"]
-
-Address = tuple[str, int]
 
 
 class ServalDatagramStream(anyio.abc.UnreliableObjectStream[bytes]):

@@ -27,10 +27,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..core.host import DatagramEndpoint, HostCore, Listener
+from ..errors import HostClosed
 from ..naming.delegation import Delegation
 from ..naming.keys import ServiceKey
 from ..naming.service_id import ServiceID, ServiceLike, as_service_id, as_service_prefix
-from ..sal.inet import WILDCARDS, canonical_ip, format_address
+from ..sal.inet import WILDCARDS, Address, canonical_ip, format_address
 from ..sal.service_table import Rule, ServiceTable
 from ..tools.pcap import PcapWriter
 from ..transport.config import StreamConfig
@@ -62,7 +63,6 @@ __all__ = [
 
 REFERENCE_PORTS = (54325, 54324)
 
-Address = tuple[str, int]
 DelayHandler = Callable[[ServiceID], Awaitable[Address | None]]
 """The controller's verdict for SYNs held by a DELAY rule: where to forward them, or None."""
 
@@ -102,10 +102,6 @@ def parse_address(text: str) -> Address:
 
 
 LOGGER = logging.getLogger("pyserval.host")
-
-
-class HostClosed(RuntimeError):
-    """The host was closed: it does not run again (create a new :class:`Host`)."""
 
 
 class HostConfig(BaseModel):

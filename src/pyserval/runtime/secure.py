@@ -79,6 +79,7 @@ from cryptography.x509.oid import NameOID
 from ..naming.delegation import Delegation, DelegationProblem, InvalidDelegation
 from ..naming.keys import ServiceKey, ServicePublicKey
 from ..naming.service_id import ServiceID, ServiceLike, as_service_id
+from ..sal.inet import Address
 from ..transport.connection import Connection, ConnectionError_
 from .streams import ServalConnectError, ServalListener, ServalStream
 
@@ -104,8 +105,6 @@ LOGGER = logging.getLogger("pyserval.secure")
 # value). An OID under 2.25 is a UUID (ITU-T X.667): unique without registering an arc.
 DELEGATION_OID: Final = x509.ObjectIdentifier("2.25.61688400350514821781129649240350287048")
 _HANDSHAKE_TIMEOUT: Final = 10.0
-
-Address = tuple[str, int]
 
 
 class SecurityReason(enum.Enum):

@@ -26,8 +26,10 @@ from typing import Any
 import anyio
 
 from ..core.host import DatagramEndpoint
+from ..errors import SocketClosed
 from ..naming.keys import ServiceKey
 from ..naming.service_id import ServiceID, ServiceLike, as_service_id
+from ..sal.inet import Address
 from ..transport.events import DatagramReceived, DatagramRefused, Event
 from .datagram_streams import ServalDatagramListener, ServalDatagramStream
 from .host import Host, parse_address
@@ -35,13 +37,8 @@ from .streams import ServalListener, ServalStream
 
 __all__ = ["DatagramError", "SocketClosed", "ServalSocket"]
 
-Address = tuple[str, int]
 DATAGRAM_QUEUE = 1024
 ERROR_QUEUE = 64  # refusals kept for recv_error(); older ones are dropped (and counted)
-
-
-class SocketClosed(OSError):
-    """An operation on a closed socket (or one in the wrong state for it)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,9 @@ import anyio
 import anyio.abc
 
 from ..core.host import Listener
+from ..errors import ServalConnectError, ServalConnectTimeout, ServalMigrationError
 from ..naming.service_id import ServiceID
+from ..sal.inet import Address
 from ..transport.connection import Connection, State
 from .host import Host
 
@@ -20,21 +22,6 @@ __all__ = [
     "ServalMigrationError",
     "ServalStream",
 ]
-
-Address = tuple[str, int]
-
-
-class ServalMigrationError(Exception):
-    """A connection could not move to another address."""
-
-
-class ServalConnectError(ConnectionError):
-    """A connection to a service could not be set up (no route, timeout, reset)."""
-
-
-class ServalConnectTimeout(ServalConnectError, TimeoutError):
-    """``connect`` got no answer within its ``timeout``: a :class:`ServalConnectError`
-    (so existing handlers still catch it) and a :class:`TimeoutError`."""
 
 
 class ServalStream(anyio.abc.ByteStream):

@@ -34,7 +34,7 @@ from .extensions import (
     SourceExt,
     SourcePortsExt,
 )
-from .inet import WILDCARDS
+from .inet import WILDCARDS, Address
 from .packet import SalPacket
 
 __all__ = [
@@ -47,8 +47,6 @@ __all__ = [
     "relay_marker_at",
     "scan_for_forwarding",
 ]
-
-Address = tuple[str, int]
 
 FAST_SYN: Final = 1
 FAST_DATAGRAM: Final = 2

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Final, Literal, NamedTuple, Protocol
 
+from ..sal.inet import Address
 from ..tools.pcap import PcapWriter, SimPcapTap
 
 __all__ = [
@@ -52,7 +53,6 @@ __all__ = [
     "TraceEvent",
 ]
 
-Address = tuple[str, int]
 """An (IPv4 text, UDP port) pair."""
 
 Tap = Callable[[float, bytes, Address, Address, str], None]

@@ -37,6 +37,7 @@ import anyio
 from ..runtime.host import Host
 from ..runtime.secure import SecureStream
 from ..runtime.streams import ServalStream
+from ..sal.inet import Address
 from ..transport.connection import ConnectionError_
 from ..transport.events import ConnectionFailed, ConnectionReset, ConnectionTimedOut, Event
 
@@ -69,7 +70,7 @@ class TcpPipe(asyncio.Protocol):
         self.limit = limit
         self._on_open = on_open
         self.transport: asyncio.Transport | None = None
-        self.peer: tuple[str, int] = ("?", 0)
+        self.peer: Address = ("?", 0)
         self._chunks: deque[bytes] = deque()
         self._size = 0
         self._eof = False

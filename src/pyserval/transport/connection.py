@@ -25,6 +25,7 @@ from typing import Final
 
 from sortedcontainers import SortedDict, SortedList
 
+from ..errors import ConnectionStateError
 from ..naming.service_id import ServiceID
 from ..sal.checksum import BytesLike
 from ..sal.control import ControlChannel, ControlTimeout
@@ -38,6 +39,7 @@ from ..sal.extensions import (
     MpCapableExt,
     ServiceExt,
 )
+from ..sal.inet import Address
 from ..sal.packet import SalPacket
 from ..sal.transport_headers import PROTO_TCP, TcpFlags, TcpHeader, TcpOption
 from .buffers import ReceiveBuffer, SendBuffer
@@ -70,9 +72,16 @@ from .multipath import (
 )
 from .rtt import RttEstimator
 
-__all__ = ["Connection", "ConnectionError_", "Role", "State", "Subflow", "unwrap"]
+__all__ = [
+    "Connection",
+    "ConnectionError_",
+    "ConnectionStateError",
+    "Role",
+    "State",
+    "Subflow",
+    "unwrap",
+]
 
-Address = tuple[str, int]
 MASK32: Final = 0xFFFFFFFF
 HALF32: Final = 0x80000000
 DUP_THRESH: Final = 3
@@ -97,8 +106,7 @@ def unwrap(wire: int, base: int, ref: int) -> int:
     return ref + delta
 
 
-class ConnectionError_(Exception):
-    """Local misuse of a connection (writing after shutdown, using a closed one, ...)."""
+ConnectionError_ = ConnectionStateError  # its old name, kept for code that imports it
 
 
 class Role(enum.Enum):
@@ -1133,7 +1141,7 @@ class Connection:
 
     def _check_open(self, what: str) -> None:
         if self.state is State.CLOSED or self.state is State.TIME_WAIT:
-            raise ConnectionError_(
+            raise ConnectionStateError(
                 f"cannot {what}: connection {self.conn_id:#x} is closed"
                 + (f" ({self.error})" if self.error else "")
             )
@@ -1143,7 +1151,7 @@ class Connection:
         """Queue bytes to send; returns how many fit in the send buffer (may be 0)."""
         self._check_open("send")
         if self.fin_offset is not None:
-            raise ConnectionError_("cannot send after shutdown of the write side")
+            raise ConnectionStateError("cannot send after shutdown of the write side")
         n = self.send.write(data)
         if n < len(data):
             self.send_blocked = True
@@ -1261,11 +1269,13 @@ class Connection:
         """Client: open another subflow (its JOIN SYN goes out from ``sf.local_addr``)."""
         mp = self.mp
         if mp is None:
-            raise ConnectionError_(
+            raise ConnectionStateError(
                 "this connection is not multipath: connect with StreamConfig(multipath=True)"
             )
         if self.state is not State.ESTABLISHED:
-            raise ConnectionError_(f"cannot add a path: connection {self.conn_id:#x} is closing")
+            raise ConnectionStateError(
+                f"cannot add a path: connection {self.conn_id:#x} is closing"
+            )
         sf.join_state = "syn_sent"
         sf.control.max_retries = JOIN_RETRIES
         sf.rcv_track = SeqTracker()
@@ -1571,7 +1581,9 @@ class Connection:
         """Move ``sf`` to the local address ``local`` (RSYN from there). False when the
         control channel is busy with another exchange (a closing flow): nothing started."""
         if self.state is not State.ESTABLISHED:
-            raise ConnectionError_(f"cannot migrate connection {self.conn_id:#x}: not established")
+            raise ConnectionStateError(
+                f"cannot migrate connection {self.conn_id:#x}: not established"
+            )
         cc = sf.control
         mig = sf.mig
         if cc.outstanding is not None and not (mig is not None and mig.own_rsyn):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..sal.inet import Address
+
 __all__ = [
     "ConnectionClosed",
     "ConnectionEstablished",
@@ -93,8 +95,8 @@ class DatagramReceived(Event):
 
     data: bytes
     source_service: bytes
-    address: tuple[str, int]  # the sender (the SOURCE path's first address if forwarded)
-    via: tuple[str, int] | None = None  # the UDP source it came from, when different
+    address: Address  # the sender (the SOURCE path's first address if forwarded)
+    via: Address | None = None  # the UDP source it came from, when different
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,15 +105,15 @@ class DatagramRefused(Event):
     service there): ``address`` is where the refusal came from."""
 
     reason: str
-    address: tuple[str, int]
+    address: Address
 
 
 @dataclass(frozen=True, slots=True)
 class FlowMigrated(Event):
     """A flow of the connection now runs between new addresses (RSYN committed)."""
 
-    local: tuple[str, int]
-    remote: tuple[str, int]
+    local: Address
+    remote: Address
     reason: str  # "migrated" (we moved), "peer_moved", "rebinding" (peer seen behind a NAT)
 
 
@@ -119,13 +121,13 @@ class FlowMigrated(Event):
 class PathAdded(Event):
     """A multipath connection has a new subflow between these addresses."""
 
-    local: tuple[str, int]
-    remote: tuple[str, int]
+    local: Address
+    remote: Address
 
 
 @dataclass(frozen=True, slots=True)
 class PathFailed(Event):
     """A subflow of a multipath connection was given up; its data goes on the others."""
 
-    local: tuple[str, int]
-    remote: tuple[str, int]
+    local: Address
+    remote: Address

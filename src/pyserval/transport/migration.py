@@ -28,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from ..sal.inet import Address
+
 __all__ = [
     "AMPLIFICATION_LIMIT",
     "CHALLENGE",
@@ -38,7 +40,6 @@ __all__ = [
     "MigrationState",
 ]
 
-Address = tuple[str, int]
 AMPLIFICATION_LIMIT: Final = 3  # bytes sent to an unverified address per byte received
 CHALLENGE_TRIES: Final = 4  # challenges sent to a candidate address before giving up on it
 CHALLENGE: Final = 0x02  # CONTROL flag (a reserved bit in the reference): an address check
