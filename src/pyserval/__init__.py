@@ -18,23 +18,32 @@ from .control import (
     fetch_table,
     format_table,
 )
+from .errors import (
+    ConnectionStateError,
+    DatagramTooLarge,
+    FlowTableFull,
+    HostClosed,
+    NoRoute,
+    ServalConnectError,
+    ServalConnectRefused,
+    ServalConnectTimeout,
+    ServalConnectUnreachable,
+    ServalError,
+    ServalMigrationError,
+    SocketClosed,
+)
 from .naming import FlowID, ServiceID, ServiceKey, ServicePrefix, ServicePublicKey
 from .naming.delegation import Delegation
 from .runtime import (
     DatagramError,
     Host,
-    HostClosed,
     HostConfig,
     Installation,
-    ServalConnectError,
-    ServalConnectTimeout,
     ServalDatagramListener,
     ServalDatagramStream,
     ServalListener,
-    ServalMigrationError,
     ServalSocket,
     ServalStream,
-    SocketClosed,
     connect,
     default_host,
     install,
@@ -45,9 +54,11 @@ from .runtime import (
 from .runtime.host import install_controller_factory
 from .runtime.secure import SecureListener, SecureStream, SecurityReason, ServalSecurityError
 from .runtime.service_events import ServiceEvent, ServiceEventKind
+from .sal.inet import Address
 from .tools.pcap import PcapWriter
 from .translator import Translator
 from .transport.config import StreamConfig
+from .transport.reasons import CloseReason, MigrationReason
 
 # The control plane sits above the runtime: the package root wires it in.
 install_controller_factory(HostServiceController)
@@ -68,6 +79,16 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "Address",
+    "CloseReason",
+    "ConnectionStateError",
+    "DatagramTooLarge",
+    "FlowTableFull",
+    "MigrationReason",
+    "NoRoute",
+    "ServalConnectRefused",
+    "ServalConnectUnreachable",
+    "ServalError",
     "DatagramError",
     "Delegation",
     "FlowID",

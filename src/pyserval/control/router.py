@@ -249,7 +249,7 @@ class Router:
         if core is None or self._endpoint is None:
             return
         source = event.source_service
-        to_service = ServiceID(source) if len(source) == 32 else CONTROL_SERVICE
+        to_service = source if source is not None else CONTROL_SERVICE
         core.send_datagram(self._endpoint, to_service, data, to=event.address)
         self.host.schedule_flush()
 

@@ -1383,7 +1383,7 @@ class HostCore:
             self._send_stateless_rst(pkt, None, len(data), self.local_for(src, dst), src, now)
             return
         services = pkt.services
-        source = services[1].service_id.to_bytes() if len(services) > 1 else b""
+        source = services[1].service_id if len(services) > 1 else None
         ep = res.listener
         self._emit(
             DatagramReceived(

@@ -27,7 +27,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..core.host import DatagramEndpoint, HostCore, Listener
-from ..errors import HostClosed
+from ..errors import (
+    ConnectionStateError,
+    HostClosed,
+    ServalConnectTimeout,
+    ServalMigrationError,
+)
 from ..naming.delegation import Delegation
 from ..naming.keys import ServiceKey
 from ..naming.service_id import ServiceID, ServiceLike, as_service_id, as_service_prefix
@@ -35,7 +40,7 @@ from ..sal.inet import WILDCARDS, Address, canonical_ip, format_address
 from ..sal.service_table import Rule, ServiceTable
 from ..tools.pcap import PcapWriter
 from ..transport.config import StreamConfig
-from ..transport.connection import Connection, ConnectionError_, State
+from ..transport.connection import Connection, State
 from ..transport.datagram_flow import DatagramConnection
 from ..transport.events import (
     ConnectionClosed,
@@ -45,6 +50,7 @@ from ..transport.events import (
     Event,
     IncomingConnection,
 )
+from ..transport.reasons import CloseReason, close_reason, connect_error_class
 from .mtu import mss_for
 from .service_events import HostController, ServiceEvent, ServiceEventKind, ServiceEventListener
 from .udp import UdpEndpoint
@@ -476,14 +482,12 @@ class Host:
         self, conn: Connection, local: str | Address, remote: str | Address, timeout: float
     ) -> None:
         """Open another subflow of multipath ``conn``; wait until it carries data."""
-        from .streams import ServalMigrationError
-
         core = self._require_core()
         try:
             here = self._known_interface(local)
             there = parse_address(remote) if isinstance(remote, str) else remote
             sf = core.add_path(conn, here, there, self._now())
-        except (ValueError, ConnectionError_) as exc:
+        except (ValueError, ConnectionStateError) as exc:
             raise ServalMigrationError(f"cannot add a path: {exc}") from None
         self.schedule_flush()
         try:
@@ -508,14 +512,12 @@ class Host:
         """Move ``conn`` to the interface ``local`` (and the peer's address ``remote``, which
         a move to the other IP family needs unless the peer advertised one) and wait until
         the peer confirmed."""
-        from .streams import ServalMigrationError
-
         core = self._require_core()
         try:
             target = self._known_interface(local)
             there = parse_address(remote) if isinstance(remote, str) else remote
             started = core.migrate(conn, target, self._now(), there)
-        except ValueError as exc:
+        except (ValueError, ConnectionStateError) as exc:
             raise ServalMigrationError(str(exc)) from None
         if not started:
             raise ServalMigrationError("the connection is closing: it cannot migrate now")
@@ -909,7 +911,7 @@ class Host:
         ``ssl_context`` too, that context's own checks (your PKI) replace the serviceID
         check. ``timeout`` covers the handshake.
         """
-        from .streams import ServalConnectError, ServalConnectTimeout, ServalStream
+        from .streams import ServalStream
 
         datagram = _datagram_kind(kind)
         core = self._require_core()
@@ -950,9 +952,9 @@ class Host:
             if conn.state is State.ESTABLISHED:
                 break
             via = conn.primary.remote_addr if conn.subflows else None
-            bounced = (conn.error or "").startswith("service unreachable")
+            bounced = close_reason(conn.error) is CloseReason.SERVICE_UNREACHABLE
             if not (bounced and via in routers and attempt + 1 < len(routers)):
-                raise ServalConnectError(
+                raise connect_error_class(conn.error)(
                     f"cannot connect to service {service!s}: {conn.error or 'closed'}"
                 )
         if isinstance(conn, DatagramConnection):

@@ -284,7 +284,7 @@ class ServalSocket:
             if len(self._datagrams) >= DATAGRAM_QUEUE:
                 self.dropped_datagrams += 1  # bounded, like a socket's receive buffer
                 return
-            source = ServiceID(event.source_service) if event.source_service else ServiceID(0)
+            source = event.source_service if event.source_service is not None else ServiceID(0)
             self._datagrams.append((event.data, source, event.address))
             self._datagram_ready.set()
         elif isinstance(event, DatagramRefused):

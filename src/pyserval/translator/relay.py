@@ -34,11 +34,11 @@ from typing import Any
 
 import anyio
 
+from ..errors import ConnectionStateError
 from ..runtime.host import Host
 from ..runtime.secure import SecureStream
 from ..runtime.streams import ServalStream
 from ..sal.inet import Address
-from ..transport.connection import ConnectionError_
 from ..transport.events import ConnectionFailed, ConnectionReset, ConnectionTimedOut, Event
 
 __all__ = ["DEFAULT_CHUNK", "PAUSED_CHECK_INTERVAL", "Relay", "TcpPipe"]
@@ -51,7 +51,7 @@ _CLOSE = 7  # TCP_CLOSE in Linux's tcp_states.h: the first byte of struct tcp_in
 
 # The Serval stream's own errors besides anyio's: writing to a connection that closed between
 # the checks ``ServalStream.send`` makes and the write itself.
-_SERVAL_BROKEN = (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError_)
+_SERVAL_BROKEN = (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionStateError)
 _SERVAL_FINAL = (ConnectionReset, ConnectionTimedOut, ConnectionFailed)
 
 

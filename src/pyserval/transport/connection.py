@@ -70,6 +70,7 @@ from .multipath import (
     join_proof,
     new_key,
 )
+from .reasons import MigrationReason
 from .rtt import RttEstimator
 
 __all__ = [
@@ -1591,7 +1592,7 @@ class Connection:
         if mig is None:
             mig = sf.mig = MigrationState()
         sf.local_addr = local
-        mig.reason = "migrated"
+        mig.reason = MigrationReason.MIGRATED
         if not mig.own_rsyn:
             mig.own_rsyn = True
             # Time the RSYN by the path's RTO, not the 3 s used for a SYN: the flow is
@@ -1623,9 +1624,9 @@ class Connection:
             return
         cc.peer_consumed(ext.verno)
         if mig is None:
-            mig = sf.mig = MigrationState(reason="peer_moved")
+            mig = sf.mig = MigrationState(reason=MigrationReason.PEER_MOVED)
         elif not mig.own_rsyn:
-            mig.reason = "peer_moved"
+            mig.reason = MigrationReason.PEER_MOVED
         if src != sf.remote_addr:
             self._set_remote(sf, src, now)
         mig.awaiting_ack = True
@@ -1735,7 +1736,7 @@ class Connection:
         self._set_remote(sf, src, now)
         sf.path_changed(now)
         self.ack_now = True
-        self.emit(FlowMigrated(self.conn_id, sf.local_addr, src, "rebinding"))
+        self.emit(FlowMigrated(self.conn_id, sf.local_addr, src, MigrationReason.REBINDING))
 
     def _maybe_finish(self, now: float) -> None:
         if not (self.sal_fin_acked and self.peer_sal_fin) or self.state is not State.ESTABLISHED:

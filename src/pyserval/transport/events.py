@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..naming.service_id import ServiceID
 from ..sal.inet import Address
+from .reasons import MigrationReason
 
 __all__ = [
     "ConnectionClosed",
@@ -94,7 +96,7 @@ class DatagramReceived(Event):
     """An unconnected datagram arrived for a bound datagram socket."""
 
     data: bytes
-    source_service: bytes
+    source_service: ServiceID | None  # the sender's serviceID, None when it sent none
     address: Address  # the sender (the SOURCE path's first address if forwarded)
     via: Address | None = None  # the UDP source it came from, when different
 
@@ -114,7 +116,7 @@ class FlowMigrated(Event):
 
     local: Address
     remote: Address
-    reason: str  # "migrated" (we moved), "peer_moved", "rebinding" (peer seen behind a NAT)
+    reason: MigrationReason
 
 
 @dataclass(frozen=True, slots=True)

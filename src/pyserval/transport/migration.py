@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ..sal.inet import Address
+from .reasons import MigrationReason
 
 __all__ = [
     "AMPLIFICATION_LIMIT",
@@ -51,7 +52,7 @@ class MigrationState:
 
     own_rsyn: bool = False  # our RSYN is outstanding
     awaiting_ack: bool = False  # we answered the peer's RSYN and wait for its ACK
-    reason: str = "migrated"
+    reason: MigrationReason = MigrationReason.MIGRATED
     rsynack_deadline: float | None = None
     rsynack_rto: float = 0.0
     rsynack_tries: int = 0

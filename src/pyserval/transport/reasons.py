@@ -14,7 +14,14 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["CloseReason", "MigrationReason", "close_reason"]
+from ..errors import (
+    ServalConnectError,
+    ServalConnectRefused,
+    ServalConnectTimeout,
+    ServalConnectUnreachable,
+)
+
+__all__ = ["CloseReason", "MigrationReason", "close_reason", "connect_error_class"]
 
 
 class CloseReason(enum.StrEnum):
@@ -52,6 +59,20 @@ def close_reason(error: str | None) -> CloseReason | None:
         if error.startswith(reason.value):
             return reason
     return None
+
+
+_CONNECT_ERRORS: dict[CloseReason | None, type[ServalConnectError]] = {
+    CloseReason.RESET_BY_PEER: ServalConnectRefused,
+    CloseReason.TIMED_OUT: ServalConnectTimeout,
+    CloseReason.NO_ROUTE: ServalConnectUnreachable,
+    CloseReason.SERVICE_UNREACHABLE: ServalConnectUnreachable,
+}
+
+
+def connect_error_class(error: str | None) -> type[ServalConnectError]:
+    """The exception a failed connect raises for the connection's ``error`` text: refused
+    (reset), timed out, unreachable (no route, bounced), else :class:`ServalConnectError`."""
+    return _CONNECT_ERRORS.get(close_reason(error), ServalConnectError)
 
 
 class MigrationReason(enum.StrEnum):
