@@ -68,7 +68,7 @@ def ones_complement(data: bytes) -> int:
     """The Internet checksum of ``data`` (RFC 1071), for packets built here."""
     if len(data) % 2:
         data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
