@@ -118,7 +118,7 @@ class HostConfig(BaseModel):
     # Empty: the reference ports where free (54325, else 54324, else any) on all interfaces.
     listen: list[str] = Field(default_factory=list)
     routes: dict[str, str] = Field(default_factory=dict)  # service (name/ID/prefix) -> IP:PORT
-    connect_timeout: float = 30.0
+    connect_timeout: float = Field(default=30.0, gt=0.0)
     # The service router this host registers its services with and sends unresolved SYNs
     # to (IP:PORT); None: static routes only. Several, comma-separated (a list is joined):
     # routers of one cluster, the first used until it stops answering, then the next.
