@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..naming.service_id import ServiceID
 from ..sal.inet import Address
-from .reasons import MigrationReason
+from .reasons import CloseReason, MigrationReason, close_reason
 
 __all__ = [
     "ConnectionClosed",
@@ -74,21 +74,36 @@ class ConnectionClosed(Event):
 class ConnectionReset(Event):
     """The connection was reset (by the peer, or locally because the peer broke the rules)."""
 
-    reason: str
+    reason: str  # the connection's error text: a CloseReason's value, maybe with details
+
+    @property
+    def close_reason(self) -> CloseReason | None:
+        """``reason`` as a :class:`CloseReason` (decide by this, not by the text)."""
+        return close_reason(self.reason)
 
 
 @dataclass(frozen=True, slots=True)
 class ConnectionTimedOut(Event):
     """Retransmissions went unanswered (handshake, data or close)."""
 
-    reason: str
+    reason: str  # what went unanswered ("idle", "data retransmissions unanswered", ...)
+
+    @property
+    def close_reason(self) -> CloseReason:
+        """Always :attr:`CloseReason.TIMED_OUT` (``reason`` says which timer)."""
+        return CloseReason.TIMED_OUT
 
 
 @dataclass(frozen=True, slots=True)
 class ConnectionFailed(Event):
     """A connect could not start or finish for a reason other than a timeout."""
 
-    reason: str
+    reason: str  # the connection's error text: a CloseReason's value, maybe with details
+
+    @property
+    def close_reason(self) -> CloseReason | None:
+        """``reason`` as a :class:`CloseReason` (decide by this, not by the text)."""
+        return close_reason(self.reason)
 
 
 @dataclass(frozen=True, slots=True)
