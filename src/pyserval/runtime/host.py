@@ -24,8 +24,10 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
+from ..config import CONFIG
 from ..core.host import DatagramEndpoint, HostCore, Listener
 from ..errors import (
     ConnectionStateError,
@@ -110,10 +112,10 @@ def parse_address(text: str) -> Address:
 LOGGER = logging.getLogger("pyserval.host")
 
 
-class HostConfig(BaseModel):
-    """Configuration of a :class:`Host` (also read from ``PYSERVAL_*`` variables)."""
-
-    model_config = ConfigDict(frozen=True)
+@pydantic_dataclass(frozen=True, slots=True, config=CONFIG)
+class HostConfig:
+    """Configuration of a :class:`Host` (also read from ``PYSERVAL_*`` variables): a
+    :mod:`pyserval.config` dataclass, checked when built."""
 
     # Empty: the reference ports where free (54325, else 54324, else any) on all interfaces.
     listen: list[str] = Field(default_factory=list)
@@ -274,7 +276,7 @@ class Host:
             updates["router"] = router if isinstance(router, str) else ",".join(router)
         if broadcast is not None:
             updates["broadcast"] = broadcast
-        self.config = HostConfig(**{**base.model_dump(), **updates})
+        self.config = dataclasses.replace(base, **updates)
         # None: sized from the interfaces' MTU when the host starts (see runtime.mtu).
         self._auto_mss = stream_config is None
         self.stream_config = stream_config or StreamConfig()
