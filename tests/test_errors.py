@@ -18,9 +18,10 @@ import pytest
 
 import pyserval
 from pyserval import errors
+from pyserval.core.host import HostCore
 from pyserval.runtime.host import Host
 from pyserval.runtime.streams import ServalStream
-from pyserval.sal import ControlExt, ControlFlags, SalPacket, decode_packet
+from pyserval.sal import ControlExt, ControlFlags, Rule, SalPacket, decode_packet
 from pyserval.sal.flow_table import FlowTable
 from pyserval.sal.inet import Address
 from pyserval.transport.reasons import CloseReason, MigrationReason, close_reason
@@ -285,6 +286,15 @@ def test_flow_table_full() -> None:
     table.add(object())
     with pytest.raises(errors.FlowTableFull) as info:
         table.allocate()
+    _exactly(info, errors.FlowTableFull)
+
+
+def test_connect_past_max_flows_is_flow_table_full() -> None:
+    core = HostCore([("10.0.0.1", 54324)], max_flows=1)
+    core.service_table.add("full", Rule.forward(("10.0.0.2", 54325)))
+    core.connect("full", 0.0)  # takes the one flowID
+    with pytest.raises(errors.FlowTableFull) as info:
+        core.connect("full", 0.0)
     _exactly(info, errors.FlowTableFull)
 
 
