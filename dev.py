@@ -60,7 +60,8 @@ def main() -> int:
     if cmd == "lint":
         ensure_env()
         rc = run([str(BIN / "ruff"), "check", "src", "tests", "benchmarks", "examples", "dev.py"])
-        return rc or run([str(PY), "-m", "mypy", "--strict", "src"])
+        rc = rc or run([str(PY), "-m", "mypy", "--strict", "src"])
+        return rc or run([str(PY), "-m", "mypy", "--strict", "tests"])
     if cmd == "setup":
         ensure_env()
         return 0

@@ -107,7 +107,7 @@ LOOP_ENV = "PYSERVAL_BENCH_LOOP"
 def use_loop(name: str) -> None:
     """Run the benchmark's child processes on this event loop ("asyncio" or "uvloop")."""
     if name == "uvloop":
-        import uvloop  # noqa: F401  (fail here, in the parent, when it is not installed)
+        import uvloop  # type: ignore[import-not-found,unused-ignore]  # noqa: F401  (fail here, in the parent, when it is not installed)
     os.environ[LOOP_ENV] = name
 
 
@@ -219,11 +219,11 @@ def run_chain(sides: list[Side], params: Params) -> list[Result]:
             results[i] = _expect(pipes[i], "result", f"side {i} ({sides[i].__name__})")
         return results
     finally:
-        for proc in reversed(procs):
-            proc.join(5)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join()
+        for started in reversed(procs):
+            started.join(5)
+            if started.is_alive():
+                started.terminate()
+                started.join()
 
 
 # -- (a) TCP bulk throughput ------------------------------------------------------------

@@ -81,6 +81,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pyserval.sal.inet import Address
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -94,8 +96,6 @@ from pyserval.testing import LinkConfig, SimNetwork
 from pyserval.transport.config import StreamConfig
 from pyserval.transport.connection import Connection, State
 from pyserval.transport.events import Event, FlowMigrated
-
-Address = tuple[str, int]
 
 BIN = 0.010  # seconds per throughput bin
 RATE_WINDOW = 0.100  # trailing window of the recovery criterion

@@ -72,10 +72,10 @@ def _ready(proc: subprocess.Popen[str], marker: str) -> str:
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"{proc.args} exited before {marker!r}")
+            raise RuntimeError(f"{proc.args!r} exited before {marker!r}")
         if marker in line:
             return line.strip().rsplit(" ", 1)[1]
-    raise RuntimeError(f"{proc.args}: no {marker!r} in 30 s")
+    raise RuntimeError(f"{proc.args!r}: no {marker!r} in 30 s")
 
 
 def _rss(pid: int) -> int:

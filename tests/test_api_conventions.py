@@ -19,7 +19,12 @@ from pyserval.control import Router
 from pyserval.naming.keys import ServiceKey
 from pyserval.naming.service_id import as_service_prefix
 from pyserval.runtime.host import Host, HostClosed
-from pyserval.runtime.streams import ServalConnectError, ServalConnectTimeout, ServalStream
+from pyserval.runtime.streams import (
+    ServalConnectError,
+    ServalConnectTimeout,
+    ServalListener,
+    ServalStream,
+)
 from pyserval.sal.control import ControlTimers
 
 
@@ -37,7 +42,7 @@ def test_listener_is_an_anyio_listener_served_in_a_given_task_group() -> None:
     async def main() -> None:
         async with Host(["127.0.0.1:0"]) as server, Host(["127.0.0.1:0"]) as client:
             client.add_route("conv-echo", "{}:{}".format(*server.addresses[0]))
-            listener = await server.listen("conv-echo")
+            listener: ServalListener = await server.listen("conv-echo")
             assert isinstance(listener, anyio.abc.Listener)
             async with anyio.create_task_group() as tg, listener:
                 tg.start_soon(listener.serve, _echo_once, tg)

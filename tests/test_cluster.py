@@ -33,6 +33,7 @@ from pyserval.naming import ServiceID, ServiceKey
 from pyserval.naming.service_id import as_service_prefix
 from pyserval.runtime.host import HostConfig
 from pyserval.runtime.service_events import ServiceEvent, ServiceEventKind
+from pyserval.sal.inet import Address
 from pyserval.sal.service_table import ServiceTable
 
 from .helpers.etcd import ETCD, EtcdCluster
@@ -58,7 +59,6 @@ from pyserval.control.cluster import (  # noqa: E402  (needs httpx)
 )
 from pyserval.control.etcd import WatchEvent  # noqa: E402
 
-Address = tuple[str, int]
 needs_etcd = pytest.mark.skipif(ETCD is None, reason="etcd is not installed (etcd-server)")
 pytestmark = pytest.mark.timeout(120)
 

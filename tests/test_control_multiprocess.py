@@ -45,6 +45,7 @@ from pyserval.naming import ServiceID, ServiceKey
 from pyserval.naming.service_id import PrefixLike, as_service_prefix
 from pyserval.runtime.host import parse_address
 from pyserval.sal.control import ControlTimers
+from pyserval.sal.inet import Address
 from pyserval.transport.config import StreamConfig
 from pyserval.transport.events import DatagramReceived, Event
 
@@ -54,8 +55,6 @@ pytestmark = pytest.mark.timeout(60)
 
 CONTROL_PEER = ROOT / "tests" / "helpers" / "control_peers.py"
 STARTUP = 20.0  # seconds a child may take to print its ready line (a loaded CI machine)
-
-Address = tuple[str, int]
 
 
 def text(address: Address) -> str:

@@ -44,7 +44,7 @@ def ones_sum(data: bytes) -> int:
     """RFC 1071 checksum, written out here (independent of pyserval.sal.checksum)."""
     if len(data) % 2:
         data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -213,7 +213,7 @@ def test_close_by_sal_fin_only(n: Net) -> None:
     flags = sorted(p[14] for p in closing)
     assert flags == [FIN, FIN, ACK, ACK]  # separate: the peer closed later
     n.run(40.0)  # TIME_WAIT ends; the hosts forget both flows
-    assert client.state is State.CLOSED
+    assert client.closed
     assert n.a.connections == {} and n.b.connections == {}
 
 
@@ -432,7 +432,7 @@ def test_reference_style_client_talks_to_a_listening_datagram_socket() -> None:
     )
     final = sal_base(ref_flow, our_flow, 8, 17, control(ACK, iss + 2, s_verno + 2, nonce))
     host.receive_datagram(final, ref, here, 0.06)
-    assert conn.state is State.CLOSED and conn.error is None
+    assert conn.closed and conn.error is None
     host.datagrams_to_send(0.06)
     assert host.connections == {} and host.drops == {} and host.internal_errors == []
 

@@ -58,7 +58,7 @@ def test_datagram_delivered_with_source_and_layout(n: Net) -> None:
     n.net.kick(n.a)
     n.net.run_for(0.1)
     assert n.b.events() == [
-        DatagramReceived(ep.flowid, b"hi", ServiceID.parse("src").to_bytes(), A)
+        DatagramReceived(ep.flowid, b"hi", ServiceID.parse("src"), A)
     ]
     assert n.a.events() == []
     ((raw, src, dst, pkt),) = n.sent(A)
@@ -97,7 +97,7 @@ def test_datagrams_both_ways_and_empty_payload(n: Net) -> None:
     n.net.kick(n.b)
     n.net.run_for(0.1)
     assert n.a.events() == [
-        DatagramReceived(a_ep.flowid, b"reply", ServiceID.parse("dgram").to_bytes(), B)
+        DatagramReceived(a_ep.flowid, b"reply", ServiceID.parse("dgram"), B)
     ]
 
 
@@ -110,7 +110,7 @@ def test_largest_datagram_fits_and_one_more_byte_raises(n: Net) -> None:
     n.net.run_for(0.1)
     ((raw, _, _, _),) = n.sent(A)
     assert len(raw) <= 65507  # fits one UDP/IPv4 datagram
-    assert n.b.events() == [DatagramReceived(ep.flowid, big, a_ep.service_id.to_bytes(), A)]
+    assert n.b.events() == [DatagramReceived(ep.flowid, big, a_ep.service_id, A)]
     too_big = MAX_DATAGRAM + 1
     with pytest.raises(DatagramTooLarge, match=str(too_big)) as ei:
         n.a.send_datagram(a_ep, "dgram", bytes(too_big))

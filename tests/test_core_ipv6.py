@@ -4,6 +4,7 @@ and what a move across families needs."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -47,7 +48,7 @@ class DualStack:
         self.server = got[0]
         self.moved: list[FlowMigrated] = []
 
-    def pump(self, until: float, on_time: dict[float, object]) -> bytes:
+    def pump(self, until: float, on_time: dict[float, Callable[[], object]]) -> bytes:
         net = self.net
         start = net.now
         actions = {start + t: f for t, f in on_time.items()}
@@ -55,7 +56,7 @@ class DualStack:
         got = bytearray()
         while len(got) < len(DATA) and net.now < start + until:
             for t in [t for t in actions if t <= net.now]:
-                actions.pop(t)()  # type: ignore[operator]
+                actions.pop(t)()
             if sent < len(DATA):
                 sent += self.client.write(DATA[sent : sent + 262144])
                 net.kick(self.a)
@@ -127,7 +128,12 @@ def test_multipath_peer_advertises_its_ipv6_address_and_a_lost_interface_moves_t
     assert mp is not None
     s.net.run_for(0.5)  # the first ACKs carry ADD_ADDR / ADD_ADDR6
     assert B6 in mp.peer_addresses
-    got = s.pump(60.0, {0.3: lambda: (s.a.remove_address(A4, s.net.now), s.net.kick(s.a))})
+
+    def drop_ipv4() -> None:
+        s.a.remove_address(A4, s.net.now)
+        s.net.kick(s.a)
+
+    got = s.pump(60.0, {0.3: drop_ipv4})
     assert got == DATA
     assert (s.client.primary.local_addr, s.client.primary.remote_addr) == (A6, B6)
 

@@ -238,7 +238,8 @@ def test_connect_through_the_router_behind_each_nat(kind: str) -> None:
     # The router carried the SYN, the relay request and the relayed SYN-ACK, no data.
     assert b.router.stats["forwarded_syn"] == 1
     assert b.through_router <= 4, b.through_router
-    assert s.primary.remote_addr[0] == PUBLIC
+    remote = s.primary.remote_addr
+    assert remote is not None and remote[0] == PUBLIC
     if KINDS[kind]["mapping"] != EI:
         # A new outside port towards the instance: adopted through the address challenge.
         assert b.server.stats["rebinding_challenge"] == 1

@@ -52,15 +52,14 @@ def test_stream_survives_loss_duplication_reordering(
     rng = random.Random(seed)
     up, down = rng.randbytes(up_size), rng.randbytes(down_size)
     exchange(pair, up, down)
+    client, server = pair.client, pair.server
+    assert client is not None and server is not None
     assert pair.net.run_until(
-        lambda: (
-            pair.client.state is not State.ESTABLISHED  # type: ignore[union-attr]
-            and pair.server.state is State.CLOSED
-        ),  # type: ignore[union-attr]
+        lambda: client.state is not State.ESTABLISHED and server.state is State.CLOSED,
         3600,
     ), "close did not complete"
-    assert pair.client.state in (State.TIME_WAIT, State.CLOSED)  # type: ignore[union-attr]
-    assert pair.client.error is None and pair.server.error is None  # type: ignore[union-attr]
+    assert client.state in (State.TIME_WAIT, State.CLOSED)
+    assert client.error is None and server.error is None
     _assert_clean(pair)
 
 

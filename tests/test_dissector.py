@@ -24,6 +24,7 @@ from pyserval.core.host import HostCore
 from pyserval.data import reference_capture
 from pyserval.runtime.host import parse_address
 from pyserval.sal import Rule
+from pyserval.sal.inet import Address
 from pyserval.testing import LinkConfig, SimNetwork
 from pyserval.tools.pcap import LINKTYPE_RAW, PcapWriter, dissector_path
 from pyserval.transport.config import StreamConfig
@@ -35,7 +36,6 @@ from .simhelpers import exchange, make_pair
 TSHARK = shutil.which("tshark")
 needs_tshark = pytest.mark.skipif(TSHARK is None, reason="tshark is not installed")
 
-Address = tuple[str, int]
 CLIENT: Address = ("127.0.0.1", 54324)
 SERVER: Address = ("127.0.0.1", 54325)
 
@@ -68,7 +68,7 @@ def ones_complement(data: bytes) -> int:
     """The Internet checksum of ``data`` (RFC 1071), for packets built here."""
     if len(data) % 2:
         data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF

@@ -20,6 +20,7 @@ from pyserval.transport.flows import FlowManager, Lia
 from pyserval.transport.flows.migration import CHALLENGE, CHALLENGE_TRIES
 from pyserval.transport.migration import MigrationState
 from pyserval.transport.multipath import SeqTracker
+from pyserval.transport.reasons import MigrationReason
 
 from .simhelpers import A, B, make_pair
 
@@ -181,7 +182,7 @@ def test_an_unanswered_rsynack_is_sent_again_with_doubling_waits_then_given_up()
     _, server, _ = _pair()
     sf = server.primary
     timers = sf.control.timers
-    sf.mig = MigrationState(awaiting_ack=True, reason="peer_moved")
+    sf.mig = MigrationState(awaiting_ack=True, reason=MigrationReason.PEER_MOVED)
     sf.mig.rsynack_rto = 0.25
     sf.mig.rsynack_deadline = now = 100.0
     waits = []

@@ -23,16 +23,20 @@ from typing import Any
 import anyio
 import pytest
 
-httpx = pytest.importorskip("httpx")
-httpcore = pytest.importorskip("httpcore")
+pytest.importorskip("httpx")
+pytest.importorskip("httpcore")
 pytest.importorskip("h11")
 
-import pyserval  # noqa: E402
-from pyserval.http import AsyncServalTransport, resolve_serval_host, serve_asgi  # noqa: E402
-from pyserval.runtime.host import parse_address  # noqa: E402
+# Imported again by name (present, or the module was skipped above) so mypy knows them.
+import httpcore
+import httpx
 
-from .helpers import http_app  # noqa: E402
-from .helpers.processes import Peer  # noqa: E402
+import pyserval
+from pyserval.http import AsyncServalTransport, resolve_serval_host, serve_asgi
+from pyserval.runtime.host import parse_address
+
+from .helpers import http_app
+from .helpers.processes import Peer
 
 pytestmark = pytest.mark.timeout(90)
 

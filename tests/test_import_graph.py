@@ -26,8 +26,11 @@ PACKAGE = "pyserval"
 
 # The subpackage (first component under pyserval) -> its layer; higher may import lower.
 LAYERS: dict[str, int] = {
+    # errors and config import nothing of pyserval: every layer may use them.
+    "errors": -1,
+    "config": -1,
     "naming": 0,
-    "tools": 0,
+    "tools": 1,  # pcap writing: uses the SAL's Address
     "data": 0,
     "sal": 1,
     "transport": 2,

@@ -45,7 +45,7 @@ def test_ordering_matches_integers(a: int, b: int) -> None:
 def test_service_id_is_immutable() -> None:
     sid = ServiceID(5)
     with pytest.raises(AttributeError):
-        sid._value = 6  # type: ignore[misc]
+        sid._value = 6
 
 
 def test_from_name_is_stable_and_distinct() -> None:
@@ -154,4 +154,4 @@ def test_flow_id_allocation_avoids_used_ids() -> None:
             return True
 
     with pytest.raises(FlowIDsExhausted):
-        allocate_flow_id(All(), random.Random(1))  # type: ignore[arg-type]
+        allocate_flow_id(All(), random.Random(1))

@@ -190,7 +190,9 @@ def test_asyncssh_sftp_upload_survives_a_client_move(tmp_path: Path) -> None:
                 authorized_client_keys=asyncssh.import_authorized_keys(
                     client_key.export_public_key().decode()
                 ),
-                sftp_factory=lambda chan: asyncssh.SFTPServer(chan, chroot=str(tmp_path / "root")),
+                sftp_factory=lambda chan: asyncssh.SFTPServer(
+                    chan, chroot=os.fsencode(tmp_path / "root")
+                ),
             )
 
             def progress(src: bytes, dst: bytes, copied: int, total: int) -> None:

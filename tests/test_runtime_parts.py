@@ -108,6 +108,7 @@ def test_send_datagram_delivers_one_datagram_to_a_bound_socket() -> None:
                 mine.flowid,
                 lambda e: back.put_nowait(e.data) if isinstance(e, DatagramReceived) else None,
             )
+            assert event.source_service is not None
             server.send_datagram(ep, event.source_service, b"reply", to=event.address)
             assert await asyncio.wait_for(back.get(), 5) == b"reply"
 

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
+import anyio.streams.tls
 import pytest
 
 from pyserval import Router
@@ -135,6 +136,7 @@ def test_an_instance_key_with_a_valid_delegation_proves_the_id() -> None:
             listener = await server.listen(sid, key=instance, delegation=delegation, secure=True)
             async with serving(listener):
                 stream = await client.connect(sid.hex, secure=True, timeout=STEP)
+                assert stream.peer is not None
                 assert stream.peer.key == instance.public_key
                 assert stream.peer.delegation == delegation
                 assert await exchange(stream, b"through a delegate") == b"through a delegate"
@@ -420,10 +422,10 @@ def test_renewing_the_delegation_serves_the_new_one_to_new_clients() -> None:
             listener = await server.listen(sid, key=instance, delegation=first, secure=True)
             async with serving(listener):
                 stream = await client.connect(sid, secure=True, timeout=STEP)
-                assert stream.peer.delegation == first
+                assert stream.peer is not None and stream.peer.delegation == first
                 listener.renew(instance, second)
                 again = await client.connect(sid, secure=True, timeout=STEP)
-                assert again.peer.delegation == second
+                assert again.peer is not None and again.peer.delegation == second
                 assert await exchange(stream, b"old") == b"old"  # the first session goes on
 
     asyncio.run(main())
@@ -436,7 +438,10 @@ def test_secure_without_a_check_is_an_error_and_a_custom_context_is_used_as_give
         async with hosts(2) as (server, client):
             client.add_route("own-pki", text(server.addresses[0]))
             with pytest.raises(ValueError, match="secure=True"):
-                await client.connect("own-pki", ssl_context=server_context(key))
+                await client.connect(
+                    "own-pki",
+                    ssl_context=server_context(key),  # type: ignore[call-overload]
+                )
             # Your own PKI: here a context that trusts exactly this certificate.
             import ssl
 

@@ -27,6 +27,7 @@ import pytest
 from pyserval import Router
 from pyserval.runtime.host import Host
 from pyserval.runtime.streams import ServalStream
+from pyserval.sal.inet import Address
 from pyserval.translator import (
     ServiceEndpoint,
     TcpEndpoint,
@@ -37,7 +38,6 @@ from pyserval.transport.config import StreamConfig
 
 pytestmark = pytest.mark.timeout(60)
 
-Address = tuple[str, int]
 ServalHandler = Callable[[ServalStream], Awaitable[None]]
 TcpHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -590,14 +590,16 @@ def test_a_reset_is_noticed_while_the_other_side_is_stalled() -> None:
             # 2. The service fills everything up to the client that reads nothing, then
             # resets: the client gets a RST.
             reader, writer = await asyncio.open_connection(*tr.tcp_address)
-            writer.transport.pause_reading()
+            transport = writer.transport
+            assert isinstance(transport, asyncio.Transport)  # a socket's: it reads too
+            transport.pause_reading()
             await wait_until(lambda: len(streams) == 2)
             await wait_until(lambda: tr.buffered >= SMALL.receive_buffer)
             start = loop.time()
             abort.set()
             await wait_until(lambda: tr.stats.reset == 2)
             assert loop.time() - start < 1.0
-            writer.transport.resume_reading()
+            transport.resume_reading()
             with pytest.raises(ConnectionResetError):
                 async with asyncio.timeout(STEP):
                     await read_all(reader)
@@ -795,6 +797,7 @@ def test_a_reset_after_the_clients_fin_reaches_the_service() -> None:
             seen.append(None)
 
         async with serval_service(slow) as svc, inbound(svc) as tr:
+            assert tr.tcp_address is not None
             _, w = await asyncio.open_connection(*tr.tcp_address)
             w.write(b"GET / HTTP/1.0\r\n\r\n")
             await w.drain()

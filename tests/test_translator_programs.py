@@ -39,8 +39,6 @@ from .helpers.processes import Peer
 pytestmark = pytest.mark.timeout(60)
 
 STARTUP = 20.0  # seconds a child may take to print its ready line (a loaded CI machine)
-Address = tuple[str, int]
-
 
 def program(name: str) -> str | None:
     """Where ``name`` is installed (servers often live in sbin, not on a user's PATH)."""

@@ -18,23 +18,32 @@ from .control import (
     fetch_table,
     format_table,
 )
+from .errors import (
+    ConnectionStateError,
+    DatagramTooLarge,
+    FlowTableFull,
+    HostClosed,
+    NoRoute,
+    ServalConnectError,
+    ServalConnectRefused,
+    ServalConnectTimeout,
+    ServalConnectUnreachable,
+    ServalError,
+    ServalMigrationError,
+    SocketClosed,
+)
 from .naming import FlowID, ServiceID, ServiceKey, ServicePrefix, ServicePublicKey
 from .naming.delegation import Delegation
 from .runtime import (
     DatagramError,
     Host,
-    HostClosed,
     HostConfig,
     Installation,
-    ServalConnectError,
-    ServalConnectTimeout,
     ServalDatagramListener,
     ServalDatagramStream,
     ServalListener,
-    ServalMigrationError,
     ServalSocket,
     ServalStream,
-    SocketClosed,
     connect,
     default_host,
     install,
@@ -44,9 +53,11 @@ from .runtime import (
 )
 from .runtime.secure import SecureListener, SecureStream, SecurityReason, ServalSecurityError
 from .runtime.service_events import ServiceEvent, ServiceEventKind
+from .sal.inet import Address
 from .tools.pcap import PcapWriter
 from .translator import Translator
 from .transport.config import StreamConfig
+from .transport.reasons import CloseReason, MigrationReason
 
 # A library logs, the application decides where to: silent unless logging is configured
 # (loggers: pyserval.host, pyserval.router, pyserval.controller, pyserval.translator).
@@ -65,6 +76,16 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "HostServiceController",
+    "Address",
+    "CloseReason",
+    "ConnectionStateError",
+    "DatagramTooLarge",
+    "FlowTableFull",
+    "MigrationReason",
+    "NoRoute",
+    "ServalConnectRefused",
+    "ServalConnectUnreachable",
+    "ServalError",
     "DatagramError",
     "Delegation",
     "FlowID",

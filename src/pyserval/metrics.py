@@ -33,6 +33,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 from .runtime.host import Host, parse_address
+from .sal.inet import Address
 from .transport.connection import State
 from .transport.events import ConnectionEstablished, Event, IncomingConnection
 
@@ -248,7 +249,7 @@ class MetricsExporter:
         yield active
 
     # -- HTTP -------------------------------------------------------------------------
-    async def serve(self, address: str | tuple[str, int]) -> tuple[str, int]:
+    async def serve(self, address: str | Address) -> Address:
         """Answer ``GET /metrics`` at ``address`` (``"IP:PORT"``; port 0 picks one);
         returns the bound address. Stopped by :meth:`close`."""
         host, port = parse_address(address) if isinstance(address, str) else address
@@ -272,8 +273,12 @@ class MetricsExporter:
         else:
             body, status, ctype = b"not found\n", b"404 Not Found", b"text/plain"
         writer.write(
-            b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype
-            + b"\r\nContent-Length: " + str(len(body)).encode()
+            b"HTTP/1.1 "
+            + status
+            + b"\r\nContent-Type: "
+            + ctype
+            + b"\r\nContent-Length: "
+            + str(len(body)).encode()
             + b"\r\nConnection: close\r\n\r\n"
             + (body if request_line[:1] != [b"HEAD"] else b"")
         )

@@ -40,8 +40,7 @@ from pyserval.control import (
 )
 from pyserval.runtime.host import parse_address
 from pyserval.sal import MalformedPacket, decode_packet
-
-Address = tuple[str, int]
+from pyserval.sal.inet import Address
 
 
 async def echo(stream: pyserval.ServalStream) -> None:

@@ -88,7 +88,9 @@ async def instance(args: argparse.Namespace) -> int:
         def on_datagram(event: Event) -> None:
             if isinstance(event, DatagramReceived):
                 # Back to the address it came from (what recvfrom/sendto do).
-                core.send_datagram(ep, event.source_service, b"pong " + event.data, event.address)
+                source = event.source_service
+                assert source is not None  # our clients' sockets are bound to a serviceID
+                core.send_datagram(ep, source, b"pong " + event.data, event.address)
                 host.schedule_flush()
 
         host.watch(ep.flowid, on_datagram)

@@ -63,7 +63,9 @@ class Topology:
     def ip(self, role: str, *args: str) -> None:
         _run("ip", "-n", self.ns(role), *args)
 
-    def veth(self, a: str, a_dev: str, a_addrs: list[str], b: str, b_dev: str, b_addrs: list[str]):
+    def veth(
+        self, a: str, a_dev: str, a_addrs: list[str], b: str, b_dev: str, b_addrs: list[str]
+    ) -> None:
         _run(
             "ip", "link", "add", a_dev, "netns", self.ns(a),
             "type", "veth", "peer", "name", b_dev, "netns", self.ns(b),

@@ -187,7 +187,7 @@ async def upload(host: pyserval.Host, args: argparse.Namespace) -> int:
     stream = await host.connect(args.service, timeout=10)
     start = time.perf_counter()
     for i in range(0, len(data), CHUNK):
-        await stream.send(view[i : i + CHUNK])
+        await stream.send(bytes(view[i : i + CHUNK]))
         if i == 2 * CHUNK:
             print("TRANSFERRING", flush=True)  # data flows: a test may now act mid-transfer
     await stream.send_eof()

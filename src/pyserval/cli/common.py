@@ -22,8 +22,6 @@ __all__ = [
     "start_metrics",
 ]
 
-Address = tuple[str, int]
-
 
 def run_until_signal(main: Coroutine[Any, Any, None]) -> int:
     """Run ``main`` until it ends or SIGINT/SIGTERM arrives (then cancel it cleanly)."""

@@ -88,7 +88,7 @@ def _table(seed: int) -> None:
         where = res.target.address if res.target else res.listener
         match = f"{res.entry.prefix.length:>3}-bit match"
         print(f"  {label:<24} -> {match}, {res.action.name} {where or ''}")
-    counts: collections.Counter[tuple[str, int]] = collections.Counter()
+    counts: collections.Counter[Address] = collections.Counter()
     for i in range(4000):
         res = table.lookup(ServiceID((0x7700 << 240) | i))
         assert res is not None and res.target is not None

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..naming.service_id import SERVICE_ID_BITS, ServicePrefix
+from ..sal.inet import Address
 from ..sal.service_table import NoSuchEntry, NoSuchRule, Rule, ServiceTable, Target
 from .etcd import EtcdClient, EtcdError, WatchEvent
 from .inspection import TableService
@@ -67,7 +68,6 @@ __all__ = [
 
 log = logging.getLogger("pyserval.cluster")
 
-Address = tuple[str, int]
 CLUSTER_VERSION: Final = 1
 _NAME_CHARS: Final = frozenset(string.ascii_letters + string.digits + "._-")
 _APPLY_CHUNK: Final = 1000  # keys of a full read applied between two passes of the loop

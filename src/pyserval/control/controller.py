@@ -36,6 +36,7 @@ from ..core.host import DatagramEndpoint
 from ..naming.service_id import ServiceID, ServicePrefix
 from ..runtime.host import Host
 from ..runtime.service_events import ServiceEvent, ServiceEventKind
+from ..sal.inet import Address
 from ..sal.service_table import NoSuchEntry, NoSuchRule, Rule
 from ..transport.events import DatagramReceived, Event
 from .messages import (
@@ -56,7 +57,6 @@ __all__ = ["ControllerCore", "HostServiceController"]
 LOGGER = logging.getLogger("pyserval.controller")
 log = LOGGER
 
-Address = tuple[str, int]
 _DEFAULT_PREFIX: Final = "0" * 64 + "/0"
 _MAX_PENDING: Final = 256  # messages awaiting an answer we still match acks against
 

@@ -18,6 +18,7 @@ from typing import Final
 
 from ..naming.service_id import ServiceID
 from ..runtime.host import Host, parse_address
+from ..sal.inet import Address
 from ..transport.connection import Connection, Role
 from ..transport.datagram_flow import DatagramConnection
 from ..transport.events import DatagramReceived, Event
@@ -38,7 +39,6 @@ from .messages import (
 
 __all__ = ["FlowsService", "fetch_flows", "flow_info", "flow_infos", "format_flows"]
 
-Address = tuple[str, int]
 _AMPLIFICATION: Final = 3
 _FLOWS_PAD: Final = 8000  # bytes fetch_flows pads its requests to (answers: 3x that)
 

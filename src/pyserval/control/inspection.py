@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Final
 
 from ..core.host import DatagramEndpoint
-from ..naming.service_id import ServiceID
 from ..runtime.host import Host
 from ..transport.events import DatagramReceived, Event
 from .flows import FlowsService
@@ -147,7 +146,7 @@ def enable_inspection(host: Host) -> TableService:
             page = flows.answer(msg, len(event.data))
         if page is not None:
             source = event.source_service
-            to = ServiceID(source) if len(source) == 32 else CONTROL_SERVICE
+            to = source if source is not None else CONTROL_SERVICE
             host.send_datagram(endpoint, to, page, to=event.address)
 
     host.watch(endpoint.flowid, on_event)

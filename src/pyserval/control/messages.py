@@ -36,6 +36,7 @@ from pydantic_core import ErrorDetails
 from ..naming.keys import ServiceKey, ServicePublicKey
 from ..naming.service_id import SERVICE_ID_BITS, PrefixLike, ServiceID, ServicePrefix
 from ..naming.service_id import as_service_prefix as _as_service_prefix
+from ..sal.inet import Address
 
 __all__ = [
     "CONTROL_SERVICE",
@@ -156,7 +157,7 @@ _ADDRESS_CHARS: Final = frozenset(string.hexdigits + ".:%" + string.ascii_letter
 _SCOPE_CHARS: Final = frozenset(string.ascii_letters + string.digits + "._-")
 
 
-def parse_instance_address(text: str) -> tuple[str, int]:
+def parse_instance_address(text: str) -> Address:
     """``"IP:PORT"`` (IPv6 as ``"[IP]:PORT"``) to ``(ip, port)``; port 1..65535.
 
     The IP is returned in its canonical text form (as :mod:`ipaddress` writes it).
@@ -183,7 +184,7 @@ def parse_instance_address(text: str) -> tuple[str, int]:
     return str(ip), port
 
 
-def format_instance_address(address: tuple[str, int]) -> str:
+def format_instance_address(address: Address) -> str:
     """``(ip, port)`` to the canonical text :func:`parse_instance_address` reads."""
     ip = ipaddress.ip_address(address[0])
     text = f"[{ip}]" if ip.version == 6 else str(ip)
@@ -278,7 +279,7 @@ class Registration(_Model):
         return ServicePrefix.parse(self.service)
 
     @property
-    def instance_address(self) -> tuple[str, int] | None:
+    def instance_address(self) -> Address | None:
         """``address`` as ``(ip, port)``, or None."""
         return None if self.address is None else parse_instance_address(self.address)
 

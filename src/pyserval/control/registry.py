@@ -18,6 +18,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from ..naming.service_id import ServicePrefix
+from ..sal.inet import Address
 from ..sal.service_table import NoSuchEntry, Rule, ServiceTable, Target
 from .messages import (
     AckMessage,
@@ -29,8 +30,6 @@ from .messages import (
 from .security import RegistrationGuard, RegistrationRefused
 
 __all__ = ["Instance", "Registry"]
-
-Address = tuple[str, int]
 
 
 @dataclass(slots=True)

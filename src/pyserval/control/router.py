@@ -33,7 +33,7 @@ from ..core.host import DatagramEndpoint
 from ..naming.service_id import PrefixLike, ServiceID, as_service_prefix
 from ..runtime.host import DelayHandler, Host, HostConfig, parse_address
 from ..runtime.service_events import ServiceEvent, ServiceEventKind
-from ..sal.inet import format_address
+from ..sal.inet import Address, format_address
 from ..sal.service_table import Action, Rule
 from ..transport.events import DatagramReceived, Event
 from .controller import HostServiceController
@@ -59,7 +59,6 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_ROUTER_PORT", "Router", "TableDump", "fetch_table", "format_table"]
 
-Address = tuple[str, int]
 DEFAULT_ROUTER_PORT: Final = 54326
 _DEFAULT_PREFIX: Final = "0" * 64 + "/0"
 _TABLE_PAD: Final = 8000  # bytes fetch_table pads its requests to (answers: 3x that)
@@ -249,7 +248,7 @@ class Router:
         if self.host.core is None or self.host.closed or self._endpoint is None:
             return
         source = event.source_service
-        to_service = ServiceID(source) if len(source) == 32 else CONTROL_SERVICE
+        to_service = source if source is not None else CONTROL_SERVICE
         self.host.send_datagram(self._endpoint, to_service, data, to=event.address)
 
     def _after_change(self) -> None:

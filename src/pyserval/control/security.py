@@ -43,6 +43,7 @@ from typing import Final
 
 from ..naming.keys import ServicePublicKey
 from ..naming.service_id import SERVICE_ID_BITS, PrefixLike, ServicePrefix, as_service_prefix
+from ..sal.inet import Address
 from .messages import MessageKind, Registration
 
 __all__ = ["REFUSAL_REASONS", "RegistrationGuard", "RegistrationRefused"]
@@ -73,10 +74,10 @@ class RegistrationRefused(Exception):
 class _Seen:
     expiry: float
     digest: bytes  # of the signed bytes (content and op), signature excluded
-    observed: tuple[str, int]
+    observed: Address
 
 
-def _same_address(claimed: tuple[str, int], observed: tuple[str, int]) -> bool:
+def _same_address(claimed: Address, observed: Address) -> bool:
     if claimed[1] != observed[1]:
         return False
     try:
@@ -118,7 +119,7 @@ class RegistrationGuard:
         self.max_nonces_per_source = (
             max(1, max_nonces // 10) if max_nonces_per_source is None else max_nonces_per_source
         )
-        self._per_source: Counter[tuple[str, int]] = Counter()  # source -> nonces it holds
+        self._per_source: Counter[Address] = Counter()  # source -> nonces it holds
         self._seen: dict[str, _Seen] = {}
         self._expiries: list[tuple[float, str]] = []  # heap, one item per _seen entry
         self._pinned: OrderedDict[int, bytes] = OrderedDict()  # ID value -> raw key, LRU last
@@ -177,9 +178,7 @@ class RegistrationGuard:
         else:
             del self._per_source[source]
 
-    def check(
-        self, reg: Registration, op: MessageKind, observed: tuple[str, int], now: float
-    ) -> tuple[str, int]:
+    def check(self, reg: Registration, op: MessageKind, observed: Address, now: float) -> Address:
         """Accept ``reg`` for ``op`` arriving from ``observed`` at ``now`` (unix seconds).
 
         Returns the instance address to use (always ``observed``); raises
@@ -191,9 +190,7 @@ class RegistrationGuard:
             self.stats[exc.reason] += 1
             raise
 
-    def _check(
-        self, reg: Registration, op: MessageKind, observed: tuple[str, int], now: float
-    ) -> tuple[str, int]:
+    def _check(self, reg: Registration, op: MessageKind, observed: Address, now: float) -> Address:
         if op not in (MessageKind.REGISTER, MessageKind.UNREGISTER):
             raise ValueError(f"registrations are checked for REGISTER or UNREGISTER, not {op!r}")
         if not math.isfinite(now):

@@ -146,7 +146,7 @@ def on_datagram(
         demux.send_stateless_rst(host, pkt, None, len(data), host.local_for(src, dst), src, now)
         return
     services = pkt.services
-    source = services[1].service_id.to_bytes() if len(services) > 1 else b""
+    source = services[1].service_id if len(services) > 1 else None
     ep = res.listener
     host._emit(
         DatagramReceived(ep.flowid, bytes(pkt.payload), source, src, None if via == src else via)

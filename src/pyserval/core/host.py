@@ -21,6 +21,7 @@ import random
 import secrets
 from collections import Counter, OrderedDict, deque
 
+from ..errors import NoRoute
 from ..naming.entropy import SecureRandom
 from ..naming.service_id import ServiceID, ServiceLike, as_service_id
 from ..sal.errors import MalformedPacket
@@ -51,7 +52,6 @@ from .records import (
     DatagramEndpoint,
     Delayed,
     Listener,
-    NoRoute,
     retries_within,
 )
 from .syncookies import SynCookies

@@ -7,10 +7,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Final
 
+from ..errors import NoRoute as NoRoute
 from ..naming.service_id import ServiceID
+from ..sal.inet import Address as Address
 from ..transport.connection import Connection
 
-Address = tuple[str, int]
 MAX_DATAGRAM: Final = 65507 - 12 - 72 - 8  # UDP payload limit less SAL and UDP headers
 ZERO_NONCE: Final = bytes(8)
 MAX_HELD_SYN: Final = 2048  # bytes: 1,024 held SYNs stay within 2 MiB
@@ -53,10 +54,6 @@ def first_router(path: list[Address], last_hop: Address) -> Address:
     if len(path) >= 2 and path[1][0] != "0.0.0.0":
         return path[1]
     return last_hop
-
-
-class NoRoute(Exception):
-    """No service table rule leads to the service."""
 
 
 @dataclass(eq=False)

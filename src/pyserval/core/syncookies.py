@@ -38,6 +38,8 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
+from ..sal.inet import Address
+
 __all__ = ["MSS_TABLE", "PERIOD", "Cookie", "SynCookies"]
 
 PERIOD: Final = 30.0
@@ -152,7 +154,7 @@ class SynCookies:
     def make(
         self,
         now: float,
-        addr: tuple[str, int],
+        addr: Address,
         peer_flowid: int,
         mss: int | None,
         window_scale: int | None,
@@ -175,7 +177,7 @@ class SynCookies:
     def check(
         self,
         now: float,
-        addr: tuple[str, int],
+        addr: Address,
         peer_flowid: int,
         local_flowid: int,
         iss: int,

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Final
 
 from ..sal.extensions import ControlFlags
+from ..sal.inet import Address
 from ..sal.packet import SalPacket
 from ..sal.transport_headers import TcpFlags
 
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 
 __all__ = ["TimeWait", "TimeWaitTable"]
 
-Address = tuple[str, int]
 _FIN: Final = int(ControlFlags.FIN)
 _RST: Final = int(ControlFlags.RST)
 

@@ -7,7 +7,9 @@ from .install import Installation, install
 from .socket import DatagramError, ServalSocket, SocketClosed
 from .streams import (
     ServalConnectError,
+    ServalConnectRefused,
     ServalConnectTimeout,
+    ServalConnectUnreachable,
     ServalListener,
     ServalMigrationError,
     ServalStream,
@@ -20,7 +22,9 @@ __all__ = [
     "HostConfig",
     "Installation",
     "ServalConnectError",
+    "ServalConnectRefused",
     "ServalConnectTimeout",
+    "ServalConnectUnreachable",
     "ServalDatagramListener",
     "ServalDatagramStream",
     "ServalMigrationError",

@@ -21,14 +21,14 @@ import anyio
 import anyio.abc
 
 from ..core.host import Listener
+from ..errors import ConnectionStateError
 from ..naming.service_id import ServiceID
-from ..transport.connection import ConnectionError_, State
+from ..sal.inet import Address
+from ..transport.connection import State
 from ..transport.datagram_flow import DatagramConnection
 from .streams import StreamHost
 
 __all__ = ["ServalDatagramListener", "ServalDatagramStream"]
-
-Address = tuple[str, int]
 
 
 class ServalDatagramStream(anyio.abc.UnreliableObjectStream[bytes]):
@@ -90,21 +90,27 @@ class ServalDatagramStream(anyio.abc.UnreliableObjectStream[bytes]):
         if conn.state is State.CLOSED and conn.error:
             raise anyio.BrokenResourceError(f"flow lost: {conn.error}")
 
+    def _check_send(self) -> None:
+        self._check()
+        if self._conn.fin_offset is not None:
+            # Our own send_eof: anyio's contract says ClosedResourceError, not broken.
+            raise anyio.ClosedResourceError("this flow's sending side was closed (send_eof)")
+
     async def send(self, item: bytes) -> None:
         """Send one datagram (``DatagramTooLarge`` above the limit, ValueError if empty).
 
         When the send queue is full it first lets the host send (one loop pass); a datagram
         that still finds it full (the flow is migrating) is dropped, as UDP would.
         """
-        self._check()
+        self._check_send()
         conn = self._conn
         if not conn.has_room(len(item)):
             self._host.schedule_flush()
             await anyio.sleep(0)  # the flush runs: the queue empties unless the path changes
-            self._check()
+            self._check_send()
         try:
             conn.send_datagram(item)
-        except ConnectionError_ as exc:
+        except ConnectionStateError as exc:
             raise anyio.BrokenResourceError(str(exc)) from None
         self._host.schedule_flush()
 

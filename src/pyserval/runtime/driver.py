@@ -18,7 +18,9 @@ from collections import defaultdict
 from collections.abc import Callable
 
 from ..core.host import DatagramEndpoint, HostCore, Listener
+from ..errors import HostClosed
 from ..naming.service_id import ServiceID, ServiceLike
+from ..sal.inet import Address
 from ..tools.pcap import PcapWriter
 from ..transport.connection import Connection
 from ..transport.events import (
@@ -33,14 +35,9 @@ from .udp import UdpEndpoint
 
 __all__ = ["Address", "Driver", "HostClosed"]
 
-Address = tuple[str, int]
 Batch = list[tuple[bytes, Address]]
 
 _FINAL_EVENTS = (ConnectionClosed, ConnectionReset, ConnectionTimedOut, ConnectionFailed)
-
-
-class HostClosed(RuntimeError):
-    """The host was closed: it does not run again (create a new :class:`Host`)."""
 
 
 class _Waiters:

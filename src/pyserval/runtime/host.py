@@ -26,9 +26,15 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Literal, overload
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
+from ..config import CONFIG
 from ..core.host import DatagramEndpoint, HostCore, Listener
+from ..errors import (
+    HostClosed,
+    ServalConnectTimeout,
+)
 from ..naming.delegation import Delegation
 from ..naming.keys import ServiceKey
 from ..naming.service_id import ServiceID, ServiceLike, as_service_id, as_service_prefix
@@ -37,9 +43,12 @@ from ..tools.pcap import PcapWriter
 from ..transport.config import StreamConfig
 from ..transport.connection import Connection, State
 from ..transport.datagram_flow import DatagramConnection
-from ..transport.events import Event
+from ..transport.events import (
+    Event,
+)
+from ..transport.reasons import CloseReason, close_reason, connect_error_class
 from .datagram_streams import ServalDatagramListener, ServalDatagramStream
-from .driver import Address, Driver, HostClosed, _Waiters
+from .driver import Address, Driver, _Waiters
 from .interfaces import REFERENCE_PORTS, Interfaces, parse_address
 from .mtu import mss_for
 from .secure import (
@@ -52,7 +61,7 @@ from .secure import (
 from .service_events import HostController, ServiceEvent, ServiceEventListener
 from .services import DelayHandler, Services
 from .socket import ServalSocket
-from .streams import ServalConnectError, ServalConnectTimeout, ServalListener, ServalStream
+from .streams import ServalListener, ServalStream
 from .udp import UdpEndpoint
 
 __all__ = [
@@ -85,15 +94,15 @@ def default_controller() -> ControllerFactory:
     return factory
 
 
-class HostConfig(BaseModel):
-    """Configuration of a :class:`Host` (also read from ``PYSERVAL_*`` variables)."""
-
-    model_config = ConfigDict(frozen=True)
+@pydantic_dataclass(frozen=True, slots=True, config=CONFIG)
+class HostConfig:
+    """Configuration of a :class:`Host` (also read from ``PYSERVAL_*`` variables): a
+    :mod:`pyserval.config` dataclass, checked when built."""
 
     # Empty: the reference ports where free (54325, else 54324, else any) on all interfaces.
     listen: list[str] = Field(default_factory=list)
     routes: dict[str, str] = Field(default_factory=dict)  # service (name/ID/prefix) -> IP:PORT
-    connect_timeout: float = 30.0
+    connect_timeout: float = Field(default=30.0, gt=0.0)
     # The service router this host registers its services with and sends unresolved SYNs
     # to (IP:PORT); None: static routes only. Several, comma-separated (a list is joined):
     # routers of one cluster, the first used until it stops answering, then the next.
@@ -213,7 +222,7 @@ class Host:
             updates["router"] = router if isinstance(router, str) else ",".join(router)
         if broadcast is not None:
             updates["broadcast"] = broadcast
-        self.config = HostConfig(**{**base.model_dump(), **updates})
+        self.config = dataclasses.replace(base, **updates)
         # None: sized from the interfaces' MTU when the host starts (see runtime.mtu).
         self._auto_mss = stream_config is None
         self.stream_config = stream_config or StreamConfig()
@@ -640,9 +649,9 @@ class Host:
             if conn.state is State.ESTABLISHED:
                 break
             via = conn.primary.remote_addr if conn.subflows else None
-            bounced = (conn.error or "").startswith("service unreachable")
+            bounced = close_reason(conn.error) is CloseReason.SERVICE_UNREACHABLE
             if not (bounced and via in routers and attempt + 1 < len(routers)):
-                raise ServalConnectError(
+                raise connect_error_class(conn.error)(
                     f"cannot connect to service {service!s}: {conn.error or 'closed'}"
                 )
         if isinstance(conn, DatagramConnection):

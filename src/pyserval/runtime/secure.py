@@ -76,11 +76,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
+from ..errors import ConnectionStateError, ServalConnectError, ServalConnectTimeout
 from ..naming.delegation import Delegation, DelegationProblem, InvalidDelegation
 from ..naming.keys import ServiceKey, ServicePublicKey
 from ..naming.service_id import ServiceID, ServiceLike, as_service_id
-from ..transport.connection import Connection, ConnectionError_
-from .streams import ServalConnectError, ServalListener, ServalStream
+from ..sal.inet import Address
+from ..transport.connection import Connection
+from .streams import ServalListener, ServalStream
 
 __all__ = [
     "DELEGATION_OID",
@@ -104,8 +106,6 @@ LOGGER = logging.getLogger("pyserval.secure")
 # value). An OID under 2.25 is a UUID (ITU-T X.667): unique without registering an arc.
 DELEGATION_OID: Final = x509.ObjectIdentifier("2.25.61688400350514821781129649240350287048")
 _HANDSHAKE_TIMEOUT: Final = 10.0
-
-Address = tuple[str, int]
 
 
 class SecurityReason(enum.Enum):
@@ -449,7 +449,7 @@ class SecureStream(TLSStream):
         the peer's close_notify."""
         closed = (ssl.SSLError, anyio.BrokenResourceError, anyio.ClosedResourceError)
         if self.connection.fin_offset is None:  # else our FIN went already: nothing to add
-            with contextlib.suppress(*closed, ConnectionError_):
+            with contextlib.suppress(*closed, ConnectionStateError):
                 await self._send_close_notify()
         await self.serval.aclose()
 
@@ -478,7 +478,7 @@ async def secure_client(
             )
     except TimeoutError:
         await stream.abort()
-        raise ServalConnectError(
+        raise ServalConnectTimeout(
             f"the TLS handshake with service {service_id.hex} timed out after {timeout} s"
         ) from None
     except (ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:

@@ -26,8 +26,10 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ..core.host import DatagramEndpoint
+from ..errors import SocketClosed
 from ..naming.keys import ServiceKey
 from ..naming.service_id import ServiceID, ServiceLike, as_service_id
+from ..sal.inet import Address
 from ..transport.events import DatagramReceived, DatagramRefused, Event
 from .datagram_streams import ServalDatagramListener, ServalDatagramStream
 from .interfaces import parse_address
@@ -38,13 +40,8 @@ if TYPE_CHECKING:  # the host makes sockets (Host.socket): it imports this modul
 
 __all__ = ["DatagramError", "SocketClosed", "ServalSocket"]
 
-Address = tuple[str, int]
 DATAGRAM_QUEUE = 1024
 ERROR_QUEUE = 64  # refusals kept for recv_error(); older ones are dropped (and counted)
-
-
-class SocketClosed(OSError):
-    """An operation on a closed socket (or one in the wrong state for it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +287,7 @@ class ServalSocket:
             if len(self._datagrams) >= DATAGRAM_QUEUE:
                 self.dropped_datagrams += 1  # bounded, like a socket's receive buffer
                 return
-            source = ServiceID(event.source_service) if event.source_service else ServiceID(0)
+            source = event.source_service if event.source_service is not None else ServiceID(0)
             self._datagrams.append((event.data, source, event.address))
             self._datagram_ready.set()
         elif isinstance(event, DatagramRefused):

@@ -10,33 +10,28 @@ import anyio
 import anyio.abc
 
 from ..core.host import Listener
+from ..errors import (  # re-exported: their home before pyserval.errors
+    ServalConnectError,
+    ServalConnectRefused,
+    ServalConnectTimeout,
+    ServalConnectUnreachable,
+    ServalMigrationError,
+)
 from ..naming.service_id import ServiceID
+from ..sal.inet import Address
 from ..transport.connection import Connection, State
 from ..transport.events import Event
 
 __all__ = [
     "ServalConnectError",
+    "ServalConnectRefused",
     "ServalConnectTimeout",
+    "ServalConnectUnreachable",
     "ServalListener",
     "ServalMigrationError",
     "ServalStream",
     "StreamHost",
 ]
-
-Address = tuple[str, int]
-
-
-class ServalMigrationError(Exception):
-    """A connection could not move to another address."""
-
-
-class ServalConnectError(ConnectionError):
-    """A connection to a service could not be set up (no route, timeout, reset)."""
-
-
-class ServalConnectTimeout(ServalConnectError, TimeoutError):
-    """``connect`` got no answer within its ``timeout``: a :class:`ServalConnectError`
-    (so existing handlers still catch it) and a :class:`TimeoutError`."""
 
 
 class StreamHost(Protocol):
@@ -171,9 +166,21 @@ class ServalStream(anyio.abc.ByteStream):
         if self._conn.state is State.CLOSED and self._conn.error:
             raise anyio.BrokenResourceError(f"connection lost: {self._conn.error}")
 
-    async def send(self, item: bytes) -> None:
-        """Send all of ``item``, waiting while the send buffer is full (backpressure)."""
+    def _check_send(self) -> None:
         self._check()
+        conn = self._conn
+        if conn.fin_offset is not None:
+            # Our own send_eof (or close): anyio's contract says ClosedResourceError.
+            raise anyio.ClosedResourceError("this stream's sending side was closed (send_eof)")
+        if conn.state is State.CLOSED or conn.state is State.TIME_WAIT:
+            raise anyio.BrokenResourceError("the connection is closed")
+
+    async def send(self, item: bytes) -> None:
+        """Send all of ``item``, waiting while the send buffer is full (backpressure).
+
+        ``anyio.ClosedResourceError`` after our own ``aclose`` or ``send_eof``,
+        ``anyio.BrokenResourceError`` once the connection was lost (reset, timed out)."""
+        self._check_send()
         conn = self._conn
         view = memoryview(item)
         while view:
@@ -182,7 +189,7 @@ class ServalStream(anyio.abc.ByteStream):
             self._host.schedule_flush()
             if view:
                 await self._host.wait(conn, lambda: conn.send.free > 0 or conn.closed)
-                self._check()
+                self._check_send()
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         """The next bytes; ``anyio.EndOfStream`` once the peer finished sending."""
@@ -203,9 +210,14 @@ class ServalStream(anyio.abc.ByteStream):
         raise anyio.EndOfStream
 
     async def send_eof(self) -> None:
-        """Half-close: the peer reads end of stream after what we sent."""
+        """Half-close: the peer reads end of stream after what we sent (again: nothing)."""
         self._check()
-        self._conn.shutdown()
+        conn = self._conn
+        if conn.fin_offset is not None:
+            return
+        if conn.state is State.CLOSED or conn.state is State.TIME_WAIT:
+            raise anyio.BrokenResourceError("the connection is closed")
+        conn.shutdown()
         self._host.schedule_flush()
 
     async def aclose(self) -> None:

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
 
+from ..sal.inet import Address
+
 __all__ = [
     "DEFAULT_BUFFER",
     "DEFAULT_MAX_BATCH",
@@ -60,7 +62,6 @@ __all__ = [
     "UdpStats",
 ]
 
-Address = tuple[str, int]
 """A socket address: (IP text, port); IPv6 text as the kernel writes it."""
 
 DatagramHandler = Callable[[list[tuple[bytes, Address]]], None]

@@ -12,9 +12,12 @@ doubles per retry within [200 ms, 120 s], and gives up after 15 retries.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from typing import Final
 
+from pydantic import Field
+from pydantic.dataclasses import dataclass
+
+from ..config import CONFIG
 from .extensions import NONCE_BYTES, ControlExt, ControlFlags
 
 __all__ = ["ControlChannel", "ControlTimers", "ControlTimeout"]
@@ -22,16 +25,16 @@ __all__ = ["ControlChannel", "ControlTimers", "ControlTimeout"]
 MASK32: Final = 0xFFFFFFFF
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, config=CONFIG)
 class ControlTimers:
-    """Control retransmission settings (seconds)."""
+    """Control retransmission settings (seconds): a :mod:`pyserval.config` dataclass."""
 
     # 1 s as RFC 6298 (2.1) recommends: a SYN sent to a replica that just died is retried
     # (and resolved again, so it reaches a live one) after 1 s, not the reference's 3 s.
-    initial_rto: float = 1.0
-    min_rto: float = 0.2
+    initial_rto: float = Field(default=1.0, gt=0.0)
+    min_rto: float = Field(default=0.2, gt=0.0)
     max_rto: float = 120.0
-    max_retries: int = 15
+    max_retries: int = Field(default=15, ge=0)
 
     def __post_init__(self) -> None:
         if not 0 < self.min_rto <= self.max_rto:

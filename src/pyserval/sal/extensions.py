@@ -20,7 +20,7 @@ from typing import ClassVar, Final
 
 from ..naming.service_id import ServiceID
 from .errors import MalformedPacket, Reason
-from .inet import packed_ip16, unpack_ip16
+from .inet import Address, packed_ip16, unpack_ip16
 
 __all__ = [
     "AddressExt",
@@ -437,7 +437,7 @@ class AddAddrExt(Extension):
     __slots__ = ("address",)
     type = ExtType.ADD_ADDR
 
-    def __init__(self, address: tuple[str, int]) -> None:
+    def __init__(self, address: Address) -> None:
         self.address = address
 
     @classmethod
@@ -470,7 +470,7 @@ class Source6Ext(Extension):
     __slots__ = ("path",)
     type = ExtType.IP6
 
-    def __init__(self, path: tuple[tuple[str, int], ...]) -> None:
+    def __init__(self, path: tuple[Address, ...]) -> None:
         self.path = tuple(path)
 
     @classmethod
@@ -594,7 +594,7 @@ class RelayExt(Extension):
     __slots__ = ("address", "tag")
     type = ExtType.RELAY
 
-    def __init__(self, address: tuple[str, int] = ("0.0.0.0", 0), tag: bytes = _NO_TAG) -> None:
+    def __init__(self, address: Address = ("0.0.0.0", 0), tag: bytes = _NO_TAG) -> None:
         if len(tag) != RELAY_TAG_BYTES:
             raise ValueError(f"a RELAY tag is {RELAY_TAG_BYTES} bytes: {len(tag)}")
         self.address = address

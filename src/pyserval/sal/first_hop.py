@@ -24,11 +24,10 @@ from collections.abc import Callable, Collection, Iterable
 from typing import Final
 
 from .forwarding import _path_suffix
+from .inet import Address
 from .service_table import Resolution
 
 __all__ = ["forward_first_hops"]
-
-Address = tuple[str, int]
 
 # A first-hop SYN's fixed header: dst flowID, shl, protocol, checksum, the first extension's
 # type and length, the CONTROL flags, the second extension's type and length (one unpack).

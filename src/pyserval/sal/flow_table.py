@@ -9,6 +9,7 @@ import random
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
+from ..errors import FlowTableFull
 from ..naming.flow_id import FlowID, allocate_flow_id
 
 __all__ = ["DEFAULT_MAX_FLOWS", "FlowTable", "FlowTableFull"]
@@ -16,10 +17,6 @@ __all__ = ["DEFAULT_MAX_FLOWS", "FlowTable", "FlowTableFull"]
 DEFAULT_MAX_FLOWS = 65536
 
 F = TypeVar("F")
-
-
-class FlowTableFull(RuntimeError):
-    """No room for another flow (the table's ``max_flows`` is reached)."""
 
 
 class FlowTable(Generic[F]):

@@ -34,7 +34,7 @@ from .extensions import (
     SourceExt,
     SourcePortsExt,
 )
-from .inet import WILDCARDS
+from .inet import WILDCARDS, Address
 from .packet import SalPacket
 
 __all__ = [
@@ -47,8 +47,6 @@ __all__ = [
     "relay_marker_at",
     "scan_for_forwarding",
 ]
-
-Address = tuple[str, int]
 
 FAST_SYN: Final = 1
 FAST_DATAGRAM: Final = 2
@@ -103,9 +101,7 @@ def forward_packet(
     if first_hop and ":" not in came_from[0]:  # RELAY carries IPv4 only: else left bare
         for i, e in enumerate(kept):
             if type(e) is RelayExt and e.is_marker:
-                kept[i] = (
-                    RelayExt(came_from, relay_tag(came_from)) if relay_tag is not None else e
-                )
+                kept[i] = RelayExt(came_from, relay_tag(came_from)) if relay_tag is not None else e
     if v6:
         kept.append(Source6Ext(tuple(path)))
     else:

@@ -11,9 +11,10 @@ This module does no I/O and resolves no names: a host name is not an address her
 from __future__ import annotations
 
 import socket
-from typing import Final
+from typing import Final, TypeAlias
 
 __all__ = [
+    "Address",
     "IPV4_MAPPED",
     "WILDCARDS",
     "canonical_ip",
@@ -24,6 +25,11 @@ __all__ = [
     "same_family",
     "unpack_ip16",
 ]
+
+Address: TypeAlias = tuple[str, int]
+"""An endpoint as pyserval passes it around: ``(ip text, UDP port)``, the IP in the one
+canonical text :func:`canonical_ip` gives. The one definition of it in the package: the SAL
+is the lowest layer that handles addresses (naming has serviceIDs and flowIDs only)."""
 
 IPV4_MAPPED: Final = bytes(10) + b"\xff\xff"
 """The first 12 bytes of an IPv4-mapped IPv6 address (RFC 4291 2.5.5.2)."""

@@ -32,6 +32,7 @@ from .extensions import (
     UnknownExt,
     decode_ip6,
 )
+from .inet import Address
 from .transport_headers import PROTO_TCP, PROTO_UDP, TcpHeader, UdpHeader
 
 __all__ = ["BASE_HEADER", "SalPacket", "decode_packet"]
@@ -131,7 +132,7 @@ class SalPacket:
                 return e
         return None
 
-    def source_path(self) -> list[tuple[str, int]] | None:
+    def source_path(self) -> list[Address] | None:
         """The (IP, UDP port) path of a forwarded packet, original source first; ports a
         peer did not send (a reference forwarder) are the reference client port 54324.
         A path with IPv6 hops comes from SOURCE6 (which a forwarder writes instead)."""

@@ -68,6 +68,7 @@ from ..naming.service_id import (
     as_service_id,
     as_service_prefix,
 )
+from .inet import Address
 
 __all__ = [
     "Action",
@@ -139,7 +140,7 @@ class Action(enum.Enum):
 class Target:
     """A next hop for FORWARD: ``address`` is ``(ip_text, udp_port)``, ``weight`` > 0."""
 
-    address: tuple[str, int]
+    address: Address
     weight: int = 1
 
     def __post_init__(self) -> None:
@@ -209,7 +210,7 @@ class Rule:
                 raise ValueError(f"a {action.name} rule takes no listener")
 
     @classmethod
-    def forward(cls, *destinations: Target | tuple[str, int], priority: int = 0) -> Rule:
+    def forward(cls, *destinations: Target | Address, priority: int = 0) -> Rule:
         """FORWARD to these targets; a bare ``(ip, port)`` is a target of weight 1."""
         targets = tuple(d if isinstance(d, Target) else Target(d) for d in destinations)
         return cls(Action.FORWARD, priority, targets)

@@ -34,6 +34,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Final, Literal, NamedTuple, Protocol
 
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+from ..config import CONFIG
+from ..sal.inet import Address
 from ..tools.pcap import PcapWriter, SimPcapTap
 
 __all__ = [
@@ -52,7 +56,6 @@ __all__ = [
     "TraceEvent",
 ]
 
-Address = tuple[str, int]
 """An (IPv4 text, UDP port) pair."""
 
 Tap = Callable[[float, bytes, Address, Address, str], None]
@@ -98,9 +101,10 @@ class SimulationError(RuntimeError):
     """The simulation cannot make progress (e.g. a node's timer fires forever at one instant)."""
 
 
-@dataclass(frozen=True, slots=True)
+@pydantic_dataclass(frozen=True, slots=True, config=CONFIG)
 class LinkConfig:
-    """The behaviour of one direction of a link. All times are in (virtual) seconds.
+    """The behaviour of one direction of a link. All times are in (virtual) seconds. A
+    :mod:`pyserval.config` dataclass: out-of-range values are refused when it is built.
 
     A packet that is sent at ``t`` first waits for the bottleneck (if ``bandwidth`` is set:
     FIFO behind the packets before it, then ``len(data) / bandwidth`` of serialisation), then

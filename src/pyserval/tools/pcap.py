@@ -27,6 +27,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Final
 
+from ..sal.inet import Address
+
 __all__ = [
     "LINKTYPE_RAW",
     "PcapWriter",
@@ -47,8 +49,6 @@ _RECORD_HEADER: Final = struct.Struct("<IIII")
 _IP_UDP_HEAD: Final = struct.Struct("!BBHHHBBH4s4sHHHH")  # IPv4 (20 bytes), UDP (8)
 _IP_UDP: Final = 17
 _TTL: Final = 64
-
-Address = tuple[str, int]
 
 
 def _ip_bytes(ip: str) -> bytes:

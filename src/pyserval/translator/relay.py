@@ -34,10 +34,11 @@ from typing import Any
 
 import anyio
 
+from ..errors import ConnectionStateError
 from ..runtime.host import Host
 from ..runtime.secure import SecureStream
 from ..runtime.streams import ServalStream
-from ..transport.connection import ConnectionError_
+from ..sal.inet import Address
 from ..transport.events import ConnectionFailed, ConnectionReset, ConnectionTimedOut, Event
 
 __all__ = ["DEFAULT_CHUNK", "PAUSED_CHECK_INTERVAL", "Relay", "TcpPipe"]
@@ -50,7 +51,7 @@ _CLOSE = 7  # TCP_CLOSE in Linux's tcp_states.h: the first byte of struct tcp_in
 
 # The Serval stream's own errors besides anyio's: writing to a connection that closed between
 # the checks ``ServalStream.send`` makes and the write itself.
-_SERVAL_BROKEN = (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError_)
+_SERVAL_BROKEN = (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionStateError)
 _SERVAL_FINAL = (ConnectionReset, ConnectionTimedOut, ConnectionFailed)
 
 
@@ -69,7 +70,7 @@ class TcpPipe(asyncio.Protocol):
         self.limit = limit
         self._on_open = on_open
         self.transport: asyncio.Transport | None = None
-        self.peer: tuple[str, int] = ("?", 0)
+        self.peer: Address = ("?", 0)
         self._chunks: deque[bytes] = deque()
         self._size = 0
         self._eof = False

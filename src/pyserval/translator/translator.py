@@ -40,6 +40,7 @@ from ..naming.service_id import ServiceID, as_service_id
 from ..runtime.host import Host
 from ..runtime.secure import SecureListener, SecureStream, check_securable
 from ..runtime.streams import ServalConnectError, ServalListener, ServalStream
+from ..sal.inet import Address
 from ..transport.config import StreamConfig
 from .relay import DEFAULT_CHUNK, Relay, TcpPipe
 
@@ -54,8 +55,6 @@ __all__ = [
 ]
 
 LOGGER = logging.getLogger("pyserval.translator")
-
-Address = tuple[str, int]
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from .congestion import (
     NewReno,
     make_congestion_control,
 )
-from .connection import Connection, ConnectionError_, Role, State, Subflow
+from .connection import Connection, ConnectionError_, ConnectionStateError, Role, State, Subflow
 from .datagram_flow import DatagramConnection, DatagramTooLarge
 from .events import (
     ConnectionClosed,
@@ -25,6 +25,7 @@ from .events import (
     SendSpaceAvailable,
     StreamEnded,
 )
+from .reasons import CloseReason, MigrationReason
 
 __all__ = [
     "CONGESTION_CONTROLS",
@@ -33,6 +34,9 @@ __all__ = [
     "Connection",
     "ConnectionClosed",
     "ConnectionError_",
+    "ConnectionStateError",
+    "CloseReason",
+    "MigrationReason",
     "ConnectionEstablished",
     "ConnectionFailed",
     "ConnectionReset",

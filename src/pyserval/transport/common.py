@@ -14,9 +14,10 @@ from __future__ import annotations
 import enum
 from typing import Final
 
+from ..sal.inet import Address
+
 __all__ = ["HALF32", "MASK32", "Address", "Role", "unwrap"]
 
-Address = tuple[str, int]
 MASK32: Final = 0xFFFFFFFF
 HALF32: Final = 0x80000000
 

@@ -1,15 +1,21 @@
-"""Settings of Serval TCP streams (one frozen object shared by many connections)."""
+"""Settings of Serval TCP streams (one frozen object shared by many connections).
+
+A :mod:`pyserval.config` dataclass: checked once when built (pydantic), read per packet as
+a plain slotted dataclass.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from pydantic import Field
+from pydantic.dataclasses import dataclass
 
+from ..config import CONFIG
 from ..sal.control import ControlTimers
 
 __all__ = ["StreamConfig"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, config=CONFIG)
 class StreamConfig:
     """Per-connection settings. Sizes in bytes, times in seconds."""
 
@@ -18,13 +24,14 @@ class StreamConfig:
     receive_buffer: int = 1 << 20
     congestion: str = "cubic"
     sack: bool = True
-    delayed_ack: float = 0.04
-    ack_every: int = 2  # full-sized segments per ACK when in order
-    initial_rto: float = 1.0
-    min_rto: float = 0.2
-    max_rto: float = 60.0
-    max_retransmissions: int = 15  # consecutive data RTOs before the connection times out
-    time_wait: float = 30.0
+    delayed_ack: float = Field(default=0.04, ge=0.0)
+    ack_every: int = Field(default=2, ge=1)  # full-sized segments per ACK when in order
+    initial_rto: float = Field(default=1.0, gt=0.0)
+    min_rto: float = Field(default=0.2, gt=0.0)
+    max_rto: float = Field(default=60.0, gt=0.0)
+    # consecutive data RTOs before the connection times out
+    max_retransmissions: int = Field(default=15, ge=0)
+    time_wait: float = Field(default=30.0, ge=0.0)
     idle_timeout: float | None = None  # abort after this long without hearing from the peer
     # Liveness, on by default (README "NATs"), as Linux's TCP_KEEPIDLE/KEEPINTVL/KEEPCNT:
     # with nothing heard from the peer for `keepalive` seconds a probe goes out, then one
@@ -40,8 +47,8 @@ class StreamConfig:
     # peer that stopped answering), whatever the retransmission backoff. None: only
     # `max_retransmissions` ends it.
     user_timeout: float | None = 60.0
-    control: ControlTimers = field(default_factory=ControlTimers)
-    max_half_open: int = 500  # per listener, SYNs answered but not yet completed
+    control: ControlTimers = Field(default_factory=ControlTimers)
+    max_half_open: int = Field(default=500, ge=0)  # per listener, SYNs answered, not completed
     # Multipath: offer it in our SYNs (client), accept it when offered (server), and the
     # scheduler of a multipath connection ("lowest_rtt", "redundant", or one registered
     # with transport.multipath.register_scheduler).
@@ -69,6 +76,8 @@ class StreamConfig:
             raise ValueError(f"idle_timeout must be positive seconds or None: {self.idle_timeout}")
         if self.receive_buffer > 0x3FFFFFFF:
             raise ValueError("receive_buffer must be below 1 GiB (window scale limit)")
+        if self.min_rto > self.max_rto:
+            raise ValueError(f"min_rto must not exceed max_rto: {self.min_rto} > {self.max_rto}")
 
     @property
     def window_scale(self) -> int:

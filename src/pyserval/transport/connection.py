@@ -26,6 +26,7 @@ import enum
 from collections.abc import Callable
 from typing import Final
 
+from ..errors import ConnectionStateError
 from ..naming.service_id import ServiceID
 from ..sal.control import ControlTimeout
 from ..sal.extensions import (
@@ -56,7 +57,16 @@ from .flows.multipath import DEAD_AFTER_RTOS, MultipathState, new_key
 from .subflow import Subflow
 
 # Role, Subflow, unwrap and Address are re-exported: their old import path.
-__all__ = ["Address", "Connection", "ConnectionError_", "Role", "State", "Subflow", "unwrap"]
+__all__ = [
+    "Address",
+    "Connection",
+    "ConnectionError_",
+    "ConnectionStateError",
+    "Role",
+    "State",
+    "Subflow",
+    "unwrap",
+]
 
 _FIN_ACKED_STAGES: Final = frozenset({Stage.FIN_ACKED, Stage.SAL_FIN_SENT, Stage.DONE})
 # Stage.OPEN itself is a slow lookup (an Enum class attribute, ~0.2 us) on a hot path.
@@ -68,8 +78,7 @@ def _no_wake(conn: Connection) -> None:
     """Default wake-up hook for a connection not attached to a host."""
 
 
-class ConnectionError_(Exception):
-    """Local misuse of a connection (writing after shutdown, using a closed one, ...)."""
+ConnectionError_ = ConnectionStateError  # its old name, kept for code that imports it
 
 
 class State(enum.Enum):
@@ -161,7 +170,7 @@ class Connection:
 
     def _check_open(self, what: str) -> None:
         if self.state is State.CLOSED or self.state is State.TIME_WAIT:
-            raise ConnectionError_(
+            raise ConnectionStateError(
                 f"cannot {what}: connection {self.conn_id:#x} is closed"
                 + (f" ({self.error})" if self.error else "")
             )
@@ -295,7 +304,7 @@ class Connection:
         """Queue bytes to send; returns how many fit in the send buffer (may be 0)."""
         self._check_open("send")
         if self.fin_offset is not None:
-            raise ConnectionError_("cannot send after shutdown of the write side")
+            raise ConnectionStateError("cannot send after shutdown of the write side")
         n = self.send.write(data)
         if n < len(data):
             self.send_blocked = True

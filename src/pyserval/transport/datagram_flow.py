@@ -38,15 +38,17 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import Final
 
+from ..errors import ConnectionStateError, DatagramTooLarge
 from ..naming.service_id import ServiceID
 from ..sal.checksum import BytesLike
 from ..sal.control import ControlTimeout
 from ..sal.extensions import ControlExt, ControlFlags, Extension, ServiceExt
+from ..sal.inet import Address
 from ..sal.packet import SalPacket
 from ..sal.transport_headers import PROTO_UDP, TcpHeader, UdpHeader
 from .close_state import CloseEvent, Side, Stage
 from .config import StreamConfig
-from .connection import Address, Connection, ConnectionError_, Role, State, Subflow
+from .connection import Connection, Role, State, Subflow
 from .events import ConnectionEstablished, DataReceived, Event, StreamEnded
 
 __all__ = [
@@ -63,10 +65,6 @@ __all__ = [
 MAX_FLOW_DATAGRAM: Final = 65507 - 12 - 8
 DATAGRAM_QUEUE: Final = 1024  # datagrams held each way per flow (and at most the buffer size)
 _ZERO_NONCE: Final = bytes(8)
-
-
-class DatagramTooLarge(ValueError):
-    """A datagram is larger than one SAL datagram can carry."""
 
 
 def refuse_unconnected(pkt: SalPacket) -> SalPacket:
@@ -184,7 +182,7 @@ class DatagramConnection(Connection):
         """
         self._check_open("send")
         if self.fin_offset is not None:
-            raise ConnectionError_("cannot send after the flow was shut down")
+            raise ConnectionStateError("cannot send after the flow was shut down")
         n = len(data)
         if n > MAX_FLOW_DATAGRAM:
             raise DatagramTooLarge(

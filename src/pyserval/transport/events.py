@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..naming.service_id import ServiceID
+from ..sal.inet import Address
+from .reasons import CloseReason, MigrationReason, close_reason
+
 __all__ = [
     "ConnectionClosed",
     "ConnectionEstablished",
@@ -70,21 +74,36 @@ class ConnectionClosed(Event):
 class ConnectionReset(Event):
     """The connection was reset (by the peer, or locally because the peer broke the rules)."""
 
-    reason: str
+    reason: str  # the connection's error text: a CloseReason's value, maybe with details
+
+    @property
+    def close_reason(self) -> CloseReason | None:
+        """``reason`` as a :class:`CloseReason` (decide by this, not by the text)."""
+        return close_reason(self.reason)
 
 
 @dataclass(frozen=True, slots=True)
 class ConnectionTimedOut(Event):
     """Retransmissions went unanswered (handshake, data or close)."""
 
-    reason: str
+    reason: str  # what went unanswered ("idle", "data retransmissions unanswered", ...)
+
+    @property
+    def close_reason(self) -> CloseReason:
+        """Always :attr:`CloseReason.TIMED_OUT` (``reason`` says which timer)."""
+        return CloseReason.TIMED_OUT
 
 
 @dataclass(frozen=True, slots=True)
 class ConnectionFailed(Event):
     """A connect could not start or finish for a reason other than a timeout."""
 
-    reason: str
+    reason: str  # the connection's error text: a CloseReason's value, maybe with details
+
+    @property
+    def close_reason(self) -> CloseReason | None:
+        """``reason`` as a :class:`CloseReason` (decide by this, not by the text)."""
+        return close_reason(self.reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,9 +111,9 @@ class DatagramReceived(Event):
     """An unconnected datagram arrived for a bound datagram socket."""
 
     data: bytes
-    source_service: bytes
-    address: tuple[str, int]  # the sender (the SOURCE path's first address if forwarded)
-    via: tuple[str, int] | None = None  # the UDP source it came from, when different
+    source_service: ServiceID | None  # the sender's serviceID, None when it sent none
+    address: Address  # the sender (the SOURCE path's first address if forwarded)
+    via: Address | None = None  # the UDP source it came from, when different
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,29 +122,29 @@ class DatagramRefused(Event):
     service there): ``address`` is where the refusal came from."""
 
     reason: str
-    address: tuple[str, int]
+    address: Address
 
 
 @dataclass(frozen=True, slots=True)
 class FlowMigrated(Event):
     """A flow of the connection now runs between new addresses (RSYN committed)."""
 
-    local: tuple[str, int]
-    remote: tuple[str, int]
-    reason: str  # "migrated" (we moved), "peer_moved", "rebinding" (peer seen behind a NAT)
+    local: Address
+    remote: Address
+    reason: MigrationReason
 
 
 @dataclass(frozen=True, slots=True)
 class PathAdded(Event):
     """A multipath connection has a new subflow between these addresses."""
 
-    local: tuple[str, int]
-    remote: tuple[str, int]
+    local: Address
+    remote: Address
 
 
 @dataclass(frozen=True, slots=True)
 class PathFailed(Event):
     """A subflow of a multipath connection was given up; its data goes on the others."""
 
-    local: tuple[str, int]
-    remote: tuple[str, int]
+    local: Address
+    remote: Address

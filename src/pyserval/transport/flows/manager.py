@@ -29,8 +29,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...sal.extensions import AddAddrExt, ControlExt, ControlFlags, Extension, JoinExt
+from ...sal.inet import Address
 from ...sal.packet import SalPacket
 from ..events import FlowMigrated, PathAdded, PathFailed
+from ..reasons import MigrationReason
 from .migration import CHALLENGE, CHALLENGE_TRIES, Challenge, MigrationState
 from .multipath import (
     JOIN_RETRIES,
@@ -47,7 +49,6 @@ if TYPE_CHECKING:
 
 __all__ = ["FlowManager"]
 
-Address = tuple[str, int]
 _MASK32 = 0xFFFFFFFF
 
 
@@ -290,7 +291,7 @@ class FlowManager:
         if mig is None:
             mig = sf.mig = MigrationState()
         sf.local_addr = local
-        mig.reason = "migrated"
+        mig.reason = MigrationReason.MIGRATED
         if not mig.own_rsyn:
             mig.own_rsyn = True
             # Time the RSYN by the path's RTO, not the 3 s used for a SYN: the flow is
@@ -330,9 +331,9 @@ class FlowManager:
             return
         cc.peer_consumed(ext.verno)
         if mig is None:
-            mig = sf.mig = MigrationState(reason="peer_moved")
+            mig = sf.mig = MigrationState(reason=MigrationReason.PEER_MOVED)
         elif not mig.own_rsyn:
-            mig.reason = "peer_moved"
+            mig.reason = MigrationReason.PEER_MOVED
         if src != sf.remote_addr:
             self._set_remote(sf, src, now)
         mig.awaiting_ack = True
@@ -444,7 +445,7 @@ class FlowManager:
         sf.path_changed(now)
         conn = self.conn
         conn.ack_now = True
-        conn.emit(FlowMigrated(conn.conn_id, sf.local_addr, src, "rebinding"))
+        conn.emit(FlowMigrated(conn.conn_id, sf.local_addr, src, MigrationReason.REBINDING))
 
     def output_control(self, sf: Subflow, out: list[SalPacket]) -> None:
         """The control packets the migration exchanges owe, on ``sf``."""

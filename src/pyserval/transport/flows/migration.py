@@ -28,6 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from ...sal.inet import Address
+from ..reasons import MigrationReason
+
 __all__ = [
     "AMPLIFICATION_LIMIT",
     "CHALLENGE",
@@ -38,7 +41,6 @@ __all__ = [
     "MigrationState",
 ]
 
-Address = tuple[str, int]
 AMPLIFICATION_LIMIT: Final = 3  # bytes sent to an unverified address per byte received
 CHALLENGE_TRIES: Final = 4  # challenges sent to a candidate address before giving up on it
 CHALLENGE: Final = 0x02  # CONTROL flag (a reserved bit in the reference): an address check
@@ -50,7 +52,7 @@ class MigrationState:
 
     own_rsyn: bool = False  # our RSYN is outstanding
     awaiting_ack: bool = False  # we answered the peer's RSYN and wait for its ACK
-    reason: str = "migrated"
+    reason: MigrationReason = MigrationReason.MIGRATED
     rsynack_deadline: float | None = None
     rsynack_rto: float = 0.0
     rsynack_tries: int = 0

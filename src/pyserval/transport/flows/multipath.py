@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Final
 
 from sortedcontainers import SortedDict
 
+from ...sal.inet import Address
 from ..congestion import CongestionControl
 
 if TYPE_CHECKING:
@@ -53,7 +54,6 @@ __all__ = [
     "token_of",
 ]
 
-Address = tuple[str, int]
 DEAD_AFTER_RTOS: Final = 3  # consecutive RTOs after which a subflow (not the last) is dropped
 MAX_SUBFLOWS: Final = 8
 MAX_HALF_OPEN_JOINS: Final = 2  # JOINs answered but not yet proven, per connection
