@@ -102,6 +102,9 @@ class Control:
 # optional [uvloop] extra). An environment variable, so that spawned children see it;
 # set with use_loop() (the benchmarks' --loop option).
 LOOP_ENV = "PYSERVAL_BENCH_LOOP"
+# A directory: each child process then runs under cProfile and writes <side>.prof there
+# (for finding where the per-packet time goes; the figures of such a run are not comparable).
+PROFILE_ENV = "PYSERVAL_BENCH_PROFILE"
 
 
 def use_loop(name: str) -> None:
@@ -124,7 +127,15 @@ def _child(side: Side, conn: Connection, params: Params) -> None:
     try:
         # CPU time of the run itself (the interpreter start and imports are excluded).
         cpu0 = time.process_time()
-        result = _run(side(Control(conn), params))
+        profile_dir = os.environ.get(PROFILE_ENV)
+        if profile_dir:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            result = profiler.runcall(_run, side(Control(conn), params))
+            profiler.dump_stats(os.path.join(profile_dir, f"{side.__name__}.prof"))
+        else:
+            result = _run(side(Control(conn), params))
         result["cpu_s"] = round(time.process_time() - cpu0, 3)
         conn.send(("result", result))
     except BaseException as exc:
