@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from pyserval.core.host import HostCore
 from pyserval.sal import Rule
+from pyserval.sal.train import SegmentTrain
 from pyserval.testing import LinkConfig, SimNetwork
 from pyserval.transport.config import StreamConfig
 from pyserval.transport.connection import Connection, State
@@ -86,7 +87,8 @@ def transfer(case: str, size: int, seed: int) -> tuple[float, int]:
     def counting(pkt: Any, local: Any, remote: Any) -> None:
         nonlocal packets
         if pkt.payload:
-            packets += 1
+            # A segment train (sal.train) is several wire segments.
+            packets += pkt.count if isinstance(pkt, SegmentTrain) else 1
         count(pkt, local, remote)
 
     a._send = counting  # type: ignore[method-assign]

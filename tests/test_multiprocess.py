@@ -262,18 +262,18 @@ def test_junk_datagrams_are_dropped_and_counted_while_a_connection_keeps_working
             assert core is not None
             incoming: list[bytes] = []
             outgoing: list[bytes] = []
-            receive, to_send = core.receive_datagram, core.datagrams_to_send
+            receive, to_send = core.receive_datagrams, core.datagrams_to_send
 
-            def recording_receive(data: bytes, *args: Any) -> None:
-                incoming.append(bytes(data))
-                receive(data, *args)
+            def recording_receive(batch: list[tuple[bytes, Any]], *args: Any) -> None:
+                incoming.extend(bytes(data) for data, _ in batch)
+                receive(batch, *args)
 
             def recording_send(now: float) -> list[tuple[bytes, Any, Any]]:
                 out = to_send(now)
                 outgoing.extend(d for d, _, _ in out)
                 return out
 
-            monkeypatch.setattr(core, "receive_datagram", recording_receive)
+            monkeypatch.setattr(core, "receive_datagrams", recording_receive)
             monkeypatch.setattr(core, "datagrams_to_send", recording_send)
 
             # A finished connection, then the live one: real packets of both.

@@ -13,7 +13,8 @@ Functions of a ``HostCore`` (passed in): no I/O, no clock.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import struct
+from typing import TYPE_CHECKING, Final
 
 from ..sal.control import MASK32
 from ..sal.extensions import (
@@ -26,6 +27,7 @@ from ..sal.extensions import (
 )
 from ..sal.packet import SalPacket
 from ..sal.transport_headers import (
+    PROTO_TCP,
     TcpFlags,
 )
 from ..transport.connection import Connection, Role, State, Subflow, unwrap
@@ -47,6 +49,81 @@ from .time_wait import TimeWait
 
 if TYPE_CHECKING:
     from .host import HostCore
+
+
+# Header prediction: the SAL base header and the TCP header without options, unpacked
+# at once; the offset-and-flags word of a plain data segment (data offset 5: no options;
+# ACK, or ACK and PSH: no SYN, FIN, RST or URG).
+_PREDICT: Final = struct.Struct("!IIBBHHHIIHHHH")
+_PREDICT_LEN: Final = 32
+_PLAIN_DATA: Final = (0x5010, 0x5018)
+_SAL_MOD: Final = 0xFFFF
+
+
+def predicted(
+    host: HostCore, data: bytes, src: Address, dst: Address, now: float
+) -> Connection | None:
+    """Header prediction (RFC 9293 3.10.7.4's common case, as BSD and Linux do it): take
+    the next in-order data segment of an established single-path flow without decoding
+    it into objects. Returns its connection when taken (the caller reports DataReceived
+    and wakes it), None when the packet needs the general path (``on_flow_packet``).
+
+    Taken only when the general path would do exactly this and nothing else: the SAL base
+    header alone (no extensions) with the right flowIDs and a checksum that verifies; a
+    TCP header without options, flags ACK (and PSH), from the verified peer address to the
+    flow's own; the sequence number is ``rcv_nxt`` with nothing held out of order and the
+    data fits the window; the ACK and window repeat what we know (we have nothing in
+    flight, no recovery, no timer backoff, no persist probe); no FIN seen; no address
+    check, migration or JOIN under way. The state it changes is what ``Subflow.on_tcp``
+    changes for such a segment: the bytes join the receive buffer, the peer was heard,
+    and the delayed-ACK rule (an ACK every ``ack_every`` segments, else the timer).
+    """
+    if len(data) <= _PREDICT_LEN:
+        return None
+    (src_fid, dst_fid, shl, protocol, _, _, _, seq, ack, off_flags, window, _, _) = (
+        _PREDICT.unpack_from(data)
+    )
+    if shl != 3 or protocol != PROTO_TCP or off_flags not in _PLAIN_DATA:
+        return None
+    sf = host.flows.get(dst_fid)
+    if type(sf) is not Subflow or src_fid != sf.remote_flowid:
+        return None
+    conn = sf.conn
+    if (
+        conn.state is not State.ESTABLISHED
+        or conn.mp is not None
+        or src != sf.remote_addr
+        or dst != sf.local_addr
+        or sf.snd_max != sf.snd_una
+        or sf.rto_count
+        or sf.persist_deadline is not None
+        or sf.challenge is not None
+        or sf.mig is not None
+        or sf.join_state is not None
+        or conn.peer_fin_offset is not None
+        or ack != (sf.iss + 1 + sf.snd_una) & MASK32
+        or window << sf.snd_wscale != sf.snd_wnd
+        or sf.snd_wnd > sf.max_snd_wnd
+        or sf.recovery.in_recovery
+    ):
+        return None
+    recv = conn.recv
+    rcv_nxt = recv.rcv_nxt
+    size = len(data) - _PREDICT_LEN
+    if seq != (sf.irs + 1 + rcv_nxt) & MASK32 or recv.out_of_order_bytes or size > recv.window:
+        return None
+    n = int.from_bytes(memoryview(data)[:12], "big")
+    if n % _SAL_MOD or not n:
+        return None  # the general path counts it as malformed
+    recv.append_in_order(memoryview(data)[_PREDICT_LEN:])
+    conn.last_heard = now
+    conn.keepalives_sent = 0
+    conn.unacked_segments += 1
+    if conn.unacked_segments >= conn.config.ack_every:
+        conn.ack_now = True
+    elif conn.delack_deadline is None:
+        conn.delack_deadline = now + conn.config.delayed_ack
+    return conn
 
 
 def on_time_wait(

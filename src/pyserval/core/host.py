@@ -33,6 +33,7 @@ from ..sal.first_hop import forward_first_hops
 from ..sal.flow_table import FlowTable
 from ..sal.packet import SalPacket, decode_packet
 from ..sal.service_table import Action, Rule, ServiceTable
+from ..sal.train import SegmentTrain
 from ..transport.config import StreamConfig
 from ..transport.connection import Connection, Role, State, Subflow
 from ..transport.datagram_flow import DatagramConnection, DatagramTooLarge
@@ -330,7 +331,10 @@ class HostCore:
         self._dirty[conn.conn_id] = conn
 
     def _send(self, pkt: SalPacket, local: Address, remote: Address) -> None:
-        self._out.append((pkt.encode(local[0], remote[0]), local, remote))
+        if type(pkt) is SegmentTrain:
+            self._out.extend([(d, local, remote) for d in pkt.datagrams(local[0], remote[0])])
+        else:
+            self._out.append((pkt.encode(local[0], remote[0]), local, remote))
 
     def _send_all(self, conn: Connection, pkts: list[SalPacket]) -> None:
         if not pkts or not conn.subflows:
@@ -569,8 +573,29 @@ class HostCore:
         """
         receive = self.receive_datagram
         if not self.forwarding:
+            # Runs of in-order data of one flow (a train, as GRO delivers them) go by
+            # header prediction, with one DataReceived per run rather than per segment.
+            predict = demux.predicted
+            run: Connection | None = None
             for data, src in batch:
-                receive(data, src, dst, now)
+                try:
+                    conn = predict(self, data, src, dst, now)
+                except Exception as exc:  # never let a packet take the host down
+                    self._internal_error(exc)
+                    conn = None
+                if conn is not None:
+                    self.received += 1
+                    if conn is not run:
+                        if run is not None:
+                            self._end_run(run)
+                        run = conn
+                    continue
+                if run is not None:
+                    self._end_run(run)
+                    run = None
+                receive(data, src, dst, now, predict=False)
+            if run is not None:
+                self._end_run(run)
             return
 
         def declined(data: bytes, src: Address) -> None:
@@ -595,19 +620,36 @@ class HostCore:
         if syns:
             self.stats["forwarded_syn"] += syns
 
+    def _end_run(self, conn: Connection) -> None:
+        """Report data taken by header prediction (see :meth:`receive_datagrams`)."""
+        conn.emit(DataReceived(conn.conn_id, conn.recv.readable))
+        self._dirty[conn.conn_id] = conn
+
     def _fast_path_error(self, exc: Exception) -> None:
         self._internal_error(exc)
         self.drops["internal_error"] += 1
 
     def receive_datagram(
-        self, data: bytes, src: Address, dst: Address, now: float, *, fast: bool = True
+        self,
+        data: bytes,
+        src: Address,
+        dst: Address,
+        now: float,
+        *,
+        fast: bool = True,
+        predict: bool = True,
     ) -> None:
         """Take one UDP payload that arrived on local address ``dst`` from ``src``.
 
-        ``fast=False``: the first-hop fast path has already declined it (see
-        :meth:`receive_datagrams`)."""
+        ``fast=False``: the first-hop fast path has already declined it; ``predict=False``:
+        header prediction has (see :meth:`receive_datagrams`)."""
         self.received += 1
         try:
+            if predict and not self.forwarding:
+                conn = demux.predicted(self, data, src, dst, now)
+                if conn is not None:
+                    self._end_run(conn)
+                    return
             # A router first tries forwarding from the SAL header alone.
             if fast and self.forwarding and relaying.fast_forward(self, data, src, dst):
                 return

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from ..naming.service_id import ServiceID
 from ..sal.extensions import ControlExt, DssExt, Extension, JoinExt, MpCapableExt, ServiceExt
 from ..sal.packet import SalPacket
+from ..sal.train import SegmentTrain
 from ..sal.transport_headers import PROTO_TCP, TcpFlags, TcpHeader, TcpOption
 from .common import MASK32
 from .multipath import SeqTracker, join_proof
@@ -176,6 +177,14 @@ class SegmentBuilder:
         flags = TcpFlags.ACK | (TcpFlags.FIN if fin else 0) | (TcpFlags.PSH if payload else 0)
         tcp = self.ack_header(flags, start)
         return SalPacket(self.local_flowid, self.remote_flowid, PROTO_TCP, exts, tcp, payload)
+
+    def _data_train(self, start: int, end: int, fin: bool) -> SegmentTrain:
+        """The new data segments [start, end) of our send offsets as one train (``end``
+        counts a FIN), cut at the segment size (single path only: no DSS)."""
+        data_end = end - 1 if fin else end
+        tcp = self.ack_header(TcpFlags.ACK | TcpFlags.PSH, start)
+        payload = self.conn.send.read(start, data_end)
+        return SegmentTrain(self.local_flowid, self.remote_flowid, tcp, payload, self.mss, fin)
 
     def probe_packet(self, snd_una: int) -> SalPacket:
         """A zero-window probe (or keepalive): an ACK at the already-acknowledged sequence

@@ -16,9 +16,11 @@ in the subflow's send offsets (never 32-bit wire numbers):
 * the **RTT estimate and RTO** (RFC 6298, :class:`~pyserval.transport.rtt.RttEstimator`),
   sampled by Karn's rule as segments are acknowledged.
 
-Costs: the scoreboard is a ``SortedDict`` (inserting a segment at the right end and
-removing acknowledged ones from the left are cheap); ``pipe`` outside recovery is O(1) and
-in recovery a scan of the scoreboard, done once per output round by the caller.
+Costs: the scoreboard is a :class:`~pyserval.transport.scoreboard.Scoreboard` (adding a
+segment at the right end and removing acknowledged ones from the left are O(1); an ACK
+with nothing SACKed or lost removes what it covers as one slice); ``pipe`` outside
+recovery is O(1) and in recovery a scan of the scoreboard, done once per output round by
+the caller.
 
 What it does not do: send anything, read a clock (every call takes ``now``), arm timers
 (the subflow owns ``rto_deadline``), change the congestion window (the subflow tells its
@@ -37,9 +39,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Final
 
-from sortedcontainers import SortedDict, SortedList
+from sortedcontainers import SortedList
 
 from .rtt import RttEstimator
+from .scoreboard import Scoreboard
 
 __all__ = ["DUP_THRESH", "Recovery", "SentSegment"]
 
@@ -85,7 +88,7 @@ class Recovery:
     )
 
     def __init__(self, rtt: RttEstimator, mss: int, sack_ok: bool = False) -> None:
-        self.segments: SortedDict = SortedDict()  # start offset -> SentSegment
+        self.segments: Scoreboard[SentSegment] = Scoreboard()  # start offset -> segment
         self.lost: SortedList = SortedList()  # starts of lost segments awaiting resend
         self.rtt = rtt
         self.mss = mss
@@ -116,6 +119,20 @@ class Recovery:
     def on_sent(self, start: int, end: int, fin: bool, now: float, dsn: int = -1) -> None:
         """A new segment [start, end) went out (``end`` counts a FIN)."""
         self.segments[start] = SentSegment(end, now, fin, dsn)
+
+    def on_sent_run(self, start: int, end: int, mss: int, fin: bool, now: float) -> None:
+        """New segments of ``mss`` bytes from ``start`` went out, the last one ending at
+        ``end`` (maybe shorter) and carrying a FIN when ``fin`` (it then ends at end + 1):
+        :meth:`on_sent` for each, in one step."""
+        starts = range(start, end, mss)
+        segs = [SentSegment(s + mss, now, False) for s in starts]
+        last = segs[-1]
+        if fin:
+            last.end = end + 1
+            last.fin = True
+        else:
+            last.end = end
+        self.segments.extend(starts, segs)
 
     def take_lost(self, pipe: int, cwnd: int, now: float) -> int | None:
         """The start of the next lost segment to send again, marked as sent at ``now``;
@@ -176,7 +193,7 @@ class Recovery:
         for left, right in blocks:
             if right <= left or left < snd_una or right > snd_max:
                 continue
-            for start in segs.irange(left, right, inclusive=(True, False)):
+            for start in segs.irange(left, right):
                 seg = segs[start]
                 if seg.end <= right and not seg.sacked:
                     seg.sacked = True
@@ -205,6 +222,17 @@ class Recovery:
         karn = False
         segs = self.segments
         covered = 0  # segments acknowledged whole
+        if not self.sacked_bytes and not self.lost:
+            # The common case: nothing SACKed or queued for resending, so the segments
+            # below ``ack`` go as one slice unless the last of them is cut by it.
+            last = segs.last_key_below(ack)
+            if last is not None and segs[last].end <= ack:
+                for seg in segs.pop_through(ack):
+                    covered += 1
+                    if seg.resent:
+                        karn = True
+                    else:
+                        rtt_sample = now - seg.sent_at
         while segs:
             start, seg = segs.peekitem(0)
             if start >= ack:
@@ -335,8 +363,6 @@ class Recovery:
         # than wait for the retransmission timer (RACK's rule, RFC 8985 6.2).
         min_rtt = self.rtt.min_rtt
         rack = self.rack_time - min_rtt / 4 if min_rtt is not None else -1.0
-        # reversed(SortedDict) walks its sorted list directly; reversed(keys()) would index
-        # the view once per step (each an O(log n) position lookup).
         for start in reversed(segs):
             seg = segs[start]
             if seg.sacked:

@@ -38,7 +38,7 @@ from .rtt import RttEstimator
 if TYPE_CHECKING:
     from .connection import Connection
 
-__all__ = ["MAX_OWED_DUPACKS", "Subflow"]
+__all__ = ["MAX_OWED_DUPACKS", "Subflow", "new_data_end"]
 
 # Duplicate ACKs owed by the receiver within one receive batch (one per out-of-order
 # segment, RFC 5681 4.2): bounded like every queue; the runtime hands over at most 256
@@ -46,6 +46,35 @@ __all__ = ["MAX_OWED_DUPACKS", "Subflow"]
 MAX_OWED_DUPACKS: Final = 256
 _PEER_DEFAULT_MSS: Final = 536  # RFC 9293 default when the peer sends no MSS option
 _MIN_PEER_MSS: Final = 256
+
+
+def new_data_end(snd_max: int, wnd_end: int, send_end: int, pipe: int, cwnd: int, mss: int) -> int:
+    """Where the new data that may go now ends: full segments while the peer's window
+    (up to ``wnd_end``), the data (up to ``send_end``) and cwnd allow, then a short one
+    only where sender SWS avoidance (RFC 9293 3.8.6.2.1) and cwnd let it go. Per segment
+    the rule is RFC 5681's: one may go when nothing is in flight (``pipe`` 0) or when it
+    fits in cwnd with what is. Worked out at once rather than segment by segment (a
+    subflow sends a whole train per flush).
+
+    Returns ``snd_max`` when nothing may go, and one less when the window or the data
+    leave no room at all (the caller then arms the persist timer if the window is shut).
+    """
+    avail = min(wnd_end, send_end) - snd_max
+    if avail <= 0:
+        return snd_max - 1
+    full = avail // mss
+    # With nothing in flight the first segment goes whatever cwnd says.
+    fit = max(1, cwnd // mss) if pipe <= 0 else max(0, cwnd - pipe) // mss
+    n = full if full < fit else fit
+    end = snd_max + n * mss
+    pipe += n * mss
+    if n == full:
+        tail = avail - n * mss
+        # A short segment waits while more data is queued than the window takes (SWS
+        # avoidance) or cwnd has no room for it, unless nothing is in flight.
+        if tail > 0 and not (pipe > 0 and (send_end - end > tail or pipe + tail > cwnd)):
+            end += tail
+    return end
 
 
 class Subflow(SegmentBuilder):
@@ -466,6 +495,10 @@ class Subflow(SegmentBuilder):
         # Computed once (it scans the segments in recovery) and then kept up to date here:
         # each segment sent adds its length to the pipe, as RFC 6675 counts it.
         pipe = rec.pipe(self.snd_una, self.snd_max)
+        # New data goes out as one segment train (sal.train): consecutive segments of
+        # this flush are recorded one by one (the scoreboard stays per segment) and built
+        # as one unit, sharing the header, ACK, window and SACK blocks.
+        train_start = -1
         while True:
             if lost:
                 start = rec.take_lost(pipe, self.cc.cwnd, now)
@@ -473,6 +506,9 @@ class Subflow(SegmentBuilder):
                     if lost:
                         break  # no room in the window for the next lost segment
                 else:
+                    if train_start >= 0:
+                        self._send_train(train_start, now, out)
+                        train_start = -1
                     seg = self.segments[start]
                     self.retransmissions += 1
                     out.append(self._data_packet(start, seg.end, seg.fin, seg.dsn))
@@ -484,25 +520,28 @@ class Subflow(SegmentBuilder):
                 self._output_new_mp(now, out, pipe)
                 break
             if self.snd_max < send_end:
-                wnd_end = self.snd_una + self.snd_wnd
-                room = min(wnd_end - self.snd_max, send_end - self.snd_max, mss)
-                if room <= 0:
-                    if self.snd_wnd == 0 and self.snd_max == self.snd_una:
+                snd_max = self.snd_max
+                end = new_data_end(
+                    snd_max, self.snd_una + self.snd_wnd, send_end, pipe, self.cc.cwnd, mss
+                )
+                if end <= snd_max:
+                    if end < snd_max and self.snd_wnd == 0 and snd_max == self.snd_una:
                         self._arm_persist(now)
                     break
-                if room < mss and send_end - self.snd_max > room and pipe > 0:
-                    break  # sender SWS avoidance: wait for a full segment's room
-                if pipe > 0 and pipe + room > self.cc.cwnd:
-                    break
-                start = self.snd_max
-                end = start + room
                 fin = fin_off is not None and end == fin_off
-                self._send_new(start, end, fin, now, out)
-                pipe += room
-                continue
+                rec.on_sent_run(snd_max, end, mss, fin, now)
+                self.snd_max = end + 1 if fin else end
+                if train_start < 0:
+                    train_start = snd_max
+                break
             if fin_off is not None and self.snd_max == fin_off:
+                if train_start >= 0:
+                    self._send_train(train_start, now, out)
+                    train_start = -1
                 self._send_new(fin_off, fin_off, True, now, out)
             break
+        if train_start >= 0:
+            self._send_train(train_start, now, out)
 
     def _output_new_mp(self, now: float, out: list[SalPacket], pipe: int) -> None:
         """Multipath: take data from the connection (by scheduler) while cwnd allows."""
@@ -559,6 +598,17 @@ class Subflow(SegmentBuilder):
         if self.waiting_since is None:
             self.waiting_since = now
         out.append(self._data_packet(start, seg_end, fin))
+        self.conn.ack_sent()
+        if self.rto_deadline is None:
+            self.rto_deadline = now + self.rtt.rto
+
+    def _send_train(self, start: int, now: float, out: list[SalPacket]) -> None:
+        """The new segments [start, snd_max) just recorded as sent, as one train."""
+        if self.waiting_since is None:
+            self.waiting_since = now
+        fin_off = self.conn.fin_offset
+        fin = fin_off is not None and self.snd_max == fin_off + 1
+        out.append(self._data_train(start, self.snd_max, fin))
         self.conn.ack_sent()
         if self.rto_deadline is None:
             self.rto_deadline = now + self.rtt.rto

@@ -1,0 +1,157 @@
+"""Segment trains: a run of consecutive TCP data segments of one flow, encoded at once.
+
+Linux's TSO hands the device one large segment that the hardware cuts into MSS-size wire
+segments, copying one header and stamping each copy's sequence number and checksum. A
+:class:`SegmentTrain` is the same idea in the SAL's encoder: the transport describes a run
+of segments once (both flowIDs, one TCP header template, the contiguous payload, the segment
+size) and :meth:`SegmentTrain.datagrams` produces the wire datagrams, each byte-identical to
+what encoding its own :class:`~pyserval.sal.packet.SalPacket` would give. What is shared is
+computed once per train rather than per segment:
+
+* the SAL base header (its checksum covers only the header, which is the same for every
+  segment of a flow: no extensions);
+* the TCP header's fixed fields, the options (SACK blocks), and their part of the checksum;
+* the pseudo-header's address part (cached per address pair, see :mod:`.checksum`).
+
+Per segment what is left is the part that differs: the sequence number, the length in the
+pseudo-header, the sum over the payload (``int.from_bytes`` of a memoryview slice, in C) and
+one ``struct.pack``. The payload is sliced, never copied before the final join.
+
+Only data segments without SAL extensions go in trains (a multipath segment carries its own
+DSS mapping); every segment of a train carries ACK and PSH, the last one FIN as well when the
+train ends the stream. What a train does not do: decide what to send (the transport's
+``Subflow.output`` does), or send (the host hands the datagrams to the adapter, which may give
+runs of equal-size datagrams to the kernel in one GSO call).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+from .checksum import BytesLike, address_sum
+from .packet import BASE_HEADER, SalPacket
+from .transport_headers import PROTO_TCP, TCP_MIN_HEADER, TcpFlags, TcpHeader
+
+__all__ = ["SegmentTrain"]
+
+_MOD: Final = 0xFFFF
+_SAL: Final = struct.Struct("!IIBBH")
+# A TCP header without options: ports, seq, ack, offset+flags (one 16-bit word), window,
+# checksum, urgent pointer.
+_TCP_FIXED: Final = struct.Struct("!HHIIHHHH")
+
+
+class SegmentTrain(SalPacket):
+    """Consecutive data segments [seq, seq + len(payload)) of one flow: every one ``mss``
+    bytes but the last, which may be shorter (and carries FIN when ``fin``).
+
+    ``transport`` is the header template: its sequence number is the first segment's, its
+    ACK, window, options and flags (ACK | PSH) are every segment's. A train is a
+    :class:`SalPacket` so that it travels through the same lists as single packets; it is
+    several datagrams, so :meth:`encode` refuses and :meth:`datagrams` gives them.
+    """
+
+    __slots__ = ("mss", "fin")
+
+    def __init__(
+        self,
+        src_flowid: int,
+        dst_flowid: int,
+        tcp: TcpHeader,
+        payload: BytesLike,
+        mss: int,
+        fin: bool = False,
+    ) -> None:
+        if mss < 1:
+            raise ValueError(f"segment size must be positive: {mss}")
+        if not payload:
+            raise ValueError("a segment train carries data")
+        super().__init__(src_flowid, dst_flowid, PROTO_TCP, [], tcp, payload)
+        self.mss = mss
+        self.fin = fin
+
+    @property
+    def count(self) -> int:
+        """How many wire segments the train is."""
+        return -(-len(self.payload) // self.mss)
+
+    def encode(self, src_ip: str | bytes | None = None, dst_ip: str | bytes | None = None) -> bytes:
+        """Not one datagram: use :meth:`datagrams`."""
+        raise TypeError("a SegmentTrain is several datagrams: use datagrams()")
+
+    def packets(self) -> list[SalPacket]:
+        """The train as single packets (what it stands for; slow, for tests and tools)."""
+        t = self.transport
+        assert type(t) is TcpHeader
+        view = memoryview(self.payload)
+        out: list[SalPacket] = []
+        total = len(view)
+        for lo in range(0, total, self.mss):
+            hi = min(lo + self.mss, total)
+            flags = t.flags | (TcpFlags.FIN if self.fin and hi == total else 0)
+            tcp = TcpHeader(
+                seq=(t.seq + lo) & 0xFFFFFFFF,
+                ack=t.ack,
+                flags=flags,
+                window=t.window,
+                options=list(t.options),
+            )
+            out.append(SalPacket(self.src_flowid, self.dst_flowid, PROTO_TCP, [], tcp, view[lo:hi]))
+        return out
+
+    def datagrams(self, src_ip: str | bytes, dst_ip: str | bytes) -> list[bytes]:
+        """The wire datagrams, with the TCP checksum over the pseudo-header of these
+        addresses (as :meth:`SalPacket.encode` computes it)."""
+        t = self.transport
+        assert type(t) is TcpHeader
+        sal = bytearray(_SAL.pack(self.src_flowid, self.dst_flowid, BASE_HEADER // 4, PROTO_TCP, 0))
+        n = int.from_bytes(sal, "big") % _MOD
+        check = (~(n or _MOD)) & 0xFFFF  # the header is never all zero: flowIDs, shl
+        sal[10] = check >> 8
+        sal[11] = check & 0xFF
+        sal_bytes = bytes(sal)
+        opts = t.encode(0)[TCP_MIN_HEADER:]
+        hlen = TCP_MIN_HEADER + len(opts)
+        off_flags = ((hlen // 4) << 12) | (t.flags & 0x0FFF)
+        ack = t.ack & 0xFFFFFFFF
+        window = t.window
+        # Everything in the checksum that is the same for each segment: the pseudo-header's
+        # addresses and protocol, and the header words but sequence number and checksum.
+        base = (
+            address_sum(src_ip, dst_ip, PROTO_TCP)
+            + (ack >> 16)
+            + (ack & 0xFFFF)
+            + off_flags
+            + window
+            + (int.from_bytes(opts, "big") if opts else 0)
+        )
+        pack = _TCP_FIXED.pack
+        view = memoryview(self.payload)
+        total = len(view)
+        mss = self.mss
+        seq0 = t.seq
+        out: list[bytes] = []
+        append = out.append
+        join = b"".join
+        from_bytes = int.from_bytes
+        for lo in range(0, total, mss):
+            hi = lo + mss
+            if hi > total:
+                hi = total
+            chunk = view[lo:hi]
+            size = hi - lo
+            seq = (seq0 + lo) & 0xFFFFFFFF
+            flags = off_flags
+            s = base + hlen + size + (seq >> 16) + (seq & 0xFFFF)
+            if size & 1:
+                s += from_bytes(chunk, "big") << 8
+            else:
+                s += from_bytes(chunk, "big")
+            if hi == total and self.fin:
+                flags |= TcpFlags.FIN
+                s += TcpFlags.FIN
+            s %= _MOD
+            check = (~(s or _MOD)) & 0xFFFF
+            append(join((sal_bytes, pack(0, 0, seq, ack, flags, window, check, 0), opts, chunk)))
+        return out

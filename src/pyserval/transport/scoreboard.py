@@ -1,0 +1,168 @@
+"""The sender's scoreboard as a sorted map that is cheap where a sender uses it.
+
+A subflow's scoreboard (``Recovery.segments``: start offset -> ``SentSegment``) changes
+at its two ends: every new segment is added after the last one, a cumulative ACK removes
+from the front, and the rest of the segment an ACK cuts in two goes back at the front. A
+general sorted container (``sortedcontainers.SortedDict``) pays a bisection and an insort
+for each of these, about 2 us per segment sent and acknowledged in CPython; here both are a
+list append or an index step, with the keys in one list (``_keys[_head:]``, ascending) and
+the segments in a dict. Keys in the middle (never needed by the sender, supported for
+completeness) are inserted or removed by bisection, in O(n).
+
+What it does not do: decide anything about loss (``recovery.py`` does), or keep more than
+one value per key.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterator
+from typing import Final, Generic, TypeVar
+
+__all__ = ["Scoreboard"]
+
+V = TypeVar("V")
+
+# The front of the key list is cut off (one list copy) once this many removed keys
+# are skipped there and they are at least half the list: O(1) amortised per key.
+_COMPACT_AFTER: Final = 64
+
+
+class Scoreboard(Generic[V]):
+    """A map from int keys to values, iterated in key order (the subset of
+    ``SortedDict``'s interface that :mod:`.recovery` uses, plus :meth:`pop_through`)."""
+
+    __slots__ = ("_keys", "_head", "_map")
+
+    def __init__(self) -> None:
+        self._keys: list[int] = []  # ascending; live from _head on
+        self._head = 0
+        self._map: dict[int, V] = {}
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def __bool__(self) -> bool:
+        return bool(self._map)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._map
+
+    def __getitem__(self, key: int) -> V:
+        return self._map[key]
+
+    def __setitem__(self, key: int, value: V) -> None:
+        m = self._map
+        if key in m:
+            m[key] = value
+            return
+        keys = self._keys
+        head = self._head
+        if head == len(keys) or key > keys[-1]:
+            keys.append(key)  # a new segment: the common case
+        elif key < keys[head]:
+            if head:
+                head -= 1
+                keys[head] = key  # the rest of a partly acknowledged segment
+                self._head = head
+            else:
+                keys.insert(0, key)
+        else:
+            keys.insert(bisect_left(keys, key, head), key)
+        m[key] = value
+
+    def extend(self, keys: range, values: list[V]) -> None:
+        """Add ``values`` under the ascending ``keys`` (segments sent as one train)."""
+        mine = self._keys
+        if keys and len(mine) > self._head and keys[0] <= mine[-1]:
+            for k, v in zip(keys, values, strict=True):
+                self[k] = v  # not after the last key: one by one
+            return
+        mine.extend(keys)
+        self._map.update(zip(keys, values, strict=True))
+
+    def __delitem__(self, key: int) -> None:
+        del self._map[key]  # KeyError when absent, as for a dict
+        keys = self._keys
+        head = self._head
+        if keys[head] == key:
+            self._advance(head + 1)
+        else:
+            del keys[bisect_left(keys, key, head)]
+
+    def _advance(self, head: int) -> None:
+        keys = self._keys
+        if head == len(keys):
+            keys.clear()
+            head = 0
+        elif head >= _COMPACT_AFTER and head * 2 >= len(keys):
+            del keys[:head]
+            head = 0
+        self._head = head
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._keys[self._head :])
+
+    def __reversed__(self) -> Iterator[int]:
+        return reversed(self._keys[self._head :])
+
+    def keys(self) -> list[int]:
+        """The keys in ascending order (a copy)."""
+        return self._keys[self._head :]
+
+    def values(self) -> list[V]:
+        """The values in key order."""
+        m = self._map
+        return [m[k] for k in self._keys[self._head :]]
+
+    def items(self) -> list[tuple[int, V]]:
+        """(key, value) pairs in key order (a copy: the map may change meanwhile)."""
+        m = self._map
+        return [(k, m[k]) for k in self._keys[self._head :]]
+
+    def peekitem(self, index: int = 0) -> tuple[int, V]:
+        """The first (``index`` 0) or last (-1) pair; IndexError when empty."""
+        if not self._map:
+            raise IndexError("peekitem on an empty scoreboard")
+        if index == 0:
+            key = self._keys[self._head]
+        elif index == -1:
+            key = self._keys[-1]
+        else:
+            key = self._keys[self._head :][index]
+        return key, self._map[key]
+
+    def irange(self, low: int, high: int) -> list[int]:
+        """The keys in [low, high), ascending."""
+        keys = self._keys
+        head = self._head
+        return keys[bisect_left(keys, low, head) : bisect_left(keys, high, head)]
+
+    def pop_through(self, bound: int) -> list[V]:
+        """Remove every entry whose key is below ``bound`` and return their values in key
+        order (the caller checked that each one ends at or below ``bound``)."""
+        keys = self._keys
+        head = self._head
+        i = bisect_left(keys, bound, head)
+        if i == head:
+            return []
+        m = self._map
+        pop = m.pop
+        out = [pop(k) for k in keys[head:i]]
+        self._advance(i)
+        return out
+
+    def last_key_below(self, bound: int) -> int | None:
+        """The last key below ``bound`` (None when no key is)."""
+        keys = self._keys
+        i = bisect_left(keys, bound, self._head)
+        return keys[i - 1] if i > self._head else None
+
+    def clear(self) -> None:
+        """Remove everything."""
+        self._keys.clear()
+        self._head = 0
+        self._map.clear()
+
+    def __repr__(self) -> str:
+        return f"Scoreboard({dict(self.items())!r})"
