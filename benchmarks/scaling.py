@@ -292,6 +292,13 @@ async def stream_client(ctl: Control, params: Params) -> Result:
         await asyncio.gather(*helpers, return_exceptions=True)
         if ping is not None:
             await ping.aclose()
+        core = host.core
+        if core is not None:  # what the transport did meanwhile (for reading the figures)
+            out["client_core"] = {
+                "retransmissions": core.stats.get("retransmissions_ended", 0),
+                "stats": dict(core.stats),
+                "drops": dict(core.drops),
+            }
 
     # Checked after the clock stopped: each answer against this stream's own bytes.
     ok = 0

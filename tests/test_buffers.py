@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -56,3 +57,48 @@ def test_send_buffer_bounds_and_release() -> None:
     assert sb.release(4) == 4 and sb.start == 4 and sb.free == 4
     assert sb.write(b"abcdef") == 4 and sb.end == 14
     assert sb.read(10, 14) == b"abcd"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["write", "write_view", "read", "release"]),
+            st.integers(0, 70_000),
+            st.integers(0, 70_000),
+        ),
+        max_size=60,
+    )
+)
+def test_the_send_buffer_holds_what_a_plain_bytearray_holds(
+    ops: list[tuple[str, int, int]],
+) -> None:
+    """Chunked storage against the obvious model: one bytearray and its start offset."""
+    sb = SendBuffer(200_000)
+    model = bytearray()
+    base = 0
+    written = 0
+    for op, a, b in ops:
+        if op.startswith("write"):
+            data = bytes((written + i) % 251 for i in range(a))
+            taken = sb.write(memoryview(data) if op == "write_view" else data)
+            assert taken == min(a, 200_000 - len(model))
+            model += data[:taken]
+            written += taken
+        elif op == "read":
+            lo = base + (a % (len(model) + 1))
+            hi = lo + (b % (base + len(model) - lo + 1))
+            assert sb.read(lo, hi) == bytes(model[lo - base : hi - base])
+        else:
+            upto = base + a % (len(model) + 1)
+            assert sb.release(upto) == upto - base
+            del model[: upto - base]
+            base = upto
+        assert (sb.start, sb.end, len(sb), sb.free) == (
+            base,
+            base + len(model),
+            len(model),
+            200_000 - len(model),
+        )
+    with pytest.raises(IndexError):
+        sb.read(base - 1, base + 1) if base else sb.read(0, sb.end + 1)

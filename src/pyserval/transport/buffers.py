@@ -6,21 +6,38 @@ handles 32-bit sequence wrap-around; only the wire codec maps offsets to sequenc
 
 from __future__ import annotations
 
+from bisect import bisect_right
+
 from sortedcontainers import SortedDict
 
 __all__ = ["ReceiveBuffer", "SendBuffer"]
 
 
 class SendBuffer:
-    """Bytes the application wrote and the peer has not acknowledged yet (bounded)."""
+    """Bytes the application wrote and the peer has not acknowledged yet (bounded).
 
-    __slots__ = ("_buf", "_base", "capacity")
+    Kept as a list of chunks rather than one ``bytearray``: appending to a bytearray whose
+    head was cut off (acknowledged) moves everything it holds, up to the whole buffer, on
+    every write. A large write becomes its own chunk (not copied when it is ``bytes``);
+    small writes go into an open ``bytearray`` chunk of up to :attr:`CHUNK` bytes, so a
+    stream of one-byte writes costs no more than a few large ones. Reads copy the range.
+    """
+
+    __slots__ = ("_chunks", "_starts", "_first", "_base", "_end", "capacity")
+
+    CHUNK = 65536
+    """Small writes are gathered into chunks of about this size."""
+    SMALL = 16384
+    """Writes below this size are gathered; larger ones are a chunk of their own."""
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError(f"send buffer capacity must be positive: {capacity}")
-        self._buf = bytearray()
-        self._base = 0  # absolute offset of _buf[0] (= the oldest unacknowledged byte)
+        self._chunks: list[bytes | bytearray] = []  # live from _first on
+        self._starts: list[int] = []  # the absolute offset of each chunk's first byte
+        self._first = 0
+        self._base = 0  # absolute offset of the oldest byte held
+        self._end = 0  # one past the newest
         self.capacity = capacity
 
     @property
@@ -31,38 +48,85 @@ class SendBuffer:
     @property
     def end(self) -> int:
         """Offset one past the newest byte written."""
-        return self._base + len(self._buf)
+        return self._end
 
     @property
     def free(self) -> int:
         """How many more bytes :meth:`write` accepts now."""
-        return self.capacity - len(self._buf)
+        return self.capacity - (self._end - self._base)
 
     def __len__(self) -> int:
-        return len(self._buf)
+        return self._end - self._base
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Append as much of ``data`` as fits; returns how many bytes were taken."""
         n = min(len(data), self.free)
-        if n:
-            self._buf += data[:n]
+        if n <= 0:
+            return 0
+        chunks = self._chunks
+        if n < self.SMALL:
+            last = chunks[-1] if len(chunks) > self._first else None
+            if type(last) is bytearray and len(last) + n <= self.CHUNK:
+                last += data[:n]
+            else:
+                chunks.append(bytearray(data[:n]))
+                self._starts.append(self._end)
+        else:
+            if type(data) is bytes and n == len(data):
+                chunks.append(data)  # immutable: kept as it is
+            else:
+                chunks.append(bytes(data[:n]))
+            self._starts.append(self._end)
+        self._end += n
         return n
 
     def read(self, start: int, end: int) -> bytes:
         """A copy of bytes [start, end) (they must still be held)."""
-        lo = start - self._base
-        if lo < 0 or end > self.end:
+        if start < self._base or end > self._end:
             raise IndexError(f"bytes [{start}, {end}) are not in the send buffer")
-        return bytes(self._buf[lo : end - self._base])
+        if end <= start:
+            return b""
+        starts = self._starts
+        chunks = self._chunks
+        i = bisect_right(starts, start, self._first) - 1
+        lo = start - starts[i]
+        chunk = chunks[i]
+        if end - starts[i] <= len(chunk):
+            piece = chunk[lo : end - starts[i]]
+            return piece if type(piece) is bytes else bytes(piece)
+        pieces = [memoryview(chunk)[lo:]]
+        at = starts[i] + len(chunk)
+        while at < end:
+            i += 1
+            chunk = chunks[i]
+            pieces.append(memoryview(chunk)[: end - at])
+            at += len(chunk)
+        return b"".join(pieces)
 
     def release(self, upto: int) -> int:
         """Drop bytes before ``upto`` (acknowledged); returns how many were dropped."""
-        n = min(upto, self.end) - self._base
+        upto = min(upto, self._end)
+        n = upto - self._base
         if n <= 0:
             return 0
-        # Deleting a bytearray's head is amortised O(1) in CPython (it moves a start index).
-        del self._buf[:n]
-        self._base += n
+        self._base = upto
+        chunks = self._chunks
+        starts = self._starts
+        first = self._first
+        last = len(chunks) - 1
+        # Whole chunks below the new start go (the last one stays open for writes).
+        while first < last and starts[first + 1] <= upto:
+            chunks[first] = b""
+            first += 1
+        if first == last and upto == self._end:
+            chunks.clear()
+            starts.clear()
+            first = 0
+        elif first >= 64 and first * 2 >= len(chunks):
+            del chunks[:first]
+            del starts[:first]
+            first = 0
+        self._first = first
         return n
 
 
