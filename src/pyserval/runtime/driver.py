@@ -5,8 +5,8 @@ core, and what the core wants to send goes out once per batch (and once per loop
 application calls, coalesced: :meth:`Driver.schedule_flush`). One ``loop.call_at`` timer
 serves the whole host, re-armed only when the core's next deadline changes; it also ends
 the waits that have a time limit (:meth:`Driver.wait_until`, a connect's), which are kept in
-one heap rather than as a timer object each. Core events wake
-the tasks waiting on the connection they name, and go to the watchers and hooks.
+one heap rather than as a timer object each. Core events wake the tasks waiting on the
+connection they name, and go to the watchers and hooks.
 
 What it does not do: choose addresses or migrate (``runtime.interfaces``), talk to the
 control plane or register services (``runtime.services``), or offer streams (``Host``).
