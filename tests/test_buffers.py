@@ -7,6 +7,7 @@ import itertools
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sortedcontainers import SortedDict
 
 from pyserval.transport.buffers import ReceiveBuffer, SendBuffer
 
@@ -30,11 +31,12 @@ def test_reassembly_is_exact_and_bounded(
         start = max(0, rb.rcv_nxt + offset)
         rb.offer(start, STREAM[start : start + length])
         got += rb.read(read)
-        starts = list(rb._ooo.keys())
+        ooo = rb._ooo if rb._ooo is not None else SortedDict()  # (made on first use)
+        starts = list(ooo.keys())
         for a, b in itertools.pairwise(starts):
-            assert a + len(rb._ooo[a]) < b  # merged: no overlap, no adjacency
+            assert a + len(ooo[a]) < b  # merged: no overlap, no adjacency
         for s in starts:
-            assert s > rb.rcv_nxt and rb._ooo[s] == STREAM[s : s + len(rb._ooo[s])]
+            assert s > rb.rcv_nxt and ooo[s] == STREAM[s : s + len(ooo[s])]
         assert rb.readable + rb.out_of_order_bytes <= capacity  # memory within the window
         assert len(starts) <= max_blocks
         assert len(rb.sack_blocks(3)) == min(3, len(starts))

@@ -4,9 +4,11 @@ A connection that closed first waits ``StreamConfig.time_wait`` (30 s) before it
 is forgotten, so that a late retransmission from the peer is answered (our last ACK was
 lost) rather than met with a RST. Everything it can still send is fixed by then: the ACK of
 the peer's data and FIN, and the control ACK of the peer's SAL FIN. So the host keeps the
-two packets, already encoded, and the few fields that check who may draw them, and lets the
-connection object go (a whole connection with its buffers and subflow is about 9 KB; this
-record is a few hundred bytes).
+numbers those two packets carry (control numbers, TCP sequence, ACK and window) and the few
+fields that check who may draw them, and lets the connection object go (a whole connection
+with its buffers and subflow is about 9 KB; this record is a few hundred bytes). The packets
+are encoded only when a late packet draws one: most flows end their wait without, and two
+encodings per closed connection were a tenth of its set-up and teardown cost.
 
 The answers are the connection's own (see ``tests/test_time_wait.py``, which compares them
 with a host keeping whole connections): data or a TCP FIN draws the ACK, a CONTROL(FIN)
@@ -24,15 +26,16 @@ after is unlikely anyway. Sans-I/O: ``now`` is passed in.
 
 from __future__ import annotations
 
+import struct
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Final
 
-from ..sal.extensions import ControlFlags
+from ..sal.extensions import ControlExt, ControlFlags
 from ..sal.inet import Address
 from ..sal.packet import SalPacket
-from ..sal.transport_headers import TcpFlags
+from ..sal.transport_headers import PROTO_TCP, TcpFlags, TcpHeader, TcpOption
 
 if TYPE_CHECKING:
     from ..transport.connection import Connection, Subflow
@@ -41,6 +44,8 @@ __all__ = ["TimeWait", "TimeWaitTable"]
 
 _FIN: Final = int(ControlFlags.FIN)
 _RST: Final = int(ControlFlags.RST)
+# verno, ackno (control ACK); seq, ack, window (pure ACK): see TimeWait.__init__.
+_NUMBERS: Final = struct.Struct("!IIIIH")
 
 
 class TimeWait:
@@ -48,14 +53,16 @@ class TimeWait:
 
     __slots__ = (
         "conn",
-        "ctl_ack",
         "expires",
         "flowid",
         "local",
+        "local_nonce",
+        "numbers",
+        "options",
         "peer",
         "peer_flowid",
         "peer_nonce",
-        "tcp_ack",
+        "protocol",
     )
 
     def __init__(
@@ -65,8 +72,9 @@ class TimeWait:
         peer: Address,
         local: Address,
         peer_nonce: bytes,
-        ctl_ack: bytes,
-        tcp_ack: bytes | None,
+        control: ControlExt,
+        protocol: int,
+        tcp: TcpHeader | None,
         expires: float,
         conn: weakref.ref[Connection] | None,
     ) -> None:
@@ -75,8 +83,18 @@ class TimeWait:
         self.peer = peer
         self.local = local
         self.peer_nonce = peer_nonce
-        self.ctl_ack = ctl_ack
-        self.tcp_ack = tcp_ack
+        # What the two answers carry, packed (one small bytes object rather than five
+        # ints): the control ACK's verno and ackno (its flags are ACK, its reserved bits
+        # zero; our nonce is kept as it is) and the pure ACK's sequence, ACK and window.
+        # A datagram flow (protocol 17) has no TCP side: its three are zero and unused.
+        self.local_nonce = control.nonce
+        self.protocol = protocol
+        seq = ack = window = 0
+        self.options: list[TcpOption] | None = None
+        if tcp is not None:
+            seq, ack, window = tcp.seq, tcp.ack, tcp.window
+            self.options = tcp.options or None  # SACK blocks, rare by then
+        self.numbers = _NUMBERS.pack(control.verno, control.ackno, seq, ack, window)
         self.expires = expires
         # The connection object, if the application still holds it: told CLOSED at the end.
         self.conn = conn
@@ -88,23 +106,49 @@ class TimeWait:
         peer, nonce, deadline = sf.remote_addr, sf.control.peer_nonce, conn.time_wait_deadline
         if peer is None or nonce is None or deadline is None:
             return None
-        local = sf.local_addr
         # The packets the connection itself would send: a control ACK (alone, as a flow
-        # whose TCP side is done sends it) and, on a stream, the pure ACK.
+        # whose TCP side is done sends it) and, on a stream, the pure ACK. Built by the
+        # subflow, so they are its own; kept as their numbers, encoded when drawn.
         ctl = sf.control_packet(sf.control.ext(ControlFlags.ACK))
-        ctl_ack = ctl.encode(local[0], peer[0])
-        tcp_ack = None if datagram else sf.pure_ack().encode(local[0], peer[0])
+        control = ctl.control
+        assert control is not None
+        tcp = None if datagram else sf.pure_ack().tcp
         return cls(
             sf.local_flowid,
             sf.remote_flowid,
             peer,
-            local,
+            sf.local_addr,
             nonce,
-            ctl_ack,
-            tcp_ack,
+            control,
+            ctl.protocol,
+            tcp,
             deadline,
             weakref.ref(conn),
         )
+
+    @property
+    def ctl_ack(self) -> bytes:
+        """The control ACK (of the peer's SAL FIN), encoded."""
+        verno, ackno = _NUMBERS.unpack(self.numbers)[:2]
+        ext = ControlExt(ControlFlags.ACK, verno, ackno, self.local_nonce)
+        pkt = SalPacket(self.flowid, self.peer_flowid, self.protocol, [ext])
+        return pkt.encode(self.local[0], self.peer[0])
+
+    @property
+    def tcp_ack(self) -> bytes | None:
+        """The pure ACK (of the peer's data and FIN), encoded; None on a datagram flow."""
+        if self.protocol != PROTO_TCP:
+            return None
+        seq, ack, window = _NUMBERS.unpack(self.numbers)[2:]
+        tcp = TcpHeader(
+            seq=seq,
+            ack=ack,
+            flags=TcpFlags.ACK,
+            window=window,
+            options=list(self.options or ()),
+        )
+        pkt = SalPacket(self.flowid, self.peer_flowid, self.protocol, [], tcp)
+        return pkt.encode(self.local[0], self.peer[0])
 
     def answer(self, pkt: SalPacket, src: Address) -> tuple[bytes | None, str | None]:
         """What to send back for ``pkt`` from ``src`` (bytes or None), and the reason it is

@@ -3,8 +3,10 @@
 A thin adapter and nothing more. Datagrams read in batches from each interface go to the
 core, and what the core wants to send goes out once per batch (and once per loop pass after
 application calls, coalesced: :meth:`Driver.schedule_flush`). One ``loop.call_at`` timer
-serves the whole host, re-armed only when the core's next deadline changes. Core events wake
-the tasks waiting on the connection they name, and go to the watchers and hooks.
+serves the whole host, re-armed only when the core's next deadline changes; it also ends
+the waits that have a time limit (:meth:`Driver.wait_until`, a connect's), which are kept in
+one heap rather than as a timer object each. Core events wake the tasks waiting on the
+connection they name, and go to the watchers and hooks.
 
 What it does not do: choose addresses or migrate (``runtime.interfaces``), talk to the
 control plane or register services (``runtime.services``), or offer streams (``Host``).
@@ -13,6 +15,8 @@ control plane or register services (``runtime.services``), or offer streams (``H
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import os
 from collections import defaultdict
 from collections.abc import Callable
@@ -91,6 +95,12 @@ class Driver:
         self._flush_pending = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        # Waits with a time limit: a heap of (deadline, tiebreak, conn_id), and the deadline
+        # of each wait still running (conn_id -> deadline). An entry whose wait ended is
+        # stale and dropped when it reaches the top, so the timer is never armed for it.
+        self._limits: list[tuple[float, int, int]] = []
+        self._limit_live: dict[int, float] = {}
+        self._limit_order = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- state ----------------------------------------------------------------------------
@@ -217,7 +227,12 @@ class Driver:
         if core.delay_requests:
             for sid in core.take_delay_requests():
                 self.on_delay(sid)
-        self._arm_timer(core.next_deadline())
+        deadline = core.next_deadline()
+        if self._limits:
+            limit = self._next_limit()
+            if limit is not None and (deadline is None or limit < deadline):
+                deadline = limit
+        self._arm_timer(deadline)
 
     # -- the timer ----------------------------------------------------------------------
     def _arm_timer(self, deadline: float | None) -> None:
@@ -242,8 +257,25 @@ class Driver:
         core = self.core
         if core is None:
             return
-        core.handle_timer(self.now())
+        now = self.now()
+        core.handle_timer(now)
+        limits = self._limits
+        while limits and limits[0][0] <= now:
+            deadline, _, conn_id = heapq.heappop(limits)
+            if self._limit_live.get(conn_id) == deadline:
+                self.waiters.wake(conn_id)  # its time is up: the waiter sees it and returns
         self.flush()
+
+    def _next_limit(self) -> float | None:
+        """The earliest deadline of a wait still running (stale entries are dropped)."""
+        limits = self._limits
+        live = self._limit_live
+        while limits:
+            deadline, _, conn_id = limits[0]
+            if live.get(conn_id) == deadline:
+                return deadline
+            heapq.heappop(limits)
+        return None
 
     # -- events and waiters -------------------------------------------------------------
     def _dispatch(self, event: Event) -> None:
@@ -252,10 +284,13 @@ class Driver:
             if ev is not None:
                 ev.set()
         self.waiters.wake(event.conn_id, final=isinstance(event, _FINAL_EVENTS))
-        hooks = list(self._event_hooks)
         conn_hook = self._conn_hooks.get(event.conn_id)
-        if conn_hook is not None:
-            hooks.insert(0, conn_hook)
+        if conn_hook is None:
+            if not self._event_hooks:
+                return  # (the common case: nobody watches; no list to build)
+            hooks = list(self._event_hooks)
+        else:
+            hooks = [conn_hook, *self._event_hooks]
         for hook in hooks:
             try:
                 hook(event)
@@ -267,6 +302,29 @@ class Driver:
     async def wait(self, conn: Connection, ready: Callable[[], bool]) -> None:
         """Wait until ``ready()`` holds for ``conn`` (re-checked at each of its events)."""
         await self.waiters.wait_for(conn.conn_id, ready)
+
+    async def wait_until(
+        self, conn: Connection, ready: Callable[[], bool], deadline: float
+    ) -> bool:
+        """:meth:`wait`, until the loop time ``deadline`` at the latest: False when it came
+        first. The host's one timer ends it (no timer object per wait); one such wait per
+        connection at a time."""
+        if ready():
+            return True
+        if self.now() >= deadline:
+            return False
+        conn_id = conn.conn_id
+        self._limit_live[conn_id] = deadline
+        heapq.heappush(self._limits, (deadline, next(self._limit_order), conn_id))
+        at = self._timer_at
+        if self._timer is None or at is None or deadline < at:
+            self._arm_timer(deadline)  # (the next flush re-arms from both heaps)
+        try:
+            await self.waiters.wait_for(conn_id, lambda: ready() or self.now() >= deadline)
+        finally:
+            if self._limit_live.get(conn_id) == deadline:
+                del self._limit_live[conn_id]
+        return ready()
 
     def add_listener(self, listener: Listener) -> None:
         """Give ``listener`` a waiter that its incoming connections set."""

@@ -631,14 +631,8 @@ class Host:
             driver.schedule_flush()
             answered = functools.partial(_left_syn_sent, conn)
             try:
-                async with asyncio.timeout(limit):
-                    await driver.wait(conn, answered)
-            except TimeoutError:
-                conn.abort()
-                driver.schedule_flush()
-                raise ServalConnectTimeout(
-                    f"connecting to service {service!s} timed out after {limit} s"
-                ) from None
+                # The driver's timer ends the wait (no timer object per connect).
+                in_time = await driver.wait_until(conn, answered, driver.now() + limit)
             except BaseException:
                 # Cancelled (or interrupted): nothing may be left behind. The connection is
                 # aborted, so no more SYNs go out; a SYN-ACK that still comes finds no flow
@@ -646,6 +640,12 @@ class Host:
                 conn.abort()
                 driver.schedule_flush()
                 raise
+            if not in_time:
+                conn.abort()
+                driver.schedule_flush()
+                raise ServalConnectTimeout(
+                    f"connecting to service {service!s} timed out after {limit} s"
+                )
             if conn.state is State.ESTABLISHED:
                 break
             via = conn.primary.remote_addr if conn.subflows else None

@@ -153,7 +153,9 @@ class ReceiveBuffer:
         if capacity < 1:
             raise ValueError(f"receive buffer capacity must be positive: {capacity}")
         self._ready = bytearray()
-        self._ooo: SortedDict = SortedDict()  # start offset -> bytes, non-overlapping
+        # start offset -> bytes, non-overlapping; made by the first out-of-order segment
+        # (most connections never see one, and a SortedDict costs ~4 us to build).
+        self._ooo: SortedDict | None = None
         self._ooo_bytes = 0
         self.rcv_nxt = start  # next in-order offset expected
         self.capacity = capacity
@@ -221,6 +223,8 @@ class ReceiveBuffer:
 
     def _insert_ooo(self, start: int, data: bytes) -> None:
         ooo = self._ooo
+        if ooo is None:
+            ooo = self._ooo = SortedDict()
         end = start + len(data)
         # Merge with an overlapping or adjacent block on the left.
         merged = False
@@ -266,6 +270,8 @@ class ReceiveBuffer:
         Costs O(limit), not O(blocks): this runs for every ACK sent.
         """
         ooo = self._ooo
+        if not ooo:
+            return []
         blocks: list[tuple[int, int]] = []
         recent = self._recent
         if recent is not None and recent in ooo:

@@ -597,8 +597,9 @@ class Connection:
             # Everything was delivered and acknowledged both ways: only TIME_WAIT's own end
             # is left (on_timer runs nothing else, so nothing else may be armed).
             return self.time_wait_deadline
-        best = None
-        for d in (self.delack_deadline, *(sf.next_deadline() for sf in self.subflows)):
+        best = self.delack_deadline
+        for sf in self.subflows:  # (a loop, not a generator: this runs after every flush)
+            d = sf.next_deadline()
             if d is not None and (best is None or d < best):
                 best = d
         if self.state is State.ESTABLISHED:
