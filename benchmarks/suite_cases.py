@@ -3,6 +3,7 @@
     python benchmarks/suite_cases.py stream [--mss 1408] [--seconds 3]
     python benchmarks/suite_cases.py connect [--seconds 3]
     python benchmarks/suite_cases.py forwarding [--seconds 3] [--window 256]
+    python benchmarks/suite_cases.py stream_vs_quic [--seconds 3] [--reps 3] [--mss 1408]
 
 ``host_bench.py`` and ``router_bench.py`` reach into internals (the connection's
 subflows, ``HostCore``) that the transport and runtime restructuring moves; these cases
@@ -16,7 +17,13 @@ run them against a source tree from before and after such a change (``PYTHONPATH
   of stream and closes (``host_bench.py``'s cycle); connections per second, and the CPU
   time of both processes per connection;
 * ``forwarding``: SYNs per second through a one-rule router and through a bare relay with
-  the same batched reads (``scaling.router_run``), and their ratio.
+  the same batched reads (``scaling.router_run``), and their ratio;
+* ``stream_vs_quic``: issue 14's first row in one run: ``stream`` at ``--mss`` (1,408
+  unless given) and aioquic bulk (``baselines.quic_throughput``, one stream, datagrams
+  sized to carry about as many stream bytes), alternating ``--reps`` times (pyserval, quic,
+  pyserval, quic, ...) so that load from other work falls on both; MB/s of each
+  repetition, their ratio, and the median ratio. Needs the ``[bench]`` extra (aioquic):
+  without it the QUIC side says skipped and there is no ratio.
 
 Each prints one JSON object. Not a replacement for the full benchmarks: no baselines
 (asyncio TCP, UDP blast), no profiles.
@@ -28,6 +35,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -124,19 +132,81 @@ def forwarding(seconds: float, window: int) -> Result:
     }
 
 
+def stream_vs_quic(seconds: float, reps: int, mss: int) -> Result:
+    """pyserval's one stream at ``mss`` and aioquic bulk, alternating, with their ratios."""
+    runs: list[Result] = []
+    ratios: list[float] = []
+    ok = True
+    skipped = None
+    for rep in range(reps):
+        mine = scaling.streams_run(1, seconds, mss=mss, ping=False, buffer=8 << 20)
+        ok = ok and bool(mine["ok"])
+        runs.append(
+            {
+                "rep": rep,
+                "stack": "pyserval",
+                "mb_per_s": mine["mb_per_s"],
+                "ok": mine["ok"],
+                "cpu_us_per_mb": mine["cpu_us_per_mb"],
+                "cpu_s": mine["cpu_s"],
+            }
+        )
+        # As many stream bytes per QUIC packet as pyserval puts in a segment: aioquic's
+        # short header, AEAD tag and STREAM frame header take about 44 bytes of 1,452.
+        datagram = max(1200, mss + baselines.QUIC_DATAGRAM - 1408)
+        quic = baselines.quic_throughput(seconds, max_datagram_size=datagram)
+        if "skipped" in quic:
+            skipped = quic["skipped"]
+            runs.append({"rep": rep, "stack": "aioquic", "skipped": skipped})
+            continue
+        ok = ok and bool(quic["ok"])
+        ratio = mine["mb_per_s"] / quic["mb_per_s"] if quic["mb_per_s"] else float("nan")
+        ratios.append(ratio)
+        runs.append(
+            {
+                "rep": rep,
+                "stack": "aioquic",
+                "mb_per_s": quic["mb_per_s"],
+                "ok": quic["ok"],
+                "stream_bytes_per_datagram": quic["stream_bytes_per_datagram"],
+                "cpu_s": quic["cpu_s"],
+                "pyserval_vs_aioquic": round(ratio, 2),
+            }
+        )
+    mine_mb = [r["mb_per_s"] for r in runs if r["stack"] == "pyserval"]
+    quic_mb = [r["mb_per_s"] for r in runs if r["stack"] == "aioquic" and "mb_per_s" in r]
+    out: Result = {
+        "mss": mss,
+        "seconds": seconds,
+        "reps": reps,
+        "runs": runs,
+        "pyserval_mb_per_s_median": statistics.median(mine_mb) if mine_mb else None,
+        "aioquic_mb_per_s_median": statistics.median(quic_mb) if quic_mb else None,
+        "ratio_median": round(statistics.median(ratios), 2) if ratios else None,
+        "goal": "pyserval >= 10x aioquic (issue 14)",
+        "ok": ok,
+    }
+    if skipped is not None:
+        out["aioquic_skipped"] = skipped
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one case; print its JSON; exit 1 if its data check failed."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("case", choices=("stream", "connect", "forwarding"))
+    parser.add_argument("case", choices=("stream", "connect", "forwarding", "stream_vs_quic"))
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--mss", type=int, default=0, help="stream: segment size (0: default)")
     parser.add_argument("--window", type=int, default=256, help="forwarding: SYNs in flight")
+    parser.add_argument("--reps", type=int, default=3, help="stream_vs_quic: repetitions")
     args = parser.parse_args(argv)
     out: Result = {"case": args.case, "pyserval_src": str(SRC)}
     if args.case == "stream":
         # With a segment size, 8 MiB buffers as host_bench.py uses (issue 14's figures).
         buffer = 8 << 20 if args.mss else None
         out.update(scaling.streams_run(1, args.seconds, mss=args.mss, ping=False, buffer=buffer))
+    elif args.case == "stream_vs_quic":
+        out.update(stream_vs_quic(args.seconds, args.reps, args.mss or 1408))
     elif args.case == "connect":
         out.update(connect_rate(args.seconds))
     else:
