@@ -428,7 +428,7 @@ def proves_flow(host: HostCore, conn: Connection, sf: Subflow, pkt: SalPacket) -
         return isinstance(conn, DatagramConnection) and ctl is None
     track = sf.rcv_track if conn.mp is not None else None
     length = len(pkt.payload) + (1 if tcp.flags & TcpFlags.FIN else 0)
-    return sf._acceptable(tcp, length, track)
+    return sf.acceptable(tcp, length, track)
 
 
 def may_check(host: HostCore, conn: Connection, now: float) -> bool:

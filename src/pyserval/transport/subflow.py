@@ -219,7 +219,7 @@ class Subflow(SegmentBuilder):
             conn.third_ack_pending = conn.role is Role.CLIENT
             conn.ack_now = True
             return
-        if not self._acceptable(tcp, len(payload) + (1 if flags & TcpFlags.FIN else 0)):
+        if not self.acceptable(tcp, len(payload) + (1 if flags & TcpFlags.FIN else 0)):
             conn.challenge_ack_due = True  # RFC 5961: ACK it, change nothing
             return
         self._heard_again(now)
@@ -234,7 +234,7 @@ class Subflow(SegmentBuilder):
             # that carries our window (RFC 9293: unacceptable segments are acknowledged).
             conn.ack_now = True
 
-    def _acceptable(self, tcp: TcpHeader, length: int, track: SeqTracker | None = None) -> bool:
+    def acceptable(self, tcp: TcpHeader, length: int, track: SeqTracker | None = None) -> bool:
         """Whether a segment's numbers are plausible for this flow (RFC 9293 3.10.7.4 and
         RFC 5961): its sequence range touches what the receive buffer could ever have
         offered around ``rcv_nxt``, and its ACK lies in [snd_una - max window, snd_max].
@@ -279,7 +279,7 @@ class Subflow(SegmentBuilder):
             return
         track = self.rcv_track
         assert track is not None
-        if not self._acceptable(tcp, len(payload) + (1 if flags & TcpFlags.FIN else 0), track):
+        if not self.acceptable(tcp, len(payload) + (1 if flags & TcpFlags.FIN else 0), track):
             conn.challenge_ack_due = True  # RFC 5961 as on a single path: change nothing
             return
         self._heard_again(now)
