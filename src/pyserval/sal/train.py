@@ -29,7 +29,7 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-from .checksum import BytesLike, address_sum
+from .checksum import BytesLike, address_sum, internet_checksum
 from .packet import BASE_HEADER, SalPacket
 from .transport_headers import PROTO_TCP, TCP_MIN_HEADER, TcpFlags, TcpHeader
 
@@ -105,12 +105,9 @@ class SegmentTrain(SalPacket):
         addresses (as :meth:`SalPacket.encode` computes it)."""
         t = self.transport
         assert type(t) is TcpHeader
-        sal = bytearray(_SAL.pack(self.src_flowid, self.dst_flowid, BASE_HEADER // 4, PROTO_TCP, 0))
-        n = int.from_bytes(sal, "big") % _MOD
-        check = (~(n or _MOD)) & 0xFFFF  # the header is never all zero: flowIDs, shl
-        sal[10] = check >> 8
-        sal[11] = check & 0xFF
-        sal_bytes = bytes(sal)
+        shl = BASE_HEADER // 4
+        check = internet_checksum(_SAL.pack(self.src_flowid, self.dst_flowid, shl, PROTO_TCP, 0))
+        sal_bytes = _SAL.pack(self.src_flowid, self.dst_flowid, shl, PROTO_TCP, check)
         opts = t.encode(0)[TCP_MIN_HEADER:]
         hlen = TCP_MIN_HEADER + len(opts)
         off_flags = ((hlen // 4) << 12) | (t.flags & 0x0FFF)
