@@ -65,6 +65,7 @@ import anyio  # noqa: E402
 import baselines  # noqa: E402
 import pyserval  # noqa: E402
 from baselines import HOST, MB, Control, Params, Result, run_pair  # noqa: E402
+from pyserval.sal import checksum  # noqa: E402
 
 BULK = "scale-bulk"
 PING = "scale-ping"
@@ -221,6 +222,8 @@ async def stream_client(ctl: Control, params: Params) -> Result:
     pattern = rng.randbytes(chunk_size(n) + PATTERN_SLACK)
     out: Result = {"streams": n, "chunk_bytes": chunk_size(n), "send_seconds": params["seconds"]}
     out["child_pyserval"] = pyserval.__file__  # the tree under test, also in this child
+    # Whether the checksums ran on numpy (the [accel] extra; PYSERVAL_PURE_PYTHON=1: not).
+    out["checksum_accelerated"] = getattr(checksum, "ACCELERATED", False)
     async with pyserval.Host([f"{HOST}:0"], stream_config=_stream_config(params)) as host:
         host.add_route(BULK, f"{ip}:{port}")
         host.add_route(PING, f"{ip}:{port}")

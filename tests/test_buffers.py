@@ -104,3 +104,58 @@ def test_the_send_buffer_holds_what_a_plain_bytearray_holds(
         )
     with pytest.raises(IndexError):
         sb.read(base - 1, base + 1) if base else sb.read(0, sb.end + 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["bytes", "datagram_view", "small_view", "bytearray_view", "read"]),
+            st.integers(0, 5000),
+        ),
+        max_size=60,
+    )
+)
+def test_in_order_bytes_read_back_as_a_plain_bytearray_holds_them(
+    ops: list[tuple[str, int]],
+) -> None:
+    """The queue of pieces against the obvious model, whatever the pieces are: bytes kept
+    by reference, views of received datagrams (32 header bytes before the payload), views
+    covering a small part of a large object, and views of a bytearray that its owner
+    changes right after handing it over (it must have been copied)."""
+    rb = ReceiveBuffer(1 << 30)
+    model = bytearray()
+    got = bytearray()
+    stream = itertools.count()
+    for kind, n in ops:
+        if kind == "read":
+            out = rb.read(n if n % 3 else -1)
+            assert isinstance(out, bytes)
+            got += out
+            continue
+        payload = bytes(next(stream) % 251 for _ in range(n))
+        model += payload
+        if kind == "bytes":
+            rb.append_in_order(payload)
+        elif kind == "datagram_view":
+            rb.append_in_order_many([memoryview(b"H" * 32 + payload)[32:]])
+        elif kind == "small_view":
+            rb.append_in_order(memoryview(b"Z" * (4 * n + 10) + payload)[4 * n + 10 :])
+        else:
+            owner = bytearray(payload)
+            rb.append_in_order(memoryview(owner))
+            owner[:] = b"\xee" * len(owner)  # the adapter reuses its buffer
+        assert rb.readable == len(model) - len(got)
+        assert rb.rcv_nxt == len(model)
+    got += rb.read()
+    assert bytes(got) == bytes(model)
+
+
+def test_one_byte_segments_are_gathered_not_kept_one_object_each() -> None:
+    rb = ReceiveBuffer(1 << 20)
+    for i in range(100_000):
+        rb.offer(i, b"x")
+    # 100,000 bytes in pieces of 16 KiB: a handful of objects, not 100,000 (each would
+    # cost a hundred bytes or more of bookkeeping for one byte of data).
+    assert len(rb._pieces) <= 100_000 // (16 * ReceiveBuffer.KEEP) + 1
+    assert rb.read() == b"x" * 100_000

@@ -58,6 +58,7 @@ _PREDICT: Final = struct.Struct("!IIBBHHHIIHHHH")
 _PREDICT_LEN: Final = 32
 _PLAIN_DATA: Final = (0x5010, 0x5018)
 _SAL_MOD: Final = 0xFFFF
+_SEQ: Final = struct.Struct("!I")
 
 
 def predicted(
@@ -124,6 +125,61 @@ def predicted(
     elif conn.delack_deadline is None:
         conn.delack_deadline = now + conn.config.delayed_ack
     return conn
+
+
+def predicted_run(
+    conn: Connection,
+    batch: list[tuple[bytes, Address]],
+    start: int,
+) -> int:
+    """After :func:`predicted` took ``batch[start - 1]`` for ``conn``, take the following
+    datagrams that continue it (a GRO read's train): returns the index of the first one
+    not taken, which then goes the usual way.
+
+    A datagram continues the run when it comes from the same source and its header
+    repeats the taken one's byte for byte but for the sequence number, which must be the
+    next in order, and the TCP checksum (not checked over UDP, ``sal-wire.md``), and its
+    data fits the window. Such a datagram passes every test :func:`predicted` makes:
+    the SAL header and its checksum are the same bytes, so are the flowIDs, the flags,
+    the ACK and the window; and taking in-order data changes none of the state those
+    tests read but the receive buffer, whose sequence and window are checked here. The
+    delayed-ACK rule is applied once for the run, with the result of applying it per
+    segment: an ACK is due once ``ack_every`` segments are unacknowledged. (Its other
+    half, starting the timer while fewer are, never applies here: the first segment,
+    taken by :func:`predicted`, either started it or already made the ACK due.)
+    """
+    first, src = batch[start - 1]
+    n = len(batch)
+    if start >= n:
+        return start
+    head = first[:16]  # the SAL header and the TCP ports
+    middle = first[20:28]  # ACK, data offset and flags, window
+    seq = _SEQ.unpack_from(first, 16)[0]
+    size = len(first) - _PREDICT_LEN
+    recv = conn.recv
+    room = recv.window
+    pieces: list[memoryview] = []
+    unpack_seq = _SEQ.unpack_from
+    i = start
+    while i < n:
+        data, source = batch[i]
+        if source != src or data[:16] != head or data[20:28] != middle:
+            break
+        seq = (seq + size) & MASK32
+        size = len(data) - _PREDICT_LEN
+        if unpack_seq(data, 16)[0] != seq or size <= 0 or size > room:
+            break
+        room -= size
+        pieces.append(memoryview(data)[_PREDICT_LEN:])
+        i += 1
+    taken = i - start
+    if taken:
+        recv.append_in_order_many(pieces)
+        before = conn.unacked_segments
+        conn.unacked_segments = before + taken
+        if before + taken >= conn.config.ack_every:
+            conn.ack_now = True
+    return i
 
 
 def on_time_wait(

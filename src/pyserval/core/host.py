@@ -576,15 +576,24 @@ class HostCore:
             # Runs of in-order data of one flow (a train, as GRO delivers them) go by
             # header prediction, with one DataReceived per run rather than per segment.
             predict = demux.predicted
+            follow = demux.predicted_run
             run: Connection | None = None
-            for data, src in batch:
+            i = 0
+            n = len(batch)
+            while i < n:
+                data, src = batch[i]
+                i += 1
                 try:
                     conn = predict(self, data, src, dst, now)
+                    if conn is not None:
+                        # The datagrams that continue it (a GRO train), by header alone.
+                        end = follow(conn, batch, i)
+                        self.received += end - i + 1
+                        i = end
                 except Exception as exc:  # never let a packet take the host down
                     self._internal_error(exc)
                     conn = None
                 if conn is not None:
-                    self.received += 1
                     if conn is not run:
                         if run is not None:
                             self._end_run(run)

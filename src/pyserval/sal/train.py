@@ -14,8 +14,10 @@ computed once per train rather than per segment:
 * the pseudo-header's address part (cached per address pair, see :mod:`.checksum`).
 
 Per segment what is left is the part that differs: the sequence number, the length in the
-pseudo-header, the sum over the payload (``int.from_bytes`` of a memoryview slice, in C) and
-one ``struct.pack``. The payload is sliced, never copied before the final join.
+pseudo-header, the sum over the payload and one ``struct.pack``. The payload sums of the
+whole train are taken in one call (:func:`.checksum.segment_sums`: one vector sum with the
+``[accel]`` extra, else ``int.from_bytes`` of each memoryview slice, in C). The payload is
+sliced, never copied before the final join.
 
 Only data segments without SAL extensions go in trains (a multipath segment carries its own
 DSS mapping); every segment of a train carries ACK and PSH, the last one FIN as well when the
@@ -29,7 +31,7 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-from .checksum import BytesLike, address_sum, internet_checksum
+from .checksum import BytesLike, address_sum, internet_checksum, segment_sums
 from .packet import BASE_HEADER, SalPacket
 from .transport_headers import PROTO_TCP, TCP_MIN_HEADER, TcpFlags, TcpHeader
 
@@ -131,24 +133,19 @@ class SegmentTrain(SalPacket):
         out: list[bytes] = []
         append = out.append
         join = b"".join
-        from_bytes = int.from_bytes
-        for lo in range(0, total, mss):
+        sums = segment_sums(view, mss)
+        for i, lo in enumerate(range(0, total, mss)):
             hi = lo + mss
             if hi > total:
                 hi = total
-            chunk = view[lo:hi]
-            size = hi - lo
             seq = (seq0 + lo) & 0xFFFFFFFF
             flags = off_flags
-            s = base + hlen + size + (seq >> 16) + (seq & 0xFFFF)
-            if size & 1:
-                s += from_bytes(chunk, "big") << 8
-            else:
-                s += from_bytes(chunk, "big")
+            s = base + hlen + hi - lo + (seq >> 16) + (seq & 0xFFFF) + sums[i]
             if hi == total and self.fin:
                 flags |= TcpFlags.FIN
                 s += TcpFlags.FIN
             s %= _MOD
             check = (~(s or _MOD)) & 0xFFFF
-            append(join((sal_bytes, pack(0, 0, seq, ack, flags, window, check, 0), opts, chunk)))
+            header = pack(0, 0, seq, ack, flags, window, check, 0)
+            append(join((sal_bytes, header, opts, view[lo:hi])))
         return out

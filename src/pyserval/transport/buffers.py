@@ -7,6 +7,7 @@ handles 32-bit sequence wrap-around; only the wire codec maps offsets to sequenc
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections import deque
 
 from sortedcontainers import SortedDict
 
@@ -136,10 +137,17 @@ class ReceiveBuffer:
     Memory is bounded by ``capacity``: the advertised window is ``capacity`` minus the unread
     bytes, and out-of-order data is kept only inside that window, so a peer cannot make it
     grow. Out-of-order ranges are kept merged, so they are the SACK blocks.
+
+    The in-order bytes are a queue of pieces, copied once, when the application reads
+    them. A piece of at least :attr:`KEEP` bytes that is (a view of) an immutable ``bytes``
+    it covers at least half of, such as a received segment's payload, is kept as it is;
+    anything else is copied into a ``bytearray`` piece. So the memory held stays within
+    about twice the bytes counted, and many small segments cost no more than one large.
     """
 
     __slots__ = (
-        "_ready",
+        "_pieces",
+        "_readable",
         "_ooo",
         "_ooo_bytes",
         "rcv_nxt",
@@ -149,10 +157,14 @@ class ReceiveBuffer:
         "dropped_segments",
     )
 
+    KEEP = 1024
+    """Pieces from this size on are kept by reference rather than copied."""
+
     def __init__(self, capacity: int, start: int = 0, max_blocks: int = 1024) -> None:
         if capacity < 1:
             raise ValueError(f"receive buffer capacity must be positive: {capacity}")
-        self._ready = bytearray()
+        self._pieces: deque[bytes | bytearray | memoryview] = deque()
+        self._readable = 0
         # start offset -> bytes, non-overlapping; made by the first out-of-order segment
         # (most connections never see one, and a SortedDict costs ~4 us to build).
         self._ooo: SortedDict | None = None
@@ -166,23 +178,56 @@ class ReceiveBuffer:
     @property
     def readable(self) -> int:
         """Bytes the application can read now."""
-        return len(self._ready)
+        return self._readable
 
     @property
     def window(self) -> int:
         """Space the peer may still fill beyond ``rcv_nxt``."""
-        return max(0, self.capacity - len(self._ready))
+        return max(0, self.capacity - self._readable)
 
     @property
     def out_of_order_bytes(self) -> int:
         """Bytes held out of order."""
         return self._ooo_bytes
 
+    def _push(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue in-order bytes for reading (see the class docstring for what is copied)."""
+        n = len(data)
+        if not n:
+            return
+        kind = type(data)
+        if n >= self.KEEP and (
+            kind is bytes
+            or (
+                kind is memoryview
+                and type(data.obj) is bytes  # type: ignore[union-attr]
+                and n * 2 >= len(data.obj)  # type: ignore[union-attr]
+            )
+        ):
+            self._pieces.append(data)
+        else:
+            pieces = self._pieces
+            tail = pieces[-1] if pieces else None
+            if type(tail) is bytearray and len(tail) < self.KEEP * 16:
+                tail += data
+            else:
+                pieces.append(bytearray(data))
+        self._readable += n
+
     def append_in_order(self, data: bytes | bytearray | memoryview) -> None:
         """Take bytes at ``rcv_nxt`` that the caller checked: nothing is held out of order
         and they fit the window (:meth:`offer`'s common case, without its checks)."""
-        self._ready += data
+        self._push(data)
         self.rcv_nxt += len(data)
+
+    def append_in_order_many(self, pieces: list[memoryview]) -> None:
+        """:meth:`append_in_order` for consecutive pieces (a run of segments)."""
+        push = self._push
+        nxt = self.rcv_nxt
+        for piece in pieces:
+            push(piece)
+            nxt += len(piece)
+        self.rcv_nxt = nxt
 
     def offer(self, start: int, data: bytes | bytearray | memoryview) -> int:
         """Take a segment at ``start``; returns how many bytes became readable."""
@@ -197,11 +242,11 @@ class ReceiveBuffer:
             data = data[: right - start]
             end = right
         if start == self.rcv_nxt:
-            before = len(self._ready)
-            self._ready += data
+            before = self._readable
+            self._push(data)
             self.rcv_nxt = end
             self._drain_ooo()
-            return len(self._ready) - before
+            return self._readable - before
         self._insert_ooo(start, bytes(data))
         return 0
 
@@ -216,7 +261,7 @@ class ReceiveBuffer:
             self._ooo_bytes -= len(chunk)
             tail = s + len(chunk)
             if tail > self.rcv_nxt:
-                self._ready += chunk[self.rcv_nxt - s :]
+                self._push(chunk[self.rcv_nxt - s :])
                 self.rcv_nxt = tail
             if self._recent == s:
                 self._recent = None
@@ -285,7 +330,31 @@ class ReceiveBuffer:
 
     def read(self, max_bytes: int = -1) -> bytes:
         """Take up to ``max_bytes`` readable bytes (all with -1)."""
-        n = len(self._ready) if max_bytes < 0 else min(max_bytes, len(self._ready))
-        out = bytes(self._ready[:n])
-        del self._ready[:n]
-        return out
+        have = self._readable
+        n = have if max_bytes < 0 else min(max_bytes, have)
+        if n <= 0:
+            return b""
+        pieces = self._pieces
+        self._readable = have - n
+        if n == have:
+            out = b"".join(pieces)
+            pieces.clear()
+            return out
+        taken: list[bytes | bytearray | memoryview] = []
+        need = n
+        while need:
+            piece = pieces[0]
+            size = len(piece)
+            if size <= need:
+                taken.append(pieces.popleft())
+                need -= size
+            elif type(piece) is bytearray:
+                taken.append(piece[:need])
+                del piece[:need]  # a bytearray drops its head without moving the rest
+                need = 0
+            else:
+                view = memoryview(piece)
+                taken.append(view[:need])
+                pieces[0] = view[need:]
+                need = 0
+        return b"".join(taken)
