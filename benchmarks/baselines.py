@@ -6,7 +6,9 @@ Every measurement runs a receiver and a sender in two separate processes (spawne
 parent's state never leaks into them) and prints one JSON document:
 
 * ``tcp_throughput``: plain asyncio streams, ``writer.write`` + ``await drain()`` of 64 KiB
-  chunks; the receiver ``await reader.read()``s and counts. MB/s (10**6 bytes).
+  chunks; the receiver ``await reader.read()``s, counts and hashes (SHA-256, checked
+  against the sender's, as the pyserval stream benchmarks check theirs). MB/s (10**6
+  bytes).
 * ``udp_blast``: :class:`pyserval.runtime.udp.UdpEndpoint` in both processes; the sender
   calls ``send_many`` with batches of 64 datagrams as fast as it can (no pacing), the
   receiver reads batches and counts. For 1,400- and 8,000-byte datagrams, with plain
@@ -36,10 +38,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import multiprocessing
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -247,13 +251,16 @@ def run_chain(sides: list[Side], params: Params) -> list[Result]:
 
 
 async def tcp_bulk_receiver(ctl: Control, params: Params) -> Result:
-    """Accept one connection and read it to EOF with asyncio streams."""
+    """Accept one connection and read it to EOF with asyncio streams, hashing what arrives
+    (SHA-256, as every throughput benchmark here checks its data)."""
     done: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         total = 0
         first = 0.0
         read = reader.read
+        digest = hashlib.sha256()
+        update = digest.update
         while True:
             data = await read(1 << 18)
             if not data:
@@ -261,9 +268,10 @@ async def tcp_bulk_receiver(ctl: Control, params: Params) -> Result:
             if not total:
                 first = time.perf_counter()
             total += len(data)
+            update(data)
         last = time.perf_counter()
         writer.close()
-        done.set_result({"bytes": total, "seconds": last - first})
+        done.set_result({"bytes": total, "seconds": last - first, "sha256": digest.hexdigest()})
 
     server = await asyncio.start_server(handle, HOST, 0)
     ctl.announce(server.sockets[0].getsockname()[:2])
@@ -274,10 +282,11 @@ async def tcp_bulk_receiver(ctl: Control, params: Params) -> Result:
 
 
 async def tcp_bulk_sender(ctl: Control, params: Params) -> Result:
-    """Write 64 KiB chunks and drain for ``params["seconds"]``, then close."""
+    """Write 64 KiB chunks (random bytes) and drain for ``params["seconds"]``, then close;
+    the SHA-256 of what was sent is worked out afterwards, outside the timed part."""
     host, port = params["address"]
     _reader, writer = await asyncio.open_connection(host, port)
-    chunk = bytes(params.get("chunk", TCP_CHUNK))
+    chunk = random.Random(7).randbytes(params.get("chunk", TCP_CHUNK))
     write, drain = writer.write, writer.drain
     total = 0
     start = time.perf_counter()
@@ -291,17 +300,26 @@ async def tcp_bulk_sender(ctl: Control, params: Params) -> Result:
             break
     writer.close()
     await writer.wait_closed()
-    return {"bytes": total, "seconds": time.perf_counter() - start}
+    seconds = time.perf_counter() - start
+    digest = hashlib.sha256()
+    for _ in range(total // len(chunk)):
+        digest.update(chunk)
+    return {"bytes": total, "seconds": seconds, "sha256": digest.hexdigest()}
 
 
 def tcp_throughput(seconds: float) -> Result:
-    """Plain asyncio TCP bulk transfer over loopback, in MB/s as the receiver saw it."""
+    """Plain asyncio TCP bulk transfer over loopback, in MB/s as the receiver saw it; the
+    receiver hashes every byte as it reads (as pyserval's stream benchmarks do), and the
+    count and SHA-256 are checked against the sender's."""
     received, sent = run_pair(tcp_bulk_receiver, tcp_bulk_sender, {"seconds": seconds})
+    ok = received["bytes"] == sent["bytes"] > 0 and received["sha256"] == sent["sha256"]
     return {
         "mb_per_s": round(received["bytes"] / received["seconds"] / MB, 1),
         "bytes": received["bytes"],
         "seconds": round(received["seconds"], 3),
         "chunk_bytes": TCP_CHUNK,
+        "data_checked": "sha256",
+        "ok": ok,
         "cpu_s": {"receiver": received["cpu_s"], "sender": sent["cpu_s"]},
     }
 
@@ -542,8 +560,6 @@ def _quic_chunk(j: int, pattern: bytes) -> bytes:
 
 async def quic_bulk_receiver(ctl: Control, params: Params) -> Result:
     """An aioquic server: read one stream to its end, counting bytes and hashing them."""
-    import hashlib
-
     from aioquic.asyncio.protocol import QuicConnectionProtocol
     from aioquic.asyncio.server import QuicServer
     from aioquic.quic.configuration import QuicConfiguration
@@ -611,9 +627,6 @@ async def quic_bulk_sender(ctl: Control, params: Params) -> Result:
     """An aioquic client: one bidirectional stream, 64 KiB writes for ``seconds`` with at
     most QUIC_UNACKED bytes unacknowledged, then the end of the stream; returns once the
     server has acknowledged everything (data and FIN)."""
-    import hashlib
-    import random
-
     from aioquic.asyncio.client import connect
     from aioquic.asyncio.protocol import QuicConnectionProtocol
     from aioquic.quic.configuration import QuicConfiguration
