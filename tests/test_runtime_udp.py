@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from pyserval.runtime.udp import Address, UdpEndpoint
+from pyserval.sal.train import SuperDatagram
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -397,5 +398,138 @@ def test_open_options() -> None:
             second.close()
         with pytest.raises(ValueError):
             await UdpEndpoint.open(LOCAL, Sink(), max_batch=0)
+
+    run(main())
+
+
+# -- super-datagrams (a segment train's datagrams, back to back) ------------------------
+
+
+def super_of(datagrams: list[bytes]) -> SuperDatagram:
+    """The datagrams (equal sizes, the last maybe shorter) in one buffer."""
+    return SuperDatagram(b"".join(datagrams), len(datagrams[0]))
+
+
+def trains_and_singles(a: Address, b: Address) -> tuple[list[Any], list[tuple[bytes, Address]]]:
+    """Items mixing super-datagrams and plain datagrams to two remotes, and the datagrams
+    they stand for, in order (what must arrive)."""
+    rng = random.Random(11)
+    items: list[Any] = []
+    flat: list[tuple[bytes, Address]] = []
+    for n, size, last, remote in [
+        (40, 1452, 700, a),  # a train of MSS 1,408 segments with a short last one
+        (1, 60, 60, b),  # an ACK to another peer between trains
+        (5, 1452, 1452, a),
+        (3, 8000, 10, b),  # large segments, a tiny last one
+        (1, 60, 60, a),
+        (44, 1452, 1452, a),  # the most a 65,000-byte call takes at this size
+    ]:
+        datagrams = [rng.randbytes(size) for _ in range(n - 1)] + [rng.randbytes(last)]
+        flat += [(d, remote) for d in datagrams]
+        items.append((super_of(datagrams) if n > 1 else datagrams[0], remote))
+    return items, flat
+
+
+@pytest.mark.parametrize("gro", [False, True])
+@pytest.mark.parametrize("gso", [False, True])
+def test_super_datagrams_arrive_as_their_datagrams_in_order(gso: bool, gro: bool) -> None:
+    async def main() -> None:
+        sink_a, sink_b = Sink(), Sink()
+        async with (
+            await UdpEndpoint.open(LOCAL, sink_a, gro=gro) as rx_a,
+            await UdpEndpoint.open(LOCAL, sink_b, gro=gro) as rx_b,
+            await UdpEndpoint.open(LOCAL, Sink(), gso=gso) as tx,
+        ):
+            items, flat = trains_and_singles(rx_a.address, rx_b.address)
+            tx.send_many(items)
+            want_a = [d for d, r in flat if r == rx_a.address]
+            want_b = [d for d, r in flat if r == rx_b.address]
+            await sink_a.wait_for(len(want_a))
+            await sink_b.wait_for(len(want_b))
+            assert [d for d, _ in sink_a.datagrams] == want_a
+            assert [d for d, _ in sink_b.datagrams] == want_b
+            assert tx.stats.datagrams_sent == len(flat)
+            assert tx.stats.bytes_sent == sum(len(d) for d, _ in flat)
+            # One GSO call per super-datagram (four of them), none without GSO.
+            assert tx.stats.gso_calls == (4 if gso else 0)
+            assert not tx.errors and not rx_a.errors and not rx_b.errors
+
+    run(main())
+
+
+def test_super_datagrams_wait_as_their_datagrams_when_the_buffer_is_full() -> None:
+    async def main() -> None:
+        sink = Sink()
+        async with await UdpEndpoint.open(LOCAL, sink) as rx:
+            tx, sock = await full_buffer_endpoint(send_queue=1000)
+            async with tx:
+                items, flat = trains_and_singles(rx.address, rx.address)
+                sock.full = True
+                tx.send_many(items[:3])
+                # Queued datagram by datagram (the bound counts datagrams).
+                assert tx.queued == 40 + 1 + 5
+                sock.full = False
+                tx.send_many(items[3:])  # behind the queue, in order
+                await settle(lambda: tx.queued == 0)
+                await sink.wait_for(len(flat))
+                assert [d for d, _ in sink.datagrams] == [d for d, _ in flat]
+                assert tx.stats.datagrams_sent == len(flat)
+
+    run(main())
+
+
+class NoGsoSocket(FullBufferSocket):
+    """A UDP socket whose GSO sends fail as a device without UDP segmentation makes
+    them fail (EIO), and whose plain sends stop after ``budget`` datagrams."""
+
+    budget = 10**9
+
+    def sendmsg(self, *args: Any) -> int:
+        raise OSError(errno.EIO, "simulated: no segmentation offload")
+
+    def sendto(self, data: Any, *args: Any) -> int:
+        if self.budget <= 0:
+            raise BlockingIOError(errno.EAGAIN, "simulated full send buffer")
+        self.budget -= 1
+        return super().sendto(data, *args)
+
+
+@pytest.mark.parametrize("budget", [10**9, 25])
+def test_a_refused_gso_call_sends_the_super_datagram_plainly_and_keeps_the_order(
+    budget: int,
+) -> None:
+    """GSO refused: the datagrams go one by one; when the buffer fills half way through a
+    super-datagram, its rest and everything after it wait, in order."""
+
+    async def main() -> None:
+        sink = Sink()
+        async with await UdpEndpoint.open(LOCAL, sink) as rx:
+            sock = NoGsoSocket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            sock.bind(LOCAL)
+            sock.budget = budget
+            tx = UdpEndpoint(
+                sock,
+                asyncio.get_running_loop(),
+                Sink(),
+                options=(False, 0, 4096),
+                gso=True,
+                gro=False,
+                max_batch=256,
+                send_queue=1000,
+                on_icmp_error=None,
+            )
+            tx._gso = True  # as if the probe had found GSO (the device refuses it later)
+            async with tx:
+                items, flat = trains_and_singles(rx.address, rx.address)
+                tx.send_many(items)
+                assert tx.errors["gso_fallback:EIO"] == 1 and not tx.gso
+                if budget < len(flat):
+                    assert tx.queued == len(flat) - budget
+                    sock.budget = 10**9
+                await settle(lambda: tx.queued == 0)
+                await sink.wait_for(len(flat))
+                assert [d for d, _ in sink.datagrams] == [d for d, _ in flat]
+                assert tx.stats.datagrams_sent == len(flat)
 
     run(main())

@@ -32,7 +32,7 @@ from pyserval.core import demux
 from pyserval.core.host import HostCore
 from pyserval.sal import Rule, checksum
 from pyserval.sal.packet import SalPacket, decode_packet
-from pyserval.sal.train import SegmentTrain
+from pyserval.sal.train import SegmentTrain, SuperDatagram
 from pyserval.sal.transport_headers import PROTO_TCP, TcpFlags, TcpHeader, TcpOption
 from pyserval.testing import LinkConfig, SimNetwork
 from pyserval.transport.config import StreamConfig
@@ -123,6 +123,8 @@ ipv4 = st.tuples(*[st.integers(0, 255)] * 4).map(lambda t: ".".join(map(str, t))
     src=ipv4,
     dst=ipv4,
     seed=st.integers(0, 2**32 - 1),
+    max_bytes=st.integers(1, 20_000),
+    max_segments=st.integers(1, 70),
 )
 def test_a_train_encodes_to_the_bytes_of_its_segments_encoded_one_by_one(
     src_fid: int,
@@ -137,6 +139,8 @@ def test_a_train_encodes_to_the_bytes_of_its_segments_encoded_one_by_one(
     src: str,
     dst: str,
     seed: int,
+    max_bytes: int,
+    max_segments: int,
 ) -> None:
     payload = random.Random(seed).randbytes(size)
     opts = [TcpOption.nop(), TcpOption.nop(), TcpOption.sack(sack)] if sack else []
@@ -167,6 +171,18 @@ def test_a_train_encodes_to_the_bytes_of_its_segments_encoded_one_by_one(
         pkt = decode_packet(data)
         assert bytes(pkt.payload) == payload[lo : lo + mss]
         assert tcp_checksum_ok(data[pkt.shl * 4 :], src, dst)
+    # As super-datagrams for GSO: the same datagrams back to back, within the bounds, cut
+    # where the kernel cuts them (every ``segment`` bytes; only the last may be shorter).
+    wire = train.wire(src, dst, max_bytes, max_segments)
+    flat: list[bytes] = []
+    for item in wire:
+        if isinstance(item, SuperDatagram):
+            assert 1 < item.count <= max_segments and len(item.data) <= max_bytes
+            assert all(len(d) == item.segment for d in item.split()[:-1])
+            flat += item.split()
+        else:
+            flat.append(item)
+    assert flat == got
 
 
 def test_a_train_is_not_one_datagram() -> None:

@@ -20,6 +20,7 @@ import itertools
 import random
 import secrets
 from collections import Counter, OrderedDict, deque
+from typing import cast
 
 from ..errors import NoRoute
 from ..naming.entropy import SecureRandom
@@ -33,7 +34,7 @@ from ..sal.first_hop import forward_first_hops
 from ..sal.flow_table import FlowTable
 from ..sal.packet import SalPacket, decode_packet
 from ..sal.service_table import Action, Rule, ServiceTable
-from ..sal.train import SegmentTrain
+from ..sal.train import SegmentTrain, SuperDatagram
 from ..transport.config import StreamConfig
 from ..transport.connection import Connection, Role, State, Subflow
 from ..transport.datagram_flow import DatagramConnection, DatagramTooLarge
@@ -117,7 +118,10 @@ class HostCore:
         self.received = 0  # datagrams taken, of any kind
         self._events: deque[Event] = deque()
         self._max_events = max_events
-        self._out: list[tuple[bytes, Address, Address]] = []
+        # What to send: datagrams, and a segment train's datagrams as super-datagrams
+        # (see wire_to_send); _supers says whether any is queued.
+        self._out: list[tuple[bytes | SuperDatagram, Address, Address]] = []
+        self._supers = False
         self._dirty: dict[int, Connection] = {}  # insertion-ordered set of connections
         # (deadline, tiebreak, conn_id): by id, so that a stale entry holds no connection
         # alive after the host let it go (a flow in TIME_WAIT becomes a small record).
@@ -332,7 +336,8 @@ class HostCore:
 
     def _send(self, pkt: SalPacket, local: Address, remote: Address) -> None:
         if type(pkt) is SegmentTrain:
-            self._out.extend([(d, local, remote) for d in pkt.datagrams(local[0], remote[0])])
+            self._out.extend([(d, local, remote) for d in pkt.wire(local[0], remote[0])])
+            self._supers = True
         else:
             self._out.append((pkt.encode(local[0], remote[0]), local, remote))
 
@@ -400,12 +405,35 @@ class HostCore:
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address, Address]]:
         """Every datagram to send now, as (payload, local address, remote address)."""
+        out, supers = self._take_output(now)
+        if not supers:
+            return out  # type: ignore[return-value]  # no SuperDatagram among them
+        flat: list[tuple[bytes, Address, Address]] = []
+        for data, local, remote in out:
+            if type(data) is SuperDatagram:
+                flat.extend([(d, local, remote) for d in data.split()])
+            else:
+                flat.append((data, local, remote))  # type: ignore[arg-type]
+        return flat
+
+    def wire_to_send(self, now: float) -> list[tuple[bytes | SuperDatagram, Address, Address]]:
+        """:meth:`datagrams_to_send` with the datagrams of a segment train still
+        together as :class:`~pyserval.sal.train.SuperDatagram` s, for an adapter that
+        sends each with one UDP GSO call (and splits them where it cannot)."""
+        return self._take_output(now)[0]
+
+    def _take_output(
+        self, now: float
+    ) -> tuple[list[tuple[bytes | SuperDatagram, Address, Address]], bool]:
+        """Flush every connection with something to send; take what is queued, and
+        whether it holds any super-datagram."""
         dirty = self._dirty
         while dirty:
             _, conn = dirty.popitem()
             self._flush(conn, now)
         out, self._out = self._out, []
-        return out
+        supers, self._supers = self._supers, False
+        return out, supers
 
     def _flush(self, conn: Connection, now: float) -> None:
         pkts: list[SalPacket] = []
@@ -619,7 +647,8 @@ class HostCore:
             self.service_table.lookup_int,
             self.broadcast,
             self.local_for,
-            self._out,
+            # It appends plain datagrams only, which the list holds too.
+            cast("list[tuple[bytes, Address, Address]]", self._out),
             declined,
             other,
             self._fast_path_error,

@@ -25,6 +25,7 @@ from ..core.host import DatagramEndpoint, HostCore, Listener
 from ..errors import HostClosed
 from ..naming.service_id import ServiceID, ServiceLike
 from ..sal.inet import Address
+from ..sal.train import SuperDatagram
 from ..tools.pcap import PcapWriter
 from ..transport.connection import Connection
 from ..transport.events import (
@@ -204,9 +205,9 @@ class Driver:
         core = self.core
         if core is None:
             return
-        out = core.datagrams_to_send(self.now())
+        out = core.wire_to_send(self.now())
         if out:
-            by_ep: dict[Address, Batch] = {}
+            by_ep: dict[Address, list[tuple[bytes | SuperDatagram, Address]]] = {}
             pcap = self.pcap
             if pcap is None and len(self.endpoints) == 1:
                 # One interface takes everything (see the lookup below): no grouping.
@@ -215,7 +216,11 @@ class Driver:
                 for data, local, remote in out:
                     by_ep.setdefault(local, []).append((data, remote))
                     if pcap is not None:
-                        pcap.write(data, local, remote)
+                        if type(data) is SuperDatagram:
+                            for one in data.split():
+                                pcap.write(one, local, remote)
+                        else:
+                            pcap.write(data, local, remote)  # type: ignore[arg-type]
             for local, items in by_ep.items():
                 ep = self.by_address.get(local) or self.endpoints[0]
                 if not ep.closed:

@@ -45,9 +45,10 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final
+from typing import Final, cast
 
 from ..sal.inet import Address
+from ..sal.train import SUPER_MAX_BYTES, SUPER_MAX_SEGMENTS, SuperDatagram
 
 __all__ = [
     "DEFAULT_BUFFER",
@@ -76,9 +77,9 @@ IcmpErrorHandler = Callable[[Address, int], None]
 DEFAULT_BUFFER: Final = 4 * 1024 * 1024
 DEFAULT_MAX_BATCH: Final = 256
 DEFAULT_SEND_QUEUE: Final = 4096
-GSO_MAX_SEGMENTS: Final = 64
+GSO_MAX_SEGMENTS: Final = SUPER_MAX_SEGMENTS
 """Datagrams per GSO call: the kernel's UDP_MAX_SEGMENTS on older kernels (newer allow 128)."""
-GSO_MAX_BYTES: Final = 65000
+GSO_MAX_BYTES: Final = SUPER_MAX_BYTES
 """Payload bytes per GSO call: the whole super-datagram must fit one IP packet length
 (IPv4's 65,535 with its header; IPv6's payload length field counts the UDP header too)."""
 
@@ -508,11 +509,13 @@ class UdpEndpoint:
         stats.datagrams_sent += 1
         stats.bytes_sent += len(data)
 
-    def send_many(self, items: Sequence[tuple[bytes, Address]]) -> None:
+    def send_many(self, items: Sequence[tuple[bytes | SuperDatagram, Address]]) -> None:
         """Send a batch in order, with GSO where consecutive datagrams allow it.
 
-        Like :meth:`send`: what the kernel cannot take now is queued (up to the bound),
-        and errors are counted, not raised.
+        A :class:`~pyserval.sal.train.SuperDatagram` goes with one GSO call as it is (its
+        datagrams one by one when the socket has no GSO or refuses it). Like
+        :meth:`send`: what the kernel cannot take now is queued (up to the bound), and
+        errors are counted, not raised.
         """
         if self._sock is None:
             raise OSError(errno.EBADF, "endpoint is closed")
@@ -529,7 +532,7 @@ class UdpEndpoint:
                 self._enqueue(data, remote)
             self._start_writer()
 
-    def _transmit(self, items: Sequence[tuple[bytes, Address]]) -> int:
+    def _transmit(self, items: Sequence[tuple[bytes | SuperDatagram, Address]]) -> int:
         """Send ``items`` in order until the kernel buffer is full; return how many left
         (sent or dropped for an error) before that point."""
         sock = self._sock
@@ -545,6 +548,16 @@ class UdpEndpoint:
         try:
             while i < n:
                 data, remote = items[i]
+                if type(data) is SuperDatagram:
+                    count, stalled = self._send_super(sock, data, remote)
+                    i += 1
+                    if count:
+                        sent += count
+                        nbytes += len(data.data)
+                    if stalled:
+                        break  # its rest is queued: what follows must queue behind it
+                    continue
+                assert type(data) is bytes
                 size = len(data)
                 j = i + 1
                 if self._gso and 0 < size <= self._gso_max_segment and j < n:
@@ -554,7 +567,7 @@ class UdpEndpoint:
                 if j - i > 1 and self._send_gso(sock, items, i, j, size, remote):
                     count = j - i
                     sent += count
-                    nbytes += size * (count - 1) + len(items[j - 1][0])
+                    nbytes += size * (count - 1) + len(items[j - 1][0])  # type: ignore[arg-type]
                     i = j
                     continue
                 try:
@@ -574,7 +587,38 @@ class UdpEndpoint:
         stats.bytes_sent += nbytes
         return i
 
-    def _transmit_plain(self, sock: socket.socket, items: Sequence[tuple[bytes, Address]]) -> int:
+    def _send_super(
+        self, sock: socket.socket, sup: SuperDatagram, remote: Address
+    ) -> tuple[int, bool]:
+        """Send a super-datagram with one GSO call: returns (datagrams sent that way,
+        whether the kernel buffer filled up part way).
+
+        Raises BlockingIOError when the kernel buffer is full (then nothing went). When
+        GSO refuses it, its datagrams go one by one (counted there); those the kernel
+        cannot take then are queued, and the caller must queue what follows behind them.
+        """
+        if self._gso and sup.segment <= self._gso_max_segment:
+            control = [(socket.SOL_UDP, _UDP_SEGMENT, struct.pack("=H", sup.segment))]
+            if self._sendmsg_gso(sock, [sup.data], control, sup.segment, remote):
+                count = sup.count
+                stats = self.stats
+                stats.gso_calls += 1
+                stats.gso_datagrams += count
+                return count, False
+        parts: list[tuple[bytes | SuperDatagram, Address]] = [
+            (part, remote) for part in sup.split()
+        ]
+        done = self._transmit_plain(sock, parts)
+        if done < len(parts):
+            for part, _ in parts[done:]:
+                self._enqueue(part, remote)
+            self._start_writer()
+            return 0, True
+        return 0, False
+
+    def _transmit_plain(
+        self, sock: socket.socket, items: Sequence[tuple[bytes | SuperDatagram, Address]]
+    ) -> int:
         """:meth:`_transmit` without GSO: a tighter loop for the common case."""
         sendto = sock.sendto
         done = 0
@@ -582,6 +626,19 @@ class UdpEndpoint:
         nbytes = 0
         try:
             for data, remote in items:
+                if type(data) is SuperDatagram:
+                    # Its datagrams in order; those the kernel cannot take now are queued
+                    # (the caller queues what follows after them).
+                    parts = [(part, remote) for part in data.split()]
+                    k = self._transmit_plain(sock, parts)
+                    done += 1
+                    if k < len(parts):
+                        for part, _ in parts[k:]:
+                            self._enqueue(part, remote)
+                        self._start_writer()
+                        raise BlockingIOError
+                    continue
+                assert type(data) is bytes
                 try:
                     sendto(data, remote)
                 except BlockingIOError:
@@ -601,7 +658,11 @@ class UdpEndpoint:
         return done
 
     def _gso_group(
-        self, items: Sequence[tuple[bytes, Address]], i: int, size: int, remote: Address
+        self,
+        items: Sequence[tuple[bytes | SuperDatagram, Address]],
+        i: int,
+        size: int,
+        remote: Address,
     ) -> int:
         """The end (exclusive) of the GSO group that starts at ``items[i]``."""
         limit = min(len(items), i + GSO_MAX_SEGMENTS)
@@ -609,6 +670,8 @@ class UdpEndpoint:
         j = i + 1
         while j < limit:
             data, other = items[j]
+            if type(data) is not bytes:
+                break  # a SuperDatagram goes on its own
             length = len(data)
             if (
                 length == 0
@@ -627,7 +690,7 @@ class UdpEndpoint:
     def _send_gso(
         self,
         sock: socket.socket,
-        items: Sequence[tuple[bytes, Address]],
+        items: Sequence[tuple[bytes | SuperDatagram, Address]],
         i: int,
         j: int,
         size: int,
@@ -638,13 +701,35 @@ class UdpEndpoint:
         Raises BlockingIOError when the kernel buffer is full (nothing was sent either:
         the whole super-datagram is one skb).
         """
-        buffers = [items[k][0] for k in range(i, j)]
+        # Plain datagrams only: _gso_group stops at a SuperDatagram.
+        buffers = cast("list[bytes]", [items[k][0] for k in range(i, j)])
         control = [(socket.SOL_UDP, _UDP_SEGMENT, struct.pack("=H", size))]
+        if not self._sendmsg_gso(sock, buffers, control, size, remote):
+            return False
+        stats = self.stats
+        stats.gso_calls += 1
+        stats.gso_datagrams += j - i
+        return True
+
+    def _sendmsg_gso(
+        self,
+        sock: socket.socket,
+        buffers: list[bytes],
+        control: list[tuple[int, int, bytes]],
+        size: int,
+        remote: Address,
+    ) -> bool:
+        """One ``sendmsg`` with UDP_SEGMENT ``size``; False if GSO failed (then nothing
+        was sent, and what failed is counted and remembered).
+
+        Raises BlockingIOError when the kernel buffer is full (nothing was sent either:
+        the whole super-datagram is one skb).
+        """
         retried = False
         while True:
             try:
                 sock.sendmsg(buffers, control, 0, remote)
-                break
+                return True
             except BlockingIOError:
                 raise
             except OSError as exc:
@@ -661,10 +746,6 @@ class UdpEndpoint:
                     # plain datagram instead): groups of this size and more go plainly now.
                     self._gso_max_segment = min(self._gso_max_segment, size - 1)
                 return False
-        stats = self.stats
-        stats.gso_calls += 1
-        stats.gso_datagrams += j - i
-        return True
 
     def _send_failed(self, sock: socket.socket, exc: OSError, data: bytes, remote: Address) -> bool:
         """Count a failed ``sendto``; return True if a retry then sent ``data``.
@@ -687,7 +768,14 @@ class UdpEndpoint:
         """Whether ``exc`` may be a queued ICMP error about some other send."""
         return self._on_icmp_error is not None and exc.errno in _ASYNC_ERRORS
 
-    def _enqueue(self, data: bytes, remote: Address) -> None:
+    def _enqueue(self, data: bytes | SuperDatagram, remote: Address) -> None:
+        if type(data) is SuperDatagram:
+            # Queued as its datagrams: the bound counts datagrams, and a send after the
+            # wait regroups them anyway.
+            for part in data.split():
+                self._enqueue(part, remote)
+            return
+        assert type(data) is bytes
         if len(self._queue) >= self._queue_limit:
             self.errors["send_queue_full"] += 1
             return

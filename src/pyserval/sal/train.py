@@ -35,13 +35,49 @@ from .checksum import BytesLike, address_sum, internet_checksum, segment_sums
 from .packet import BASE_HEADER, SalPacket
 from .transport_headers import PROTO_TCP, TCP_MIN_HEADER, TcpFlags, TcpHeader
 
-__all__ = ["SegmentTrain"]
+__all__ = ["SUPER_MAX_BYTES", "SUPER_MAX_SEGMENTS", "SegmentTrain", "SuperDatagram"]
 
 _MOD: Final = 0xFFFF
 _SAL: Final = struct.Struct("!IIBBH")
-# A TCP header without options: ports, seq, ack, offset+flags (one 16-bit word), window,
-# checksum, urgent pointer.
-_TCP_FIXED: Final = struct.Struct("!HHIIHHHH")
+# The SAL base header (the same bytes for every segment of a flow) and a TCP header without
+# options: ports, seq, ack, offset+flags (one 16-bit word), window, checksum, urgent pointer.
+_HEADERS: Final = struct.Struct("!12sHHIIHHHH")
+
+SUPER_MAX_SEGMENTS: Final = 64
+"""Datagrams per super-datagram: the kernel's UDP_MAX_SEGMENTS on older kernels (newer
+allow 128)."""
+SUPER_MAX_BYTES: Final = 65000
+"""Bytes per super-datagram: the whole of it must fit one IP packet length (IPv4's 65,535
+with its header; IPv6's payload length field counts the UDP header too)."""
+
+
+class SuperDatagram:
+    """Datagrams to one destination back to back in one buffer, every one ``segment``
+    bytes but the last, which may be shorter: what Linux's UDP GSO (``UDP_SEGMENT``)
+    sends with one ``sendmsg``, cutting it where ``segment`` says. The core hands trains
+    out this way; an adapter without GSO sends :meth:`split` instead."""
+
+    __slots__ = ("data", "segment")
+
+    def __init__(self, data: bytes, segment: int) -> None:
+        if segment < 1:
+            raise ValueError(f"segment size must be positive: {segment}")
+        self.data = data
+        self.segment = segment
+
+    @property
+    def count(self) -> int:
+        """How many datagrams it holds."""
+        return -(-len(self.data) // self.segment)
+
+    def split(self) -> list[bytes]:
+        """The datagrams it holds."""
+        data = self.data
+        size = self.segment
+        return [data[i : i + size] for i in range(0, len(data), size)]
+
+    def __repr__(self) -> str:
+        return f"<SuperDatagram {len(self.data)} bytes in {self.count} of {self.segment}>"
 
 
 class SegmentTrain(SalPacket):
@@ -102,21 +138,27 @@ class SegmentTrain(SalPacket):
             out.append(SalPacket(self.src_flowid, self.dst_flowid, PROTO_TCP, [], tcp, view[lo:hi]))
         return out
 
-    def datagrams(self, src_ip: str | bytes, dst_ip: str | bytes) -> list[bytes]:
-        """The wire datagrams, with the TCP checksum over the pseudo-header of these
-        addresses (as :meth:`SalPacket.encode` computes it)."""
+    def _headers(self, src_ip: str | bytes, dst_ip: str | bytes) -> list[bytes]:
+        """Each segment's SAL and TCP headers (options included), checksums stamped: the
+        TCP checksum over the pseudo-header of these addresses, as
+        :meth:`SalPacket.encode` computes it."""
         t = self.transport
         assert type(t) is TcpHeader
         shl = BASE_HEADER // 4
-        check = internet_checksum(_SAL.pack(self.src_flowid, self.dst_flowid, shl, PROTO_TCP, 0))
-        sal_bytes = _SAL.pack(self.src_flowid, self.dst_flowid, shl, PROTO_TCP, check)
+        sal_check = internet_checksum(
+            _SAL.pack(self.src_flowid, self.dst_flowid, shl, PROTO_TCP, 0)
+        )
+        sal = _SAL.pack(self.src_flowid, self.dst_flowid, shl, PROTO_TCP, sal_check)
         opts = t.encode(0)[TCP_MIN_HEADER:]
         hlen = TCP_MIN_HEADER + len(opts)
         off_flags = ((hlen // 4) << 12) | (t.flags & 0x0FFF)
         ack = t.ack & 0xFFFFFFFF
         window = t.window
-        # Everything in the checksum that is the same for each segment: the pseudo-header's
-        # addresses and protocol, and the header words but sequence number and checksum.
+        total = len(self.payload)
+        mss = self.mss
+        # Everything in the checksum that is the same for each full segment: the
+        # pseudo-header's addresses, protocol and length, and the header words but
+        # sequence number and checksum.
         base = (
             address_sum(src_ip, dst_ip, PROTO_TCP)
             + (ack >> 16)
@@ -124,28 +166,72 @@ class SegmentTrain(SalPacket):
             + off_flags
             + window
             + (int.from_bytes(opts, "big") if opts else 0)
+            + hlen
+            + mss
         )
-        pack = _TCP_FIXED.pack
-        view = memoryview(self.payload)
-        total = len(view)
-        mss = self.mss
+        pack = _HEADERS.pack
         seq0 = t.seq
-        out: list[bytes] = []
-        append = out.append
-        join = b"".join
-        sums = segment_sums(view, mss)
-        for i, lo in enumerate(range(0, total, mss)):
-            hi = lo + mss
-            if hi > total:
-                hi = total
+        sums = segment_sums(self.payload, mss)
+        heads: list[bytes] = []
+        append = heads.append
+        lo = 0
+        for part in sums:
             seq = (seq0 + lo) & 0xFFFFFFFF
-            flags = off_flags
-            s = base + hlen + hi - lo + (seq >> 16) + (seq & 0xFFFF) + sums[i]
-            if hi == total and self.fin:
-                flags |= TcpFlags.FIN
-                s += TcpFlags.FIN
-            s %= _MOD
-            check = (~(s or _MOD)) & 0xFFFF
-            header = pack(0, 0, seq, ack, flags, window, check, 0)
-            append(join((sal_bytes, header, opts, view[lo:hi])))
+            s = (base + (seq >> 16) + (seq & 0xFFFF) + part) % _MOD
+            append(pack(sal, 0, 0, seq, ack, off_flags, window, (~(s or _MOD)) & 0xFFFF, 0))
+            lo += mss
+        if total % mss or self.fin:
+            # The last segment: its own length, and the FIN flag when it ends the stream.
+            lo -= mss
+            seq = (seq0 + lo) & 0xFFFFFFFF
+            flags = off_flags | (TcpFlags.FIN if self.fin else 0)
+            s = base - mss - off_flags + (total - lo) + flags + (seq >> 16) + (seq & 0xFFFF)
+            s = (s + sums[-1]) % _MOD
+            heads[-1] = pack(sal, 0, 0, seq, ack, flags, window, (~(s or _MOD)) & 0xFFFF, 0)
+        if opts:
+            heads = [h + opts for h in heads]
+        return heads
+
+    def datagrams(self, src_ip: str | bytes, dst_ip: str | bytes) -> list[bytes]:
+        """The wire datagrams, with the TCP checksum over the pseudo-header of these
+        addresses (as :meth:`SalPacket.encode` computes it)."""
+        view = memoryview(self.payload)
+        mss = self.mss
+        join = b"".join
+        return [
+            join((head, view[lo : lo + mss]))
+            for head, lo in zip(
+                self._headers(src_ip, dst_ip), range(0, len(view), mss), strict=True
+            )
+        ]
+
+    def wire(
+        self,
+        src_ip: str | bytes,
+        dst_ip: str | bytes,
+        max_bytes: int = SUPER_MAX_BYTES,
+        max_segments: int = SUPER_MAX_SEGMENTS,
+    ) -> list[bytes | SuperDatagram]:
+        """The wire datagrams as :class:`SuperDatagram` s of at most ``max_bytes`` and
+        ``max_segments`` each (a group of one is plain ``bytes``): what one UDP GSO call
+        takes, built with one copy of the payload per group."""
+        heads = self._headers(src_ip, dst_ip)
+        view = memoryview(self.payload)
+        mss = self.mss
+        size = len(heads[0]) + mss  # every datagram's but maybe the last's
+        per = min(max_segments, max_bytes // size)
+        pieces: list[bytes | memoryview] = []
+        extend = pieces.extend
+        lo = 0
+        for head in heads:
+            extend((head, view[lo : lo + mss]))
+            lo += mss
+        if per <= 1:
+            return [b"".join(pieces[i : i + 2]) for i in range(0, len(pieces), 2)]
+        join = b"".join
+        out: list[bytes | SuperDatagram] = []
+        step = 2 * per
+        for i in range(0, len(pieces), step):
+            data = join(pieces[i : i + step])
+            out.append(SuperDatagram(data, size) if len(data) > size else data)
         return out
