@@ -138,7 +138,7 @@ def test_in_order_bytes_read_back_as_a_plain_bytearray_holds_them(
         if kind == "bytes":
             rb.append_in_order(payload)
         elif kind == "datagram_view":
-            rb.append_in_order_many([memoryview(b"H" * 32 + payload)[32:]])
+            rb.append_payloads([b"H" * 32 + payload], 32)
         elif kind == "small_view":
             rb.append_in_order(memoryview(b"Z" * (4 * n + 10) + payload)[4 * n + 10 :])
         else:

@@ -158,23 +158,27 @@ def predicted_run(
     size = len(first) - _PREDICT_LEN
     recv = conn.recv
     room = recv.window
-    pieces: list[memoryview] = []
+    run: list[bytes] = []
     unpack_seq = _SEQ.unpack_from
     i = start
     while i < n:
         data, source = batch[i]
-        if source != src or data[:16] != head or data[20:28] != middle:
+        if (
+            (source is not src and source != src)
+            or data[:16] != head
+            or data[20:28] != middle
+        ):
             break
         seq = (seq + size) & MASK32
         size = len(data) - _PREDICT_LEN
         if unpack_seq(data, 16)[0] != seq or size <= 0 or size > room:
             break
         room -= size
-        pieces.append(memoryview(data)[_PREDICT_LEN:])
+        run.append(data)
         i += 1
     taken = i - start
     if taken:
-        recv.append_in_order_many(pieces)
+        recv.append_payloads(run, _PREDICT_LEN)
         before = conn.unacked_segments
         conn.unacked_segments = before + taken
         if before + taken >= conn.config.ack_every:

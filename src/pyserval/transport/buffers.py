@@ -220,14 +220,23 @@ class ReceiveBuffer:
         self._push(data)
         self.rcv_nxt += len(data)
 
-    def append_in_order_many(self, pieces: list[memoryview]) -> None:
-        """:meth:`append_in_order` for consecutive pieces (a run of segments)."""
-        push = self._push
-        nxt = self.rcv_nxt
-        for piece in pieces:
-            push(piece)
-            nxt += len(piece)
-        self.rcv_nxt = nxt
+    def append_payloads(self, datagrams: list[bytes], offset: int) -> None:
+        """:meth:`append_in_order` for the payloads of consecutive segments: each
+        datagram's bytes from ``offset`` on (a run the caller checked). ``offset`` is a
+        header's length, far below :attr:`KEEP`, so a payload kept as a view of its
+        datagram covers most of it."""
+        pieces = self._pieces
+        keep = self.KEEP
+        total = 0
+        for data in datagrams:
+            n = len(data) - offset
+            if n >= keep and type(data) is bytes:
+                pieces.append(memoryview(data)[offset:])
+                self._readable += n
+            else:
+                self._push(memoryview(data)[offset:])
+            total += n
+        self.rcv_nxt += total
 
     def offer(self, start: int, data: bytes | bytearray | memoryview) -> int:
         """Take a segment at ``start``; returns how many bytes became readable."""
