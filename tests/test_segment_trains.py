@@ -185,6 +185,59 @@ def test_a_train_encodes_to_the_bytes_of_its_segments_encoded_one_by_one(
     assert flat == got
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    segments=st.integers(1, 130),
+    last=st.integers(0, 1407),
+    mss=st.sampled_from([1408, 1448, 1410, 536, 8192]),
+    fin=st.booleans(),
+    sack=st.booleans(),
+    seq=st.integers(0, 2**32 - 1),
+    vector=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_a_train_as_super_datagrams_holds_its_segments_encoded_one_by_one(
+    segments: int,
+    last: int,
+    mss: int,
+    fin: bool,
+    sack: bool,
+    seq: int,
+    vector: bool,
+    seed: int,
+) -> None:
+    """Trains of the sizes a bulk sender makes, with the GSO bounds of the adapter: the
+    numpy path (a whole array of datagrams stamped at once) and the pure one give what the
+    general encoder gives segment by segment, cut where the kernel cuts."""
+    if vector and not checksum.ACCELERATED:
+        pytest.skip("numpy (the [accel] extra) is not installed")
+    rng = random.Random(seed)
+    payload = rng.randbytes(segments * mss + min(last, mss - 1))
+    opts = [TcpOption.nop(), TcpOption.nop(), TcpOption.sack([(seq, seq + 9)])] if sack else []
+    template = TcpHeader(
+        seq=seq,
+        ack=rng.getrandbits(32),
+        flags=TcpFlags.ACK | TcpFlags.PSH,
+        window=rng.getrandbits(16),
+        options=opts,
+    )
+    train = SegmentTrain(rng.getrandbits(32), rng.getrandbits(32), template, payload, mss, fin)
+    with pytest.MonkeyPatch.context() as mp:
+        if not vector:
+            mp.setattr(checksum, "_numpy", None)
+        wire = train.wire("10.0.0.1", "10.0.0.2")
+    flat: list[bytes] = []
+    for item in wire:
+        if isinstance(item, SuperDatagram):
+            assert len(item.data) <= 65000 and item.count <= 64
+            parts = item.split()
+            assert all(len(d) == item.segment for d in parts[:-1])
+            flat += parts
+        else:
+            flat.append(bytes(item))
+    assert flat == [p.encode("10.0.0.1", "10.0.0.2") for p in train.packets()]
+
+
 def test_a_train_is_not_one_datagram() -> None:
     train = SegmentTrain(1, 2, TcpHeader(flags=TcpFlags.ACK), b"x" * 10, 4)
     with pytest.raises(TypeError, match="datagrams"):

@@ -163,11 +163,7 @@ def predicted_run(
     i = start
     while i < n:
         data, source = batch[i]
-        if (
-            (source is not src and source != src)
-            or data[:16] != head
-            or data[20:28] != middle
-        ):
+        if (source is not src and source != src) or data[:16] != head or data[20:28] != middle:
             break
         seq = (seq + size) & MASK32
         size = len(data) - _PREDICT_LEN

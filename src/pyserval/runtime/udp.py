@@ -714,7 +714,7 @@ class UdpEndpoint:
     def _sendmsg_gso(
         self,
         sock: socket.socket,
-        buffers: list[bytes],
+        buffers: list[bytes] | list[bytes | memoryview],
         control: list[tuple[int, int, bytes]],
         size: int,
         remote: Address,

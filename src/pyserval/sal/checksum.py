@@ -32,6 +32,7 @@ __all__ = [
     "segment_sums",
     "segment_sums_pure",
     "transport_checksum",
+    "vector_module",
     "verify_transport_checksum",
     "words_sum",
 ]
@@ -54,6 +55,12 @@ ACCELERATED: Final = _numpy is not None
 _VECTOR_MIN: Final = 2048
 # A segment's vector sum is shifted by 8 bits in uint64: at most 2**24 words of 32 bits.
 _VECTOR_MAX_SEGMENT: Final = 1 << 26
+
+
+def vector_module() -> ModuleType | None:
+    """numpy when the ``[accel]`` extra is installed and allowed, else None (for callers
+    that vectorize more than the sums, such as :meth:`SegmentTrain.wire`)."""
+    return _numpy
 
 
 def _words_sum_pure(data: BytesLike) -> int:

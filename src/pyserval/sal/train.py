@@ -29,9 +29,10 @@ runs of equal-size datagrams to the kernel in one GSO call).
 from __future__ import annotations
 
 import struct
+from types import ModuleType
 from typing import Final
 
-from .checksum import BytesLike, address_sum, internet_checksum, segment_sums
+from .checksum import BytesLike, address_sum, internet_checksum, segment_sums, vector_module
 from .packet import BASE_HEADER, SalPacket
 from .transport_headers import PROTO_TCP, TCP_MIN_HEADER, TcpFlags, TcpHeader
 
@@ -42,6 +43,12 @@ _SAL: Final = struct.Struct("!IIBBH")
 # The SAL base header (the same bytes for every segment of a flow) and a TCP header without
 # options: ports, seq, ack, offset+flags (one 16-bit word), window, checksum, urgent pointer.
 _HEADERS: Final = struct.Struct("!12sHHIIHHHH")
+_TCP_FIXED: Final = struct.Struct("!HHIIHHHH")
+# Where the per-segment fields sit in a datagram: the TCP sequence number and checksum.
+_SEQ_AT: Final = 16
+_CHECK_AT: Final = 28
+# Trains of fewer full segments are stamped one by one (numpy's fixed costs would not pay).
+_VECTOR_MIN_SEGMENTS: Final = 4
 
 SUPER_MAX_SEGMENTS: Final = 64
 """Datagrams per super-datagram: the kernel's UDP_MAX_SEGMENTS on older kernels (newer
@@ -59,7 +66,7 @@ class SuperDatagram:
 
     __slots__ = ("data", "segment")
 
-    def __init__(self, data: bytes, segment: int) -> None:
+    def __init__(self, data: bytes | memoryview, segment: int) -> None:
         if segment < 1:
             raise ValueError(f"segment size must be positive: {segment}")
         self.data = data
@@ -74,7 +81,7 @@ class SuperDatagram:
         """The datagrams it holds."""
         data = self.data
         size = self.segment
-        return [data[i : i + size] for i in range(0, len(data), size)]
+        return [bytes(data[i : i + size]) for i in range(0, len(data), size)]
 
     def __repr__(self) -> str:
         return f"<SuperDatagram {len(self.data)} bytes in {self.count} of {self.segment}>"
@@ -138,10 +145,13 @@ class SegmentTrain(SalPacket):
             out.append(SalPacket(self.src_flowid, self.dst_flowid, PROTO_TCP, [], tcp, view[lo:hi]))
         return out
 
-    def _headers(self, src_ip: str | bytes, dst_ip: str | bytes) -> list[bytes]:
-        """Each segment's SAL and TCP headers (options included), checksums stamped: the
-        TCP checksum over the pseudo-header of these addresses, as
-        :meth:`SalPacket.encode` computes it."""
+    def _constants(
+        self, src_ip: str | bytes, dst_ip: str | bytes
+    ) -> tuple[bytes, bytes, int, int, int, int]:
+        """What every segment shares: the SAL header (checksum stamped), the TCP options,
+        the offset-and-flags word, ACK, window, and the part of the TCP checksum that is
+        the same for each full segment (the pseudo-header's addresses, protocol and
+        length, and the header words but sequence number and checksum)."""
         t = self.transport
         assert type(t) is TcpHeader
         shl = BASE_HEADER // 4
@@ -154,11 +164,6 @@ class SegmentTrain(SalPacket):
         off_flags = ((hlen // 4) << 12) | (t.flags & 0x0FFF)
         ack = t.ack & 0xFFFFFFFF
         window = t.window
-        total = len(self.payload)
-        mss = self.mss
-        # Everything in the checksum that is the same for each full segment: the
-        # pseudo-header's addresses, protocol and length, and the header words but
-        # sequence number and checksum.
         base = (
             address_sum(src_ip, dst_ip, PROTO_TCP)
             + (ack >> 16)
@@ -167,11 +172,23 @@ class SegmentTrain(SalPacket):
             + window
             + (int.from_bytes(opts, "big") if opts else 0)
             + hlen
-            + mss
+            + self.mss
         )
+        return sal, opts, off_flags, ack, window, base
+
+    def _headers(self, src_ip: str | bytes, dst_ip: str | bytes, first: int = 0) -> list[bytes]:
+        """The SAL and TCP headers (options included) of each segment from number
+        ``first`` on, checksums stamped: the TCP checksum over the pseudo-header of these
+        addresses, as :meth:`SalPacket.encode` computes it."""
+        sal, opts, off_flags, ack, window, base = self._constants(src_ip, dst_ip)
+        mss = self.mss
+        view = memoryview(self.payload)[first * mss :]
+        total = len(view)
         pack = _HEADERS.pack
-        seq0 = t.seq
-        sums = segment_sums(self.payload, mss)
+        t = self.transport
+        assert type(t) is TcpHeader
+        seq0 = (t.seq + first * mss) & 0xFFFFFFFF
+        sums = segment_sums(view, mss)
         heads: list[bytes] = []
         append = heads.append
         lo = 0
@@ -214,10 +231,25 @@ class SegmentTrain(SalPacket):
     ) -> list[bytes | SuperDatagram]:
         """The wire datagrams as :class:`SuperDatagram` s of at most ``max_bytes`` and
         ``max_segments`` each (a group of one is plain ``bytes``): what one UDP GSO call
-        takes, built with one copy of the payload per group."""
+        takes, built with one copy of the payload per group.
+
+        With numpy (the ``[accel]`` extra) the full segments are stamped at once: one
+        array of datagrams, the header template broadcast into every row, the sequence
+        numbers and checksums worked out as vectors, the payload copied in as one block;
+        the last segment, when it is short or carries FIN, is stamped on its own.
+        """
+        mss = self.mss
+        total = len(self.payload)
+        full = total // mss
+        if self.fin and full * mss == total:
+            full -= 1  # the FIN goes in a segment stamped on its own
+        np = vector_module()
+        if np is not None and full >= _VECTOR_MIN_SEGMENTS and mss % 4 == 0:
+            vector = self._wire_vector(np, src_ip, dst_ip, full, max_bytes, max_segments)
+            if vector is not None:
+                return vector
         heads = self._headers(src_ip, dst_ip)
         view = memoryview(self.payload)
-        mss = self.mss
         size = len(heads[0]) + mss  # every datagram's but maybe the last's
         per = min(max_segments, max_bytes // size)
         pieces: list[bytes | memoryview] = []
@@ -234,4 +266,53 @@ class SegmentTrain(SalPacket):
         for i in range(0, len(pieces), step):
             data = join(pieces[i : i + step])
             out.append(SuperDatagram(data, size) if len(data) > size else data)
+        return out
+
+    def _wire_vector(
+        self,
+        np: ModuleType,
+        src_ip: str | bytes,
+        dst_ip: str | bytes,
+        full: int,
+        max_bytes: int,
+        max_segments: int,
+    ) -> list[bytes | SuperDatagram] | None:
+        """:meth:`wire` with the first ``full`` segments (``mss`` bytes each, no FIN)
+        stamped by numpy; None when groups of one datagram are all the bounds allow."""
+        sal, opts, off_flags, ack, window, base = self._constants(src_ip, dst_ip)
+        mss = self.mss
+        hl = len(sal) + TCP_MIN_HEADER + len(opts)
+        size = hl + mss
+        per = min(max_segments, max_bytes // size)
+        if per <= 1:
+            return None
+        t = self.transport
+        assert type(t) is TcpHeader
+        u64 = np.uint64
+        words = np.frombuffer(self.payload, dtype="<u4", count=full * mss // 4)
+        sums = words.reshape(full, mss // 4).sum(axis=1, dtype=u64)
+        seqs = (u64(t.seq) + np.arange(full, dtype=u64) * u64(mss)) & u64(0xFFFFFFFF)
+        # The sum of little-endian words is the byte-swapped sum: times 0x100 modulo 0xFFFF
+        # (see .checksum). The field is the complement of the folded sum, +0 for none:
+        # 0xFFFF - s modulo 0xFFFF.
+        s = u64(base % _MOD) + (seqs >> u64(16)) + (seqs & u64(0xFFFF))
+        s = (s + (sums << u64(8))) % u64(_MOD)
+        check = (u64(_MOD) - s) % u64(_MOD)
+        rows = np.empty((full, size), dtype=np.uint8)
+        template = sal + _TCP_FIXED.pack(0, 0, 0, ack, off_flags, window, 0, 0) + opts
+        rows[:, :hl] = np.frombuffer(template, dtype=np.uint8)
+        rows[:, _SEQ_AT : _SEQ_AT + 4] = seqs.astype(">u4").view(np.uint8).reshape(full, 4)
+        rows[:, _CHECK_AT : _CHECK_AT + 2] = check.astype(">u2").view(np.uint8).reshape(full, 2)
+        rows[:, hl:] = np.frombuffer(self.payload, dtype=np.uint8, count=full * mss).reshape(
+            full, mss
+        )
+        flat = memoryview(rows).cast("B")
+        out: list[bytes | SuperDatagram] = []
+        step = per * size
+        for i in range(0, full * size, step):
+            chunk = flat[i : i + step]
+            out.append(SuperDatagram(chunk, size) if len(chunk) > size else bytes(chunk))
+        if full * mss < len(self.payload):
+            (head,) = self._headers(src_ip, dst_ip, full)
+            out.append(b"".join((head, memoryview(self.payload)[full * mss :])))
         return out
