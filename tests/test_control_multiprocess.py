@@ -46,6 +46,7 @@ from pyserval.naming.service_id import PrefixLike, as_service_prefix
 from pyserval.runtime.host import parse_address
 from pyserval.sal.control import ControlTimers
 from pyserval.sal.inet import Address
+from pyserval.sal.train import SuperDatagram
 from pyserval.transport.config import StreamConfig
 from pyserval.transport.events import DatagramReceived, Event
 
@@ -624,19 +625,20 @@ def test_stream_data_bypasses_the_router(cluster: Cluster) -> None:
         async with client_host(router, stream_config=StreamConfig(mss=1408)) as client:
             core = client.core
             assert core is not None
-            # Count the client's own datagrams, both ways (the core's output is wrapped).
+            # Count the client's own datagrams, both ways (the core's output is wrapped; a
+            # segment train's datagrams leave it as super-datagrams).
             sent = 0
-            datagrams_to_send = core.datagrams_to_send
+            wire_to_send = core.wire_to_send
 
-            def counting(now: float) -> list[tuple[bytes, Address, Address]]:
+            def counting(now: float) -> list[tuple[bytes | SuperDatagram, Address, Address]]:
                 nonlocal sent
-                out = datagrams_to_send(now)
-                sent += len(out)
+                out = wire_to_send(now)
+                sent += sum(d.count if isinstance(d, SuperDatagram) else 1 for d, _, _ in out)
                 return out
 
             before = await fetch_table(router.route)
             received_before = core.received
-            core.datagrams_to_send = counting  # type: ignore[method-assign]
+            core.wire_to_send = counting  # type: ignore[method-assign]
             try:
                 stream = await client.connect("bulk-echo", timeout=5)
 
@@ -657,7 +659,7 @@ def test_stream_data_bypasses_the_router(cluster: Cluster) -> None:
                     _, echoed = await asyncio.gather(send_all(), read_all())
                 await stream.aclose()
             finally:
-                core.datagrams_to_send = datagrams_to_send  # type: ignore[method-assign]
+                core.wire_to_send = wire_to_send  # type: ignore[method-assign]
             packets = sent + core.received - received_before
             after = await fetch_table(router.route)
         return packets, echoed, before, after

@@ -21,6 +21,7 @@ import pytest
 import pyserval
 from pyserval.naming import ServiceID
 from pyserval.sal import MalformedPacket, decode_packet
+from pyserval.sal.train import SuperDatagram
 
 from .helpers.processes import EXAMPLES, PEER, Peer, child_env
 
@@ -262,19 +263,20 @@ def test_junk_datagrams_are_dropped_and_counted_while_a_connection_keeps_working
             assert core is not None
             incoming: list[bytes] = []
             outgoing: list[bytes] = []
-            receive, to_send = core.receive_datagrams, core.datagrams_to_send
+            receive, to_send = core.receive_datagrams, core.wire_to_send
 
             def recording_receive(batch: list[tuple[bytes, Any]], *args: Any) -> None:
                 incoming.extend(bytes(data) for data, _ in batch)
                 receive(batch, *args)
 
-            def recording_send(now: float) -> list[tuple[bytes, Any, Any]]:
+            def recording_send(now: float) -> list[tuple[bytes | SuperDatagram, Any, Any]]:
                 out = to_send(now)
-                outgoing.extend(d for d, _, _ in out)
+                for d, _, _ in out:
+                    outgoing.extend(d.split() if isinstance(d, SuperDatagram) else [d])
                 return out
 
             monkeypatch.setattr(core, "receive_datagrams", recording_receive)
-            monkeypatch.setattr(core, "datagrams_to_send", recording_send)
+            monkeypatch.setattr(core, "wire_to_send", recording_send)
 
             # A finished connection, then the live one: real packets of both.
             old = await host.connect("echo", timeout=10)

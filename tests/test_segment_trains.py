@@ -213,7 +213,8 @@ def test_a_train_as_super_datagrams_holds_its_segments_encoded_one_by_one(
         pytest.skip("numpy (the [accel] extra) is not installed")
     rng = random.Random(seed)
     payload = rng.randbytes(segments * mss + min(last, mss - 1))
-    opts = [TcpOption.nop(), TcpOption.nop(), TcpOption.sack([(seq, seq + 9)])] if sack else []
+    block = (seq, (seq + 9) % 2**32)
+    opts = [TcpOption.nop(), TcpOption.nop(), TcpOption.sack([block])] if sack else []
     template = TcpHeader(
         seq=seq,
         ack=rng.getrandbits(32),

@@ -41,6 +41,7 @@ from pyserval.control import (
 from pyserval.runtime.host import parse_address
 from pyserval.sal import MalformedPacket, decode_packet
 from pyserval.sal.inet import Address
+from pyserval.sal.train import SuperDatagram
 
 
 async def echo(stream: pyserval.ServalStream) -> None:
@@ -63,13 +64,13 @@ async def certified(args: argparse.Namespace) -> int:
         core = host.core
         assert core is not None
         sent: dict[int, bytes] = {}
-        datagrams_to_send = core.datagrams_to_send
+        wire_to_send = core.wire_to_send
 
-        def tap(now: float) -> list[tuple[bytes, Address, Address]]:
-            out = datagrams_to_send(now)
+        def tap(now: float) -> list[tuple[bytes | SuperDatagram, Address, Address]]:
+            out = wire_to_send(now)
             for data, _local, remote in out:
-                if remote != router:
-                    continue
+                if remote != router or isinstance(data, SuperDatagram):
+                    continue  # (a super-datagram is stream data, never a REGISTER)
                 with contextlib.suppress(MalformedPacket, BadControlMessage):
                     payload = bytes(decode_packet(data).payload)
                     msg = decode_message(payload)
@@ -77,7 +78,7 @@ async def certified(args: argparse.Namespace) -> int:
                         sent.setdefault(msg.seq, payload)
             return out
 
-        core.datagrams_to_send = tap  # type: ignore[method-assign]
+        core.wire_to_send = tap  # type: ignore[method-assign]
 
         # ... and the router's answers: the seqs of REGISTERs it accepted in full.
         accepted: list[int] = []
@@ -101,7 +102,7 @@ async def certified(args: argparse.Namespace) -> int:
                 return 2
             await asyncio.sleep(0.005)
         captured = next(sent[seq] for seq in accepted if seq in sent)
-        core.datagrams_to_send = datagrams_to_send  # type: ignore[method-assign]
+        core.wire_to_send = wire_to_send  # type: ignore[method-assign]
         ip, port = host.addresses[0]
         line = {"service": sid.hex, "address": f"{ip}:{port}", "captured": captured.hex()}
         print("CERTIFIED " + json.dumps(line), flush=True)

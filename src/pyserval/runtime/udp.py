@@ -449,9 +449,8 @@ class UdpEndpoint:
                     segment = _NATIVE_INT.unpack_from(value)[0]
             if 0 < segment < size:
                 self.stats.gro_reads += 1
-                view = memoryview(data)
-                for offset in range(0, size, segment):
-                    append((bytes(view[offset : offset + segment]), addr))
+                # Slicing bytes copies once, into the datagram's own bytes object.
+                batch.extend([(data[o : o + segment], addr) for o in range(0, size, segment)])
             else:
                 append((data, addr))
         return nbytes, failed
