@@ -11,7 +11,7 @@ import struct
 from collections.abc import Callable
 from typing import Final, TypeVar
 
-from .checksum import BytesLike, internet_checksum
+from .checksum import BytesLike, internet_checksum, transport_checksum
 from .errors import MalformedPacket, Reason
 from .extensions import (
     MAX_EXTENSIONS,
@@ -194,11 +194,21 @@ class SalPacket:
             if self.payload:
                 raise ValueError("a payload needs a transport header")
             return bytes(header)
+        payload = self.payload
+        if type(t) is TcpHeader:
+            if src_ip is None or dst_ip is None:
+                return b"".join((header, t.encode(), payload))
+            # The header is encoded once, with the checksum field zero for the sum (as
+            # compute_checksum does); the sum then goes in its place.
+            raw = t.encode(0)
+            check = transport_checksum(src_ip, dst_ip, PROTO_TCP, raw, payload)
+            t.checksum = check
+            return b"".join((header, raw[:16], check.to_bytes(2, "big"), raw[18:], payload))
         if type(t) is UdpHeader:
-            t.length = 8 + len(self.payload)
+            t.length = 8 + len(payload)
         if src_ip is not None and dst_ip is not None:
-            t.checksum = t.compute_checksum(src_ip, dst_ip, self.payload)
-        return b"".join((header, t.encode(), self.payload))
+            t.checksum = t.compute_checksum(src_ip, dst_ip, payload)
+        return b"".join((header, t.encode(), payload))
 
     def verify_transport_checksum(self, src_ip: str | bytes, dst_ip: str | bytes) -> bool:
         """Whether the transport checksum is right for these addresses (IPv4 or IPv6).
@@ -216,7 +226,31 @@ class SalPacket:
         )
 
 
+# The first two bytes of CONTROL and of SERVICE (type in the high nibble, then length).
+_CONTROL_HEAD: Final = (int(ExtType.CONTROL) << 4, ControlExt.LENGTH)
+_SERVICE_HEAD: Final = (int(ExtType.SERVICE) << 4, ServiceExt.LENGTH)
+
+
 def _decode_extensions(view: memoryview) -> list[Extension]:
+    """The extensions in ``view`` (the SAL header after its 12 base bytes).
+
+    Every packet of a connection's set-up and close but data carries CONTROL alone
+    (SYN-ACK, SAL FIN, control ACK) or CONTROL then SERVICE (SYN, third ACK): those two
+    layouts are recognised by their length and heads and decoded without the general
+    loop, with the same decoders on the same bytes (:func:`_decode_extensions_general`
+    gives the same list, or the same error, for any input).
+    """
+    n = len(view)
+    if n == 20:
+        if (view[0], view[1]) == _CONTROL_HEAD:
+            return [ControlExt.decode(view)]
+    elif n == 56 and (view[0], view[1]) == _CONTROL_HEAD and (view[20], view[21]) == _SERVICE_HEAD:
+        return [ControlExt.decode(view[:20]), ServiceExt.decode(view[20:])]
+    return _decode_extensions_general(view)
+
+
+def _decode_extensions_general(view: memoryview) -> list[Extension]:
+    """The extensions in ``view``, any layout (PAD, unknown types, limits checked)."""
     extensions: list[Extension] = []
     i, n, counted = 0, len(view), 0
     while i < n:
