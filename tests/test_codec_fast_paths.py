@@ -22,7 +22,7 @@ from pyserval.sal import MalformedPacket, TcpHeader, decode_packet
 from pyserval.sal.checksum import verify_transport_checksum
 from pyserval.sal.packet import _decode_extensions, _decode_extensions_general
 
-from .strategies import control_exts, ipv4, packets, service_exts
+from .strategies import control_exts, ipv4, packets, service_exts, tcp_headers
 
 CONTROL_HEAD = bytes((0x10, 20))
 SERVICE_HEAD = bytes((0x20, 36))
@@ -109,6 +109,42 @@ def test_tcp_encode_with_addresses(packet: object, src: str, dst: str) -> None:
     hlen = wire[8] * 4
     assert verify_transport_checksum(src, dst, 6, wire[hlen:])
     assert decode_packet(wire).encode() == wire
+
+
+@settings(max_examples=500)
+@given(tcp_headers())
+def test_tcp_options_written_out_and_shared(header: TcpHeader) -> None:
+    # The header encoder writes the options out itself: the bytes must be those of each
+    # option's own encoder, then the padding; the decoder's shared instances must equal
+    # options built from the bytes, and re-encode to them.
+    wire = header.encode()
+    raw = b"".join(o.encode() for o in header.options) + header.option_padding
+    raw += bytes(-len(raw) % 4)
+    assert wire[20:] == raw
+    assert wire[12] >> 4 == (20 + len(raw)) // 4
+    decoded, length = TcpHeader.decode(memoryview(wire))
+    assert length == len(wire)
+    assert decoded.options == header.options
+    assert [(o.kind, o.data) for o in decoded.options] == [(o.kind, o.data) for o in header.options]
+    assert decoded.encode() == wire
+
+
+def test_handshake_options_decode_from_bytes() -> None:
+    # MSS 1408, NOP, window scale 7, NOP, NOP, SACK-permitted (RFC 9293, 7323, 2018 kinds).
+    options = bytes([2, 4, 0x05, 0x80, 1, 3, 3, 7, 1, 1, 4, 2])
+    header = bytes(12) + bytes([(20 + len(options)) // 4 << 4, 0x02]) + bytes(6) + options
+    for _ in range(2):  # the second time from the shared instances
+        tcp, _ = TcpHeader.decode(memoryview(header))
+        assert tcp.mss == 1408
+        assert [(o.kind, o.data) for o in tcp.options] == [
+            (2, b"\x05\x80"),
+            (1, b""),
+            (3, b"\x07"),
+            (1, b""),
+            (1, b""),
+            (4, b""),
+        ]
+        assert tcp.encode() == header
 
 
 @pytest.mark.parametrize(
