@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from pyserval.data import reference_capture
 from pyserval.naming import InvalidServiceID, ServiceID
 from pyserval.naming.service_id import as_service_id
-from pyserval.sal import MalformedPacket, TcpHeader, decode_packet
+from pyserval.sal import MalformedPacket, RelayExt, TcpHeader, decode_packet
 from pyserval.sal.checksum import verify_transport_checksum
 from pyserval.sal.packet import _decode_extensions, _decode_extensions_general
 
@@ -38,29 +38,39 @@ def _outcome(view: memoryview, decoder: object) -> object:
     return [(type(e), e.encode()) for e in exts]
 
 
+RELAY_HEAD = bytes((0xC0, 16))
+relay_exts = st.builds(
+    RelayExt, st.tuples(ipv4, st.integers(0, 0xFFFF)), st.binary(min_size=8, max_size=8)
+)
+
+
 @st.composite
 def extension_areas(draw: st.DrawFn) -> bytes:
-    """Bytes of the size of the two fast layouts, with their heads often right, sometimes
-    off by one byte, and arbitrary otherwise."""
-    kind = draw(st.sampled_from(["control", "control+service", "near", "random"]))
+    """Bytes of the size of the three fast layouts, with their heads often right,
+    sometimes with one head byte changed, and arbitrary otherwise."""
+    kind = draw(st.sampled_from(["control", "control+service", "syn", "near", "random"]))
+    control = draw(control_exts).encode()
+    service = draw(service_exts).encode()
+    relay = draw(relay_exts).encode()
     if kind == "control":
-        return draw(control_exts).encode()
+        return control
     if kind == "control+service":
-        return draw(control_exts).encode() + draw(service_exts).encode()
+        return control + service
+    if kind == "syn":
+        return control + service + relay
     if kind == "near":
         area = bytearray(
-            draw(control_exts).encode()
-            + (draw(service_exts).encode() if draw(st.booleans()) else b"")
+            draw(st.sampled_from([control, control + service, control + service + relay]))
         )
-        i = draw(st.sampled_from([0, 1, 20, 21] if len(area) > 20 else [0, 1]))
+        i = draw(st.sampled_from([i for i in (0, 1, 20, 21, 56, 57) if i < len(area)]))
         area[i] = draw(st.integers(0, 255))
         return bytes(area)
-    size = draw(st.sampled_from([20, 56]))
-    head = draw(st.sampled_from([CONTROL_HEAD, SERVICE_HEAD, b""]))
-    body = head + draw(st.binary(min_size=size - len(head), max_size=size - len(head)))
-    if size == 56 and draw(st.booleans()):
-        body = body[:20] + SERVICE_HEAD + body[22:]
-    return body
+    size = draw(st.sampled_from([20, 56, 72]))
+    body = bytearray(draw(st.binary(min_size=size, max_size=size)))
+    for offset, head in ((0, CONTROL_HEAD), (20, SERVICE_HEAD), (56, RELAY_HEAD)):
+        if offset < size and draw(st.booleans()):
+            body[offset : offset + 2] = head
+    return bytes(body)
 
 
 @settings(max_examples=1000)
@@ -71,7 +81,7 @@ def test_extension_fast_path_matches_general(area: bytes) -> None:
 
 
 @settings(max_examples=500)
-@given(st.binary(max_size=80).filter(lambda b: len(b) % 4 == 0 and b))
+@given(st.binary(max_size=96).filter(lambda b: len(b) % 4 == 0 and b))
 def test_extension_decoder_on_any_area(area: bytes) -> None:
     view = memoryview(area)
     assert _outcome(view, _decode_extensions) == _outcome(view, _decode_extensions_general)
@@ -87,7 +97,7 @@ def test_reference_capture_decodes_as_general() -> None:
         if hlen <= 12:
             continue
         area = memoryview(data)[12:hlen]
-        if len(area) in (20, 56):
+        if len(area) in (20, 56, 72):
             taken += 1
         assert _outcome(area, _decode_extensions) == _outcome(area, _decode_extensions_general)
     assert taken > 0

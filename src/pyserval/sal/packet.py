@@ -226,26 +226,36 @@ class SalPacket:
         )
 
 
-# The first two bytes of CONTROL and of SERVICE (type in the high nibble, then length).
+# The first two bytes (type in the high nibble, then length) of the extensions of the
+# fast layouts below.
 _CONTROL_HEAD: Final = (int(ExtType.CONTROL) << 4, ControlExt.LENGTH)
 _SERVICE_HEAD: Final = (int(ExtType.SERVICE) << 4, ServiceExt.LENGTH)
+_RELAY_HEAD: Final = (int(ExtType.RELAY) << 4, 16)
 
 
 def _decode_extensions(view: memoryview) -> list[Extension]:
     """The extensions in ``view`` (the SAL header after its 12 base bytes).
 
     Every packet of a connection's set-up and close but data carries CONTROL alone
-    (SYN-ACK, SAL FIN, control ACK) or CONTROL then SERVICE (SYN, third ACK): those two
-    layouts are recognised by their length and heads and decoded without the general
-    loop, with the same decoders on the same bytes (:func:`_decode_extensions_general`
-    gives the same list, or the same error, for any input).
+    (SYN-ACK, SAL FIN, control ACK), CONTROL then SERVICE (third ACK) or CONTROL,
+    SERVICE and RELAY (a client's SYN asks for a relayed answer): those layouts are
+    recognised by their length and heads and decoded without the general loop, with the
+    same decoders on the same bytes (:func:`_decode_extensions_general` gives the same
+    list, or the same error, for any input).
     """
     n = len(view)
-    if n == 20:
-        if (view[0], view[1]) == _CONTROL_HEAD:
+    if n >= 20 and (view[0], view[1]) == _CONTROL_HEAD:
+        if n == 20:
             return [ControlExt.decode(view)]
-    elif n == 56 and (view[0], view[1]) == _CONTROL_HEAD and (view[20], view[21]) == _SERVICE_HEAD:
-        return [ControlExt.decode(view[:20]), ServiceExt.decode(view[20:])]
+        if n >= 56 and (view[20], view[21]) == _SERVICE_HEAD:
+            if n == 56:
+                return [ControlExt.decode(view[:20]), ServiceExt.decode(view[20:])]
+            if n == 72 and (view[56], view[57]) == _RELAY_HEAD:
+                return [
+                    ControlExt.decode(view[:20]),
+                    ServiceExt.decode(view[20:56]),
+                    RelayExt.decode(view[56:]),
+                ]
     return _decode_extensions_general(view)
 
 
