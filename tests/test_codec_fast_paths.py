@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from pyserval.data import reference_capture
 from pyserval.naming import InvalidServiceID, ServiceID
 from pyserval.naming.service_id import as_service_id
-from pyserval.sal import MalformedPacket, RelayExt, TcpHeader, decode_packet
+from pyserval.sal import MalformedPacket, RelayExt, SalPacket, TcpHeader, decode_packet
 from pyserval.sal.checksum import verify_transport_checksum
 from pyserval.sal.packet import _decode_extensions, _decode_extensions_general
 
@@ -119,6 +119,22 @@ def test_tcp_encode_with_addresses(packet: object, src: str, dst: str) -> None:
     hlen = wire[8] * 4
     assert verify_transport_checksum(src, dst, 6, wire[hlen:])
     assert decode_packet(wire).encode() == wire
+
+
+@pytest.mark.parametrize("seq", [0, 1, 0x12345678, 0xFFFFFFFF])
+def test_tcp_checksum_of_a_zero_sum(seq: int) -> None:
+    # A segment whose words sum to 0 modulo 0xFFFF: ones' complement arithmetic gives
+    # 0xFFFF for the sum, so the field is 0x0000 (RFC 1071; what compute_checksum gives),
+    # never 0xFFFF. One payload word chosen to make the sum so.
+    src, dst = "127.0.0.1", "10.1.2.3"
+    tcp = TcpHeader(seq=seq, ack=7, flags=0x18, window=512)
+    c0 = tcp.compute_checksum(src, dst, b"\0\0")
+    s0 = 0 if c0 == 0 else 0xFFFF - c0
+    payload = ((0xFFFF - s0) % 0xFFFF).to_bytes(2, "big")
+    assert tcp.compute_checksum(src, dst, payload) == 0
+    wire = SalPacket(1, 2, 6, [], tcp, payload).encode(src, dst)
+    assert wire[12 + 16 : 12 + 18] == b"\0\0"
+    assert verify_transport_checksum(src, dst, 6, wire[12:])
 
 
 @settings(max_examples=500)

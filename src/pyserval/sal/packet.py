@@ -11,7 +11,7 @@ import struct
 from collections.abc import Callable
 from typing import Final, TypeVar
 
-from .checksum import BytesLike, internet_checksum, transport_checksum
+from .checksum import BytesLike, address_sum, internet_checksum
 from .errors import MalformedPacket, Reason
 from .extensions import (
     MAX_EXTENSIONS,
@@ -168,7 +168,9 @@ class SalPacket:
 
     # -- encoding -----------------------------------------------------------------------
     def _extension_bytes(self) -> bytes:
-        raw = b"".join([e.encode() for e in self.extensions])
+        exts = self.extensions
+        # One extension (a control packet's CONTROL) needs no list and no join.
+        raw = exts[0].encode() if len(exts) == 1 else b"".join([e.encode() for e in exts])
         if len(raw) % 4:
             raw += bytes(4 - len(raw) % 4)  # PAD bytes to a whole word
         return raw
@@ -185,15 +187,20 @@ class SalPacket:
         over the IPv4 pseudo-header, as the reference does (IPv6 addresses: the IPv6
         pseudo-header); otherwise the stored one is used.
         """
-        header = bytearray(self._sal_header(0))
-        check = internet_checksum(header)
-        header[10] = check >> 8
-        header[11] = check & 0xFF
+        ext = self._extension_bytes() if self.extensions else b""
+        shl = (BASE_HEADER + len(ext)) // 4
+        if shl > 255:
+            raise ValueError(f"SAL header of {shl * 4} bytes does not fit shl")
+        src, dst, protocol = self.src_flowid, self.dst_flowid, self.protocol
+        # The base header packed again with its checksum in place (cheaper than patching
+        # a bytearray copy); the extensions follow it unchanged.
+        check = internet_checksum(_BASE.pack(src, dst, shl, protocol, 0) + ext)
+        header = _BASE.pack(src, dst, shl, protocol, check) + ext
         t = self.transport
         if t is None:
             if self.payload:
                 raise ValueError("a payload needs a transport header")
-            return bytes(header)
+            return header
         payload = self.payload
         if type(t) is TcpHeader:
             if src_ip is None or dst_ip is None:
@@ -201,7 +208,15 @@ class SalPacket:
             # The header is encoded once, with the checksum field zero for the sum (as
             # compute_checksum does); the sum then goes in its place.
             raw = t.encode(0)
-            check = transport_checksum(src_ip, dst_ip, PROTO_TCP, raw, payload)
+            # sal.checksum.transport_checksum written out (no four calls per packet): the
+            # pseudo-header's addresses (cached) and length, the header, the payload
+            # (odd length: zero-padded), summed modulo 0xFFFF.
+            size = len(payload)
+            total = address_sum(src_ip, dst_ip, PROTO_TCP) + len(raw) + size
+            total += int.from_bytes(raw, "big")
+            if size:
+                total += int.from_bytes(payload, "big") << (8 if size & 1 else 0)
+            check = 0xFFFF - (total % 0xFFFF or 0xFFFF)  # ones' complement, never +0
             t.checksum = check
             return b"".join((header, raw[:16], check.to_bytes(2, "big"), raw[18:], payload))
         if type(t) is UdpHeader:
