@@ -536,6 +536,8 @@ class HostCore:
             listener = self._listener_by_id.get(conn.listener_id or 0)
             if listener is not None:
                 listener.half_open.pop(key, None)
+        # No cycle left for the garbage collector: freed when the application drops it.
+        conn.unlink_parts()
 
     def next_deadline(self) -> float | None:
         """When :meth:`handle_timer` must run next (one timer for the whole host)."""

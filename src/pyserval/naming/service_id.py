@@ -15,6 +15,7 @@ Text forms accepted everywhere the API takes a serviceID:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import string
 from typing import Final
@@ -336,7 +337,17 @@ def as_service_id(value: ServiceLike) -> ServiceID:
     """Coerce an API argument to a :class:`ServiceID` (text: hex ID or name)."""
     if isinstance(value, ServiceID):
         return value
+    if type(value) is str:
+        return _parsed_text(value)
     return ServiceID(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_text(text: str) -> ServiceID:
+    # An application names the same few services in every connect: hashing a name is
+    # a SHA-256 and some string work each time. A ServiceID is immutable, so one object
+    # may be shared; bad text raises and is not cached.
+    return ServiceID.parse(text)
 
 
 def parse_service(text: str) -> ServiceID | ServicePrefix:

@@ -103,6 +103,10 @@ class ControlFlags:
 
 
 _CONTROL: Final = struct.Struct("!BBBBII8s")
+# First bytes of CONTROL and SERVICE as plain ints: every handshake packet encodes them,
+# and an enum member read off its class costs more than the pack itself.
+_CONTROL_TYPE_BYTE: Final = int(ExtType.CONTROL) << 4
+_SERVICE_TYPE_BYTE: Final = int(ExtType.SERVICE) << 4
 _SERVICE_HEAD: Final = struct.Struct("!BBH")
 _ADDRESS_HEAD: Final = struct.Struct("!BBHII")
 
@@ -194,7 +198,7 @@ class ControlExt(Extension):
 
     def encode(self) -> bytes:
         return _CONTROL.pack(
-            ExtType.CONTROL << 4, 20, self.flags, self.reserved, self.verno, self.ackno, self.nonce
+            _CONTROL_TYPE_BYTE, 20, self.flags, self.reserved, self.verno, self.ackno, self.nonce
         )
 
     def has(self, flag: int) -> bool:
@@ -228,7 +232,7 @@ class ServiceExt(Extension):
 
     def encode(self) -> bytes:
         return (
-            _SERVICE_HEAD.pack(ExtType.SERVICE << 4, 36, self.reserved) + self.service_id.to_bytes()
+            _SERVICE_HEAD.pack(_SERVICE_TYPE_BYTE, 36, self.reserved) + self.service_id.to_bytes()
         )
 
     def __repr__(self) -> str:

@@ -11,7 +11,7 @@ import struct
 from collections.abc import Callable
 from typing import Final, TypeVar
 
-from .checksum import BytesLike, internet_checksum
+from .checksum import BytesLike, address_sum, internet_checksum
 from .errors import MalformedPacket, Reason
 from .extensions import (
     MAX_EXTENSIONS,
@@ -168,7 +168,9 @@ class SalPacket:
 
     # -- encoding -----------------------------------------------------------------------
     def _extension_bytes(self) -> bytes:
-        raw = b"".join([e.encode() for e in self.extensions])
+        exts = self.extensions
+        # One extension (a control packet's CONTROL) needs no list and no join.
+        raw = exts[0].encode() if len(exts) == 1 else b"".join([e.encode() for e in exts])
         if len(raw) % 4:
             raw += bytes(4 - len(raw) % 4)  # PAD bytes to a whole word
         return raw
@@ -185,20 +187,43 @@ class SalPacket:
         over the IPv4 pseudo-header, as the reference does (IPv6 addresses: the IPv6
         pseudo-header); otherwise the stored one is used.
         """
-        header = bytearray(self._sal_header(0))
-        check = internet_checksum(header)
-        header[10] = check >> 8
-        header[11] = check & 0xFF
+        ext = self._extension_bytes() if self.extensions else b""
+        shl = (BASE_HEADER + len(ext)) // 4
+        if shl > 255:
+            raise ValueError(f"SAL header of {shl * 4} bytes does not fit shl")
+        src, dst, protocol = self.src_flowid, self.dst_flowid, self.protocol
+        # The base header packed again with its checksum in place (cheaper than patching
+        # a bytearray copy); the extensions follow it unchanged.
+        check = internet_checksum(_BASE.pack(src, dst, shl, protocol, 0) + ext)
+        header = _BASE.pack(src, dst, shl, protocol, check) + ext
         t = self.transport
         if t is None:
             if self.payload:
                 raise ValueError("a payload needs a transport header")
-            return bytes(header)
+            return header
+        payload = self.payload
+        if type(t) is TcpHeader:
+            if src_ip is None or dst_ip is None:
+                return b"".join((header, t.encode(), payload))
+            # The header is encoded once, with the checksum field zero for the sum (as
+            # compute_checksum does); the sum then goes in its place.
+            raw = t.encode(0)
+            # sal.checksum.transport_checksum written out (no four calls per packet): the
+            # pseudo-header's addresses (cached) and length, the header, the payload
+            # (odd length: zero-padded), summed modulo 0xFFFF.
+            size = len(payload)
+            total = address_sum(src_ip, dst_ip, PROTO_TCP) + len(raw) + size
+            total += int.from_bytes(raw, "big")
+            if size:
+                total += int.from_bytes(payload, "big") << (8 if size & 1 else 0)
+            check = 0xFFFF - (total % 0xFFFF or 0xFFFF)  # ones' complement, never +0
+            t.checksum = check
+            return b"".join((header, raw[:16], check.to_bytes(2, "big"), raw[18:], payload))
         if type(t) is UdpHeader:
-            t.length = 8 + len(self.payload)
+            t.length = 8 + len(payload)
         if src_ip is not None and dst_ip is not None:
-            t.checksum = t.compute_checksum(src_ip, dst_ip, self.payload)
-        return b"".join((header, t.encode(), self.payload))
+            t.checksum = t.compute_checksum(src_ip, dst_ip, payload)
+        return b"".join((header, t.encode(), payload))
 
     def verify_transport_checksum(self, src_ip: str | bytes, dst_ip: str | bytes) -> bool:
         """Whether the transport checksum is right for these addresses (IPv4 or IPv6).
@@ -216,7 +241,41 @@ class SalPacket:
         )
 
 
+# The first two bytes (type in the high nibble, then length) of the extensions of the
+# fast layouts below.
+_CONTROL_HEAD: Final = (int(ExtType.CONTROL) << 4, ControlExt.LENGTH)
+_SERVICE_HEAD: Final = (int(ExtType.SERVICE) << 4, ServiceExt.LENGTH)
+_RELAY_HEAD: Final = (int(ExtType.RELAY) << 4, 16)
+
+
 def _decode_extensions(view: memoryview) -> list[Extension]:
+    """The extensions in ``view`` (the SAL header after its 12 base bytes).
+
+    Every packet of a connection's set-up and close but data carries CONTROL alone
+    (SYN-ACK, SAL FIN, control ACK), CONTROL then SERVICE (third ACK) or CONTROL,
+    SERVICE and RELAY (a client's SYN asks for a relayed answer): those layouts are
+    recognised by their length and heads and decoded without the general loop, with the
+    same decoders on the same bytes (:func:`_decode_extensions_general` gives the same
+    list, or the same error, for any input).
+    """
+    n = len(view)
+    if n >= 20 and (view[0], view[1]) == _CONTROL_HEAD:
+        if n == 20:
+            return [ControlExt.decode(view)]
+        if n >= 56 and (view[20], view[21]) == _SERVICE_HEAD:
+            if n == 56:
+                return [ControlExt.decode(view[:20]), ServiceExt.decode(view[20:])]
+            if n == 72 and (view[56], view[57]) == _RELAY_HEAD:
+                return [
+                    ControlExt.decode(view[:20]),
+                    ServiceExt.decode(view[20:56]),
+                    RelayExt.decode(view[56:]),
+                ]
+    return _decode_extensions_general(view)
+
+
+def _decode_extensions_general(view: memoryview) -> list[Extension]:
+    """The extensions in ``view``, any layout (PAD, unknown types, limits checked)."""
     extensions: list[Extension] = []
     i, n, counted = 0, len(view), 0
     while i < n:

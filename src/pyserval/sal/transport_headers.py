@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Final
 
 from .checksum import BytesLike, transport_checksum, verify_transport_checksum
@@ -50,6 +51,7 @@ _OPTION_LENGTHS: Final[dict[int, frozenset[int]]] = {
 }
 
 _TCP: Final = struct.Struct("!HHIIBBHHH")
+_ONE_BYTE_OPTIONS: Final = {OPT_EOL: bytes((OPT_EOL,)), OPT_NOP: bytes((OPT_NOP,))}
 _UDP: Final = struct.Struct("!HHHH")
 TCP_MIN_HEADER: Final = 20
 UDP_HEADER: Final = 8
@@ -125,16 +127,30 @@ class TcpOption:
         return cls(OPT_TIMESTAMPS, struct.pack("!II", tsval, tsecr))
 
 
+# Options are immutable, so a decoder may hand out shared instances: the one-byte ones
+# and those of a SYN or SYN-ACK (MSS, window scale, SACK-permitted: a few values per
+# host), which saves building six frozen objects per handshake packet. SACK blocks and
+# timestamps differ in every segment and are built each time.
+_EOL_OPTION: Final = TcpOption(OPT_EOL)
+_NOP_OPTION: Final = TcpOption(OPT_NOP)
+_SHARED_KINDS: Final = frozenset({OPT_MSS, OPT_WSCALE, OPT_SACK_PERMITTED})
+
+
+@lru_cache(maxsize=256)
+def _shared_option(kind: int, data: bytes) -> TcpOption:
+    return TcpOption(kind, data)
+
+
 def _decode_options(data: memoryview) -> tuple[list[TcpOption], bytes]:
     options: list[TcpOption] = []
     i, n = 0, len(data)
     while i < n:
         kind = data[i]
         if kind == OPT_EOL:
-            options.append(TcpOption(OPT_EOL))
+            options.append(_EOL_OPTION)
             return options, bytes(data[i + 1 :])
         if kind == OPT_NOP:
-            options.append(TcpOption(OPT_NOP))
+            options.append(_NOP_OPTION)
             i += 1
             continue
         if i + 1 >= n:
@@ -145,7 +161,10 @@ def _decode_options(data: memoryview) -> tuple[list[TcpOption], bytes]:
         allowed = _OPTION_LENGTHS.get(kind)
         if allowed is not None and length not in allowed:
             raise MalformedPacket(Reason.TCP_OPTION, f"option {kind} cannot be {length} bytes")
-        options.append(TcpOption(kind, bytes(data[i + 2 : i + length])))
+        body = bytes(data[i + 2 : i + length])
+        options.append(
+            _shared_option(kind, body) if kind in _SHARED_KINDS else TcpOption(kind, body)
+        )
         i += length
     return options, b""
 
@@ -183,7 +202,14 @@ class TcpHeader:
         return cls(seq, ack, flags, window, check, urgent, sport, dport, options, padding), hlen
 
     def _options_bytes(self) -> bytes:
-        raw = b"".join(o.encode() for o in self.options) + self.option_padding
+        # TcpOption.encode written out (no call per option): a SYN carries six.
+        parts = [
+            _ONE_BYTE_OPTIONS[o.kind]
+            if o.kind in _ONE_BYTE_OPTIONS
+            else bytes((o.kind, 2 + len(o.data))) + o.data
+            for o in self.options
+        ]
+        raw = b"".join(parts) + self.option_padding
         if len(raw) % 4:
             raw += bytes(4 - len(raw) % 4)  # zeros: EOL then padding
         if len(raw) > 40:

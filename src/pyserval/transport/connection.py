@@ -23,8 +23,9 @@ with :meth:`Connection.output`.
 from __future__ import annotations
 
 import enum
+import weakref
 from collections.abc import Callable
-from typing import Final
+from typing import Final, cast
 
 from ..errors import ConnectionStateError
 from ..naming.service_id import ServiceID
@@ -152,6 +153,23 @@ class Connection:
         self.syn_due = False  # SYN (re)transmission: the host resolves the service again
         self.syn_first = False
         self.wake: Callable[[Connection], None] = _no_wake  # the host polls us for output
+
+    def unlink_parts(self) -> None:
+        """The host has forgotten this connection (closed, or a TIME_WAIT record stands
+        for it): its flow manager and subflows refer to it weakly from now on.
+
+        A connection and its parts refer to each other (subflow -> connection ->
+        subflows), so every connection would otherwise end as a cycle of about 30 objects
+        for the cyclic garbage collector (about 30 us of CPU per connection on the
+        connect/close benchmark). With the back references weak, reference counting
+        frees it all when the application drops it. The object stays readable as long
+        as the application holds the connection; a subflow kept alone without its
+        connection can no longer reach it (its ``conn`` raises ReferenceError).
+        """
+        ref = cast("Connection", weakref.proxy(self))
+        self.flows.conn = ref
+        for sf in self.subflows:
+            sf.conn = ref
 
     # -- events and misuse --------------------------------------------------------------
     def emit(self, event: Event) -> None:

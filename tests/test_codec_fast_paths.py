@@ -1,0 +1,197 @@
+"""The codec's fast paths give exactly what the general paths give.
+
+The SAL decoder recognises the two extension layouts of a connection's set-up and close
+(CONTROL alone; CONTROL then SERVICE) without its general loop, and ``SalPacket.encode``
+with addresses encodes a TCP header once and puts the checksum in place. Each is checked
+here against the general code on the same input (hypothesis), and the checksum against
+the pseudo-header verification of ``sal.checksum``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyserval.data import reference_capture
+from pyserval.naming import InvalidServiceID, ServiceID
+from pyserval.naming.service_id import as_service_id
+from pyserval.sal import MalformedPacket, RelayExt, SalPacket, TcpHeader, decode_packet
+from pyserval.sal.checksum import verify_transport_checksum
+from pyserval.sal.packet import _decode_extensions, _decode_extensions_general
+
+from .strategies import control_exts, ipv4, packets, service_exts, tcp_headers
+
+CONTROL_HEAD = bytes((0x10, 20))
+SERVICE_HEAD = bytes((0x20, 36))
+
+
+def _outcome(view: memoryview, decoder: object) -> object:
+    """What a decoder makes of ``view``: each extension's class and bytes, or the reason
+    it refused."""
+    try:
+        exts = decoder(view)  # type: ignore[operator]
+    except MalformedPacket as exc:
+        return ("error", exc.reason)
+    return [(type(e), e.encode()) for e in exts]
+
+
+RELAY_HEAD = bytes((0xC0, 16))
+relay_exts = st.builds(
+    RelayExt, st.tuples(ipv4, st.integers(0, 0xFFFF)), st.binary(min_size=8, max_size=8)
+)
+
+
+@st.composite
+def extension_areas(draw: st.DrawFn) -> bytes:
+    """Bytes of the size of the three fast layouts, with their heads often right,
+    sometimes with one head byte changed, and arbitrary otherwise."""
+    kind = draw(st.sampled_from(["control", "control+service", "syn", "near", "random"]))
+    control = draw(control_exts).encode()
+    service = draw(service_exts).encode()
+    relay = draw(relay_exts).encode()
+    if kind == "control":
+        return control
+    if kind == "control+service":
+        return control + service
+    if kind == "syn":
+        return control + service + relay
+    if kind == "near":
+        area = bytearray(
+            draw(st.sampled_from([control, control + service, control + service + relay]))
+        )
+        i = draw(st.sampled_from([i for i in (0, 1, 20, 21, 56, 57) if i < len(area)]))
+        area[i] = draw(st.integers(0, 255))
+        return bytes(area)
+    size = draw(st.sampled_from([20, 56, 72]))
+    body = bytearray(draw(st.binary(min_size=size, max_size=size)))
+    for offset, head in ((0, CONTROL_HEAD), (20, SERVICE_HEAD), (56, RELAY_HEAD)):
+        if offset < size and draw(st.booleans()):
+            body[offset : offset + 2] = head
+    return bytes(body)
+
+
+@settings(max_examples=1000)
+@given(extension_areas())
+def test_extension_fast_path_matches_general(area: bytes) -> None:
+    view = memoryview(area)
+    assert _outcome(view, _decode_extensions) == _outcome(view, _decode_extensions_general)
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=96).filter(lambda b: len(b) % 4 == 0 and b))
+def test_extension_decoder_on_any_area(area: bytes) -> None:
+    view = memoryview(area)
+    assert _outcome(view, _decode_extensions) == _outcome(view, _decode_extensions_general)
+
+
+def test_reference_capture_decodes_as_general() -> None:
+    # The original stack's own packets (SYN, SYN-ACK, ACK, FIN, ...): the fast path takes
+    # some of them, and every one decodes as the general loop decodes it.
+    taken = 0
+    for record in reference_capture():
+        data = bytes(record.payload)
+        hlen = data[8] * 4
+        if hlen <= 12:
+            continue
+        area = memoryview(data)[12:hlen]
+        if len(area) in (20, 56, 72):
+            taken += 1
+        assert _outcome(area, _decode_extensions) == _outcome(area, _decode_extensions_general)
+    assert taken > 0
+
+
+@settings(max_examples=400)
+@given(packets().filter(lambda p: isinstance(p.transport, TcpHeader)), ipv4, ipv4)
+def test_tcp_encode_with_addresses(packet: object, src: str, dst: str) -> None:
+    # The previous formulation: the header's checksum computed by compute_checksum (which
+    # encodes the header with a zero checksum), then the whole packet encoded.
+    general = copy.deepcopy(packet)
+    tcp = general.transport  # type: ignore[attr-defined]
+    tcp.checksum = tcp.compute_checksum(src, dst, general.payload)  # type: ignore[attr-defined]
+    expected = general.encode()  # type: ignore[attr-defined]
+    wire = packet.encode(src, dst)  # type: ignore[attr-defined]
+    assert wire == expected
+    assert packet.transport.checksum == tcp.checksum  # type: ignore[attr-defined]
+    # And independently: the segment verifies over the IPv4 pseudo-header.
+    hlen = wire[8] * 4
+    assert verify_transport_checksum(src, dst, 6, wire[hlen:])
+    assert decode_packet(wire).encode() == wire
+
+
+@pytest.mark.parametrize("seq", [0, 1, 0x12345678, 0xFFFFFFFF])
+def test_tcp_checksum_of_a_zero_sum(seq: int) -> None:
+    # A segment whose words sum to 0 modulo 0xFFFF: ones' complement arithmetic gives
+    # 0xFFFF for the sum, so the field is 0x0000 (RFC 1071; what compute_checksum gives),
+    # never 0xFFFF. One payload word chosen to make the sum so.
+    src, dst = "127.0.0.1", "10.1.2.3"
+    tcp = TcpHeader(seq=seq, ack=7, flags=0x18, window=512)
+    c0 = tcp.compute_checksum(src, dst, b"\0\0")
+    s0 = 0 if c0 == 0 else 0xFFFF - c0
+    payload = ((0xFFFF - s0) % 0xFFFF).to_bytes(2, "big")
+    assert tcp.compute_checksum(src, dst, payload) == 0
+    wire = SalPacket(1, 2, 6, [], tcp, payload).encode(src, dst)
+    assert wire[12 + 16 : 12 + 18] == b"\0\0"
+    assert verify_transport_checksum(src, dst, 6, wire[12:])
+
+
+@settings(max_examples=500)
+@given(tcp_headers())
+def test_tcp_options_written_out_and_shared(header: TcpHeader) -> None:
+    # The header encoder writes the options out itself: the bytes must be those of each
+    # option's own encoder, then the padding; the decoder's shared instances must equal
+    # options built from the bytes, and re-encode to them.
+    wire = header.encode()
+    raw = b"".join(o.encode() for o in header.options) + header.option_padding
+    raw += bytes(-len(raw) % 4)
+    assert wire[20:] == raw
+    assert wire[12] >> 4 == (20 + len(raw)) // 4
+    decoded, length = TcpHeader.decode(memoryview(wire))
+    assert length == len(wire)
+    assert decoded.options == header.options
+    assert [(o.kind, o.data) for o in decoded.options] == [(o.kind, o.data) for o in header.options]
+    assert decoded.encode() == wire
+
+
+def test_handshake_options_decode_from_bytes() -> None:
+    # MSS 1408, NOP, window scale 7, NOP, NOP, SACK-permitted (RFC 9293, 7323, 2018 kinds).
+    options = bytes([2, 4, 0x05, 0x80, 1, 3, 3, 7, 1, 1, 4, 2])
+    header = bytes(12) + bytes([(20 + len(options)) // 4 << 4, 0x02]) + bytes(6) + options
+    for _ in range(2):  # the second time from the shared instances
+        tcp, _ = TcpHeader.decode(memoryview(header))
+        assert tcp.mss == 1408
+        assert [(o.kind, o.data) for o in tcp.options] == [
+            (2, b"\x05\x80"),
+            (1, b""),
+            (3, b"\x07"),
+            (1, b""),
+            (1, b""),
+            (4, b""),
+        ]
+        assert tcp.encode() == header
+
+
+@pytest.mark.parametrize(
+    "text", ["echo", "suite-connect", "  spaced  ", "ab" * 32, "AB" * 32, "x/y"]
+)
+def test_service_id_text_cache(text: str) -> None:
+    # Cached or not, a name hashes to the ID of ServiceID.from_name, 64 hex digits are
+    # the ID itself, and the same object comes back for the same text.
+    first = as_service_id(text)
+    again = as_service_id(text)
+    assert first == again == ServiceID.parse(text)
+    assert first is again
+    stripped = text.strip()
+    if len(stripped) == 64:
+        assert first.value == int(stripped, 16)
+    else:
+        assert first == ServiceID.from_name(stripped)
+
+
+@pytest.mark.parametrize("text", ["", "   ", "00/8"])
+def test_service_id_bad_text_still_raises(text: str) -> None:
+    for _ in range(2):  # a failure is not cached
+        with pytest.raises(InvalidServiceID):
+            as_service_id(text)
