@@ -11,7 +11,7 @@ import struct
 from collections.abc import Callable
 from typing import Final, TypeVar
 
-from .checksum import BytesLike, address_sum, internet_checksum
+from .checksum import BytesLike, address_sum, internet_checksum, words_sum
 from .errors import MalformedPacket, Reason
 from .extensions import (
     MAX_EXTENSIONS,
@@ -214,7 +214,9 @@ class SalPacket:
             size = len(payload)
             total = address_sum(src_ip, dst_ip, PROTO_TCP) + len(raw) + size
             total += int.from_bytes(raw, "big")
-            if size:
+            if size >= 2048:
+                total += words_sum(payload)  # a vector sum with the [accel] extra
+            elif size:
                 total += int.from_bytes(payload, "big") << (8 if size & 1 else 0)
             check = 0xFFFF - (total % 0xFFFF or 0xFFFF)  # ones' complement, never +0
             t.checksum = check
