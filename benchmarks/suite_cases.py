@@ -4,6 +4,8 @@
     python benchmarks/suite_cases.py connect [--seconds 3]
     python benchmarks/suite_cases.py forwarding [--seconds 3] [--window 256]
     python benchmarks/suite_cases.py stream_vs_quic [--seconds 3] [--reps 3] [--mss 1408]
+    python benchmarks/suite_cases.py stream_vs_tcp [--seconds 3] [--reps 3]
+    python benchmarks/suite_cases.py connect_vs_tcp [--seconds 3] [--reps 3]
 
 ``host_bench.py`` and ``router_bench.py`` reach into internals (the connection's
 subflows, ``HostCore``) that the transport and runtime restructuring moves; these cases
@@ -24,9 +26,13 @@ run them against a source tree from before and after such a change (``PYTHONPATH
   pyserval, quic, ...) so that load from other work falls on both; MB/s of each
   repetition, their ratio, and the median ratio. Needs the ``[bench]`` extra (aioquic):
   without it the QUIC side says skipped and there is no ratio.
+* ``stream_vs_tcp`` and ``connect_vs_tcp``: issue 14's second and third rows the same way:
+  ``stream`` at the host's default segment size against asyncio TCP bulk (both receivers
+  hash what they read; count and SHA-256 checked), and ``connect`` against asyncio TCP's
+  same cycle, in turns; each pair's ratio and the median.
 
-Each prints one JSON object. Not a replacement for the full benchmarks: no baselines
-(asyncio TCP, UDP blast), no profiles.
+Each prints one JSON object. Not a replacement for the full benchmarks: no UDP blast, no
+profiles.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -191,14 +198,93 @@ def stream_vs_quic(seconds: float, reps: int, mss: int) -> Result:
     return out
 
 
+Measure = Callable[[], tuple[float, bool, Result]]
+
+
+def alternating(reps: int, mine: Measure, peer: Measure, peer_name: str, goal: str) -> Result:
+    """pyserval and a peer stack measured in turns (``reps`` pairs), each run returning
+    (figure, data checked, details); the ratio of each pair and their median."""
+    runs: list[Result] = []
+    ratios: list[float] = []
+    ok = True
+    for rep in range(reps):
+        for stack, measure in (("pyserval", mine), (peer_name, peer)):
+            figure, checked, details = measure()
+            ok = ok and checked
+            runs.append({"rep": rep, "stack": stack, "figure": figure, "ok": checked, **details})
+        if runs[-1]["figure"]:
+            ratios.append(runs[-2]["figure"] / runs[-1]["figure"])
+            runs[-1]["pyserval_vs_peer"] = round(ratios[-1], 3)
+    ours = [r["figure"] for r in runs if r["stack"] == "pyserval"]
+    theirs = [r["figure"] for r in runs if r["stack"] == peer_name]
+    return {
+        "reps": reps,
+        "runs": runs,
+        "pyserval_median": statistics.median(ours),
+        "peer": peer_name,
+        "peer_median": statistics.median(theirs),
+        "ratio_median": round(statistics.median(ratios), 3) if ratios else None,
+        "ratios": [round(r, 3) for r in ratios],
+        "goal": goal,
+        "ok": ok,
+    }
+
+
+def stream_vs_tcp(seconds: float, reps: int) -> Result:
+    """One stream at the host's default segment size against asyncio TCP bulk, in turns;
+    MB/s, both checked by count and SHA-256 (the receivers hash as they read)."""
+
+    def mine() -> tuple[float, bool, Result]:
+        r = scaling.streams_run(1, seconds, mss=0, ping=False)
+        return r["mb_per_s"], bool(r["ok"]), {"cpu_s": r["cpu_s"]}
+
+    def peer() -> tuple[float, bool, Result]:
+        r = baselines.tcp_throughput(seconds)
+        return r["mb_per_s"], bool(r["ok"]), {"cpu_s": r["cpu_s"]}
+
+    out = alternating(reps, mine, peer, "asyncio TCP", "pyserval >= 0.6 of asyncio TCP (issue 14)")
+    out["figure"] = "MB/s"
+    return out
+
+
+def connect_vs_tcp(seconds: float, reps: int) -> Result:
+    """Sequential connections (connect, accept and close, EOF, close) against asyncio
+    TCP's same cycle, in turns; connections per second."""
+
+    def mine() -> tuple[float, bool, Result]:
+        r = connect_rate(seconds)
+        return r["per_s"], bool(r["ok"]), {"cpu_us_per_connection": r["cpu_us_per_connection"]}
+
+    def peer() -> tuple[float, bool, Result]:
+        r = baselines.tcp_connect_rate(seconds)
+        cpu = r["cpu_s"]["server"] + r["cpu_s"]["client"]
+        per_conn = round(cpu / max(r["connections"], 1) * 1e6, 1)
+        checked = r["accepted"] >= r["connections"] > 0
+        return r["per_s"], checked, {"cpu_us_per_connection": per_conn}
+
+    out = alternating(reps, mine, peer, "asyncio TCP", "pyserval >= 0.6 of asyncio TCP (issue 14)")
+    out["figure"] = "connections/s"
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one case; print its JSON; exit 1 if its data check failed."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("case", choices=("stream", "connect", "forwarding", "stream_vs_quic"))
+    parser.add_argument(
+        "case",
+        choices=(
+            "stream",
+            "connect",
+            "forwarding",
+            "stream_vs_quic",
+            "stream_vs_tcp",
+            "connect_vs_tcp",
+        ),
+    )
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--mss", type=int, default=0, help="stream: segment size (0: default)")
     parser.add_argument("--window", type=int, default=256, help="forwarding: SYNs in flight")
-    parser.add_argument("--reps", type=int, default=3, help="stream_vs_quic: repetitions")
+    parser.add_argument("--reps", type=int, default=3, help="*_vs_*: repetitions (pairs)")
     args = parser.parse_args(argv)
     out: Result = {"case": args.case, "pyserval_src": str(SRC)}
     if args.case == "stream":
@@ -207,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         out.update(scaling.streams_run(1, args.seconds, mss=args.mss, ping=False, buffer=buffer))
     elif args.case == "stream_vs_quic":
         out.update(stream_vs_quic(args.seconds, args.reps, args.mss or 1408))
+    elif args.case == "stream_vs_tcp":
+        out.update(stream_vs_tcp(args.seconds, args.reps))
+    elif args.case == "connect_vs_tcp":
+        out.update(connect_vs_tcp(args.seconds, args.reps))
     elif args.case == "connect":
         out.update(connect_rate(args.seconds))
     else:
