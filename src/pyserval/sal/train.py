@@ -47,8 +47,9 @@ _TCP_FIXED: Final = struct.Struct("!HHIIHHHH")
 # Where the per-segment fields sit in a datagram: the TCP sequence number and checksum.
 _SEQ_AT: Final = 16
 _CHECK_AT: Final = 28
-# Trains of fewer full segments are stamped one by one (numpy's fixed costs would not pay).
-_VECTOR_MIN_SEGMENTS: Final = 4
+# Trains of fewer full segments are stamped one by one: numpy's fixed cost (about 35 us a
+# train) beats about 4.5 us a segment only from here (measured: 36.7 against 42.7 us at 8).
+_VECTOR_MIN_SEGMENTS: Final = 8
 
 SUPER_MAX_SEGMENTS: Final = 64
 """Datagrams per super-datagram: the kernel's UDP_MAX_SEGMENTS on older kernels (newer
