@@ -583,17 +583,18 @@ class ServiceTable:
         slot = value >> self._slot_shift
         node = self._roots[slot]
         best = None
-        if node is not None:
-            # Shifted once here so that each node picks its child with a single `&` against
-            # its shared lim, instead of a shift per node.
-            value2 = value << 1
-            while node is not None:
-                key = node._key
-                if key is not None:
-                    if (value ^ key) >= node._lim:
-                        break  # not in this prefix, so not in any prefix below it either
-                    best = node
-                node = node._right if value2 & node._lim else node._left
+        while node is not None:
+            key = node._key
+            lim = node._lim
+            if key is not None:
+                if (value ^ key) >= lim:
+                    break  # not in this prefix, so not in any prefix below it either
+                best = node
+            left = node._left
+            right = node._right
+            if left is right:
+                break  # a leaf (a branch node has two children): most lookups end here
+            node = right if (value << 1) & lim else left
         if best is None:
             # Only now the short prefixes: any trie match is longer than all of them.
             best = self._short[slot]
@@ -621,15 +622,18 @@ class ServiceTable:
         slot = value >> self._slot_shift
         node = self._roots[slot]
         best = None
-        if node is not None:
-            value2 = value << 1
-            while node is not None:
-                key = node._key
-                if key is not None:
-                    if (value ^ key) >= node._lim:
-                        break
-                    best = node
-                node = node._right if value2 & node._lim else node._left
+        while node is not None:  # as in lookup_int
+            key = node._key
+            lim = node._lim
+            if key is not None:
+                if (value ^ key) >= lim:
+                    break
+                best = node
+            left = node._left
+            right = node._right
+            if left is right:
+                break
+            node = right if (value << 1) & lim else left
         return best if best is not None else self._short[slot]
 
     def match(self, service_id: ServiceLike) -> Entry | None:
