@@ -160,9 +160,8 @@ def forward_first_hops(
                         local = local_for(hop, me)
                         last_hop = hop
                     last_src = src
-                entry = res.entry
-                if entry is res:  # no draw: the answer holds for the rest of the run
-                    run_sid, run_src, run_entry = sid, src, entry
+                if type(res) is Entry:  # its own answer, no draw: it holds for the run
+                    run_sid, run_src, run_entry = sid, src, res
             else:
                 pending += 1  # the run's SYN: ``hop`` and the suffix are the run's
             # RFC 1624: the new checksum is ~(~old + added), with end-around carries;
