@@ -30,8 +30,9 @@ from .service_table import Entry, Resolution
 __all__ = ["forward_first_hops"]
 
 # A first-hop SYN's SAL header (68 bytes) is read as one big-endian int: a mask and the
-# value its set bits must have check the layout in one operation (a struct unpack and nine
-# comparisons cost about twice as much), and the serviceID is its low 256 bits.
+# value its set bits must have check the layout in one operation, and the serviceID is its
+# low 256 bits (a struct unpack, nine comparisons and a second int.from_bytes took about
+# twice as long for the same, timed on one SYN).
 _SYN_LEN: Final = 68
 _SYN_SHL: Final = 17  # 68 bytes: base header (12), CONTROL (20), SERVICE (36)
 _SID_MASK: Final = (1 << 256) - 1
