@@ -13,7 +13,8 @@ on 127.0.0.1; one JSON document is printed (and written with ``--out``):
   keeps exactly ``--window`` SYNs in flight and sends a new one for each that comes back,
   so the DUT always has work queued but no backlog builds up in the kernel and nothing is
   lost; the rate is what the DUT sustains, not what the kernel drops (an
-  open-loop UDP blast mostly measures the drops). Counted after a warm-up, over
+  open-loop UDP blast mostly measures the drops; the tester is ``syn_load.closed_loop``,
+  shared with ``scaling.py``). Counted after a warm-up, over
   ``--seconds``. DUTs, in the same run:
 
   - ``router``: a :class:`pyserval.control.router.Router` (decodes each SYN, looks the
@@ -55,7 +56,6 @@ import json
 import os
 import pstats
 import socket
-import struct
 import sys
 import time
 from collections.abc import Callable
@@ -66,24 +66,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import baselines
+import syn_load
 from baselines import HOST, Control, Params, Result, run_chain, run_pair
 
 FORWARD_SERVICE = "bench-forward"
 CONNECT_SERVICE = "bench"  # host_bench's
 KERNEL_RATIO = 0.37  # the kernel Serval's forwarding rate / IP forwarding's (packets/s)
 BUFFER = 4 * 1024 * 1024
-WARMUP = 0.5  # seconds of forwarding before counting starts
-DRAIN = 0.2  # seconds the tester waits for SYNs in flight after it stops sending
-STALL = 0.25  # seconds without progress after which the SYNs in flight count as lost
 PROFILE_TOP = 25
 SAMPLE = 0.1  # seconds between the DUT's CPU samples
 BUSY = 0.9  # a process using this share of a core (or more) is the bottleneck
 
-_UDP_SEGMENT = 103  # Linux; not exported by the socket module of Python 3.11
 _UDP_GRO = 104
-_GSO_SEGMENTS = 64
-_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
-_NATIVE_INT = struct.Struct("=i")
 
 DUTS = ("router", "relay_batched", "relay_simple")
 
@@ -125,142 +119,16 @@ def build_syns(source: tuple[str, int], count: int) -> list[bytes]:
     return syns
 
 
-# -- the tester: SYN generator and sink, closed loop ---------------------------------------
+# -- the tester: SYN generator and sink, closed loop (``syn_tester.closed_loop``) ----------
 
 
 async def syn_tester(ctl: Control, params: Params) -> Result:
     """Keep ``window`` SYNs in flight through the DUT at ``address``; count at the sink."""
-    loop = asyncio.get_running_loop()
-    window: int = params["window"]
-    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    for sock in (tx, rx):
-        sock.setblocking(False)
-        _set_buffers(sock)
-    tx.bind((HOST, 0))
-    tx.connect(tuple(params["address"]))
-    rx.bind(tuple(params["sink"]))
-    # The DUTs send their batches with GSO: with GRO one read takes a whole batch.
-    with contextlib.suppress(OSError):
-        rx.setsockopt(socket.SOL_UDP, _UDP_GRO, 1)
-    syns = build_syns(tx.getsockname(), params["flows"])
-    nsyns = len(syns)
-    send = tx.send
-    sendmsg = tx.sendmsg
-    recvmsg = rx.recvmsg
-    # GSO: up to 64 SYNs per system call; the DUT socket has GRO off, so the kernel splits
-    # them and the DUT reads each SYN on its own, as if from separate clients.
-    gso = [params["tester_gso"]]
-    segment = [(socket.SOL_UDP, _UDP_SEGMENT, struct.pack("=H", len(syns[0])))]
-    st = {"sent": 0, "received": 0, "written_off": 0, "next": 0, "stalls": 0, "send_errors": 0}
-    sizes: set[int] = set()
-    sending = [True]
-
-    def pump() -> None:
-        inflight = st["sent"] - st["received"] - st["written_off"]
-        if inflight < 0:  # SYNs written off as lost arrived after all
-            st["written_off"] += inflight
-            inflight = 0
-        if not sending[0]:
-            return
-        i = st["next"]
-        want = window - inflight
-        sent = 0
-        try:
-            while sent < want:
-                n = min(_GSO_SEGMENTS, want - sent, nsyns - i)
-                if n > 1 and gso[0]:
-                    try:
-                        sendmsg(syns[i : i + n], segment)
-                    except BlockingIOError:
-                        raise
-                    except OSError:
-                        st["send_errors"] += 1
-                        gso[0] = False
-                        continue
-                else:
-                    n = 1
-                    send(syns[i])
-                i += n
-                if i == nsyns:
-                    i = 0
-                sent += n
-        except BlockingIOError:
-            pass
-        except OSError:
-            st["send_errors"] += 1
-        st["next"] = i
-        st["sent"] += sent
-
-    def on_readable() -> None:
-        n = 0
-        for _ in range(4096):
-            try:
-                data, ancdata, _flags, _addr = recvmsg(65536, _GRO_CMSG_SPACE)
-            except BlockingIOError:
-                break
-            size = len(data)
-            gro_size = 0
-            for level, kind, value in ancdata:
-                if level == socket.SOL_UDP and kind == _UDP_GRO:
-                    gro_size = _NATIVE_INT.unpack_from(value)[0]
-            if 0 < gro_size < size:
-                n += -(-size // gro_size)
-                sizes.add(gro_size)
-            else:
-                n += 1
-                sizes.add(size)
-        st["received"] += n
-        pump()
-
-    marks: list[tuple[float, float, int]] = []
-
-    def mark() -> None:
-        marks.append((time.perf_counter(), time.process_time(), st["received"]))
-
-    last = [-1]
-
-    def watchdog() -> None:
-        if sending[0] and st["received"] == last[0]:
-            inflight = st["sent"] - st["received"] - st["written_off"]
-            if inflight > 0:
-                st["stalls"] += 1
-                st["written_off"] += inflight
-            pump()
-        last[0] = st["received"]
-        loop.call_later(STALL, watchdog)
-
-    loop.add_reader(rx.fileno(), on_readable)
-    try:
-        loop.call_later(WARMUP, mark)
-        loop.call_later(STALL, watchdog)
-        pump()
-        await asyncio.sleep(WARMUP + params["seconds"])
-        mark()
-        sending[0] = False
-        await asyncio.sleep(DRAIN)
-    finally:
-        loop.remove_reader(rx.fileno())
-        tx.close()
-        rx.close()
-    (t0, c0, r0), (t1, c1, r1) = marks
-    seconds = t1 - t0
-    return {
-        "window_start": t0,
-        "window_end": t1,
-        "received": r1 - r0,
-        "seconds": seconds,
-        "per_s": (r1 - r0) / seconds,
-        "cpu_share": (c1 - c0) / seconds,
-        "total_sent": st["sent"],
-        "total_received": st["received"],
-        "lost": st["sent"] - st["received"],
-        "stalls": st["stalls"],
-        "send_errors": st["send_errors"],
-        "syn_bytes": len(syns[0]),
-        "gso": gso[0],
-        "forwarded_bytes": sorted(sizes),
-    }
+    out = await syn_load.closed_loop(
+        params, tuple(params["address"]), lambda source: build_syns(source, params["flows"])
+    )
+    del out["forwarded_sample"]  # the sizes are what this benchmark reports
+    return out
 
 
 # -- the devices under test -----------------------------------------------------------------
@@ -596,7 +464,7 @@ def run(args: argparse.Namespace) -> Result:
             "seconds": args.seconds,
             "window": args.window,
             "flows": args.flows,
-            "warmup_s": WARMUP,
+            "warmup_s": syn_load.WARMUP,
             "tester_send": args.tester_send,
             "method": (
                 "closed loop: the tester keeps `window` SYNs in flight through the DUT and"

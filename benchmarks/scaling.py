@@ -23,8 +23,9 @@ JSON document is printed (and written with ``--out``):
 * ``router``: a :class:`pyserval.Router` loaded with ``--rules`` prefixes (drawn as
   ``service_table.py`` draws them, all FORWARD to the tester's sink), and one with a single
   rule, in the same run. A tester process keeps ``--window`` SYNs in flight through the
-  router (closed loop, as ``router_bench.py``), each SYN to a serviceID under a random
-  stored prefix (so lookups spread over the whole table); counted after a warm-up. Reported:
+  router (closed loop, ``syn_load.py``, as in ``router_bench.py``), each SYN to a serviceID
+  under a random stored prefix (so lookups spread over the whole table); counted after a
+  warm-up. Reported:
   SYNs/s, the router's CPU per SYN over the counted window, its RSS and load time, a check
   of a sample of the forwarded SYNs (decoded: each must carry the flowID and serviceID the
   tester sent), and the ratio of the big table's rate to the one-rule table's.
@@ -49,7 +50,6 @@ import os
 import random
 import socket
 import statistics
-import struct
 import sys
 import time
 from pathlib import Path
@@ -64,6 +64,7 @@ import anyio  # noqa: E402
 
 import baselines  # noqa: E402
 import pyserval  # noqa: E402
+import syn_load  # noqa: E402
 from baselines import HOST, MB, Control, Params, Result, run_pair  # noqa: E402
 from pyserval.sal import checksum  # noqa: E402
 
@@ -76,16 +77,7 @@ CONNECT_AT_ONCE = 100  # handshakes in flight at a time while opening N streams
 PING_BYTES = 64
 PING_GAP = 0.005  # seconds between two small requests while the bulk runs
 RSS_SAMPLE = 0.05  # seconds between RSS samples while the bulk runs
-WARMUP = 0.5  # router: seconds of forwarding before counting
-DRAIN = 0.2
-STALL = 0.25
-GSO_SEGMENTS = 64
-BUFFER = 4 * 1024 * 1024
-_UDP_SEGMENT = 103  # Linux; not exported by the socket module of Python 3.11
-_UDP_GRO = 104
-_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
-_NATIVE_INT = struct.Struct("=i")
-VERIFY_SAMPLE = 256  # forwarded SYNs decoded and checked per router run
+_UDP_GRO = 104  # Linux; not exported by the socket module of Python 3.11
 
 
 def rss(pid: int | str = "self") -> int:
@@ -563,122 +555,14 @@ def _check_forwarded(packets: list[bytes], ids: list[int]) -> Result:
 
 
 async def syn_tester(ctl: Control, params: Params) -> Result:
-    """Keep ``window`` SYNs in flight through the router; count what reaches the sink."""
-    loop = asyncio.get_running_loop()
+    """Keep ``window`` SYNs in flight through the router (``syn_load.closed_loop``); count
+    what reaches the sink, and decode a sample of it."""
     ip, port, ids = params["address"]
-    window: int = params["window"]
-    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    for sock in (tx, rx):
-        sock.setblocking(False)
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            sock.setsockopt(socket.SOL_SOCKET, option, BUFFER)
-    tx.bind((HOST, 0))
-    tx.connect((ip, port))
-    rx.bind(tuple(params["sink"]))
-    with contextlib.suppress(OSError):
-        rx.setsockopt(socket.SOL_UDP, _UDP_GRO, 1)
-    syns = _build_syns(tx.getsockname(), (ip, port), ids)
-    nsyns = len(syns)
-    # GSO trains need segments of one size (all SYNs here are).
-    gso = [len({len(s) for s in syns}) == 1]
-    segment = [(socket.SOL_UDP, _UDP_SEGMENT, struct.pack("=H", len(syns[0])))]
-    st = {"sent": 0, "received": 0, "written_off": 0, "next": 0, "stalls": 0}
-    sample: list[bytes] = []
-    sending = [True]
-
-    def pump() -> None:
-        inflight = st["sent"] - st["received"] - st["written_off"]
-        if inflight < 0:
-            st["written_off"] += inflight
-            inflight = 0
-        if not sending[0]:
-            return
-        i = st["next"]
-        want = window - inflight
-        sent = 0
-        try:
-            while sent < want:
-                k = min(GSO_SEGMENTS, want - sent, nsyns - i)
-                if k > 1 and gso[0]:
-                    try:
-                        tx.sendmsg(syns[i : i + k], segment)
-                    except BlockingIOError:
-                        raise
-                    except OSError:
-                        gso[0] = False
-                        continue
-                else:
-                    k = 1
-                    tx.send(syns[i])
-                i = (i + k) % nsyns
-                sent += k
-        except BlockingIOError:
-            pass
-        st["next"] = i
-        st["sent"] += sent
-
-    def on_readable() -> None:
-        count = 0
-        for _ in range(4096):
-            try:
-                data, ancdata, _flags, _addr = rx.recvmsg(65536, _GRO_CMSG_SPACE)
-            except BlockingIOError:
-                break
-            size = len(data)
-            gro_size = 0
-            for level, kind, value in ancdata:
-                if level == socket.SOL_UDP and kind == _UDP_GRO:
-                    gro_size = _NATIVE_INT.unpack_from(value)[0]
-            if 0 < gro_size < size:
-                count += -(-size // gro_size)
-                if len(sample) < VERIFY_SAMPLE:
-                    sample.extend(data[o : o + gro_size] for o in range(0, size, gro_size))
-            else:
-                count += 1
-                if len(sample) < VERIFY_SAMPLE:
-                    sample.append(data)
-        st["received"] += count
-        pump()
-
-    marks: list[tuple[float, int]] = []
-    last = [-1]
-
-    def watchdog() -> None:
-        if sending[0] and st["received"] == last[0]:
-            inflight = st["sent"] - st["received"] - st["written_off"]
-            if inflight > 0:
-                st["stalls"] += 1
-                st["written_off"] += inflight
-            pump()
-        last[0] = st["received"]
-        loop.call_later(STALL, watchdog)
-
-    loop.add_reader(rx.fileno(), on_readable)
-    try:
-        loop.call_later(WARMUP, lambda: marks.append((time.perf_counter(), st["received"])))
-        loop.call_later(STALL, watchdog)
-        pump()
-        await asyncio.sleep(WARMUP + params["seconds"])
-        marks.append((time.perf_counter(), st["received"]))
-        sending[0] = False
-        await asyncio.sleep(DRAIN)
-    finally:
-        loop.remove_reader(rx.fileno())
-        tx.close()
-        rx.close()
-    (t0, r0), (t1, r1) = marks
-    return {
-        "window_start": t0,
-        "window_end": t1,
-        "received": r1 - r0,
-        "per_s": (r1 - r0) / (t1 - t0),
-        "sent_total": st["sent"],
-        "received_total": st["received"],
-        "stalls": st["stalls"],
-        "gso": gso[0],
-        "check": _check_forwarded(sample[:VERIFY_SAMPLE], ids),
-    }
+    out = await syn_load.closed_loop(
+        params, (ip, port), lambda source: _build_syns(source, (ip, port), ids)
+    )
+    out["check"] = _check_forwarded(out.pop("forwarded_sample"), ids)
+    return out
 
 
 def _free_address() -> tuple[str, int]:
