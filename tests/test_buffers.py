@@ -159,3 +159,20 @@ def test_one_byte_segments_are_gathered_not_kept_one_object_each() -> None:
     # cost a hundred bytes or more of bookkeeping for one byte of data).
     assert len(rb._pieces) <= 100_000 // (16 * ReceiveBuffer.KEEP) + 1
     assert rb.read() == b"x" * 100_000
+
+
+def test_an_out_of_order_block_grows_in_place_as_segments_follow_it() -> None:
+    """After a hole, each later segment extends the block above it: the block must grow
+    where it is, not be copied whole each time (that would cost the square of the window:
+    about 4,000 copies of up to 5.6 MB for an 8 MiB window at 1,408 bytes a segment)."""
+    rb = ReceiveBuffer(1 << 24)
+    seg = 1408
+    stream = bytes(range(256)) * (seg * 200 // 256 + 1)
+    rb.offer(seg, stream[seg : 2 * seg])  # the first segment is lost: a hole at 0
+    block = rb._ooo[seg] if rb._ooo is not None else None
+    for k in range(2, 200):
+        rb.offer(k * seg, stream[k * seg : (k + 1) * seg])
+        assert rb._ooo is not None and rb._ooo[seg] is block  # the same object, longer
+    assert rb.out_of_order_bytes == 199 * seg
+    rb.offer(0, stream[:seg])  # the retransmission fills the hole
+    assert rb.read() == stream[: 200 * seg] and rb.out_of_order_bytes == 0

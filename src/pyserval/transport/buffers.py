@@ -165,7 +165,7 @@ class ReceiveBuffer:
             raise ValueError(f"receive buffer capacity must be positive: {capacity}")
         self._pieces: deque[bytes | bytearray | memoryview] = deque()
         self._readable = 0
-        # start offset -> bytes, non-overlapping; made by the first out-of-order segment
+        # start offset -> bytearray, non-overlapping; made by the first out-of-order segment
         # (most connections never see one, and a SortedDict costs ~4 us to build).
         self._ooo: SortedDict | None = None
         self._ooo_bytes = 0
@@ -256,7 +256,7 @@ class ReceiveBuffer:
             self.rcv_nxt = end
             self._drain_ooo()
             return self._readable - before
-        self._insert_ooo(start, bytes(data))
+        self._insert_ooo(start, data)
         return 0
 
     def _drain_ooo(self) -> None:
@@ -270,52 +270,64 @@ class ReceiveBuffer:
             self._ooo_bytes -= len(chunk)
             tail = s + len(chunk)
             if tail > self.rcv_nxt:
-                self._push(chunk[self.rcv_nxt - s :])
+                if s == self.rcv_nxt:
+                    # The whole block is new: it becomes a piece as it is (ours alone).
+                    self._pieces.append(chunk)
+                    self._readable += len(chunk)
+                else:
+                    self._push(memoryview(chunk)[self.rcv_nxt - s :])
                 self.rcv_nxt = tail
             if self._recent == s:
                 self._recent = None
 
-    def _insert_ooo(self, start: int, data: bytes) -> None:
+    def _insert_ooo(self, start: int, data: bytes | bytearray | memoryview) -> None:
         ooo = self._ooo
         if ooo is None:
             ooo = self._ooo = SortedDict()
         end = start + len(data)
-        # Merge with an overlapping or adjacent block on the left.
-        merged = False
+        # Merge with an overlapping or adjacent block on the left, extending it in place:
+        # after a loss every later segment lands here, and copying the block each time
+        # would cost the square of the window.
+        block: bytearray | None = None
         i = ooo.bisect_right(start) - 1
         if i >= 0:
             s = ooo.keys()[i]
             chunk = ooo[s]
-            if s + len(chunk) >= start:
-                if s + len(chunk) >= end:
+            right = s + len(chunk)
+            if right >= start:
+                if right >= end:
                     self._recent = s
                     return  # entirely inside a block we hold
-                data = chunk + data[s + len(chunk) - start :]
-                start = s
-                del ooo[s]
-                self._ooo_bytes -= len(chunk)
-                merged = True
-        if not merged and len(ooo) >= self.max_blocks:
-            # Each hole costs a dict entry, so their number is bounded too: a segment that
-            # would open a new one past the bound is dropped (the sender sends it again).
-            j = ooo.bisect_left(start)
-            if j >= len(ooo) or ooo.keys()[j] > end:
-                self.dropped_segments += 1
-                return
-        # Absorb blocks that start inside (or right after) the new one.
+                chunk += data[right - start :]
+                self._ooo_bytes += end - right
+                start, block = s, chunk
+        if block is None:
+            if len(ooo) >= self.max_blocks:
+                # Each hole costs a dict entry, so their number is bounded too: a segment
+                # that would open a new one past the bound is dropped (the sender sends it
+                # again).
+                j = ooo.bisect_left(start)
+                if j >= len(ooo) or ooo.keys()[j] > end:
+                    self.dropped_segments += 1
+                    return
+            block = bytearray(data)
+            ooo[start] = block
+            self._ooo_bytes += len(block)
+        # Absorb blocks that start inside (or right after) this one.
         while True:
-            j = ooo.bisect_left(start)
+            j = ooo.bisect_right(start)
             if j >= len(ooo):
                 break
             s = ooo.keys()[j]
-            if s > start + len(data):
+            right = start + len(block)
+            if s > right:
                 break
             chunk = ooo.pop(s)
             self._ooo_bytes -= len(chunk)
-            if s + len(chunk) > start + len(data):
-                data = data + chunk[start + len(data) - s :]
-        ooo[start] = data
-        self._ooo_bytes += len(data)
+            if s + len(chunk) > right:
+                rest = memoryview(chunk)[right - s :]
+                block += rest
+                self._ooo_bytes += len(rest)
         self._recent = start
 
     def sack_blocks(self, limit: int = 4) -> list[tuple[int, int]]:
