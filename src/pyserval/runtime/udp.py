@@ -547,7 +547,7 @@ class UdpEndpoint:
         try:
             while i < n:
                 data, remote = items[i]
-                if type(data) is SuperDatagram:
+                if isinstance(data, SuperDatagram):
                     count, stalled = self._send_super(sock, data, remote)
                     i += 1
                     if count:
@@ -556,7 +556,6 @@ class UdpEndpoint:
                     if stalled:
                         break  # its rest is queued: what follows must queue behind it
                     continue
-                assert type(data) is bytes
                 size = len(data)
                 j = i + 1
                 if self._gso and 0 < size <= self._gso_max_segment and j < n:
@@ -625,7 +624,7 @@ class UdpEndpoint:
         nbytes = 0
         try:
             for data, remote in items:
-                if type(data) is SuperDatagram:
+                if isinstance(data, SuperDatagram):
                     # Its datagrams in order; those the kernel cannot take now are queued
                     # (the caller queues what follows after them).
                     parts = [(part, remote) for part in data.split()]
@@ -637,7 +636,6 @@ class UdpEndpoint:
                         self._start_writer()
                         raise BlockingIOError
                     continue
-                assert type(data) is bytes
                 try:
                     sendto(data, remote)
                 except BlockingIOError:
@@ -669,8 +667,8 @@ class UdpEndpoint:
         j = i + 1
         while j < limit:
             data, other = items[j]
-            if type(data) is not bytes:
-                break  # a SuperDatagram goes on its own
+            if isinstance(data, SuperDatagram):
+                break  # it goes on its own
             length = len(data)
             if (
                 length == 0
@@ -768,13 +766,12 @@ class UdpEndpoint:
         return self._on_icmp_error is not None and exc.errno in _ASYNC_ERRORS
 
     def _enqueue(self, data: bytes | SuperDatagram, remote: Address) -> None:
-        if type(data) is SuperDatagram:
+        if isinstance(data, SuperDatagram):
             # Queued as its datagrams: the bound counts datagrams, and a send after the
             # wait regroups them anyway.
             for part in data.split():
                 self._enqueue(part, remote)
             return
-        assert type(data) is bytes
         if len(self._queue) >= self._queue_limit:
             self.errors["send_queue_full"] += 1
             return
