@@ -1,9 +1,11 @@
 """The sans-I/O Serval host: demultiplexing, listeners, connections, datagrams, timers.
 
-``HostCore`` takes datagrams (``receive_datagram``), returns datagrams to send
-(``datagrams_to_send``), reports events (``next_event``/``events``) and one timer deadline for
-the whole host (``next_deadline``/``handle_timer``). It never does I/O and never reads a
-clock: the asyncio runtime and the simulated network (``pyserval.testing``) drive it.
+``HostCore`` takes datagrams (``receive_datagram``, ``receive_datagrams`` for a batch),
+returns datagrams to send (``datagrams_to_send``; ``wire_to_send`` keeps a segment train's
+datagrams together for one UDP GSO call), reports events (``next_event``/``events``) and
+one timer deadline for the whole host (``next_deadline``/``handle_timer``). It never does
+I/O and never reads a clock: the asyncio runtime and the simulated network
+(``pyserval.testing``) drive it.
 
 Where each concern lives (all functions of this ``HostCore``, which stays the one object):
 ``handshake`` (SYNs to our listeners, SYN cookies, JOINs, our SYNs), ``demux`` (packets of
