@@ -307,21 +307,28 @@ async def tcp_bulk_sender(ctl: Control, params: Params) -> Result:
     return {"bytes": total, "seconds": seconds, "sha256": digest.hexdigest()}
 
 
+def checked_bulk(received: Result, sent: Result) -> Result:
+    """What every bulk baseline reports: MB/s as the receiver saw it, and whether what
+    arrived is what was sent (byte count and SHA-256)."""
+    sha_match = received["sha256"] == sent["sha256"]
+    return {
+        "mb_per_s": round(received["bytes"] / received["seconds"] / MB, 1),
+        "bytes": received["bytes"],
+        "bytes_sent": sent["bytes"],
+        "seconds": round(received["seconds"], 3),
+        "data_checked": "sha256",
+        "sha256_match": sha_match,
+        "ok": received["bytes"] == sent["bytes"] > 0 and sha_match,
+        "cpu_s": {"receiver": received["cpu_s"], "sender": sent["cpu_s"]},
+    }
+
+
 def tcp_throughput(seconds: float) -> Result:
     """Plain asyncio TCP bulk transfer over loopback, in MB/s as the receiver saw it; the
     receiver hashes every byte as it reads (as pyserval's stream benchmarks do), and the
     count and SHA-256 are checked against the sender's."""
     received, sent = run_pair(tcp_bulk_receiver, tcp_bulk_sender, {"seconds": seconds})
-    ok = received["bytes"] == sent["bytes"] > 0 and received["sha256"] == sent["sha256"]
-    return {
-        "mb_per_s": round(received["bytes"] / received["seconds"] / MB, 1),
-        "bytes": received["bytes"],
-        "seconds": round(received["seconds"], 3),
-        "chunk_bytes": TCP_CHUNK,
-        "data_checked": "sha256",
-        "ok": ok,
-        "cpu_s": {"receiver": received["cpu_s"], "sender": sent["cpu_s"]},
-    }
+    return {**checked_bulk(received, sent), "chunk_bytes": TCP_CHUNK}
 
 
 # -- (b) UDP blast -----------------------------------------------------------------------
@@ -716,23 +723,16 @@ def quic_throughput(seconds: float, max_datagram_size: int = QUIC_DATAGRAM) -> R
         "key_pem": key_pem,
     }
     received, sent = run_pair(quic_bulk_receiver, quic_bulk_sender, params)
-    ok = received["bytes"] == sent["bytes"] > 0 and received["sha256"] == sent["sha256"]
     import aioquic
 
     return {
-        "mb_per_s": round(received["bytes"] / received["seconds"] / MB, 1),
-        "bytes": received["bytes"],
-        "seconds": round(received["seconds"], 3),
-        "ok": ok,
-        "sha256_match": received["sha256"] == sent["sha256"],
-        "bytes_sent": sent["bytes"],
+        **checked_bulk(received, sent),
         "chunk_bytes": TCP_CHUNK,
         "max_datagram_size": max_datagram_size,
         "datagrams_received": received["datagrams"],
         "stream_bytes_per_datagram": received["stream_bytes_per_datagram"],
         "max_unacked_bytes": QUIC_UNACKED,
         "aioquic": aioquic.__version__,
-        "cpu_s": {"receiver": received["cpu_s"], "sender": sent["cpu_s"]},
     }
 
 

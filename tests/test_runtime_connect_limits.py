@@ -105,3 +105,38 @@ def test_a_cancelled_connect_forgets_its_deadline() -> None:
                 assert all(c.closed for c in core.connections.values())
 
     _run(main)
+
+
+def test_the_deadline_heap_stays_bounded_under_a_wait_that_does_not_end() -> None:
+    """A connect waiting on a silent service holds the top of the heap; the entries of the
+    many connects that finish meanwhile (later deadlines, beneath it) must not pile up."""
+
+    async def main() -> None:
+        async with Host(["127.0.0.1:0"]) as server, Host(["127.0.0.1:0"]) as client:
+            listener = await server.listen("limits", backlog=64)
+
+            async def serve() -> None:
+                async for stream in listener:
+                    await stream.aclose()
+
+            task = asyncio.ensure_future(serve())
+            client.add_route("limits", "{}:{}".format(*server.addresses[0]))
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as hole:
+                hole.bind(("127.0.0.1", 0))
+                client.add_route("silent", "{}:{}".format(*hole.getsockname()))
+                silent = asyncio.ensure_future(client.connect("silent", timeout=30))
+                await asyncio.sleep(0.05)
+                driver = client._driver
+                for _ in range(150):
+                    stream = await client.connect("limits", timeout=60)
+                    with contextlib.suppress(anyio.EndOfStream):
+                        await stream.receive()
+                    await stream.aclose()
+                assert len(driver._limit_live) == 1  # the silent connect, still waiting
+                assert len(driver._limits) <= 2 * len(driver._limit_live) + 65
+                silent.cancel()
+                await asyncio.gather(silent, return_exceptions=True)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    _run(main)

@@ -124,6 +124,16 @@ def mixed_batch(a: Address, b: Address) -> list[tuple[bytes, Address]]:
     ]
 
 
+async def each_receives_its_own(
+    sent: list[tuple[bytes, Address]], *receivers: tuple[UdpEndpoint, Sink]
+) -> None:
+    """Every receiver gets exactly the datagrams sent to its address, in order."""
+    for rx, sink in receivers:
+        want = [d for d, r in sent if r == rx.address]
+        await sink.wait_for(len(want))
+        assert [d for d, _ in sink.datagrams] == want
+
+
 @pytest.mark.parametrize("gro", [False, True])
 @pytest.mark.parametrize("gso", [False, True])
 def test_gso_and_plain_deliver_identical_datagrams(gso: bool, gro: bool) -> None:
@@ -137,12 +147,7 @@ def test_gso_and_plain_deliver_identical_datagrams(gso: bool, gro: bool) -> None
             assert tx.gso is gso  # this kernel has GSO; gso=False forces the fallback
             items = mixed_batch(rx_a.address, rx_b.address)
             tx.send_many(items)
-            want_a = [d for d, r in items if r == rx_a.address]
-            want_b = [d for d, r in items if r == rx_b.address]
-            await sink_a.wait_for(len(want_a))
-            await sink_b.wait_for(len(want_b))
-            assert [d for d, _ in sink_a.datagrams] == want_a
-            assert [d for d, _ in sink_b.datagrams] == want_b
+            await each_receives_its_own(items, (rx_a, sink_a), (rx_b, sink_b))
             assert tx.stats.datagrams_sent == len(items)
             assert tx.stats.bytes_sent == sum(len(d) for d, _ in items)
             if gso:
@@ -442,12 +447,7 @@ def test_super_datagrams_arrive_as_their_datagrams_in_order(gso: bool, gro: bool
         ):
             items, flat = trains_and_singles(rx_a.address, rx_b.address)
             tx.send_many(items)
-            want_a = [d for d, r in flat if r == rx_a.address]
-            want_b = [d for d, r in flat if r == rx_b.address]
-            await sink_a.wait_for(len(want_a))
-            await sink_b.wait_for(len(want_b))
-            assert [d for d, _ in sink_a.datagrams] == want_a
-            assert [d for d, _ in sink_b.datagrams] == want_b
+            await each_receives_its_own(flat, (rx_a, sink_a), (rx_b, sink_b))
             assert tx.stats.datagrams_sent == len(flat)
             assert tx.stats.bytes_sent == sum(len(d) for d, _ in flat)
             # One GSO call per super-datagram (four of them), none without GSO.

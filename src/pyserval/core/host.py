@@ -412,10 +412,10 @@ class HostCore:
             return out  # type: ignore[return-value]  # no SuperDatagram among them
         flat: list[tuple[bytes, Address, Address]] = []
         for data, local, remote in out:
-            if type(data) is SuperDatagram:
+            if isinstance(data, SuperDatagram):
                 flat.extend([(d, local, remote) for d in data.split()])
             else:
-                flat.append((data, local, remote))  # type: ignore[arg-type]
+                flat.append((data, local, remote))
         return flat
 
     def wire_to_send(self, now: float) -> list[tuple[bytes | SuperDatagram, Address, Address]]:

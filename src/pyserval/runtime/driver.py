@@ -216,11 +216,11 @@ class Driver:
                 for data, local, remote in out:
                     by_ep.setdefault(local, []).append((data, remote))
                     if pcap is not None:
-                        if type(data) is SuperDatagram:
+                        if isinstance(data, SuperDatagram):
                             for one in data.split():
                                 pcap.write(one, local, remote)
                         else:
-                            pcap.write(data, local, remote)  # type: ignore[arg-type]
+                            pcap.write(data, local, remote)
             for local, items in by_ep.items():
                 ep = self.by_address.get(local) or self.endpoints[0]
                 if not ep.closed:
@@ -319,8 +319,15 @@ class Driver:
         if self.now() >= deadline:
             return False
         conn_id = conn.conn_id
-        self._limit_live[conn_id] = deadline
-        heapq.heappush(self._limits, (deadline, next(self._limit_order), conn_id))
+        live = self._limit_live
+        live[conn_id] = deadline
+        limits = self._limits
+        heapq.heappush(limits, (deadline, next(self._limit_order), conn_id))
+        if len(limits) > 2 * len(live) + 64:
+            # Waits that ended early leave their entries behind until their deadline
+            # comes: rebuilt from the live ones, the heap stays within twice their number.
+            limits[:] = [e for e in limits if live.get(e[2]) == e[0]]
+            heapq.heapify(limits)
         at = self._timer_at
         if self._timer is None or at is None or deadline < at:
             self._arm_timer(deadline)  # (the next flush re-arms from both heaps)

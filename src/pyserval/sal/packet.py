@@ -208,16 +208,13 @@ class SalPacket:
             # The header is encoded once, with the checksum field zero for the sum (as
             # compute_checksum does); the sum then goes in its place.
             raw = t.encode(0)
-            # sal.checksum.transport_checksum written out (no four calls per packet): the
+            # sal.checksum.transport_checksum written out (fewer calls per packet): the
             # pseudo-header's addresses (cached) and length, the header, the payload
-            # (odd length: zero-padded), summed modulo 0xFFFF.
-            size = len(payload)
-            total = address_sum(src_ip, dst_ip, PROTO_TCP) + len(raw) + size
+            # (words_sum: zero-padded when odd, a vector sum with the [accel] extra).
+            total = address_sum(src_ip, dst_ip, PROTO_TCP) + len(raw) + len(payload)
             total += int.from_bytes(raw, "big")
-            if size >= 2048:
-                total += words_sum(payload)  # a vector sum with the [accel] extra
-            elif size:
-                total += int.from_bytes(payload, "big") << (8 if size & 1 else 0)
+            if payload:
+                total += words_sum(payload)
             check = 0xFFFF - (total % 0xFFFF or 0xFFFF)  # ones' complement, never +0
             t.checksum = check
             return b"".join((header, raw[:16], check.to_bytes(2, "big"), raw[18:], payload))

@@ -4,8 +4,10 @@ Linux's TSO hands the device one large segment that the hardware cuts into MSS-s
 segments, copying one header and stamping each copy's sequence number and checksum. A
 :class:`SegmentTrain` is the same idea in the SAL's encoder: the transport describes a run
 of segments once (both flowIDs, one TCP header template, the contiguous payload, the segment
-size) and :meth:`SegmentTrain.datagrams` produces the wire datagrams, each byte-identical to
-what encoding its own :class:`~pyserval.sal.packet.SalPacket` would give. What is shared is
+size) and :meth:`SegmentTrain.wire` produces the wire datagrams, each byte-identical to what
+encoding its own :class:`~pyserval.sal.packet.SalPacket` would give, grouped into
+:class:`SuperDatagram` s that the UDP adapter hands the kernel with one GSO call each
+(:meth:`SegmentTrain.datagrams` gives them one by one). What is shared is
 computed once per train rather than per segment:
 
 * the SAL base header (its checksum covers only the header, which is the same for every
@@ -22,8 +24,7 @@ sliced, never copied before the final join.
 Only data segments without SAL extensions go in trains (a multipath segment carries its own
 DSS mapping); every segment of a train carries ACK and PSH, the last one FIN as well when the
 train ends the stream. What a train does not do: decide what to send (the transport's
-``Subflow.output`` does), or send (the host hands the datagrams to the adapter, which may give
-runs of equal-size datagrams to the kernel in one GSO call).
+``Subflow.output`` does), or send (the host hands its super-datagrams to the adapter).
 """
 
 from __future__ import annotations
@@ -177,11 +178,14 @@ class SegmentTrain(SalPacket):
         )
         return sal, opts, off_flags, ack, window, base
 
-    def _headers(self, src_ip: str | bytes, dst_ip: str | bytes, first: int = 0) -> list[bytes]:
+    def _headers(
+        self, consts: tuple[bytes, bytes, int, int, int, int], first: int = 0
+    ) -> list[bytes]:
         """The SAL and TCP headers (options included) of each segment from number
-        ``first`` on, checksums stamped: the TCP checksum over the pseudo-header of these
-        addresses, as :meth:`SalPacket.encode` computes it."""
-        sal, opts, off_flags, ack, window, base = self._constants(src_ip, dst_ip)
+        ``first`` on, checksums stamped: the TCP checksum over the pseudo-header of the
+        addresses ``consts`` (:meth:`_constants`) were worked out for, as
+        :meth:`SalPacket.encode` computes it."""
+        sal, opts, off_flags, ack, window, base = consts
         mss = self.mss
         view = memoryview(self.payload)[first * mss :]
         total = len(view)
@@ -219,7 +223,9 @@ class SegmentTrain(SalPacket):
         return [
             join((head, view[lo : lo + mss]))
             for head, lo in zip(
-                self._headers(src_ip, dst_ip), range(0, len(view), mss), strict=True
+                self._headers(self._constants(src_ip, dst_ip)),
+                range(0, len(view), mss),
+                strict=True,
             )
         ]
 
@@ -244,12 +250,13 @@ class SegmentTrain(SalPacket):
         full = total // mss
         if self.fin and full * mss == total:
             full -= 1  # the FIN goes in a segment stamped on its own
+        consts = self._constants(src_ip, dst_ip)
         np = vector_module()
         if np is not None and full >= _VECTOR_MIN_SEGMENTS and mss % 4 == 0:
-            vector = self._wire_vector(np, src_ip, dst_ip, full, max_bytes, max_segments)
+            vector = self._wire_vector(np, consts, full, max_bytes, max_segments)
             if vector is not None:
                 return vector
-        heads = self._headers(src_ip, dst_ip)
+        heads = self._headers(consts)
         view = memoryview(self.payload)
         size = len(heads[0]) + mss  # every datagram's but maybe the last's
         per = min(max_segments, max_bytes // size)
@@ -272,15 +279,14 @@ class SegmentTrain(SalPacket):
     def _wire_vector(
         self,
         np: ModuleType,
-        src_ip: str | bytes,
-        dst_ip: str | bytes,
+        consts: tuple[bytes, bytes, int, int, int, int],
         full: int,
         max_bytes: int,
         max_segments: int,
     ) -> list[bytes | SuperDatagram] | None:
         """:meth:`wire` with the first ``full`` segments (``mss`` bytes each, no FIN)
         stamped by numpy; None when groups of one datagram are all the bounds allow."""
-        sal, opts, off_flags, ack, window, base = self._constants(src_ip, dst_ip)
+        sal, opts, off_flags, ack, window, base = consts
         mss = self.mss
         hl = len(sal) + TCP_MIN_HEADER + len(opts)
         size = hl + mss
@@ -314,6 +320,6 @@ class SegmentTrain(SalPacket):
             chunk = flat[i : i + step]
             out.append(SuperDatagram(chunk, size) if len(chunk) > size else bytes(chunk))
         if full * mss < len(self.payload):
-            (head,) = self._headers(src_ip, dst_ip, full)
+            (head,) = self._headers(consts, full)
             out.append(b"".join((head, memoryview(self.payload)[full * mss :])))
         return out
