@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 from pyserval.core.host import HostCore, Listener
 from pyserval.sal import Rule
@@ -49,9 +50,11 @@ def make_pair(
     link: LinkConfig | None = None,
     config: StreamConfig | None = None,
     server_config: StreamConfig | None = None,
+    **net_options: Any,
 ) -> Pair:
-    """Two hosts with a static route a -> b for the service "echo"."""
-    net = SimNetwork(seed=seed, default_link=link or LinkConfig(delay=0.005))
+    """Two hosts with a static route a -> b for the service "echo" (``net_options``: for
+    the :class:`SimNetwork`, such as ``trace``, ``gso`` and ``gro``)."""
+    net = SimNetwork(seed=seed, default_link=link or LinkConfig(delay=0.005), **net_options)
     a = HostCore([A], rng=random.Random(seed), config=config)
     b = HostCore([B], rng=random.Random(seed + 1000), config=server_config or config)
     net.attach(a, A)

@@ -82,7 +82,9 @@ def test_forwarded_syn_is_answered_directly_and_data_bypasses_the_router() -> No
     # Through the router: the SYN only; its path names the client with its UDP port.
     assert seen[(CLIENT, ROUTER)] == 1 and seen[(ROUTER, SERVER)] == 1
     assert syn_paths == [[CLIENT, ROUTER]]
-    assert seen[(SERVER, CLIENT)] > 10 and seen[(CLIENT, SERVER)] > 10
+    # The data (200 kB: at least 142 segments of at most 1,408 bytes) and the ACKs go
+    # directly (how many ACKs depends on how the server reads: one per run under GRO).
+    assert seen[(CLIENT, SERVER)] >= 200_000 // 1408 and seen[(SERVER, CLIENT)] >= 2
     assert sum(n for (s, d), n in seen.items() if ROUTER in (s, d)) == 2
 
 

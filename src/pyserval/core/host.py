@@ -125,6 +125,9 @@ class HostCore:
         self._out: list[tuple[bytes | SuperDatagram, Address, Address]] = []
         self._supers = False
         self._dirty: dict[int, Connection] = {}  # insertion-ordered set of connections
+        # The connection the last packet woke (see receive_datagrams: an ACK due at once
+        # is sent before the batch's next packet is taken).
+        self._woken: Connection | None = None
         # (deadline, tiebreak, conn_id): by id, so that a stale entry holds no connection
         # alive after the host let it go (a flow in TIME_WAIT becomes a small record).
         self._timers: list[tuple[float, int, int]] = []
@@ -335,6 +338,7 @@ class HostCore:
     # -- driving ------------------------------------------------------------------------
     def _wake(self, conn: Connection) -> None:
         self._dirty[conn.conn_id] = conn
+        self._woken = conn
 
     def _send(self, pkt: SalPacket, local: Address, remote: Address) -> None:
         if type(pkt) is SegmentTrain:
@@ -429,6 +433,7 @@ class HostCore:
     ) -> tuple[list[tuple[bytes | SuperDatagram, Address, Address]], bool]:
         """Flush every connection with something to send; take what is queued, and
         whether it holds any super-datagram."""
+        self._woken = None
         dirty = self._dirty
         while dirty:
             _, conn = dirty.popitem()
@@ -631,10 +636,21 @@ class HostCore:
                             self._end_run(run)
                         run = conn
                     continue
+                # An ACK due now (out of order, a hole filled, every second segment) goes
+                # before the next packet is taken, as it would had the packets come one
+                # per read: a sender without SACK counts on one duplicate ACK per segment
+                # after a loss (RFC 5681 3.2, 4.2), and on the run's own ACK before them.
                 if run is not None:
                     self._end_run(run)
+                    if run.ack_now:
+                        self._flush_now(run, now)
                     run = None
+                self._woken = None
                 receive(data, src, dst, now, predict=False)
+                woken = self._woken
+                self._woken = None  # no reference kept to a connection closing meanwhile
+                if woken is not None and woken.ack_now:
+                    self._flush_now(woken, now)
             if run is not None:
                 self._end_run(run)
             return
@@ -661,6 +677,11 @@ class HostCore:
         self.received += taken
         if syns:
             self.stats["forwarded_syn"] += syns
+
+    def _flush_now(self, conn: Connection, now: float) -> None:
+        """Queue what ``conn`` has to send now rather than at the end of the batch."""
+        self._dirty.pop(conn.conn_id, None)
+        self._flush(conn, now)
 
     def _end_run(self, conn: Connection) -> None:
         """Report data taken by header prediction (see :meth:`receive_datagrams`)."""

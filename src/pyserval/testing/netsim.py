@@ -19,6 +19,16 @@ How the sim drives a node: after the node receives a datagram or handles its tim
 :meth:`SimNetwork.kick`), the sim calls ``datagrams_to_send(now)`` and sends every item, then
 re-reads ``next_deadline()`` and (re)schedules the node's single timer.
 
+The sim can also drive a node as the UDP adapter does on Linux. With ``gso=True`` it takes
+the node's output through ``wire_to_send(now)`` when the node has it and cuts each
+super-datagram (a segment train in one buffer) into its datagrams, as the kernel does: the
+same datagrams travel, built by the train's code. With ``gro=True`` the datagrams that
+arrive at one address at the same instant (at most ``max_batch``, in arrival order) go to
+``receive_datagrams(batch, dst, now)`` in one call, and the node is serviced once after
+them: what one read of a GRO socket hands over, so header-predicted runs and their one ACK
+decision per run are exercised. Both default to the environment variable
+``PYSERVAL_SIM_BATCHES`` (``1``: on), so a whole test suite can be run both ways.
+
 Links are keyed by the *endpoint* IPs ``(source IP, destination IP)``; for a host behind a NAT
 that is its inside IP (the public IP of a NAT never names a link). Unconfigured pairs use the
 network's ``default_link``.
@@ -75,6 +85,9 @@ sending node does not own the source address it used.
 _FATE: Final = {reason: reason for reason in DROP_REASONS} | {"loss": "lost"}
 
 DEFAULT_TIMER_FIRE_LIMIT: Final = 10_000
+# As many datagrams as the UDP adapter hands over per wake-up (runtime.udp.DEFAULT_MAX_BATCH;
+# the sim sits below the runtime and does not import it).
+DEFAULT_MAX_BATCH: Final = 256
 
 
 class SansIONode(Protocol):
@@ -438,7 +451,9 @@ class SimNetwork:
     ``seed`` seeds the one :class:`random.Random` all randomness comes from. With
     ``trace=True`` every datagram event is appended to :attr:`trace`; ``tap`` (if given) is
     called for every event as well. ``timer_fire_limit`` bounds how often one node's timer may
-    fire at the same instant before :class:`SimulationError` is raised.
+    fire at the same instant before :class:`SimulationError` is raised. ``gso``, ``gro`` and
+    ``max_batch``: drive nodes as the UDP adapter does with GSO and GRO (see the module
+    docstring).
     """
 
     def __init__(
@@ -450,7 +465,19 @@ class SimNetwork:
         tap: Tap | None = None,
         loss_filter: Callable[[bytes, Address, Address], bool] | None = None,
         timer_fire_limit: int = DEFAULT_TIMER_FIRE_LIMIT,
+        gso: bool | None = None,
+        gro: bool | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
+        batches = os.environ.get("PYSERVAL_SIM_BATCHES") == "1"
+        self.gso = batches if gso is None else gso
+        """Take nodes' output as super-datagrams (see the module docstring)."""
+        self.gro = batches if gro is None else gro
+        """Hand nodes what arrives at one instant in one batch (see the module docstring)."""
+        self.max_batch = max_batch
+        """The most datagrams handed to a node in one ``receive_datagrams`` call."""
         self._rng = random.Random(seed)
         self._now = 0.0
         self._seq = 0
@@ -574,6 +601,9 @@ class SimNetwork:
                 return False  # superseded by a later (re)arming
             self._now = t
             self._fire(payload)
+        elif self.gro:
+            self._now = t
+            self._deliver_batch(t, payload)
         else:
             self._now = t
             self._deliver(*payload)
@@ -787,8 +817,17 @@ class SimNetwork:
 
     def _service(self, st: _Node) -> None:
         node = st.node
-        for data, src, dst in node.datagrams_to_send(self._now):
-            self._send(st, data, src, dst)
+        wire = getattr(node, "wire_to_send", None) if self.gso else None
+        if wire is None:
+            for data, src, dst in node.datagrams_to_send(self._now):
+                self._send(st, data, src, dst)
+        else:
+            for item, src, dst in wire(self._now):
+                if isinstance(item, (bytes, bytearray, memoryview)):
+                    self._send(st, item, src, dst)
+                else:  # a super-datagram: the kernel cuts it into its datagrams (GSO)
+                    for data in item.split():
+                        self._send(st, data, src, dst)
         self._arm(st, node.next_deadline())
 
     def _arm(self, st: _Node, deadline: float | None) -> None:
@@ -833,7 +872,9 @@ class SimNetwork:
             node.handle_timer(now)
         self._service(st)
 
-    def _send(self, st: _Node, data: bytes, src: Address, dst: Address) -> None:
+    def _send(
+        self, st: _Node, data: bytes | bytearray | memoryview, src: Address, dst: Address
+    ) -> None:
         data = bytes(data)  # a no-op for bytes; copies a bytearray/memoryview
         now = self._now
         src_ip = src[0]
@@ -922,11 +963,54 @@ class SimNetwork:
         hook(dst, self._now)
         self._service(sender)
 
-    def _deliver(self, data: bytes, src: Address, dst: Address, link: _Link) -> None:
+    def _deliver_batch(self, t: float, first: _Packet) -> None:
+        """Deliver ``first`` and the datagrams that arrive right after it at the same
+        instant and address, as one GRO read would hand them over."""
+        wire_dst = first[2]
+        packets = [first]
+        heap = self._heap
+        limit = self.max_batch
+        while len(packets) < limit and heap:
+            at, _, payload, _ = heap[0]
+            if at != t or isinstance(payload, _Node) or payload[2] != wire_dst:
+                break
+            heapq.heappop(heap)
+            packets.append(payload)
+        # Consecutive datagrams for the same node and address go together (a NAT may
+        # turn one public address into several inside ones).
+        batch: list[tuple[bytes, Address]] = []
+        into: tuple[_Node, Address] | None = None
+        for data, src, dst, link in packets:
+            arrived = self._arrive(data, src, dst, link)
+            if arrived is None:
+                continue
+            if into is not None and arrived != into:
+                self._hand_over(*into, batch)
+                batch = []
+            into = arrived
+            batch.append((data, src))
+        if into is not None and batch:
+            self._hand_over(*into, batch)
+
+    def _hand_over(self, st: _Node, dst: Address, batch: list[tuple[bytes, Address]]) -> None:
+        node = st.node
+        receive = getattr(node, "receive_datagrams", None)
+        if receive is None:
+            for data, src in batch:
+                node.receive_datagram(data, src, dst, self._now)
+        else:
+            receive(batch, dst, self._now)
+        self._service(st)
+
+    def _arrive(
+        self, data: bytes, src: Address, dst: Address, link: _Link
+    ) -> tuple[_Node, Address] | None:
+        """A datagram reaches the end of its link: the node and address it is for, or
+        None when it is dropped on the way in (counted)."""
         self._in_flight -= 1
         if link.cfg.down:
             self._drop(link, "down", data, src, dst)
-            return
+            return None
         nat = self._nat_by_public.get(dst[0])
         if nat is not None:
             inside = nat._admit(dst[1], src, self._now)
@@ -937,15 +1021,21 @@ class SimNetwork:
                 self._drop(link, "nat", data, src, dst)
                 if nat.icmp:
                     self._icmp_unreachable(src, dst)
-                return
+                return None
         st = self._owners.get(dst)
         if st is None:
             self._drop(link, "no_route", data, src, dst)
-            return
+            return None
         stats = link.stats
         stats.delivered_packets += 1
         stats.delivered_bytes += len(data)
         if self._observed:
             self._emit(data, src, dst, "delivered")
-        st.node.receive_datagram(data, src, dst, self._now)
-        self._service(st)
+        return st, dst
+
+    def _deliver(self, data: bytes, src: Address, dst: Address, link: _Link) -> None:
+        arrived = self._arrive(data, src, dst, link)
+        if arrived is not None:
+            st, local = arrived
+            st.node.receive_datagram(data, src, local, self._now)
+            self._service(st)
