@@ -272,6 +272,17 @@ def connect_vs_tcp(seconds: float, reps: int) -> Result:
 
     out = alternating(reps, mine, peer, "asyncio TCP", "pyserval >= 0.6 of asyncio TCP (issue 14)")
     out["figure"] = "connections/s"
+    # The same ratio by CPU per connection (both processes): the cycle is a ping-pong, one
+    # side working at a time, so its rate is about 1 / CPU per connection, and CPU time
+    # is what other work on the machine disturbs least.
+    runs = out["runs"]
+    by_cpu = [
+        theirs["cpu_us_per_connection"] / ours["cpu_us_per_connection"]
+        for ours, theirs in zip(runs[0::2], runs[1::2], strict=True)
+        if ours["cpu_us_per_connection"]
+    ]
+    out["cpu_ratios"] = [round(r, 3) for r in by_cpu]
+    out["cpu_ratio_median"] = round(statistics.median(by_cpu), 3) if by_cpu else None
     return out
 
 
