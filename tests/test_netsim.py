@@ -576,3 +576,78 @@ def test_bulk_transfer_is_fast_enough() -> None:
     net.run(10.0)
     assert len(a.received) == n and seqnos(a) == list(range(n))
     assert e.times[-1] == pytest.approx(0.005 + n * 1400 / 10_000_000)
+
+
+# -- GSO and GRO batches ------------------------------------------------------------------
+
+
+class BatchSink(Sink):
+    """A sink that records how its datagrams were handed over: one list per call."""
+
+    def __init__(self, batches: bool) -> None:
+        super().__init__()
+        self.calls: list[list[bytes]] = []
+        if batches:
+            self.receive_datagrams = self._receive_batch
+
+    def _receive_batch(self, batch: list[tuple[bytes, Address]], dst: Address, now: float) -> None:
+        self.calls.append([data for data, _ in batch])
+
+    def receive_datagram(self, data: bytes, src: Address, dst: Address, now: float) -> None:
+        self.calls.append([data])
+
+
+def _burst(net: SimNetwork, receiver: BatchSink, count: int) -> list[bytes]:
+    """``count`` datagrams sent A -> B at once; what was sent."""
+    sender = Sink()
+    net.attach(sender, A)
+    net.attach(receiver, B)
+    sent = [b"datagram %d" % i for i in range(count)]
+    for data in sent:
+        sender.send(data, A, B)
+    net.kick(sender)
+    net.run_for(1.0)
+    return sent
+
+
+def test_datagrams_arriving_at_one_instant_are_handed_over_in_one_call_in_order() -> None:
+    receiver = BatchSink(True)
+    sent = _burst(SimNetwork(gro=True), receiver, 5)
+    assert receiver.calls == [sent]
+
+
+def test_a_batch_holds_at_most_max_batch_datagrams() -> None:
+    receiver = BatchSink(True)
+    sent = _burst(SimNetwork(gro=True, max_batch=2), receiver, 5)
+    assert receiver.calls == [sent[0:2], sent[2:4], sent[4:5]]
+
+
+@pytest.mark.parametrize(("gro", "batches"), [(False, True), (True, False)])
+def test_without_gro_or_a_batch_method_datagrams_come_one_by_one(gro: bool, batches: bool) -> None:
+    receiver = BatchSink(batches)
+    sent = _burst(SimNetwork(gro=gro), receiver, 3)
+    assert receiver.calls == [[d] for d in sent]
+
+
+def test_datagrams_arriving_at_different_instants_are_not_merged() -> None:
+    receiver = BatchSink(True)
+    # Jitter spreads the arrivals: no two at the same instant, so no batch of two.
+    link = LinkConfig(delay=0.01, jitter=0.005)
+    sent = _burst(SimNetwork(gro=True, default_link=link), receiver, 4)
+    assert sorted(c[0] for c in receiver.calls) == sorted(sent)
+    assert all(len(c) == 1 for c in receiver.calls)
+
+
+def test_max_batch_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_batch"):
+        SimNetwork(max_batch=0)
+
+
+def test_the_environment_variable_turns_both_modes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYSERVAL_SIM_BATCHES", "1")
+    net = SimNetwork()
+    assert net.gso and net.gro
+    assert not SimNetwork(gso=False).gso
+    monkeypatch.delenv("PYSERVAL_SIM_BATCHES")
+    net = SimNetwork()
+    assert not net.gso and not net.gro

@@ -1,5 +1,6 @@
-"""The simulated network driving hosts as the UDP adapter does on Linux: segment trains cut
-into datagrams (GSO) and what arrives at one instant handed over in one batch (GRO).
+"""Hosts driven by the simulated network as the UDP adapter drives them on Linux: segment
+trains cut into datagrams (GSO) and what arrives at one instant handed over in one batch
+(GRO; the sim's own side of it is tested in test_netsim.py).
 
 The batches must change which code paths run, not what the protocol does: the same
 datagrams on the wire for GSO, and for GRO one ACK per run of in-order data but still one
@@ -14,7 +15,7 @@ import random
 import pytest
 
 from pyserval.sal import decode_packet, train
-from pyserval.testing import LinkConfig, SimNetwork
+from pyserval.testing import LinkConfig
 from pyserval.testing.netsim import TraceEvent
 from pyserval.transport.config import StreamConfig
 
@@ -23,91 +24,6 @@ from .simhelpers import A, B, Pair, exchange, make_pair
 
 Address = tuple[str, int]
 
-
-class Recorder:
-    """A node that records how datagrams were handed to it and sends what it is told."""
-
-    def __init__(self, batches: bool) -> None:
-        self.calls: list[list[bytes]] = []
-        self.outbox: list[tuple[bytes, Address, Address]] = []
-        if batches:
-            self.receive_datagrams = self._receive_batch
-
-    def _receive_batch(self, batch: list[tuple[bytes, Address]], dst: Address, now: float) -> None:
-        self.calls.append([data for data, _ in batch])
-
-    def receive_datagram(self, data: bytes, src: Address, dst: Address, now: float) -> None:
-        self.calls.append([data])
-
-    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address, Address]]:
-        out, self.outbox = self.outbox, []
-        return out
-
-    def next_deadline(self) -> float | None:
-        return None
-
-    def handle_timer(self, now: float) -> None:
-        pass
-
-
-def _burst(net: SimNetwork, receiver: Recorder, count: int) -> list[bytes]:
-    sender = Recorder(False)
-    net.attach(sender, A)
-    net.attach(receiver, B)
-    sent = [b"datagram %d" % i for i in range(count)]
-    sender.outbox = [(d, A, B) for d in sent]
-    net.kick(sender)
-    net.run_for(1.0)
-    return sent
-
-
-def test_datagrams_arriving_at_one_instant_are_handed_over_in_one_call_in_order() -> None:
-    receiver = Recorder(True)
-    sent = _burst(SimNetwork(gro=True), receiver, 5)
-    assert receiver.calls == [sent]
-
-
-def test_a_batch_holds_at_most_max_batch_datagrams() -> None:
-    receiver = Recorder(True)
-    sent = _burst(SimNetwork(gro=True, max_batch=2), receiver, 5)
-    assert receiver.calls == [sent[0:2], sent[2:4], sent[4:5]]
-
-
-def test_without_gro_or_a_batch_method_datagrams_come_one_by_one() -> None:
-    for net, receiver in (
-        (SimNetwork(gro=False), Recorder(True)),
-        (SimNetwork(gro=True), Recorder(False)),
-    ):
-        sent = _burst(net, receiver, 3)
-        assert receiver.calls == [[d] for d in sent]
-
-
-def test_datagrams_arriving_at_different_instants_are_not_merged() -> None:
-    receiver = Recorder(True)
-    # Jitter spreads the arrivals: no two at the same instant, so no batch of two.
-    sent = _burst(
-        SimNetwork(gro=True, default_link=LinkConfig(delay=0.01, jitter=0.005)), receiver, 4
-    )
-    assert sorted(c[0] for c in receiver.calls) == sorted(sent)
-    assert all(len(c) == 1 for c in receiver.calls)
-
-
-def test_max_batch_must_be_positive() -> None:
-    with pytest.raises(ValueError, match="max_batch"):
-        SimNetwork(max_batch=0)
-
-
-def test_the_environment_variable_sets_both_modes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PYSERVAL_SIM_BATCHES", "1")
-    net = SimNetwork()
-    assert net.gso and net.gro
-    assert not SimNetwork(gso=False).gso
-    monkeypatch.delenv("PYSERVAL_SIM_BATCHES")
-    net = SimNetwork()
-    assert not net.gso and not net.gro
-
-
-# -- whole transfers ----------------------------------------------------------------------
 
 LOSSY = LinkConfig(delay=0.005, jitter=0.002, loss=0.02, reorder=0.05, duplicate=0.01)
 BOTTLENECK = LinkConfig(delay=0.002, bandwidth=5e6, queue_limit=60_000)
