@@ -186,11 +186,27 @@ async def stream_server(ctl: Control, params: Params) -> Result:
         ip, port = host.addresses[0]
         ctl.announce((ip, port, os.getpid()))  # type: ignore[arg-type]
         stats["samples"] = await _sample_cpu(ctl)
+        stats["socket_drops"] = udp_socket_drops(port)
         for task in [*loops, *tasks]:
             task.cancel()
         await asyncio.gather(*loops, *tasks, return_exceptions=True)
     stats["errors"] = stats["errors"][:10]
     return stats
+
+
+def udp_socket_drops(port: int) -> int | None:
+    """Datagrams the kernel dropped at the IPv4 UDP socket bound to ``port`` (its receive
+    buffer was full), from /proc/net/udp; None where that file does not exist."""
+    try:
+        lines = Path("/proc/net/udp").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        # local_address is HEX_IP:HEX_PORT; drops is the last column.
+        if int(fields[1].rsplit(":", 1)[1], 16) == port:
+            return int(fields[-1])
+    return None
 
 
 async def _ping_once(stream: Any, rng: random.Random) -> float:
@@ -395,7 +411,9 @@ def streams_run(
     per_mb = (client_cpu + server_cpu) / mb * 1e6 if mb else float("nan")
     client["cpu_us_per_mb"] = round(per_mb, 1) if per_mb == per_mb else None  # NaN: unknown
     client["mss"] = mss or "host default"
-    client["server"] = {k: server[k] for k in ("bulk_streams", "bytes", "errors")}
+    client["server"] = {
+        k: server.get(k) for k in ("bulk_streams", "bytes", "errors", "socket_drops")
+    }
     client["cpu_s"] = {"client": client["cpu_s"], "server": server["cpu_s"]}
     return client
 
@@ -641,6 +659,8 @@ def run(args: argparse.Namespace) -> Result:
                 "mb_per_s": r["mb_per_s"],
                 "cpu_us_per_mb": r["cpu_us_per_mb"],
                 "ping_p99_us": r["ping_rtt_us_during_bulk"].get("p99"),
+                "retransmissions": r["client_core"]["retransmissions"],
+                "server_socket_drops": r["server"]["socket_drops"],
                 "rss_per_conn_client_idle": r["rss_per_connection_bytes"]["client"]["idle"],
                 "rss_per_conn_server_idle": r["rss_per_connection_bytes"]["server"]["idle"],
                 "ok": r["ok"],
