@@ -394,6 +394,7 @@ def establish_from_cookie(
         return
     conn = Connection(flowid, Role.SERVER, sid, host.config, host._emit)
     conn.wake = host._wake
+    conn.budget = host.receive_budget
     conn.listener_id = listener.listener_id
     key = (src, pkt.src_flowid)
     conn.peer_key = key

@@ -45,6 +45,7 @@ from ..transport.events import (
     Event,
     SendSpaceAvailable,
 )
+from ..transport.receive_budget import ReceiveBudget
 from . import datagrams, demux, handshake, paths, relaying
 from .ratelimit import JitteredBudget, TokenBucket
 from .records import (
@@ -124,6 +125,10 @@ class HostCore:
         # (see wire_to_send); _supers says whether any is queued.
         self._out: list[tuple[bytes | SuperDatagram, Address, Address]] = []
         self._supers = False
+        self.receive_budget: ReceiveBudget | None = None
+        """What the windows of all connections may promise at once (see
+        :mod:`pyserval.transport.receive_budget`); None: each its whole free buffer. The
+        runtime sets it to its UDP socket's receive buffer; set it before connecting."""
         self._dirty: dict[int, Connection] = {}  # insertion-ordered set of connections
         # The connection the last packet woke (see receive_datagrams: an ACK due at once
         # is sent before the batch's next packet is taken).
@@ -266,6 +271,7 @@ class HostCore:
             return conn, sf
         stream = Connection(flowid, role, sid, self.config, self._emit)
         stream.wake = self._wake
+        stream.budget = self.receive_budget
         first = Subflow(stream, flowid, local, remote, self.rng)
         stream.subflows.append(first)
         return stream, first
@@ -608,6 +614,8 @@ class HostCore:
         what :meth:`_fast_forward` does, without the calls per packet); the rest goes
         packet by packet.
         """
+        if self.receive_budget is not None:
+            self.receive_budget.tick(now)
         receive = self.receive_datagram
         if not self.forwarding:
             # Runs of in-order data of one flow (a train, as GRO delivers them) go by
@@ -707,6 +715,8 @@ class HostCore:
         ``fast=False``: the first-hop fast path has already declined it; ``predict=False``:
         header prediction has (see :meth:`receive_datagrams`)."""
         self.received += 1
+        if self.receive_budget is not None and predict:
+            self.receive_budget.tick(now)  # (receive_datagrams did, for its batch)
         try:
             if predict and not self.forwarding:
                 conn = demux.predicted(self, data, src, dst, now)

@@ -47,6 +47,7 @@ from ..transport.events import (
     Event,
 )
 from ..transport.reasons import CloseReason, close_reason, connect_error_class
+from ..transport.receive_budget import ReceiveBudget, budget_for
 from .datagram_streams import ServalDatagramListener, ServalDatagramStream
 from .driver import Address, Driver, _Waiters
 from .interfaces import REFERENCE_PORTS, Interfaces, parse_address
@@ -323,6 +324,12 @@ class Host:
             forwarding=cfg.forwarding,
             delay_timeout=cfg.delay_timeout * 2,
         )
+        # What the windows of all flows promise at once stays within what a socket's
+        # receive buffer holds (transport.receive_budget): the smallest interface's, as
+        # flows spread over them.
+        buffers = [ep.rcvbuf for ep in driver.endpoints]
+        if buffers and min(buffers) > 0:
+            core.receive_budget = ReceiveBudget(budget_for(min(buffers)))
         self._interfaces.start_watch(cfg.interface_check)
         for entry in self.service_table:  # static routes given before start
             for rule in entry.rules:

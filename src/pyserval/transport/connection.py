@@ -55,6 +55,7 @@ from .events import (
 )
 from .flows import FlowManager
 from .flows.multipath import DEAD_AFTER_RTOS, MultipathState, new_key
+from .receive_budget import ReceiveBudget
 from .subflow import Subflow
 
 # Role, Subflow, unwrap and Address are re-exported: their old import path.
@@ -134,6 +135,10 @@ class Connection:
         self.third_ack_pending = False
         self.unacked_segments = 0
         self.dupacks_owed = 0  # immediate ACKs owed for out-of-order segments (bounded)
+        # The host's receive budget, if it has one (set by the host), and the epoch this
+        # connection was last counted in as receiving (transport.receive_budget).
+        self.budget: ReceiveBudget | None = None
+        self.budget_epoch = 0
         self.delack_deadline: float | None = None
         self.time_wait_deadline: float | None = None
         self.last_heard = 0.0
@@ -335,7 +340,7 @@ class Connection:
         data = self.recv.read(max_bytes)
         if data and self.subflows and self.state is State.ESTABLISHED:
             sf = self.primary
-            opened = self.recv.window - sf.last_adv_window
+            opened = sf.window_now() - sf.last_adv_window
             if opened >= min(2 * sf.mss, self.recv.capacity // 2):
                 self.ack_now = True  # window update, so a sender waiting on us resumes
                 self.wake(self)

@@ -24,6 +24,7 @@ from ..sal.train import SegmentTrain
 from ..sal.transport_headers import PROTO_TCP, TcpFlags, TcpHeader, TcpOption
 from .common import MASK32
 from .multipath import SeqTracker, join_proof
+from .receive_budget import ReceiveBudget
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -61,6 +62,8 @@ class SegmentBuilder:
     sack_ok: bool
     rcv_track: SeqTracker | None  # multipath: this subflow's receive sequence
     last_adv_window: int  # ... and written: the window last advertised
+    adv_edge: int  # ... its right edge (a receive offset), kept by a receive budget
+    adv_rcv_nxt: int  # ... and the receive offset it was advertised at
     ack_pending: bool  # ... cleared by every segment that carries our ACK
     mp_unacked: int
 
@@ -85,11 +88,47 @@ class SegmentBuilder:
         as a window update, not as a duplicate (RFC 5681 section 2), and would miss the
         loss. The growth goes out with the next ACK that is no duplicate.
         """
-        win = self.conn.recv.window
+        win = self.window_now()
         if hold and self.mss <= self.last_adv_window <= win:
             win = self.last_adv_window
         self.last_adv_window = win
+        if self.conn.budget is not None:
+            rcv_nxt = self.conn.recv.rcv_nxt
+            self.adv_rcv_nxt = rcv_nxt
+            self.adv_edge = rcv_nxt + win
         return min(win >> self.rcv_wscale, 0xFFFF)
+
+    def window_now(self) -> int:
+        """The window to advertise now: the receive buffer's free space, but with a host
+        receive budget (``transport.receive_budget``) at most the connection's share of
+        it (but at least two segments), and never less than keeps the right edge
+        advertised last where it was."""
+        conn = self.conn
+        recv = conn.recv
+        win = recv.window
+        budget = conn.budget
+        if budget is None:
+            return win
+        rcv_nxt = recv.rcv_nxt
+        if rcv_nxt != self.adv_rcv_nxt:  # took data since it last advertised: receiving
+            budget.count(conn)
+        cap = self._share(budget)
+        if win > cap:
+            kept = self.adv_edge - rcv_nxt
+            if cap >= kept:
+                return cap
+            # Keep the edge promised, rounded up to the window scale's unit as Linux
+            # does: rounded down, the scaled field would pull it back by a few bytes. (The
+            # buffer's own edge never moves back, so the promise stays within it but for
+            # that rounding.)
+            shift = self.rcv_wscale
+            return -(-kept >> shift) << shift
+        return win
+
+    def _share(self, budget: ReceiveBudget) -> int:
+        share = budget.share
+        floor = 2 * self.mss
+        return share if share > floor else floor
 
     # -- handshake ----------------------------------------------------------------------
     def _syn_options(self) -> list[TcpOption]:
@@ -116,11 +155,21 @@ class SegmentBuilder:
         """SYN-ACK: base, CONTROL(SYN+ACK) and the TCP SYN-ACK."""
         wscale = self.rcv_wscale if self.peer_offered_wscale else None
         opts = list(_handshake_options(self.conn.config.mss, wscale, self.sack_ok))
+        conn = self.conn
+        win = min(conn.recv.window, 0xFFFF)  # never scaled in a SYN
+        budget = conn.budget
+        if budget is not None:
+            # A connection accepted is about to receive: it counts from its first window
+            # (a thousand handshakes at once would otherwise promise 64 KiB each).
+            budget.count(conn)
+            win = min(win, self._share(budget))
+            self.adv_rcv_nxt = conn.recv.rcv_nxt
+            self.adv_edge = self.adv_rcv_nxt + win
         tcp = TcpHeader(
             seq=self.iss,
             ack=self.wire_ack(),
             flags=TcpFlags.SYN | TcpFlags.ACK,
-            window=min(self.conn.recv.window, 0xFFFF),  # never scaled in a SYN
+            window=win,
             options=opts,
         )
         exts: list[Extension] = [control]

@@ -126,6 +126,8 @@ class Subflow(SegmentBuilder):
         # TCP receive side.
         self.irs = 0
         self.last_adv_window = 0
+        self.adv_edge = 0
+        self.adv_rcv_nxt = 0
         self.peer_offered_wscale = False
         # Migration (RSYN): None when the addresses are settled.
         self.mig: MigrationState | None = None
