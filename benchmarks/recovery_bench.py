@@ -5,7 +5,8 @@ deterministic, both hosts in this process): 1,408-byte segments, 5 ms one-way de
 bandwidth limit, so the flight grows to what the receive buffer and congestion control
 allow (with 8 MiB buffers about 5,800 segments). A loss filter drops ``--burst``
 consecutive data segments every ``--every`` MiB of data sent, as when a window's burst
-overflows the receiver's UDP socket: each loss episode then runs with thousands of
+overflows the receiver's UDP socket (a burst ends early when the sender enters loss
+recovery: what it sends then gets through): each loss episode then runs with thousands of
 segments on the scoreboard and SACK blocks that cover most of them.
 
 What is timed is the sender alone: ``time.process_time`` around every call the network
@@ -114,12 +115,17 @@ def transfer(buffers: int, size: int, burst: int, every: int, seed: int) -> dict
         trace.update(data)
 
     sent = {"data": 0, "drop_left": 0, "next_burst": every}
+    conns: list[Connection] = []
 
     def loss_filter(data: bytes, src: Address, dst: Address) -> bool:
         if src != A or len(data) < DATA_MIN:
             return False
         sent["data"] += 1
-        if sent["drop_left"]:
+        if conns and conns[0].primary.recovery.in_recovery:
+            # A burst ends when the sender notices it: what it resends then gets through
+            # (dropping the retransmissions too would measure timeouts, not recovery).
+            sent["drop_left"] = 0
+        elif sent["drop_left"]:
             sent["drop_left"] -= 1
             return True
         if sent["data"] * MSS >= sent["next_burst"]:
@@ -141,6 +147,7 @@ def transfer(buffers: int, size: int, burst: int, every: int, seed: int) -> dict
     listener = b.listen("bulk")
     client = a.connect("bulk", net.now)
     sender.conn = client
+    conns.append(client)
     net.kick(sender)
     accepted: list[Connection] = []
 
