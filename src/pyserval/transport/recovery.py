@@ -18,9 +18,10 @@ in the subflow's send offsets (never 32-bit wire numbers):
 
 Costs: the scoreboard is a :class:`~pyserval.transport.scoreboard.Scoreboard` (adding a
 segment at the right end and removing acknowledged ones from the left are O(1); an ACK
-with nothing SACKed or lost removes what it covers as one slice). Nothing an ACK does walks
-the whole window, so that a loss episode in an 8 MiB window (about 5,800 segments) costs
-per ACK what one in a small window costs, as in Linux:
+with nothing SACKed or lost removes what it covers as one slice). No ACK walks the window
+again: each one costs what it newly tells (segments SACKed, marked lost, acknowledged), so
+that a loss episode in an 8 MiB window (about 5,800 segments) costs per ACK what one in a
+small window costs, as in Linux:
 
 * ``pipe`` is O(1) in and out of recovery, from running counts: ``sacked_bytes`` and
   ``lost_bytes`` (marked lost and not yet sent again; Linux's ``lost_out`` less what of it
@@ -46,7 +47,8 @@ The interface, in the order a subflow uses it: :meth:`Recovery.on_sent` for each
 segment; per ACK :meth:`on_sack`, then :meth:`on_ack` (the left edge moved) or
 :meth:`on_duplicate_ack`, then :meth:`first_lost` / :meth:`dup_thresh` to decide on
 :meth:`enter_recovery`, or :meth:`mark_lost` while in it; :meth:`take_lost` when sending;
-:meth:`on_timeout` at the retransmission timeout; :meth:`on_path_change` after a move.
+:meth:`on_timeout` at the retransmission timeout; :meth:`on_path_change` after a move;
+:meth:`forget` when the subflow is given up.
 """
 
 from __future__ import annotations
