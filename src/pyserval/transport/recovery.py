@@ -18,9 +18,25 @@ in the subflow's send offsets (never 32-bit wire numbers):
 
 Costs: the scoreboard is a :class:`~pyserval.transport.scoreboard.Scoreboard` (adding a
 segment at the right end and removing acknowledged ones from the left are O(1); an ACK
-with nothing SACKed or lost removes what it covers as one slice); ``pipe`` outside
-recovery is O(1) and in recovery a scan of the scoreboard, done once per output round by
-the caller.
+with nothing SACKed or lost removes what it covers as one slice). No ACK walks the window
+again: each one costs what it newly tells (segments SACKed, marked lost, acknowledged), so
+that a loss episode in an 8 MiB window (about 5,800 segments) costs per ACK what one in a
+small window costs, as in Linux:
+
+* ``pipe`` is O(1) in and out of recovery, from running counts: ``sacked_bytes`` and
+  ``lost_bytes`` (marked lost and not yet sent again; Linux's ``lost_out`` less what of it
+  is retransmitted);
+* :meth:`Recovery.on_sack` visits only the segments a block newly covers: the runs of
+  adjacent SACKed segments are kept as ranges (``scoreboard.SackedRuns``), and a block
+  jumps over them;
+* :meth:`Recovery.mark_lost` resumes where it stopped (Linux's lost hint): IsLost holds for
+  every segment below some point, a point that only moves up while SACKs arrive, so the
+  segments below it are passed once per episode; RACK's rule takes the retransmissions
+  from a heap ordered by their send time, oldest first, and stops at the first one that
+  is recent enough.
+
+A timeout and a path change still touch every segment (they mark the whole window lost),
+once per event.
 
 What it does not do: send anything, read a clock (every call takes ``now``), arm timers
 (the subflow owns ``rto_deadline``), change the congestion window (the subflow tells its
@@ -31,22 +47,29 @@ The interface, in the order a subflow uses it: :meth:`Recovery.on_sent` for each
 segment; per ACK :meth:`on_sack`, then :meth:`on_ack` (the left edge moved) or
 :meth:`on_duplicate_ack`, then :meth:`first_lost` / :meth:`dup_thresh` to decide on
 :meth:`enter_recovery`, or :meth:`mark_lost` while in it; :meth:`take_lost` when sending;
-:meth:`on_timeout` at the retransmission timeout; :meth:`on_path_change` after a move.
+:meth:`on_timeout` at the retransmission timeout; :meth:`on_path_change` after a move;
+:meth:`forget` when the subflow is given up.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from heapq import heapify, heappop, heappush
 from typing import Final
 
 from sortedcontainers import SortedList
 
 from .rtt import RttEstimator
-from .scoreboard import Scoreboard
+from .scoreboard import SackedRuns, Scoreboard
 
 __all__ = ["DUP_THRESH", "Recovery", "SentSegment"]
 
 DUP_THRESH: Final = 3  # RFC 5681 / RFC 6675 DupThresh
+
+# The heap of retransmissions (RACK's candidates) is rebuilt from the scoreboard once it
+# holds this many entries more than twice the segments: entries of segments acknowledged
+# or SACKed meanwhile leave it only when they reach its top, which may take long.
+_RESENT_SLACK: Final = 64
 
 
 class SentSegment:
@@ -69,7 +92,12 @@ class SentSegment:
 class Recovery:
     """The scoreboard, loss rules, pipe and RTT estimate of one subflow (see the module
     docstring). ``mss`` and ``sack_ok`` are set again by :meth:`set_peer` once the
-    handshake tells what the peer takes."""
+    handshake tells what the peer takes.
+
+    The segments are expected as a subflow sends them: each new one above all the others,
+    none overlapping, together covering [snd_una, snd_max) (``pipe`` counts from these
+    two).
+    """
 
     __slots__ = (
         "segments",
@@ -79,12 +107,17 @@ class Recovery:
         "sack_ok",
         "rack_time",
         "sacked_bytes",
+        "lost_bytes",
         "dupacks",
         "dup_segments",
         "rexmit_now",
         "in_recovery",
         "recovery_after_rto",
         "recovery_point",
+        "_runs",
+        "_hint",
+        "_sacked_below_hint",
+        "_resent",
     )
 
     def __init__(self, rtt: RttEstimator, mss: int, sack_ok: bool = False) -> None:
@@ -97,6 +130,9 @@ class Recovery:
         # well before it and still not SACKed was lost too.
         self.rack_time = 0.0
         self.sacked_bytes = 0
+        # Bytes of the segments marked lost and not sent again since (nor SACKed): what
+        # RFC 6675's pipe leaves out in recovery. Every such segment is in ``lost``.
+        self.lost_bytes = 0
         self.dupacks = 0
         # Without SACK: segments the duplicate ACKs say have left the network (each one
         # was caused by a segment arriving above the hole), kept through a recovery episode
@@ -109,11 +145,25 @@ class Recovery:
         self.in_recovery = False
         self.recovery_after_rto = False  # this episode began with a timeout
         self.recovery_point = 0  # recovery ends when the left edge reaches it
+        # Every SACKed segment lies in one of these runs and nothing else does: a SACK
+        # block skips them instead of visiting its old segments again on every ACK.
+        self._runs = SackedRuns()
+        # The lost hint: every segment below it was passed by IsLost (SACKed, or lost, or
+        # resent, none of which IsLost changes) and need not be seen again; the SACKed
+        # bytes below it are counted, so the SACKed bytes above a segment are known.
+        self._hint = 0
+        self._sacked_below_hint = 0
+        # (send time, start) of every retransmission that is lost, not SACKed and not
+        # marked for resending again (RACK's candidates), oldest first; entries whose
+        # segment has changed since are skipped when they come up.
+        self._resent: list[tuple[float, int]] = []
 
     def set_peer(self, mss: int, sack_ok: bool) -> None:
         """The handshake settled the segment size and whether the peer SACKs."""
         self.mss = mss
         self.sack_ok = sack_ok
+        self._reset_hint()
+        self._rebuild_resent()
 
     # -- sending --------------------------------------------------------------------------
     def on_sent(self, start: int, end: int, fin: bool, now: float, dsn: int = -1) -> None:
@@ -149,15 +199,21 @@ class Recovery:
             if pipe > 0 and pipe + (seg.end - start) > cwnd and not self.rexmit_now:
                 return None
             self.rexmit_now = False
+            if seg.lost:
+                self.lost_bytes -= seg.end - start  # in the network again
             seg.retransmitted = True
             seg.resent = True
             seg.sent_at = now
             lost.discard(start)
+            self._watch_resent(start, seg)
             return start
         return None
 
     def pipe(self, snd_una: int, snd_max: int) -> int:
         """Bytes in the network by RFC 6675's pipe (outside recovery: unSACKed bytes).
+
+        In recovery, SetPipe's count of every unSACKed segment that is not lost or was sent
+        again: the unSACKed bytes less ``lost_bytes``.
 
         Without SACK each duplicate ACK stands for one segment that left the network, so
         the pipe shrinks by a segment per duplicate ACK: outside recovery that is limited
@@ -165,18 +221,9 @@ class Recovery:
         what RFC 5681's window inflation does, and a partial ACK takes back the duplicates
         of the segments it covers (RFC 6582's deflation).
         """
-        if not self.in_recovery:
-            pipe = snd_max - snd_una - self.sacked_bytes
-        else:
-            pipe = 0
-            for start, seg in self.segments.items():
-                if seg.sacked:
-                    continue
-                n = seg.end - start
-                if not seg.lost:
-                    pipe += n
-                if seg.retransmitted and seg.lost:
-                    pipe += n
+        pipe = snd_max - snd_una - self.sacked_bytes
+        if self.in_recovery:
+            pipe -= self.lost_bytes
         if self.dup_segments:
             pipe = max(pipe - self.dup_segments * self.mss, 0)
         return pipe
@@ -187,26 +234,50 @@ class Recovery:
     ) -> int:
         """SACK blocks [left, right) in send offsets; returns the bytes newly SACKed.
         Blocks outside [snd_una, snd_max] are stale or bogus and ignored; only segments
-        wholly inside a block count as SACKed."""
+        wholly inside a block count as SACKed.
+
+        A block is walked from its left edge, jumping over each run of segments already
+        SACKed (a receiver repeats its blocks, grown, on every ACK), so what it costs is
+        the segments it newly covers, not its size.
+        """
         segs = self.segments
+        runs = self._runs
         before = self.sacked_bytes
+        min_rtt = self.rtt.min_rtt
         for left, right in blocks:
             if right <= left or left < snd_una or right > snd_max:
                 continue
-            for start in segs.irange(left, right):
+            at = left
+            while True:
+                at = runs.skip(at)
+                start = at if at in segs else segs.first_key_from(at)
+                if start is None or start >= right:
+                    break
                 seg = segs[start]
-                if seg.end <= right and not seg.sacked:
-                    seg.sacked = True
-                    self.sacked_bytes += seg.end - start
-                    # RFC 8985 6.2: a resent segment SACKed within a min RTT of its
-                    # resending was the original arriving late: its time says nothing.
-                    min_rtt = self.rtt.min_rtt
-                    if seg.sent_at > self.rack_time and not (
-                        seg.resent and (min_rtt is None or now - seg.sent_at < min_rtt)
-                    ):
-                        self.rack_time = seg.sent_at
-                    if seg.lost:
-                        self.lost.discard(start)
+                end = seg.end
+                if seg.sacked:
+                    # The first segment of a run that begins above ``at``.
+                    at = max(runs.skip(start), end)
+                    continue
+                if end > right:
+                    break  # not wholly inside, and the next segment starts past the block
+                seg.sacked = True
+                n = end - start
+                self.sacked_bytes += n
+                runs.add(start, end)
+                if start < self._hint:
+                    self._sacked_below_hint += n
+                # RFC 8985 6.2: a resent segment SACKed within a min RTT of its
+                # resending was the original arriving late: its time says nothing.
+                if seg.sent_at > self.rack_time and not (
+                    seg.resent and (min_rtt is None or now - seg.sent_at < min_rtt)
+                ):
+                    self.rack_time = seg.sent_at
+                if seg.lost:
+                    self.lost.discard(start)
+                    if not seg.retransmitted:
+                        self.lost_bytes -= n
+                at = end
         return self.sacked_bytes - before
 
     def on_ack(self, ack: int, now: float) -> float | None:
@@ -222,9 +293,11 @@ class Recovery:
         karn = False
         segs = self.segments
         covered = 0  # segments acknowledged whole
-        if not self.sacked_bytes and not self.lost:
-            # The common case: nothing SACKed or queued for resending, so the segments
-            # below ``ack`` go as one slice unless the last of them is cut by it.
+        sacked_before = self.sacked_bytes
+        if not sacked_before and not self.lost:
+            # The common case: nothing SACKed or queued for resending (so nothing counted
+            # in ``lost_bytes`` either), so the segments below ``ack`` go as one slice
+            # unless the last of them is cut by it.
             last = segs.last_key_below(ack)
             if last is not None and segs[last].end <= ack:
                 for seg in segs.pop_through(ack):
@@ -240,6 +313,8 @@ class Recovery:
             del segs[start]
             if seg.lost:
                 self.lost.discard(start)
+                if not seg.retransmitted and not seg.sacked:
+                    self.lost_bytes -= min(seg.end, ack) - start
             if seg.end > ack:
                 # Partially acknowledged: keep the rest as its own segment.
                 rest = SentSegment(
@@ -252,6 +327,8 @@ class Recovery:
                 if seg.sacked:
                     self.sacked_bytes -= ack - start
                     rest.sacked = True
+                if rest.retransmitted:
+                    self._watch_resent(ack, rest)  # under its new start
                 break
             covered += 1
             if seg.sacked:
@@ -260,6 +337,12 @@ class Recovery:
                 karn = True
             else:
                 rtt_sample = now - seg.sent_at  # the newest: least inflated by holes
+        if sacked_before:
+            self._runs.cut_below(ack)
+        if ack < self._hint:
+            self._sacked_below_hint -= sacked_before - self.sacked_bytes
+        else:
+            self._sacked_below_hint = 0  # nothing below the hint is left
         if rtt_sample is not None and not karn:
             # Karn, extended as Linux does: no sample from an ACK that also covers a
             # retransmission (it would time the wait for the hole to be filled).
@@ -288,9 +371,15 @@ class Recovery:
                 self.in_recovery = False
                 self.recovery_after_rto = False
                 for start in self.lost:
-                    segs[start].lost = False
+                    seg = segs[start]
+                    if seg.lost and not seg.retransmitted and not seg.sacked:
+                        self.lost_bytes -= seg.end - start
+                    seg.lost = False
                 self.lost.clear()
                 self.rexmit_now = False
+                # Segments below the hint may be neither lost nor SACKed now: the next
+                # episode's IsLost starts from the left edge.
+                self._reset_hint()
             elif not self.sack_ok and segs:
                 # NewReno partial ACK (RFC 6582): the next hole is lost too, and is resent
                 # at once.
@@ -298,6 +387,8 @@ class Recovery:
                 if not seg.lost:
                     seg.lost = True
                     seg.retransmitted = False
+                    if not seg.sacked:
+                        self.lost_bytes += seg.end - start
                     self.lost.add(start)
                     self.rexmit_now = not self.recovery_after_rto
         return rtt_sample
@@ -341,39 +432,75 @@ class Recovery:
         self.mark_lost()
         if not self.lost and self.segments:  # dupacks without SACK: the first one is lost
             start, seg = self.segments.peekitem(0)
-            seg.lost = True
+            self._mark_first_lost(start, seg)
             self.lost.add(start)
         self.rexmit_now = not self.sack_ok
 
     def mark_lost(self) -> None:
         """Mark unSACKed segments with enough SACKed data above them as lost (without SACK:
         the first segment)."""
+        segs = self.segments
         if not self.sack_ok:
-            if self.segments:
-                start, seg = self.segments.peekitem(0)
+            if segs:
+                start, seg = segs.peekitem(0)
                 if not seg.lost and not seg.sacked:
-                    seg.lost = True
+                    self._mark_first_lost(start, seg)
                     self.lost.add(start)
             return
-        above = 0
-        threshold = (DUP_THRESH - 1) * self.mss
-        segs = self.segments
+        lost = self.lost
         # A retransmission older than something already SACKed (by more than a reordering
         # window of a quarter of the minimum RTT) was lost as well: send it again rather
-        # than wait for the retransmission timer (RACK's rule, RFC 8985 6.2).
+        # than wait for the retransmission timer (RACK's rule, RFC 8985 6.2). The heap
+        # gives the oldest first; the first one recent enough ends the search.
         min_rtt = self.rtt.min_rtt
         rack = self.rack_time - min_rtt / 4 if min_rtt is not None else -1.0
-        for start in reversed(segs):
-            seg = segs[start]
+        resent = self._resent
+        while resent and resent[0][0] < rack:
+            sent_at, start = heappop(resent)
+            cand = segs.get(start)
+            if (
+                cand is not None
+                and cand.retransmitted
+                and cand.lost
+                and not cand.sacked
+                and cand.sent_at == sent_at
+            ):
+                cand.retransmitted = False  # lost again: back in the queue to resend
+                self.lost_bytes += cand.end - start
+                lost.add(start)
+        # IsLost (RFC 6675): more than (DupThresh - 1) * SMSS bytes SACKed above a segment,
+        # that is fewer than ``budget`` SACKed below it. That holds for every segment
+        # below some point, and the point only moves up as SACKs come (acknowledged
+        # segments take their SACKed bytes away from below and above alike); the walk
+        # resumes at the hint and stops at the first unSACKed segment it does not hold for.
+        budget = self.sacked_bytes - (DUP_THRESH - 1) * self.mss
+        below = self._sacked_below_hint
+        if below >= budget:
+            return
+        hint = self._hint
+        for start, seg in segs.items_from(hint):
             if seg.sacked:
-                above += seg.end - start
-            elif seg.retransmitted:
-                if seg.sent_at < rack and seg.lost:
-                    seg.retransmitted = False  # lost again: back in the queue to resend
-                    self.lost.add(start)
-            elif above > threshold and not seg.lost:
+                below += seg.end - start
+            elif below >= budget:
+                hint = start
+                break
+            elif not seg.retransmitted and not seg.lost:
                 seg.lost = True
-                self.lost.add(start)
+                self.lost_bytes += seg.end - start
+                lost.add(start)
+            hint = start + 1
+        self._hint = hint
+        self._sacked_below_hint = below
+
+    def _mark_first_lost(self, start: int, seg: SentSegment) -> None:
+        """Mark ``seg`` (the first segment) lost as the duplicate-ACK rules do, keeping its
+        other flags; the caller queues it."""
+        if not seg.lost:
+            seg.lost = True
+            if seg.retransmitted:
+                self._watch_resent(start, seg)  # a retransmission now RACK may judge
+            elif not seg.sacked:
+                self.lost_bytes += seg.end - start
 
     # -- timeouts and moves -------------------------------------------------------------
     def on_timeout(self, snd_max: int) -> None:
@@ -385,12 +512,18 @@ class Recovery:
         """
         self.rtt.backoff()
         self.lost.clear()
+        lost_bytes = 0
         for start, seg in self.segments.items():
             seg.sacked = False
             seg.lost = True
             seg.retransmitted = False
+            lost_bytes += seg.end - start
             self.lost.add(start)
         self.sacked_bytes = 0
+        self.lost_bytes = lost_bytes
+        self._runs.clear()
+        self._resent.clear()
+        self._reset_hint()
         self.in_recovery = True
         self.recovery_after_rto = True
         self.recovery_point = snd_max
@@ -407,11 +540,86 @@ class Recovery:
         self.rexmit_now = False
         if self.segments:
             self.lost.clear()
+            lost_bytes = 0
             for start, seg in self.segments.items():
                 if not seg.sacked:
                     seg.lost = True
                     seg.retransmitted = False
+                    lost_bytes += seg.end - start
                     self.lost.add(start)
+            self.lost_bytes = lost_bytes
+            # What is still resent is SACKed as well: no RACK candidate is left.
+            self._resent.clear()
+            self._reset_hint()
             self.in_recovery = True
             self.recovery_after_rto = True
             self.recovery_point = snd_max
+
+    def forget(self) -> None:
+        """Drop every segment (the subflow was given up and its data went elsewhere)."""
+        self.segments.clear()
+        self.lost.clear()
+        self.sacked_bytes = 0
+        self.lost_bytes = 0
+        self._runs.clear()
+        self._resent.clear()
+        self._reset_hint()
+
+    # -- the incremental state ----------------------------------------------------------
+    def _reset_hint(self) -> None:
+        """IsLost starts again from the left edge."""
+        self._hint = 0
+        self._sacked_below_hint = 0
+
+    def _watch_resent(self, start: int, seg: SentSegment) -> None:
+        """``seg`` (at ``start``) was resent or became lost while resent: RACK may find it
+        lost again. Only with SACK, the only case in which :meth:`mark_lost` looks."""
+        if not self.sack_ok:
+            return
+        resent = self._resent
+        heappush(resent, (seg.sent_at, start))
+        if len(resent) > 2 * len(self.segments) + _RESENT_SLACK:
+            self._rebuild_resent()
+
+    def _rebuild_resent(self) -> None:
+        """The heap of RACK's candidates from the scoreboard (O(window), amortised over
+        the entries pushed since the last rebuild)."""
+        if not self.sack_ok:
+            self._resent = []
+            return
+        self._resent = resent = [
+            (seg.sent_at, start)
+            for start, seg in self.segments.items()
+            if seg.retransmitted and seg.lost and not seg.sacked
+        ]
+        heapify(resent)
+
+    def _check(self, snd_una: int, snd_max: int) -> None:
+        """Recompute every running count and structure by scanning the scoreboard and raise
+        AssertionError where they differ (for tests; O(window))."""
+        items = self.segments.items()
+        assert sum(seg.end - s for s, seg in items) == snd_max - snd_una
+        assert self.sacked_bytes == sum(seg.end - s for s, seg in items if seg.sacked)
+        pending = [s for s, seg in items if seg.lost and not seg.retransmitted and not seg.sacked]
+        assert self.lost_bytes == sum(self.segments[s].end - s for s in pending)
+        assert set(pending) <= set(self.lost)
+        runs: list[tuple[int, int]] = []
+        for s, seg in items:
+            if seg.sacked:
+                if runs and runs[-1][1] == s:
+                    runs[-1] = (runs[-1][0], seg.end)
+                else:
+                    runs.append((s, seg.end))
+        assert self._runs.ranges() == runs
+        assert self._sacked_below_hint == sum(
+            seg.end - s for s, seg in items if seg.sacked and s < self._hint
+        )
+        for s, seg in items:
+            if s >= self._hint:
+                break
+            assert seg.sacked or seg.lost or seg.retransmitted
+        if self.sack_ok:
+            entries = set(self._resent)
+            for s, seg in items:
+                if seg.retransmitted and seg.lost and not seg.sacked:
+                    assert (seg.sent_at, s) in entries

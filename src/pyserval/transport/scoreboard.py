@@ -9,17 +9,22 @@ list append or an index step, with the keys in one list (``_keys[_head:]``, asce
 the segments in a dict. Keys in the middle (never needed by the sender, supported for
 completeness) are inserted or removed by bisection, in O(n).
 
+:class:`SackedRuns` is the other structure loss recovery keeps beside it: the maximal runs
+of adjacent SACKed segments as disjoint ranges, so that a SACK block is processed by
+jumping over what earlier blocks already covered instead of visiting each of its segments
+again on every ACK.
+
 What it does not do: decide anything about loss (``recovery.py`` does), or keep more than
 one value per key.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from typing import Final, Generic, TypeVar
 
-__all__ = ["Scoreboard"]
+__all__ = ["SackedRuns", "Scoreboard"]
 
 V = TypeVar("V")
 
@@ -50,6 +55,10 @@ class Scoreboard(Generic[V]):
 
     def __getitem__(self, key: int) -> V:
         return self._map[key]
+
+    def get(self, key: int) -> V | None:
+        """The value under ``key``, None when absent."""
+        return self._map.get(key)
 
     def __setitem__(self, key: int, value: V) -> None:
         m = self._map
@@ -152,6 +161,25 @@ class Scoreboard(Generic[V]):
         self._advance(i)
         return out
 
+    def first_key_from(self, low: int) -> int | None:
+        """The first key at or above ``low`` (None when no key is)."""
+        keys = self._keys
+        i = bisect_left(keys, low, self._head)
+        return keys[i] if i < len(keys) else None
+
+    def items_from(self, low: int) -> Iterator[tuple[int, V]]:
+        """(key, value) pairs from the first key at or above ``low`` on, in key order, without
+        copying the keys (so the caller must not add or remove keys while it iterates; a
+        copy of the tail would cost what walking the whole window costs)."""
+        keys = self._keys
+        m = self._map
+        i = bisect_left(keys, low, self._head)
+        n = len(keys)
+        while i < n:
+            k = keys[i]
+            yield k, m[k]
+            i += 1
+
     def last_key_below(self, bound: int) -> int | None:
         """The last key below ``bound`` (None when no key is)."""
         keys = self._keys
@@ -166,3 +194,78 @@ class Scoreboard(Generic[V]):
 
     def __repr__(self) -> str:
         return f"Scoreboard({dict(self.items())!r})"
+
+
+class SackedRuns:
+    """Disjoint half-open ranges [start, end) of the sequence space, each one a maximal run
+    of adjacent SACKed segments (the caller adds a segment's range when it SACKs it).
+
+    Two sorted lists, starts and ends; adding a range merges it with the run that ends
+    where it starts and the one that starts where it ends. A sender has a handful of runs
+    (one per hole it is waiting to fill), so the lists stay short and a bisection finds
+    the run around an offset.
+    """
+
+    __slots__ = ("_starts", "_ends")
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __bool__(self) -> bool:
+        return bool(self._starts)
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """The runs in ascending order (a copy)."""
+        return list(zip(self._starts, self._ends, strict=True))
+
+    def skip(self, offset: int) -> int:
+        """The end of the run that holds ``offset``; ``offset`` itself when none does."""
+        i = bisect_right(self._starts, offset) - 1
+        if i >= 0:
+            end = self._ends[i]
+            if end > offset:
+                return end
+        return offset
+
+    def add(self, start: int, end: int) -> None:
+        """Add [start, end), which overlaps no run."""
+        starts = self._starts
+        ends = self._ends
+        i = bisect_right(starts, start)
+        joins_next = i < len(starts) and starts[i] == end
+        if i and ends[i - 1] == start:
+            if joins_next:  # fills the gap between two runs: one run
+                ends[i - 1] = ends[i]
+                del starts[i]
+                del ends[i]
+            else:
+                ends[i - 1] = end
+        elif joins_next:
+            starts[i] = start
+        else:
+            starts.insert(i, start)
+            ends.insert(i, end)
+
+    def cut_below(self, bound: int) -> None:
+        """Forget everything below ``bound`` (a cumulative ACK): runs that end at or below
+        it go, one that spans it starts there."""
+        starts = self._starts
+        ends = self._ends
+        i = bisect_right(ends, bound)
+        if i:
+            del starts[:i]
+            del ends[:i]
+        if starts and starts[0] < bound:
+            starts[0] = bound
+
+    def clear(self) -> None:
+        """Forget every run."""
+        self._starts.clear()
+        self._ends.clear()
+
+    def __repr__(self) -> str:
+        return f"SackedRuns({self.ranges()!r})"

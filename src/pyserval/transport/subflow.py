@@ -494,8 +494,8 @@ class Subflow(SegmentBuilder):
         mss = self.mss
         rec = self.recovery
         lost = rec.lost
-        # Computed once (it scans the segments in recovery) and then kept up to date here:
-        # each segment sent adds its length to the pipe, as RFC 6675 counts it.
+        # Read once and then kept up to date here: each segment sent adds its length to
+        # the pipe, as RFC 6675 counts it.
         pipe = rec.pipe(self.snd_una, self.snd_max)
         # New data goes out as one segment train (sal.train): consecutive segments of
         # this flush are recorded one by one (the scoreboard stays per segment) and built

@@ -185,8 +185,7 @@ class FlowManager:
         for start, seg in sf.segments.items():
             if seg.dsn >= 0 and not seg.fin:
                 mp.reinject.append((seg.dsn, seg.dsn + (seg.end - start)))
-        sf.segments.clear()
-        sf.lost.clear()
+        sf.recovery.forget()
         sf.rto_deadline = None
         sf.fin_seq = None
         if isinstance(sf.cc, Lia):
