@@ -1,0 +1,139 @@
+"""A copy of this checkout's ``src/`` with the per-packet modules compiled by mypyc, for A/B.
+
+    python benchmarks/mypyc_tree.py [--out build/mypyc] [--modules core|runtime]
+    python benchmarks/suite.py --tree pure=src --tree mypyc=build/mypyc/src \\
+        --only connect,stream_mss1408 --reps 5
+
+Issue 14 asked whether compiling the per-packet modules with mypyc pays enough to be wired
+in as an opt-in build. This script builds what was measured: it copies ``src/`` to
+``--out`` and compiles the modules listed below there (type-checked with this checkout's
+mypy settings), in place, so that each ``.so`` sits beside its ``.py`` and Python imports
+it instead; it prints the ``PYTHONPATH`` to use. ``suite.py --tree`` then runs the same
+benchmarks against both trees, interleaved. The result, and why it is not wired in, is in
+README.md ("Compiling the per-packet modules with mypyc"). Nothing in this checkout's own
+``src/`` changes; ``--out`` defaults to ``build/``, which git ignores.
+
+Two sets: ``core`` (``sal/``, ``transport/``, ``core/``: the sans-I/O work of every
+packet) and ``runtime`` (``core`` plus the asyncio adapter's driver and UDP endpoint). Left
+out, each for a reason mypyc gives:
+
+* ``transport/connection.py``: the host's TIME_WAIT records and the connection's parts
+  (``Connection.unlink_parts``) refer to a forgotten connection weakly, and mypyc's native
+  classes take no weak references; as a non-native class it may not have property setters.
+  Kept interpreted, so the compiled modules see it as a plain object (a weak proxy in a
+  part's ``conn`` passes too);
+* ``transport/config.py``, ``runtime/host.py``: pydantic models (a ``Field`` is not the
+  attribute's declared type);
+* ``sal/service_table.py``: its errors derive from two builtin exceptions;
+* ``runtime/streams.py``: mypyc fails on the anyio stream's async context manager;
+* every ``__init__.py``: a compiled package hides its submodules.
+
+Needs a C compiler, the Python headers and mypy (the ``dev`` extra); a build takes about
+two minutes of CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CORE = [
+    "sal/packet.py",
+    "sal/transport_headers.py",
+    "sal/checksum.py",
+    "sal/extensions.py",
+    "sal/flow_table.py",
+    "sal/first_hop.py",
+    # SegmentTrain subclasses SalPacket: an interpreted class cannot subclass a compiled one.
+    "sal/train.py",
+    "transport/buffers.py",
+    "transport/close_state.py",
+    "transport/common.py",
+    "transport/congestion.py",
+    "transport/datagram_flow.py",
+    "transport/events.py",
+    "transport/liveness.py",
+    "transport/migration.py",
+    "transport/multipath.py",
+    "transport/packets.py",
+    "transport/reasons.py",
+    "transport/recovery.py",
+    "transport/rtt.py",
+    "transport/scoreboard.py",
+    "transport/subflow.py",
+    "transport/flows/manager.py",
+    "transport/flows/migration.py",
+    "transport/flows/multipath.py",
+    "core/demux.py",
+    "core/handshake.py",
+    "core/host.py",
+    "core/datagrams.py",
+    "core/paths.py",
+    "core/ratelimit.py",
+    "core/records.py",
+    "core/relaying.py",
+    "core/syncookies.py",
+    "core/time_wait.py",
+]
+RUNTIME = [
+    *CORE,
+    "runtime/driver.py",
+    "runtime/udp.py",
+    "runtime/api.py",
+    "runtime/services.py",
+    "runtime/service_events.py",
+    "runtime/interfaces.py",
+    "runtime/mtu.py",
+]
+SETS = {"core": CORE, "runtime": RUNTIME}
+
+
+def build(out: Path, modules: list[str]) -> None:
+    """Copy the checkout to ``out`` and compile ``modules`` (paths under src/pyserval)."""
+    from mypyc.build import mypycify  # the dev extra's mypy
+    from setuptools import setup
+
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(
+        ROOT / "src", out / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
+    os.chdir(out)  # the extensions land in src/ here
+    # mypyc type-checks with the checkout's mypy settings (pyproject.toml).
+    paths = ["--config-file", str(ROOT / "pyproject.toml")]
+    paths += [f"src/pyserval/{m}" for m in modules]
+    extensions = mypycify(paths, group_name="pyserval.mypyc", opt_level="3", target_dir="c")
+    setup(
+        name="pyserval-mypyc",
+        ext_modules=extensions,
+        package_dir={"": "src"},
+        script_args=[
+            *("-q", "build_ext", "--inplace"),
+            *("--build-temp", "c/obj", "--build-lib", "c/lib"),
+        ],
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build the tree and print the PYTHONPATH that imports it."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--out", default=str(ROOT / "build" / "mypyc"))
+    parser.add_argument("--modules", choices=sorted(SETS), default="core")
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    start = time.monotonic()
+    build(out, SETS[args.modules])
+    built = sorted(p.relative_to(out / "src") for p in (out / "src").rglob("*.so"))
+    print(f"{len(built)} extension modules in {time.monotonic() - start:.0f} s", file=sys.stderr)
+    print(f"PYTHONPATH={out / 'src'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
