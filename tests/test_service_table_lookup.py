@@ -1,6 +1,6 @@
 """The service table's per-packet path against a brute-force model written here.
 
-``lookup_int`` unrolls the common case (a matching leaf at the slot's root) and draws
+``lookup_int`` walks a slot's trie, falls back to the short-prefix level, and draws
 weighted targets of two to four from the shared state's slots (more: bisect over a tuple).
 These tests check every lookup's entry, action, drawn target and hit count against a model
 that knows nothing of tries or strides: the longest stored prefix by a linear scan, and the

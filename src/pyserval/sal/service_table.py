@@ -629,35 +629,24 @@ class ServiceTable:
         """
         slot = value >> self._slot_shift
         node = self._roots[slot]
-        if node is None:
+        best = None
+        while node is not None:
+            key = node._key
+            lim = node._lim
+            if key is not None:
+                if (value ^ key) >= lim:
+                    break  # not in this prefix, so not in any prefix below it either
+                best = node
+            left = node._left
+            right = node._right
+            if left is right:
+                break  # a leaf (a branch node has two children): most lookups end here
+            node = right if (value << 1) & lim else left
+        if best is None:
+            # Only now the short prefixes: any trie match is longer than all of them.
             best = self._short[slot]
             if best is None:
                 return None
-        else:
-            key = node._key
-            if key is not None and (value ^ key) < node._lim and node._left is node._right:
-                # A matching leaf at the root (most lookups in a big table): the walk's
-                # tests, unrolled for that case.
-                best = node
-            else:
-                best = None
-                while node is not None:
-                    key = node._key
-                    lim = node._lim
-                    if key is not None:
-                        if (value ^ key) >= lim:
-                            break  # not in this prefix, so not in any prefix below it either
-                        best = node
-                    left = node._left
-                    right = node._right
-                    if left is right:
-                        break  # a leaf (a branch node has two children)
-                    node = right if (value << 1) & lim else left
-                if best is None:
-                    # Only now the short prefixes: any trie match is longer than all of them.
-                    best = self._short[slot]
-                    if best is None:
-                        return None
         best._hits += 1
         state = best._state
         pick = state.pick
