@@ -40,7 +40,7 @@ direct-indexed first level (the shape of an LC-trie's root):
   per-packet path allocates only short-lived ints (and, for a weighted pick, the small
   resolution it returns). A weighted pick among two to four targets reads the weights and
   targets from the shared state's own slots (one object, where a tuple of weights and one
-  of targets were two more misses: a weighted lookup cost about twice a plain one).
+  of targets were two more misses: a weighted lookup cost two to three times a plain one).
 * Memory: a million rules with a few hundred next hops hold few distinct rule sets, so the
   rules, their Rule and Target objects and the precomputed answer live in a shared
   ``_State`` per distinct set (interned, counted, forgotten when no entry uses it); an
