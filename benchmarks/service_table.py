@@ -135,6 +135,40 @@ def _trie_depth(table: Any, ids: Sequence[int]) -> float:
     return visited / len(ids)
 
 
+def _paths(table: Any, ids: Sequence[int], repeat: int) -> dict[str, Any]:
+    """Where a hit lookup's time goes: its rate on the IDs of each path, and the floor.
+
+    Paths: ``leaf`` (the slot's root is the matching entry, no draw), ``leaf_weighted``
+    (the same with a weighted draw), ``deeper`` (two or more nodes: a branch node or a
+    nesting entry first, no draw), ``short`` (no trie node matched: the short-prefix
+    level answers). ``floor`` reads the index slot and takes a reference to the object it
+    holds (the entry's first cache line), and nothing else: what any lookup that starts
+    from a flat index and returns the entry pays, whatever the code after it.
+    """
+    groups: dict[str, list[int]] = {"leaf": [], "leaf_weighted": [], "deeper": [], "short": []}
+    for v in ids:
+        res = table.lookup_int(v)
+        visited = table._nodes_visited(v)
+        entry = res.entry
+        if entry.prefix.length <= table.stride:
+            group = "short"
+        elif visited >= 2:
+            group = "deeper"
+        else:
+            group = "leaf" if res is entry else "leaf_weighted"
+        groups[group].append(v)
+    out: dict[str, Any] = {}
+    for name, members in groups.items():
+        if members:
+            out[name] = {
+                "share": round(len(members) / len(ids), 3),
+                **_rate(table.lookup_int, members, repeat),
+            }
+    roots, shift = table._roots, table._slot_shift
+    out["floor"] = _rate(lambda v: roots[v >> shift], ids, repeat)
+    return out
+
+
 def run_one(
     size: int, n_lookups: int, repeat: int, seed: int, use_tracemalloc: bool
 ) -> dict[str, Any]:
@@ -206,6 +240,7 @@ def run_one(
         "empty_python_call_loop": noop,
         "avg_trie_nodes_visited_hit": round(_trie_depth(table, hit_ids[:20000]), 2),
         "avg_trie_nodes_visited_random": round(_trie_depth(table, random_ids[:20000]), 2),
+        "lookup_int_hit_by_path": _paths(table, hit_ids[:100_000], repeat),
         "memory": {
             "method": "RSS delta from /proc/self/statm after gc.collect(), fresh process",
             "table_bytes_per_rule": round((rss2 - rss1) / (size + 1), 1),
