@@ -46,9 +46,9 @@ def budget_for(rcvbuf: int) -> int:
     Linux reports twice the size asked for and charges each queued datagram for its
     whole allocation, not only its payload, so the payload that fits is less. Five
     eighths of the reported size is what measured best on loopback with 100 streams and
-    the 4 MiB buffer the runtime asks for (``benchmarks/scaling.py --quick --streams 100``:
-    four eighths 221 MB/s, five eighths 263 MB/s, both without a drop; without a budget
-    165 MB/s and 210 to 300 datagrams dropped)."""
+    the 4 MiB buffer the runtime asks for (``benchmarks/scaling.py --quick --streams 100``,
+    one run each on a loaded machine: four eighths 221 MB/s, five eighths 263 MB/s, both
+    without a drop; without a budget 165 MB/s and 210 to 300 datagrams dropped)."""
     return max(1, rcvbuf * 5 // 8)
 
 
