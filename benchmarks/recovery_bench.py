@@ -40,11 +40,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from pyserval.core.host import HostCore
-from pyserval.sal import Rule
 from pyserval.sal.inet import Address
 from pyserval.testing import LinkConfig, SimNetwork
 from pyserval.transport.config import StreamConfig
 from pyserval.transport.connection import Connection
+from transport_cpu_bench import open_bulk
 
 A = ("10.0.0.1", 54324)
 B = ("10.0.0.2", 54325)
@@ -143,24 +143,9 @@ def transfer(buffers: int, size: int, burst: int, every: int, seed: int) -> dict
     sender = TimedSender(a)
     net.attach(sender, A)
     net.attach(b, B)
-    a.service_table.add("bulk", Rule.forward(B))
-    listener = b.listen("bulk")
-    client = a.connect("bulk", net.now)
+    client, server = open_bulk(net, a, b, sender)
     sender.conn = client
     conns.append(client)
-    net.kick(sender)
-    accepted: list[Connection] = []
-
-    def ready() -> bool:
-        if not accepted:
-            conn = listener.accept()
-            if conn is not None:
-                accepted.append(conn)
-        return bool(accepted)
-
-    if not net.run_until(ready, 60):
-        raise RuntimeError("handshake did not complete")
-    server = accepted[0]
     data = random.Random(seed).randbytes(size)
     got = hashlib.sha256()
     state = {"sent": 0, "received": 0}

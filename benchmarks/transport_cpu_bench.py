@@ -60,6 +60,27 @@ SCENARIOS: dict[str, tuple[LinkConfig, bool, int]] = {
 }
 
 
+def open_bulk(net: SimNetwork, a: HostCore, b: HostCore, node: Any) -> tuple[Any, Any]:
+    """Connect ``a`` (at A) to the service "bulk" that ``b`` (at B) listens on; ``node``:
+    what the network knows ``a`` as (``a`` itself or a wrapper). The two connections."""
+    a.service_table.add("bulk", Rule.forward(B))
+    listener = b.listen("bulk")
+    client = a.connect("bulk", net.now)
+    net.kick(node)
+    accepted: list[Any] = []
+
+    def ready() -> bool:
+        if not accepted:
+            conn = listener.accept()
+            if conn is not None:
+                accepted.append(conn)
+        return bool(accepted)
+
+    if not net.run_until(ready, 60):
+        raise RuntimeError("handshake did not complete")
+    return client, accepted[0]
+
+
 def transfer(
     link: LinkConfig, sack: bool, size: int, seed: int, batches: bool = False
 ) -> dict[str, Any]:
@@ -80,22 +101,7 @@ def transfer(
     )
     net.attach(a, A)
     net.attach(b, B)
-    a.service_table.add("bulk", Rule.forward(B))
-    listener = b.listen("bulk")
-    client = a.connect("bulk", net.now)
-    net.kick(a)
-    accepted: list[Any] = []
-
-    def ready() -> bool:
-        if not accepted:
-            conn = listener.accept()
-            if conn is not None:
-                accepted.append(conn)
-        return bool(accepted)
-
-    if not net.run_until(ready, 60):
-        raise RuntimeError("handshake did not complete")
-    server = accepted[0]
+    client, server = open_bulk(net, a, b, a)
     data = random.Random(seed).randbytes(size)
     got = hashlib.sha256()
     state = {"sent": 0, "received": 0}
