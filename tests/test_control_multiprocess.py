@@ -498,9 +498,6 @@ def test_forged_registrations_are_refused(cluster: Cluster) -> None:
 # -- 5. DELAY ---------------------------------------------------------------------------------
 
 
-# Serial: the replica is a process started while the SYN waits, and on two busy cores its
-# start-up alone has outlasted the 3 s delay timeout (connected after 9 s, twice).
-@pytest.mark.serial
 def test_a_delayed_syn_is_released_when_a_replica_registers(cluster: Cluster) -> None:
     router = cluster.router("--delay", "late-echo", "--delay-timeout", "3")
 
