@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from typing import Any
 
 from pyserval.control import (
     AckMessage,
@@ -146,5 +147,42 @@ def test_a_hosts_own_table_can_be_inspected() -> None:
             db = str(ServicePrefix.parse(ServiceID.from_name("db").hex + "/256"))
             assert actions[echo] == "demux" and actions[db] == "forward"
             assert "packets_received" in dump.counters
+
+    asyncio.run(main())
+
+
+def test_a_table_that_shrinks_between_pages_is_read_again_without_a_skip() -> None:
+    import asyncio
+
+    from pyserval import Host, fetch_table
+    from pyserval.control import enable_inspection
+    from pyserval.control.messages import TABLE_PAGE
+
+    names = [f"svc-{i}" for i in range(2 * TABLE_PAGE + 10)]
+
+    async def main() -> None:
+        async with Host(["127.0.0.1:0"]) as host:
+            for name in names:
+                host.add_route(name, "127.0.0.1:9")
+            service = enable_inspection(host)
+            entries = service.entries
+            calls = 0
+
+            def shrinking() -> list[Any]:
+                # After the first page, the first ten entries go (they expired): everything
+                # behind them moves ten places towards the start, across a page boundary.
+                nonlocal calls
+                calls += 1
+                if calls == 2:
+                    for entry in list(host.service_table)[:10]:
+                        host.service_table.remove(entry.prefix)
+                return entries()
+
+            service.entries = shrinking  # type: ignore[method-assign]
+            dump = await fetch_table(host.addresses[0])
+            expected = {str(e.prefix) for e in host.service_table}
+            got = [e.prefix for e in dump.entries]
+            assert len(got) == len(set(got)) == len(expected) and set(got) == expected
+            assert calls > 3  # read again from the start
 
     asyncio.run(main())

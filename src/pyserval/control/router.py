@@ -311,7 +311,12 @@ class TableDump:
 
 
 async def fetch_table(router: str | Address, *, timeout: float = 2.0) -> TableDump:
-    """Ask the router at ``router`` for its whole service table and counters."""
+    """Ask the router at ``router`` for its whole service table and counters.
+
+    The table comes in pages; when its size changes between two pages (entries registered
+    or expired meanwhile) it is read again from the start, so that no entry is skipped
+    at a page boundary. A table that keeps changing size for ``timeout`` raises
+    TimeoutError."""
     addr = parse_address(router) if isinstance(router, str) else router
     host = Host(["[::]:0" if ":" in addr[0] else "0.0.0.0:0"])
     async with host:
@@ -329,6 +334,7 @@ async def fetch_table(router: str | Address, *, timeout: float = 2.0) -> TableDu
         entries: list[TableEntryInfo] = []
         counters: dict[str, int] = {}
         seq = int.from_bytes(os.urandom(4), "big")
+        first_total: int | None = None
         async with asyncio.timeout(timeout):
             while True:
                 seq += 1
@@ -342,6 +348,15 @@ async def fetch_table(router: str | Address, *, timeout: float = 2.0) -> TableDu
                             reply = await replies.get()
                             while reply.seq != seq:
                                 reply = await replies.get()
+                if first_total is None:
+                    first_total = reply.total
+                elif reply.total != first_total:
+                    # The table changed size between pages: entries moved across a page
+                    # boundary and one could be read twice or not at all. Read it again
+                    # from the start (within the timeout).
+                    entries.clear()
+                    first_total = None
+                    continue
                 entries.extend(reply.entries)
                 counters = dict(reply.counters)
                 if not reply.entries or len(entries) >= reply.total:
