@@ -29,7 +29,11 @@ run them against a source tree from before and after such a change (``PYTHONPATH
 * ``stream_vs_tcp`` and ``connect_vs_tcp``: issue 14's second and third rows the same way:
   ``stream`` at the host's default segment size against asyncio TCP bulk (both receivers
   hash what they read; count and SHA-256 checked), and ``connect`` against asyncio TCP's
-  same cycle, in turns; each pair's ratio and the median.
+  same cycle, in turns; each pair's ratio and the median. ``connect_vs_tcp`` also runs,
+  in the same turns, the cycle's eight datagrams with no protocol work
+  (``connect_floor.py``, raw UDP), and reports CPU per connection of all three: the
+  floor, the best ratio to asyncio TCP the wire format leaves, and how much CPU the goal
+  leaves for the protocol work.
 
 Each prints one JSON object. Not a replacement for the full benchmarks: no UDP blast, no
 profiles.
@@ -56,6 +60,7 @@ SRC = treepath.pin()
 import anyio  # noqa: E402
 
 import baselines  # noqa: E402
+import connect_floor  # noqa: E402
 import pyserval  # noqa: E402
 import scaling  # noqa: E402
 from baselines import HOST, Control, Params, Result, run_pair  # noqa: E402
@@ -69,6 +74,8 @@ from pyserval.runtime.udp import DEFAULT_BUFFER  # noqa: E402
 STREAM_BUFFER = DEFAULT_BUFFER
 
 SERVICE = "suite-connect"
+# connect_vs_tcp's third party: the cycle's eight datagrams with no protocol work.
+FLOOR = "bare 8-datagram exchange"
 
 
 async def accept_server(ctl: Control, params: Params) -> Result:
@@ -209,9 +216,17 @@ def stream_vs_quic(seconds: float, reps: int, mss: int) -> Result:
 Measure = Callable[[], tuple[float, bool, Result]]
 
 
-def alternating(reps: int, mine: Measure, peer: Measure, peer_name: str, goal: str) -> Result:
+def alternating(
+    reps: int,
+    mine: Measure,
+    peer: Measure,
+    peer_name: str,
+    goal: str,
+    others: dict[str, Measure] | None = None,
+) -> Result:
     """pyserval and a peer stack measured in turns (``reps`` pairs), each run returning
-    (figure, data checked, details); the ratio of each pair and their median."""
+    (figure, data checked, details); the ratio of each pair and their median. ``others``
+    (name -> measure) run after each pair, in the same turns, for reference."""
     runs: list[Result] = []
     ratios: list[float] = []
     ok = True
@@ -223,6 +238,10 @@ def alternating(reps: int, mine: Measure, peer: Measure, peer_name: str, goal: s
         if runs[-1]["figure"]:
             ratios.append(runs[-2]["figure"] / runs[-1]["figure"])
             runs[-1]["pyserval_vs_peer"] = round(ratios[-1], 3)
+        for stack, measure in (others or {}).items():
+            figure, checked, details = measure()
+            ok = ok and checked
+            runs.append({"rep": rep, "stack": stack, "figure": figure, "ok": checked, **details})
     ours = [r["figure"] for r in runs if r["stack"] == "pyserval"]
     theirs = [r["figure"] for r in runs if r["stack"] == peer_name]
     return {
@@ -270,19 +289,41 @@ def connect_vs_tcp(seconds: float, reps: int) -> Result:
         checked = r["accepted"] >= r["connections"] > 0
         return r["per_s"], checked, {"cpu_us_per_connection": per_conn}
 
-    out = alternating(reps, mine, peer, "asyncio TCP", "pyserval >= 0.6 of asyncio TCP (issue 14)")
+    def floor() -> tuple[float, bool, Result]:
+        r = connect_floor.floor_rate(seconds, "raw")
+        return r["per_s"], bool(r["ok"]), {"cpu_us_per_connection": r["cpu_us_per_cycle"]}
+
+    out = alternating(
+        reps,
+        mine,
+        peer,
+        "asyncio TCP",
+        "pyserval >= 0.6 of asyncio TCP (issue 14)",
+        others={FLOOR: floor},
+    )
     out["figure"] = "connections/s"
     # The same ratio by CPU per connection (both processes): the cycle is a ping-pong, one
     # side working at a time, so its rate is about 1 / CPU per connection, and CPU time
     # is what other work on the machine disturbs least.
-    runs = out["runs"]
-    by_cpu = [
-        theirs["cpu_us_per_connection"] / ours["cpu_us_per_connection"]
-        for ours, theirs in zip(runs[0::2], runs[1::2], strict=True)
-        if ours["cpu_us_per_connection"]
-    ]
+    cpu = {
+        stack: [r["cpu_us_per_connection"] for r in out["runs"] if r["stack"] == stack]
+        for stack in ("pyserval", "asyncio TCP", FLOOR)
+    }
+    pairs = zip(cpu["pyserval"], cpu["asyncio TCP"], strict=True)
+    by_cpu = [theirs / ours for ours, theirs in pairs if ours]
     out["cpu_ratios"] = [round(r, 3) for r in by_cpu]
     out["cpu_ratio_median"] = round(statistics.median(by_cpu), 3) if by_cpu else None
+    # What is left, in CPU microseconds per connection (medians): the floor is the eight
+    # datagrams alone (connect_floor.py); the best ratio any stack with this wire format on
+    # asyncio could reach is asyncio TCP / floor, and the goal leaves TCP / 0.6 - floor
+    # for all the protocol work of both ends.
+    med = {stack: statistics.median(values) for stack, values in cpu.items() if values}
+    if len(med) == 3:
+        tcp, floor_us, ours = med["asyncio TCP"], med[FLOOR], med["pyserval"]
+        out["cpu_us_median"] = {stack: round(v, 1) for stack, v in med.items()}
+        out["best_ratio_by_cpu_with_no_protocol_work"] = round(tcp / floor_us, 3)
+        out["protocol_us_per_connection"] = round(ours - floor_us, 1)
+        out["protocol_us_the_goal_allows"] = round(tcp / 0.6 - floor_us, 1)
     return out
 
 
