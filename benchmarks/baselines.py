@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
 import multiprocessing
 import os
 import platform
@@ -51,6 +50,8 @@ from collections.abc import Callable, Coroutine
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+
+from report import emit
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 if str(SRC) not in sys.path:
@@ -803,11 +804,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     only = tuple(s.strip() for s in args.only.split(",") if s.strip())
-    text = json.dumps(run_all(args.seconds, only), indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(run_all(args.seconds, only), args.out)
     return 0
 
 

@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
-import json
 import os
 import statistics
 import sys
@@ -58,6 +57,7 @@ from pyserval.control.cluster import InstanceRecord, cluster_root  # noqa: E402
 from pyserval.control.etcd import EtcdClient  # noqa: E402
 from pyserval.naming import ServiceID  # noqa: E402
 from pyserval.sal.service_table import Action  # noqa: E402
+from report import emit  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -259,10 +259,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d, EtcdCluster(Path(d), 1) as etcd:
         result = asyncio.run(main_async(args, etcd.urls))
     result["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out, indent=1)
     return 0 if result["sync_100k"]["match"] else 1
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import socket
 import sys
 import time
@@ -45,6 +44,7 @@ from typing import Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import treepath
+from report import emit
 
 SRC = treepath.pin()
 
@@ -262,10 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in kinds:
         out[kind] = floor_rate(args.seconds, kind)
     out["ok"] = all(out[kind]["ok"] for kind in kinds)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(out, args.out)
     return 0 if out["ok"] is True else 1
 
 

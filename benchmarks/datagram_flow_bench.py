@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import anyio
 
 from baselines import MB, Control, Params, Result, environment, run_pair
+from report import emit
 
 SERVICE = "dgram-bench"
 
@@ -142,10 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment(),
         "datagram_flow": [flow_blast(args.seconds, size) for size in sizes],
     }
-    text = json.dumps(result, indent=2)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(result, args.out)
     return 0 if all(r["content_ok"] for r in result["datagram_flow"]) else 1
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import random
 import statistics
 import sys
@@ -37,6 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import treepath
+from report import emit
 
 SRC = treepath.pin()
 
@@ -184,11 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "cases": {case: run_case(case, args.passes, args.repeat) for case in cases},
     }
     report["ok"] = all(c.get("check", {"ok": True})["ok"] for c in report["cases"].values())
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     return 0 if report["ok"] else 1
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import baselines
 import pyserval
 from baselines import MB, Control, Params, Result, run_pair
 from pyserval.transport.config import StreamConfig
+from report import emit
 
 SERVICE = "bench"
 
@@ -175,10 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             out["serval_connect"]["per_s"] / out["tcp_connect"]["per_s"], 3
         ),
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(out, args.out)
     return 0
 
 

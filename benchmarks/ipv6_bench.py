@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import random
 import statistics
 import sys
@@ -31,6 +30,7 @@ import baselines
 import pyserval
 from baselines import MB, Control, Params, Result, run_pair
 from pyserval.transport.config import StreamConfig
+from report import emit
 
 SERVICE = "bench6"
 CHUNK = 1 << 20
@@ -118,10 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out["median_cpu_s"] = cpu
     out["cpu_ratio_ipv6_vs_ipv4"] = round(cpu["ipv6"] / cpu["ipv4"], 3)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(out, args.out)
     return 0
 
 

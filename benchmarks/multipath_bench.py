@@ -14,7 +14,6 @@ Run: ``python benchmarks/multipath_bench.py [--out FILE]``.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -25,6 +24,7 @@ from pyserval.sal import Rule
 from pyserval.testing import LinkConfig, SimNetwork
 from pyserval.transport.config import StreamConfig
 from pyserval.transport.connection import Connection, State
+from report import emit
 
 A1, A2 = ("10.0.1.1", 40000), ("10.0.2.1", 40000)
 B1, B2 = ("10.0.1.2", 54325), ("10.0.2.2", 54325)
@@ -108,11 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         "ideal_vs_fast_path": 1.5,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(out, args.out)
     return 0 if all(r["intact"] for r in results.values()) else 1
 
 

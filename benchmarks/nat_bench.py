@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import random
 import statistics
 import sys
@@ -46,6 +45,7 @@ from pyserval.sal import Rule  # noqa: E402
 from pyserval.testing import LinkConfig, SimNetwork  # noqa: E402
 from pyserval.testing.netsim import NatBehaviour  # noqa: E402
 from pyserval.transport.connection import Connection, State  # noqa: E402
+from report import emit  # noqa: E402
 
 D = 0.010
 KINDS: dict[str, tuple[NatBehaviour, NatBehaviour]] = {
@@ -246,10 +246,7 @@ def main() -> int:
         "router_cpu": router_cpu(args),
         "netns": netns_part(args),
     }
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(doc, args.out)
     return 0
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import random
 import statistics
 import sys
@@ -36,6 +35,7 @@ from pyserval.sal import Rule
 from pyserval.testing import LinkConfig, SimNetwork
 from pyserval.transport.config import StreamConfig
 from pyserval.transport.connection import State
+from report import emit
 
 A = ("10.0.0.1", 54324)
 B = ("10.0.0.2", 54325)
@@ -133,11 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": results,
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(report, args.out)
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import baselines
 import pyserval
 from baselines import MB, Control, Params, Result, run_pair
+from report import emit
 
 SERVICE = "bench"
 CHUNK = 64 * 1024
@@ -124,10 +124,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     report = {"machine": baselines.environment(), "ports": measure(args.mb, args.trials)}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import random
 import sys
 import time
@@ -44,6 +43,7 @@ from pyserval.sal.inet import Address
 from pyserval.testing import LinkConfig, SimNetwork
 from pyserval.transport.config import StreamConfig
 from pyserval.transport.connection import Connection
+from report import emit
 from transport_cpu_bench import open_bulk
 
 A = ("10.0.0.1", 54324)
@@ -220,10 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": sys.version.split()[0],
         "sizes": results,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 

@@ -52,7 +52,6 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
-import json
 import os
 import pstats
 import socket
@@ -68,6 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import baselines
 import syn_load
 from baselines import HOST, Control, Params, Result, run_chain, run_pair
+from report import emit
 
 FORWARD_SERVICE = "bench-forward"
 CONNECT_SERVICE = "bench"  # host_bench's
@@ -559,11 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown DUT(s): {', '.join(sorted(unknown))}")
     report = run(args)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     if "router_profile" in report:
         p = report["router_profile"]
         _print_profile(p["top_by_own_time"], p["per_s_while_profiled"], sys.stderr)

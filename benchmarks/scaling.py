@@ -45,7 +45,6 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
-import json
 import os
 import random
 import socket
@@ -57,6 +56,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import treepath
+from report import emit
 
 SRC = treepath.pin()
 
@@ -716,11 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seconds is None:
         args.seconds = 1.0 if args.quick else 3.0
     report = run(args)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     return 0 if report["ok"] else 1
 
 

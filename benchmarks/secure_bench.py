@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
-import json
 import os
 import ssl
 import sys
@@ -41,6 +40,7 @@ import pyserval
 from baselines import MB, Control, Params, Result, run_pair
 from pyserval.runtime.secure import check_peer, client_context, server_context
 from pyserval.transport.config import StreamConfig
+from report import emit
 
 CHUNK = 1 << 20
 PREFIX = "0a0b/16"
@@ -316,10 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         c["serval_secure"]["per_s"] / c["tls_tcp"]["per_s"], 3
     )
     out["ratios"] = ratios
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(out, args.out)
     return 0
 
 

@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from report import emit
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 DISTRIBUTION = {
@@ -403,11 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         "distribution": DISTRIBUTION,
         "results": runs,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 

@@ -55,6 +55,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from report import emit
+
 HERE = Path(__file__).resolve().parent
 Figures = dict[str, tuple[float, str]]  # name -> (value, "higher" or "lower" is better)
 
@@ -416,11 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     report["runs"] = runs
     report["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report["wall_seconds"] = round(time.monotonic() - started, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     print_table(report, names, sys.stderr)
     return 1 if failures else 0
 

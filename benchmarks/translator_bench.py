@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import os
 import pstats
 import sys
@@ -42,6 +41,7 @@ from baselines import MB, Control, Params, Result, run_chain, run_pair
 from host_bench import serval_bulk_receiver, serval_bulk_sender
 from pyserval.translator import Translator
 from pyserval.transport.config import StreamConfig
+from report import emit
 
 SERVICE = "bench"
 READ = 256 * 1024  # the translator's chunk size: the native receiver reads as much
@@ -261,10 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_profile:
         out["profile"] = translator_chain(args.seconds, sizes[0], profile=True)
     out["environment"]["loadavg_1min_at_end"] = round(os.getloadavg()[0], 2)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(out, args.out)
     return 0
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import random
 import sys
 import time
@@ -43,6 +42,7 @@ from pyserval.core.host import HostCore
 from pyserval.sal import Rule
 from pyserval.testing import LinkConfig, SimNetwork
 from pyserval.transport.config import StreamConfig
+from report import emit
 
 A = ("10.0.0.1", 54324)
 B = ("10.0.0.2", 54325)
@@ -171,10 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": sys.version.split()[0],
         "scenarios": results,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 
