@@ -473,6 +473,10 @@ class Host:
         """Send what the core has, once, at the end of this loop pass."""
         self._driver.schedule_flush()
 
+    def send_now(self) -> None:
+        """Send what the core has at once (a SYN, FIN or RST an application call caused)."""
+        self._driver.send_now()
+
     async def wait(self, conn: Connection, ready: Callable[[], bool]) -> None:
         """Wait until ``ready()`` holds for ``conn`` (re-checked at each of its events)."""
         driver = self._driver
@@ -635,7 +639,7 @@ class Host:
         # through the next (the controller has moved there by the time we resume).
         for attempt in range(max(1, len(routers))):
             conn = core.connect(service, driver.now(), datagram=datagram)
-            driver.schedule_flush()
+            driver.send_now()
             answered = functools.partial(_left_syn_sent, conn)
             try:
                 # The driver's timer ends the wait (no timer object per connect).

@@ -47,6 +47,9 @@ class StreamHost(Protocol):
     def schedule_flush(self) -> None:
         """Send what the core has, once, at the end of this loop pass."""
 
+    def send_now(self) -> None:
+        """Send what the core has at once (a SYN, FIN or RST an application call caused)."""
+
     async def wait(self, conn: Connection, ready: Callable[[], bool]) -> None:
         """Wait until ``ready()`` holds for ``conn`` (or the host closed)."""
 
@@ -218,7 +221,7 @@ class ServalStream(anyio.abc.ByteStream):
         if conn.state is State.CLOSED or conn.state is State.TIME_WAIT:
             raise anyio.BrokenResourceError("the connection is closed")
         conn.shutdown()
-        self._host.schedule_flush()
+        self._host.send_now()
 
     async def aclose(self) -> None:
         """Close: finish sending (FIN) and stop using the stream."""
@@ -228,13 +231,13 @@ class ServalStream(anyio.abc.ByteStream):
         conn = self._conn
         if conn.state in (State.ESTABLISHED, State.SYN_RECEIVED) and conn.fin_offset is None:
             conn.shutdown()
-        self._host.schedule_flush()
+        self._host.send_now()
 
     async def abort(self) -> None:
         """Reset the connection at once."""
         self._closed = True
         self._conn.abort()
-        self._host.schedule_flush()
+        self._host.send_now()
 
 
 class ServalListener(anyio.abc.Listener[ServalStream]):
