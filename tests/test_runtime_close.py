@@ -86,3 +86,55 @@ def test_host_close_sends_nothing_to_a_flow_in_time_wait() -> None:
                 serving.cancel()
 
     asyncio.run(main())
+
+
+async def _pair(server: Host, client: Host) -> asyncio.Future[ServalStream]:
+    """Listen on ``server`` for "at-once" and route the client there; the future is the
+    server's side of the next stream."""
+    listener = await server.listen("at-once")
+    ip, port = server.addresses[0]
+    client.add_route("at-once", f"{ip}:{port}")
+    return asyncio.ensure_future(listener.accept())
+
+
+@pytest.mark.parametrize("how", ["aclose", "send_eof", "abort"])
+def test_a_close_leaves_within_the_call_that_causes_it(how: str) -> None:
+    """The FIN (or RST) of aclose, send_eof and abort is on the wire when the call returns,
+    not at the end of the loop pass: the peer starts on it at once (a sequential connect
+    loop ran about 30% more connections per second that way)."""
+
+    async def main() -> None:
+        async with Host(["127.0.0.1:0"]) as server, Host(["127.0.0.1:0"]) as client:
+            accepted = await _pair(server, client)
+            stream = cast(ServalStream, await client.connect("at-once"))
+            await accepted
+            await asyncio.sleep(0.05)  # the handshake's last ACK has gone and been read
+            sent = client.endpoints[0].stats
+            before = sent.datagrams_sent
+            await getattr(stream, how)()
+            # exactly the one datagram, and no loop pass in between
+            assert sent.datagrams_sent == before + 1
+
+    asyncio.run(main())
+
+
+def test_a_connect_sends_its_syn_before_it_first_waits() -> None:
+    """connect's SYN leaves in the same loop step that creates the connection, before the
+    call waits for the answer (not one pass later)."""
+
+    async def main() -> None:
+        async with Host(["127.0.0.1:0"]) as server, Host(["127.0.0.1:0"]) as client:
+            accepted = await _pair(server, client)
+            sent = client.endpoints[0].stats
+            before = sent.datagrams_sent
+            connecting = asyncio.ensure_future(client.connect("at-once"))
+            # One step: the connect task runs up to its first wait (it was scheduled
+            # before this task's own next step); the pass that would run an end-of-pass
+            # flush comes after this check.
+            await asyncio.sleep(0)
+            assert sent.datagrams_sent == before + 1
+            stream = await connecting
+            await accepted
+            await stream.aclose()
+
+    asyncio.run(main())
