@@ -106,7 +106,7 @@ def test_a_close_leaves_within_the_call_that_causes_it(how: str) -> None:
     async def main() -> None:
         async with Host(["127.0.0.1:0"]) as server, Host(["127.0.0.1:0"]) as client:
             accepted = await _pair(server, client)
-            stream = cast(ServalStream, await client.connect("at-once"))
+            stream = await client.connect("at-once")
             await accepted
             await asyncio.sleep(0.05)  # the handshake's last ACK has gone and been read
             sent = client.endpoints[0].stats
