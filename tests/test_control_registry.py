@@ -186,3 +186,45 @@ def test_a_table_that_shrinks_between_pages_is_read_again_without_a_skip() -> No
             assert calls > 3  # read again from the start
 
     asyncio.run(main())
+
+
+def test_a_table_that_keeps_its_size_but_shifts_between_pages_is_read_without_a_skip() -> None:
+    import asyncio
+
+    from pyserval import Host, ServiceID, fetch_table
+    from pyserval.control import enable_inspection
+    from pyserval.control.messages import TABLE_PAGE
+
+    names = [f"svc-{i}" for i in range(2 * TABLE_PAGE + 10)]
+
+    async def main() -> None:
+        async with Host(["127.0.0.1:0"]) as host:
+            for name in names:
+                host.add_route(name, "127.0.0.1:9")
+            service = enable_inspection(host)
+            entries = service.entries
+            calls = 0
+            throughout = {str(e.prefix) for e in host.service_table}
+
+            def shifting() -> list[Any]:
+                # After the first page, one entry before the page boundary expires and one
+                # is registered after it: the size is the same, but every entry between
+                # them moved one place towards the start, across the boundary.
+                nonlocal calls
+                calls += 1
+                if calls == 2:
+                    table = list(host.service_table)
+                    host.service_table.remove(table[3].prefix)
+                    throughout.discard(str(table[3].prefix))
+                    after = table[TABLE_PAGE + 50].prefix
+                    host.add_route(ServiceID(after.value + 1), "127.0.0.1:9")
+                return entries()
+
+            service.entries = shifting  # type: ignore[method-assign]
+            dump = await fetch_table(host.addresses[0])
+            got = [e.prefix for e in dump.entries]
+            assert len(got) == len(set(got))  # none twice
+            assert throughout <= set(got)  # every entry present all along, once
+            assert calls > 3  # read again from the start
+
+    asyncio.run(main())

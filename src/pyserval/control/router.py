@@ -313,10 +313,13 @@ class TableDump:
 async def fetch_table(router: str | Address, *, timeout: float = 2.0) -> TableDump:
     """Ask the router at ``router`` for its whole service table and counters.
 
-    The table comes in pages; when its size changes between two pages (entries registered
-    or expired meanwhile) it is read again from the start, so that no entry is skipped
-    at a page boundary. A table that keeps changing size for ``timeout`` raises
-    TimeoutError."""
+    The table comes in pages, in prefix order. Each page after the first is asked to
+    start at the last entry already read: if that entry is not there, entries before it
+    were registered or expired meanwhile and everything after it moved, so the table is
+    read again from the start. An entry present for the whole read is thus listed
+    exactly once (whether one that came or went during it is listed depends on when).
+    The check needs nothing new from the router (any version answers such a page). A
+    table whose start keeps changing for ``timeout`` raises TimeoutError."""
     addr = parse_address(router) if isinstance(router, str) else router
     host = Host(["[::]:0" if ":" in addr[0] else "0.0.0.0:0"])
     async with host:
@@ -334,11 +337,12 @@ async def fetch_table(router: str | Address, *, timeout: float = 2.0) -> TableDu
         entries: list[TableEntryInfo] = []
         counters: dict[str, int] = {}
         seq = int.from_bytes(os.urandom(4), "big")
-        first_total: int | None = None
         async with asyncio.timeout(timeout):
             while True:
                 seq += 1
-                req = TableRequest(seq=seq, offset=len(entries), pad=" " * _TABLE_PAD)
+                # One entry of overlap: the page must start with the last entry we have.
+                offset = max(len(entries) - 1, 0)
+                req = TableRequest(seq=seq, offset=offset, pad=" " * _TABLE_PAD)
                 data = encode_message(req)
                 reply = None
                 while reply is None:  # sent again until answered (lost, or rate-limited)
@@ -348,18 +352,20 @@ async def fetch_table(router: str | Address, *, timeout: float = 2.0) -> TableDu
                             reply = await replies.get()
                             while reply.seq != seq:
                                 reply = await replies.get()
-                if first_total is None:
-                    first_total = reply.total
-                elif reply.total != first_total:
-                    # The table changed size between pages: entries moved across a page
-                    # boundary and one could be read twice or not at all. Read it again
-                    # from the start (within the timeout).
-                    entries.clear()
-                    first_total = None
-                    continue
-                entries.extend(reply.entries)
+                fresh = reply.entries
+                if entries:
+                    if not fresh or fresh[0].prefix != entries[-1].prefix:
+                        # Entries before our last one came or went: what follows it moved
+                        # across the page boundary and could be read twice or not at all.
+                        # Read the table again from the start (within the timeout).
+                        entries.clear()
+                        continue
+                    fresh = fresh[1:]
+                entries.extend(fresh)
                 counters = dict(reply.counters)
-                if not reply.entries or len(entries) >= reply.total:
+                # (With the overlap checked, entries no longer there that we hold were
+                # replaced by as many before the boundary: reaching the total is the end.)
+                if not fresh or len(entries) >= reply.total:
                     return TableDump(entries, counters)
 
 
