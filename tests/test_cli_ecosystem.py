@@ -223,3 +223,46 @@ def test_flows_of_a_router_started_host_answers_nothing_but_the_table() -> None:
                 await fetch_flows(router.address_text, timeout=0.5)
 
     asyncio.run(main_())
+
+
+def test_flows_listing_that_shifts_between_pages_is_read_again_without_a_skip(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection before the page boundary closes and one after it opens while the
+    listing is read: every connection open all along is listed once (without the overlap
+    check, the one that moved across the boundary was skipped)."""
+    from pyserval.control import flows as flows_mod
+    from pyserval.control.messages import FLOWS_PAGE, FlowInfo, PathInfo
+
+    def fake(flowid: int) -> FlowInfo:
+        path = PathInfo(local="127.0.0.1:1", local_flowid=flowid, remote_flowid=1)
+        return FlowInfo(
+            service="ab" * 32, kind="stream", role="server", state="established", paths=[path]
+        )
+
+    listing = [fake(10 * i) for i in range(2 * FLOWS_PAGE + 10)]
+    throughout = {10 * i for i in range(2 * FLOWS_PAGE + 10)} - {30}
+    calls = 0
+
+    def shifting(host: Host) -> list[FlowInfo]:
+        nonlocal calls, listing
+        calls += 1
+        if calls == 2:
+            later = 10 * (FLOWS_PAGE + 50) + 5  # sorts after the first page's end
+            listing = sorted(
+                [f for f in listing if f.paths[0].local_flowid != 30] + [fake(later)],
+                key=lambda f: f.paths[0].local_flowid,
+            )
+        return listing
+
+    monkeypatch.setattr(flows_mod, "flow_infos", shifting)
+
+    async def main_() -> None:
+        async with Host(["127.0.0.1:0"]) as host:
+            enable_inspection(host)
+            got = [f.paths[0].local_flowid for f in await fetch_flows(host.addresses[0])]
+            assert len(got) == len(set(got))  # none twice
+            assert throughout <= set(got)  # none of those open all along missing
+            assert calls > 3  # read again from the start
+
+    asyncio.run(main_())

@@ -118,9 +118,21 @@ class FlowsService:
             page //= 2
 
 
+def _identity(flow: FlowInfo) -> tuple[str, str, str, int]:
+    """What tells one connection of a listing from its neighbours: its service, kind, role
+    and first path's flowID (the host lists them in flowID order)."""
+    first = flow.paths[0].local_flowid if flow.paths else -1
+    return (flow.service, flow.kind, flow.role, first)
+
+
 async def fetch_flows(host_address: str | Address, *, timeout: float = 2.0) -> list[FlowInfo]:
     """Ask the host at ``host_address`` (answering inspection) for all its connections;
-    ``TimeoutError`` when it does not answer within ``timeout`` seconds."""
+    ``TimeoutError`` when it does not answer within ``timeout`` seconds.
+
+    As :func:`~pyserval.control.router.fetch_table` does, each page after the first is
+    asked to start at the last connection already read, and the listing is read again
+    from the start when that one is not there (connections before it opened or closed
+    meanwhile): a connection open for the whole read is listed exactly once."""
     addr = parse_address(host_address) if isinstance(host_address, str) else host_address
     probe = Host(["0.0.0.0:0"])
     async with probe:
@@ -140,7 +152,8 @@ async def fetch_flows(host_address: str | Address, *, timeout: float = 2.0) -> l
         async with asyncio.timeout(timeout):
             while True:
                 seq += 1
-                req = FlowsRequest(seq=seq, offset=len(flows), pad=" " * _FLOWS_PAD)
+                offset = max(len(flows) - 1, 0)  # one connection of overlap
+                req = FlowsRequest(seq=seq, offset=offset, pad=" " * _FLOWS_PAD)
                 data = encode_message(req)
                 reply = None
                 while reply is None:  # sent again until answered (lost, or rate-limited)
@@ -150,8 +163,14 @@ async def fetch_flows(host_address: str | Address, *, timeout: float = 2.0) -> l
                             reply = await replies.get()
                             while reply.seq != seq:
                                 reply = await replies.get()
-                flows.extend(reply.flows)
-                if not reply.flows or len(flows) >= reply.total:
+                fresh = reply.flows
+                if flows:
+                    if not fresh or _identity(fresh[0]) != _identity(flows[-1]):
+                        flows.clear()  # the listing shifted under us: read it again
+                        continue
+                    fresh = fresh[1:]
+                flows.extend(fresh)
+                if not fresh or len(flows) >= reply.total:
                     return flows
 
 
