@@ -499,16 +499,19 @@ def test_forged_registrations_are_refused(cluster: Cluster) -> None:
 
 
 def test_a_delayed_syn_is_released_when_a_replica_registers(cluster: Cluster) -> None:
-    router = cluster.router("--delay", "late-echo", "--delay-timeout", "3")
+    # The replica is a new process: its start-up (interpreter, imports, registration) must
+    # fit in the delay timeout, which took more than 3 s on a loaded machine; 8 s leaves
+    # room without making the test longer (it takes as long as the start-up).
+    router = cluster.router("--delay", "late-echo", "--delay-timeout", "8")
 
     async def main() -> tuple[float, Address, Peer, TableDump, TableDump]:
         loop = asyncio.get_running_loop()
-        # A first SYN retransmission at 3 s (the default is 1 s) is longer than this whole
-        # test: the one SYN the client sends is held at the router, then released.
-        slow = StreamConfig(control=ControlTimers(initial_rto=3.0))
+        # A first SYN retransmission at 9 s (the default is 1 s) is longer than the delay
+        # timeout: the one SYN the client sends is held at the router, then released.
+        slow = StreamConfig(control=ControlTimers(initial_rto=9.0))
         async with client_host(router, stream_config=slow) as client:
             start = loop.time()
-            connecting = asyncio.ensure_future(client.connect("late-echo", timeout=10))
+            connecting = asyncio.ensure_future(client.connect("late-echo", timeout=15))
             try:
                 await asyncio.sleep(0.3)
                 assert not connecting.done()
@@ -538,7 +541,7 @@ def test_a_delayed_syn_is_released_when_a_replica_registers(cluster: Cluster) ->
     assert peer == replica.address
     assert count(held, "packets_delayed") == 1  # held while no replica existed
     assert count(held, "packets_forwarded_syn") == 0
-    assert connected_after < 2.9  # before the delay timeout and any SYN retransmission
+    assert connected_after < 7.9  # before the delay timeout and any SYN retransmission
     assert count(after, "packets_delay_verdict_forward") == 1
     assert count(after, "drops_delay_verdict_drop") == 0
     assert count(after, "packets_delayed") == 1  # the second SYN went straight through
