@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from pyserval.control import (
@@ -151,80 +152,64 @@ def test_a_hosts_own_table_can_be_inspected() -> None:
     asyncio.run(main())
 
 
-def test_a_table_that_shrinks_between_pages_is_read_again_without_a_skip() -> None:
+def _read_while_changing(change: Callable[[Any], None]) -> tuple[list[str], set[str], int]:
+    """Read a host's table of 2 pages and 10 entries with ``fetch_table`` while
+    ``change(host)`` runs once, just after the first page was answered; return the
+    prefixes read, those present for the whole read, and how many pages were asked."""
     import asyncio
 
     from pyserval import Host, fetch_table
     from pyserval.control import enable_inspection
     from pyserval.control.messages import TABLE_PAGE
 
-    names = [f"svc-{i}" for i in range(2 * TABLE_PAGE + 10)]
-
-    async def main() -> None:
+    async def main() -> tuple[list[str], set[str], int]:
         async with Host(["127.0.0.1:0"]) as host:
-            for name in names:
-                host.add_route(name, "127.0.0.1:9")
+            for i in range(2 * TABLE_PAGE + 10):
+                host.add_route(f"svc-{i}", "127.0.0.1:9")
             service = enable_inspection(host)
             entries = service.entries
+            before = {str(e.prefix) for e in host.service_table}
             calls = 0
 
-            def shrinking() -> list[Any]:
-                # After the first page, the first ten entries go (they expired): everything
-                # behind them moves ten places towards the start, across a page boundary.
+            def changing() -> list[Any]:
                 nonlocal calls
                 calls += 1
                 if calls == 2:
-                    for entry in list(host.service_table)[:10]:
-                        host.service_table.remove(entry.prefix)
+                    change(host)
                 return entries()
 
-            service.entries = shrinking  # type: ignore[method-assign]
+            service.entries = changing  # type: ignore[method-assign]
             dump = await fetch_table(host.addresses[0])
-            expected = {str(e.prefix) for e in host.service_table}
-            got = [e.prefix for e in dump.entries]
-            assert len(got) == len(set(got)) == len(expected) and set(got) == expected
-            assert calls > 3  # read again from the start
+            throughout = before & {str(e.prefix) for e in host.service_table}
+            return [e.prefix for e in dump.entries], throughout, calls
 
-    asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_a_table_that_shrinks_between_pages_is_read_again_without_a_skip() -> None:
+    def shrink(host: Any) -> None:
+        # The first ten entries go (they expired): everything behind them moves ten
+        # places towards the start, across a page boundary.
+        for entry in list(host.service_table)[:10]:
+            host.service_table.remove(entry.prefix)
+
+    got, throughout, calls = _read_while_changing(shrink)
+    assert len(got) == len(set(got)) == len(throughout) and set(got) == throughout
+    assert calls > 3  # read again from the start
 
 
 def test_a_table_that_keeps_its_size_but_shifts_between_pages_is_read_without_a_skip() -> None:
-    import asyncio
-
-    from pyserval import Host, ServiceID, fetch_table
-    from pyserval.control import enable_inspection
     from pyserval.control.messages import TABLE_PAGE
 
-    names = [f"svc-{i}" for i in range(2 * TABLE_PAGE + 10)]
+    def shift(host: Any) -> None:
+        # One entry before the page boundary expires and one is registered after it: the
+        # size is the same, but every entry between them moved one place towards the
+        # start, across the boundary.
+        table = list(host.service_table)
+        host.service_table.remove(table[3].prefix)
+        host.add_route(ServiceID(table[TABLE_PAGE + 50].prefix.value + 1), "127.0.0.1:9")
 
-    async def main() -> None:
-        async with Host(["127.0.0.1:0"]) as host:
-            for name in names:
-                host.add_route(name, "127.0.0.1:9")
-            service = enable_inspection(host)
-            entries = service.entries
-            calls = 0
-            throughout = {str(e.prefix) for e in host.service_table}
-
-            def shifting() -> list[Any]:
-                # After the first page, one entry before the page boundary expires and one
-                # is registered after it: the size is the same, but every entry between
-                # them moved one place towards the start, across the boundary.
-                nonlocal calls
-                calls += 1
-                if calls == 2:
-                    table = list(host.service_table)
-                    host.service_table.remove(table[3].prefix)
-                    throughout.discard(str(table[3].prefix))
-                    after = table[TABLE_PAGE + 50].prefix
-                    host.add_route(ServiceID(after.value + 1), "127.0.0.1:9")
-                return entries()
-
-            service.entries = shifting  # type: ignore[method-assign]
-            dump = await fetch_table(host.addresses[0])
-            got = [e.prefix for e in dump.entries]
-            assert len(got) == len(set(got))  # none twice
-            assert throughout <= set(got)  # every entry present all along, once
-            assert calls > 3  # read again from the start
-
-    asyncio.run(main())
+    got, throughout, calls = _read_while_changing(shift)
+    assert len(got) == len(set(got))  # none twice
+    assert throughout <= set(got)  # every entry present all along
+    assert calls > 3  # read again from the start
