@@ -30,6 +30,7 @@ train ends the stream. What a train does not do: decide what to send (the transp
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 from types import ModuleType
 from typing import Final
 
@@ -214,9 +215,23 @@ class SegmentTrain(SalPacket):
             heads = [h + opts for h in heads]
         return heads
 
+    def _single(self, src_ip: str | bytes, dst_ip: str | bytes) -> bytes:
+        """The train's one segment, by the general encoder: for a single segment it is
+        cheaper than the train's shared set-up (4.7 against 16.4 us for 64 bytes), which
+        pays only from the second segment on. A request or an answer is one segment."""
+        if not self.fin:
+            return SalPacket.encode(self, src_ip, dst_ip)
+        t = self.transport
+        assert type(t) is TcpHeader
+        tcp = replace(t, flags=t.flags | TcpFlags.FIN, options=list(t.options))
+        single = SalPacket(self.src_flowid, self.dst_flowid, PROTO_TCP, [], tcp, self.payload)
+        return single.encode(src_ip, dst_ip)
+
     def datagrams(self, src_ip: str | bytes, dst_ip: str | bytes) -> list[bytes]:
         """The wire datagrams, with the TCP checksum over the pseudo-header of these
         addresses (as :meth:`SalPacket.encode` computes it)."""
+        if len(self.payload) <= self.mss:
+            return [self._single(src_ip, dst_ip)]
         view = memoryview(self.payload)
         mss = self.mss
         join = b"".join
@@ -247,6 +262,8 @@ class SegmentTrain(SalPacket):
         """
         mss = self.mss
         total = len(self.payload)
+        if total <= mss:
+            return [self._single(src_ip, dst_ip)]
         full = total // mss
         if self.fin and full * mss == total:
             full -= 1  # the FIN goes in a segment stamped on its own
