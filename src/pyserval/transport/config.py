@@ -31,6 +31,11 @@ class StreamConfig:
     max_rto: float = Field(default=60.0, gt=0.0)
     # consecutive data RTOs before the connection times out
     max_retransmissions: int = Field(default=15, ge=0)
+    # A tail loss probe (RACK-TLP, RFC 8985 section 7): when the ACKs of a flight stop
+    # coming for about two round trips (plus our delayed-ACK time when one segment is
+    # out), one segment goes again, so that a lost tail is repaired by SACK or duplicate
+    # ACK recovery instead of waiting for the retransmission timeout. False: the RTO alone.
+    tail_loss_probe: bool = True
     time_wait: float = Field(default=30.0, ge=0.0)
     idle_timeout: float | None = None  # abort after this long without hearing from the peer
     # Liveness, on by default (README "NATs"), as Linux's TCP_KEEPIDLE/KEEPINTVL/KEEPCNT:

@@ -14,7 +14,11 @@ in the subflow's send offsets (never 32-bit wire numbers):
   transmit (RFC 3042) and early retransmit (RFC 5827);
 * **pipe**, RFC 6675's estimate of the bytes in the network (``pipe``);
 * the **RTT estimate and RTO** (RFC 6298, :class:`~pyserval.transport.rtt.RttEstimator`),
-  sampled by Karn's rule as segments are acknowledged.
+  sampled by Karn's rule as segments are acknowledged;
+* the **tail loss probe** episode (RFC 8985 section 7, TLP): the probe timeout
+  (:meth:`Recovery.probe_timeout`), which segment a probe sends again, and what the answer
+  to a probe means (:meth:`probe_answered`, :meth:`enter_recovery_after_probe`,
+  :meth:`probe_acked`). The subflow owns the timer and sends the probe.
 
 Costs: the scoreboard is a :class:`~pyserval.transport.scoreboard.Scoreboard` (adding a
 segment at the right end and removing acknowledged ones from the left are O(1); an ACK
@@ -39,9 +43,10 @@ A timeout and a path change still touch every segment (they mark the whole windo
 once per event.
 
 What it does not do: send anything, read a clock (every call takes ``now``), arm timers
-(the subflow owns ``rto_deadline``), change the congestion window (the subflow tells its
-:class:`~pyserval.transport.congestion.CongestionControl` when recovery starts or ends), or
-see wire sequence numbers (the subflow unwraps SACK blocks before handing them in).
+(the subflow owns ``rto_deadline`` and ``pto_deadline``), change the congestion window (the
+subflow tells its :class:`~pyserval.transport.congestion.CongestionControl` when recovery
+starts or ends), or see wire sequence numbers (the subflow unwraps SACK blocks before
+handing them in).
 
 The interface, in the order a subflow uses it: :meth:`Recovery.on_sent` for each new
 segment; per ACK :meth:`on_sack`, then :meth:`on_ack` (the left edge moved) or
@@ -62,9 +67,12 @@ from sortedcontainers import SortedList
 from .rtt import RttEstimator
 from .scoreboard import SackedRuns, Scoreboard
 
-__all__ = ["DUP_THRESH", "Recovery", "SentSegment"]
+__all__ = ["DUP_THRESH", "MIN_PTO", "Recovery", "SentSegment"]
 
 DUP_THRESH: Final = 3  # RFC 5681 / RFC 6675 DupThresh
+# The shortest probe timeout (Linux's floor for TLP): with a tiny smoothed RTT, twice it
+# is no margin at all over the jitter of the host's own timers and ACK batching.
+MIN_PTO: Final = 0.01
 
 # The heap of retransmissions (RACK's candidates) is rebuilt from the scoreboard once it
 # holds this many entries more than twice the segments: entries of segments acknowledged
@@ -114,6 +122,11 @@ class Recovery:
         "in_recovery",
         "recovery_after_rto",
         "recovery_point",
+        "probe_end",
+        "probe_start",
+        "probe_resent",
+        "probe_sent_at",
+        "probe_partial",
         "_runs",
         "_hint",
         "_sacked_below_hint",
@@ -145,6 +158,16 @@ class Recovery:
         self.in_recovery = False
         self.recovery_after_rto = False  # this episode began with a timeout
         self.recovery_point = 0  # recovery ends when the left edge reaches it
+        # The tail loss probe episode (RFC 8985's TLP.end_seq and TLP.is_retrans): None
+        # while no probe is outstanding; else snd_max just after the probe went, the start
+        # of the probe's segment, and whether the probe sent old data again.
+        self.probe_end: int | None = None
+        self.probe_start = 0
+        self.probe_resent = False
+        self.probe_sent_at = 0.0
+        # Without SACK: an ACK moved the left edge, but not past the probe, a min RTT or
+        # more after the probe went (so it may answer it): the probe arrived above a hole.
+        self.probe_partial = False
         # Every SACKed segment lies in one of these runs and nothing else does: a SACK
         # block skips them instead of visiting its old segments again on every ACK.
         self._runs = SackedRuns()
@@ -366,6 +389,13 @@ class Recovery:
                 self.dupacks = left
             else:
                 self.dup_segments = 0
+        end = self.probe_end
+        if end is not None and ack < end and not self.sack_ok:
+            min_rtt = self.rtt.min_rtt
+            # Sent after the probe arrived (within the clock's granularity): an ACK the
+            # receiver sent before would have come back sooner.
+            if min_rtt is not None and now - self.probe_sent_at >= min_rtt - self.rtt.granularity:
+                self.probe_partial = True
         if self.in_recovery:
             if ack >= self.recovery_point:
                 self.in_recovery = False
@@ -429,6 +459,7 @@ class Recovery:
         self.in_recovery = True
         self.recovery_after_rto = False
         self.recovery_point = snd_max
+        self.probe_end = None  # the loss is being repaired: the probe's episode is over
         self.mark_lost()
         if not self.lost and self.segments:  # dupacks without SACK: the first one is lost
             start, seg = self.segments.peekitem(0)
@@ -502,6 +533,94 @@ class Recovery:
             elif not seg.sacked:
                 self.lost_bytes += seg.end - start
 
+    # -- the tail loss probe (RFC 8985 section 7) -----------------------------------------
+    def probe_timeout(self, one_segment: bool, delayed_ack: float) -> float:
+        """The probe timeout (RFC 8985 7.2): twice the smoothed RTT (the initial RTO
+        before any sample), at least :data:`MIN_PTO`; when one segment is in flight, plus
+        ``delayed_ack``: its receiver may hold the ACK that long waiting for a second one.
+        The caller keeps it from ending after the retransmission timeout."""
+        srtt = self.rtt.srtt
+        pto = self.rtt.base_rto if srtt is None else max(2 * srtt, MIN_PTO)
+        if one_segment:
+            pto += delayed_ack
+        return pto
+
+    def take_probe_resend(self, now: float) -> int | None:
+        """The probe sends old data again: the start of the highest segment not SACKed
+        (RFC 8985 7.3 resends the highest; one the receiver has already SACKed would tell
+        nothing new), marked as sent again at ``now`` (Karn: never an RTT sample). None
+        when every segment is SACKed.
+
+        Outside recovery it is not ``retransmitted`` (nothing counts that outside an
+        episode), so a later recovery's IsLost may still find it lost."""
+        for start in reversed(self.segments):
+            seg = self.segments[start]
+            if not seg.sacked:
+                seg.resent = True
+                seg.sent_at = now
+                return start
+        return None
+
+    def start_probe(self, start: int, snd_max: int, resent: bool, now: float) -> None:
+        """A probe went at ``now`` (its segment starts at ``start``; ``snd_max`` after
+        it): the episode lasts until an ACK reaches ``snd_max``, recovery starts, or the
+        RTO fires."""
+        self.probe_end = snd_max
+        self.probe_start = start
+        self.probe_resent = resent
+        self.probe_sent_at = now
+        self.probe_partial = False
+
+    def probe_answered(self) -> bool:
+        """Whether the answer to the probe shows a hole below it (the left edge did not
+        reach it; the caller checks that).
+
+        With SACK: the probe's segment is SACKed, so the receiver holds the newest data
+        and lacks older: each unSACKed segment below it was sent a probe timeout (two
+        round trips) or more before the probe, and its ACK is overdue by more than RACK's
+        reordering window (RFC 8985 6.2).
+
+        Without SACK: a duplicate ACK, or an ACK that moved the left edge (a receiver that
+        held a delayed ACK sends it at once when a segment arrives out of order) a min RTT
+        or more after the probe went. Nothing else sent then could have caused either:
+        the episode began because no ACK came for a probe timeout."""
+        if self.probe_end is None:
+            return False
+        if not self.sack_ok:
+            return self.dupacks > 0 or self.probe_partial
+        seg = self.segments.get(self.probe_start)
+        return seg is not None and seg.sacked
+
+    def enter_recovery_after_probe(self, snd_max: int) -> None:
+        """The answer to a probe shows a hole below it: start fast recovery (the caller
+        tells congestion control) with every unSACKed segment below the probe's marked lost
+        (without SACK the duplicate ACK only tells of the first: NewReno's partial ACKs
+        find the others). What RACK's time rule would conclude here: they were sent well
+        before the probe that got through. Walks the segments below the probe once."""
+        limit = self.probe_start
+        self.enter_recovery(snd_max)
+        if not self.sack_ok:
+            return
+        lost = self.lost
+        for start, seg in self.segments.items():
+            if start >= limit:
+                break
+            if not seg.sacked and not seg.lost and not seg.retransmitted:
+                seg.lost = True
+                self.lost_bytes += seg.end - start
+                lost.add(start)
+
+    def probe_acked(self, ack: int) -> bool:
+        """The cumulative ACK moved to ``ack``: end the probe's episode when it covers
+        the probe. Returns True when the probe sent old data again and so (without DSACK,
+        which our receivers do not send) either the original or the probe was lost: RFC
+        8985 7.4 wants congestion control told of a loss then."""
+        end = self.probe_end
+        if end is None or ack < end:
+            return False
+        self.probe_end = None
+        return self.probe_resent
+
     # -- timeouts and moves -------------------------------------------------------------
     def on_timeout(self, snd_max: int) -> None:
         """The retransmission timer expired: back off the RTO and presume everything lost,
@@ -527,6 +646,7 @@ class Recovery:
         self.in_recovery = True
         self.recovery_after_rto = True
         self.recovery_point = snd_max
+        self.probe_end = None  # the timeout took over from the probe
         self.dupacks = 0
         self.dup_segments = 0
         self.rexmit_now = False
@@ -538,6 +658,7 @@ class Recovery:
         self.dupacks = 0
         self.dup_segments = 0
         self.rexmit_now = False
+        self.probe_end = None  # what the old path's probe would tell is moot
         if self.segments:
             self.lost.clear()
             lost_bytes = 0
@@ -561,6 +682,7 @@ class Recovery:
         self.lost.clear()
         self.sacked_bytes = 0
         self.lost_bytes = 0
+        self.probe_end = None
         self._runs.clear()
         self._resent.clear()
         self._reset_hint()

@@ -117,6 +117,11 @@ class Subflow(SegmentBuilder):
         self.lost = rec.lost
         self.rto_deadline: float | None = None
         self.rto_count = 0
+        # The tail loss probe's timer (RFC 8985 7.2); None when no probe is due: see
+        # _arm_pto for when it runs.
+        self.tlp = cfg.tail_loss_probe
+        self.pto_deadline: float | None = None
+        self.probes = 0  # tail loss probes sent (for inspection and metrics)
         # Since when sent data has waited for an ACK that moves snd_una (None: nothing
         # in flight): the user timeout (StreamConfig.user_timeout) counts from here.
         self.waiting_since: float | None = None
@@ -181,6 +186,7 @@ class Subflow(SegmentBuilder):
             self.waiting_since = now  # the new path gets the whole user timeout
         self.recovery.on_path_change(self.snd_max)
         self.rto_deadline = now + self.rtt.rto if self.segments else None
+        self.pto_deadline = None  # resent as after a timeout: the RTO path repairs it
 
     def take_peer_syn(self, tcp: TcpHeader) -> None:
         """Adopt what the peer's SYN or SYN-ACK says: ISN, MSS, window scale, SACK."""
@@ -382,6 +388,13 @@ class Subflow(SegmentBuilder):
                 # A congestion event: the window shrinks for what is in flight now.
                 self.cc.on_congestion_event(now, self.snd_max - self.snd_una - rec.sacked_bytes)
                 rec.enter_recovery(self.snd_max)
+                self.pto_deadline = None
+            elif rec.probe_end is not None and rec.probe_answered():
+                # The probe got through above a hole: what it was sent after is lost. A
+                # congestion event, as above.
+                self.cc.on_congestion_event(now, self.snd_max - self.snd_una - rec.sacked_bytes)
+                rec.enter_recovery_after_probe(self.snd_max)
+                self.pto_deadline = None
         elif rec.in_recovery and sack_ok:
             rec.mark_lost()
 
@@ -408,13 +421,27 @@ class Subflow(SegmentBuilder):
         elif self.fin_seq is not None and ack > self.fin_seq:
             self.fin_seq_acked = True
             conn.maybe_data_fin_acked(now)
+        probe_loss = rec.probe_acked(ack)
         if not rec.in_recovery:
             if fast_recovery:
                 self.cc.on_recovery_exit(now)
-            self.cc.on_ack(newly, now, rtt_sample, flight_before)
+            if probe_loss:
+                # The probe sent the tail again and this ACK covers it: without DSACK the
+                # original or the probe was lost (RFC 8985 7.4), and nothing else starts a
+                # recovery for it. The loss response is what a fast retransmit gets; no
+                # growth on this ACK.
+                self.cc.on_congestion_event(now, flight_before)
+            else:
+                self.cc.on_ack(newly, now, rtt_sample, flight_before)
         elif rec.recovery_after_rto:
             self.cc.on_ack(newly, now, rtt_sample, flight_before)
-        self.rto_deadline = now + self.rtt.rto if self.snd_max > self.snd_una else None
+        if self.snd_max > self.snd_una:
+            self.rto_deadline = now + self.rtt.rto
+            if self.tlp:
+                self._arm_pto(now)
+        else:
+            self.rto_deadline = None
+            self.pto_deadline = None
 
     def _dup_thresh(self) -> int:
         """Duplicate ACKs that start a fast retransmit (:meth:`Recovery.dup_thresh`; always
@@ -501,6 +528,7 @@ class Subflow(SegmentBuilder):
         # this flush are recorded one by one (the scoreboard stays per segment) and built
         # as one unit, sharing the header, ACK, window and SACK blocks.
         train_start = -1
+        snd_max_before = self.snd_max
         while True:
             if lost:
                 start = rec.take_lost(pipe, self.cc.cwnd, now)
@@ -544,6 +572,8 @@ class Subflow(SegmentBuilder):
             break
         if train_start >= 0:
             self._send_train(train_start, now, out)
+        if self.snd_max != snd_max_before and self.tlp:
+            self._arm_pto(now)  # RFC 8985 7.2: from the newest data sent
 
     def _output_new_mp(self, now: float, out: list[SalPacket], pipe: int) -> None:
         """Multipath: take data from the connection (by scheduler) while cwnd allows."""
@@ -621,9 +651,12 @@ class Subflow(SegmentBuilder):
 
     # -- timers -------------------------------------------------------------------------
     def on_timer(self, now: float, out: list[SalPacket]) -> None:
-        """Retransmission and persist timers of this subflow."""
+        """Retransmission, tail loss probe and persist timers of this subflow."""
         if self.rto_deadline is not None and now >= self.rto_deadline:
             self._on_rto(now)
+        if self.pto_deadline is not None and now >= self.pto_deadline:
+            self.pto_deadline = None
+            self._send_probe(now, out)
         if self.persist_deadline is not None and now >= self.persist_deadline:
             # Zero-window probe: an already-acknowledged sequence number, so the peer answers
             # with an ACK that carries its current window without us sending new data.
@@ -652,6 +685,51 @@ class Subflow(SegmentBuilder):
         self.cc.on_retransmission_timeout(now, self.snd_max - self.snd_una - rec.sacked_bytes)
         rec.on_timeout(self.snd_max)  # everything resent from the window start
         self.rto_deadline = now + self.rtt.rto
+        self.pto_deadline = None
+
+    def _arm_pto(self, now: float) -> None:
+        """Start (or restart) the tail loss probe timer, after new data went or an ACK
+        moved the left edge with data still in flight.
+
+        Not in a recovery (its own ACKs and the RTO drive it), not while a probe's episode
+        lasts (one probe, then the RTO takes over), not on a multipath connection (a
+        stalled path there is the scheduler's: its data is reinjected on the others after
+        the subflow's RTOs), and never at or after the RTO: the timeout handles that."""
+        rec = self.recovery
+        rto = self.rto_deadline
+        if rec.in_recovery or rec.probe_end is not None or rto is None or self.conn.mp is not None:
+            self.pto_deadline = None
+            return
+        d = now + rec.probe_timeout(len(self.segments) == 1, self.conn.config.delayed_ack)
+        self.pto_deadline = d if d < rto else None
+
+    def _send_probe(self, now: float, out: list[SalPacket]) -> None:
+        """The probe timeout expired (RFC 8985 7.3): one segment of new data if there is
+        some and the peer's window takes it whole (congestion control is not asked: one
+        segment, in place of the ACKs that did not come), else the highest unSACKed
+        segment again. Its answer then starts the usual recovery (:meth:`_on_ack`)."""
+        rec = self.recovery
+        if self.snd_max == self.snd_una or rec.in_recovery or rec.probe_end is not None:
+            return
+        conn = self.conn
+        snd_max = self.snd_max
+        send_end = conn.send.end
+        fin_off = conn.fin_offset
+        mss = self.mss
+        want = min(mss, send_end - snd_max)
+        if want > 0 and self.snd_una + self.snd_wnd - snd_max >= want:
+            end = snd_max + want
+            self._send_new(snd_max, end, fin_off is not None and end == fin_off, now, out)
+            rec.start_probe(snd_max, self.snd_max, False, now)
+        else:
+            start = rec.take_probe_resend(now)
+            if start is None:
+                return  # everything is SACKed: the ACK that moves the edge must come
+            seg = self.segments[start]
+            self.retransmissions += 1
+            out.append(self._data_packet(start, seg.end, seg.fin, seg.dsn))
+            rec.start_probe(start, snd_max, True, now)
+        self.probes += 1
 
     def next_deadline(self) -> float | None:
         """The earliest of this subflow's timers."""
@@ -661,6 +739,9 @@ class Subflow(SegmentBuilder):
         else:
             d = self.rto_deadline
             p = self.persist_deadline
+            if p is not None and (d is None or p < d):
+                d = p
+            p = self.pto_deadline
             if p is not None and (d is None or p < d):
                 d = p
         c = self.control.deadline
