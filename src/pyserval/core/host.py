@@ -22,7 +22,7 @@ import itertools
 import random
 import secrets
 from collections import Counter, OrderedDict, deque
-from typing import cast
+from typing import Final, cast
 
 from ..errors import NoRoute
 from ..naming.entropy import SecureRandom
@@ -72,6 +72,14 @@ __all__ = [
     "Listener",
     "NoRoute",
 ]
+
+# Bound once: an Enum member read off its class is slow in Python 3.11 (see
+# transport.connection), and these are tested per packet.
+_SYN_SENT: Final = State.SYN_SENT
+_SYN_RECEIVED: Final = State.SYN_RECEIVED
+_TIME_WAIT: Final = State.TIME_WAIT
+_CLOSED: Final = State.CLOSED
+_CLIENT: Final = Role.CLIENT
 
 
 class HostCore:
@@ -245,7 +253,7 @@ class HostCore:
         sid = as_service_id(service)
         self.flow_room()
         flowid = self.flows.allocate()
-        conn, sf = self._new_flow(flowid, Role.CLIENT, sid, self.addresses[0], None, datagram)
+        conn, sf = self._new_flow(flowid, _CLIENT, sid, self.addresses[0], None, datagram)
         self.flows.insert(flowid, sf)
         self.connections[flowid] = conn
         conn.syn_due = True
@@ -356,7 +364,7 @@ class HostCore:
     def _send_all(self, conn: Connection, pkts: list[SalPacket]) -> None:
         if not pkts or not conn.subflows:
             return
-        if self._synack_relays and conn.state is State.SYN_RECEIVED:
+        if self._synack_relays and conn.state is _SYN_RECEIVED:
             relay = self._synack_relays.get(conn.conn_id)
             if relay is not None:  # a retransmitted SYN-ACK goes both ways again
                 for p in pkts:
@@ -461,7 +469,7 @@ class HostCore:
             else:
                 self.stats["challenge_ack_rate_limited"] += 1
         try:
-            if conn.syn_due and conn.state is State.SYN_SENT:
+            if conn.syn_due and conn.state is _SYN_SENT:
                 handshake.send_syn(self, conn, now)
             conn.output(now, pkts)
         except Exception as exc:  # a bug must not take the host down: count and keep it
@@ -474,9 +482,9 @@ class HostCore:
                 if sf.peer_key is not None:
                     self._peer_flows.pop(sf.peer_key, None)
             conn.dead_subflows.clear()
-        if conn.state is State.CLOSED:
+        if conn.state is _CLOSED:
             self._forget(conn)
-        elif conn.state is State.TIME_WAIT and self.compact_time_wait and self._retire(conn):
+        elif conn.state is _TIME_WAIT and self.compact_time_wait and self._retire(conn):
             pass
         else:
             self._schedule(conn)
@@ -516,8 +524,8 @@ class HostCore:
     def _end_time_wait(self, record: TimeWait) -> None:
         self.flows.remove(record.flowid)
         conn = record.conn() if record.conn is not None else None
-        if conn is not None and conn.state is State.TIME_WAIT:
-            conn.state = State.CLOSED  # for an application still holding the object
+        if conn is not None and conn.state is _TIME_WAIT:
+            conn.state = _CLOSED  # for an application still holding the object
 
     def _schedule(self, conn: Connection) -> None:
         d = conn.next_deadline()

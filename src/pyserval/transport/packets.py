@@ -88,15 +88,19 @@ class SegmentBuilder:
         as a window update, not as a duplicate (RFC 5681 section 2), and would miss the
         loss. The growth goes out with the next ACK that is no duplicate.
         """
-        win = self.window_now()
+        conn = self.conn
+        budget = conn.budget
+        # Without a budget the window is the buffer's free space (window_now's first line).
+        win = conn.recv.window if budget is None else self.window_now()
         if hold and self.mss <= self.last_adv_window <= win:
             win = self.last_adv_window
         self.last_adv_window = win
-        if self.conn.budget is not None:
-            rcv_nxt = self.conn.recv.rcv_nxt
+        if budget is not None:
+            rcv_nxt = conn.recv.rcv_nxt
             self.adv_rcv_nxt = rcv_nxt
             self.adv_edge = rcv_nxt + win
-        return min(win >> self.rcv_wscale, 0xFFFF)
+        win >>= self.rcv_wscale
+        return win if win < 0xFFFF else 0xFFFF
 
     def window_now(self) -> int:
         """The window to advertise now: the receive buffer's free space, but with a host
@@ -207,12 +211,18 @@ class SegmentBuilder:
                 opts.append(
                     TcpOption.sack([((base + s) & MASK32, (base + e) & MASK32) for s, e in blocks])
                 )
+        # Positional (seq, ack, flags, window, checksum, urgent, ports, options) and the
+        # sequence number worked out here: this runs for every segment we send.
         return TcpHeader(
-            seq=self.wire_seq(self.snd_max if offset is None else offset),
-            ack=self.wire_ack(),
-            flags=flags,
-            window=self.advertised_window(hold_window),
-            options=opts,
+            (self.iss + 1 + (self.snd_max if offset is None else offset)) & MASK32,
+            self.wire_ack(),
+            flags,
+            self.advertised_window(hold_window),
+            0,
+            0,
+            0,
+            0,
+            opts,
         )
 
     def _data_packet(self, start: int, end: int, fin: bool, dsn: int = -1) -> SalPacket:

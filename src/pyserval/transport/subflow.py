@@ -46,6 +46,7 @@ __all__ = ["MAX_OWED_DUPACKS", "Subflow", "new_data_end"]
 MAX_OWED_DUPACKS: Final = 256
 _PEER_DEFAULT_MSS: Final = 536  # RFC 9293 default when the peer sends no MSS option
 _MIN_PEER_MSS: Final = 256
+_CLIENT: Final = Role.CLIENT  # bound once: an Enum member read off its class is slow
 
 
 def new_data_end(snd_max: int, wnd_end: int, send_end: int, pipe: int, cwnd: int, mss: int) -> int:
@@ -218,7 +219,7 @@ class Subflow(SegmentBuilder):
             return  # resets travel as SAL CONTROL(RST), which carries the nonce
         if flags & TcpFlags.SYN:
             # A retransmitted SYN-ACK: our third ACK was lost; answer it again.
-            conn.third_ack_pending = conn.role is Role.CLIENT
+            conn.third_ack_pending = conn.role is _CLIENT
             conn.ack_now = True
             return
         if not self.acceptable(tcp, len(payload) + (1 if flags & TcpFlags.FIN else 0)):
@@ -491,9 +492,16 @@ class Subflow(SegmentBuilder):
         conn = self.conn
         send_end = conn.send.end
         fin_off = conn.fin_offset
-        mss = self.mss
         rec = self.recovery
         lost = rec.lost
+        if (
+            self.snd_max >= send_end
+            and (fin_off is None or self.snd_max != fin_off)
+            and conn.mp is None
+            and not lost
+        ):
+            return  # nothing new, no FIN due, nothing to resend: what the loop below finds
+        mss = self.mss
         # Read once and then kept up to date here: each segment sent adds its length to
         # the pipe, as RFC 6675 counts it.
         pipe = rec.pipe(self.snd_una, self.snd_max)
