@@ -326,3 +326,13 @@ def test_control_ext_without_checks(ext: ControlExt) -> None:
         ext.nonce,
         ext.reserved,
     )
+
+
+@settings(max_examples=500)
+@given(tcp_headers())
+def test_syn_options_in_one_pass(header: TcpHeader) -> None:
+    # What the handshake reads in one pass is what the three properties give one by one
+    # (each the first option of its kind), whatever the options and their order.
+    assert header.syn_options() == (header.mss, header.window_scale, header.sack_permitted)
+    doubled = TcpHeader(options=header.options + header.options[::-1])
+    assert doubled.syn_options() == (doubled.mss, doubled.window_scale, doubled.sack_permitted)

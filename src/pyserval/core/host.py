@@ -371,18 +371,20 @@ class HostCore:
                     ctl = p.control
                     if ctl is not None and ctl.flags & ControlFlags.SYN:
                         relaying.send_relayed(self, p, conn.primary.local_addr, *relay)
-        if len(conn.subflows) > 1:
+        subflows = conn.subflows
+        if len(subflows) > 1:
             self._send_multipath(conn, pkts)
             return
-        sf = conn.primary
+        sf = subflows[0]
         remote = sf.remote_addr
         if remote is None:
             return  # never resolved: nothing was ever sent to the peer
         if sf.challenge is not None:
             paths.send_challenging(self, sf, pkts, remote)
             return
+        local = sf.local_addr
         for p in pkts:
-            self._send(p, sf.local_addr, remote)
+            self._send(p, local, remote)
 
     def _send_multipath(self, conn: Connection, pkts: list[SalPacket]) -> None:
         """Each packet on the addresses of the subflow it belongs to."""
@@ -475,16 +477,18 @@ class HostCore:
         except Exception as exc:  # a bug must not take the host down: count and keep it
             self._internal_error(exc)
             conn.abort_with(f"internal error: {exc!r}", send_rst=False)
-        self._send_all(conn, pkts)
+        if pkts:
+            self._send_all(conn, pkts)
         if conn.dead_subflows:
             for sf in conn.dead_subflows:
                 self.flows.remove(sf.local_flowid)
                 if sf.peer_key is not None:
                     self._peer_flows.pop(sf.peer_key, None)
             conn.dead_subflows.clear()
-        if conn.state is _CLOSED:
+        state = conn.state
+        if state is _CLOSED:
             self._forget(conn)
-        elif conn.state is _TIME_WAIT and self.compact_time_wait and self._retire(conn):
+        elif state is _TIME_WAIT and self.compact_time_wait and self._retire(conn):
             pass
         else:
             self._schedule(conn)
@@ -538,13 +542,14 @@ class HostCore:
         if self.connections.pop(conn.conn_id, None) is None:
             return
         # Kept so that a count of retransmissions survives the flows it was made on.
-        resent = sum(sf.retransmissions for sf in conn.subflows)
-        if resent:
-            self.stats["retransmissions_ended"] += resent
+        resent = 0
         for sf in conn.subflows:
+            resent += sf.retransmissions
             self.flows.remove(sf.local_flowid)
             if sf.peer_key is not None:
                 self._peer_flows.pop(sf.peer_key, None)
+        if resent:
+            self.stats["retransmissions_ended"] += resent
         if conn.mp is not None and self.mp_tokens.get(conn.mp.local_token) is conn:
             self.mp_tokens.pop(conn.mp.local_token, None)
         conn.scheduled = None

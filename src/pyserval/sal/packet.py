@@ -91,7 +91,10 @@ class SalPacket:
     @property
     def control(self) -> ControlExt | None:
         """The first CONTROL extension, if any."""
-        for e in self.extensions:
+        exts = self.extensions
+        if exts and type(exts[0]) is ControlExt:
+            return exts[0]  # where every control packet has it: no loop to set up
+        for e in exts:
             if type(e) is ControlExt:
                 return e
         return None

@@ -292,6 +292,24 @@ class TcpHeader:
                 return o
         return None
 
+    def syn_options(self) -> tuple[int | None, int | None, bool]:
+        """``(mss, window_scale, sack_permitted)`` read in one pass over the options: what a
+        SYN or SYN-ACK offers (each as its property gives it: the first such option)."""
+        mss: int | None = None
+        wscale: int | None = None
+        sack = False
+        for o in self.options:
+            kind = o.kind
+            if kind == OPT_MSS:
+                if mss is None:
+                    mss = int.from_bytes(o.data, "big")
+            elif kind == OPT_WSCALE:
+                if wscale is None:
+                    wscale = o.data[0]
+            elif kind == OPT_SACK_PERMITTED:
+                sack = True
+        return mss, wscale, sack
+
     @property
     def mss(self) -> int | None:
         """The MSS option value, if present."""

@@ -235,16 +235,17 @@ class Subflow(SegmentBuilder):
     def take_peer_syn(self, tcp: TcpHeader) -> None:
         """Adopt what the peer's SYN or SYN-ACK says: ISN, MSS, window scale, SACK."""
         self.irs = tcp.seq
+        cfg = self.conn.config
+        peer_mss, ws, sack_permitted = tcp.syn_options()
         # A floor on the peer's MSS: a hostile peer must not force tiny segments on us.
-        self.mss = min(self.conn.config.mss, max(tcp.mss or _PEER_DEFAULT_MSS, _MIN_PEER_MSS))
+        self.mss = min(cfg.mss, max(peer_mss or _PEER_DEFAULT_MSS, _MIN_PEER_MSS))
         self.cc.set_mss(self.mss)
-        ws = tcp.window_scale
         self.peer_offered_wscale = ws is not None
         if ws is None:
             self.snd_wscale = self.rcv_wscale = 0  # scaling needs both sides (RFC 7323)
         else:
             self.snd_wscale = min(ws, 14)
-        self.sack_ok = self.conn.config.sack and tcp.sack_permitted
+        self.sack_ok = cfg.sack and sack_permitted
         self.recovery.set_peer(self.mss, self.sack_ok)
         self.snd_wnd = tcp.window  # never scaled in a SYN
 
