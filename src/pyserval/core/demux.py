@@ -68,6 +68,7 @@ _PREDICT_LEN: Final = 32
 _PLAIN_DATA: Final = (0x5010, 0x5018)
 _SAL_MOD: Final = 0xFFFF
 _SEQ: Final = struct.Struct("!I")
+_SYNACK: Final = ControlFlags.SYN | ControlFlags.ACK
 
 
 def predicted(
@@ -88,8 +89,8 @@ def predicted(
     changes for such a segment: the bytes join the receive buffer, the peer was heard,
     and the delayed-ACK rule (an ACK every ``ack_every`` segments, else the timer).
     """
-    if len(data) <= _PREDICT_LEN:
-        return None
+    if len(data) <= _PREDICT_LEN or data[8] != 3:
+        return None  # no data, or extensions (shl is byte 8): not a plain data segment
     (src_fid, dst_fid, shl, protocol, _, _, _, seq, ack, off_flags, window, _, _) = (
         _PREDICT.unpack_from(data)
     )
@@ -241,10 +242,9 @@ def on_flow_packet(
     ctl = pkt.control
     # Data segments carry no CONTROL: the cheap test first, the set lookup only for the
     # few SYN-ACKs (this runs for every packet of every flow).
-    synack = ControlFlags.SYN | ControlFlags.ACK
     if (
         ctl is not None
-        and ctl.flags & synack == synack
+        and ctl.flags & _SYNACK == _SYNACK
         and state is not _SYN_RECEIVED
         and src in host.trusted_forwarders
     ):
@@ -293,7 +293,8 @@ def on_flow_packet(
         host.drops["closed_flow"] += 1  # closed, not yet forgotten: nothing to deliver
     else:
         on_established(host, conn, sf, pkt, now, src, dst)
-        if src == sf.remote_addr and (":" in dst[0]) != (":" in sf.local_addr[0]):
+        local = sf.local_addr
+        if dst != local and src == sf.remote_addr and (":" in dst[0]) != (":" in local[0]):
             # The peer moved to another family (an RSYN it proved, reaching us on our
             # interface of that family): answer from there, the only place that can.
             sf.local_addr = dst

@@ -15,7 +15,7 @@ connection's; the SAL wire format itself is ``pyserval.sal``.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ..naming.service_id import ServiceID
 from ..sal.extensions import ControlExt, DssExt, Extension, JoinExt, MpCapableExt, ServiceExt
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from .connection import Connection
 
 __all__ = ["SegmentBuilder"]
+
+_SYN_ACK: Final = TcpFlags.SYN | TcpFlags.ACK
 
 
 @functools.lru_cache(maxsize=64)
@@ -141,7 +143,8 @@ class SegmentBuilder:
 
     def syn_packet(self, control: ControlExt, service_id: ServiceID) -> SalPacket:
         """SYN: base, CONTROL(SYN), SERVICE(destination) and the TCP SYN."""
-        tcp = TcpHeader(seq=self.iss, flags=TcpFlags.SYN, window=0, options=self._syn_options())
+        # (seq, ack, flags, window, checksum, urgent, ports, options), positionally
+        tcp = TcpHeader(self.iss, 0, TcpFlags.SYN, 0, 0, 0, 0, 0, self._syn_options())
         exts: list[Extension] = [control, ServiceExt(service_id)]
         if self.conn.mp_offer is not None:
             exts.append(MpCapableExt(self.conn.mp_offer))
@@ -157,9 +160,9 @@ class SegmentBuilder:
 
     def synack_packet(self, control: ControlExt) -> SalPacket:
         """SYN-ACK: base, CONTROL(SYN+ACK) and the TCP SYN-ACK."""
-        wscale = self.rcv_wscale if self.peer_offered_wscale else None
-        opts = list(_handshake_options(self.conn.config.mss, wscale, self.sack_ok))
         conn = self.conn
+        wscale = self.rcv_wscale if self.peer_offered_wscale else None
+        opts = list(_handshake_options(conn.config.mss, wscale, self.sack_ok))
         win = min(conn.recv.window, 0xFFFF)  # never scaled in a SYN
         budget = conn.budget
         if budget is not None:
@@ -169,16 +172,11 @@ class SegmentBuilder:
             win = min(win, self._share(budget))
             self.adv_rcv_nxt = conn.recv.rcv_nxt
             self.adv_edge = self.adv_rcv_nxt + win
-        tcp = TcpHeader(
-            seq=self.iss,
-            ack=self.wire_ack(),
-            flags=TcpFlags.SYN | TcpFlags.ACK,
-            window=win,
-            options=opts,
-        )
+        # (seq, ack, flags, window, checksum, urgent, ports, options), positionally
+        tcp = TcpHeader(self.iss, self.wire_ack(), _SYN_ACK, win, 0, 0, 0, 0, opts)
         exts: list[Extension] = [control]
-        mp = self.conn.mp
-        if mp is not None and self is self.conn.primary:
+        mp = conn.mp
+        if mp is not None and self is conn.primary:
             exts.append(MpCapableExt(mp.local_key))
         return SalPacket(self.local_flowid, self.remote_flowid, PROTO_TCP, exts, tcp)
 

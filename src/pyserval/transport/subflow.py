@@ -275,7 +275,8 @@ class Subflow(SegmentBuilder):
         if not self.acceptable(tcp, len(payload) + (1 if flags & TcpFlags.FIN else 0)):
             conn.challenge_ack_due = True  # RFC 5961: ACK it, change nothing
             return
-        self._heard_again(now)
+        if self.rto_count:  # (what _heard_again tests first: no call per segment)
+            self._heard_again(now)
         conn.last_heard = now
         conn.keepalives_sent = 0
         if flags & TcpFlags.ACK:
@@ -335,7 +336,8 @@ class Subflow(SegmentBuilder):
         if not self.acceptable(tcp, len(payload) + (1 if flags & TcpFlags.FIN else 0), track):
             conn.challenge_ack_due = True  # RFC 5961 as on a single path: change nothing
             return
-        self._heard_again(now)
+        if self.rto_count:  # (what _heard_again tests first: no call per segment)
+            self._heard_again(now)
         conn.last_heard = now
         conn.keepalives_sent = 0
         if dss is not None:
