@@ -311,6 +311,9 @@ def test_sack_option_areas_are_not_kept(blocks: list[tuple[int, int]]) -> None:
     tcp, _ = TcpHeader.decode(memoryview(header))
     assert tcp.sack_blocks == blocks
     assert area not in transport_headers._AREAS
+    # Nor is its wire form kept when it is encoded (the handshake options' are).
+    assert tcp.encode() == header
+    assert all(kind != 5 for kind, _ in transport_headers._OPTION_WIRE)
 
 
 @given(control_exts)

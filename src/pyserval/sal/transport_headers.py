@@ -180,6 +180,12 @@ _AREAS_MAX: Final = 64
 _AREA_KINDS: Final = _SHARED_KINDS | {OPT_EOL, OPT_NOP}
 
 
+# (kind, data) -> wire bytes of the options a handshake sends (the kinds of _AREA_KINDS
+# only: a few values per host; bounded all the same).
+_OPTION_WIRE: Final[dict[tuple[int, bytes], bytes]] = {}
+_OPTION_WIRE_MAX: Final = 256
+
+
 def _decode_option_area(area: bytes) -> tuple[list[TcpOption], bytes]:
     """:func:`_decode_options` of ``area``, from :data:`_AREAS` when it was seen before."""
     known = _AREAS.get(area)
@@ -233,13 +239,25 @@ class TcpHeader:
         return decode_tcp(data, 0)
 
     def _options_bytes(self) -> bytes:
-        # TcpOption.encode written out (no call per option): a SYN carries six.
-        parts = [
-            _ONE_BYTE_OPTIONS[o.kind]
-            if o.kind in _ONE_BYTE_OPTIONS
-            else bytes((o.kind, 2 + len(o.data))) + o.data
-            for o in self.options
-        ]
+        # TcpOption.encode written out (no call per option): a SYN carries six, and the
+        # wire form of each handshake option (a few values per host) is kept by value.
+        parts = []
+        wire = _OPTION_WIRE
+        for o in self.options:
+            kind = o.kind
+            if kind == OPT_SACK:  # different in every segment: never kept
+                parts.append(bytes((kind, 2 + len(o.data))) + o.data)
+                continue
+            key = (kind, o.data)
+            raw = wire.get(key)
+            if raw is None:
+                if kind in _ONE_BYTE_OPTIONS:
+                    raw = _ONE_BYTE_OPTIONS[kind]
+                else:
+                    raw = bytes((kind, 2 + len(o.data))) + o.data
+                if kind in _AREA_KINDS and len(wire) < _OPTION_WIRE_MAX:
+                    wire[key] = raw
+            parts.append(raw)
         raw = b"".join(parts) + self.option_padding
         if len(raw) % 4:
             raw += bytes(4 - len(raw) % 4)  # zeros: EOL then padding
