@@ -80,6 +80,8 @@ _SYN_RECEIVED: Final = State.SYN_RECEIVED
 _TIME_WAIT: Final = State.TIME_WAIT
 _CLOSED: Final = State.CLOSED
 _CLIENT: Final = Role.CLIENT
+_FORWARD: Final = Action.FORWARD  # (resolved for every SYN we send)
+_DEMUX: Final = Action.DEMUX
 
 
 class HostCore:
@@ -365,9 +367,10 @@ class HostCore:
         res = self.service_table.lookup(sid)
         if res is None:
             return None
-        if res.action is Action.FORWARD and res.target is not None:
+        action = res.action
+        if action is _FORWARD and res.target is not None:
             return res.target.address
-        if res.action is Action.DEMUX:
+        if action is _DEMUX:
             return self.addresses[0]
         return None  # DROP; DELAY waits for the controller (release_delayed)
 
