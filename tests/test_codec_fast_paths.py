@@ -18,11 +18,20 @@ from hypothesis import strategies as st
 from pyserval.data import reference_capture
 from pyserval.naming import InvalidServiceID, ServiceID
 from pyserval.naming.service_id import as_service_id
-from pyserval.sal import MalformedPacket, RelayExt, SalPacket, TcpHeader, decode_packet
-from pyserval.sal.checksum import verify_transport_checksum
+from pyserval.sal import (
+    ControlExt,
+    MalformedPacket,
+    RelayExt,
+    SalPacket,
+    TcpHeader,
+    TcpOption,
+    decode_packet,
+)
+from pyserval.sal.checksum import internet_checksum, verify_transport_checksum
+from pyserval.sal.extensions import control_ext
 from pyserval.sal.packet import _decode_extensions, _decode_extensions_general
 
-from .strategies import control_exts, ipv4, packets, service_exts, tcp_headers
+from .strategies import control_exts, ipv4, packets, service_exts, tcp_headers, u32
 
 CONTROL_HEAD = bytes((0x10, 20))
 SERVICE_HEAD = bytes((0x20, 36))
@@ -195,3 +204,138 @@ def test_service_id_bad_text_still_raises(text: str) -> None:
     for _ in range(2):  # a failure is not cached
         with pytest.raises(InvalidServiceID):
             as_service_id(text)
+
+
+# -- decode_packet reads bytes directly; a view goes the way it always went ------------------
+
+
+def _decoded(data: bytes | memoryview) -> object:
+    """Everything a decode gives, as plain values: header fields, each extension's class
+    and bytes, the transport's fields, the payload's bytes; or the reason it refused."""
+    try:
+        p = decode_packet(data)
+    except MalformedPacket as exc:
+        return ("error", exc.reason)
+    t = p.transport
+    fields = None if t is None else (type(t), t.encode(), getattr(t, "options", None))
+    exts = [(type(e), e.encode()) for e in p.extensions]
+    return (p.src_flowid, p.dst_flowid, p.protocol, exts, fields, bytes(p.payload))
+
+
+@st.composite
+def wires(draw: st.DrawFn) -> bytes:
+    """Encoded packets (any layout), the connection cycle's own shapes, and either one
+    with a byte changed or cut short."""
+    if draw(st.booleans()):
+        wire = bytearray(draw(packets()).encode())
+    else:
+        src, dst = draw(ipv4), draw(ipv4)
+        ctl = draw(control_exts)
+        tcp = draw(tcp_headers())
+        shape = draw(st.sampled_from(["ctl", "ctl+tcp", "tcp", "ctl+svc+tcp"]))
+        exts: list[object] = [] if shape == "tcp" else [ctl]
+        if shape == "ctl+svc+tcp":
+            exts.append(draw(service_exts))
+        packet = SalPacket(1, 2, 6, exts, None if shape == "ctl" else tcp)  # type: ignore[arg-type]
+        wire = bytearray(packet.encode(src, dst))
+    if wire and draw(st.booleans()):
+        i = draw(st.integers(0, len(wire) - 1))
+        if draw(st.booleans()):
+            wire[i] = draw(st.integers(0, 255))
+        else:
+            del wire[i:]
+    return bytes(wire)
+
+
+@settings(max_examples=1000)
+@given(wires())
+def test_decode_of_bytes_matches_decode_of_a_view(wire: bytes) -> None:
+    # Bytes are read directly (struct, slices); a view inside a larger buffer is read
+    # through the view: the same packet, or the same refusal, either way.
+    buf = bytearray(b"xx" + wire + b"yy")
+    assert _decoded(wire) == _decoded(memoryview(buf)[2:-2])
+
+
+@settings(max_examples=500)
+@given(packets())
+def test_sal_header_checksum(packet: SalPacket) -> None:
+    # The header checksum is worked out from the field values: it must be RFC 1071's
+    # checksum of the header bytes with the field zero (sal.checksum.internet_checksum).
+    wire = packet.encode()
+    hlen = wire[8] * 4
+    header = bytearray(wire[:hlen])
+    stored = header[10:12]
+    header[10:12] = b"\0\0"
+    assert internet_checksum(header).to_bytes(2, "big") == bytes(stored)
+
+
+def test_payload_is_a_view_into_the_datagram() -> None:
+    tcp = TcpHeader(seq=1, ack=2, flags=0x18, window=100)
+    wire = SalPacket(1, 2, 6, [], tcp, b"hello").encode("10.0.0.1", "10.0.0.2")
+    p = decode_packet(wire)
+    assert isinstance(p.payload, memoryview) and p.payload.obj is wire
+    assert bytes(p.payload) == b"hello"
+    empty = decode_packet(SalPacket(1, 2, 6, [], tcp).encode("10.0.0.1", "10.0.0.2"))
+    assert isinstance(empty.payload, memoryview) and len(empty.payload) == 0
+
+
+def test_option_areas_seen_before_give_lists_of_their_own() -> None:
+    # A SYN's option area (MSS, NOP, window scale, NOP, NOP, SACK-permitted) is decoded
+    # from the cache the second time: the list must be a new one each time (a caller may
+    # change it), with the same options in it.
+    area = bytes([2, 4, 0x05, 0x80, 1, 3, 3, 7, 1, 1, 4, 2])
+    header = bytes(12) + bytes([(20 + len(area)) // 4 << 4, 0x02]) + bytes(6) + area
+    first, _ = TcpHeader.decode(memoryview(header))
+    first.options.append(TcpOption.nop())
+    second, _ = TcpHeader.decode(memoryview(header))
+    assert [(o.kind, o.data) for o in second.options] == [
+        (2, b"\x05\x80"),
+        (1, b""),
+        (3, b"\x07"),
+        (1, b""),
+        (1, b""),
+        (4, b""),
+    ]
+    assert second.encode() == header
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(u32, u32), min_size=1, max_size=4))
+def test_sack_option_areas_are_not_kept(blocks: list[tuple[int, int]]) -> None:
+    # SACK blocks differ per segment: such an area is decoded each time, never kept.
+    from pyserval.sal import transport_headers
+
+    area = bytes([1, 1]) + TcpOption.sack(blocks).encode()
+    area += bytes(-len(area) % 4)
+    header = bytes(12) + bytes([(20 + len(area)) // 4 << 4, 0x10]) + bytes(6) + area
+    tcp, _ = TcpHeader.decode(memoryview(header))
+    assert tcp.sack_blocks == blocks
+    assert area not in transport_headers._AREAS
+    # Nor is its wire form kept when it is encoded (the handshake options' are).
+    assert tcp.encode() == header
+    assert all(kind != 5 for kind, _ in transport_headers._OPTION_WIRE)
+
+
+@given(control_exts)
+def test_control_ext_without_checks(ext: ControlExt) -> None:
+    fast = control_ext(ext.flags, ext.verno, ext.ackno, ext.nonce, ext.reserved)
+    assert type(fast) is ControlExt
+    assert fast.encode() == ext.encode()
+    assert fast == ext
+    assert (fast.flags, fast.verno, fast.ackno, fast.nonce, fast.reserved) == (
+        ext.flags,
+        ext.verno,
+        ext.ackno,
+        ext.nonce,
+        ext.reserved,
+    )
+
+
+@settings(max_examples=500)
+@given(tcp_headers())
+def test_syn_options_in_one_pass(header: TcpHeader) -> None:
+    # What the handshake reads in one pass is what the three properties give one by one
+    # (each the first option of its kind), whatever the options and their order.
+    assert header.syn_options() == (header.mss, header.window_scale, header.sack_permitted)
+    doubled = TcpHeader(options=header.options + header.options[::-1])
+    assert doubled.syn_options() == (doubled.mss, doubled.window_scale, doubled.sack_permitted)

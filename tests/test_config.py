@@ -103,3 +103,14 @@ def test_no_configuration_is_built_per_packet(monkeypatch: pytest.MonkeyPatch) -
     data = random.Random(1).randbytes(300_000)
     exchange(pair, data, data)  # hundreds of packets each way
     assert built == []
+
+
+@pytest.mark.parametrize(
+    "size",
+    [1408, 0xFFFF, 0x10000, 0x10001, 0x1FFFF, 0x20000, 1 << 20, (1 << 20) + 1, 0x3FFFFFFF],
+)
+def test_window_scale_is_the_smallest_shift_that_fits(size: int) -> None:
+    # RFC 7323 2.3: the window field holds (buffer >> shift); the smallest shift that
+    # makes it fit 16 bits, found here by trying shifts in turn.
+    shift = next(s for s in range(31) if size >> s <= 0xFFFF)
+    assert StreamConfig(receive_buffer=size).window_scale == shift

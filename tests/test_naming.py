@@ -136,6 +136,10 @@ def test_flow_ids() -> None:
     for bad in (0, -1, 1 << 32):
         with pytest.raises(InvalidFlowID):
             FlowID(bad)
+    for wrong in (True, 1.0, "1"):  # a bool is an int, but no flowID
+        with pytest.raises(InvalidFlowID):
+            FlowID(wrong)  # type: ignore[arg-type]
+    assert FlowID(FlowID(7)) == 7 and type(FlowID(FlowID(7))) is FlowID
     rng = random.Random(3)
     in_use: set[int] = set()
     drawn = [allocate_flow_id(in_use, rng) for _ in range(1000)]

@@ -57,6 +57,36 @@ def test_second_rtt_sample_follows_rfc6298_2_3() -> None:
     assert rec.rtt.rto == pytest.approx(0.3625)
 
 
+@settings(max_examples=300)
+@given(
+    st.lists(st.floats(-0.01, 5.0, allow_nan=False), min_size=1, max_size=12),
+    st.floats(0.01, 1.0),
+    st.floats(1.0, 120.0),
+)
+def test_rtt_samples_follow_rfc6298_exactly(
+    samples: list[float], min_rto: float, max_rto: float
+) -> None:
+    # RFC 6298 2.2 and 2.3 written as the RFC states them (max, min), sample by sample:
+    # the estimator (which compares instead of calling min() and max()) gives the very
+    # same floats.
+    est = RttEstimator(1.0, min_rto, max_rto)
+    srtt: float | None = None
+    rttvar = 0.0
+    low: float | None = None
+    for r in samples:
+        est.sample(r)
+        r = max(r, 0.0)
+        low = r if low is None else min(low, r)
+        if srtt is None:
+            srtt, rttvar = r, r / 2
+        else:
+            rttvar = 3 / 4 * rttvar + 1 / 4 * abs(srtt - r)
+            srtt = 7 / 8 * srtt + 1 / 8 * r
+        rto = min(max(srtt + max(0.001, 4 * rttvar), min_rto), max_rto)
+        assert (est.srtt, est.rttvar, est.min_rtt, est.latest) == (srtt, rttvar, low, r)
+        assert est.base_rto == rto and est.rto == rto
+
+
 def test_rto_is_never_below_the_configured_minimum() -> None:
     rec = make(min_rto=0.2)
     send(rec, 1, now=0.0)

@@ -50,6 +50,15 @@ from .time_wait import TimeWait
 if TYPE_CHECKING:
     from .host import HostCore
 
+# Bound once: an Enum member read off its class is slow in Python 3.11 (see
+# transport.connection), and these are tested per packet.
+_SYN_SENT: Final = State.SYN_SENT
+_SYN_RECEIVED: Final = State.SYN_RECEIVED
+_ESTABLISHED: Final = State.ESTABLISHED
+_TIME_WAIT: Final = State.TIME_WAIT
+_CLOSED: Final = State.CLOSED
+_CLIENT: Final = Role.CLIENT
+
 
 # Header prediction: the SAL base header and the TCP header without options, unpacked
 # at once; the offset-and-flags word of a plain data segment (data offset 5: no options;
@@ -59,6 +68,7 @@ _PREDICT_LEN: Final = 32
 _PLAIN_DATA: Final = (0x5010, 0x5018)
 _SAL_MOD: Final = 0xFFFF
 _SEQ: Final = struct.Struct("!I")
+_SYNACK: Final = ControlFlags.SYN | ControlFlags.ACK
 
 
 def predicted(
@@ -79,8 +89,8 @@ def predicted(
     changes for such a segment: the bytes join the receive buffer, the peer was heard,
     and the delayed-ACK rule (an ACK every ``ack_every`` segments, else the timer).
     """
-    if len(data) <= _PREDICT_LEN:
-        return None
+    if len(data) <= _PREDICT_LEN or data[8] != 3:
+        return None  # no data, or extensions (shl is byte 8): not a plain data segment
     (src_fid, dst_fid, shl, protocol, _, _, _, seq, ack, off_flags, window, _, _) = (
         _PREDICT.unpack_from(data)
     )
@@ -91,7 +101,7 @@ def predicted(
         return None
     conn = sf.conn
     if (
-        conn.state is not State.ESTABLISHED
+        conn.state is not _ESTABLISHED
         or conn.mp is not None
         or src != sf.remote_addr
         or dst != sf.local_addr
@@ -232,11 +242,10 @@ def on_flow_packet(
     ctl = pkt.control
     # Data segments carry no CONTROL: the cheap test first, the set lookup only for the
     # few SYN-ACKs (this runs for every packet of every flow).
-    synack = ControlFlags.SYN | ControlFlags.ACK
     if (
         ctl is not None
-        and ctl.flags & synack == synack
-        and state is not State.SYN_RECEIVED
+        and ctl.flags & _SYNACK == _SYNACK
+        and state is not _SYN_RECEIVED
         and src in host.trusted_forwarders
     ):
         relay = pkt.find(RelayExt)
@@ -247,10 +256,10 @@ def on_flow_packet(
             # nobody else may make us answer a third address.
             src = relay.address
             host.stats["relayed_synack"] += 1
-    if state is State.SYN_SENT:
+    if state is _SYN_SENT:
         if not conn.on_synack(sf, pkt, src, now):
             maybe_reset(host, conn, sf, pkt, src)
-    elif state is State.SYN_RECEIVED:
+    elif state is _SYN_RECEIVED:
         listener = host._listener_by_id.get(conn.listener_id or 0)
         ctl = pkt.control
         if pkt.src_flowid != sf.remote_flowid and not (
@@ -270,21 +279,22 @@ def on_flow_packet(
         elif conn.on_handshake_ack(sf, pkt, now):
             handshake.established_server(host, conn)
             host._synack_relays.pop(conn.conn_id, None)
-            if src != sf.remote_addr and conn.state is State.ESTABLISHED:
+            if src != sf.remote_addr and conn.state is _ESTABLISHED:
                 # The third ACK of a client behind a NAT that maps each destination to
                 # its own port (symmetric): the address challenge adopts the new port.
                 from_elsewhere(host, conn, sf, pkt, src, now)
             tcp = pkt.tcp
-            if tcp is not None and conn.state is State.ESTABLISHED:
+            if tcp is not None and conn.state is _ESTABLISHED:
                 dss = pkt.find(DssExt) if conn.mp is not None else None
                 sf.on_tcp(tcp, pkt.payload, now, dss)
         else:
             maybe_reset(host, conn, sf, pkt, src)
-    elif state is State.CLOSED:
+    elif state is _CLOSED:
         host.drops["closed_flow"] += 1  # closed, not yet forgotten: nothing to deliver
     else:
         on_established(host, conn, sf, pkt, now, src, dst)
-        if src == sf.remote_addr and (":" in dst[0]) != (":" in sf.local_addr[0]):
+        local = sf.local_addr
+        if dst != local and src == sf.remote_addr and (":" in dst[0]) != (":" in local[0]):
             # The peer moved to another family (an RSYN it proved, reaching us on our
             # interface of that family): answer from there, the only place that can.
             sf.local_addr = dst
@@ -364,7 +374,7 @@ def on_established(
             if held and sf.remote_addr == src:
                 host.stats["held_replayed"] += len(held)
                 for old in held:
-                    if conn.state is State.CLOSED or sf.remote_addr != src:
+                    if conn.state is _CLOSED or sf.remote_addr != src:
                         break  # a held packet ended the flow or moved it: stop there
                     on_established(host, conn, sf, old, now, src)
             return
@@ -376,16 +386,16 @@ def on_established(
             if sf is not conn.primary:
                 sf.join_third_ack = True  # a JOIN's third ACK was lost
             else:
-                conn.third_ack_pending = conn.role is Role.CLIENT  # our third ACK was lost
+                conn.third_ack_pending = conn.role is _CLIENT  # our third ACK was lost
             return
         conn.on_control(sf, ctl, now, src)
-        if conn.state is State.CLOSED:
+        if conn.state is _CLOSED:
             return
     tcp = pkt.tcp
     if isinstance(conn, DatagramConnection):
         conn.on_datagram(pkt, now)
     elif tcp is not None:
-        if conn.state is State.TIME_WAIT:
+        if conn.state is _TIME_WAIT:
             # A retransmitted FIN or data: acknowledge again. Never answer a pure ACK:
             # two ends in TIME_WAIT (simultaneous close) would ACK each other forever.
             if pkt.payload or tcp.flags & TcpFlags.FIN:
@@ -416,7 +426,7 @@ def from_elsewhere(
         return True  # RSYN, RSYN+ACK or a challenge answer: nonce and exchange decide
     if src == sf.prev_remote and now < sf.prev_remote_until:
         return True  # late packets from where the (verified) peer just was
-    if conn.state is not State.ESTABLISHED:
+    if conn.state is not _ESTABLISHED:
         host.drops["not_peer_address"] += 1
         return False
     if ctl is not None and ctl.flags & ControlFlags.RST:

@@ -13,7 +13,7 @@ with RST (the client retries and may reach another instance). Functions of a ``H
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ..naming.service_id import ServiceID
 from ..sal.checksum import BytesLike
@@ -53,6 +53,13 @@ from .syncookies import Cookie
 if TYPE_CHECKING:
     from .host import HostCore
 
+# Bound once: an Enum member read off its class is slow in Python 3.11 (see
+# transport.connection), and these are tested per packet.
+_SYN_RECEIVED: Final = State.SYN_RECEIVED
+_ESTABLISHED: Final = State.ESTABLISHED
+_CLOSED: Final = State.CLOSED
+_SERVER: Final = Role.SERVER
+
 
 def send_syn(host: HostCore, conn: Connection, now: float) -> None:
     conn.syn_due = False
@@ -70,7 +77,7 @@ def send_syn(host: HostCore, conn: Connection, now: float) -> None:
     if remote is None:
         host.stats["syn_no_route"] += 1
         if first and host.service_table.match(conn.service_id) is None:
-            conn.state = State.CLOSED
+            conn.state = _CLOSED
             conn.error = f"no route to service {conn.service_id.hex}"
             conn.emit(ConnectionFailed(conn.conn_id, conn.error))
         return  # a DELAY/DROP rule now may change: retransmissions try again
@@ -124,7 +131,7 @@ def on_syn(
         # A retransmitted or duplicated SYN: answer a half-open one again (our SYN-ACK
         # was lost); never make a second flow for the same peer flow.
         sf = existing.primary
-        if existing.state is State.SYN_RECEIVED:
+        if existing.state is _SYN_RECEIVED:
             sf.handshake_sent_at = None  # two SYN-ACKs out: no RTT sample (Karn)
             synack = sf.synack_packet(sf.control.resend())
             host._send(synack, sf.local_addr, src)
@@ -155,7 +162,7 @@ def on_syn(
     flowid = host.flows.allocate()
     # A forwarded SYN may come from an IPv6 client over IPv4 (or the reverse).
     here = host.local_for(src, dst)
-    conn, sf = host._new_flow(flowid, Role.SERVER, svc.service_id, here, src, datagram)
+    conn, sf = host._new_flow(flowid, _SERVER, svc.service_id, here, src, datagram)
     conn.listener_id = listener.listener_id
     conn.peer_key = key
     host.flows.insert(flowid, sf)
@@ -300,7 +307,7 @@ def on_datagram_cookie_ack(
     if not host.flow_room() or cookie.flowid in host.flows:
         host.drops["syn_cookie_no_room"] += 1
         return True
-    conn, sf = host._new_flow(cookie.flowid, Role.SERVER, svc.service_id, dst, src, True)
+    conn, sf = host._new_flow(cookie.flowid, _SERVER, svc.service_id, dst, src, True)
     conn.listener_id = listener.listener_id
     key = (src, pkt.src_flowid)
     conn.peer_key = key
@@ -392,7 +399,7 @@ def establish_from_cookie(
     if not host.flow_room() or flowid in host.flows:
         host.drops["syn_cookie_no_room"] += 1
         return
-    conn = Connection(flowid, Role.SERVER, sid, host.config, host._emit)
+    conn = Connection(flowid, _SERVER, sid, host.config, host._emit)
     conn.wake = host._wake
     conn.budget = host.receive_budget
     conn.listener_id = listener.listener_id
@@ -428,7 +435,7 @@ def establish_from_cookie(
         return
     host.stats["syn_cookie_accepted"] += 1
     established_server(host, conn)
-    if conn.state is State.ESTABLISHED:
+    if conn.state is _ESTABLISHED:
         sf.on_tcp(tcp, pkt.payload, now)
     host._wake(conn)
 
@@ -445,7 +452,7 @@ def on_join(
     """A SYN opening another subflow of a multipath connection of ours."""
     conn = host.mp_tokens.get(join.token)
     mp = conn.mp if conn is not None else None
-    if conn is None or mp is None or pkt.tcp is None or conn.state is not State.ESTABLISHED:
+    if conn is None or mp is None or pkt.tcp is None or conn.state is not _ESTABLISHED:
         host.drops["join_unknown"] += 1
         return
     if join.proof != join_proof(mp.peer_key, mp.local_key):

@@ -22,7 +22,7 @@ import itertools
 import random
 import secrets
 from collections import Counter, OrderedDict, deque
-from typing import cast
+from typing import Final, cast
 
 from ..errors import NoRoute
 from ..naming.entropy import SecureRandom
@@ -73,9 +73,75 @@ __all__ = [
     "NoRoute",
 ]
 
+# Bound once: an Enum member read off its class is slow in Python 3.11 (see
+# transport.connection), and these are tested per packet.
+_SYN_SENT: Final = State.SYN_SENT
+_SYN_RECEIVED: Final = State.SYN_RECEIVED
+_TIME_WAIT: Final = State.TIME_WAIT
+_CLOSED: Final = State.CLOSED
+_CLIENT: Final = Role.CLIENT
+_FORWARD: Final = Action.FORWARD  # (resolved for every SYN we send)
+_DEMUX: Final = Action.DEMUX
+
 
 class HostCore:
     """One Serval end host with no I/O (see the module docstring)."""
+
+    # Slots, as transport.connection's Connection has them: some fifty attributes, read on
+    # every packet, are past what CPython 3.11 keeps in its shared-key layout. __dict__
+    # stays, so a driver or test may still hang its own attributes (or methods) on a host.
+    __slots__ = (
+        "_asking",
+        "_challenge_ack_at",
+        "_check_limits",
+        "_datagram_relays",
+        "_dirty",
+        "_events",
+        "_listener_by_id",
+        "_listener_ids",
+        "_max_events",
+        "_out",
+        "_peer_flows",
+        "_relay_keys",
+        "_relay_rotate_at",
+        "_relay_tags",
+        "_supers",
+        "_synack_relays",
+        "_synack_retries",
+        "_tiebreak",
+        "_timers",
+        "_woken",
+        "addresses",
+        "broadcast",
+        "challenge_ack_limit",
+        "check_limit",
+        "compact_time_wait",
+        "config",
+        "connections",
+        "datagram_endpoints",
+        "delay_requests",
+        "delay_timeout",
+        "delayed",
+        "drops",
+        "flows",
+        "forwarding",
+        "internal_errors",
+        "listeners",
+        "max_delayed",
+        "mp_tokens",
+        "nat_relay",
+        "receive_budget",
+        "received",
+        "rng",
+        "rst_limit",
+        "service_table",
+        "stats",
+        "syn_cookies",
+        "time_wait",
+        "trusted_forwarders",
+        "__dict__",
+        "__weakref__",
+    )
 
     def __init__(
         self,
@@ -245,7 +311,7 @@ class HostCore:
         sid = as_service_id(service)
         self.flow_room()
         flowid = self.flows.allocate()
-        conn, sf = self._new_flow(flowid, Role.CLIENT, sid, self.addresses[0], None, datagram)
+        conn, sf = self._new_flow(flowid, _CLIENT, sid, self.addresses[0], None, datagram)
         self.flows.insert(flowid, sf)
         self.connections[flowid] = conn
         conn.syn_due = True
@@ -301,9 +367,10 @@ class HostCore:
         res = self.service_table.lookup(sid)
         if res is None:
             return None
-        if res.action is Action.FORWARD and res.target is not None:
+        action = res.action
+        if action is _FORWARD and res.target is not None:
             return res.target.address
-        if res.action is Action.DEMUX:
+        if action is _DEMUX:
             return self.addresses[0]
         return None  # DROP; DELAY waits for the controller (release_delayed)
 
@@ -356,25 +423,27 @@ class HostCore:
     def _send_all(self, conn: Connection, pkts: list[SalPacket]) -> None:
         if not pkts or not conn.subflows:
             return
-        if self._synack_relays and conn.state is State.SYN_RECEIVED:
+        if self._synack_relays and conn.state is _SYN_RECEIVED:
             relay = self._synack_relays.get(conn.conn_id)
             if relay is not None:  # a retransmitted SYN-ACK goes both ways again
                 for p in pkts:
                     ctl = p.control
                     if ctl is not None and ctl.flags & ControlFlags.SYN:
                         relaying.send_relayed(self, p, conn.primary.local_addr, *relay)
-        if len(conn.subflows) > 1:
+        subflows = conn.subflows
+        if len(subflows) > 1:
             self._send_multipath(conn, pkts)
             return
-        sf = conn.primary
+        sf = subflows[0]
         remote = sf.remote_addr
         if remote is None:
             return  # never resolved: nothing was ever sent to the peer
         if sf.challenge is not None:
             paths.send_challenging(self, sf, pkts, remote)
             return
+        local = sf.local_addr
         for p in pkts:
-            self._send(p, sf.local_addr, remote)
+            self._send(p, local, remote)
 
     def _send_multipath(self, conn: Connection, pkts: list[SalPacket]) -> None:
         """Each packet on the addresses of the subflow it belongs to."""
@@ -417,9 +486,16 @@ class HostCore:
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address, Address]]:
         """Every datagram to send now, as (payload, local address, remote address)."""
-        out, supers = self._take_output(now)
-        if not supers:
+        # _take_output written out (called after every datagram the driver hands over).
+        self._woken = None
+        dirty = self._dirty
+        while dirty:
+            _, conn = dirty.popitem()
+            self._flush(conn, now)
+        out, self._out = self._out, []
+        if not self._supers:
             return out  # type: ignore[return-value]  # no SuperDatagram among them
+        self._supers = False
         flat: list[tuple[bytes, Address, Address]] = []
         for data, local, remote in out:
             if isinstance(data, SuperDatagram):
@@ -461,22 +537,24 @@ class HostCore:
             else:
                 self.stats["challenge_ack_rate_limited"] += 1
         try:
-            if conn.syn_due and conn.state is State.SYN_SENT:
+            if conn.syn_due and conn.state is _SYN_SENT:
                 handshake.send_syn(self, conn, now)
             conn.output(now, pkts)
         except Exception as exc:  # a bug must not take the host down: count and keep it
             self._internal_error(exc)
             conn.abort_with(f"internal error: {exc!r}", send_rst=False)
-        self._send_all(conn, pkts)
+        if pkts:
+            self._send_all(conn, pkts)
         if conn.dead_subflows:
             for sf in conn.dead_subflows:
                 self.flows.remove(sf.local_flowid)
                 if sf.peer_key is not None:
                     self._peer_flows.pop(sf.peer_key, None)
             conn.dead_subflows.clear()
-        if conn.state is State.CLOSED:
+        state = conn.state
+        if state is _CLOSED:
             self._forget(conn)
-        elif conn.state is State.TIME_WAIT and self.compact_time_wait and self._retire(conn):
+        elif state is _TIME_WAIT and self.compact_time_wait and self._retire(conn):
             pass
         else:
             self._schedule(conn)
@@ -516,8 +594,8 @@ class HostCore:
     def _end_time_wait(self, record: TimeWait) -> None:
         self.flows.remove(record.flowid)
         conn = record.conn() if record.conn is not None else None
-        if conn is not None and conn.state is State.TIME_WAIT:
-            conn.state = State.CLOSED  # for an application still holding the object
+        if conn is not None and conn.state is _TIME_WAIT:
+            conn.state = _CLOSED  # for an application still holding the object
 
     def _schedule(self, conn: Connection) -> None:
         d = conn.next_deadline()
@@ -530,13 +608,14 @@ class HostCore:
         if self.connections.pop(conn.conn_id, None) is None:
             return
         # Kept so that a count of retransmissions survives the flows it was made on.
-        resent = sum(sf.retransmissions for sf in conn.subflows)
-        if resent:
-            self.stats["retransmissions_ended"] += resent
+        resent = 0
         for sf in conn.subflows:
+            resent += sf.retransmissions
             self.flows.remove(sf.local_flowid)
             if sf.peer_key is not None:
                 self._peer_flows.pop(sf.peer_key, None)
+        if resent:
+            self.stats["retransmissions_ended"] += resent
         if conn.mp is not None and self.mp_tokens.get(conn.mp.local_token) is conn:
             self.mp_tokens.pop(conn.mp.local_token, None)
         conn.scheduled = None

@@ -112,7 +112,7 @@ class TimeWait:
         ctl = sf.control_packet(sf.control.ext(ControlFlags.ACK))
         control = ctl.control
         assert control is not None
-        tcp = None if datagram else sf.pure_ack().tcp
+        tcp = None if datagram else sf.ack_header()  # pure_ack()'s header, no packet around it
         return cls(
             sf.local_flowid,
             sf.remote_flowid,

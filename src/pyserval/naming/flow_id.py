@@ -34,11 +34,12 @@ class FlowID(int):
     __slots__ = ()
 
     def __new__(cls, value: int) -> FlowID:
-        if isinstance(value, bool) or not isinstance(value, int):
+        # A plain int is the common case (a random draw, a decoded header): tested first.
+        if type(value) is not int and (isinstance(value, bool) or not isinstance(value, int)):
             raise InvalidFlowID(f"flowID must be an int: {value!r}")
         if not 0 < value <= FLOW_ID_MAX:
             raise InvalidFlowID(f"flowID must be in 1..{FLOW_ID_MAX}: {value}")
-        return super().__new__(cls, value)
+        return int.__new__(cls, value)
 
     def __repr__(self) -> str:
         return f"FlowID({int(self)})"

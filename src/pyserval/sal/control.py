@@ -18,7 +18,7 @@ from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from ..config import CONFIG
-from .extensions import NONCE_BYTES, ControlExt, ControlFlags
+from .extensions import NONCE_BYTES, ControlExt, ControlFlags, control_ext
 
 __all__ = ["ControlChannel", "ControlTimers", "ControlTimeout"]
 
@@ -87,11 +87,9 @@ class ControlChannel:
     # -- building -----------------------------------------------------------------------
     def ext(self, flags: int, verno: int | None = None) -> ControlExt:
         """A CONTROL extension with our nonce and the current numbers."""
-        return ControlExt(
-            flags,
-            self.snd_verno if verno is None else verno,
-            self.rcv_ackno,
-            self.local_nonce,
+        # Our nonce is eight bytes by construction: the constructor's check is not needed.
+        return control_ext(
+            flags, self.snd_verno if verno is None else verno, self.rcv_ackno, self.local_nonce
         )
 
     def send_reliable(self, flags: int, now: float) -> ControlExt:

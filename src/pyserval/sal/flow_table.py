@@ -52,7 +52,7 @@ class FlowTable(Generic[F]):
 
     def insert(self, flow_id: int, flow: F) -> None:
         """Store ``flow`` under a given flowID (which must be free)."""
-        fid = FlowID(flow_id)
+        fid = flow_id if type(flow_id) is FlowID else FlowID(flow_id)  # (checked when made)
         if fid in self._flows:
             raise KeyError(f"flowID {fid} is already in use")
         self._check_room()

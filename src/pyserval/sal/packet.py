@@ -11,7 +11,7 @@ import struct
 from collections.abc import Callable
 from typing import Final, TypeVar
 
-from .checksum import BytesLike, address_sum, internet_checksum, words_sum
+from .checksum import BytesLike, address_sum, words_sum
 from .errors import MalformedPacket, Reason
 from .extensions import (
     MAX_EXTENSIONS,
@@ -33,13 +33,14 @@ from .extensions import (
     decode_ip6,
 )
 from .inet import Address
-from .transport_headers import PROTO_TCP, PROTO_UDP, TcpHeader, UdpHeader
+from .transport_headers import PROTO_TCP, PROTO_UDP, TcpHeader, UdpHeader, decode_tcp
 
 __all__ = ["BASE_HEADER", "SalPacket", "decode_packet"]
 
 BASE_HEADER: Final = 12
 REFERENCE_CLIENT_PORT: Final = 54324
 _BASE: Final = struct.Struct("!IIBBH")
+_TCP: Final = struct.Struct("!HHIIBBHHH")  # as sal.transport_headers packs it
 _MOD: Final = 0xFFFF
 _PAD: Final = PadExt()
 
@@ -60,10 +61,9 @@ _EXT_DECODERS: Final[dict[int, Callable[[memoryview], Extension]]] = {
 
 Transport = TcpHeader | UdpHeader
 _E = TypeVar("_E", bound=Extension)
-_TRANSPORT_DECODERS: Final[dict[int, Callable[[memoryview], tuple[Transport, int]]]] = {
-    PROTO_TCP: TcpHeader.decode,
-    PROTO_UDP: UdpHeader.decode,
-}
+# The payload of a packet that has none: one shared empty view (a payload is a view into
+# the datagram, never a copy; an empty one needs no view of its own).
+_NO_PAYLOAD: Final = memoryview(b"")
 
 
 class SalPacket:
@@ -91,7 +91,10 @@ class SalPacket:
     @property
     def control(self) -> ControlExt | None:
         """The first CONTROL extension, if any."""
-        for e in self.extensions:
+        exts = self.extensions
+        if exts and type(exts[0]) is ControlExt:
+            return exts[0]  # where every control packet has it: no loop to set up
+        for e in exts:
             if type(e) is ControlExt:
                 return e
         return None
@@ -187,15 +190,26 @@ class SalPacket:
         over the IPv4 pseudo-header, as the reference does (IPv6 addresses: the IPv6
         pseudo-header); otherwise the stored one is used.
         """
-        ext = self._extension_bytes() if self.extensions else b""
-        shl = (BASE_HEADER + len(ext)) // 4
-        if shl > 255:
-            raise ValueError(f"SAL header of {shl * 4} bytes does not fit shl")
+        exts = self.extensions
+        if exts:
+            # One extension (a control packet's CONTROL) needs no list and no join.
+            ext = exts[0].encode() if len(exts) == 1 else b"".join([e.encode() for e in exts])
+            if len(ext) % 4:
+                ext += bytes(4 - len(ext) % 4)  # PAD bytes to a whole word
+            shl = 3 + len(ext) // 4
+            if shl > 255:
+                raise ValueError(f"SAL header of {shl * 4} bytes does not fit shl")
+            ext_sum = int.from_bytes(ext, "big")
+        else:
+            ext, shl, ext_sum = b"", 3, 0
         src, dst, protocol = self.src_flowid, self.dst_flowid, self.protocol
-        # The base header packed again with its checksum in place (cheaper than patching
-        # a bytearray copy); the extensions follow it unchanged.
-        check = internet_checksum(_BASE.pack(src, dst, shl, protocol, 0) + ext)
-        header = _BASE.pack(src, dst, shl, protocol, check) + ext
+        # The header checksum worked out rather than over packed bytes: a big-endian
+        # number is congruent modulo 0xFFFF to the sum of its 16-bit words (2**16 = 1),
+        # so the base header's words sum to src + dst + (shl, protocol) and the
+        # extensions' to their bytes read as one number. The header is never all zero
+        # (shl >= 3): a sum of 0 is ones' complement -0, whose field is 0 (RFC 1071).
+        total = (src + dst + ((shl << 8) | protocol) + ext_sum) % _MOD
+        header = _BASE.pack(src, dst, shl, protocol, _MOD - total if total else 0) + ext
         t = self.transport
         if t is None:
             if self.payload:
@@ -205,19 +219,38 @@ class SalPacket:
         if type(t) is TcpHeader:
             if src_ip is None or dst_ip is None:
                 return b"".join((header, t.encode(), payload))
-            # The header is encoded once, with the checksum field zero for the sum (as
-            # compute_checksum does); the sum then goes in its place.
-            raw = t.encode(0)
-            # sal.checksum.transport_checksum written out (fewer calls per packet): the
-            # pseudo-header's addresses (cached) and length, the header, the payload
-            # (words_sum: zero-padded when odd, a vector sum with the [accel] extra).
-            total = address_sum(src_ip, dst_ip, PROTO_TCP) + len(raw) + len(payload)
-            total += int.from_bytes(raw, "big")
+            # The TCP header packed once, its checksum worked out from the field values
+            # the same way (sal.checksum.transport_checksum's sum: the pseudo-header's
+            # addresses (cached) and length, the header with the checksum field zero, the
+            # payload: words_sum, zero-padded when odd, a vector sum with the [accel] extra).
+            opts = t._options_bytes() if (t.options or t.option_padding) else b""
+            hlen = 20 + len(opts)
+            flags = t.flags
+            offset = ((hlen // 4) << 4) | ((flags >> 8) & 0x0F)
+            seq = t.seq & 0xFFFFFFFF
+            ack = t.ack & 0xFFFFFFFF
+            total = (
+                address_sum(src_ip, dst_ip, PROTO_TCP)
+                + hlen
+                + len(payload)
+                + t.src_port
+                + t.dst_port
+                + seq
+                + ack
+                + ((offset << 8) | (flags & 0xFF))
+                + t.window
+                + t.urgent
+            )
+            if opts:
+                total += int.from_bytes(opts, "big")
             if payload:
                 total += words_sum(payload)
             check = 0xFFFF - (total % 0xFFFF or 0xFFFF)  # ones' complement, never +0
+            raw = _TCP.pack(
+                t.src_port, t.dst_port, seq, ack, offset, flags & 0xFF, t.window, check, t.urgent
+            )
             t.checksum = check
-            return b"".join((header, raw[:16], check.to_bytes(2, "big"), raw[18:], payload))
+            return b"".join((header, raw, opts, payload))
         if type(t) is UdpHeader:
             t.length = 8 + len(payload)
         if src_ip is not None and dst_ip is not None:
@@ -247,8 +280,9 @@ _SERVICE_HEAD: Final = (int(ExtType.SERVICE) << 4, ServiceExt.LENGTH)
 _RELAY_HEAD: Final = (int(ExtType.RELAY) << 4, 16)
 
 
-def _decode_extensions(view: memoryview) -> list[Extension]:
-    """The extensions in ``view`` (the SAL header after its 12 base bytes).
+def _decode_extensions(view: bytes | memoryview) -> list[Extension]:
+    """The extensions in ``view`` (the SAL header after its 12 base bytes; a copy of them
+    as bytes from :func:`decode_packet`, which reads cheaper than a view).
 
     Every packet of a connection's set-up and close but data carries CONTROL alone
     (SYN-ACK, SAL FIN, control ACK), CONTROL then SERVICE (third ACK) or CONTROL,
@@ -258,19 +292,19 @@ def _decode_extensions(view: memoryview) -> list[Extension]:
     list, or the same error, for any input).
     """
     n = len(view)
-    if n >= 20 and (view[0], view[1]) == _CONTROL_HEAD:
+    if n >= 20 and view[0] == _CONTROL_HEAD[0] and view[1] == _CONTROL_HEAD[1]:
         if n == 20:
             return [ControlExt.decode(view)]
-        if n >= 56 and (view[20], view[21]) == _SERVICE_HEAD:
+        if n >= 56 and view[20] == _SERVICE_HEAD[0] and view[21] == _SERVICE_HEAD[1]:
             if n == 56:
                 return [ControlExt.decode(view[:20]), ServiceExt.decode(view[20:])]
-            if n == 72 and (view[56], view[57]) == _RELAY_HEAD:
+            if n == 72 and view[56] == _RELAY_HEAD[0] and view[57] == _RELAY_HEAD[1]:
                 return [
                     ControlExt.decode(view[:20]),
                     ServiceExt.decode(view[20:56]),
                     RelayExt.decode(view[56:]),
                 ]
-    return _decode_extensions_general(view)
+    return _decode_extensions_general(view if isinstance(view, memoryview) else memoryview(view))
 
 
 def _decode_extensions_general(view: memoryview) -> list[Extension]:
@@ -316,31 +350,46 @@ def decode_packet(data: BytesLike, *, verify: bool = True) -> SalPacket:
     checked here (it needs addresses): see :meth:`SalPacket.verify_transport_checksum`.
     Raises :class:`MalformedPacket` (with ``.reason``) for anything malformed, and nothing else.
     """
-    try:
-        view = data if isinstance(data, memoryview) else memoryview(data)
-        if view.ndim != 1 or view.itemsize != 1:
-            view = view.cast("B")
-    except (TypeError, ValueError) as exc:
-        raise MalformedPacket(Reason.SHORT_HEADER, f"not a byte buffer: {exc}") from None
-    total = len(view)
+    view: memoryview | None
+    buf: bytes | memoryview
+    if type(data) is bytes:
+        # Headers are read from the bytes themselves (struct and slices of a few dozen
+        # bytes cost less than through a view); only the payload is a view into them.
+        buf, view = data, None
+    else:
+        try:
+            view = data if isinstance(data, memoryview) else memoryview(data)
+            if view.ndim != 1 or view.itemsize != 1:
+                view = view.cast("B")
+        except (TypeError, ValueError) as exc:
+            raise MalformedPacket(Reason.SHORT_HEADER, f"not a byte buffer: {exc}") from None
+        buf = view
+    total = len(buf)
     if total < BASE_HEADER:
         raise MalformedPacket(Reason.SHORT_HEADER, f"{total} bytes, need 12")
-    src, dst, shl, protocol, _check = _BASE.unpack_from(view)
+    src, dst, shl, protocol, _check = _BASE.unpack_from(buf)
     hlen = shl * 4
     if hlen < BASE_HEADER:
         raise MalformedPacket(Reason.BAD_SHL, f"shl {shl} is less than the base header")
     if hlen > total:
         raise MalformedPacket(Reason.SHL_PAST_END, f"shl {shl} ({hlen} bytes) past {total} bytes")
-    header = view[:hlen]
     if verify:
-        n = int.from_bytes(header, "big")
+        n = int.from_bytes(buf[:hlen], "big")
         if n % _MOD or not n:
             raise MalformedPacket(Reason.BAD_CHECKSUM, "SAL header checksum does not verify")
-    transport_decoder = _TRANSPORT_DECODERS.get(protocol)
-    if transport_decoder is None:
+    if protocol != PROTO_TCP and protocol != PROTO_UDP:
         raise MalformedPacket(Reason.BAD_PROTOCOL, f"unknown transport protocol {protocol}")
-    extensions = _decode_extensions(view[BASE_HEADER:hlen]) if hlen > BASE_HEADER else []
+    extensions = _decode_extensions(buf[BASE_HEADER:hlen]) if hlen > BASE_HEADER else []
     if hlen == total:
         return SalPacket(src, dst, protocol, extensions, None, b"")
-    transport, tlen = transport_decoder(view[hlen:])
-    return SalPacket(src, dst, protocol, extensions, transport, view[hlen + tlen :])
+    transport: Transport
+    if protocol == PROTO_TCP:
+        transport, tlen = decode_tcp(buf, hlen)
+    else:
+        transport, tlen = UdpHeader.decode(buf[hlen:] if view is None else view[hlen:])
+    end = hlen + tlen
+    if end == total:
+        return SalPacket(src, dst, protocol, extensions, transport, _NO_PAYLOAD)
+    if view is None:
+        view = memoryview(data)
+    return SalPacket(src, dst, protocol, extensions, transport, view[end:])

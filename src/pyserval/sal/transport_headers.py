@@ -28,6 +28,7 @@ __all__ = [
     "OPT_SACK_PERMITTED",
     "OPT_SACK",
     "OPT_TIMESTAMPS",
+    "decode_tcp",
 ]
 
 PROTO_TCP: Final = 6
@@ -169,6 +170,54 @@ def _decode_options(data: memoryview) -> tuple[list[TcpOption], bytes]:
     return options, b""
 
 
+# Option areas seen before -> what they decode to. A SYN's and SYN-ACK's options are the
+# same few bytes on every connection between two stacks, and their options are the shared
+# immutable instances anyway, so an area made only of those (no SACK blocks or
+# timestamps, which differ per segment) is decoded once and its list copied after that.
+# Bounded: cleared when full, so junk cannot grow it.
+_AREAS: Final[dict[bytes, tuple[tuple[TcpOption, ...], bytes]]] = {}
+_AREAS_MAX: Final = 64
+_AREA_KINDS: Final = _SHARED_KINDS | {OPT_EOL, OPT_NOP}
+
+
+# (kind, data) -> wire bytes of the options a handshake sends (the kinds of _AREA_KINDS
+# only: a few values per host; bounded all the same).
+_OPTION_WIRE: Final[dict[tuple[int, bytes], bytes]] = {}
+_OPTION_WIRE_MAX: Final = 256
+
+
+def _decode_option_area(area: bytes) -> tuple[list[TcpOption], bytes]:
+    """:func:`_decode_options` of ``area``, from :data:`_AREAS` when it was seen before."""
+    known = _AREAS.get(area)
+    if known is not None:
+        return list(known[0]), known[1]
+    options, padding = _decode_options(memoryview(area))
+    if all(o.kind in _AREA_KINDS for o in options):
+        if len(_AREAS) >= _AREAS_MAX:
+            _AREAS.clear()
+        _AREAS[area] = (tuple(options), padding)
+    return options, padding
+
+
+def decode_tcp(data: bytes | memoryview, at: int) -> tuple[TcpHeader, int]:
+    """The TCP header that starts at offset ``at`` of ``data`` (the rest of the datagram
+    from there is the segment), and its length. (:meth:`TcpHeader.decode` is this at 0;
+    ``decode_packet`` calls it on the datagram's bytes, so no view of the segment is made.)
+    """
+    left = len(data) - at
+    if left < TCP_MIN_HEADER:
+        raise MalformedPacket(Reason.TCP_TRUNCATED, f"{left} bytes left for TCP")
+    sport, dport, seq, ack, off_byte, flag_byte, window, check, urgent = _TCP.unpack_from(data, at)
+    hlen = (off_byte >> 4) * 4
+    if hlen < TCP_MIN_HEADER or hlen > left:
+        raise MalformedPacket(Reason.TCP_DATA_OFFSET, f"data offset {hlen} with {left} bytes")
+    flags = ((off_byte & 0x0F) << 8) | flag_byte
+    if hlen == TCP_MIN_HEADER:
+        return TcpHeader(seq, ack, flags, window, check, urgent, sport, dport), hlen
+    options, padding = _decode_option_area(bytes(data[at + TCP_MIN_HEADER : at + hlen]))
+    return TcpHeader(seq, ack, flags, window, check, urgent, sport, dport, options, padding), hlen
+
+
 @dataclass(slots=True)
 class TcpHeader:
     """A TCP header. ``flags`` holds the 12 bits after the data offset (reserved + flags)."""
@@ -187,28 +236,28 @@ class TcpHeader:
     @classmethod
     def decode(cls, data: memoryview) -> tuple[TcpHeader, int]:
         """Decode the header at the start of ``data``; returns it and its length."""
-        if len(data) < TCP_MIN_HEADER:
-            raise MalformedPacket(Reason.TCP_TRUNCATED, f"{len(data)} bytes left for TCP")
-        sport, dport, seq, ack, off_byte, flag_byte, window, check, urgent = _TCP.unpack_from(data)
-        hlen = (off_byte >> 4) * 4
-        if hlen < TCP_MIN_HEADER or hlen > len(data):
-            raise MalformedPacket(
-                Reason.TCP_DATA_OFFSET, f"data offset {hlen} with {len(data)} bytes"
-            )
-        flags = ((off_byte & 0x0F) << 8) | flag_byte
-        if hlen == TCP_MIN_HEADER:
-            return cls(seq, ack, flags, window, check, urgent, sport, dport), hlen
-        options, padding = _decode_options(data[TCP_MIN_HEADER:hlen])
-        return cls(seq, ack, flags, window, check, urgent, sport, dport, options, padding), hlen
+        return decode_tcp(data, 0)
 
     def _options_bytes(self) -> bytes:
-        # TcpOption.encode written out (no call per option): a SYN carries six.
-        parts = [
-            _ONE_BYTE_OPTIONS[o.kind]
-            if o.kind in _ONE_BYTE_OPTIONS
-            else bytes((o.kind, 2 + len(o.data))) + o.data
-            for o in self.options
-        ]
+        # TcpOption.encode written out (no call per option): a SYN carries six, and the
+        # wire form of each handshake option (a few values per host) is kept by value.
+        parts = []
+        wire = _OPTION_WIRE
+        for o in self.options:
+            kind = o.kind
+            if kind == OPT_SACK:  # different in every segment: never kept
+                parts.append(bytes((kind, 2 + len(o.data))) + o.data)
+                continue
+            key = (kind, o.data)
+            raw = wire.get(key)
+            if raw is None:
+                if kind in _ONE_BYTE_OPTIONS:
+                    raw = _ONE_BYTE_OPTIONS[kind]
+                else:
+                    raw = bytes((kind, 2 + len(o.data))) + o.data
+                if kind in _AREA_KINDS and len(wire) < _OPTION_WIRE_MAX:
+                    wire[key] = raw
+            parts.append(raw)
         raw = b"".join(parts) + self.option_padding
         if len(raw) % 4:
             raw += bytes(4 - len(raw) % 4)  # zeros: EOL then padding
@@ -261,6 +310,24 @@ class TcpHeader:
                 return o
         return None
 
+    def syn_options(self) -> tuple[int | None, int | None, bool]:
+        """``(mss, window_scale, sack_permitted)`` read in one pass over the options: what a
+        SYN or SYN-ACK offers (each as its property gives it: the first such option)."""
+        mss: int | None = None
+        wscale: int | None = None
+        sack = False
+        for o in self.options:
+            kind = o.kind
+            if kind == OPT_MSS:
+                if mss is None:
+                    mss = int.from_bytes(o.data, "big")
+            elif kind == OPT_WSCALE:
+                if wscale is None:
+                    wscale = o.data[0]
+            elif kind == OPT_SACK_PERMITTED:
+                sack = True
+        return mss, wscale, sack
+
     @property
     def mss(self) -> int | None:
         """The MSS option value, if present."""
@@ -306,7 +373,7 @@ class UdpHeader:
     dst_port: int = 0
 
     @classmethod
-    def decode(cls, data: memoryview) -> tuple[UdpHeader, int]:
+    def decode(cls, data: bytes | memoryview) -> tuple[UdpHeader, int]:
         """Decode the header at the start of ``data``; its length field must match."""
         if len(data) < UDP_HEADER:
             raise MalformedPacket(Reason.UDP_TRUNCATED, f"{len(data)} bytes left for UDP")

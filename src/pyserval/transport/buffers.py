@@ -183,7 +183,8 @@ class ReceiveBuffer:
     @property
     def window(self) -> int:
         """Space the peer may still fill beyond ``rcv_nxt``."""
-        return max(0, self.capacity - self._readable)
+        free = self.capacity - self._readable
+        return free if free > 0 else 0  # (not max(): read for every segment sent)
 
     @property
     def out_of_order_bytes(self) -> int:

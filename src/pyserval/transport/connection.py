@@ -71,9 +71,19 @@ __all__ = [
 ]
 
 _FIN_ACKED_STAGES: Final = frozenset({Stage.FIN_ACKED, Stage.SAL_FIN_SENT, Stage.DONE})
-# Stage.OPEN itself is a slow lookup (an Enum class attribute, ~0.2 us) on a hot path.
+# Stage.OPEN itself is a slow lookup (an Enum class attribute, ~0.2 us) on a hot path;
+# so are the sides and events every connection's close reports.
 _OPEN: Final = Stage.OPEN
 _DONE: Final = Stage.DONE
+_FIN_SENT: Final = Stage.FIN_SENT
+_LOCAL: Final = Side.LOCAL
+_REMOTE: Final = Side.REMOTE
+_EV_SHUTDOWN: Final = CloseEvent.SHUTDOWN
+_EV_FIN: Final = CloseEvent.FIN
+_EV_FIN_ACKED: Final = CloseEvent.FIN_ACKED
+_EV_SAL_FIN_SENT: Final = CloseEvent.SAL_FIN_SENT
+_EV_SAL_FIN_ACKED: Final = CloseEvent.SAL_FIN_ACKED
+_EV_SAL_FIN: Final = CloseEvent.SAL_FIN
 
 
 def _no_wake(conn: Connection) -> None:
@@ -93,6 +103,17 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+# States and roles bound once: in Python 3.11 reading a member off an Enum class takes
+# about 0.1 us (the metaclass defines __getattr__, which sends every class attribute read
+# through a Python-level hook), and a connection tests its state several times per packet.
+_SYN_SENT: Final = State.SYN_SENT
+_SYN_RECEIVED: Final = State.SYN_RECEIVED
+_ESTABLISHED: Final = State.ESTABLISHED
+_TIME_WAIT: Final = State.TIME_WAIT
+_CLOSED: Final = State.CLOSED
+_CLIENT: Final = Role.CLIENT
+
+
 class Connection:
     """A Serval TCP connection as the application sees it (see the module docstring).
 
@@ -102,6 +123,57 @@ class Connection:
     :class:`~.flows.FlowManager`): migration, address checks, JOIN, scheduling and
     reinjection live there.
     """
+
+    # Slots: a connection has some forty attributes, and past thirty an instance's
+    # attributes leave CPython 3.11's shared-key layout for a dict of their own, which
+    # made setting them in __init__ cost three times as much (1.4 us against 0.4 for
+    # forty-five) and every read a dict lookup. ``__dict__`` stays (made only when used),
+    # so code that hangs an attribute of its own on a connection still may.
+    __slots__ = (
+        "_emit",
+        "ack_now",
+        "budget",
+        "budget_epoch",
+        "challenge_ack_due",
+        "close",
+        "config",
+        "conn_id",
+        "control_ack_pending",
+        "control_ack_sf",
+        "dead_subflows",
+        "delack_deadline",
+        "dupacks_owed",
+        "error",
+        "fin_offset",
+        "flows",
+        "keepalives_sent",
+        "last_heard",
+        "listener_id",
+        "mp",
+        "peer_fin_offset",
+        "peer_key",
+        "pending_control",
+        "recv",
+        "role",
+        "rst_pending",
+        "scheduled",
+        "send",
+        "send_blocked",
+        "service_id",
+        "state",
+        "stats_heard_again",
+        "subflows",
+        "syn_due",
+        "syn_first",
+        "third_ack_pending",
+        "time_wait_deadline",
+        "unacked_segments",
+        "unreachable_count",
+        "unreachable_since",
+        "wake",
+        "__weakref__",
+        "__dict__",
+    )
 
     def __init__(
         self,
@@ -116,8 +188,8 @@ class Connection:
         self.service_id = service_id
         self.config = config
         self._emit = emit
-        self.state = State.SYN_SENT if role is Role.CLIENT else State.SYN_RECEIVED
-        self.flows = FlowManager(self, config.multipath and role is Role.CLIENT)
+        self.state = _SYN_SENT if role is _CLIENT else _SYN_RECEIVED
+        self.flows = FlowManager(self, config.multipath and role is _CLIENT)
         self.subflows: list[Subflow] = self.flows.subflows  # the same list, primary first
         self.dead_subflows: list[Subflow] = self.flows.dead_subflows  # for the host to forget
         # The flow manager's multipath state once both ends agreed (None: single path),
@@ -189,10 +261,10 @@ class Connection:
     @property
     def closed(self) -> bool:
         """Whether the connection is gone (closed, reset or timed out)."""
-        return self.state is State.CLOSED
+        return self.state is _CLOSED
 
     def _check_open(self, what: str) -> None:
-        if self.state is State.CLOSED or self.state is State.TIME_WAIT:
+        if self.state is _CLOSED or self.state is _TIME_WAIT:
             raise ConnectionStateError(
                 f"cannot {what}: connection {self.conn_id:#x} is closed"
                 + (f" ({self.error})" if self.error else "")
@@ -213,7 +285,7 @@ class Connection:
     def peer_fin_received(self, value: bool) -> None:
         # The receive path reports the peer's FIN by setting this (only ever to True).
         if value:
-            self._close_event(Side.REMOTE, CloseEvent.FIN)
+            self._close_event(_REMOTE, _EV_FIN)
 
     @property
     def peer_sal_fin(self) -> bool:
@@ -258,7 +330,7 @@ class Connection:
             raise ConnectionError_(
                 "this connection is not multipath: connect with StreamConfig(multipath=True)"
             )
-        if self.state is not State.ESTABLISHED:
+        if self.state is not _ESTABLISHED:
             raise ConnectionError_(f"cannot add a path: connection {self.conn_id:#x} is closing")
         self.flows.add_subflow(sf, now)
         self.wake(self)
@@ -300,7 +372,7 @@ class Connection:
     def start_migration(self, sf: Subflow, now: float, local: Address) -> bool:
         """Move ``sf`` to the local address ``local`` (RSYN from there). False when the
         control channel is busy with another exchange (a closing flow): nothing started."""
-        if self.state is not State.ESTABLISHED:
+        if self.state is not _ESTABLISHED:
             raise ConnectionError_(f"cannot migrate connection {self.conn_id:#x}: not established")
         if not self.flows.start_migration(sf, now, local):
             return False
@@ -338,7 +410,7 @@ class Connection:
     def read(self, max_bytes: int = -1) -> bytes:
         """Take received bytes (b"" when none are ready); opens the window as it reads."""
         data = self.recv.read(max_bytes)
-        if data and self.subflows and self.state is State.ESTABLISHED:
+        if data and self.subflows and self.state is _ESTABLISHED:
             sf = self.primary
             opened = sf.window_now() - sf.last_adv_window
             if opened >= min(2 * sf.mss, self.recv.capacity // 2):
@@ -361,7 +433,7 @@ class Connection:
         self._check_open("shut down")
         if self.fin_offset is None:
             self.fin_offset = self.send.end
-            self._close_event(Side.LOCAL, CloseEvent.SHUTDOWN)
+            self._close_event(_LOCAL, _EV_SHUTDOWN)
             self.wake(self)
 
     def abort(self) -> None:
@@ -370,10 +442,10 @@ class Connection:
         In TIME_WAIT both directions were delivered and closed already: the connection just
         goes, with nothing sent (RFC 9293 3.10.7.1: ABORT in TIME-WAIT sends no RST).
         """
-        if self.state is State.TIME_WAIT:
-            self.state = State.CLOSED
+        if self.state is _TIME_WAIT:
+            self.state = _CLOSED
             self.wake(self)
-        elif self.state is not State.CLOSED:
+        elif self.state is not _CLOSED:
             self.abort_with("aborted locally", send_rst=True)
             self.wake(self)
 
@@ -406,7 +478,7 @@ class Connection:
         mp_offer = self.flows.mp_offer
         if mp_offer is not None and offer is not None:
             self.flows.enable_multipath(mp_offer, offer.key)
-        self.state = State.ESTABLISHED
+        self.state = _ESTABLISHED
         self.last_heard = now
         self.third_ack_pending = True
         self.emit(ConnectionEstablished(self.conn_id))
@@ -440,7 +512,7 @@ class Connection:
         sf.control.complete()
         if ctl is not None:  # only the third ACK itself: data standing in for it came later
             sf.handshake_sample(now)
-        self.state = State.ESTABLISHED
+        self.state = _ESTABLISHED
         return True  # the host reports the connection, then hands it the segment
 
     # -- the byte stream over several subflows (DSN) --------------------------------------
@@ -495,9 +567,9 @@ class Connection:
         peer only forgot the flow while we finished the SAL FIN exchange (its TIME_WAIT ran
         out): no data was lost, so the connection counts as closed cleanly.
         """
-        if self.state is State.CLOSED or self.state is State.TIME_WAIT:
+        if self.state is _CLOSED or self.state is _TIME_WAIT:
             return  # RFC 1337: a RST must not cut TIME_WAIT short
-        self.state = State.CLOSED
+        self.state = _CLOSED
         if self.fin_acked and self.peer_fin_received:
             self.emit(ConnectionClosed(self.conn_id))
             return
@@ -506,9 +578,9 @@ class Connection:
 
     def on_fin_acked(self, now: float) -> None:
         """Our TCP FIN was acknowledged: start the SAL FIN exchange."""
-        if self.close.local is not Stage.FIN_SENT:
+        if self.close.local is not _FIN_SENT:
             return  # acknowledged before: every later ACK covers it too
-        if self._close_event(Side.LOCAL, CloseEvent.FIN_ACKED):
+        if self._close_event(_LOCAL, _EV_FIN_ACKED):
             self._sal_fin_when_free(now)
 
     def _sal_fin_when_free(self, now: float) -> None:
@@ -517,7 +589,7 @@ class Connection:
         # else an RSYN is outstanding (one exchange at a time): on_path_settled sends it.
 
     def _start_sal_fin(self, now: float) -> None:
-        if not self._close_event(Side.LOCAL, CloseEvent.SAL_FIN_SENT):
+        if not self._close_event(_LOCAL, _EV_SAL_FIN_SENT):
             return
         sf = self.primary
         # The path's RTT is known by now: time the SAL FIN by it, not by the 3 s used for a
@@ -533,13 +605,13 @@ class Connection:
 
     def _maybe_finish(self, now: float) -> None:
         """The joint rule of the close sequence: both directions done ends the connection."""
-        if not self.close.finished or self.state is not State.ESTABLISHED:
+        if not self.close.finished or self.state is not _ESTABLISHED:
             return
         if self.close.active_close:
-            self.state = State.TIME_WAIT
+            self.state = _TIME_WAIT
             self.time_wait_deadline = now + self.config.time_wait
         else:
-            self.state = State.CLOSED
+            self.state = _CLOSED
         self.emit(ConnectionClosed(self.conn_id))
 
     def ack_sent(self) -> None:
@@ -555,17 +627,17 @@ class Connection:
     def time_out(self, why: str) -> None:
         """Give up: retransmissions went unanswered."""
         self.error = f"timed out: {why}"
-        self.state = State.CLOSED
+        self.state = _CLOSED
         self.emit(ConnectionTimedOut(self.conn_id, why))
 
     def abort_with(self, reason: str, *, send_rst: bool) -> None:
         """Close at once; optionally send a CONTROL(RST) to the peer first."""
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             return
         if send_rst and self.subflows and self.primary.remote_flowid:
             self.rst_pending = True
         self.error = reason
-        self.state = State.CLOSED
+        self.state = _CLOSED
         self.emit(ConnectionReset(self.conn_id, reason))
 
     def on_control(
@@ -597,7 +669,7 @@ class Connection:
                 flows.on_rsynack(sf, ext, src, now)
                 return
             if sf.control.outstanding == ControlFlags.FIN and not self._close_event(
-                Side.LOCAL, CloseEvent.SAL_FIN_ACKED
+                _LOCAL, _EV_SAL_FIN_ACKED
             ):
                 return
             sf.control.complete()
@@ -605,7 +677,7 @@ class Connection:
             if not self.peer_fin_received:
                 return  # its TCP FIN has not reached us yet: the peer will send again
             sf.control.peer_consumed(ext.verno)
-            if not self._close_event(Side.REMOTE, CloseEvent.SAL_FIN):
+            if not self._close_event(_REMOTE, _EV_SAL_FIN):
                 return
             self.control_ack_pending = True
             self.control_ack_sf = sf  # answered on the subflow (and channel) it came on
@@ -614,9 +686,10 @@ class Connection:
     # -- timers -------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
         """The earliest timer of this connection and its subflows."""
-        if self.state is State.CLOSED:
+        state = self.state
+        if state is _CLOSED:
             return None
-        if self.state is State.TIME_WAIT:
+        if state is _TIME_WAIT:
             # Everything was delivered and acknowledged both ways: only TIME_WAIT's own end
             # is left (on_timer runs nothing else, so nothing else may be armed).
             return self.time_wait_deadline
@@ -625,7 +698,7 @@ class Connection:
             d = sf.next_deadline()
             if d is not None and (best is None or d < best):
                 best = d
-        if self.state is State.ESTABLISHED:
+        if state is _ESTABLISHED:
             live = liveness.deadline(self)
             if live is not None and (best is None or live < best):
                 best = live
@@ -633,9 +706,9 @@ class Connection:
 
     def on_timer(self, now: float, out: list[SalPacket]) -> None:
         """Run every timer that is due."""
-        if self.state is State.TIME_WAIT:
+        if self.state is _TIME_WAIT:
             if self.time_wait_deadline is not None and now >= self.time_wait_deadline:
-                self.state = State.CLOSED
+                self.state = _CLOSED
             return
         multipath = self.flows.mp is not None
         if self.delack_deadline is not None and now >= self.delack_deadline:
@@ -645,14 +718,14 @@ class Connection:
                 for sf in self.subflows:
                     if sf.mp_unacked:
                         sf.ack_pending = True
-        if self.state is State.ESTABLISHED and liveness.check(self, now, out):
+        if self.state is _ESTABLISHED and liveness.check(self, now, out):
             return
         for sf in list(self.subflows):  # a subflow may be given up on the way
             if sf not in self.subflows:
                 continue
             if sf.mig is not None or sf.challenge is not None:
                 self._migration_timers(sf, now)
-                if self.state is State.CLOSED:
+                if self.state is _CLOSED:
                     return
             cc = sf.control
             if (
@@ -679,32 +752,32 @@ class Connection:
                 return
             if not sf.frozen:
                 sf.on_timer(now, out)
-            if self.state is State.CLOSED:
+            if self.state is _CLOSED:
                 return
 
     def resend_control(self, sf: Subflow, out: list[SalPacket]) -> None:
         """Retransmit the outstanding control packet of an established subflow."""
-        if self.state is State.SYN_SENT:
+        if self.state is _SYN_SENT:
             self.syn_due = True  # the host resolves the service again and sends the SYN
             return
         ext = sf.control.resend()
         if sf.join_state == "syn_sent":
             out.append(sf.join_syn_packet(ext))
             return
-        if self.state is State.SYN_RECEIVED or sf.join_state == "syn_received":
+        if self.state is _SYN_RECEIVED or sf.join_state == "syn_received":
             sf.handshake_sent_at = None  # retransmitted: no RTT sample from its answer
             out.append(sf.synack_packet(ext))
-        elif self.state is State.ESTABLISHED:
+        elif self.state is _ESTABLISHED:
             out.append(sf.control_packet(ext))
 
     # -- output -------------------------------------------------------------------------
     def output(self, now: float, out: list[SalPacket]) -> None:
         """Append every packet this connection has to send now."""
-        if self.state is not State.ESTABLISHED and self.state is not State.TIME_WAIT:
+        if self.state is not _ESTABLISHED and self.state is not _TIME_WAIT:
             if self.rst_pending and self.subflows:
                 self._send_rst(out)
             return
-        sf = self.primary
+        sf = self.subflows[0]  # the primary (read per flush: no property)
         if self.third_ack_pending:
             self.third_ack_pending = False
             ext = sf.control.ext(ControlFlags.ACK)
@@ -713,12 +786,13 @@ class Connection:
             tcp = sf.ack_header(TcpFlags.ACK, 0)
             out.append(sf.control_packet(ext, [ServiceExt(self.service_id)], tcp))
             self.ack_sent()
-        frozen = sf.frozen
+        mig = sf.mig
+        frozen = mig is not None and mig.busy  # sf.frozen
         flows = self.flows
         if flows.mp is not None:
             self._output_mp(now, out, frozen)
         else:
-            if self.state is State.ESTABLISHED and not frozen:
+            if self.state is _ESTABLISHED and not frozen:
                 sf.output(now, out)
             # Duplicate ACKs owed for out-of-order segments go even if data carried the ACK
             # (a segment with data is no duplicate ACK to its receiver); one is the ACK below.
@@ -733,12 +807,13 @@ class Connection:
                     out.append(sf.pure_ack(duplicate=owed > 0))
                 self.ack_sent()
                 owed -= 1
-            if not frozen:
+            if owed > 0 and not frozen:
                 for _ in range(owed):
                     out.append(sf.pure_ack(duplicate=True))
-        closing = self._closing_control(sf)
-        if closing is not None:
-            out.append(sf.control_packet(closing))
+        if self.pending_control or self.control_ack_pending:  # else _closing_control: None
+            closing = self._closing_control(sf)
+            if closing is not None:
+                out.append(sf.control_packet(closing))
         if self.pending_control:
             self.pending_control = False
             if sf.control.outstanding is not None:
@@ -771,7 +846,7 @@ class Connection:
         """Multipath output: joins, data in the flow manager's order, each subflow's ACK."""
         flows = self.flows
         live = flows.output_joins(out)
-        established = self.state is State.ESTABLISHED
+        established = self.state is _ESTABLISHED
         if established:
             for sf in flows.order(live):
                 if not sf.frozen:

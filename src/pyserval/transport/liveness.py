@@ -37,7 +37,10 @@ def _waiting_since(conn: Connection) -> float | None:
 def _control_outstanding(conn: Connection) -> bool:
     """A control packet (SAL FIN, RSYN, JOIN) awaits its answer: its own retransmissions
     keep the path busy and decide when to give up, so keepalives wait."""
-    return any(sf.control.deadline is not None for sf in conn.subflows)
+    for sf in conn.subflows:  # noqa: SIM110 (no generator: this runs after every flush)
+        if sf.control.deadline is not None:
+            return True
+    return False
 
 
 def deadline(conn: Connection) -> float | None:
@@ -45,16 +48,19 @@ def deadline(conn: Connection) -> float | None:
     probes) and the user timeout; None when none is configured or due."""
     cfg = conn.config
     heard = conn.last_heard
-    best = None if cfg.idle_timeout is None else heard + cfg.idle_timeout
-    if cfg.keepalive is not None and not _control_outstanding(conn):
+    idle = cfg.idle_timeout
+    best = None if idle is None else heard + idle
+    keepalive = cfg.keepalive
+    if keepalive is not None and not _control_outstanding(conn):
         # The next probe, or (all sent) the end of the wait for an answer.
-        d = heard + cfg.keepalive + conn.keepalives_sent * cfg.keepalive_interval
+        d = heard + keepalive + conn.keepalives_sent * cfg.keepalive_interval
         if best is None or d < best:
             best = d
-    if cfg.user_timeout is not None:
+    user = cfg.user_timeout
+    if user is not None:
         waiting = _waiting_since(conn)
-        if waiting is not None and (best is None or waiting + cfg.user_timeout < best):
-            best = waiting + cfg.user_timeout
+        if waiting is not None and (best is None or waiting + user < best):
+            best = waiting + user
     return best
 
 

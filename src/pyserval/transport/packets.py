@@ -15,7 +15,7 @@ connection's; the SAL wire format itself is ``pyserval.sal``.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ..naming.service_id import ServiceID
 from ..sal.extensions import ControlExt, DssExt, Extension, JoinExt, MpCapableExt, ServiceExt
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from .connection import Connection
 
 __all__ = ["SegmentBuilder"]
+
+_SYN_ACK: Final = TcpFlags.SYN | TcpFlags.ACK
 
 
 @functools.lru_cache(maxsize=64)
@@ -88,15 +90,19 @@ class SegmentBuilder:
         as a window update, not as a duplicate (RFC 5681 section 2), and would miss the
         loss. The growth goes out with the next ACK that is no duplicate.
         """
-        win = self.window_now()
+        conn = self.conn
+        budget = conn.budget
+        # Without a budget the window is the buffer's free space (window_now's first line).
+        win = conn.recv.window if budget is None else self.window_now()
         if hold and self.mss <= self.last_adv_window <= win:
             win = self.last_adv_window
         self.last_adv_window = win
-        if self.conn.budget is not None:
-            rcv_nxt = self.conn.recv.rcv_nxt
+        if budget is not None:
+            rcv_nxt = conn.recv.rcv_nxt
             self.adv_rcv_nxt = rcv_nxt
             self.adv_edge = rcv_nxt + win
-        return min(win >> self.rcv_wscale, 0xFFFF)
+        win >>= self.rcv_wscale
+        return win if win < 0xFFFF else 0xFFFF
 
     def window_now(self) -> int:
         """The window to advertise now: the receive buffer's free space, but with a host
@@ -137,7 +143,8 @@ class SegmentBuilder:
 
     def syn_packet(self, control: ControlExt, service_id: ServiceID) -> SalPacket:
         """SYN: base, CONTROL(SYN), SERVICE(destination) and the TCP SYN."""
-        tcp = TcpHeader(seq=self.iss, flags=TcpFlags.SYN, window=0, options=self._syn_options())
+        # (seq, ack, flags, window, checksum, urgent, ports, options), positionally
+        tcp = TcpHeader(self.iss, 0, TcpFlags.SYN, 0, 0, 0, 0, 0, self._syn_options())
         exts: list[Extension] = [control, ServiceExt(service_id)]
         if self.conn.mp_offer is not None:
             exts.append(MpCapableExt(self.conn.mp_offer))
@@ -153,9 +160,9 @@ class SegmentBuilder:
 
     def synack_packet(self, control: ControlExt) -> SalPacket:
         """SYN-ACK: base, CONTROL(SYN+ACK) and the TCP SYN-ACK."""
-        wscale = self.rcv_wscale if self.peer_offered_wscale else None
-        opts = list(_handshake_options(self.conn.config.mss, wscale, self.sack_ok))
         conn = self.conn
+        wscale = self.rcv_wscale if self.peer_offered_wscale else None
+        opts = list(_handshake_options(conn.config.mss, wscale, self.sack_ok))
         win = min(conn.recv.window, 0xFFFF)  # never scaled in a SYN
         budget = conn.budget
         if budget is not None:
@@ -165,16 +172,11 @@ class SegmentBuilder:
             win = min(win, self._share(budget))
             self.adv_rcv_nxt = conn.recv.rcv_nxt
             self.adv_edge = self.adv_rcv_nxt + win
-        tcp = TcpHeader(
-            seq=self.iss,
-            ack=self.wire_ack(),
-            flags=TcpFlags.SYN | TcpFlags.ACK,
-            window=win,
-            options=opts,
-        )
+        # (seq, ack, flags, window, checksum, urgent, ports, options), positionally
+        tcp = TcpHeader(self.iss, self.wire_ack(), _SYN_ACK, win, 0, 0, 0, 0, opts)
         exts: list[Extension] = [control]
-        mp = self.conn.mp
-        if mp is not None and self is self.conn.primary:
+        mp = conn.mp
+        if mp is not None and self is conn.primary:
             exts.append(MpCapableExt(mp.local_key))
         return SalPacket(self.local_flowid, self.remote_flowid, PROTO_TCP, exts, tcp)
 
@@ -207,12 +209,18 @@ class SegmentBuilder:
                 opts.append(
                     TcpOption.sack([((base + s) & MASK32, (base + e) & MASK32) for s, e in blocks])
                 )
+        # Positional (seq, ack, flags, window, checksum, urgent, ports, options) and the
+        # sequence number worked out here: this runs for every segment we send.
         return TcpHeader(
-            seq=self.wire_seq(self.snd_max if offset is None else offset),
-            ack=self.wire_ack(),
-            flags=flags,
-            window=self.advertised_window(hold_window),
-            options=opts,
+            (self.iss + 1 + (self.snd_max if offset is None else offset)) & MASK32,
+            self.wire_ack(),
+            flags,
+            self.advertised_window(hold_window),
+            0,
+            0,
+            0,
+            0,
+            opts,
         )
 
     def _data_packet(self, start: int, end: int, fin: bool, dsn: int = -1) -> SalPacket:

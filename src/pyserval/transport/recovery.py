@@ -706,7 +706,7 @@ class Recovery:
     def _rebuild_resent(self) -> None:
         """The heap of RACK's candidates from the scoreboard (O(window), amortised over
         the entries pushed since the last rebuild)."""
-        if not self.sack_ok:
+        if not self.sack_ok or not self.segments:  # (nothing sent yet: the handshake's call)
             self._resent = []
             return
         self._resent = resent = [

@@ -57,17 +57,28 @@ class RttEstimator:
 
     def sample(self, rtt: float) -> None:
         """Take one RTT measurement (never from a retransmitted segment: Karn)."""
-        rtt = max(rtt, 0.0)
+        # Comparisons written out rather than min() and max() (each a builtin call; every
+        # handshake takes a sample), picking the same operand min() and max() would.
+        if rtt < 0.0:
+            rtt = 0.0
         self.latest = rtt
-        self.min_rtt = rtt if self.min_rtt is None else min(self.min_rtt, rtt)
-        if self.srtt is None:
-            self.srtt = rtt
+        low = self.min_rtt
+        if low is None or rtt < low:
+            self.min_rtt = rtt
+        srtt = self.srtt
+        if srtt is None:
+            srtt = self.srtt = rtt
             self.rttvar = rtt / 2
         else:
-            self.rttvar = (1 - _BETA) * self.rttvar + _BETA * abs(self.srtt - rtt)
-            self.srtt = (1 - _ALPHA) * self.srtt + _ALPHA * rtt
-        rto = self.srtt + max(self.granularity, _K * self.rttvar)
-        self.base_rto = min(max(rto, self.min_rto), self.max_rto)
+            self.rttvar = (1 - _BETA) * self.rttvar + _BETA * abs(srtt - rtt)
+            srtt = self.srtt = (1 - _ALPHA) * srtt + _ALPHA * rtt
+        var = _K * self.rttvar
+        rto = srtt + (var if var > self.granularity else self.granularity)
+        if self.min_rto > rto:
+            rto = self.min_rto
+        if self.max_rto < rto:
+            rto = self.max_rto
+        self.base_rto = rto
         self.backoffs = 0
 
     def backoff(self) -> None:

@@ -46,6 +46,7 @@ __all__ = ["MAX_OWED_DUPACKS", "Subflow", "new_data_end"]
 MAX_OWED_DUPACKS: Final = 256
 _PEER_DEFAULT_MSS: Final = 536  # RFC 9293 default when the peer sends no MSS option
 _MIN_PEER_MSS: Final = 256
+_CLIENT: Final = Role.CLIENT  # bound once: an Enum member read off its class is slow
 
 
 def new_data_end(snd_max: int, wnd_end: int, send_end: int, pipe: int, cwnd: int, mss: int) -> int:
@@ -79,6 +80,55 @@ def new_data_end(snd_max: int, wnd_end: int, send_end: int, pipe: int, cwnd: int
 
 class Subflow(SegmentBuilder):
     """One SAL flow of a connection and the TCP sequence space that rides in it."""
+
+    # Slots, as Connection has them (some forty-five attributes: see there).
+    __slots__ = (
+        "ack_pending",
+        "adv_edge",
+        "adv_rcv_nxt",
+        "cc",
+        "challenge",
+        "conn",
+        "control",
+        "fin_seq",
+        "fin_seq_acked",
+        "handshake_sent_at",
+        "irs",
+        "iss",
+        "join_state",
+        "join_third_ack",
+        "last_adv_window",
+        "local_addr",
+        "local_flowid",
+        "lost",
+        "max_snd_wnd",
+        "mig",
+        "mp_unacked",
+        "mss",
+        "peer_key",
+        "peer_offered_wscale",
+        "persist_backoff",
+        "persist_deadline",
+        "prev_remote",
+        "prev_remote_until",
+        "rcv_track",
+        "rcv_wscale",
+        "recovery",
+        "redundant_next",
+        "remote_addr",
+        "remote_flowid",
+        "retransmissions",
+        "rto_count",
+        "rto_deadline",
+        "rtt",
+        "sack_ok",
+        "segments",
+        "snd_max",
+        "snd_una",
+        "snd_wnd",
+        "snd_wscale",
+        "waiting_since",
+    )
 
     def __init__(
         self,
@@ -191,16 +241,17 @@ class Subflow(SegmentBuilder):
     def take_peer_syn(self, tcp: TcpHeader) -> None:
         """Adopt what the peer's SYN or SYN-ACK says: ISN, MSS, window scale, SACK."""
         self.irs = tcp.seq
+        cfg = self.conn.config
+        peer_mss, ws, sack_permitted = tcp.syn_options()
         # A floor on the peer's MSS: a hostile peer must not force tiny segments on us.
-        self.mss = min(self.conn.config.mss, max(tcp.mss or _PEER_DEFAULT_MSS, _MIN_PEER_MSS))
+        self.mss = min(cfg.mss, max(peer_mss or _PEER_DEFAULT_MSS, _MIN_PEER_MSS))
         self.cc.set_mss(self.mss)
-        ws = tcp.window_scale
         self.peer_offered_wscale = ws is not None
         if ws is None:
             self.snd_wscale = self.rcv_wscale = 0  # scaling needs both sides (RFC 7323)
         else:
             self.snd_wscale = min(ws, 14)
-        self.sack_ok = self.conn.config.sack and tcp.sack_permitted
+        self.sack_ok = cfg.sack and sack_permitted
         self.recovery.set_peer(self.mss, self.sack_ok)
         self.snd_wnd = tcp.window  # never scaled in a SYN
 
@@ -224,13 +275,14 @@ class Subflow(SegmentBuilder):
             return  # resets travel as SAL CONTROL(RST), which carries the nonce
         if flags & TcpFlags.SYN:
             # A retransmitted SYN-ACK: our third ACK was lost; answer it again.
-            conn.third_ack_pending = conn.role is Role.CLIENT
+            conn.third_ack_pending = conn.role is _CLIENT
             conn.ack_now = True
             return
         if not self.acceptable(tcp, len(payload) + (1 if flags & TcpFlags.FIN else 0)):
             conn.challenge_ack_due = True  # RFC 5961: ACK it, change nothing
             return
-        self._heard_again(now)
+        if self.rto_count:  # (what _heard_again tests first: no call per segment)
+            self._heard_again(now)
         conn.last_heard = now
         conn.keepalives_sent = 0
         if flags & TcpFlags.ACK:
@@ -290,7 +342,8 @@ class Subflow(SegmentBuilder):
         if not self.acceptable(tcp, len(payload) + (1 if flags & TcpFlags.FIN else 0), track):
             conn.challenge_ack_due = True  # RFC 5961 as on a single path: change nothing
             return
-        self._heard_again(now)
+        if self.rto_count:  # (what _heard_again tests first: no call per segment)
+            self._heard_again(now)
         conn.last_heard = now
         conn.keepalives_sent = 0
         if dss is not None:
@@ -518,9 +571,16 @@ class Subflow(SegmentBuilder):
         conn = self.conn
         send_end = conn.send.end
         fin_off = conn.fin_offset
-        mss = self.mss
         rec = self.recovery
         lost = rec.lost
+        if (
+            self.snd_max >= send_end
+            and (fin_off is None or self.snd_max != fin_off)
+            and conn.mp is None
+            and not lost
+        ):
+            return  # nothing new, no FIN due, nothing to resend: what the loop below finds
+        mss = self.mss
         # Read once and then kept up to date here: each segment sent adds its length to
         # the pipe, as RFC 6675 counts it.
         pipe = rec.pipe(self.snd_una, self.snd_max)
