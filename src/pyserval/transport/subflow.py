@@ -111,6 +111,8 @@ class Subflow(SegmentBuilder):
         "persist_deadline",
         "prev_remote",
         "prev_remote_until",
+        "probes",
+        "pto_deadline",
         "rcv_track",
         "rcv_wscale",
         "recovery",
@@ -127,6 +129,7 @@ class Subflow(SegmentBuilder):
         "snd_una",
         "snd_wnd",
         "snd_wscale",
+        "tlp",
         "waiting_since",
     )
 
