@@ -154,15 +154,7 @@ def test_coupled_congestion_control_is_no_more_aggressive_on_a_shared_bottleneck
     m1, m2, single = ("10.0.1.1", 40000), ("10.0.1.1", 40001), ("10.0.1.1", 40002)
     server = HostCore([b], rng=random.Random(9))
     mp_client = HostCore([m1, m2], rng=random.Random(7), config=StreamConfig(multipath=True))
-    # The reference flow recovers from loss as the subflows do: the tail loss probe is for
-    # single-path connections only, and one spurious probe of its first flight (queued
-    # behind the other flow's data, it outlasts two handshake RTTs) moves this one
-    # deterministic run's share by as much as a 20 us change of the step below does.
-    tcp_client = HostCore(
-        [single],
-        rng=random.Random(8),
-        config=StreamConfig(congestion="newreno", tail_loss_probe=False),
-    )
+    tcp_client = HostCore([single], rng=random.Random(8), config=StreamConfig(congestion="newreno"))
     net.attach(server, b)
     net.attach(mp_client, m1, m2)
     net.attach(tcp_client, single)

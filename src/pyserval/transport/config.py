@@ -34,8 +34,13 @@ class StreamConfig:
     # A tail loss probe (RACK-TLP, RFC 8985 section 7): when the ACKs of a flight stop
     # coming for about two round trips (plus our delayed-ACK time when one segment is
     # out), one segment goes again, so that a lost tail is repaired by SACK or duplicate
-    # ACK recovery instead of waiting for the retransmission timeout. False: the RTO alone.
-    tail_loss_probe: bool = True
+    # ACK recovery instead of waiting for the retransmission timeout. Off by default:
+    # where ACKs are late without any loss (100 streams into one loopback host: 194 to 332
+    # probes a run and no drop) a resent probe cannot be told from a repair without DSACK,
+    # which our receivers do not send, so it counts as a loss (RFC 8985 7.4) and the
+    # window shrinks: 194-262 MB/s against 266-298 with it off. For lossy paths with a
+    # steady RTT, turn it on.
+    tail_loss_probe: bool = False
     time_wait: float = Field(default=30.0, ge=0.0)
     idle_timeout: float | None = None  # abort after this long without hearing from the peer
     # Liveness, on by default (README "NATs"), as Linux's TCP_KEEPIDLE/KEEPINTVL/KEEPCNT:
