@@ -486,16 +486,9 @@ class HostCore:
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address, Address]]:
         """Every datagram to send now, as (payload, local address, remote address)."""
-        # _take_output written out (called after every datagram the driver hands over).
-        self._woken = None
-        dirty = self._dirty
-        while dirty:
-            _, conn = dirty.popitem()
-            self._flush(conn, now)
-        out, self._out = self._out, []
-        if not self._supers:
+        out, supers = self._take_output(now)
+        if not supers:
             return out  # type: ignore[return-value]  # no SuperDatagram among them
-        self._supers = False
         flat: list[tuple[bytes, Address, Address]] = []
         for data, local, remote in out:
             if isinstance(data, SuperDatagram):
