@@ -164,22 +164,19 @@ def test_tcp_options_written_out_and_shared(header: TcpHeader) -> None:
     assert decoded.encode() == wire
 
 
+# A SYN's TCP header: MSS 1408, NOP, window scale 7, NOP, NOP, SACK-permitted (RFC 9293,
+# 7323, 2018 kinds), and the options it decodes to as (kind, data).
+_SYN_AREA = bytes([2, 4, 0x05, 0x80, 1, 3, 3, 7, 1, 1, 4, 2])
+_SYN_HEADER = bytes(12) + bytes([(20 + len(_SYN_AREA)) // 4 << 4, 0x02]) + bytes(6) + _SYN_AREA
+_SYN_OPTIONS = [(2, b"\x05\x80"), (1, b""), (3, b"\x07"), (1, b""), (1, b""), (4, b"")]
+
+
 def test_handshake_options_decode_from_bytes() -> None:
-    # MSS 1408, NOP, window scale 7, NOP, NOP, SACK-permitted (RFC 9293, 7323, 2018 kinds).
-    options = bytes([2, 4, 0x05, 0x80, 1, 3, 3, 7, 1, 1, 4, 2])
-    header = bytes(12) + bytes([(20 + len(options)) // 4 << 4, 0x02]) + bytes(6) + options
     for _ in range(2):  # the second time from the shared instances
-        tcp, _ = TcpHeader.decode(memoryview(header))
+        tcp, _ = TcpHeader.decode(memoryview(_SYN_HEADER))
         assert tcp.mss == 1408
-        assert [(o.kind, o.data) for o in tcp.options] == [
-            (2, b"\x05\x80"),
-            (1, b""),
-            (3, b"\x07"),
-            (1, b""),
-            (1, b""),
-            (4, b""),
-        ]
-        assert tcp.encode() == header
+        assert [(o.kind, o.data) for o in tcp.options] == _SYN_OPTIONS
+        assert tcp.encode() == _SYN_HEADER
 
 
 @pytest.mark.parametrize(
@@ -283,20 +280,11 @@ def test_option_areas_seen_before_give_lists_of_their_own() -> None:
     # A SYN's option area (MSS, NOP, window scale, NOP, NOP, SACK-permitted) is decoded
     # from the cache the second time: the list must be a new one each time (a caller may
     # change it), with the same options in it.
-    area = bytes([2, 4, 0x05, 0x80, 1, 3, 3, 7, 1, 1, 4, 2])
-    header = bytes(12) + bytes([(20 + len(area)) // 4 << 4, 0x02]) + bytes(6) + area
-    first, _ = TcpHeader.decode(memoryview(header))
+    first, _ = TcpHeader.decode(memoryview(_SYN_HEADER))
     first.options.append(TcpOption.nop())
-    second, _ = TcpHeader.decode(memoryview(header))
-    assert [(o.kind, o.data) for o in second.options] == [
-        (2, b"\x05\x80"),
-        (1, b""),
-        (3, b"\x07"),
-        (1, b""),
-        (1, b""),
-        (4, b""),
-    ]
-    assert second.encode() == header
+    second, _ = TcpHeader.decode(memoryview(_SYN_HEADER))
+    assert [(o.kind, o.data) for o in second.options] == _SYN_OPTIONS
+    assert second.encode() == _SYN_HEADER
 
 
 @settings(max_examples=200)
