@@ -120,7 +120,9 @@ class FlowsService:
 
 def _identity(flow: FlowInfo) -> tuple[str, str, str, int]:
     """What tells one connection of a listing from its neighbours: its service, kind, role
-    and first path's flowID (the host lists them in flowID order)."""
+    and first path's flowID (the host lists them in flowID order). A connection with no
+    path left is told by the rest alone: two such neighbours of one service and role
+    could hide a shift by one (the listing then may skip one of them)."""
     first = flow.paths[0].local_flowid if flow.paths else -1
     return (flow.service, flow.kind, flow.role, first)
 
