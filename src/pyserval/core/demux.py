@@ -91,10 +91,10 @@ def predicted(
     """
     if len(data) <= _PREDICT_LEN or data[8] != 3:
         return None  # no data, or extensions (shl is byte 8): not a plain data segment
-    (src_fid, dst_fid, shl, protocol, _, _, _, seq, ack, off_flags, window, _, _) = (
+    (src_fid, dst_fid, _, protocol, _, _, _, seq, ack, off_flags, window, _, _) = (
         _PREDICT.unpack_from(data)
     )
-    if shl != 3 or protocol != PROTO_TCP or off_flags not in _PLAIN_DATA:
+    if protocol != PROTO_TCP or off_flags not in _PLAIN_DATA:  # (shl: byte 8, above)
         return None
     sf = host.flows.get(dst_fid)
     if type(sf) is not Subflow or src_fid != sf.remote_flowid:

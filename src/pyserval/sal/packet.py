@@ -386,7 +386,9 @@ def decode_packet(data: BytesLike, *, verify: bool = True) -> SalPacket:
     if protocol == PROTO_TCP:
         transport, tlen = decode_tcp(buf, hlen)
     else:
-        transport, tlen = UdpHeader.decode(buf[hlen:] if view is None else view[hlen:])
+        if view is None:
+            view = memoryview(data)  # (a bytes slice would copy the whole payload)
+        transport, tlen = UdpHeader.decode(view[hlen:])
     end = hlen + tlen
     if end == total:
         return SalPacket(src, dst, protocol, extensions, transport, _NO_PAYLOAD)
