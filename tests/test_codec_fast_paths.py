@@ -285,6 +285,25 @@ def test_option_areas_seen_before_give_lists_of_their_own() -> None:
     second, _ = TcpHeader.decode(memoryview(_SYN_HEADER))
     assert [(o.kind, o.data) for o in second.options] == _SYN_OPTIONS
     assert second.encode() == _SYN_HEADER
+    # The first decode may have been the one that filled the cache: a list changed after
+    # a decode that came from it must not show in the next one either.
+    second.options.append(TcpOption.nop())
+    third, _ = TcpHeader.decode(memoryview(_SYN_HEADER))
+    assert [(o.kind, o.data) for o in third.options] == _SYN_OPTIONS
+    assert third.options is not second.options
+
+
+def test_the_option_area_cache_is_bounded() -> None:
+    # Option areas that are not SACK blocks (here MSS options of every value an attacker
+    # may send, one per SYN) are kept only up to the cache's bound.
+    from pyserval.sal import transport_headers
+
+    for mss in range(1000, 1000 + 10 * transport_headers._AREAS_MAX):
+        area = bytes([2, 4, mss >> 8, mss & 0xFF])
+        header = bytes(12) + bytes([(20 + len(area)) // 4 << 4, 0x02]) + bytes(6) + area
+        tcp, _ = TcpHeader.decode(memoryview(header))
+        assert tcp.mss == mss
+        assert len(transport_headers._AREAS) <= transport_headers._AREAS_MAX
 
 
 @settings(max_examples=200)
