@@ -220,9 +220,7 @@ def netns_part(args: argparse.Namespace) -> dict[str, Any]:
                     p.kill()
             peers = public(no_relay=True)
             try:
-                con = client(
-                    "c", VIA_GW1, "connects", "--count", "3", "--connect-timeout", "3"
-                )
+                con = client("c", VIA_GW1, "connects", "--count", "3", "--connect-timeout", "3")
                 out["port-restricted, instances answering directly only"] = {
                     "connects_ok": f"{con['ok']} of 3 (3 s timeout each)"
                 }

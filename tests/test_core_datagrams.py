@@ -57,9 +57,7 @@ def test_datagram_delivered_with_source_and_layout(n: Net) -> None:
     n.a.send_datagram(a_ep, "dgram", b"hi")
     n.net.kick(n.a)
     n.net.run_for(0.1)
-    assert n.b.events() == [
-        DatagramReceived(ep.flowid, b"hi", ServiceID.parse("src"), A)
-    ]
+    assert n.b.events() == [DatagramReceived(ep.flowid, b"hi", ServiceID.parse("src"), A)]
     assert n.a.events() == []
     ((raw, src, dst, pkt),) = n.sent(A)
     assert (src, dst) == (A, B)
@@ -96,9 +94,7 @@ def test_datagrams_both_ways_and_empty_payload(n: Net) -> None:
     n.b.send_datagram(ep, "src", b"reply")
     n.net.kick(n.b)
     n.net.run_for(0.1)
-    assert n.a.events() == [
-        DatagramReceived(a_ep.flowid, b"reply", ServiceID.parse("dgram"), B)
-    ]
+    assert n.a.events() == [DatagramReceived(a_ep.flowid, b"reply", ServiceID.parse("dgram"), B)]
 
 
 def test_largest_datagram_fits_and_one_more_byte_raises(n: Net) -> None:

@@ -514,6 +514,7 @@ def test_a_relay_marker_is_filled_in_alike_by_the_fast_and_the_general_path(what
     if what != "syn-padded":
         assert fast == general
     else:  # the general path drops PAD; the fast one keeps every byte it does not fill
+
         def exts(raw: bytes) -> list[object]:
             return [e for e in decode_packet(raw).extensions if type(e) is not PadExt]
 

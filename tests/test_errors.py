@@ -160,9 +160,7 @@ class _Refuser(asyncio.DatagramProtocol):
 def test_connect_reset_by_the_peer_is_refused() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            _Refuser, local_addr=("127.0.0.1", 0)
-        )
+        transport, _ = await loop.create_datagram_endpoint(_Refuser, local_addr=("127.0.0.1", 0))
         try:
             async with Host(["127.0.0.1:0"]) as client:
                 client.add_route("refusing", "{}:{}".format(*transport.get_extra_info("sockname")))

@@ -126,9 +126,7 @@ def test_idle_past_the_conntrack_timeout_then_the_server_sends_first(
 
 
 def test_migration_from_one_nat_to_the_other(topo: Topology, public: Public) -> None:
-    with _client(
-        topo, "upload", VIA_GW1, "--bytes", str(8 << 20), "--migrate-to", VIA_GW2
-    ) as c:
+    with _client(topo, "upload", VIA_GW1, "--bytes", str(8 << 20), "--migrate-to", VIA_GW2) as c:
         res = c.result(60)
         assert c.finish(10) == 0, c.stderr
     assert res["ok"], res

@@ -40,6 +40,7 @@ pytestmark = pytest.mark.timeout(60)
 
 STARTUP = 20.0  # seconds a child may take to print its ready line (a loaded CI machine)
 
+
 def program(name: str) -> str | None:
     """Where ``name`` is installed (servers often live in sbin, not on a user's PATH)."""
     path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/local/sbin"])

@@ -188,9 +188,9 @@ async def datagrams(host: pyserval.Host, args: argparse.Namespace) -> int:
     answers: list[tuple[bytes, Any, Any]] = []
     host.watch(
         ep.flowid,
-        lambda e: answers.append((e.data, e.address, e.via))
-        if isinstance(e, DatagramReceived)
-        else None,
+        lambda e: (
+            answers.append((e.data, e.address, e.via)) if isinstance(e, DatagramReceived) else None
+        ),
     )
     for i in range(args.count):
         core.send_datagram(ep, "nat-dgram", b"ping %d" % i)
