@@ -217,8 +217,15 @@ class SalPacket:
             if bare is not None:
                 return bare
         if exts:
-            # One extension (a control packet's CONTROL) needs no list and no join.
-            ext = exts[0].encode() if len(exts) == 1 else b"".join([e.encode() for e in exts])
+            # One or two extensions (CONTROL; CONTROL and SERVICE: a SYN, a third ACK)
+            # need no list and no join.
+            n = len(exts)
+            if n == 1:
+                ext = exts[0].encode()
+            elif n == 2:
+                ext = exts[0].encode() + exts[1].encode()
+            else:
+                ext = b"".join([e.encode() for e in exts])
             if len(ext) % 4:
                 ext += bytes(4 - len(ext) % 4)  # PAD bytes to a whole word
             shl = 3 + len(ext) // 4
