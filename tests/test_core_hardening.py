@@ -476,3 +476,18 @@ def test_rst_payload_layout_is_base_plus_control() -> None:
     src_flow, dst_flow, shl, proto = struct.unpack_from("!IIBB", rst)
     assert (src_flow, dst_flow, shl, proto, to) == (0, 5, 8, 6, EVIL)
     assert rst[12] >> 4 == 1 and rst[13] == 20 and rst[14] & ControlFlags.RST
+
+
+def test_secure_random_words_are_not_shared_with_a_forked_child(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pyserval.naming import entropy
+
+    r = SecureRandom(batch=64)
+    assert 0 <= r.getrandbits(17) < 1 << 17
+    pending = {w >> 1 for w in r._words}  # what the parent would hand out next (63 bits)
+    assert pending
+    monkeypatch.setattr(entropy, "_fork_generation", entropy._fork_generation + 1)
+    child = [r.getrandbits(63) for _ in range(8)]
+    assert not pending & set(child)  # a fresh batch: none of the parent's words again
+    assert all(0 <= r.getrandbits(k) < 1 << k for k in range(1, 130))

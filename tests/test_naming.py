@@ -19,6 +19,7 @@ from pyserval.naming import (
     as_service_prefix,
     parse_service,
 )
+from pyserval.naming.flow_id import FLOW_ID_MAX
 
 ids = st.integers(min_value=0, max_value=(1 << 256) - 1)
 
@@ -159,3 +160,28 @@ def test_flow_id_allocation_avoids_used_ids() -> None:
 
     with pytest.raises(FlowIDsExhausted):
         allocate_flow_id(All(), random.Random(1))
+
+
+class _Edge(random.Random):
+    """Its first 32-bit draws are the ones the rejection loop must skip (FLOW_ID_MAX and
+    up), then it draws as random.Random does."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.forced = [0xFFFFFFFF, 0xFFFFFFFF]
+
+    def getrandbits(self, k: int) -> int:
+        return self.forced.pop() if self.forced else super().getrandbits(k)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 99])
+def test_flow_id_allocation_draws_what_randint_draws(seed: int) -> None:
+    # The seeded simulator's flowIDs (and so its traces) are random.Random's
+    # randint(1, FLOW_ID_MAX) values, whatever allocate_flow_id does to draw them.
+    ours, reference = random.Random(seed), random.Random(seed)
+    drawn = [allocate_flow_id(set(), ours) for _ in range(200)]
+    assert drawn == [reference.randint(1, FLOW_ID_MAX) for _ in range(200)]
+    assert all(type(f) is FlowID for f in drawn)
+    edge, edge_reference = _Edge(seed), _Edge(seed)
+    assert allocate_flow_id(set(), edge) == edge_reference.randint(1, FLOW_ID_MAX)
+    assert not edge.forced  # both out-of-range draws were skipped

@@ -6,8 +6,8 @@ drawn from the operating system's CSPRNG. :class:`SecureRandom` keeps the
 :class:`random.Random` interface the sans-I/O core is written against (``getrandbits``,
 ``random``, ``randint`` ...) so the simulated network can still pass a seeded generator for
 determinism, but by default a host gets this one: it reads ``os.urandom`` in 4 KiB batches
-(one system call per about 200 connections instead of five per connection) and hands the
-bytes out once each.
+(one system call per about 100 connections instead of five per connection) and hands the
+bytes out once each; a draw of up to 64 bits takes a 64-bit word of its own batch.
 
 What it deliberately does not do: it has no state to save or seed (``seed`` is ignored and
 ``getstate`` raises, as :class:`random.SystemRandom` does), and one instance is not meant to
@@ -17,6 +17,7 @@ inherited, so parent and child never hand out the same bytes.
 
 from __future__ import annotations
 
+import array
 import os
 import random
 from typing import Any, NoReturn
@@ -43,6 +44,10 @@ class SecureRandom(random.Random):
         self._batch = max(64, batch)
         self._buf = b""
         self._pos = 0
+        # Draws of up to 64 bits (flowIDs, nonces, ISNs: four per connection) come from
+        # 64-bit words of their own batch, taken from the end: one list pop, not a slice
+        # and a conversion (0.7 us a draw).
+        self._words: list[int] = []
         self._generation = _fork_generation
         super().__init__()
 
@@ -57,10 +62,18 @@ class SecureRandom(random.Random):
         """Not available: nothing here may be replayed."""
         raise NotImplementedError("SecureRandom has no state to restore")
 
+    def _forked(self) -> None:
+        """In a forked child: throw away every batch inherited from the parent."""
+        self._generation = _fork_generation
+        self._buf = b""
+        self._pos = 0
+        self._words = []
+
     def _take(self, n: int) -> bytes:
+        if self._generation != _fork_generation:
+            self._forked()
         pos = self._pos
-        if pos + n > len(self._buf) or self._generation != _fork_generation:
-            self._generation = _fork_generation
+        if pos + n > len(self._buf):
             self._buf = os.urandom(max(self._batch, n))
             pos = 0
         self._pos = pos + n
@@ -68,6 +81,13 @@ class SecureRandom(random.Random):
 
     def getrandbits(self, k: int) -> int:
         """``k`` random bits as a non-negative int."""
+        if 0 < k <= 64:
+            words = self._words
+            if not words or self._generation != _fork_generation:
+                if self._generation != _fork_generation:
+                    self._forked()
+                words = self._words = array.array("Q", os.urandom(self._batch // 8 * 8)).tolist()
+            return words.pop() >> (64 - k)
         if k < 0:
             raise ValueError("number of bits must be non-negative")
         if k == 0:

@@ -50,12 +50,19 @@ class FlowID(int):
 
 def allocate_flow_id(in_use: Container[int], rng: random.Random | None = None) -> FlowID:
     """A random flowID not in ``in_use``; :class:`FlowIDsExhausted` when none is free."""
-    r = rng if rng is not None else _SYSTEM_RNG
+    getrandbits = (rng if rng is not None else _SYSTEM_RNG).getrandbits
     for _ in range(_RANDOM_TRIES):
-        candidate = r.randint(1, FLOW_ID_MAX)
+        # randint(1, FLOW_ID_MAX) as random.Random draws it (a 32-bit draw, again while it
+        # is FLOW_ID_MAX or more: the same numbers from a seeded generator), without its
+        # two layers of argument checks; in range by construction, so no FlowID checks.
+        candidate = getrandbits(32)
+        while candidate >= FLOW_ID_MAX:
+            candidate = getrandbits(32)
+        candidate += 1
         if candidate not in in_use:
-            return FlowID(candidate)
+            return _new_int(FlowID, candidate)
     raise FlowIDsExhausted(f"no free flowID found in {_RANDOM_TRIES} random draws")
 
 
 _SYSTEM_RNG: Final = random.SystemRandom()
+_new_int: Final = int.__new__

@@ -15,6 +15,7 @@ from .checksum import BytesLike, address_sum, words_sum
 from .errors import MalformedPacket, Reason
 from .extensions import (
     MAX_EXTENSIONS,
+    NONCE_BYTES,
     AddAddrExt,
     AddressExt,
     ControlExt,
@@ -30,6 +31,7 @@ from .extensions import (
     SourceExt,
     SourcePortsExt,
     UnknownExt,
+    control_ext,
     decode_ip6,
 )
 from .inet import Address
@@ -64,6 +66,13 @@ _E = TypeVar("_E", bound=Extension)
 # The payload of a packet that has none: one shared empty view (a payload is a view into
 # the datagram, never a copy; an empty one needs no view of its own).
 _NO_PAYLOAD: Final = memoryview(b"")
+# The shapes _encode_bare and decode_packet take in one struct call: the base header with
+# a TCP header without options; with CONTROL; with CONTROL and a TCP header without options.
+_BARE_TCP: Final = struct.Struct("!IIBBHHHIIBBHHH")
+_BARE_CONTROL: Final = struct.Struct("!IIBBHBBBBII8s")
+_BARE_CONTROL_TCP: Final = struct.Struct("!IIBBHBBBBII8sHHIIBBHHH")
+# The CONTROL extension's first two bytes (type in the high nibble, length 20) as one word.
+_CONTROL_WORD: Final = (int(ExtType.CONTROL) << 12) | ControlExt.LENGTH
 
 
 class SalPacket:
@@ -191,9 +200,32 @@ class SalPacket:
         pseudo-header); otherwise the stored one is used.
         """
         exts = self.extensions
+        t = self.transport
+        if not self.payload and (
+            t is None
+            or (
+                type(t) is TcpHeader
+                and src_ip is not None
+                and dst_ip is not None
+                and not t.options
+                and not t.option_padding
+            )
+        ):
+            # A packet of a connection's set-up or close but the SYNs (pure ACK, FIN, SAL
+            # FIN or ACK, SAL FIN with a TCP ACK) in one pack, if it has that shape.
+            bare = _encode_bare(self, t, src_ip, dst_ip)
+            if bare is not None:
+                return bare
         if exts:
-            # One extension (a control packet's CONTROL) needs no list and no join.
-            ext = exts[0].encode() if len(exts) == 1 else b"".join([e.encode() for e in exts])
+            # One or two extensions (CONTROL; CONTROL and SERVICE: a SYN, a third ACK)
+            # need no list and no join.
+            n = len(exts)
+            if n == 1:
+                ext = exts[0].encode()
+            elif n == 2:
+                ext = exts[0].encode() + exts[1].encode()
+            else:
+                ext = b"".join([e.encode() for e in exts])
             if len(ext) % 4:
                 ext += bytes(4 - len(ext) % 4)  # PAD bytes to a whole word
             shl = 3 + len(ext) // 4
@@ -210,7 +242,6 @@ class SalPacket:
         # (shl >= 3): a sum of 0 is ones' complement -0, whose field is 0 (RFC 1071).
         total = (src + dst + ((shl << 8) | protocol) + ext_sum) % _MOD
         header = _BASE.pack(src, dst, shl, protocol, _MOD - total if total else 0) + ext
-        t = self.transport
         if t is None:
             if self.payload:
                 raise ValueError("a payload needs a transport header")
@@ -271,6 +302,127 @@ class SalPacket:
             f"protocol={self.protocol}, extensions={self.extensions!r}, "
             f"transport={self.transport!r}, payload={len(self.payload)} bytes)"
         )
+
+
+def _encode_bare(
+    pkt: SalPacket, t: Transport | None, src_ip: str | bytes | None, dst_ip: str | bytes | None
+) -> bytes | None:
+    """:meth:`SalPacket.encode` of a packet with no payload whose transport is None or a
+    TCP header without options (and the addresses given), when its extensions are none
+    (TCP only) or CONTROL alone: the base header, CONTROL and the TCP header packed at
+    once. None for any other packet (the general path encodes it).
+
+    Both checksums are worked out from the field values as the general path does (a
+    number is congruent modulo 0xFFFF to the sum of its 16-bit words), CONTROL's from its
+    fields rather than its packed bytes: its first word, flags and reserved byte, the two
+    32-bit numbers and the nonce. The bytes are the general path's (a property test)."""
+    exts = pkt.extensions
+    src, dst, protocol = pkt.src_flowid, pkt.dst_flowid, pkt.protocol
+    if exts:
+        if len(exts) != 1:
+            return None
+        c = exts[0]
+        if type(c) is not ControlExt:
+            return None
+        flags, reserved, verno, ackno, nonce = c.flags, c.reserved, c.verno, c.ackno, c.nonce
+        if len(nonce) != NONCE_BYTES:
+            return None  # (packed cut or padded to eight bytes: summed from those)
+        total = (
+            src
+            + dst
+            + (0x800 | protocol)  # shl 8: the base header and CONTROL's 20 bytes
+            + _CONTROL_WORD
+            + ((flags << 8) | reserved)
+            + verno
+            + ackno
+            + int.from_bytes(nonce, "big")
+        ) % _MOD
+        sal_check = _MOD - total if total else 0
+        if t is None:
+            return _BARE_CONTROL.pack(
+                src, dst, 8, protocol, sal_check, _CONTROL_HEAD[0], 20, flags, reserved,
+                verno, ackno, nonce,
+            )  # fmt: skip
+    elif t is None:
+        return None  # the base header alone
+    else:
+        total = (src + dst + (0x300 | protocol)) % _MOD
+        sal_check = _MOD - total if total else 0
+    assert type(t) is TcpHeader and src_ip is not None and dst_ip is not None
+    tcp_flags = t.flags
+    offset = 0x50 | ((tcp_flags >> 8) & 0x0F)  # data offset 5: no options
+    low = tcp_flags & 0xFF
+    seq = t.seq & 0xFFFFFFFF
+    ack = t.ack & 0xFFFFFFFF
+    sport, dport, window, urgent = t.src_port, t.dst_port, t.window, t.urgent
+    tcp_total = (
+        address_sum(src_ip, dst_ip, PROTO_TCP)
+        + 20
+        + sport
+        + dport
+        + seq
+        + ack
+        + ((offset << 8) | low)
+        + window
+        + urgent
+    )
+    check = 0xFFFF - (tcp_total % 0xFFFF or 0xFFFF)  # ones' complement, never +0
+    t.checksum = check
+    if exts:
+        return _BARE_CONTROL_TCP.pack(
+            src, dst, 8, protocol, sal_check, _CONTROL_HEAD[0], 20, flags, reserved,
+            verno, ackno, nonce, sport, dport, seq, ack, offset, low, window, check, urgent,
+        )  # fmt: skip
+    return _BARE_TCP.pack(
+        src, dst, 3, protocol, sal_check, sport, dport, seq, ack, offset, low, window,
+        check, urgent,
+    )  # fmt: skip
+
+
+def _decode_bare(data: bytes, total: int, verify: bool) -> SalPacket | None:
+    """:func:`decode_packet` of a 32- or 52-byte datagram of the shapes
+    :func:`_encode_bare` writes (the base header with a TCP header without options,
+    CONTROL alone, or CONTROL with such a TCP header), unpacked at once; None for
+    anything else, a header checksum that does not verify included (the general path
+    then decodes it, or refuses it for its reason)."""
+    shl = data[8]
+    if shl == 3:
+        if total != 32:
+            return None
+        (src, dst, _, protocol, _, sport, dport, seq, ack, off, low, window, check, urgent) = (
+            _BARE_TCP.unpack(data)
+        )
+        if protocol != PROTO_TCP or off >> 4 != 5:
+            return None
+        if verify:
+            n = int.from_bytes(data[:12], "big")
+            if n % _MOD or not n:
+                return None
+        tcp = TcpHeader(seq, ack, ((off & 0x0F) << 8) | low, window, check, urgent, sport, dport)
+        return SalPacket(src, dst, PROTO_TCP, [], tcp, _NO_PAYLOAD)
+    if shl != 8 or data[12] != _CONTROL_HEAD[0] or data[13] != _CONTROL_HEAD[1]:
+        return None
+    if verify:
+        n = int.from_bytes(data[:32], "big")
+        if n % _MOD or not n:
+            return None
+    if total == 32:
+        (src, dst, _, protocol, _, _, _, flags, reserved, verno, ackno, nonce) = (
+            _BARE_CONTROL.unpack(data)
+        )
+        if protocol != PROTO_TCP and protocol != PROTO_UDP:
+            return None
+        ctl = control_ext(flags, verno, ackno, nonce, reserved)
+        return SalPacket(src, dst, protocol, [ctl], None, b"")
+    (
+        src, dst, _, protocol, _, _, _, flags, reserved, verno, ackno, nonce,
+        sport, dport, seq, ack, off, low, window, check, urgent,
+    ) = _BARE_CONTROL_TCP.unpack(data)  # fmt: skip
+    if protocol != PROTO_TCP or off >> 4 != 5:
+        return None
+    tcp = TcpHeader(seq, ack, ((off & 0x0F) << 8) | low, window, check, urgent, sport, dport)
+    ctl = control_ext(flags, verno, ackno, nonce, reserved)
+    return SalPacket(src, dst, PROTO_TCP, [ctl], tcp, _NO_PAYLOAD)
 
 
 # The first two bytes (type in the high nibble, then length) of the extensions of the
@@ -355,6 +507,12 @@ def decode_packet(data: BytesLike, *, verify: bool = True) -> SalPacket:
     if type(data) is bytes:
         # Headers are read from the bytes themselves (struct and slices of a few dozen
         # bytes cost less than through a view); only the payload is a view into them.
+        total = len(data)
+        if total == 32 or total == 52:
+            # Most packets of a connection's set-up and close: see _decode_bare.
+            bare = _decode_bare(data, total, verify)
+            if bare is not None:
+                return bare
         buf, view = data, None
     else:
         try:

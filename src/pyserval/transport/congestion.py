@@ -44,11 +44,14 @@ SSTHRESH_INFINITE: Final = 1 << 62
 until the first loss."""
 
 _ABC_LIMIT_SEGMENTS: Final = 2  # RFC 3465's L: at most 2*MSS of growth per ACK in slow start
+_INF: Final = math.inf  # (a global, not an attribute of a module, for the constructor)
 
 
 def initial_window(mss: int) -> int:
     """The RFC 6928 initial window in bytes: ``min(10*MSS, max(2*MSS, 14600))``."""
-    return min(10 * mss, max(2 * mss, 14600))
+    # (conditional expressions: no builtin calls, for every connection's constructor)
+    floor = 2 * mss if 2 * mss > 14600 else 14600
+    return 10 * mss if 10 * mss < floor else floor
 
 
 def _check_mss(mss: int) -> int:
@@ -80,20 +83,18 @@ class CongestionControl(abc.ABC):
         if initial_window is not None and initial_window <= 0:
             raise ValueError(f"initial window must be positive, got {initial_window}")
         self._explicit_iw = initial_window
-        self.cwnd = 0
-        self.ssthresh = SSTHRESH_INFINITE
-        self._cwnd_frac = 0.0
-        self._timeout_backoff = False
-        self._pristine = True
+        # cwnd, ssthresh, _cwnd_frac, _timeout_backoff and _pristine: _reset_window's.
         self._reset_window()
 
     # -- shared helpers ------------------------------------------------------------------
 
     def _initial_window(self) -> int:
-        if self._explicit_iw is not None:
+        iw = self._explicit_iw
+        mss = self.mss
+        if iw is not None:
             # An explicit IW is in bytes, but a window smaller than one segment would stall.
-            return max(self._explicit_iw, self.mss)
-        return initial_window(self.mss)
+            return iw if iw > mss else mss
+        return initial_window(mss)
 
     def _reset_window(self) -> None:
         """Back to the state of a fresh connection (IW, infinite ssthresh); keeps the MSS."""
@@ -104,7 +105,8 @@ class CongestionControl(abc.ABC):
 
     def _set_cwnd(self, value: int) -> None:
         """Set ``cwnd`` outright, dropping any fractional growth not yet applied."""
-        self.cwnd = max(value, self.mss)
+        mss = self.mss
+        self.cwnd = value if value > mss else mss
         self._cwnd_frac = 0.0
 
     def _grow_cwnd(self, delta: float) -> None:
@@ -318,22 +320,22 @@ class Cubic(CongestionControl):
     ``cwnd_prior``: the same average rate as Reno's AIMD(1, 0.5). Derived from BETA here, so
     a subclass changing BETA must set ALPHA too."""
 
-    def __init__(self, mss: int, initial_window: int | None = None) -> None:
-        self._w_max = 0.0  # bytes; 0: no loss to return to, the next epoch starts at cwnd
-        self._cwnd_prior = 0.0  # bytes: cwnd when ssthresh was last set
-        self._k = 0.0  # seconds from the epoch start to the plateau at W_max
-        self._w_est = 0.0  # bytes: what Reno would have by now (Reno-friendly region)
-        self._epoch_start: float | None = None
-        self._last_ack_time: float | None = None
-        self._min_rtt: float | None = None
-        # HyStart: the current round's end, smallest RTT and sample count; the last round's.
-        self._round_end: float | None = None
-        self._round_min = math.inf
-        self._round_samples = 0
-        self._last_round_min = math.inf
-        self._css_rounds: int | None = None  # rounds spent in conservative slow start
-        self._css_base = math.inf  # the round minimum RTT when it began
-        super().__init__(mss, initial_window)
+    # Its state, set by _reset_window (which the base constructor calls: set here as well,
+    # it was set twice per connection).
+    _w_max: float  # bytes; 0: no loss to return to, the next epoch starts at cwnd
+    _cwnd_prior: float  # bytes: cwnd when ssthresh was last set
+    _k: float  # seconds from the epoch start to the plateau at W_max
+    _w_est: float  # bytes: what Reno would have by now (Reno-friendly region)
+    _epoch_start: float | None
+    _last_ack_time: float | None
+    _min_rtt: float | None
+    # HyStart: the current round's end, smallest RTT and sample count; the last round's.
+    _round_end: float | None
+    _round_min: float
+    _round_samples: int
+    _last_round_min: float
+    _css_rounds: int | None  # rounds spent in conservative slow start
+    _css_base: float  # the round minimum RTT when it began
 
     def _reset_window(self) -> None:
         super()._reset_window()
@@ -346,11 +348,11 @@ class Cubic(CongestionControl):
         # A new path has its own propagation delay.
         self._min_rtt = None
         self._round_end = None
-        self._round_min = math.inf
+        self._round_min = _INF
         self._round_samples = 0
-        self._last_round_min = math.inf
+        self._last_round_min = _INF
         self._css_rounds = None
-        self._css_base = math.inf
+        self._css_base = _INF
 
     def _w_cubic(self, t: float) -> float:
         """The cubic window in bytes, ``t`` seconds into the epoch (RFC 9438 eq. 1)."""

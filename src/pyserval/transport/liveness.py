@@ -51,16 +51,26 @@ def deadline(conn: Connection) -> float | None:
     idle = cfg.idle_timeout
     best = None if idle is None else heard + idle
     keepalive = cfg.keepalive
-    if keepalive is not None and not _control_outstanding(conn):
+    user = cfg.user_timeout
+    if keepalive is None and user is None:
+        return best
+    # _control_outstanding and _waiting_since in one pass (this runs after every flush
+    # of an established connection; both are on by default).
+    outstanding = False
+    waiting = None
+    for sf in conn.subflows:
+        if sf.control.deadline is not None:
+            outstanding = True
+        w = sf.waiting_since
+        if w is not None and (waiting is None or w > waiting):
+            waiting = w
+    if keepalive is not None and not outstanding:
         # The next probe, or (all sent) the end of the wait for an answer.
         d = heard + keepalive + conn.keepalives_sent * cfg.keepalive_interval
         if best is None or d < best:
             best = d
-    user = cfg.user_timeout
-    if user is not None:
-        waiting = _waiting_since(conn)
-        if waiting is not None and (best is None or waiting + user < best):
-            best = waiting + user
+    if user is not None and waiting is not None and (best is None or waiting + user < best):
+        best = waiting + user
     return best
 
 

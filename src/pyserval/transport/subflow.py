@@ -247,15 +247,20 @@ class Subflow(SegmentBuilder):
         cfg = self.conn.config
         peer_mss, ws, sack_permitted = tcp.syn_options()
         # A floor on the peer's MSS: a hostile peer must not force tiny segments on us.
-        self.mss = min(cfg.mss, max(peer_mss or _PEER_DEFAULT_MSS, _MIN_PEER_MSS))
-        self.cc.set_mss(self.mss)
+        self.mss = mss = min(cfg.mss, max(peer_mss or _PEER_DEFAULT_MSS, _MIN_PEER_MSS))
+        cc = self.cc
+        if cc.mss != mss:
+            # Made for our own MSS with the subflow, and nothing is sent before the
+            # handshake completes: for the same MSS set_mss would recompute the same
+            # initial window (about 0.8 us per connection).
+            cc.set_mss(mss)
         self.peer_offered_wscale = ws is not None
         if ws is None:
             self.snd_wscale = self.rcv_wscale = 0  # scaling needs both sides (RFC 7323)
         else:
             self.snd_wscale = min(ws, 14)
         self.sack_ok = cfg.sack and sack_permitted
-        self.recovery.set_peer(self.mss, self.sack_ok)
+        self.recovery.set_peer(mss, self.sack_ok)
         self.snd_wnd = tcp.window  # never scaled in a SYN
 
     @property
