@@ -1,0 +1,103 @@
+"""The connect cycle with both hosts in one process: CPU per connection without wake-ups.
+
+    python benchmarks/connect_inproc.py [--connections 2000] [--warmup 200] [--out FILE]
+
+``suite_cases.py connect`` runs the client and the server in two processes, as users do,
+and its CPU figure includes what each wake-up of a sleeping process costs. Here both
+:class:`pyserval.Host` s share one asyncio loop and real UDP sockets on loopback, so the
+figure is the stack's own work per connection (system calls included) with warm caches,
+and the run is short enough for ``valgrind --tool=callgrind``, whose instruction counts do
+not move with load on the machine (take the difference of two runs of different
+``--connections`` to leave out start-up).
+
+The cycle is ``suite_cases.py``'s: connect, the server accepts and closes, the client reads
+end of stream and closes. The JSON gives connections per second, CPU microseconds per
+connection (``time.process_time``) and ``ok``: every connection was accepted and every
+client read end of stream with no data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import treepath
+from report import emit
+
+SRC = treepath.pin()
+
+import anyio  # noqa: E402
+
+import pyserval  # noqa: E402
+
+SERVICE = "inproc-connect"
+
+
+async def run(connections: int, warmup: int) -> dict[str, Any]:
+    """``warmup`` cycles, then ``connections`` timed ones; the figures."""
+    accepted = 0
+    clean_ends = 0
+
+    async def serve(listener: Any) -> None:
+        nonlocal accepted
+        async for stream in listener:
+            accepted += 1
+            await stream.aclose()
+
+    async def cycle(host: pyserval.Host) -> None:
+        nonlocal clean_ends
+        stream = await host.connect(SERVICE)
+        try:
+            await stream.receive()
+        except anyio.EndOfStream:
+            clean_ends += 1
+        await stream.aclose()
+
+    config = pyserval.StreamConfig(time_wait=1.0)  # as suite_cases' client
+    async with (
+        pyserval.Host(["127.0.0.1:0"]) as server,
+        pyserval.Host(["127.0.0.1:0"], stream_config=config) as client,
+    ):
+        listener = await server.listen(SERVICE, backlog=1024)
+        task = asyncio.ensure_future(serve(listener))
+        ip, port = server.addresses[0]
+        client.add_route(SERVICE, f"{ip}:{port}")
+        for _ in range(warmup):
+            await cycle(client)
+        cpu0 = time.process_time()
+        start = time.perf_counter()
+        for _ in range(connections):
+            await cycle(client)
+        wall = time.perf_counter() - start
+        cpu = time.process_time() - cpu0
+        await asyncio.sleep(0.05)  # the last accept
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    total = warmup + connections
+    return {
+        "connections": connections,
+        "per_s": round(connections / wall),
+        "cpu_us_per_connection": round(cpu / connections * 1e6, 1),
+        "ok": accepted == total and clean_ends == total,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the cycles and print the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--connections", type=int, default=2000)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    result = asyncio.run(run(args.connections, args.warmup))
+    emit({"case": "connect_inproc", "pyserval_src": str(SRC), **result}, args.out)
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
