@@ -649,7 +649,9 @@ def test_stateless_rst_answering_pure_ack_does_not_reset(sim: Callable[..., Sim]
 @pytest.mark.parametrize("side", ["client", "server"])
 @pytest.mark.parametrize("flag", [ControlFlags.RST, ControlFlags.FIN])
 def test_forged_control_with_wrong_nonce_is_ignored(
-    sim: Callable[..., Sim], side: str, flag: int  # ControlFlags are plain ints
+    sim: Callable[..., Sim],
+    side: str,
+    flag: int,  # ControlFlags are plain ints
 ) -> None:
     p = make_pair(sim)
     c, s = connect(p)
