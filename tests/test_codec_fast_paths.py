@@ -10,6 +10,7 @@ the pseudo-header verification of ``sal.checksum``.
 from __future__ import annotations
 
 import copy
+import struct
 
 import pytest
 from hypothesis import given, settings
@@ -20,9 +21,12 @@ from pyserval.naming import InvalidServiceID, ServiceID
 from pyserval.naming.service_id import as_service_id
 from pyserval.sal import (
     ControlExt,
+    ControlFlags,
+    Extension,
     MalformedPacket,
     RelayExt,
     SalPacket,
+    TcpFlags,
     TcpHeader,
     TcpOption,
     decode_packet,
@@ -434,3 +438,24 @@ def test_bare_decoder_takes_the_connection_cycles_shapes() -> None:
         assert _decode_bare(bytes(broken), len(wire), True) is None
         with pytest.raises(MalformedPacket):
             decode_packet(bytes(broken))
+
+
+@pytest.mark.parametrize("with_control", [False, True])
+def test_a_failed_encode_leaves_the_header_as_it_was(with_control: bool) -> None:
+    # A field out of range makes the one-call packer raise; the TCP header's stored
+    # checksum must be what it was, as the general path leaves it (review of the bare
+    # path: it used to write the checksum before packing).
+    header = TcpHeader(flags=TcpFlags.ACK, window=65536, checksum=0x1234)
+    exts: list[Extension] = [control_ext(ControlFlags.ACK, 1, 2, bytes(8))] if with_control else []
+    packet = SalPacket(1, 2, 6, exts, header)
+    with pytest.raises(struct.error):
+        packet.encode("10.0.0.1", "10.0.0.2")
+    assert header.checksum == 0x1234
+
+
+def test_a_payload_of_none_is_refused_on_the_bare_path() -> None:
+    # Not a valid payload: the general path raises TypeError, and so must the shortcut
+    # for packets without payload (it used to take None for "no payload").
+    packet = SalPacket(1, 2, 6, [], TcpHeader(flags=TcpFlags.ACK), None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        packet.encode("10.0.0.1", "10.0.0.2")

@@ -55,6 +55,8 @@ def allocate_flow_id(in_use: Container[int], rng: random.Random | None = None) -
         # randint(1, FLOW_ID_MAX) as random.Random draws it (a 32-bit draw, again while it
         # is FLOW_ID_MAX or more: the same numbers from a seeded generator), without its
         # two layers of argument checks; in range by construction, so no FlowID checks.
+        # Always through getrandbits: a subclass that overrides only random() (which
+        # randint would then draw through) gets other, equally uniform, numbers.
         candidate = getrandbits(32)
         while candidate >= FLOW_ID_MAX:
             candidate = getrandbits(32)

@@ -201,7 +201,8 @@ class SalPacket:
         """
         exts = self.extensions
         t = self.transport
-        if not self.payload and (
+        # (len, not truth: a payload of None raises TypeError here as on the general path)
+        if len(self.payload) == 0 and (
             t is None
             or (
                 type(t) is TcpHeader
@@ -367,16 +368,20 @@ def _encode_bare(
         + urgent
     )
     check = 0xFFFF - (tcp_total % 0xFFFF or 0xFFFF)  # ones' complement, never +0
-    t.checksum = check
     if exts:
-        return _BARE_CONTROL_TCP.pack(
+        wire = _BARE_CONTROL_TCP.pack(
             src, dst, 8, protocol, sal_check, _CONTROL_HEAD[0], 20, flags, reserved,
             verno, ackno, nonce, sport, dport, seq, ack, offset, low, window, check, urgent,
         )  # fmt: skip
-    return _BARE_TCP.pack(
-        src, dst, 3, protocol, sal_check, sport, dport, seq, ack, offset, low, window,
-        check, urgent,
-    )  # fmt: skip
+    else:
+        wire = _BARE_TCP.pack(
+            src, dst, 3, protocol, sal_check, sport, dport, seq, ack, offset, low, window,
+            check, urgent,
+        )  # fmt: skip
+    # Only once the fields packed: a field out of range raises with the header as it was,
+    # as the general path leaves it.
+    t.checksum = check
+    return wire
 
 
 def _decode_bare(data: bytes, total: int, verify: bool) -> SalPacket | None:
