@@ -82,10 +82,10 @@ class SecureRandom(random.Random):
     def getrandbits(self, k: int) -> int:
         """``k`` random bits as a non-negative int."""
         if 0 < k <= 64:
+            if self._generation != _fork_generation:
+                self._forked()
             words = self._words
-            if not words or self._generation != _fork_generation:
-                if self._generation != _fork_generation:
-                    self._forked()
+            if not words:
                 words = self._words = array.array("Q", os.urandom(self._batch // 8 * 8)).tolist()
             return words.pop() >> (64 - k)
         if k < 0:

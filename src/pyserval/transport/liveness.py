@@ -24,23 +24,20 @@ if TYPE_CHECKING:
 __all__ = ["check", "deadline"]
 
 
-def _waiting_since(conn: Connection) -> float | None:
-    """Since when our data has waited for an ACK (the latest of the subflows')."""
-    latest = None
+def _subflow_waits(conn: Connection) -> tuple[bool, float | None]:
+    """In one pass over the subflows (this runs after every flush): whether a control
+    packet (SAL FIN, RSYN, JOIN) awaits its answer, whose own retransmissions keep the
+    path busy and decide when to give up, so keepalives wait; and since when our data has
+    waited for an ACK (the latest of the subflows'), for the user timeout."""
+    outstanding = False
+    waiting = None
     for sf in conn.subflows:
-        w = sf.waiting_since
-        if w is not None and (latest is None or w > latest):
-            latest = w
-    return latest
-
-
-def _control_outstanding(conn: Connection) -> bool:
-    """A control packet (SAL FIN, RSYN, JOIN) awaits its answer: its own retransmissions
-    keep the path busy and decide when to give up, so keepalives wait."""
-    for sf in conn.subflows:  # noqa: SIM110 (no generator: this runs after every flush)
         if sf.control.deadline is not None:
-            return True
-    return False
+            outstanding = True
+        w = sf.waiting_since
+        if w is not None and (waiting is None or w > waiting):
+            waiting = w
+    return outstanding, waiting
 
 
 def deadline(conn: Connection) -> float | None:
@@ -54,16 +51,7 @@ def deadline(conn: Connection) -> float | None:
     user = cfg.user_timeout
     if keepalive is None and user is None:
         return best
-    # _control_outstanding and _waiting_since in one pass (this runs after every flush
-    # of an established connection; both are on by default).
-    outstanding = False
-    waiting = None
-    for sf in conn.subflows:
-        if sf.control.deadline is not None:
-            outstanding = True
-        w = sf.waiting_since
-        if w is not None and (waiting is None or w > waiting):
-            waiting = w
+    outstanding, waiting = _subflow_waits(conn)
     if keepalive is not None and not outstanding:
         # The next probe, or (all sent) the end of the wait for an answer.
         d = heard + keepalive + conn.keepalives_sent * cfg.keepalive_interval
@@ -81,13 +69,13 @@ def check(conn: Connection, now: float, out: list[SalPacket]) -> bool:
     if cfg.idle_timeout is not None and now >= heard + cfg.idle_timeout:
         conn.time_out("idle")
         return True
-    if cfg.user_timeout is not None:
-        waiting = _waiting_since(conn)
-        if waiting is not None and now >= waiting + cfg.user_timeout:
-            conn.time_out(f"user timeout: data unacknowledged for {now - waiting:.1f} s")
-            return True
+    outstanding, waiting = _subflow_waits(conn)
+    user = cfg.user_timeout
+    if user is not None and waiting is not None and now >= waiting + user:
+        conn.time_out(f"user timeout: data unacknowledged for {now - waiting:.1f} s")
+        return True
     ka = cfg.keepalive
-    if ka is None or _control_outstanding(conn):
+    if ka is None or outstanding:
         return False
     probes = cfg.keepalive_probes
     interval = cfg.keepalive_interval
