@@ -24,7 +24,7 @@ class SendBuffer:
     stream of one-byte writes costs no more than a few large ones. Reads copy the range.
     """
 
-    __slots__ = ("_chunks", "_starts", "_first", "_base", "_end", "capacity")
+    __slots__ = ("_chunks", "_starts", "_first", "_base", "end", "capacity")
 
     CHUNK = 65536
     """Small writes are gathered into chunks of about this size."""
@@ -38,7 +38,9 @@ class SendBuffer:
         self._starts: list[int] = []  # the absolute offset of each chunk's first byte
         self._first = 0
         self._base = 0  # absolute offset of the oldest byte held
-        self._end = 0  # one past the newest
+        # Offset one past the newest byte written. A plain attribute (read it, never set
+        # it): the send path and every ACK read it, and a property costs a call per read.
+        self.end = 0
         self.capacity = capacity
 
     @property
@@ -47,17 +49,12 @@ class SendBuffer:
         return self._base
 
     @property
-    def end(self) -> int:
-        """Offset one past the newest byte written."""
-        return self._end
-
-    @property
     def free(self) -> int:
         """How many more bytes :meth:`write` accepts now."""
-        return self.capacity - (self._end - self._base)
+        return self.capacity - (self.end - self._base)
 
     def __len__(self) -> int:
-        return self._end - self._base
+        return self.end - self._base
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Append as much of ``data`` as fits; returns how many bytes were taken."""
@@ -71,19 +68,19 @@ class SendBuffer:
                 last += data[:n]
             else:
                 chunks.append(bytearray(data[:n]))
-                self._starts.append(self._end)
+                self._starts.append(self.end)
         else:
             if type(data) is bytes and n == len(data):
                 chunks.append(data)  # immutable: kept as it is
             else:
                 chunks.append(bytes(data[:n]))
-            self._starts.append(self._end)
-        self._end += n
+            self._starts.append(self.end)
+        self.end += n
         return n
 
     def read(self, start: int, end: int) -> bytes:
         """A copy of bytes [start, end) (they must still be held)."""
-        if start < self._base or end > self._end:
+        if start < self._base or end > self.end:
             raise IndexError(f"bytes [{start}, {end}) are not in the send buffer")
         if end <= start:
             return b""
@@ -106,7 +103,7 @@ class SendBuffer:
 
     def release(self, upto: int) -> int:
         """Drop bytes before ``upto`` (acknowledged); returns how many were dropped."""
-        upto = min(upto, self._end)
+        upto = min(upto, self.end)
         n = upto - self._base
         if n <= 0:
             return 0
@@ -119,7 +116,7 @@ class SendBuffer:
         while first < last and starts[first + 1] <= upto:
             chunks[first] = b""
             first += 1
-        if first == last and upto == self._end:
+        if first == last and upto == self.end:
             chunks.clear()
             starts.clear()
             first = 0
