@@ -426,7 +426,7 @@ class Connection:
     @property
     def at_eof(self) -> bool:
         """The peer finished sending and every byte was read."""
-        return self.peer_fin_received and self.recv.readable == 0
+        return self.close.remote is not _OPEN and self.recv.readable == 0
 
     def shutdown(self) -> None:
         """Half-close: send FIN after the data already queued."""
@@ -674,7 +674,7 @@ class Connection:
                 return
             sf.control.complete()
         if flags & ControlFlags.FIN:
-            if not self.peer_fin_received:
+            if self.close.remote is _OPEN:  # not peer_fin_received (without its call)
                 return  # its TCP FIN has not reached us yet: the peer will send again
             sf.control.peer_consumed(ext.verno)
             if not self._close_event(_REMOTE, _EV_SAL_FIN):

@@ -22,6 +22,7 @@ from ..sal.extensions import ControlExt, DssExt, Extension, JoinExt, MpCapableEx
 from ..sal.packet import SalPacket
 from ..sal.train import SegmentTrain
 from ..sal.transport_headers import PROTO_TCP, TcpFlags, TcpHeader, TcpOption
+from .close_state import Stage
 from .common import MASK32
 from .multipath import SeqTracker, join_proof
 from .receive_budget import ReceiveBudget
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["SegmentBuilder"]
 
 _SYN_ACK: Final = TcpFlags.SYN | TcpFlags.ACK
+_OPEN: Final = Stage.OPEN  # bound once: an Enum member read off its class is slow
 
 
 @functools.lru_cache(maxsize=64)
@@ -80,7 +82,10 @@ class SegmentBuilder:
         if track is not None:
             return (self.irs + 1 + track.rcv_nxt) & MASK32
         conn = self.conn
-        return (self.irs + 1 + conn.recv.rcv_nxt + (1 if conn.peer_fin_received else 0)) & MASK32
+        # The peer's FIN counts once it arrived (conn.peer_fin_received, read as the close
+        # state's remote stage: a property costs a call, and this runs per segment sent).
+        fin = 0 if conn.close.remote is _OPEN else 1
+        return (self.irs + 1 + conn.recv.rcv_nxt + fin) & MASK32
 
     def advertised_window(self, hold: bool = False) -> int:
         """The 16-bit window field: receive buffer space scaled down.

@@ -26,6 +26,7 @@ from ..sal.control import ControlChannel
 from ..sal.extensions import DssExt
 from ..sal.packet import SalPacket
 from ..sal.transport_headers import TcpFlags, TcpHeader
+from .close_state import Stage
 from .common import Address, Role, unwrap
 from .congestion import CongestionControl, make_congestion_control
 from .events import DataReceived, SendSpaceAvailable, StreamEnded
@@ -47,6 +48,7 @@ MAX_OWED_DUPACKS: Final = 256
 _PEER_DEFAULT_MSS: Final = 536  # RFC 9293 default when the peer sends no MSS option
 _MIN_PEER_MSS: Final = 256
 _CLIENT: Final = Role.CLIENT  # bound once: an Enum member read off its class is slow
+_OPEN: Final = Stage.OPEN
 
 
 def new_data_end(snd_max: int, wnd_end: int, send_end: int, pipe: int, cwnd: int, mss: int) -> int:
@@ -525,7 +527,7 @@ class Subflow(SegmentBuilder):
         # before data already taken) are not from the peer as we know it: an ACK answers
         # them (RFC 5961's challenge ACK) and they change nothing. A reset would let anyone
         # who guesses the flowIDs end the flow.
-        if conn.peer_fin_received:
+        if conn.close.remote is not _OPEN:  # conn.peer_fin_received, without its call
             assert conn.peer_fin_offset is not None
             if end > conn.peer_fin_offset:
                 conn.challenge_ack_due = True
