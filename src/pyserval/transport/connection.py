@@ -452,7 +452,7 @@ class Connection:
     # -- handshake ----------------------------------------------------------------------
     def syn_packet(self, now: float, first: bool) -> SalPacket:
         """The client's SYN (``first``: start the control exchange; else a retransmission)."""
-        sf = self.primary
+        sf = self.subflows[0]  # the primary
         ext = sf.control.send_reliable(ControlFlags.SYN, now) if first else sf.control.resend()
         sf.handshake_sent_at = now if first else None  # Karn: an answer to which copy?
         return sf.syn_packet(ext, self.service_id)
@@ -584,14 +584,14 @@ class Connection:
             self._sal_fin_when_free(now)
 
     def _sal_fin_when_free(self, now: float) -> None:
-        if self.primary.control.outstanding is None:
+        if self.subflows[0].control.outstanding is None:  # the primary's (no property call)
             self._start_sal_fin(now)
         # else an RSYN is outstanding (one exchange at a time): on_path_settled sends it.
 
     def _start_sal_fin(self, now: float) -> None:
         if not self._close_event(_LOCAL, _EV_SAL_FIN_SENT):
             return
-        sf = self.primary
+        sf = self.subflows[0]  # the primary
         # The path's RTT is known by now: time the SAL FIN by it, not by the 3 s used for a
         # SYN, so a lost FIN is repaired before the peer's TIME_WAIT runs out.
         timers = sf.control.timers
