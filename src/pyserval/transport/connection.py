@@ -557,7 +557,6 @@ class Connection:
             self.peer_fin_received = True
             self.primary.ack_pending = True
             self.emit(StreamEnded(self.conn_id))
-            self.on_peer_fin(now)
 
     # -- closing ------------------------------------------------------------------------
     def on_reset(self) -> None:
@@ -598,10 +597,6 @@ class Connection:
         sf.control.rto = min(max(sf.rtt.rto, timers.min_rto), timers.initial_rto)
         sf.control.send_reliable(ControlFlags.FIN, now)
         self.pending_control = True
-
-    def on_peer_fin(self, now: float) -> None:
-        """The peer's TCP FIN arrived after all its data."""
-        self._maybe_finish(now)
 
     def _maybe_finish(self, now: float) -> None:
         """The joint rule of the close sequence: both directions done ends the connection."""

@@ -560,7 +560,8 @@ class Subflow(SegmentBuilder):
             else:
                 conn.ack_now = True
             conn.emit(StreamEnded(conn.conn_id))
-            conn.on_peer_fin(now)
+            # (No joint-rule check here: the peer's FIN leaves its direction at
+            # FIN_RECEIVED, and the connection ends only once both are DONE.)
             return
         if not in_order or had_holes or recv.out_of_order_bytes or not delivered:
             conn.ack_now = True  # out of order, filled a hole, or outside the window
