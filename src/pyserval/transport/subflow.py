@@ -288,18 +288,32 @@ class Subflow(SegmentBuilder):
             conn.third_ack_pending = conn.role is _CLIENT
             conn.ack_now = True
             return
-        if not self.acceptable(tcp, len(payload) + (1 if flags & TcpFlags.FIN else 0)):
-            conn.challenge_ack_due = True  # RFC 5961: ACK it, change nothing
+        # acceptable()'s test, written out so that the two numbers it unwraps serve the ACK
+        # and data paths below as well (neither changes before they read them): one
+        # unwrap each per segment instead of two, and no call for the test.
+        ack = 0
+        if flags & TcpFlags.ACK:
+            ack = unwrap(tcp.ack, self.iss + 1, self.snd_una)
+            if ack > self.snd_max or ack < self.snd_una - self.max_snd_wnd:
+                conn.challenge_ack_due = True  # RFC 5961: ACK it, change nothing
+                return
+        recv = conn.recv
+        rcv_nxt = recv.rcv_nxt
+        seq = unwrap(tcp.seq, self.irs + 1, rcv_nxt)
+        cap = recv.capacity
+        fin = flags & TcpFlags.FIN
+        if seq >= rcv_nxt + cap or seq + len(payload) + (1 if fin else 0) + cap < rcv_nxt:
+            conn.challenge_ack_due = True  # as above
             return
         if self.rto_count:  # (what _heard_again tests first: no call per segment)
             self._heard_again(now)
         conn.last_heard = now
         conn.keepalives_sent = 0
         if flags & TcpFlags.ACK:
-            self._on_ack(tcp, bool(payload) or bool(flags & TcpFlags.FIN), now)
-        if payload or flags & TcpFlags.FIN:
-            self._on_data(tcp, payload, now)
-        elif unwrap(tcp.seq, self.irs + 1, conn.recv.rcv_nxt) < conn.recv.rcv_nxt:
+            self._on_ack(tcp, ack, bool(payload) or bool(fin), now)
+        if payload or fin:
+            self._on_data(tcp, seq, payload, now)
+        elif seq < rcv_nxt:
             # An old sequence number: a keepalive or zero-window probe. Answer with an ACK
             # that carries our window (RFC 9293: unacceptable segments are acknowledged).
             conn.ack_now = True
@@ -309,7 +323,8 @@ class Subflow(SegmentBuilder):
         RFC 5961): its sequence range touches what the receive buffer could ever have
         offered around ``rcv_nxt``, and its ACK lies in [snd_una - max window, snd_max].
         Anything else is not from the peer as it stands now, and changes nothing.
-        ``track``: a multipath subflow's own sequence space (its ``rcv_track``)."""
+        ``track``: a multipath subflow's own sequence space (its ``rcv_track``).
+        (A single-path :meth:`on_tcp` applies the same test written out.)"""
         if tcp.flags & TcpFlags.ACK:
             ack = unwrap(tcp.ack, self.iss + 1, self.snd_una)
             if ack > self.snd_max or ack < self.snd_una - self.max_snd_wnd:
@@ -360,7 +375,9 @@ class Subflow(SegmentBuilder):
             conn.on_data_ack(dss.data_ack, tcp.window << self.snd_wscale, now)
         fin = bool(flags & TcpFlags.FIN)
         if flags & TcpFlags.ACK:
-            self._on_ack(tcp, bool(payload) or fin, now)
+            self._on_ack(
+                tcp, unwrap(tcp.ack, self.iss + 1, self.snd_una), bool(payload) or fin, now
+            )
         if not payload and not fin:
             if unwrap(tcp.seq, self.irs + 1, track.rcv_nxt) < track.rcv_nxt:
                 self.ack_pending = True  # a keepalive or window probe: answer it
@@ -407,10 +424,10 @@ class Subflow(SegmentBuilder):
         track.add(seq, end)
         conn.check_peer_fin(now)
 
-    def _on_ack(self, tcp: TcpHeader, carries_data: bool, now: float) -> None:
-        """The ACK field (and SACK blocks) of a segment from the peer."""
+    def _on_ack(self, tcp: TcpHeader, ack: int, carries_data: bool, now: float) -> None:
+        """The ACK field (and SACK blocks) of a segment from the peer; ``ack`` is its ACK
+        unwrapped (around ``snd_una``)."""
         conn = self.conn
-        ack = unwrap(tcp.ack, self.iss + 1, self.snd_una)
         if ack > self.snd_max:
             conn.ack_now = True  # acknowledges what we never sent: tell the peer where we are
             return
@@ -517,11 +534,11 @@ class Subflow(SegmentBuilder):
         )
         return self.recovery.dup_thresh(more and self.snd_max < self.snd_una + self.snd_wnd)
 
-    def _on_data(self, tcp: TcpHeader, payload: BytesLike, now: float) -> None:
-        """A segment with data or a FIN (single path)."""
+    def _on_data(self, tcp: TcpHeader, seq: int, payload: BytesLike, now: float) -> None:
+        """A segment with data or a FIN (single path); ``seq`` is its sequence number
+        unwrapped (around ``rcv_nxt``)."""
         conn = self.conn
         recv = conn.recv
-        seq = unwrap(tcp.seq, self.irs + 1, recv.rcv_nxt)
         end = seq + len(payload)
         # Segments that contradict the peer's FIN (data past it, a FIN elsewhere, a FIN
         # before data already taken) are not from the peer as we know it: an ACK answers
