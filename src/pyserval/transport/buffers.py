@@ -146,7 +146,7 @@ class ReceiveBuffer:
         "_pieces",
         "_readable",
         "_ooo",
-        "_ooo_bytes",
+        "out_of_order_bytes",
         "rcv_nxt",
         "capacity",
         "_recent",
@@ -165,7 +165,9 @@ class ReceiveBuffer:
         # start offset -> bytearray, non-overlapping; made by the first out-of-order segment
         # (most connections never see one, and a SortedDict costs ~4 us to build).
         self._ooo: SortedDict | None = None
-        self._ooo_bytes = 0
+        # Bytes held out of order. A plain attribute (read it, never set it): the receive
+        # path reads it per segment, and a property costs a call per read.
+        self.out_of_order_bytes = 0
         self.rcv_nxt = start  # next in-order offset expected
         self.capacity = capacity
         self._recent: int | None = None  # start of the block most recently added to
@@ -182,11 +184,6 @@ class ReceiveBuffer:
         """Space the peer may still fill beyond ``rcv_nxt``."""
         free = self.capacity - self._readable
         return free if free > 0 else 0  # (not max(): read for every segment sent)
-
-    @property
-    def out_of_order_bytes(self) -> int:
-        """Bytes held out of order."""
-        return self._ooo_bytes
 
     def _push(self, data: bytes | bytearray | memoryview) -> None:
         """Queue in-order bytes for reading (see the class docstring for what is copied)."""
@@ -265,7 +262,7 @@ class ReceiveBuffer:
             if s > self.rcv_nxt:
                 break
             del ooo[s]
-            self._ooo_bytes -= len(chunk)
+            self.out_of_order_bytes -= len(chunk)
             tail = s + len(chunk)
             if tail > self.rcv_nxt:
                 if s == self.rcv_nxt:
@@ -297,7 +294,7 @@ class ReceiveBuffer:
                     self._recent = s
                     return  # entirely inside a block we hold
                 chunk += data[right - start :]
-                self._ooo_bytes += end - right
+                self.out_of_order_bytes += end - right
                 start, block = s, chunk
         if block is None:
             if len(ooo) >= self.max_blocks:
@@ -310,7 +307,7 @@ class ReceiveBuffer:
                     return
             block = bytearray(data)
             ooo[start] = block
-            self._ooo_bytes += len(block)
+            self.out_of_order_bytes += len(block)
         # Absorb blocks that start inside (or right after) this one.
         while True:
             j = ooo.bisect_right(start)
@@ -321,11 +318,11 @@ class ReceiveBuffer:
             if s > right:
                 break
             chunk = ooo.pop(s)
-            self._ooo_bytes -= len(chunk)
+            self.out_of_order_bytes -= len(chunk)
             if s + len(chunk) > right:
                 rest = memoryview(chunk)[right - s :]
                 block += rest
-                self._ooo_bytes += len(rest)
+                self.out_of_order_bytes += len(rest)
         self._recent = start
 
     def sack_blocks(self, limit: int = 4) -> list[tuple[int, int]]:
