@@ -605,7 +605,10 @@ class Subflow(SegmentBuilder):
             self.snd_max >= send_end
             and (fin_off is None or self.snd_max != fin_off)
             and conn.mp is None
-            and not lost
+            # Nothing in flight, nothing lost (lost segments are in the scoreboard, which
+            # covers [snd_una, snd_max)): tested first, as ``lost`` (a SortedList) answers
+            # its truth value through a Python-level __len__.
+            and (self.snd_max == self.snd_una or not lost)
         ):
             return  # nothing new, no FIN due, nothing to resend: what the loop below finds
         mss = self.mss
