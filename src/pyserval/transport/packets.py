@@ -123,7 +123,11 @@ class SegmentBuilder:
         rcv_nxt = recv.rcv_nxt
         if rcv_nxt != self.adv_rcv_nxt:  # took data since it last advertised: receiving
             budget.count(conn)
-        cap = self._share(budget)
+        # _share(budget), written out (window_now runs for every segment we send).
+        cap = budget.share
+        floor = 2 * self.mss
+        if cap < floor:
+            cap = floor
         if win > cap:
             kept = self.adv_edge - rcv_nxt
             if cap >= kept:
@@ -205,9 +209,16 @@ class SegmentBuilder:
         """A TCP header with our current ACK, window and SACK blocks (``hold_window``: see
         :meth:`advertised_window`)."""
         opts: list[TcpOption] = []
+        conn = self.conn
+        track = self.rcv_track
+        # wire_ack(), written out: this runs for every segment we send.
+        if track is None:
+            fin = 0 if conn.close.remote is _OPEN else 1
+            ack = (self.irs + 1 + conn.recv.rcv_nxt + fin) & MASK32
+        else:
+            ack = (self.irs + 1 + track.rcv_nxt) & MASK32
         if self.sack_ok:
-            track = self.rcv_track
-            blocks = track.sack_blocks(3) if track is not None else self.conn.recv.sack_blocks(3)
+            blocks = track.sack_blocks(3) if track is not None else conn.recv.sack_blocks(3)
             if blocks:
                 base = self.irs + 1
                 opts = [TcpOption.nop(), TcpOption.nop()]
@@ -218,7 +229,7 @@ class SegmentBuilder:
         # sequence number worked out here: this runs for every segment we send.
         return TcpHeader(
             (self.iss + 1 + (self.snd_max if offset is None else offset)) & MASK32,
-            self.wire_ack(),
+            ack,
             flags,
             self.advertised_window(hold_window),
             0,
