@@ -21,6 +21,8 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Final
 
+from sortedcontainers import SortedList
+
 from ..sal.checksum import BytesLike
 from ..sal.control import ControlChannel
 from ..sal.extensions import DssExt
@@ -102,7 +104,6 @@ class Subflow(SegmentBuilder):
         "last_adv_window",
         "local_addr",
         "local_flowid",
-        "lost",
         "max_snd_wnd",
         "mig",
         "mp_unacked",
@@ -169,7 +170,6 @@ class Subflow(SegmentBuilder):
         # and gives up a dead subflow's ``segments``; the host checks a reset against them.
         self.rtt = rec.rtt
         self.segments = rec.segments
-        self.lost = rec.lost
         self.rto_deadline: float | None = None
         self.rto_count = 0
         # The tail loss probe's timer (RFC 8985 7.2); None when no probe is due: see
@@ -216,6 +216,12 @@ class Subflow(SegmentBuilder):
         self.handshake_sent_at = None
         if sent is not None and now - sent <= self.conn.config.initial_rto:
             self.rtt.sample(now - sent)
+
+    @property
+    def lost(self) -> SortedList:
+        """Starts of the segments lost and awaiting resend (the recovery's list: made on
+        the first loss, so not kept here as ``rtt`` and ``segments`` are)."""
+        return self.recovery.lost
 
     @property
     def frozen(self) -> bool:
