@@ -346,7 +346,9 @@ class Recovery:
         segs = self.segments
         covered = 0  # segments acknowledged whole
         sacked_before = self.sacked_bytes
-        if not sacked_before and not self.lost:
+        walk = True
+        # (The shared empty list tested first: a SortedList's truth value costs a call.)
+        if not sacked_before and (self.lost is _NOTHING_LOST or not self.lost):
             # The common case: nothing SACKed or queued for resending (so nothing counted
             # in ``lost_bytes`` either), so the segments below ``ack`` go as one slice
             # unless the last of them is cut by it.
@@ -358,7 +360,8 @@ class Recovery:
                         karn = True
                     else:
                         rtt_sample = now - seg.sent_at
-        while segs:
+                walk = False  # nothing below ``ack`` is left for the walk below
+        while walk and segs:
             start, seg = segs.peekitem(0)
             if start >= ack:
                 break
