@@ -235,6 +235,8 @@ class ReceiveBuffer:
 
     def offer(self, start: int, data: bytes | bytearray | memoryview) -> int:
         """Take a segment at ``start``; returns how many bytes became readable."""
+        if not data:
+            return 0  # (nothing to keep: every block held out of order has bytes)
         right = self.rcv_nxt + self.window
         end = start + len(data)
         if end <= self.rcv_nxt or start >= right:

@@ -218,7 +218,12 @@ class SegmentBuilder:
         else:
             ack = (self.irs + 1 + track.rcv_nxt) & MASK32
         if self.sack_ok:
-            blocks = track.sack_blocks(3) if track is not None else conn.recv.sack_blocks(3)
+            if track is not None:
+                blocks = track.sack_blocks(3)
+            elif conn.recv.out_of_order_bytes:
+                blocks = conn.recv.sack_blocks(3)
+            else:
+                blocks = []  # nothing held out of order, so no block: no call to say so
             if blocks:
                 base = self.irs + 1
                 opts = [TcpOption.nop(), TcpOption.nop()]
