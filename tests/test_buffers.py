@@ -52,6 +52,14 @@ def test_sack_blocks_put_the_most_recent_first() -> None:
     assert rb.sack_blocks(3) == [(200, 210), (100, 110), (300, 310)]
 
 
+def test_an_empty_segment_above_the_next_byte_leaves_no_sack_block() -> None:
+    # RFC 2018 3: a SACK block reports bytes received and held; an empty segment brings
+    # none, so [10, 10) must not be reported (nor counted as held out of order).
+    r = ReceiveBuffer(1000)
+    assert r.offer(10, b"") == 0
+    assert (r.sack_blocks(4), r.out_of_order_bytes) == ([], 0)
+
+
 def test_send_buffer_bounds_and_release() -> None:
     sb = SendBuffer(10)
     assert sb.write(b"0123456789abc") == 10 and sb.free == 0

@@ -292,7 +292,7 @@ def on_flow_packet(
     elif state is _CLOSED:
         host.drops["closed_flow"] += 1  # closed, not yet forgotten: nothing to deliver
     else:
-        on_established(host, conn, sf, pkt, now, src, dst)
+        on_established(host, conn, sf, pkt, ctl, now, src, dst)
         local = sf.local_addr
         if dst != local and src == sf.remote_addr and (":" in dst[0]) != (":" in local[0]):
             # The peer moved to another family (an RSYN it proved, reaching us on our
@@ -306,11 +306,13 @@ def on_established(
     conn: Connection,
     sf: Subflow,
     pkt: SalPacket,
+    ctl: ControlExt | None,
     now: float,
     src: Address,
     dst: Address | None = None,
 ) -> None:
-    ctl = pkt.control
+    """A packet for an established (or closing) flow; ``ctl`` is its CONTROL extension
+    (``pkt.control``, which the caller has already looked up: a property costs a call)."""
     if sf.join_state == "syn_sent":
         if not conn.on_join_synack(sf, pkt, src, now):
             host.drops["join_bad_synack"] += 1
@@ -376,7 +378,7 @@ def on_established(
                 for old in held:
                     if conn.state is _CLOSED or sf.remote_addr != src:
                         break  # a held packet ended the flow or moved it: stop there
-                    on_established(host, conn, sf, old, now, src)
+                    on_established(host, conn, sf, old, old.control, now, src)
             return
         if conn.mp is not None:
             for ext in pkt.extensions:

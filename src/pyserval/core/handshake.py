@@ -63,7 +63,7 @@ _SERVER: Final = Role.SERVER
 
 def send_syn(host: HostCore, conn: Connection, now: float) -> None:
     conn.syn_due = False
-    sf = conn.primary
+    sf = conn.subflows[0]  # the primary (no property call: once per connection)
     first = conn.syn_first
     conn.syn_first = False
     pkt = conn.syn_packet(now, first)  # starts (or keeps) the control retransmission

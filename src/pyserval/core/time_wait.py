@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Final
 from ..sal.extensions import ControlExt, ControlFlags
 from ..sal.inet import Address
 from ..sal.packet import SalPacket
-from ..sal.transport_headers import PROTO_TCP, TcpFlags, TcpHeader, TcpOption
+from ..sal.transport_headers import PROTO_TCP, PROTO_UDP, TcpFlags, TcpHeader, TcpOption
 
 if TYPE_CHECKING:
     from ..transport.connection import Connection, Subflow
@@ -108,10 +108,10 @@ class TimeWait:
             return None
         # The packets the connection itself would send: a control ACK (alone, as a flow
         # whose TCP side is done sends it) and, on a stream, the pure ACK. Built by the
-        # subflow, so they are its own; kept as their numbers, encoded when drawn.
-        ctl = sf.control_packet(sf.control.ext(ControlFlags.ACK))
-        control = ctl.control
-        assert control is not None
+        # subflow's control channel and segment builder, so they are its own; kept as
+        # their numbers, encoded when drawn. (The control ACK's extension is all that is
+        # kept of it, and its protocol is the flow's: no packet is built around it.)
+        control = sf.control.ext(ControlFlags.ACK)
         tcp = None if datagram else sf.ack_header()  # pure_ack()'s header, no packet around it
         return cls(
             sf.local_flowid,
@@ -120,7 +120,7 @@ class TimeWait:
             sf.local_addr,
             nonce,
             control,
-            ctl.protocol,
+            PROTO_UDP if datagram else PROTO_TCP,
             tcp,
             deadline,
             weakref.ref(conn),

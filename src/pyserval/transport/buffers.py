@@ -24,7 +24,7 @@ class SendBuffer:
     stream of one-byte writes costs no more than a few large ones. Reads copy the range.
     """
 
-    __slots__ = ("_chunks", "_starts", "_first", "_base", "_end", "capacity")
+    __slots__ = ("_chunks", "_starts", "_first", "_base", "end", "capacity")
 
     CHUNK = 65536
     """Small writes are gathered into chunks of about this size."""
@@ -38,7 +38,9 @@ class SendBuffer:
         self._starts: list[int] = []  # the absolute offset of each chunk's first byte
         self._first = 0
         self._base = 0  # absolute offset of the oldest byte held
-        self._end = 0  # one past the newest
+        # Offset one past the newest byte written. A plain attribute (read it, never set
+        # it): the send path and every ACK read it, and a property costs a call per read.
+        self.end = 0
         self.capacity = capacity
 
     @property
@@ -47,17 +49,12 @@ class SendBuffer:
         return self._base
 
     @property
-    def end(self) -> int:
-        """Offset one past the newest byte written."""
-        return self._end
-
-    @property
     def free(self) -> int:
         """How many more bytes :meth:`write` accepts now."""
-        return self.capacity - (self._end - self._base)
+        return self.capacity - (self.end - self._base)
 
     def __len__(self) -> int:
-        return self._end - self._base
+        return self.end - self._base
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Append as much of ``data`` as fits; returns how many bytes were taken."""
@@ -71,19 +68,19 @@ class SendBuffer:
                 last += data[:n]
             else:
                 chunks.append(bytearray(data[:n]))
-                self._starts.append(self._end)
+                self._starts.append(self.end)
         else:
             if type(data) is bytes and n == len(data):
                 chunks.append(data)  # immutable: kept as it is
             else:
                 chunks.append(bytes(data[:n]))
-            self._starts.append(self._end)
-        self._end += n
+            self._starts.append(self.end)
+        self.end += n
         return n
 
     def read(self, start: int, end: int) -> bytes:
         """A copy of bytes [start, end) (they must still be held)."""
-        if start < self._base or end > self._end:
+        if start < self._base or end > self.end:
             raise IndexError(f"bytes [{start}, {end}) are not in the send buffer")
         if end <= start:
             return b""
@@ -106,7 +103,7 @@ class SendBuffer:
 
     def release(self, upto: int) -> int:
         """Drop bytes before ``upto`` (acknowledged); returns how many were dropped."""
-        upto = min(upto, self._end)
+        upto = min(upto, self.end)
         n = upto - self._base
         if n <= 0:
             return 0
@@ -119,7 +116,7 @@ class SendBuffer:
         while first < last and starts[first + 1] <= upto:
             chunks[first] = b""
             first += 1
-        if first == last and upto == self._end:
+        if first == last and upto == self.end:
             chunks.clear()
             starts.clear()
             first = 0
@@ -149,7 +146,7 @@ class ReceiveBuffer:
         "_pieces",
         "_readable",
         "_ooo",
-        "_ooo_bytes",
+        "out_of_order_bytes",
         "rcv_nxt",
         "capacity",
         "_recent",
@@ -168,7 +165,9 @@ class ReceiveBuffer:
         # start offset -> bytearray, non-overlapping; made by the first out-of-order segment
         # (most connections never see one, and a SortedDict costs ~4 us to build).
         self._ooo: SortedDict | None = None
-        self._ooo_bytes = 0
+        # Bytes held out of order. A plain attribute (read it, never set it): the receive
+        # path reads it per segment, and a property costs a call per read.
+        self.out_of_order_bytes = 0
         self.rcv_nxt = start  # next in-order offset expected
         self.capacity = capacity
         self._recent: int | None = None  # start of the block most recently added to
@@ -185,11 +184,6 @@ class ReceiveBuffer:
         """Space the peer may still fill beyond ``rcv_nxt``."""
         free = self.capacity - self._readable
         return free if free > 0 else 0  # (not max(): read for every segment sent)
-
-    @property
-    def out_of_order_bytes(self) -> int:
-        """Bytes held out of order."""
-        return self._ooo_bytes
 
     def _push(self, data: bytes | bytearray | memoryview) -> None:
         """Queue in-order bytes for reading (see the class docstring for what is copied)."""
@@ -241,6 +235,8 @@ class ReceiveBuffer:
 
     def offer(self, start: int, data: bytes | bytearray | memoryview) -> int:
         """Take a segment at ``start``; returns how many bytes became readable."""
+        if not data:
+            return 0  # (nothing to keep: every block held out of order has bytes)
         right = self.rcv_nxt + self.window
         end = start + len(data)
         if end <= self.rcv_nxt or start >= right:
@@ -268,7 +264,7 @@ class ReceiveBuffer:
             if s > self.rcv_nxt:
                 break
             del ooo[s]
-            self._ooo_bytes -= len(chunk)
+            self.out_of_order_bytes -= len(chunk)
             tail = s + len(chunk)
             if tail > self.rcv_nxt:
                 if s == self.rcv_nxt:
@@ -300,7 +296,7 @@ class ReceiveBuffer:
                     self._recent = s
                     return  # entirely inside a block we hold
                 chunk += data[right - start :]
-                self._ooo_bytes += end - right
+                self.out_of_order_bytes += end - right
                 start, block = s, chunk
         if block is None:
             if len(ooo) >= self.max_blocks:
@@ -313,7 +309,7 @@ class ReceiveBuffer:
                     return
             block = bytearray(data)
             ooo[start] = block
-            self._ooo_bytes += len(block)
+            self.out_of_order_bytes += len(block)
         # Absorb blocks that start inside (or right after) this one.
         while True:
             j = ooo.bisect_right(start)
@@ -324,11 +320,11 @@ class ReceiveBuffer:
             if s > right:
                 break
             chunk = ooo.pop(s)
-            self._ooo_bytes -= len(chunk)
+            self.out_of_order_bytes -= len(chunk)
             if s + len(chunk) > right:
                 rest = memoryview(chunk)[right - s :]
                 block += rest
-                self._ooo_bytes += len(rest)
+                self.out_of_order_bytes += len(rest)
         self._recent = start
 
     def sack_blocks(self, limit: int = 4) -> list[tuple[int, int]]:

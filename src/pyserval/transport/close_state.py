@@ -145,7 +145,7 @@ class CloseStateError(Exception):
 
 class CloseState:
     """Both directions' close stages and the one fact outside the tables (who closed
-    first). Change it only through :meth:`process`."""
+    first). Change it only through :meth:`process` (or :meth:`advance`)."""
 
     __slots__ = ("local", "remote", "active_close")
 
@@ -159,20 +159,25 @@ class CloseState:
     def process(self, side: Side, event: CloseEvent) -> Stage:
         """Apply ``event`` to ``side``; returns the new stage. Raises
         :class:`CloseStateError` (and changes nothing) if the table has no such move."""
+        new = self.advance(side, event)
+        if new is None:
+            raise CloseStateError(side, self.local if side is _LOCAL else self.remote, event)
+        return new
+
+    def advance(self, side: Side, event: CloseEvent) -> Stage | None:
+        """:meth:`process` without the exception: the new stage, or None (and nothing
+        changed) when the table has no such move. For the connection's own steps, one
+        call each (a caller that catches the exception needs a second)."""
         if side is _LOCAL:
-            stage = self.local
-            new = _TABLES[0][stage].get(event)
-            if new is None:
-                raise CloseStateError(side, stage, event)
-            if event is _SHUTDOWN:
-                self.active_close = self.remote is _OPEN
-            self.local = new
+            new = _TABLES[0][self.local].get(event)
+            if new is not None:
+                if event is _SHUTDOWN:
+                    self.active_close = self.remote is _OPEN
+                self.local = new
         else:
-            stage = self.remote
-            new = _TABLES[1][stage].get(event)
-            if new is None:
-                raise CloseStateError(side, stage, event)
-            self.remote = new
+            new = _TABLES[1][self.remote].get(event)
+            if new is not None:
+                self.remote = new
         return new
 
     @property

@@ -79,7 +79,9 @@ class CongestionControl(abc.ABC):
     """Sender maximum segment size in bytes."""
 
     def __init__(self, mss: int, initial_window: int | None = None) -> None:
-        self.mss = _check_mss(mss)
+        if mss <= 0:  # _check_mss's test, without its call (every connection makes one)
+            raise ValueError(f"MSS must be positive, got {mss}")
+        self.mss = mss
         if initial_window is not None and initial_window <= 0:
             raise ValueError(f"initial window must be positive, got {initial_window}")
         self._explicit_iw = initial_window
@@ -338,7 +340,9 @@ class Cubic(CongestionControl):
     _css_base: float  # the round minimum RTT when it began
 
     def _reset_window(self) -> None:
-        super()._reset_window()
+        # The base class named, not super(): zero-argument super() builds an object per
+        # call, and every connection's constructor comes here.
+        CongestionControl._reset_window(self)
         self._w_max = 0.0
         self._cwnd_prior = 0.0
         self._k = 0.0
@@ -388,7 +392,7 @@ class Cubic(CongestionControl):
             # keeps t at the time actually spent probing.
             self._epoch_start += max(now - self._last_ack_time, 0.0)
         self._last_ack_time = now
-        super().on_ack(acked_bytes, now, rtt, bytes_in_flight)
+        CongestionControl.on_ack(self, acked_bytes, now, rtt, bytes_in_flight)  # (as above)
 
     def _slow_start(self, acked_bytes: int) -> int:
         if self._css_rounds is not None:

@@ -250,7 +250,8 @@ class Connection:
 
     # -- events and misuse --------------------------------------------------------------
     def emit(self, event: Event) -> None:
-        """Report an event to the host."""
+        """Report an event to the host. (The events every connection reports, and those
+        of the data path, go to ``self._emit`` directly: one call less each.)"""
         self._emit(event)
 
     @property
@@ -284,8 +285,8 @@ class Connection:
     @peer_fin_received.setter
     def peer_fin_received(self, value: bool) -> None:
         # The receive path reports the peer's FIN by setting this (only ever to True).
-        if value:
-            self._close_event(_REMOTE, _EV_FIN)
+        if value and self.close.advance(_REMOTE, _EV_FIN) is None:
+            self._close_refused(_REMOTE, _EV_FIN)
 
     @property
     def peer_sal_fin(self) -> bool:
@@ -294,13 +295,18 @@ class Connection:
 
     def _close_event(self, side: Side, event: CloseEvent) -> bool:
         """Advance the close sequence. An event its tables refuse is a protocol violation:
-        the peer is reset, and False returned."""
-        try:
-            self.close.process(side, event)
-        except CloseStateError as exc:
-            self.protocol_violation(str(exc))
+        the peer is reset, and False returned. (The steps every connection takes call
+        ``self.close.advance`` and :meth:`_close_refused` themselves: one call less.)"""
+        if self.close.advance(side, event) is None:
+            self._close_refused(side, event)
             return False
         return True
+
+    def _close_refused(self, side: Side, event: CloseEvent) -> None:
+        """The close tables refused ``event``: a protocol violation (the peer is reset)."""
+        close = self.close
+        stage = close.local if side is _LOCAL else close.remote
+        self.protocol_violation(str(CloseStateError(side, stage, event)))
 
     # -- the flow manager, as the host and the subflows reach it -------------------------
     @property
@@ -426,14 +432,15 @@ class Connection:
     @property
     def at_eof(self) -> bool:
         """The peer finished sending and every byte was read."""
-        return self.peer_fin_received and self.recv.readable == 0
+        return self.close.remote is not _OPEN and self.recv.readable == 0
 
     def shutdown(self) -> None:
         """Half-close: send FIN after the data already queued."""
         self._check_open("shut down")
         if self.fin_offset is None:
             self.fin_offset = self.send.end
-            self._close_event(_LOCAL, _EV_SHUTDOWN)
+            if self.close.advance(_LOCAL, _EV_SHUTDOWN) is None:
+                self._close_refused(_LOCAL, _EV_SHUTDOWN)
             self.wake(self)
 
     def abort(self) -> None:
@@ -452,7 +459,7 @@ class Connection:
     # -- handshake ----------------------------------------------------------------------
     def syn_packet(self, now: float, first: bool) -> SalPacket:
         """The client's SYN (``first``: start the control exchange; else a retransmission)."""
-        sf = self.primary
+        sf = self.subflows[0]  # the primary
         ext = sf.control.send_reliable(ControlFlags.SYN, now) if first else sf.control.resend()
         sf.handshake_sent_at = now if first else None  # Karn: an answer to which copy?
         return sf.syn_packet(ext, self.service_id)
@@ -481,7 +488,7 @@ class Connection:
         self.state = _ESTABLISHED
         self.last_heard = now
         self.third_ack_pending = True
-        self.emit(ConnectionEstablished(self.conn_id))
+        self._emit(ConnectionEstablished(self.conn_id))
         return True
 
     def accept_syn(self, sf: Subflow, pkt: SalPacket, now: float) -> SalPacket:
@@ -557,7 +564,6 @@ class Connection:
             self.peer_fin_received = True
             self.primary.ack_pending = True
             self.emit(StreamEnded(self.conn_id))
-            self.on_peer_fin(now)
 
     # -- closing ------------------------------------------------------------------------
     def on_reset(self) -> None:
@@ -580,28 +586,27 @@ class Connection:
         """Our TCP FIN was acknowledged: start the SAL FIN exchange."""
         if self.close.local is not _FIN_SENT:
             return  # acknowledged before: every later ACK covers it too
-        if self._close_event(_LOCAL, _EV_FIN_ACKED):
+        if self.close.advance(_LOCAL, _EV_FIN_ACKED) is None:
+            self._close_refused(_LOCAL, _EV_FIN_ACKED)
+        else:
             self._sal_fin_when_free(now)
 
     def _sal_fin_when_free(self, now: float) -> None:
-        if self.primary.control.outstanding is None:
+        if self.subflows[0].control.outstanding is None:  # the primary's (no property call)
             self._start_sal_fin(now)
         # else an RSYN is outstanding (one exchange at a time): on_path_settled sends it.
 
     def _start_sal_fin(self, now: float) -> None:
-        if not self._close_event(_LOCAL, _EV_SAL_FIN_SENT):
+        if self.close.advance(_LOCAL, _EV_SAL_FIN_SENT) is None:
+            self._close_refused(_LOCAL, _EV_SAL_FIN_SENT)
             return
-        sf = self.primary
+        sf = self.subflows[0]  # the primary
         # The path's RTT is known by now: time the SAL FIN by it, not by the 3 s used for a
         # SYN, so a lost FIN is repaired before the peer's TIME_WAIT runs out.
         timers = sf.control.timers
         sf.control.rto = min(max(sf.rtt.rto, timers.min_rto), timers.initial_rto)
         sf.control.send_reliable(ControlFlags.FIN, now)
         self.pending_control = True
-
-    def on_peer_fin(self, now: float) -> None:
-        """The peer's TCP FIN arrived after all its data."""
-        self._maybe_finish(now)
 
     def _maybe_finish(self, now: float) -> None:
         """The joint rule of the close sequence: both directions done ends the connection."""
@@ -612,7 +617,7 @@ class Connection:
             self.time_wait_deadline = now + self.config.time_wait
         else:
             self.state = _CLOSED
-        self.emit(ConnectionClosed(self.conn_id))
+        self._emit(ConnectionClosed(self.conn_id))
 
     def ack_sent(self) -> None:
         """A segment carrying our current ACK went out: no separate ACK needed."""
@@ -668,16 +673,19 @@ class Connection:
                 # this ACK answers ours): the move is acknowledged all the same.
                 flows.on_rsynack(sf, ext, src, now)
                 return
-            if sf.control.outstanding == ControlFlags.FIN and not self._close_event(
-                _LOCAL, _EV_SAL_FIN_ACKED
+            if (
+                sf.control.outstanding == ControlFlags.FIN
+                and self.close.advance(_LOCAL, _EV_SAL_FIN_ACKED) is None
             ):
+                self._close_refused(_LOCAL, _EV_SAL_FIN_ACKED)
                 return
             sf.control.complete()
         if flags & ControlFlags.FIN:
-            if not self.peer_fin_received:
+            if self.close.remote is _OPEN:  # not peer_fin_received (without its call)
                 return  # its TCP FIN has not reached us yet: the peer will send again
             sf.control.peer_consumed(ext.verno)
-            if not self._close_event(_REMOTE, _EV_SAL_FIN):
+            if self.close.advance(_REMOTE, _EV_SAL_FIN) is None:
+                self._close_refused(_REMOTE, _EV_SAL_FIN)
                 return
             self.control_ack_pending = True
             self.control_ack_sf = sf  # answered on the subflow (and channel) it came on

@@ -22,6 +22,7 @@ from ..sal.extensions import ControlExt, DssExt, Extension, JoinExt, MpCapableEx
 from ..sal.packet import SalPacket
 from ..sal.train import SegmentTrain
 from ..sal.transport_headers import PROTO_TCP, TcpFlags, TcpHeader, TcpOption
+from .close_state import Stage
 from .common import MASK32
 from .multipath import SeqTracker, join_proof
 from .receive_budget import ReceiveBudget
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["SegmentBuilder"]
 
 _SYN_ACK: Final = TcpFlags.SYN | TcpFlags.ACK
+_OPEN: Final = Stage.OPEN  # bound once: an Enum member read off its class is slow
 
 
 @functools.lru_cache(maxsize=64)
@@ -80,7 +82,10 @@ class SegmentBuilder:
         if track is not None:
             return (self.irs + 1 + track.rcv_nxt) & MASK32
         conn = self.conn
-        return (self.irs + 1 + conn.recv.rcv_nxt + (1 if conn.peer_fin_received else 0)) & MASK32
+        # The peer's FIN counts once it arrived (conn.peer_fin_received, read as the close
+        # state's remote stage: a property costs a call, and this runs per segment sent).
+        fin = 0 if conn.close.remote is _OPEN else 1
+        return (self.irs + 1 + conn.recv.rcv_nxt + fin) & MASK32
 
     def advertised_window(self, hold: bool = False) -> int:
         """The 16-bit window field: receive buffer space scaled down.
@@ -118,7 +123,11 @@ class SegmentBuilder:
         rcv_nxt = recv.rcv_nxt
         if rcv_nxt != self.adv_rcv_nxt:  # took data since it last advertised: receiving
             budget.count(conn)
-        cap = self._share(budget)
+        # _share(budget), written out (window_now runs for every segment we send).
+        cap = budget.share
+        floor = 2 * self.mss
+        if cap < floor:
+            cap = floor
         if win > cap:
             kept = self.adv_edge - rcv_nxt
             if cap >= kept:
@@ -200,9 +209,21 @@ class SegmentBuilder:
         """A TCP header with our current ACK, window and SACK blocks (``hold_window``: see
         :meth:`advertised_window`)."""
         opts: list[TcpOption] = []
+        conn = self.conn
+        track = self.rcv_track
+        # wire_ack(), written out: this runs for every segment we send.
+        if track is None:
+            fin = 0 if conn.close.remote is _OPEN else 1
+            ack = (self.irs + 1 + conn.recv.rcv_nxt + fin) & MASK32
+        else:
+            ack = (self.irs + 1 + track.rcv_nxt) & MASK32
         if self.sack_ok:
-            track = self.rcv_track
-            blocks = track.sack_blocks(3) if track is not None else self.conn.recv.sack_blocks(3)
+            if track is not None:
+                blocks = track.sack_blocks(3)
+            elif conn.recv.out_of_order_bytes:
+                blocks = conn.recv.sack_blocks(3)
+            else:
+                blocks = []  # nothing held out of order, so no block: no call to say so
             if blocks:
                 base = self.irs + 1
                 opts = [TcpOption.nop(), TcpOption.nop()]
@@ -213,7 +234,7 @@ class SegmentBuilder:
         # sequence number worked out here: this runs for every segment we send.
         return TcpHeader(
             (self.iss + 1 + (self.snd_max if offset is None else offset)) & MASK32,
-            self.wire_ack(),
+            ack,
             flags,
             self.advertised_window(hold_window),
             0,

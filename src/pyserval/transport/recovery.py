@@ -80,6 +80,33 @@ MIN_PTO: Final = 0.01
 _RESENT_SLACK: Final = 64
 
 
+class _NothingLost(SortedList):  # type: ignore[misc]  # (SortedList is untyped)
+    """The lost-segment list every :class:`Recovery` starts with, one for all, always
+    empty: most connections never lose a segment, and a SortedList of their own costs
+    about 1.5 us to build and free. ``Recovery._lost()`` swaps in a real one before the
+    first :meth:`add`; everything else a SortedList does is a no-op on an empty one."""
+
+    def add(self, value: object) -> None:
+        raise AssertionError("the shared empty lost list was added to: use Recovery._lost()")
+
+    def update(self, iterable: object) -> None:
+        raise AssertionError("the shared empty lost list was added to: use Recovery._lost()")
+
+
+class _NoSackedRuns(SackedRuns):
+    """The same for the SACKed runs (``Recovery._sacked_runs()``): a sender whose peer
+    never SACKs anything never needs its own."""
+
+    __slots__ = ()
+
+    def add(self, start: int, end: int) -> None:
+        raise AssertionError("the shared empty runs were added to: use Recovery._sacked_runs()")
+
+
+_NOTHING_LOST: Final = _NothingLost()
+_NO_SACKED_RUNS: Final = _NoSackedRuns()
+
+
 class SentSegment:
     """One transmitted range [start, end) of a subflow's sequence space (the start is its
     key in :attr:`Recovery.segments`)."""
@@ -135,7 +162,9 @@ class Recovery:
 
     def __init__(self, rtt: RttEstimator, mss: int, sack_ok: bool = False) -> None:
         self.segments: Scoreboard[SentSegment] = Scoreboard()  # start offset -> segment
-        self.lost: SortedList = SortedList()  # starts of lost segments awaiting resend
+        # Starts of lost segments awaiting resend: the shared empty list until the first
+        # loss (add through _lost()).
+        self.lost: SortedList = _NOTHING_LOST
         self.rtt = rtt
         self.mss = mss
         self.sack_ok = sack_ok
@@ -170,7 +199,7 @@ class Recovery:
         self.probe_partial = False
         # Every SACKed segment lies in one of these runs and nothing else does: a SACK
         # block skips them instead of visiting its old segments again on every ACK.
-        self._runs = SackedRuns()
+        self._runs: SackedRuns = _NO_SACKED_RUNS  # (shared until the first SACK: _sacked_runs)
         # The lost hint: every segment below it was passed by IsLost (SACKed, or lost, or
         # resent, none of which IsLost changes) and need not be seen again; the SACKed
         # bytes below it are counted, so the SACKed bytes above a segment are known.
@@ -185,8 +214,10 @@ class Recovery:
         """The handshake settled the segment size and whether the peer SACKs."""
         self.mss = mss
         self.sack_ok = sack_ok
-        self._reset_hint()
-        self._rebuild_resent()
+        self._hint = 0  # (_reset_hint, written out: every handshake comes here)
+        self._sacked_below_hint = 0
+        if self._resent or self.segments:  # else the rebuilt heap is empty as this one is
+            self._rebuild_resent()
 
     # -- sending --------------------------------------------------------------------------
     def on_sent(self, start: int, end: int, fin: bool, now: float, dsn: int = -1) -> None:
@@ -264,7 +295,7 @@ class Recovery:
         the segments it newly covers, not its size.
         """
         segs = self.segments
-        runs = self._runs
+        runs = self._sacked_runs()
         before = self.sacked_bytes
         min_rtt = self.rtt.min_rtt
         for left, right in blocks:
@@ -317,7 +348,9 @@ class Recovery:
         segs = self.segments
         covered = 0  # segments acknowledged whole
         sacked_before = self.sacked_bytes
-        if not sacked_before and not self.lost:
+        walk = True
+        # (The shared empty list tested first: a SortedList's truth value costs a call.)
+        if not sacked_before and (self.lost is _NOTHING_LOST or not self.lost):
             # The common case: nothing SACKed or queued for resending (so nothing counted
             # in ``lost_bytes`` either), so the segments below ``ack`` go as one slice
             # unless the last of them is cut by it.
@@ -329,7 +362,8 @@ class Recovery:
                         karn = True
                     else:
                         rtt_sample = now - seg.sent_at
-        while segs:
+                walk = False  # nothing below ``ack`` is left for the walk below
+        while walk and segs:
             start, seg = segs.peekitem(0)
             if start >= ack:
                 break
@@ -346,7 +380,7 @@ class Recovery:
                 rest.retransmitted, rest.lost, rest.resent = seg.retransmitted, seg.lost, seg.resent
                 segs[ack] = rest
                 if rest.lost:
-                    self.lost.add(ack)
+                    self._lost().add(ack)
                 if seg.sacked:
                     self.sacked_bytes -= ack - start
                     rest.sacked = True
@@ -419,7 +453,7 @@ class Recovery:
                     seg.retransmitted = False
                     if not seg.sacked:
                         self.lost_bytes += seg.end - start
-                    self.lost.add(start)
+                    self._lost().add(start)
                     self.rexmit_now = not self.recovery_after_rto
         return rtt_sample
 
@@ -464,7 +498,7 @@ class Recovery:
         if not self.lost and self.segments:  # dupacks without SACK: the first one is lost
             start, seg = self.segments.peekitem(0)
             self._mark_first_lost(start, seg)
-            self.lost.add(start)
+            self._lost().add(start)
         self.rexmit_now = not self.sack_ok
 
     def mark_lost(self) -> None:
@@ -476,9 +510,9 @@ class Recovery:
                 start, seg = segs.peekitem(0)
                 if not seg.lost and not seg.sacked:
                     self._mark_first_lost(start, seg)
-                    self.lost.add(start)
+                    self._lost().add(start)
             return
-        lost = self.lost
+        lost = self._lost()
         # A retransmission older than something already SACKed (by more than a reordering
         # window of a quarter of the minimum RTT) was lost as well: send it again rather
         # than wait for the retransmission timer (RACK's rule, RFC 8985 6.2). The heap
@@ -601,7 +635,7 @@ class Recovery:
         self.enter_recovery(snd_max)
         if not self.sack_ok:
             return
-        lost = self.lost
+        lost = self._lost()
         for start, seg in self.segments.items():
             if start >= limit:
                 break
@@ -630,14 +664,15 @@ class Recovery:
         RFC 6675 section 5.1), and the segment at the left edge must go again in any case.
         """
         self.rtt.backoff()
-        self.lost.clear()
+        lost = self._lost()
+        lost.clear()
         lost_bytes = 0
         for start, seg in self.segments.items():
             seg.sacked = False
             seg.lost = True
             seg.retransmitted = False
             lost_bytes += seg.end - start
-            self.lost.add(start)
+            lost.add(start)
         self.sacked_bytes = 0
         self.lost_bytes = lost_bytes
         self._runs.clear()
@@ -660,14 +695,15 @@ class Recovery:
         self.rexmit_now = False
         self.probe_end = None  # what the old path's probe would tell is moot
         if self.segments:
-            self.lost.clear()
+            lost = self._lost()
+            lost.clear()
             lost_bytes = 0
             for start, seg in self.segments.items():
                 if not seg.sacked:
                     seg.lost = True
                     seg.retransmitted = False
                     lost_bytes += seg.end - start
-                    self.lost.add(start)
+                    lost.add(start)
             self.lost_bytes = lost_bytes
             # What is still resent is SACKed as well: no RACK candidate is left.
             self._resent.clear()
@@ -688,6 +724,21 @@ class Recovery:
         self._reset_hint()
 
     # -- the incremental state ----------------------------------------------------------
+    def _lost(self) -> SortedList:
+        """The lost-segment list, made on the first loss (until then the shared empty one,
+        which must never be added to)."""
+        lost = self.lost
+        if lost is _NOTHING_LOST:
+            lost = self.lost = SortedList()
+        return lost
+
+    def _sacked_runs(self) -> SackedRuns:
+        """The SACKed runs, made on the first SACK (as :meth:`_lost`)."""
+        runs = self._runs
+        if runs is _NO_SACKED_RUNS:
+            runs = self._runs = SackedRuns()
+        return runs
+
     def _reset_hint(self) -> None:
         """IsLost starts again from the left edge."""
         self._hint = 0

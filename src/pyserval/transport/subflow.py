@@ -21,11 +21,14 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Final
 
+from sortedcontainers import SortedList
+
 from ..sal.checksum import BytesLike
 from ..sal.control import ControlChannel
 from ..sal.extensions import DssExt
 from ..sal.packet import SalPacket
 from ..sal.transport_headers import TcpFlags, TcpHeader
+from .close_state import Stage
 from .common import Address, Role, unwrap
 from .congestion import CongestionControl, make_congestion_control
 from .events import DataReceived, SendSpaceAvailable, StreamEnded
@@ -47,6 +50,7 @@ MAX_OWED_DUPACKS: Final = 256
 _PEER_DEFAULT_MSS: Final = 536  # RFC 9293 default when the peer sends no MSS option
 _MIN_PEER_MSS: Final = 256
 _CLIENT: Final = Role.CLIENT  # bound once: an Enum member read off its class is slow
+_OPEN: Final = Stage.OPEN
 
 
 def new_data_end(snd_max: int, wnd_end: int, send_end: int, pipe: int, cwnd: int, mss: int) -> int:
@@ -100,7 +104,6 @@ class Subflow(SegmentBuilder):
         "last_adv_window",
         "local_addr",
         "local_flowid",
-        "lost",
         "max_snd_wnd",
         "mig",
         "mp_unacked",
@@ -167,7 +170,6 @@ class Subflow(SegmentBuilder):
         # and gives up a dead subflow's ``segments``; the host checks a reset against them.
         self.rtt = rec.rtt
         self.segments = rec.segments
-        self.lost = rec.lost
         self.rto_deadline: float | None = None
         self.rto_count = 0
         # The tail loss probe's timer (RFC 8985 7.2); None when no probe is due: see
@@ -214,6 +216,12 @@ class Subflow(SegmentBuilder):
         self.handshake_sent_at = None
         if sent is not None and now - sent <= self.conn.config.initial_rto:
             self.rtt.sample(now - sent)
+
+    @property
+    def lost(self) -> SortedList:
+        """Starts of the segments lost and awaiting resend (the recovery's list: made on
+        the first loss, so not kept here as ``rtt`` and ``segments`` are)."""
+        return self.recovery.lost
 
     @property
     def frozen(self) -> bool:
@@ -286,18 +294,32 @@ class Subflow(SegmentBuilder):
             conn.third_ack_pending = conn.role is _CLIENT
             conn.ack_now = True
             return
-        if not self.acceptable(tcp, len(payload) + (1 if flags & TcpFlags.FIN else 0)):
-            conn.challenge_ack_due = True  # RFC 5961: ACK it, change nothing
+        # acceptable()'s test, written out so that the two numbers it unwraps serve the ACK
+        # and data paths below as well (neither changes before they read them): one
+        # unwrap each per segment instead of two, and no call for the test.
+        ack = 0
+        if flags & TcpFlags.ACK:
+            ack = unwrap(tcp.ack, self.iss + 1, self.snd_una)
+            if ack > self.snd_max or ack < self.snd_una - self.max_snd_wnd:
+                conn.challenge_ack_due = True  # RFC 5961: ACK it, change nothing
+                return
+        recv = conn.recv
+        rcv_nxt = recv.rcv_nxt
+        seq = unwrap(tcp.seq, self.irs + 1, rcv_nxt)
+        cap = recv.capacity
+        fin = flags & TcpFlags.FIN
+        if seq >= rcv_nxt + cap or seq + len(payload) + (1 if fin else 0) + cap < rcv_nxt:
+            conn.challenge_ack_due = True  # as above
             return
         if self.rto_count:  # (what _heard_again tests first: no call per segment)
             self._heard_again(now)
         conn.last_heard = now
         conn.keepalives_sent = 0
         if flags & TcpFlags.ACK:
-            self._on_ack(tcp, bool(payload) or bool(flags & TcpFlags.FIN), now)
-        if payload or flags & TcpFlags.FIN:
-            self._on_data(tcp, payload, now)
-        elif unwrap(tcp.seq, self.irs + 1, conn.recv.rcv_nxt) < conn.recv.rcv_nxt:
+            self._on_ack(tcp, ack, bool(payload) or bool(fin), now)
+        if payload or fin:
+            self._on_data(tcp, seq, payload, now)
+        elif seq < rcv_nxt:
             # An old sequence number: a keepalive or zero-window probe. Answer with an ACK
             # that carries our window (RFC 9293: unacceptable segments are acknowledged).
             conn.ack_now = True
@@ -307,7 +329,8 @@ class Subflow(SegmentBuilder):
         RFC 5961): its sequence range touches what the receive buffer could ever have
         offered around ``rcv_nxt``, and its ACK lies in [snd_una - max window, snd_max].
         Anything else is not from the peer as it stands now, and changes nothing.
-        ``track``: a multipath subflow's own sequence space (its ``rcv_track``)."""
+        ``track``: a multipath subflow's own sequence space (its ``rcv_track``).
+        (A single-path :meth:`on_tcp` applies the same test written out.)"""
         if tcp.flags & TcpFlags.ACK:
             ack = unwrap(tcp.ack, self.iss + 1, self.snd_una)
             if ack > self.snd_max or ack < self.snd_una - self.max_snd_wnd:
@@ -358,7 +381,9 @@ class Subflow(SegmentBuilder):
             conn.on_data_ack(dss.data_ack, tcp.window << self.snd_wscale, now)
         fin = bool(flags & TcpFlags.FIN)
         if flags & TcpFlags.ACK:
-            self._on_ack(tcp, bool(payload) or fin, now)
+            self._on_ack(
+                tcp, unwrap(tcp.ack, self.iss + 1, self.snd_una), bool(payload) or fin, now
+            )
         if not payload and not fin:
             if unwrap(tcp.seq, self.irs + 1, track.rcv_nxt) < track.rcv_nxt:
                 self.ack_pending = True  # a keepalive or window probe: answer it
@@ -405,10 +430,10 @@ class Subflow(SegmentBuilder):
         track.add(seq, end)
         conn.check_peer_fin(now)
 
-    def _on_ack(self, tcp: TcpHeader, carries_data: bool, now: float) -> None:
-        """The ACK field (and SACK blocks) of a segment from the peer."""
+    def _on_ack(self, tcp: TcpHeader, ack: int, carries_data: bool, now: float) -> None:
+        """The ACK field (and SACK blocks) of a segment from the peer; ``ack`` is its ACK
+        unwrapped (around ``snd_una``)."""
         conn = self.conn
-        ack = unwrap(tcp.ack, self.iss + 1, self.snd_una)
         if ack > self.snd_max:
             conn.ack_now = True  # acknowledges what we never sent: tell the peer where we are
             return
@@ -515,17 +540,17 @@ class Subflow(SegmentBuilder):
         )
         return self.recovery.dup_thresh(more and self.snd_max < self.snd_una + self.snd_wnd)
 
-    def _on_data(self, tcp: TcpHeader, payload: BytesLike, now: float) -> None:
-        """A segment with data or a FIN (single path)."""
+    def _on_data(self, tcp: TcpHeader, seq: int, payload: BytesLike, now: float) -> None:
+        """A segment with data or a FIN (single path); ``seq`` is its sequence number
+        unwrapped (around ``rcv_nxt``)."""
         conn = self.conn
         recv = conn.recv
-        seq = unwrap(tcp.seq, self.irs + 1, recv.rcv_nxt)
         end = seq + len(payload)
         # Segments that contradict the peer's FIN (data past it, a FIN elsewhere, a FIN
         # before data already taken) are not from the peer as we know it: an ACK answers
         # them (RFC 5961's challenge ACK) and they change nothing. A reset would let anyone
         # who guesses the flowIDs end the flow.
-        if conn.peer_fin_received:
+        if conn.close.remote is not _OPEN:  # conn.peer_fin_received, without its call
             assert conn.peer_fin_offset is not None
             if end > conn.peer_fin_offset:
                 conn.challenge_ack_due = True
@@ -546,7 +571,7 @@ class Subflow(SegmentBuilder):
         had_holes = recv.out_of_order_bytes > 0
         delivered = recv.offer(seq, payload) if payload else 0
         if delivered:
-            conn.emit(DataReceived(conn.conn_id, recv.readable))
+            conn._emit(DataReceived(conn.conn_id, recv.readable))  # (conn.emit, one call less)
         if conn.peer_fin_offset is not None and recv.rcv_nxt == conn.peer_fin_offset:
             conn.peer_fin_received = True
             if conn.fin_offset is None and in_order and not had_holes:
@@ -557,8 +582,9 @@ class Subflow(SegmentBuilder):
                     conn.delack_deadline = now + conn.config.delayed_ack
             else:
                 conn.ack_now = True
-            conn.emit(StreamEnded(conn.conn_id))
-            conn.on_peer_fin(now)
+            conn._emit(StreamEnded(conn.conn_id))  # (as above)
+            # (No joint-rule check here: the peer's FIN leaves its direction at
+            # FIN_RECEIVED, and the connection ends only once both are DONE.)
             return
         if not in_order or had_holes or recv.out_of_order_bytes or not delivered:
             conn.ack_now = True  # out of order, filled a hole, or outside the window
@@ -585,7 +611,10 @@ class Subflow(SegmentBuilder):
             self.snd_max >= send_end
             and (fin_off is None or self.snd_max != fin_off)
             and conn.mp is None
-            and not lost
+            # Nothing in flight, nothing lost (lost segments are in the scoreboard, which
+            # covers [snd_una, snd_max)): tested first, as ``lost`` (a SortedList) answers
+            # its truth value through a Python-level __len__.
+            and (self.snd_max == self.snd_una or not lost)
         ):
             return  # nothing new, no FIN due, nothing to resend: what the loop below finds
         mss = self.mss
