@@ -54,7 +54,7 @@ def _import_table() -> Any:
     return st
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     """Current resident set size (Linux /proc); 0 where unavailable."""
     try:
         with open("/proc/self/statm") as f:
@@ -63,7 +63,7 @@ def _rss_bytes() -> int:
         return 0
 
 
-def _malloc_trim() -> bool:
+def malloc_trim() -> bool:
     """glibc's malloc_trim(0): free heap pages back to the OS; False where unavailable."""
     try:
         import ctypes
@@ -191,11 +191,11 @@ def run_one(
     hit_sids = [ServiceID._of(v) for v in hit_ids]
     random_sids = [ServiceID._of(v) for v in random_ids]
     gc.collect()
-    rss_ids = _rss_bytes()
+    rss_ids = rss_bytes()
     inputs = _make_inputs(st, pairs, rng)
     del pairs
     gc.collect()
-    rss1 = _rss_bytes()
+    rss1 = rss_bytes()
 
     gc_time = [0.0]
     gc_start = [0.0]
@@ -216,7 +216,7 @@ def run_one(
     load_s = time.perf_counter() - t0
     gc.callbacks.remove(on_gc)
     gc.collect()
-    rss2 = _rss_bytes()
+    rss2 = rss_bytes()
     assert len(table) == size + 1, (len(table), size)
 
     # Every hit ID must resolve to an entry whose prefix contains it.
@@ -282,8 +282,8 @@ def run_all_in(size: int, seed: int, traced: bool) -> dict[str, Any]:
     pairs = _draw_prefixes(size, random.Random(seed))
     rng = random.Random(seed + 7)
     gc.collect()
-    _malloc_trim()  # the same before as after (below), so that only the load is counted
-    rss0_untrimmed = rss0 = _rss_bytes()
+    malloc_trim()  # the same before as after (below), so that only the load is counted
+    rss0_untrimmed = rss0 = rss_bytes()
     if traced:
         tracemalloc.start()
     table = st.ServiceTable(rng=random.Random(seed + 1))
@@ -293,11 +293,11 @@ def run_all_in(size: int, seed: int, traced: bool) -> dict[str, Any]:
         table.add(prefix, rule)
     load_s = time.perf_counter() - t0
     gc.collect()
-    rss_untrimmed = _rss_bytes()
+    rss_untrimmed = rss_bytes()
     # Freed heap memory that glibc has not handed back yet (the stride lists the table
     # outgrew, the list of entries a regrow walks) is not the table's: give it back first.
-    trimmed = _malloc_trim()
-    rss1 = _rss_bytes()
+    trimmed = malloc_trim()
+    rss1 = rss_bytes()
     out: dict[str, Any] = {
         "size": size,
         "method": "fresh process; RSS delta (/proc/self/statm, after gc.collect) over a load"
