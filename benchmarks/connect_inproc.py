@@ -38,41 +38,49 @@ import pyserval  # noqa: E402
 SERVICE = "inproc-connect"
 
 
-async def run(connections: int, warmup: int) -> dict[str, Any]:
-    """``warmup`` cycles, then ``connections`` timed ones; the figures."""
-    accepted = 0
-    clean_ends = 0
+class Counts:
+    """What :func:`serve` and :func:`cycle` saw: streams accepted, clean ends read."""
 
-    async def serve(listener: Any) -> None:
-        nonlocal accepted
-        async for stream in listener:
-            accepted += 1
-            await stream.aclose()
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.clean_ends = 0
 
-    async def cycle(host: pyserval.Host) -> None:
-        nonlocal clean_ends
-        stream = await host.connect(SERVICE)
-        try:
-            await stream.receive()
-        except anyio.EndOfStream:
-            clean_ends += 1
+
+async def serve(listener: Any, counts: Counts) -> None:
+    """The server's side of the cycle: accept each stream and close it at once."""
+    async for stream in listener:
+        counts.accepted += 1
         await stream.aclose()
 
+
+async def cycle(host: pyserval.Host, counts: Counts, service: str = SERVICE) -> None:
+    """The client's side: connect, read end of stream (counted when clean), close."""
+    stream = await host.connect(service)
+    try:
+        await stream.receive()
+    except anyio.EndOfStream:
+        counts.clean_ends += 1
+    await stream.aclose()
+
+
+async def run(connections: int, warmup: int) -> dict[str, Any]:
+    """``warmup`` cycles, then ``connections`` timed ones; the figures."""
+    counts = Counts()
     config = pyserval.StreamConfig(time_wait=1.0)  # as suite_cases' client
     async with (
         pyserval.Host(["127.0.0.1:0"]) as server,
         pyserval.Host(["127.0.0.1:0"], stream_config=config) as client,
     ):
         listener = await server.listen(SERVICE, backlog=1024)
-        task = asyncio.ensure_future(serve(listener))
+        task = asyncio.ensure_future(serve(listener, counts))
         ip, port = server.addresses[0]
         client.add_route(SERVICE, f"{ip}:{port}")
         for _ in range(warmup):
-            await cycle(client)
+            await cycle(client, counts)
         cpu0 = time.process_time()
         start = time.perf_counter()
         for _ in range(connections):
-            await cycle(client)
+            await cycle(client, counts)
         wall = time.perf_counter() - start
         cpu = time.process_time() - cpu0
         await asyncio.sleep(0.05)  # the last accept
@@ -83,7 +91,7 @@ async def run(connections: int, warmup: int) -> dict[str, Any]:
         "connections": connections,
         "per_s": round(connections / wall),
         "cpu_us_per_connection": round(cpu / connections * 1e6, 1),
-        "ok": accepted == total and clean_ends == total,
+        "ok": counts.accepted == total and counts.clean_ends == total,
     }
 
 

@@ -37,12 +37,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import treepath
+from connect_inproc import Counts, cycle, serve
 from report import emit
 from service_table import malloc_trim, rss_bytes
 
 SRC = treepath.pin()
-
-import anyio  # noqa: E402
 
 import pyserval  # noqa: E402
 from pyserval.core.host import HostCore  # noqa: E402
@@ -62,23 +61,7 @@ def _in_time_wait(core: HostCore) -> int:
 
 async def run(mode: str, connections: int, warmup: int) -> dict[str, Any]:
     """``warmup`` cycles, then ``connections`` measured ones; the server's TIME_WAIT memory."""
-    accepted = 0
-    clean_ends = 0
-
-    async def serve(listener: Any) -> None:
-        nonlocal accepted
-        async for stream in listener:
-            accepted += 1
-            await stream.aclose()
-
-    async def cycle(host: pyserval.Host) -> None:
-        nonlocal clean_ends
-        stream = await host.connect(SERVICE)
-        try:
-            await stream.receive()
-        except anyio.EndOfStream:
-            clean_ends += 1
-        await stream.aclose()
+    counts = Counts()
 
     client_config = pyserval.StreamConfig(time_wait=1.0)  # (the client closes second)
     async with (
@@ -90,11 +73,11 @@ async def run(mode: str, connections: int, warmup: int) -> dict[str, Any]:
         core.compact_time_wait = mode == "compact"
         hold = server.stream_config.time_wait
         listener = await server.listen(SERVICE, backlog=1024)
-        task = asyncio.ensure_future(serve(listener))
+        task = asyncio.ensure_future(serve(listener, counts))
         ip, port = server.addresses[0]
         client.add_route(SERVICE, f"{ip}:{port}")
         for _ in range(warmup):
-            await cycle(client)
+            await cycle(client, counts, SERVICE)
         await asyncio.sleep(0.05)  # the warm-up's last close
         gc.collect()
         malloc_trim()
@@ -102,7 +85,7 @@ async def run(mode: str, connections: int, warmup: int) -> dict[str, Any]:
         waits0 = _in_time_wait(core)
         start = time.perf_counter()
         for _ in range(connections):
-            await cycle(client)
+            await cycle(client, counts, SERVICE)
         await asyncio.sleep(0.05)  # the last close: SAL FIN and its ACK
         elapsed = time.perf_counter() - start
         gc.collect()
@@ -123,7 +106,7 @@ async def run(mode: str, connections: int, warmup: int) -> dict[str, Any]:
         "bytes_per_flow": round((rss1 - rss0) / added) if added > 0 else None,
         # Every connection of the loop must still be waiting (the loop ran for less than
         # the hold) for the division to mean memory per flow.
-        "ok": accepted == total and clean_ends == total and added == connections,
+        "ok": counts.accepted == total and counts.clean_ends == total and added == connections,
     }
 
 
