@@ -294,23 +294,15 @@ class Subflow(SegmentBuilder):
             conn.third_ack_pending = conn.role is _CLIENT
             conn.ack_now = True
             return
-        # acceptable()'s test, written out so that the two numbers it unwraps serve the ACK
-        # and data paths below as well (neither changes before they read them): one
-        # unwrap each per segment instead of two, and no call for the test.
-        ack = 0
-        if flags & TcpFlags.ACK:
-            ack = unwrap(tcp.ack, self.iss + 1, self.snd_una)
-            if ack > self.snd_max or ack < self.snd_una - self.max_snd_wnd:
-                conn.challenge_ack_due = True  # RFC 5961: ACK it, change nothing
-                return
-        recv = conn.recv
-        rcv_nxt = recv.rcv_nxt
-        seq = unwrap(tcp.seq, self.irs + 1, rcv_nxt)
-        cap = recv.capacity
         fin = flags & TcpFlags.FIN
-        if seq >= rcv_nxt + cap or seq + len(payload) + (1 if fin else 0) + cap < rcv_nxt:
-            conn.challenge_ack_due = True  # as above
+        # The two numbers the test unwraps serve the ACK and data paths below as well
+        # (neither reference moves before they read them): one unwrap each per segment.
+        numbers = self.acceptable_numbers(tcp, len(payload) + (1 if fin else 0))
+        if numbers is None:
+            conn.challenge_ack_due = True  # RFC 5961: ACK it, change nothing
             return
+        ack, seq = numbers
+        rcv_nxt = conn.recv.rcv_nxt
         if self.rto_count:  # (what _heard_again tests first: no call per segment)
             self._heard_again(now)
         conn.last_heard = now
@@ -329,17 +321,27 @@ class Subflow(SegmentBuilder):
         RFC 5961): its sequence range touches what the receive buffer could ever have
         offered around ``rcv_nxt``, and its ACK lies in [snd_una - max window, snd_max].
         Anything else is not from the peer as it stands now, and changes nothing.
-        ``track``: a multipath subflow's own sequence space (its ``rcv_track``).
-        (A single-path :meth:`on_tcp` applies the same test written out.)"""
+        ``track``: a multipath subflow's own sequence space (its ``rcv_track``)."""
+        return self.acceptable_numbers(tcp, length, track) is not None
+
+    def acceptable_numbers(
+        self, tcp: TcpHeader, length: int, track: SeqTracker | None = None
+    ) -> tuple[int, int] | None:
+        """:meth:`acceptable`'s test, giving the segment's ACK (0 without the ACK flag)
+        and sequence number unwrapped (around ``snd_una`` and ``rcv_nxt``) when it passes,
+        None when it does not."""
+        ack = 0
         if tcp.flags & TcpFlags.ACK:
             ack = unwrap(tcp.ack, self.iss + 1, self.snd_una)
             if ack > self.snd_max or ack < self.snd_una - self.max_snd_wnd:
-                return False
+                return None
         recv = self.conn.recv
         rcv_nxt = recv.rcv_nxt if track is None else track.rcv_nxt
         seq = unwrap(tcp.seq, self.irs + 1, rcv_nxt)
         cap = recv.capacity
-        return seq < rcv_nxt + cap and seq + length + cap >= rcv_nxt
+        if seq < rcv_nxt + cap and seq + length + cap >= rcv_nxt:
+            return ack, seq
+        return None
 
     def _heard_again(self, now: float) -> None:
         """The peer speaks after a silence while our data waits in RTO backoff: what we
