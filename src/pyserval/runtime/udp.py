@@ -502,7 +502,12 @@ class UdpEndpoint:
             self._start_writer()
             return
         except OSError as exc:
-            if not self._send_failed(sock, exc, data, remote):
+            try:
+                if not self._send_failed(sock, exc, data, remote):
+                    return
+            except BlockingIOError:  # the retry (see _ASYNC_ERRORS) found the buffer full
+                self._enqueue(data, remote)
+                self._start_writer()
                 return
         stats = self.stats
         stats.datagrams_sent += 1
