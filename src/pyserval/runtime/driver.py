@@ -18,6 +18,7 @@ import asyncio
 import heapq
 import itertools
 import os
+import time
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -43,6 +44,10 @@ __all__ = ["Address", "Driver", "HostClosed"]
 Batch = list[tuple[bytes, Address]]
 
 _FINAL_EVENTS = (ConnectionClosed, ConnectionReset, ConnectionTimedOut, ConnectionFailed)
+
+
+def _no_clock() -> float:
+    raise RuntimeError("the host is not running")
 
 
 class _Waiters:
@@ -103,6 +108,7 @@ class Driver:
         self._limit_live: dict[int, float] = {}
         self._limit_order = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._clock: Callable[[], float] = _no_clock
 
     # -- state ----------------------------------------------------------------------------
     @property
@@ -114,7 +120,15 @@ class Driver:
 
     def bind_loop(self) -> None:
         """Take the running event loop (before the first interface opens)."""
-        self._loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
+        # asyncio's own loops read time.monotonic in a Python method: read it directly,
+        # without that frame (some twenty reads per connection). Another loop's clock
+        # (uvloop, a test's virtual time) is read through its own time().
+        plain = getattr(type(loop), "time", None) is asyncio.BaseEventLoop.time
+        if plain and "time" not in getattr(loop, "__dict__", ()):
+            self._clock = time.monotonic
+        else:
+            self._clock = loop.time
 
     @property
     def addresses(self) -> list[Address]:
@@ -123,8 +137,7 @@ class Driver:
 
     def now(self) -> float:
         """The loop's clock: the ``now`` every core call takes."""
-        assert self._loop is not None
-        return self._loop.time()
+        return self._clock()
 
     def require_core(self) -> HostCore:
         """The running core; :class:`HostClosed` or RuntimeError when there is none."""
@@ -174,8 +187,9 @@ class Driver:
         if pcap is not None:
             for data, src in batch:
                 pcap.write(data, src, local)
-        core.receive_datagrams(batch, local, self.now())
-        self.flush()
+        now = self._clock()  # one reading for the batch and its flush
+        core.receive_datagrams(batch, local, now)
+        self.flush(now)
 
     def _on_icmp(self, remote: Address, errno_: int) -> None:
         """ICMP error for a datagram we sent: tell the core, send what follows."""
@@ -207,13 +221,16 @@ class Driver:
         :meth:`schedule_flush`, which coalesces a pass's writes into one train."""
         self.flush()
 
-    def flush(self) -> None:
-        """Send what the core has now, hand out its events, re-arm the timer."""
+    def flush(self, now: float | None = None) -> None:
+        """Send what the core has now, hand out its events, re-arm the timer; ``now``: the
+        clock as this wake-up read it (None: read it here)."""
         self._flush_pending = False
         core = self.core
         if core is None:
             return
-        out = core.wire_to_send(self.now())
+        if now is None:
+            now = self._clock()
+        out = core.wire_to_send(now)
         if out:
             by_ep: dict[Address, list[tuple[bytes | SuperDatagram, Address]]] = {}
             pcap = self.pcap
@@ -245,10 +262,15 @@ class Driver:
             limit = self._next_limit()
             if limit is not None and (deadline is None or limit < deadline):
                 deadline = limit
-        self._arm_timer(deadline)
+        at = self._timer_at
+        # (_arm_timer's own tests, here to save the call when the armed timer stays.)
+        if deadline != at and (
+            self._timer is None or at is None or (deadline is not None and deadline < at)
+        ):
+            self._arm_timer(deadline, now)
 
     # -- the timer ----------------------------------------------------------------------
-    def _arm_timer(self, deadline: float | None) -> None:
+    def _arm_timer(self, deadline: float | None, now: float) -> None:
         if deadline == self._timer_at:
             return
         at = self._timer_at
@@ -262,7 +284,7 @@ class Driver:
         self._timer_at = deadline
         if deadline is not None and self._loop is not None and not self.closed:
             # Never a sub-millisecond busy timer: round up to the next millisecond.
-            self._timer = self._loop.call_at(max(deadline, self.now() + 0.001), self._on_timer)
+            self._timer = self._loop.call_at(max(deadline, now + 0.001), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -270,14 +292,14 @@ class Driver:
         core = self.core
         if core is None:
             return
-        now = self.now()
+        now = self._clock()
         core.handle_timer(now)
         limits = self._limits
         while limits and limits[0][0] <= now:
             deadline, _, conn_id = heapq.heappop(limits)
             if self._limit_live.get(conn_id) == deadline:
                 self.waiters.wake(conn_id)  # its time is up: the waiter sees it and returns
-        self.flush()
+        self.flush(now)
 
     def _next_limit(self) -> float | None:
         """The earliest deadline of a wait still running (stale entries are dropped)."""
@@ -324,7 +346,8 @@ class Driver:
         connection at a time."""
         if ready():
             return True
-        if self.now() >= deadline:
+        now = self._clock()
+        if now >= deadline:
             return False
         conn_id = conn.conn_id
         live = self._limit_live
@@ -338,9 +361,9 @@ class Driver:
             heapq.heapify(limits)
         at = self._timer_at
         if self._timer is None or at is None or deadline < at:
-            self._arm_timer(deadline)  # (the next flush re-arms from both heaps)
+            self._arm_timer(deadline, now)  # (the next flush re-arms from both heaps)
         try:
-            await self.waiters.wait_for(conn_id, lambda: ready() or self.now() >= deadline)
+            await self.waiters.wait_for(conn_id, lambda: ready() or self._clock() >= deadline)
         finally:
             if self._limit_live.get(conn_id) == deadline:
                 del self._limit_live[conn_id]
