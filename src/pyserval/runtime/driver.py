@@ -232,24 +232,18 @@ class Driver:
             now = self._clock()
         out = core.wire_to_send(now)
         if out:
-            by_ep: dict[Address, list[tuple[bytes | SuperDatagram, Address]]] = {}
-            pcap = self.pcap
-            if pcap is None and len(self.endpoints) == 1:
-                # One interface takes everything (see the lookup below): no grouping.
-                by_ep[self.endpoints[0].address] = [(data, remote) for data, _, remote in out]
-            else:
-                for data, local, remote in out:
-                    by_ep.setdefault(local, []).append((data, remote))
-                    if pcap is not None:
-                        if isinstance(data, SuperDatagram):
-                            for one in data.split():
-                                pcap.write(one, local, remote)
-                        else:
-                            pcap.write(data, local, remote)
-            for local, items in by_ep.items():
-                ep = self.by_address.get(local) or self.endpoints[0]
+            endpoints = self.endpoints
+            if self.pcap is None and len(endpoints) == 1:
+                # One interface takes everything (as _send_by_interface would): no grouping.
+                ep = endpoints[0]
                 if not ep.closed:
-                    ep.send_many(items)
+                    data, _, remote = out[0]
+                    if len(out) == 1 and type(data) is bytes:
+                        ep.send(data, remote)  # (most passes: one small datagram)
+                    else:
+                        ep.send_many([(data, remote) for data, _, remote in out])
+            else:
+                self._send_by_interface(out)
         if self.pcap is not None:
             self.pcap.flush()  # once per batch: a killed process loses at most this batch
         for event in core.events():
@@ -268,6 +262,24 @@ class Driver:
             self._timer is None or at is None or (deadline is not None and deadline < at)
         ):
             self._arm_timer(deadline, now)
+
+    def _send_by_interface(self, out: list[tuple[bytes | SuperDatagram, Address, Address]]) -> None:
+        """Each datagram from the interface of its local address (the first one for an
+        address no interface has), and into the capture file."""
+        by_ep: dict[Address, list[tuple[bytes | SuperDatagram, Address]]] = {}
+        pcap = self.pcap
+        for data, local, remote in out:
+            by_ep.setdefault(local, []).append((data, remote))
+            if pcap is not None:
+                if isinstance(data, SuperDatagram):
+                    for one in data.split():
+                        pcap.write(one, local, remote)
+                else:
+                    pcap.write(data, local, remote)
+        for local, items in by_ep.items():
+            ep = self.by_address.get(local) or self.endpoints[0]
+            if not ep.closed:
+                ep.send_many(items)
 
     # -- the timer ----------------------------------------------------------------------
     def _arm_timer(self, deadline: float | None, now: float) -> None:
