@@ -19,7 +19,6 @@ import heapq
 import itertools
 import os
 import time
-from collections import defaultdict
 from collections.abc import Callable
 
 from ..core.host import DatagramEndpoint, HostCore, Listener
@@ -29,21 +28,12 @@ from ..sal.inet import Address
 from ..sal.train import SuperDatagram
 from ..tools.pcap import PcapWriter
 from ..transport.connection import Connection
-from ..transport.events import (
-    ConnectionClosed,
-    ConnectionFailed,
-    ConnectionReset,
-    ConnectionTimedOut,
-    Event,
-    IncomingConnection,
-)
+from ..transport.events import Event, IncomingConnection
 from .udp import UdpEndpoint
 
 __all__ = ["Address", "Driver", "HostClosed"]
 
 Batch = list[tuple[bytes, Address]]
-
-_FINAL_EVENTS = (ConnectionClosed, ConnectionReset, ConnectionTimedOut, ConnectionFailed)
 
 
 def _no_clock() -> float:
@@ -51,28 +41,44 @@ def _no_clock() -> float:
 
 
 class _Waiters:
-    """One asyncio.Event per connection: set on every core event that names it."""
+    """The tasks waiting on each connection, each on a future of its own: every core event
+    that names the connection wakes them all and forgets the entry (a waiter whose
+    condition still does not hold waits again), so the table holds only connections
+    someone is waiting on. Lighter than an asyncio.Event per connection (no set flag to
+    clear, no lock machinery), and a cancelled waiter takes only its own future along."""
 
     def __init__(self) -> None:
-        self.events: dict[int, asyncio.Event] = defaultdict(asyncio.Event)
+        self.events: dict[int, list[asyncio.Future[None]]] = {}
 
-    def wake(self, conn_id: int, final: bool = False) -> None:
-        # A final event (closed, reset, timed out, failed) wakes the waiters and forgets
-        # the entry, so the table does not grow with every connection ever made; a later
-        # wait_for finds its condition already true.
-        ev = self.events.pop(conn_id, None) if final else self.events.get(conn_id)
-        if ev is not None:
-            ev.set()
+    def wake(self, conn_id: int) -> None:
+        waiting = self.events.pop(conn_id, None)
+        if waiting is not None:
+            for fut in waiting:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def wake_all(self) -> None:
+        for conn_id in list(self.events):
+            self.wake(conn_id)
 
     async def wait_for(self, conn_id: int, ready: Callable[[], bool]) -> None:
-        if ready():
-            return  # no entry for a wait that never blocks
-        ev = self.events[conn_id]
+        events = self.events
         while not ready():
-            ev.clear()
-            if ready():
-                return
-            await ev.wait()
+            fut = asyncio.get_running_loop().create_future()
+            waiting = events.get(conn_id)
+            if waiting is None:
+                events[conn_id] = [fut]
+            else:
+                waiting.append(fut)
+            try:
+                await fut
+            except BaseException:
+                waiting = events.get(conn_id)
+                if waiting is not None and fut in waiting:
+                    waiting.remove(fut)
+                    if not waiting:
+                        del events[conn_id]
+                raise
 
 
 class Driver:
@@ -326,12 +332,18 @@ class Driver:
 
     # -- events and waiters -------------------------------------------------------------
     def _dispatch(self, event: Event) -> None:
+        conn_id = event.conn_id
         if isinstance(event, IncomingConnection):
             ev = self._listener_waiters.get(event.listener_id)
             if ev is not None:
                 ev.set()
-        self.waiters.wake(event.conn_id, final=isinstance(event, _FINAL_EVENTS))
-        conn_hook = self._conn_hooks.get(event.conn_id)
+        # (_Waiters.wake, without the call.)
+        waiting = self.waiters.events.pop(conn_id, None)
+        if waiting is not None:
+            for fut in waiting:
+                if not fut.done():
+                    fut.set_result(None)
+        conn_hook = self._conn_hooks.get(conn_id)
         if conn_hook is None:
             if not self._event_hooks:
                 return  # (the common case: nobody watches; no list to build)
@@ -435,7 +447,6 @@ class Driver:
             udp.close()
         if self.pcap is not None:
             self.pcap.close()
-        for ev in self.waiters.events.values():
-            ev.set()
+        self.waiters.wake_all()
         for ev in self._listener_waiters.values():
             ev.set()
