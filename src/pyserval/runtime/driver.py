@@ -129,9 +129,10 @@ class Driver:
         loop = self._loop = asyncio.get_running_loop()
         # asyncio's own loops read time.monotonic in a Python method: read it directly,
         # without that frame (some twenty reads per connection). Another loop's clock
-        # (uvloop, a test's virtual time) is read through its own time().
-        plain = getattr(type(loop), "time", None) is asyncio.BaseEventLoop.time
-        if plain and "time" not in getattr(loop, "__dict__", ()):
+        # (uvloop, a subclass's or a test's virtual time) is read through its own time().
+        # (Tested through the bound method: reading the loop's __dict__ would build it,
+        # and every attribute read in the loop's own methods would lose its fast path.)
+        if getattr(loop.time, "__func__", None) is asyncio.BaseEventLoop.time:
             self._clock = time.monotonic
         else:
             self._clock = loop.time
