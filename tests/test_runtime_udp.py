@@ -320,6 +320,49 @@ def test_icmp_errors_are_counted_and_reported_not_raised() -> None:
     run(main())
 
 
+class RefusedThenFullSocket(FullBufferSocket):
+    """Reports a pending ICMP error on the first ``sendto``, then a full buffer."""
+
+    def sendto(self, data: Any, *args: Any) -> int:
+        self.attempts += 1
+        if self.attempts == 1:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "simulated pending ICMP error")
+        return super().sendto(data, *args)
+
+
+def test_send_queues_when_the_retry_after_an_icmp_error_finds_the_buffer_full() -> None:
+    # The module's promise: network conditions are never raised out of send(). The retry
+    # that a pending ICMP error triggers may meet a full buffer: the datagram then waits in
+    # the queue, as it does when the first try meets one.
+    async def main() -> None:
+        sink = Sink()
+        async with await UdpEndpoint.open(LOCAL, sink) as rx:
+            sock = RefusedThenFullSocket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            sock.bind(LOCAL)
+            sock.full = True
+            tx = UdpEndpoint(
+                sock,
+                asyncio.get_running_loop(),
+                Sink(),
+                options=(False, 0, 0),
+                gso=True,
+                gro=True,
+                max_batch=256,
+                send_queue=16,
+                on_icmp_error=lambda address, err: None,
+            )
+            async with tx:
+                tx.send(b"after the error", rx.address)
+                assert tx.errors["send:ECONNREFUSED"] == 1
+                assert tx.queued == 1
+                sock.full = False
+                await sink.wait_for(1)
+                assert sink.datagrams == [(b"after the error", tx.address)]
+
+    run(main())
+
+
 def test_unreachable_port_without_icmp_reporting_is_harmless() -> None:
     async def main() -> None:
         sink = Sink()

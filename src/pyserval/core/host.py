@@ -188,7 +188,7 @@ class HostCore:
         self._events: deque[Event] = deque()
         self._max_events = max_events
         # What to send: datagrams, and a segment train's datagrams as super-datagrams
-        # (see wire_to_send); _supers says whether any is queued.
+        # (see wire_to_send); _supers is set when one is queued.
         self._out: list[tuple[bytes | SuperDatagram, Address, Address]] = []
         self._supers = False
         self.receive_budget: ReceiveBudget | None = None
@@ -441,9 +441,17 @@ class HostCore:
         if sf.challenge is not None:
             paths.send_challenging(self, sf, pkts, remote)
             return
+        # (_send's body, without a call per packet.)
         local = sf.local_addr
+        lip = local[0]
+        rip = remote[0]
+        out = self._out
         for p in pkts:
-            self._send(p, local, remote)
+            if type(p) is SegmentTrain:
+                out.extend([(d, local, remote) for d in p.wire(lip, rip)])
+                self._supers = True
+            else:
+                out.append((p.encode(lip, rip), local, remote))
 
     def _send_multipath(self, conn: Connection, pkts: list[SalPacket]) -> None:
         """Each packet on the addresses of the subflow it belongs to."""
@@ -486,9 +494,10 @@ class HostCore:
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address, Address]]:
         """Every datagram to send now, as (payload, local address, remote address)."""
-        out, supers = self._take_output(now)
-        if not supers:
+        out = self.wire_to_send(now)
+        if not self._supers:
             return out  # type: ignore[return-value]  # no SuperDatagram among them
+        self._supers = False
         flat: list[tuple[bytes, Address, Address]] = []
         for data, local, remote in out:
             if isinstance(data, SuperDatagram):
@@ -501,21 +510,16 @@ class HostCore:
         """:meth:`datagrams_to_send` with the datagrams of a segment train still
         together as :class:`~pyserval.sal.train.SuperDatagram` s, for an adapter that
         sends each with one UDP GSO call (and splits them where it cannot)."""
-        return self._take_output(now)[0]
-
-    def _take_output(
-        self, now: float
-    ) -> tuple[list[tuple[bytes | SuperDatagram, Address, Address]], bool]:
-        """Flush every connection with something to send; take what is queued, and
-        whether it holds any super-datagram."""
+        # Every connection with something to send is flushed; what is queued is taken.
+        # _supers stays set (only datagrams_to_send, which splits them, clears it): an
+        # adapter on this method never reads it, and a stale True costs that one a scan.
         self._woken = None
         dirty = self._dirty
         while dirty:
             _, conn = dirty.popitem()
             self._flush(conn, now)
         out, self._out = self._out, []
-        supers, self._supers = self._supers, False
-        return out, supers
+        return out
 
     def _flush(self, conn: Connection, now: float) -> None:
         pkts: list[SalPacket] = []
@@ -688,7 +692,6 @@ class HostCore:
         """
         if self.receive_budget is not None:
             self.receive_budget.tick(now)
-        receive = self.receive_datagram
         if not self.forwarding:
             # Runs of in-order data of one flow (a train, as GRO delivers them) go by
             # header prediction, with one DataReceived per run rather than per segment.
@@ -726,7 +729,26 @@ class HostCore:
                         self._flush_now(run, now)
                     run = None
                 self._woken = None
-                receive(data, src, dst, now, predict=False)
+                # receive_datagram's path for a packet prediction declined (no budget
+                # tick, no forwarding), without the call and its tests per packet.
+                self.received += 1
+                try:
+                    pkt = decode_packet(data)
+                except MalformedPacket as exc:
+                    self.drops[exc.reason.value] += 1
+                    continue
+                except Exception as exc:  # never let a packet take the host down
+                    self._internal_error(exc)
+                    self.drops["internal_error"] += 1
+                    continue
+                try:
+                    if pkt.dst_flowid == 0:
+                        datagrams.on_unconnected(self, pkt, data, src, dst, now)
+                    else:
+                        demux.on_flow_packet(self, pkt, src, dst, now, len(data))
+                except Exception as exc:  # never let a packet take the host down
+                    self._internal_error(exc)
+                    self.drops["internal_error"] += 1
                 woken = self._woken
                 self._woken = None  # no reference kept to a connection closing meanwhile
                 if woken is not None and woken.ack_now:
@@ -734,6 +756,7 @@ class HostCore:
             if run is not None:
                 self._end_run(run)
             return
+        receive = self.receive_datagram
 
         def declined(data: bytes, src: Address) -> None:
             receive(data, src, dst, now, fast=False)  # looked up already: the general path

@@ -18,7 +18,7 @@ import asyncio
 import heapq
 import itertools
 import os
-from collections import defaultdict
+import time
 from collections.abc import Callable
 
 from ..core.host import DatagramEndpoint, HostCore, Listener
@@ -28,46 +28,57 @@ from ..sal.inet import Address
 from ..sal.train import SuperDatagram
 from ..tools.pcap import PcapWriter
 from ..transport.connection import Connection
-from ..transport.events import (
-    ConnectionClosed,
-    ConnectionFailed,
-    ConnectionReset,
-    ConnectionTimedOut,
-    Event,
-    IncomingConnection,
-)
+from ..transport.events import Event, IncomingConnection
 from .udp import UdpEndpoint
 
 __all__ = ["Address", "Driver", "HostClosed"]
 
 Batch = list[tuple[bytes, Address]]
 
-_FINAL_EVENTS = (ConnectionClosed, ConnectionReset, ConnectionTimedOut, ConnectionFailed)
+
+def _no_clock() -> float:
+    raise RuntimeError("the host is not running")
 
 
 class _Waiters:
-    """One asyncio.Event per connection: set on every core event that names it."""
+    """The tasks waiting on each connection, each on a future of its own: every core event
+    that names the connection wakes them all and forgets the entry (a waiter whose
+    condition still does not hold waits again), so the table holds only connections
+    someone is waiting on. Lighter than an asyncio.Event per connection (no set flag to
+    clear, no lock machinery), and a cancelled waiter takes only its own future along."""
 
     def __init__(self) -> None:
-        self.events: dict[int, asyncio.Event] = defaultdict(asyncio.Event)
+        self.events: dict[int, list[asyncio.Future[None]]] = {}
 
-    def wake(self, conn_id: int, final: bool = False) -> None:
-        # A final event (closed, reset, timed out, failed) wakes the waiters and forgets
-        # the entry, so the table does not grow with every connection ever made; a later
-        # wait_for finds its condition already true.
-        ev = self.events.pop(conn_id, None) if final else self.events.get(conn_id)
-        if ev is not None:
-            ev.set()
+    def wake(self, conn_id: int) -> None:
+        waiting = self.events.pop(conn_id, None)
+        if waiting is not None:
+            for fut in waiting:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def wake_all(self) -> None:
+        for conn_id in list(self.events):
+            self.wake(conn_id)
 
     async def wait_for(self, conn_id: int, ready: Callable[[], bool]) -> None:
-        if ready():
-            return  # no entry for a wait that never blocks
-        ev = self.events[conn_id]
+        events = self.events
         while not ready():
-            ev.clear()
-            if ready():
-                return
-            await ev.wait()
+            fut = asyncio.get_running_loop().create_future()
+            waiting = events.get(conn_id)
+            if waiting is None:
+                events[conn_id] = [fut]
+            else:
+                waiting.append(fut)
+            try:
+                await fut
+            except BaseException:
+                waiting = events.get(conn_id)
+                if waiting is not None and fut in waiting:
+                    waiting.remove(fut)
+                    if not waiting:
+                        del events[conn_id]
+                raise
 
 
 class Driver:
@@ -103,6 +114,7 @@ class Driver:
         self._limit_live: dict[int, float] = {}
         self._limit_order = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._clock: Callable[[], float] = _no_clock
 
     # -- state ----------------------------------------------------------------------------
     @property
@@ -114,7 +126,16 @@ class Driver:
 
     def bind_loop(self) -> None:
         """Take the running event loop (before the first interface opens)."""
-        self._loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
+        # asyncio's own loops read time.monotonic in a Python method: read it directly,
+        # without that frame (some twenty reads per connection). Another loop's clock
+        # (uvloop, a subclass's or a test's virtual time) is read through its own time().
+        # (Tested through the bound method: reading the loop's __dict__ would build it,
+        # and every attribute read in the loop's own methods would lose its fast path.)
+        if getattr(loop.time, "__func__", None) is asyncio.BaseEventLoop.time:
+            self._clock = time.monotonic
+        else:
+            self._clock = loop.time
 
     @property
     def addresses(self) -> list[Address]:
@@ -123,8 +144,7 @@ class Driver:
 
     def now(self) -> float:
         """The loop's clock: the ``now`` every core call takes."""
-        assert self._loop is not None
-        return self._loop.time()
+        return self._clock()
 
     def require_core(self) -> HostCore:
         """The running core; :class:`HostClosed` or RuntimeError when there is none."""
@@ -174,8 +194,9 @@ class Driver:
         if pcap is not None:
             for data, src in batch:
                 pcap.write(data, src, local)
-        core.receive_datagrams(batch, local, self.now())
-        self.flush()
+        now = self._clock()  # one reading for the batch and its flush
+        core.receive_datagrams(batch, local, now)
+        self.flush(now)
 
     def _on_icmp(self, remote: Address, errno_: int) -> None:
         """ICMP error for a datagram we sent: tell the core, send what follows."""
@@ -207,32 +228,29 @@ class Driver:
         :meth:`schedule_flush`, which coalesces a pass's writes into one train."""
         self.flush()
 
-    def flush(self) -> None:
-        """Send what the core has now, hand out its events, re-arm the timer."""
+    def flush(self, now: float | None = None) -> None:
+        """Send what the core has now, hand out its events, re-arm the timer; ``now``: the
+        clock as this wake-up read it (None: read it here)."""
         self._flush_pending = False
         core = self.core
         if core is None:
             return
-        out = core.wire_to_send(self.now())
+        if now is None:
+            now = self._clock()
+        out = core.wire_to_send(now)
         if out:
-            by_ep: dict[Address, list[tuple[bytes | SuperDatagram, Address]]] = {}
-            pcap = self.pcap
-            if pcap is None and len(self.endpoints) == 1:
-                # One interface takes everything (see the lookup below): no grouping.
-                by_ep[self.endpoints[0].address] = [(data, remote) for data, _, remote in out]
-            else:
-                for data, local, remote in out:
-                    by_ep.setdefault(local, []).append((data, remote))
-                    if pcap is not None:
-                        if isinstance(data, SuperDatagram):
-                            for one in data.split():
-                                pcap.write(one, local, remote)
-                        else:
-                            pcap.write(data, local, remote)
-            for local, items in by_ep.items():
-                ep = self.by_address.get(local) or self.endpoints[0]
+            endpoints = self.endpoints
+            if self.pcap is None and len(endpoints) == 1:
+                # One interface takes everything (as _send_by_interface would): no grouping.
+                ep = endpoints[0]
                 if not ep.closed:
-                    ep.send_many(items)
+                    data, _, remote = out[0]
+                    if len(out) == 1 and type(data) is bytes:
+                        ep.send(data, remote)  # (most passes: one small datagram)
+                    else:
+                        ep.send_many([(data, remote) for data, _, remote in out])
+            else:
+                self._send_by_interface(out)
         if self.pcap is not None:
             self.pcap.flush()  # once per batch: a killed process loses at most this batch
         for event in core.events():
@@ -245,10 +263,33 @@ class Driver:
             limit = self._next_limit()
             if limit is not None and (deadline is None or limit < deadline):
                 deadline = limit
-        self._arm_timer(deadline)
+        at = self._timer_at
+        # (_arm_timer's own tests, here to save the call when the armed timer stays.)
+        if deadline != at and (
+            self._timer is None or at is None or (deadline is not None and deadline < at)
+        ):
+            self._arm_timer(deadline, now)
+
+    def _send_by_interface(self, out: list[tuple[bytes | SuperDatagram, Address, Address]]) -> None:
+        """Each datagram from the interface of its local address (the first one for an
+        address no interface has), and into the capture file."""
+        by_ep: dict[Address, list[tuple[bytes | SuperDatagram, Address]]] = {}
+        pcap = self.pcap
+        for data, local, remote in out:
+            by_ep.setdefault(local, []).append((data, remote))
+            if pcap is not None:
+                if isinstance(data, SuperDatagram):
+                    for one in data.split():
+                        pcap.write(one, local, remote)
+                else:
+                    pcap.write(data, local, remote)
+        for local, items in by_ep.items():
+            ep = self.by_address.get(local) or self.endpoints[0]
+            if not ep.closed:
+                ep.send_many(items)
 
     # -- the timer ----------------------------------------------------------------------
-    def _arm_timer(self, deadline: float | None) -> None:
+    def _arm_timer(self, deadline: float | None, now: float) -> None:
         if deadline == self._timer_at:
             return
         at = self._timer_at
@@ -262,7 +303,7 @@ class Driver:
         self._timer_at = deadline
         if deadline is not None and self._loop is not None and not self.closed:
             # Never a sub-millisecond busy timer: round up to the next millisecond.
-            self._timer = self._loop.call_at(max(deadline, self.now() + 0.001), self._on_timer)
+            self._timer = self._loop.call_at(max(deadline, now + 0.001), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -270,14 +311,14 @@ class Driver:
         core = self.core
         if core is None:
             return
-        now = self.now()
+        now = self._clock()
         core.handle_timer(now)
         limits = self._limits
         while limits and limits[0][0] <= now:
             deadline, _, conn_id = heapq.heappop(limits)
             if self._limit_live.get(conn_id) == deadline:
                 self.waiters.wake(conn_id)  # its time is up: the waiter sees it and returns
-        self.flush()
+        self.flush(now)
 
     def _next_limit(self) -> float | None:
         """The earliest deadline of a wait still running (stale entries are dropped)."""
@@ -292,12 +333,18 @@ class Driver:
 
     # -- events and waiters -------------------------------------------------------------
     def _dispatch(self, event: Event) -> None:
+        conn_id = event.conn_id
         if isinstance(event, IncomingConnection):
             ev = self._listener_waiters.get(event.listener_id)
             if ev is not None:
                 ev.set()
-        self.waiters.wake(event.conn_id, final=isinstance(event, _FINAL_EVENTS))
-        conn_hook = self._conn_hooks.get(event.conn_id)
+        # (_Waiters.wake, without the call.)
+        waiting = self.waiters.events.pop(conn_id, None)
+        if waiting is not None:
+            for fut in waiting:
+                if not fut.done():
+                    fut.set_result(None)
+        conn_hook = self._conn_hooks.get(conn_id)
         if conn_hook is None:
             if not self._event_hooks:
                 return  # (the common case: nobody watches; no list to build)
@@ -324,7 +371,8 @@ class Driver:
         connection at a time."""
         if ready():
             return True
-        if self.now() >= deadline:
+        now = self._clock()
+        if now >= deadline:
             return False
         conn_id = conn.conn_id
         live = self._limit_live
@@ -338,9 +386,9 @@ class Driver:
             heapq.heapify(limits)
         at = self._timer_at
         if self._timer is None or at is None or deadline < at:
-            self._arm_timer(deadline)  # (the next flush re-arms from both heaps)
+            self._arm_timer(deadline, now)  # (the next flush re-arms from both heaps)
         try:
-            await self.waiters.wait_for(conn_id, lambda: ready() or self.now() >= deadline)
+            await self.waiters.wait_for(conn_id, lambda: ready() or self._clock() >= deadline)
         finally:
             if self._limit_live.get(conn_id) == deadline:
                 del self._limit_live[conn_id]
@@ -400,7 +448,6 @@ class Driver:
             udp.close()
         if self.pcap is not None:
             self.pcap.close()
-        for ev in self.waiters.events.values():
-            ev.set()
+        self.waiters.wake_all()
         for ev in self._listener_waiters.values():
             ev.set()

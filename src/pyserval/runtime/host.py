@@ -632,18 +632,20 @@ class Host:
             raise ValueError("secure=True is for streams, not kind='datagram'")
         if secure:
             sid = as_service_id(service) if ssl_context is not None else check_securable(service)
-        start = driver.now()
+        start = now = driver.now()
         limit = self.config.connect_timeout if timeout is None else timeout
         routers = self.config.routers
         # With several routers, a SYN the network bounced off a dead one is sent again
         # through the next (the controller has moved there by the time we resume).
         for attempt in range(max(1, len(routers))):
-            conn = core.connect(service, driver.now(), datagram=datagram)
+            if attempt:
+                now = driver.now()
+            conn = core.connect(service, now, datagram=datagram)
             driver.send_now()
             answered = functools.partial(_left_syn_sent, conn)
             try:
                 # The driver's timer ends the wait (no timer object per connect).
-                in_time = await driver.wait_until(conn, answered, driver.now() + limit)
+                in_time = await driver.wait_until(conn, answered, now + limit)
             except BaseException:
                 # Cancelled (or interrupted): nothing may be left behind. The connection is
                 # aborted, so no more SYNs go out; a SYN-ACK that still comes finds no flow

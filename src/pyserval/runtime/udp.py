@@ -443,16 +443,17 @@ class UdpEndpoint:
                 continue
             size = len(data)
             nbytes += size
-            segment = 0
-            for level, kind, value in ancdata:
-                if level == socket.SOL_UDP and kind == _UDP_GRO:
-                    segment = _NATIVE_INT.unpack_from(value)[0]
-            if 0 < segment < size:
-                self.stats.gro_reads += 1
-                # Slicing bytes copies once, into the datagram's own bytes object.
-                batch.extend([(data[o : o + segment], addr) for o in range(0, size, segment)])
-            else:
-                append((data, addr))
+            if ancdata:  # (the kernel adds UDP_GRO to a read that coalesced datagrams only)
+                segment = 0
+                for level, kind, value in ancdata:
+                    if level == socket.SOL_UDP and kind == _UDP_GRO:
+                        segment = _NATIVE_INT.unpack_from(value)[0]
+                if 0 < segment < size:
+                    self.stats.gro_reads += 1
+                    # Slicing bytes copies once, into the datagram's own bytes object.
+                    batch.extend([(data[o : o + segment], addr) for o in range(0, size, segment)])
+                    continue
+            append((data, addr))
         return nbytes, failed
 
     def _drain_error_queue(self, sock: socket.socket) -> None:
@@ -502,7 +503,12 @@ class UdpEndpoint:
             self._start_writer()
             return
         except OSError as exc:
-            if not self._send_failed(sock, exc, data, remote):
+            try:
+                if not self._send_failed(sock, exc, data, remote):
+                    return
+            except BlockingIOError:  # the retry (see _ASYNC_ERRORS) found the buffer full
+                self._enqueue(data, remote)
+                self._start_writer()
                 return
         stats = self.stats
         stats.datagrams_sent += 1
