@@ -338,12 +338,7 @@ class Driver:
             ev = self._listener_waiters.get(event.listener_id)
             if ev is not None:
                 ev.set()
-        # (_Waiters.wake, without the call.)
-        waiting = self.waiters.events.pop(conn_id, None)
-        if waiting is not None:
-            for fut in waiting:
-                if not fut.done():
-                    fut.set_result(None)
+        self.waiters.wake(conn_id)
         conn_hook = self._conn_hooks.get(conn_id)
         if conn_hook is None:
             if not self._event_hooks:
