@@ -203,18 +203,29 @@ async def full_buffer_endpoint(send_queue: int) -> tuple[UdpEndpoint, FullBuffer
     sock.setblocking(False)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     sock.bind(LOCAL)
-    ep = UdpEndpoint(
+    return endpoint_over(sock, send_queue), sock
+
+
+def endpoint_over(
+    sock: socket.socket,
+    send_queue: int,
+    *,
+    options: tuple[bool, int, int] = (False, 0, 4096),
+    gro: bool = True,
+    on_icmp_error: Callable[[Address, int], None] | None = None,
+) -> UdpEndpoint:
+    """An endpoint over a bound test socket (GSO on, as the probe would find it)."""
+    return UdpEndpoint(
         sock,
         asyncio.get_running_loop(),
         Sink(),
-        options=(False, 0, 4096),
+        options=options,
         gso=True,
-        gro=True,
+        gro=gro,
         max_batch=256,
         send_queue=send_queue,
-        on_icmp_error=None,
+        on_icmp_error=on_icmp_error,
     )
-    return ep, sock
 
 
 def test_send_queue_is_bounded_and_drains_in_order() -> None:
@@ -341,16 +352,8 @@ def test_send_queues_when_the_retry_after_an_icmp_error_finds_the_buffer_full() 
             sock.setblocking(False)
             sock.bind(LOCAL)
             sock.full = True
-            tx = UdpEndpoint(
-                sock,
-                asyncio.get_running_loop(),
-                Sink(),
-                options=(False, 0, 0),
-                gso=True,
-                gro=True,
-                max_batch=256,
-                send_queue=16,
-                on_icmp_error=lambda address, err: None,
+            tx = endpoint_over(
+                sock, 16, options=(False, 0, 0), on_icmp_error=lambda address, err: None
             )
             async with tx:
                 tx.send(b"after the error", rx.address)
@@ -551,17 +554,7 @@ def test_a_refused_gso_call_sends_the_super_datagram_plainly_and_keeps_the_order
             sock.setblocking(False)
             sock.bind(LOCAL)
             sock.budget = budget
-            tx = UdpEndpoint(
-                sock,
-                asyncio.get_running_loop(),
-                Sink(),
-                options=(False, 0, 4096),
-                gso=True,
-                gro=False,
-                max_batch=256,
-                send_queue=1000,
-                on_icmp_error=None,
-            )
+            tx = endpoint_over(sock, 1000, gro=False)
             tx._gso = True  # as if the probe had found GSO (the device refuses it later)
             async with tx:
                 items, flat = trains_and_singles(rx.address, rx.address)

@@ -729,26 +729,8 @@ class HostCore:
                         self._flush_now(run, now)
                     run = None
                 self._woken = None
-                # receive_datagram's path for a packet prediction declined (no budget
-                # tick, no forwarding), without the call and its tests per packet.
                 self.received += 1
-                try:
-                    pkt = decode_packet(data)
-                except MalformedPacket as exc:
-                    self.drops[exc.reason.value] += 1
-                    continue
-                except Exception as exc:  # never let a packet take the host down
-                    self._internal_error(exc)
-                    self.drops["internal_error"] += 1
-                    continue
-                try:
-                    if pkt.dst_flowid == 0:
-                        datagrams.on_unconnected(self, pkt, data, src, dst, now)
-                    else:
-                        demux.on_flow_packet(self, pkt, src, dst, now, len(data))
-                except Exception as exc:  # never let a packet take the host down
-                    self._internal_error(exc)
-                    self.drops["internal_error"] += 1
+                self._decode_and_take(data, src, dst, now)
                 woken = self._woken
                 self._woken = None  # no reference kept to a connection closing meanwhile
                 if woken is not None and woken.ack_now:
@@ -795,6 +777,14 @@ class HostCore:
         self._internal_error(exc)
         self.drops["internal_error"] += 1
 
+    def _drop(self, exc: Exception) -> None:
+        """Count a datagram its path refused: a malformed one by its reason, anything
+        else as an internal error (kept for inspection)."""
+        if isinstance(exc, MalformedPacket):
+            self.drops[exc.reason.value] += 1
+        else:
+            self._fast_path_error(exc)
+
     def receive_datagram(
         self,
         data: bytes,
@@ -821,13 +811,19 @@ class HostCore:
             # A router first tries forwarding from the SAL header alone.
             if fast and self.forwarding and relaying.fast_forward(self, data, src, dst):
                 return
-            pkt = decode_packet(data)
-        except MalformedPacket as exc:
-            self.drops[exc.reason.value] += 1
-            return
         except Exception as exc:  # never let a packet take the host down
-            self._internal_error(exc)
-            self.drops["internal_error"] += 1
+            self._drop(exc)
+            return
+        self._decode_and_take(data, src, dst, now)
+
+    def _decode_and_take(self, data: bytes, src: Address, dst: Address, now: float) -> None:
+        """Decode one datagram the fast paths declined and hand it on: a router's relay
+        request to the relay, the rest to its flow or the unconnected path. A malformed
+        one is dropped and counted by reason; nothing raises out of here."""
+        try:
+            pkt = decode_packet(data)
+        except Exception as exc:  # never let a packet take the host down
+            self._drop(exc)
             return
         try:
             if self.forwarding:
