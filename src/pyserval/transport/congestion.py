@@ -79,9 +79,7 @@ class CongestionControl(abc.ABC):
     """Sender maximum segment size in bytes."""
 
     def __init__(self, mss: int, initial_window: int | None = None) -> None:
-        if mss <= 0:  # _check_mss's test, without its call (every connection makes one)
-            raise ValueError(f"MSS must be positive, got {mss}")
-        self.mss = mss
+        self.mss = _check_mss(mss)
         if initial_window is not None and initial_window <= 0:
             raise ValueError(f"initial window must be positive, got {initial_window}")
         self._explicit_iw = initial_window

@@ -250,8 +250,7 @@ class Connection:
 
     # -- events and misuse --------------------------------------------------------------
     def emit(self, event: Event) -> None:
-        """Report an event to the host. (The events every connection reports, and those
-        of the data path, go to ``self._emit`` directly: one call less each.)"""
+        """Report an event to the host."""
         self._emit(event)
 
     @property
@@ -285,8 +284,8 @@ class Connection:
     @peer_fin_received.setter
     def peer_fin_received(self, value: bool) -> None:
         # The receive path reports the peer's FIN by setting this (only ever to True).
-        if value and self.close.advance(_REMOTE, _EV_FIN) is None:
-            self._close_refused(_REMOTE, _EV_FIN)
+        if value:
+            self._close_event(_REMOTE, _EV_FIN)
 
     @property
     def peer_sal_fin(self) -> bool:
@@ -295,18 +294,13 @@ class Connection:
 
     def _close_event(self, side: Side, event: CloseEvent) -> bool:
         """Advance the close sequence. An event its tables refuse is a protocol violation:
-        the peer is reset, and False returned. (The steps every connection takes call
-        ``self.close.advance`` and :meth:`_close_refused` themselves: one call less.)"""
-        if self.close.advance(side, event) is None:
-            self._close_refused(side, event)
+        the peer is reset, and False returned."""
+        close = self.close
+        if close.advance(side, event) is None:
+            stage = close.local if side is _LOCAL else close.remote
+            self.protocol_violation(str(CloseStateError(side, stage, event)))
             return False
         return True
-
-    def _close_refused(self, side: Side, event: CloseEvent) -> None:
-        """The close tables refused ``event``: a protocol violation (the peer is reset)."""
-        close = self.close
-        stage = close.local if side is _LOCAL else close.remote
-        self.protocol_violation(str(CloseStateError(side, stage, event)))
 
     # -- the flow manager, as the host and the subflows reach it -------------------------
     @property
@@ -439,8 +433,7 @@ class Connection:
         self._check_open("shut down")
         if self.fin_offset is None:
             self.fin_offset = self.send.end
-            if self.close.advance(_LOCAL, _EV_SHUTDOWN) is None:
-                self._close_refused(_LOCAL, _EV_SHUTDOWN)
+            self._close_event(_LOCAL, _EV_SHUTDOWN)
             self.wake(self)
 
     def abort(self) -> None:
@@ -586,9 +579,7 @@ class Connection:
         """Our TCP FIN was acknowledged: start the SAL FIN exchange."""
         if self.close.local is not _FIN_SENT:
             return  # acknowledged before: every later ACK covers it too
-        if self.close.advance(_LOCAL, _EV_FIN_ACKED) is None:
-            self._close_refused(_LOCAL, _EV_FIN_ACKED)
-        else:
+        if self._close_event(_LOCAL, _EV_FIN_ACKED):
             self._sal_fin_when_free(now)
 
     def _sal_fin_when_free(self, now: float) -> None:
@@ -597,8 +588,7 @@ class Connection:
         # else an RSYN is outstanding (one exchange at a time): on_path_settled sends it.
 
     def _start_sal_fin(self, now: float) -> None:
-        if self.close.advance(_LOCAL, _EV_SAL_FIN_SENT) is None:
-            self._close_refused(_LOCAL, _EV_SAL_FIN_SENT)
+        if not self._close_event(_LOCAL, _EV_SAL_FIN_SENT):
             return
         sf = self.subflows[0]  # the primary
         # The path's RTT is known by now: time the SAL FIN by it, not by the 3 s used for a
@@ -673,19 +663,16 @@ class Connection:
                 # this ACK answers ours): the move is acknowledged all the same.
                 flows.on_rsynack(sf, ext, src, now)
                 return
-            if (
-                sf.control.outstanding == ControlFlags.FIN
-                and self.close.advance(_LOCAL, _EV_SAL_FIN_ACKED) is None
+            if sf.control.outstanding == ControlFlags.FIN and not self._close_event(
+                _LOCAL, _EV_SAL_FIN_ACKED
             ):
-                self._close_refused(_LOCAL, _EV_SAL_FIN_ACKED)
                 return
             sf.control.complete()
         if flags & ControlFlags.FIN:
             if self.close.remote is _OPEN:  # not peer_fin_received (without its call)
                 return  # its TCP FIN has not reached us yet: the peer will send again
             sf.control.peer_consumed(ext.verno)
-            if self.close.advance(_REMOTE, _EV_SAL_FIN) is None:
-                self._close_refused(_REMOTE, _EV_SAL_FIN)
+            if not self._close_event(_REMOTE, _EV_SAL_FIN):
                 return
             self.control_ack_pending = True
             self.control_ack_sf = sf  # answered on the subflow (and channel) it came on

@@ -51,15 +51,7 @@ def deadline(conn: Connection) -> float | None:
     user = cfg.user_timeout
     if keepalive is None and user is None:
         return best
-    subflows = conn.subflows
-    if len(subflows) == 1:
-        # One subflow (nearly every connection): _subflow_waits' pass without the call and
-        # its tuple; this runs after every flush of the connection.
-        sf = subflows[0]
-        outstanding = sf.control.deadline is not None
-        waiting = sf.waiting_since
-    else:
-        outstanding, waiting = _subflow_waits(conn)
+    outstanding, waiting = _subflow_waits(conn)
     if keepalive is not None and not outstanding:
         # The next probe, or (all sent) the end of the wait for an answer.
         d = heard + keepalive + conn.keepalives_sent * cfg.keepalive_interval

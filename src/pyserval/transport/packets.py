@@ -123,11 +123,7 @@ class SegmentBuilder:
         rcv_nxt = recv.rcv_nxt
         if rcv_nxt != self.adv_rcv_nxt:  # took data since it last advertised: receiving
             budget.count(conn)
-        # _share(budget), written out (window_now runs for every segment we send).
-        cap = budget.share
-        floor = 2 * self.mss
-        if cap < floor:
-            cap = floor
+        cap = self._share(budget)
         if win > cap:
             kept = self.adv_edge - rcv_nxt
             if cap >= kept:
@@ -211,12 +207,6 @@ class SegmentBuilder:
         opts: list[TcpOption] = []
         conn = self.conn
         track = self.rcv_track
-        # wire_ack(), written out: this runs for every segment we send.
-        if track is None:
-            fin = 0 if conn.close.remote is _OPEN else 1
-            ack = (self.irs + 1 + conn.recv.rcv_nxt + fin) & MASK32
-        else:
-            ack = (self.irs + 1 + track.rcv_nxt) & MASK32
         if self.sack_ok:
             if track is not None:
                 blocks = track.sack_blocks(3)
@@ -234,7 +224,7 @@ class SegmentBuilder:
         # sequence number worked out here: this runs for every segment we send.
         return TcpHeader(
             (self.iss + 1 + (self.snd_max if offset is None else offset)) & MASK32,
-            ack,
+            self.wire_ack(),
             flags,
             self.advertised_window(hold_window),
             0,

@@ -573,7 +573,7 @@ class Subflow(SegmentBuilder):
         had_holes = recv.out_of_order_bytes > 0
         delivered = recv.offer(seq, payload) if payload else 0
         if delivered:
-            conn._emit(DataReceived(conn.conn_id, recv.readable))  # (conn.emit, one call less)
+            conn.emit(DataReceived(conn.conn_id, recv.readable))
         if conn.peer_fin_offset is not None and recv.rcv_nxt == conn.peer_fin_offset:
             conn.peer_fin_received = True
             if conn.fin_offset is None and in_order and not had_holes:
@@ -584,7 +584,7 @@ class Subflow(SegmentBuilder):
                     conn.delack_deadline = now + conn.config.delayed_ack
             else:
                 conn.ack_now = True
-            conn._emit(StreamEnded(conn.conn_id))  # (as above)
+            conn.emit(StreamEnded(conn.conn_id))
             # (No joint-rule check here: the peer's FIN leaves its direction at
             # FIN_RECEIVED, and the connection ends only once both are DONE.)
             return
