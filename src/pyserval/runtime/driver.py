@@ -263,12 +263,7 @@ class Driver:
             limit = self._next_limit()
             if limit is not None and (deadline is None or limit < deadline):
                 deadline = limit
-        at = self._timer_at
-        # (_arm_timer's own tests, here to save the call when the armed timer stays.)
-        if deadline != at and (
-            self._timer is None or at is None or (deadline is not None and deadline < at)
-        ):
-            self._arm_timer(deadline, now)
+        self._arm_timer(deadline, now)
 
     def _send_by_interface(self, out: list[tuple[bytes | SuperDatagram, Address, Address]]) -> None:
         """Each datagram from the interface of its local address (the first one for an
