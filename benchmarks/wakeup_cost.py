@@ -11,7 +11,8 @@ pinned to one CPU, so nothing runs in parallel). The figures per placement (medi
 * ``initiator_sendto_us``: the sender's system call when the receiver has just gone to
   sleep;
 * ``responder_sendto_us``: the answer's system call, by the process that was woken;
-* ``round_trip_us``: from the initiator's send to its read of the answer.
+* ``round_trip_us``: from the initiator's send to its read of the answer;
+* ``ok``: every answer was the datagram sent.
 
 On a loopback send the kernel delivers the datagram and wakes the receiver inside the
 sender's ``sendto``, so the call's cost shows what the wake-up costs the sender; the round
@@ -90,15 +91,17 @@ def measure(placement: str, rounds: int) -> dict[str, Any]:
         clock = time.perf_counter_ns
         sends: list[int] = []
         trips: list[int] = []
+        wrong = 0  # answers that are not the datagram sent
         target = (HOST, port)
         for _ in range(rounds):
             t0 = clock()
             sock.sendto(PAYLOAD, target)
             t1 = clock()
             poller.poll()
-            sock.recvfrom(2048)
+            answer, _ = sock.recvfrom(2048)
             trips.append(clock() - t0)
             sends.append(t1 - t0)
+            wrong += answer != PAYLOAD
         answer_send = parent_end.recv()
         sock.close()
     finally:
@@ -110,6 +113,7 @@ def measure(placement: str, rounds: int) -> dict[str, Any]:
         "initiator_sendto_us": round(statistics.median(sends) / 1000, 1),
         "responder_sendto_us": round(answer_send, 1),
         "round_trip_us": round(statistics.median(trips) / 1000, 1),
+        "ok": wrong == 0,
     }
 
 
@@ -119,14 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3000)
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
-    report = {
+    placements = [measure(p, args.rounds) for p in PLACEMENTS]
+    report: dict[str, Any] = {
         "case": "wakeup_cost",
         "cpus": len(os.sched_getaffinity(0)),
         "load_average": os.getloadavg()[0],
-        "placements": [measure(p, args.rounds) for p in PLACEMENTS],
+        "placements": placements,
     }
+    report["ok"] = all(p.get("ok", True) for p in placements)
     emit(report, args.out)
-    return 0
+    return 0 if report["ok"] else 1
 
 
 if __name__ == "__main__":
