@@ -14,7 +14,7 @@ import random
 import socket
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -24,6 +24,7 @@ from pyserval.sal.train import SuperDatagram
 pytestmark = pytest.mark.timeout(30)
 
 LOCAL: Address = ("127.0.0.1", 0)
+_S = TypeVar("_S", bound=socket.socket)
 
 
 def run(coro: Coroutine[Any, Any, None]) -> None:
@@ -199,11 +200,18 @@ class FullBufferSocket(socket.socket):
 
 
 async def full_buffer_endpoint(send_queue: int) -> tuple[UdpEndpoint, FullBufferSocket]:
-    sock = FullBufferSocket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setblocking(False)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    sock.bind(LOCAL)
+    sock = bound(FullBufferSocket, sndbuf=4096)
     return endpoint_over(sock, send_queue), sock
+
+
+def bound(kind: type[_S], sndbuf: int | None = None) -> _S:
+    """A non-blocking socket of test class ``kind`` bound on loopback."""
+    sock = kind(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    if sndbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    sock.bind(LOCAL)
+    return sock
 
 
 def endpoint_over(
@@ -348,9 +356,7 @@ def test_send_queues_when_the_retry_after_an_icmp_error_finds_the_buffer_full() 
     async def main() -> None:
         sink = Sink()
         async with await UdpEndpoint.open(LOCAL, sink) as rx:
-            sock = RefusedThenFullSocket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.setblocking(False)
-            sock.bind(LOCAL)
+            sock = bound(RefusedThenFullSocket)
             sock.full = True
             tx = endpoint_over(
                 sock, 16, options=(False, 0, 0), on_icmp_error=lambda address, err: None
@@ -550,9 +556,7 @@ def test_a_refused_gso_call_sends_the_super_datagram_plainly_and_keeps_the_order
     async def main() -> None:
         sink = Sink()
         async with await UdpEndpoint.open(LOCAL, sink) as rx:
-            sock = NoGsoSocket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.setblocking(False)
-            sock.bind(LOCAL)
+            sock = bound(NoGsoSocket)
             sock.budget = budget
             tx = endpoint_over(sock, 1000, gro=False)
             tx._gso = True  # as if the probe had found GSO (the device refuses it later)
