@@ -10,7 +10,8 @@ share (``time.perf_counter``, CLOCK_MONOTONIC):
 
 * every wake-up of a UDP socket (``UdpEndpoint._on_readable``, before its reads) and the
   datagrams that wake-up read;
-* every send (``UdpEndpoint._transmit``, before and after the system call);
+* every send (``UdpEndpoint._transmit`` and ``UdpEndpoint.send``, before and after the
+  system call);
 * the application's steps: ``connect`` called and returned, end of stream read, ``aclose``
   returned (client); ``accept`` returned and ``aclose`` returned (server).
 
@@ -133,6 +134,7 @@ def _instrument(stamps: list[Stamp]) -> None:
     clock = time.perf_counter
     on_readable = UdpEndpoint._on_readable
     transmit = UdpEndpoint._transmit
+    send = UdpEndpoint.send
     receive_batch = Driver.receive_batch
     woke = [0.0]
 
@@ -150,8 +152,15 @@ def _instrument(stamps: list[Stamp]) -> None:
         stamps.append((clock(), "sent", (start, [data for data, _ in items])))
         return done
 
+    def stamped_send(self: UdpEndpoint, data: bytes, remote: Any) -> None:
+        # A pass with one plain datagram goes out here, not through _transmit.
+        start = clock()
+        send(self, data, remote)
+        stamps.append((clock(), "sent", (start, [data])))
+
     UdpEndpoint._on_readable = stamped_readable  # type: ignore[method-assign]
     UdpEndpoint._transmit = stamped_transmit  # type: ignore[method-assign]
+    UdpEndpoint.send = stamped_send  # type: ignore[method-assign]
     Driver.receive_batch = stamped_batch  # type: ignore[method-assign]
 
 
