@@ -30,6 +30,8 @@ from pyserval.transport.config import StreamConfig
 from pyserval.transport.connection import Connection, State
 from pyserval.transport.datagram_flow import DatagramConnection
 
+from .simhelpers import Flow
+
 A1, A2 = ("10.0.1.1", 40000), ("10.0.2.1", 40000)
 B1, B2 = ("10.0.1.2", 54325), ("10.0.2.2", 54325)
 
@@ -178,20 +180,15 @@ def test_an_early_timer_on_a_lossy_stream_with_a_stalled_reader_does_nothing() -
     client = a.connect("svc", net.now)
     net.kick(a)
     server = _accept(early, listener, client)
-    data = random.Random(1).randbytes(120_000)
-    sent, got = 0, bytearray()
-    while len(got) < len(data) and net.now < 120.0:
-        if sent < len(data):
-            sent += client.write(data[sent : sent + 8192])
-            net.kick(a)
+    flow = Flow(client, server, random.Random(1).randbytes(300_000))
+    while not flow.done and net.now < 120.0:
+        if not 0.1 < net.now % 1.0 < 0.6:  # else the reader stalls: the window closes
+            flow.step()
+        net.kick(a, b)
         early.run(0.05)
-        if not 1.0 < net.now % 4.0 < 3.5:  # the reader stalls: the window closes
-            got += server.read()
-            net.kick(b)
-    assert bytes(got) == data
-    client.shutdown()
+    assert bytes(flow.got) == flow.data  # and the client has shut down (Flow.step)
     server.shutdown()
-    net.kick(a, b)
+    net.kick(b)
     early.run(3.0, lambda: client.closed and server.closed)
     assert client.closed and server.closed
     assert {"rto_deadline", "pto_deadline", "persist_deadline", "delack", "liveness"} <= early.seen
@@ -205,24 +202,18 @@ def test_an_early_timer_during_a_move_and_a_nat_rebinding_does_nothing() -> None
     listener = b.listen("svc")
     client = a.connect("svc", net.now)
     net.kick(a)
-    server = _accept(early, listener, client)
-    data = random.Random(2).randbytes(60_000)
-    sent, got = 0, bytearray()
+    flow = Flow(client, _accept(early, listener, client), random.Random(2).randbytes(60_000))
     moved = rebound = False
-    while len(got) < len(data) and net.now < 120.0:
-        if sent < len(data):
-            sent += client.write(data[sent : sent + 8192])
-            net.kick(a)
-        if not moved and sent > 10_000:
+    while not flow.done and net.now < 120.0:
+        flow.step()
+        if not moved and len(flow.got) > 10_000:
             moved = a.migrate(client, A2, net.now)
-            net.kick(a)
-        if moved and not rebound and sent > 40_000:
+        elif moved and not rebound and len(flow.got) > 40_000:
             nat.rebind()
             rebound = True
+        net.kick(a, b)
         early.run(0.02)
-        got += server.read()
-        net.kick(b)
-    assert bytes(got) == data
+    assert bytes(flow.got) == flow.data
     assert {"rsynack", "challenge"} <= early.seen
 
 
