@@ -597,8 +597,26 @@ class HostCore:
     def _schedule(self, conn: Connection) -> None:
         d = conn.next_deadline()
         if d is not None and d != conn.scheduled:
+            if len(self._timers) > 2 * len(self.connections) + 64:
+                self._drop_stale_timers()
             heapq.heappush(self._timers, (d, next(self._tiebreak), conn.conn_id))
         conn.scheduled = d
+
+    def _drop_stale_timers(self) -> None:
+        """Keep only the live entries of the timer heap. A stale one (its connection
+        re-armed or went away) is otherwise dropped only when it comes to the top, and a
+        short connection leaves one 15 s ahead (its keepalive's) behind every entry of the
+        connections after it: a host making connections one after another grew its heap by
+        two a connection, and each push and pop by a level per doubling. The order in
+        which entries come off is (deadline, tiebreak) either way."""
+        connections = self.connections
+        timers = self._timers  # (in place: a loop of next_deadline or handle_timer holds it)
+        timers[:] = [
+            entry
+            for entry in timers
+            if (conn := connections.get(entry[2])) is not None and conn.scheduled == entry[0]
+        ]
+        heapq.heapify(timers)
 
     def _forget(self, conn: Connection) -> None:
         """Remove a closed connection from the host's tables (the object stays readable)."""

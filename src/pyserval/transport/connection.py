@@ -694,9 +694,7 @@ class Connection:
             if d is not None and (best is None or d < best):
                 best = d
         if state is _ESTABLISHED:
-            live = liveness.deadline(self)
-            if live is not None and (best is None or live < best):
-                best = live
+            return liveness.deadline(self, best)  # the idle, keepalive and user timeouts
         return best
 
     def on_timer(self, now: float, out: list[SalPacket]) -> None:

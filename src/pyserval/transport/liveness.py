@@ -2,10 +2,10 @@
 probes and the user timeout (``StreamConfig.idle_timeout``, ``keepalive``,
 ``keepalive_interval``, ``keepalive_probes``, ``user_timeout``).
 
-Two functions over a ``Connection``: :func:`deadline` (when :func:`check` must run next)
-and :func:`check` (time out, or send a probe). The connection calls them while it is
-established; they read its ``last_heard``, ``keepalives_sent`` and its subflows' control
-and retransmission state.
+Two functions over a ``Connection``: :func:`deadline` (when :func:`check` must run next,
+or one of the connection's other timers if earlier) and :func:`check` (time out, or send
+a probe). The connection calls them while it is established; they read its
+``last_heard``, ``keepalives_sent`` and its subflows' control and retransmission state.
 
 What this module does not do: retransmission and persist timers (each subflow's),
 control-packet retransmission, delayed ACKs or TIME_WAIT (the connection's), or I/O.
@@ -40,13 +40,14 @@ def _subflow_waits(conn: Connection) -> tuple[bool, float | None]:
     return outstanding, waiting
 
 
-def deadline(conn: Connection) -> float | None:
-    """The earliest of the idle timeout, the next keepalive probe (or the end of the
-    probes) and the user timeout; None when none is configured or due."""
+def deadline(conn: Connection, best: float | None) -> float | None:
+    """The earliest of ``best`` (the connection's other timers, None for none), the idle
+    timeout, the next keepalive probe (or the end of the probes) and the user timeout."""
     cfg = conn.config
     heard = conn.last_heard
     idle = cfg.idle_timeout
-    best = None if idle is None else heard + idle
+    if idle is not None and (best is None or heard + idle < best):
+        best = heard + idle
     keepalive = cfg.keepalive
     user = cfg.user_timeout
     if keepalive is None and user is None:
