@@ -68,6 +68,19 @@ class CongestionControl(abc.ABC):
     window validation, recovery exit, the timeout loss window and path changes.
     """
 
+    # Slots: every connection makes one (its subflow's); without them each instance also
+    # allocates a dict of some twenty entries, which the constructor fills and the close
+    # frees. A subclass without slots of its own still gets a ``__dict__``.
+    __slots__ = (
+        "mss",
+        "cwnd",
+        "ssthresh",
+        "_explicit_iw",
+        "_cwnd_frac",
+        "_timeout_backoff",
+        "_pristine",
+    )
+
     name: ClassVar[str]
     """Registry key of the algorithm (``"newreno"``, ``"cubic"``)."""
 
@@ -261,6 +274,8 @@ class NewReno(CongestionControl):
     overcounts with delayed ACKs.
     """
 
+    __slots__ = ("_ca_acked",)
+
     name: ClassVar[str] = "newreno"
 
     def __init__(self, mss: int, initial_window: int | None = None) -> None:
@@ -306,6 +321,22 @@ class Cubic(CongestionControl):
     on at a quarter of its pace (conservative slow start) for up to 5 rounds: back to normal
     if the delay falls below where it rose (jitter, not a queue), else ssthresh becomes cwnd.
     """
+
+    __slots__ = (
+        "_w_max",
+        "_cwnd_prior",
+        "_k",
+        "_w_est",
+        "_epoch_start",
+        "_last_ack_time",
+        "_min_rtt",
+        "_round_end",
+        "_round_min",
+        "_round_samples",
+        "_last_round_min",
+        "_css_rounds",
+        "_css_base",
+    )
 
     name: ClassVar[str] = "cubic"
 
