@@ -616,9 +616,14 @@ class HostCore:
         if conn.mp is not None and self.mp_tokens.get(conn.mp.local_token) is conn:
             self.mp_tokens.pop(conn.mp.local_token, None)
         conn.scheduled = None
-        self._synack_relays.pop(conn.conn_id, None)
-        self._challenge_ack_at.pop(conn.conn_id, None)
-        self._check_limits.pop(conn.conn_id, None)
+        # Tables of the rare cases (a relayed SYN-ACK, challenge ACKs, address checks):
+        # most closes find them empty, and a test costs less than a pop's method call.
+        if self._synack_relays:
+            self._synack_relays.pop(conn.conn_id, None)
+        if self._challenge_ack_at:
+            self._challenge_ack_at.pop(conn.conn_id, None)
+        if self._check_limits:
+            self._check_limits.pop(conn.conn_id, None)
         key = conn.peer_key
         if key is not None:
             self._peer_flows.pop(key, None)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 import weakref
 from collections.abc import Callable
-from typing import Final, cast
+from typing import Final
 
 from ..errors import ConnectionStateError
 from ..naming.service_id import ServiceID
@@ -243,7 +243,8 @@ class Connection:
         as the application holds the connection; a subflow kept alone without its
         connection can no longer reach it (its ``conn`` raises ReferenceError).
         """
-        ref = cast("Connection", weakref.proxy(self))
+        # (annotated rather than cast(): typing.cast is a Python call, one per close)
+        ref: Connection = weakref.proxy(self)
         self.flows.conn = ref
         for sf in self.subflows:
             sf.conn = ref
