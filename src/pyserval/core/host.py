@@ -547,7 +547,7 @@ class HostCore:
                 self.flows.remove(sf.local_flowid)
                 if sf.peer_key is not None:
                     self._peer_flows.pop(sf.peer_key, None)
-            conn.dead_subflows.clear()
+            conn.dead_subflows = ()
         state = conn.state
         if state is _CLOSED:
             self._forget(conn)

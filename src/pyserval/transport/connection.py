@@ -189,9 +189,11 @@ class Connection:
         self.config = config
         self._emit = emit
         self.state = _SYN_SENT if role is _CLIENT else _SYN_RECEIVED
-        self.flows = FlowManager(self, config.multipath and role is _CLIENT)
-        self.subflows: list[Subflow] = self.flows.subflows  # the same list, primary first
-        self.dead_subflows: list[Subflow] = self.flows.dead_subflows  # for the host to forget
+        self.flows = flows = FlowManager(self, config.multipath and role is _CLIENT)
+        self.subflows: list[Subflow] = flows.subflows  # the same list, primary first
+        # Subflows the flow manager gave up, for the host to forget: a tuple, the shared
+        # empty one until a multipath connection loses a path (no list per connection).
+        self.dead_subflows: tuple[Subflow, ...] = ()
         # The flow manager's multipath state once both ends agreed (None: single path),
         # set by FlowManager.enable_multipath; a plain attribute because the per-packet
         # path reads it (a property costs about 0.15 us a read).
