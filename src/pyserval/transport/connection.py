@@ -477,10 +477,11 @@ class Connection:
         sf.remote_addr = src
         sf.take_peer_syn(tcp)
         sf.handshake_sample(now)
-        offer = pkt.find(MpCapableExt)
         mp_offer = self.flows.mp_offer
-        if mp_offer is not None and offer is not None:
-            self.flows.enable_multipath(mp_offer, offer.key)
+        if mp_offer is not None:  # (the SYN-ACK is searched for MP_CAPABLE only if we asked)
+            offer = pkt.find(MpCapableExt)
+            if offer is not None:
+                self.flows.enable_multipath(mp_offer, offer.key)
         self.state = _ESTABLISHED
         self.last_heard = now
         self.third_ack_pending = True
