@@ -399,8 +399,8 @@ def establish_from_cookie(
     if not host.flow_room() or flowid in host.flows:
         host.drops["syn_cookie_no_room"] += 1
         return
-    conn = Connection(flowid, _SERVER, sid, host.config, host._emit)
-    conn.wake = host._wake
+    conn = Connection(flowid, _SERVER, sid, host.config, host._emit_hook)
+    conn.wake = host._wake_hook
     conn.budget = host.receive_budget
     conn.listener_id = listener.listener_id
     key = (src, pkt.src_flowid)

@@ -96,6 +96,7 @@ class HostCore:
         "_check_limits",
         "_datagram_relays",
         "_dirty",
+        "_emit_hook",
         "_events",
         "_listener_by_id",
         "_listener_ids",
@@ -110,6 +111,7 @@ class HostCore:
         "_synack_retries",
         "_tiebreak",
         "_timers",
+        "_wake_hook",
         "_woken",
         "addresses",
         "broadcast",
@@ -196,6 +198,11 @@ class HostCore:
         :mod:`pyserval.transport.receive_budget`); None: each its whole free buffer. The
         runtime sets it to its UDP socket's receive buffer; set it before connecting."""
         self._dirty: dict[int, Connection] = {}  # insertion-ordered set of connections
+        # The two hooks every connection is given, bound once: each read of self._emit or
+        # self._wake makes a new bound-method object, which a connection would keep (and
+        # free) as its own.
+        self._emit_hook = self._emit
+        self._wake_hook = self._wake
         # The connection the last packet woke (see receive_datagrams: an ACK due at once
         # is sent before the batch's next packet is taken).
         self._woken: Connection | None = None
@@ -331,12 +338,12 @@ class HostCore:
         """A connection (stream or datagram flow) with its first subflow."""
         if datagram:
             conn, sf = DatagramConnection.create(
-                flowid, role, sid, self.config, self._emit, local, remote, self.rng
+                flowid, role, sid, self.config, self._emit_hook, local, remote, self.rng
             )
-            conn.wake = self._wake
+            conn.wake = self._wake_hook
             return conn, sf
-        stream = Connection(flowid, role, sid, self.config, self._emit)
-        stream.wake = self._wake
+        stream = Connection(flowid, role, sid, self.config, self._emit_hook)
+        stream.wake = self._wake_hook
         stream.budget = self.receive_budget
         first = Subflow(stream, flowid, local, remote, self.rng)
         stream.subflows.append(first)
@@ -547,7 +554,7 @@ class HostCore:
                 self.flows.remove(sf.local_flowid)
                 if sf.peer_key is not None:
                     self._peer_flows.pop(sf.peer_key, None)
-            conn.dead_subflows.clear()
+            conn.dead_subflows = ()
         state = conn.state
         if state is _CLOSED:
             self._forget(conn)
@@ -634,9 +641,14 @@ class HostCore:
         if conn.mp is not None and self.mp_tokens.get(conn.mp.local_token) is conn:
             self.mp_tokens.pop(conn.mp.local_token, None)
         conn.scheduled = None
-        self._synack_relays.pop(conn.conn_id, None)
-        self._challenge_ack_at.pop(conn.conn_id, None)
-        self._check_limits.pop(conn.conn_id, None)
+        # Tables of the rare cases (a relayed SYN-ACK, challenge ACKs, address checks):
+        # most closes find them empty, and a test costs less than a pop's method call.
+        if self._synack_relays:
+            self._synack_relays.pop(conn.conn_id, None)
+        if self._challenge_ack_at:
+            self._challenge_ack_at.pop(conn.conn_id, None)
+        if self._check_limits:
+            self._check_limits.pop(conn.conn_id, None)
         key = conn.peer_key
         if key is not None:
             self._peer_flows.pop(key, None)

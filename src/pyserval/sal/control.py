@@ -71,7 +71,7 @@ class ControlChannel:
     )
 
     def __init__(self, rng: random.Random, timers: ControlTimers | None = None) -> None:
-        self.timers = timers or ControlTimers()
+        self.timers = timers = timers or ControlTimers()
         self.local_nonce: bytes = rng.getrandbits(64).to_bytes(NONCE_BYTES, "big")
         self.peer_nonce: bytes | None = None
         self.snd_verno: int = rng.getrandbits(32)  # next verno this side will consume
@@ -79,10 +79,10 @@ class ControlChannel:
         self.outstanding: int | None = None  # flags of the unacknowledged control packet
         self.outstanding_verno = 0
         self.retries = 0
-        self.rto = self.timers.initial_rto
+        self.rto = timers.initial_rto
         self.deadline: float | None = None
         self.ignored = 0  # control packets dropped for a wrong nonce or stale numbers
-        self.max_retries = self.timers.max_retries  # lowered for answers to strangers
+        self.max_retries = timers.max_retries  # lowered for answers to strangers
 
     # -- building -----------------------------------------------------------------------
     def ext(self, flags: int, verno: int | None = None) -> ControlExt:

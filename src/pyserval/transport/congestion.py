@@ -68,6 +68,19 @@ class CongestionControl(abc.ABC):
     window validation, recovery exit, the timeout loss window and path changes.
     """
 
+    # Slots: every connection makes one (its subflow's); without them each instance also
+    # allocates a dict of some twenty entries, which the constructor fills and the close
+    # frees. A subclass without slots of its own still gets a ``__dict__``.
+    __slots__ = (
+        "mss",
+        "cwnd",
+        "ssthresh",
+        "_explicit_iw",
+        "_cwnd_frac",
+        "_timeout_backoff",
+        "_pristine",
+    )
+
     name: ClassVar[str]
     """Registry key of the algorithm (``"newreno"``, ``"cubic"``)."""
 
@@ -79,7 +92,8 @@ class CongestionControl(abc.ABC):
     """Sender maximum segment size in bytes."""
 
     def __init__(self, mss: int, initial_window: int | None = None) -> None:
-        self.mss = _check_mss(mss)
+        # (_check_mss only to raise: every connection's constructor comes here)
+        self.mss = mss if mss > 0 else _check_mss(mss)
         if initial_window is not None and initial_window <= 0:
             raise ValueError(f"initial window must be positive, got {initial_window}")
         self._explicit_iw = initial_window
@@ -98,7 +112,10 @@ class CongestionControl(abc.ABC):
 
     def _reset_window(self) -> None:
         """Back to the state of a fresh connection (IW, infinite ssthresh); keeps the MSS."""
-        self._set_cwnd(self._initial_window())
+        # The RFC 6928 window straight away unless one was given (_initial_window's first
+        # case): one call less in every connection's constructor.
+        iw = initial_window(self.mss) if self._explicit_iw is None else self._initial_window()
+        self._set_cwnd(iw)
         self.ssthresh = SSTHRESH_INFINITE
         self._timeout_backoff = False
         self._pristine = True
@@ -261,6 +278,8 @@ class NewReno(CongestionControl):
     overcounts with delayed ACKs.
     """
 
+    __slots__ = ("_ca_acked",)
+
     name: ClassVar[str] = "newreno"
 
     def __init__(self, mss: int, initial_window: int | None = None) -> None:
@@ -306,6 +325,22 @@ class Cubic(CongestionControl):
     on at a quarter of its pace (conservative slow start) for up to 5 rounds: back to normal
     if the delay falls below where it rose (jitter, not a queue), else ssthresh becomes cwnd.
     """
+
+    __slots__ = (
+        "_w_max",
+        "_cwnd_prior",
+        "_k",
+        "_w_est",
+        "_epoch_start",
+        "_last_ack_time",
+        "_min_rtt",
+        "_round_end",
+        "_round_min",
+        "_round_samples",
+        "_last_round_min",
+        "_css_rounds",
+        "_css_base",
+    )
 
     name: ClassVar[str] = "cubic"
 
@@ -497,9 +532,10 @@ def make_congestion_control(
     name: str, mss: int, initial_window: int | None = None
 ) -> CongestionControl:
     """A fresh instance of the algorithm registered as ``name`` (case-insensitive)."""
-    try:
-        cls = CONGESTION_CONTROLS[name.lower()]
-    except KeyError:
-        known = ", ".join(sorted(CONGESTION_CONTROLS))
-        raise ValueError(f"unknown congestion control {name!r}; known: {known}") from None
+    cls = CONGESTION_CONTROLS.get(name)  # (the name as configured: no lower() per subflow)
+    if cls is None:
+        cls = CONGESTION_CONTROLS.get(name.lower())
+        if cls is None:
+            known = ", ".join(sorted(CONGESTION_CONTROLS))
+            raise ValueError(f"unknown congestion control {name!r}; known: {known}")
     return cls(mss, initial_window)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 import weakref
 from collections.abc import Callable
-from typing import Final, cast
+from typing import Final
 
 from ..errors import ConnectionStateError
 from ..naming.service_id import ServiceID
@@ -189,9 +189,11 @@ class Connection:
         self.config = config
         self._emit = emit
         self.state = _SYN_SENT if role is _CLIENT else _SYN_RECEIVED
-        self.flows = FlowManager(self, config.multipath and role is _CLIENT)
-        self.subflows: list[Subflow] = self.flows.subflows  # the same list, primary first
-        self.dead_subflows: list[Subflow] = self.flows.dead_subflows  # for the host to forget
+        self.flows = flows = FlowManager(self, config.multipath and role is _CLIENT)
+        self.subflows: list[Subflow] = flows.subflows  # the same list, primary first
+        # Subflows the flow manager gave up, for the host to forget: a tuple, the shared
+        # empty one until a multipath connection loses a path (no list per connection).
+        self.dead_subflows: tuple[Subflow, ...] = ()
         # The flow manager's multipath state once both ends agreed (None: single path),
         # set by FlowManager.enable_multipath; a plain attribute because the per-packet
         # path reads it (a property costs about 0.15 us a read).
@@ -243,7 +245,8 @@ class Connection:
         as the application holds the connection; a subflow kept alone without its
         connection can no longer reach it (its ``conn`` raises ReferenceError).
         """
-        ref = cast("Connection", weakref.proxy(self))
+        # (annotated rather than cast(): typing.cast is a Python call, one per close)
+        ref: Connection = weakref.proxy(self)
         self.flows.conn = ref
         for sf in self.subflows:
             sf.conn = ref
@@ -474,10 +477,11 @@ class Connection:
         sf.remote_addr = src
         sf.take_peer_syn(tcp)
         sf.handshake_sample(now)
-        offer = pkt.find(MpCapableExt)
         mp_offer = self.flows.mp_offer
-        if mp_offer is not None and offer is not None:
-            self.flows.enable_multipath(mp_offer, offer.key)
+        if mp_offer is not None:  # (the SYN-ACK is searched for MP_CAPABLE only if we asked)
+            offer = pkt.find(MpCapableExt)
+            if offer is not None:
+                self.flows.enable_multipath(mp_offer, offer.key)
         self.state = _ESTABLISHED
         self.last_heard = now
         self.third_ack_pending = True

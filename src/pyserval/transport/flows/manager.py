@@ -60,7 +60,6 @@ class FlowManager:
         "subflows",
         "mp_offer",
         "mp",
-        "dead_subflows",
         "join_syn_due",
         "rsynack_pending",
         "challenge_pending",
@@ -71,17 +70,23 @@ class FlowManager:
         self.conn = conn
         self.subflows: list[Subflow] = []  # the first is the primary
         # Multipath: the key our SYN offers (a client with StreamConfig.multipath), then
-        # the state once both ends agreed; subflows given up, for the host to forget.
+        # the state once both ends agreed; the joining subflows whose JOIN SYN is due (a
+        # tuple, the shared empty one until a join: most connections never make a list
+        # for it). Subflows given up are the connection's ``dead_subflows``.
         self.mp_offer: int | None = new_key() if offer_multipath else None
         self.mp: MultipathState | None = None
-        self.dead_subflows: list[Subflow] = []
-        self.join_syn_due: list[Subflow] = []
+        self.join_syn_due: tuple[Subflow, ...] = ()
         # Control packets owed by the migration exchanges (sent by output_control).
         self.rsynack_pending = False  # answer a peer's RSYN
         self.challenge_pending = False  # send our address check (again)
         self.challenge_echo: tuple[int, int] | None = None  # answer the peer's check
 
     # -- the view -----------------------------------------------------------------------
+    @property
+    def dead_subflows(self) -> list[Subflow]:
+        """Subflows given up and not yet forgotten by the host (the connection's)."""
+        return list(self.conn.dead_subflows)
+
     @property
     def paths(self) -> list[tuple[Address, Address | None]]:
         """(local, remote) address pair of each subflow, the primary first."""
@@ -115,7 +120,7 @@ class FlowManager:
         cc.rto = min(max(self.subflows[0].rtt.rto, cc.timers.min_rto), cc.timers.initial_rto)
         cc.send_reliable(ControlFlags.SYN, now)
         sf.join_third_ack = False
-        self.join_syn_due.append(sf)
+        self.join_syn_due += (sf,)
 
     def accept_join(self, sf: Subflow, pkt: SalPacket, now: float) -> SalPacket:
         """Server: a JOIN SYN for this connection; returns the SYN-ACK."""
@@ -192,7 +197,7 @@ class FlowManager:
             sf.cc.leave()
         was_primary = sf is subflows[0]
         subflows.remove(sf)
-        self.dead_subflows.append(sf)
+        self.conn.dead_subflows += (sf,)
         mp.failed += 1
         remote = sf.remote_addr or ("", 0)
         self.conn.emit(PathFailed(self.conn.conn_id, sf.local_addr, remote))
@@ -251,7 +256,7 @@ class FlowManager:
         assert mp is not None
         for sf in self.join_syn_due:
             out.append(sf.join_syn_packet(sf.control.resend()))
-        self.join_syn_due.clear()
+        self.join_syn_due = ()
         live = self.live_subflows()
         for sf in live:
             if sf.join_third_ack:
