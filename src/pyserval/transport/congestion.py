@@ -92,8 +92,7 @@ class CongestionControl(abc.ABC):
     """Sender maximum segment size in bytes."""
 
     def __init__(self, mss: int, initial_window: int | None = None) -> None:
-        # (_check_mss only to raise: every connection's constructor comes here)
-        self.mss = mss if mss > 0 else _check_mss(mss)
+        self.mss = _check_mss(mss)
         if initial_window is not None and initial_window <= 0:
             raise ValueError(f"initial window must be positive, got {initial_window}")
         self._explicit_iw = initial_window
@@ -112,10 +111,7 @@ class CongestionControl(abc.ABC):
 
     def _reset_window(self) -> None:
         """Back to the state of a fresh connection (IW, infinite ssthresh); keeps the MSS."""
-        # The RFC 6928 window straight away unless one was given (_initial_window's first
-        # case): one call less in every connection's constructor.
-        iw = initial_window(self.mss) if self._explicit_iw is None else self._initial_window()
-        self._set_cwnd(iw)
+        self._set_cwnd(self._initial_window())
         self.ssthresh = SSTHRESH_INFINITE
         self._timeout_backoff = False
         self._pristine = True
