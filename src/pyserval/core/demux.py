@@ -261,7 +261,6 @@ def on_flow_packet(
             maybe_reset(host, conn, sf, pkt, src)
     elif state is _SYN_RECEIVED:
         listener = host._listener_by_id.get(conn.listener_id or 0)
-        ctl = pkt.control
         if pkt.src_flowid != sf.remote_flowid and not (
             pkt.src_flowid == 0 and ctl is not None and ctl.flags & ControlFlags.RST
         ):
@@ -269,7 +268,7 @@ def on_flow_packet(
         elif (
             listener is not None
             and len(listener.accept_queue) >= listener.backlog
-            and not (pkt.control is not None and pkt.control.flags & ControlFlags.RST)
+            and not (ctl is not None and ctl.flags & ControlFlags.RST)
         ):
             # Accept queue full: leave the flow half-open and drop the packet, as Linux
             # does by default; the client's retransmission or our SYN-ACK's completes
