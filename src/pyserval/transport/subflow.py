@@ -607,8 +607,6 @@ class Subflow(SegmentBuilder):
         conn = self.conn
         send_end = conn.send.end
         fin_off = conn.fin_offset
-        rec = self.recovery
-        lost = rec.lost
         if (
             self.snd_max >= send_end
             and (fin_off is None or self.snd_max != fin_off)
@@ -616,9 +614,11 @@ class Subflow(SegmentBuilder):
             # Nothing in flight, nothing lost (lost segments are in the scoreboard, which
             # covers [snd_una, snd_max)): tested first, as ``lost`` (a SortedList) answers
             # its truth value through a Python-level __len__.
-            and (self.snd_max == self.snd_una or not lost)
+            and (self.snd_max == self.snd_una or not self.recovery.lost)
         ):
             return  # nothing new, no FIN due, nothing to resend: what the loop below finds
+        rec = self.recovery
+        lost = rec.lost
         mss = self.mss
         # Read once and then kept up to date here: each segment sent adds its length to
         # the pipe, as RFC 6675 counts it.
