@@ -807,10 +807,11 @@ class Connection:
             closing = self._closing_control(sf)
             if closing is not None:
                 out.append(sf.control_packet(closing))
-        if self.pending_control:
-            self.pending_control = False
-            if sf.control.outstanding is not None:
-                out.append(sf.control_packet(sf.control.resend()))
+            # (Tested here: _closing_control may clear pending_control, never set it.)
+            if self.pending_control:
+                self.pending_control = False
+                if sf.control.outstanding is not None:
+                    out.append(sf.control_packet(sf.control.resend()))
         if flows.rsynack_pending or flows.challenge_pending or flows.challenge_echo is not None:
             flows.output_control(sf, out)
         if self.control_ack_pending:
