@@ -647,21 +647,20 @@ class Connection:
         if src is None:
             src = sf.remote_addr
             assert src is not None
-        flows = self.flows
         if flags & ControlFlags.RSYN:
-            flows.on_rsyn_control(sf, ext, src, now)
+            self.flows.on_rsyn_control(sf, ext, src, now)
             return
         mig = sf.mig
         if mig is not None and mig.awaiting_ack and flags & ControlFlags.ACK:
             # The moving peer's ACK of our RSYN+ACK: the new path is confirmed.
-            flows.on_move_ack(sf, src, now)
+            self.flows.on_move_ack(sf, src, now)
         if sf.join_state == "syn_received":
             return  # the host establishes a JOIN only on its proven third ACK
         if flags & ControlFlags.ACK and sf.control.acked(ext):
             if sf.control.outstanding == ControlFlags.RSYN:
                 # A plain ACK of our RSYN (its RSYN+ACK was lost, or both ends moved and
                 # this ACK answers ours): the move is acknowledged all the same.
-                flows.on_rsynack(sf, ext, src, now)
+                self.flows.on_rsynack(sf, ext, src, now)
                 return
             if sf.control.outstanding == ControlFlags.FIN and not self._close_event(
                 _LOCAL, _EV_SAL_FIN_ACKED
