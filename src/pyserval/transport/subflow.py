@@ -509,7 +509,8 @@ class Subflow(SegmentBuilder):
         elif self.fin_seq is not None and ack > self.fin_seq:
             self.fin_seq_acked = True
             conn.maybe_data_fin_acked(now)
-        probe_loss = rec.probe_acked(ack)
+        # (probe_end tested first, as probe_acked does: no call for an ACK without a probe.)
+        probe_loss = rec.probe_end is not None and rec.probe_acked(ack)
         if not rec.in_recovery:
             if fast_recovery:
                 self.cc.on_recovery_exit(now)
