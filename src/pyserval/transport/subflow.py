@@ -302,7 +302,6 @@ class Subflow(SegmentBuilder):
             conn.challenge_ack_due = True  # RFC 5961: ACK it, change nothing
             return
         ack, seq = numbers
-        rcv_nxt = conn.recv.rcv_nxt
         if self.rto_count:  # (what _heard_again tests first: no call per segment)
             self._heard_again(now)
         conn.last_heard = now
@@ -311,7 +310,7 @@ class Subflow(SegmentBuilder):
             self._on_ack(tcp, ack, bool(payload) or bool(fin), now)
         if payload or fin:
             self._on_data(tcp, seq, payload, now)
-        elif seq < rcv_nxt:
+        elif seq < conn.recv.rcv_nxt:  # (no data taken, so rcv_nxt as the test saw it)
             # An old sequence number: a keepalive or zero-window probe. Answer with an ACK
             # that carries our window (RFC 9293: unacceptable segments are acknowledged).
             conn.ack_now = True
