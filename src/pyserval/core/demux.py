@@ -259,8 +259,11 @@ def on_flow_packet(
     # The established receive path first: it takes nearly every packet.
     if state is _ESTABLISHED or state is _TIME_WAIT:
         on_established(host, conn, sf, pkt, ctl, now, src, dst)
-        local = sf.local_addr
-        if dst != local and src == sf.remote_addr and (":" in dst[0]) != (":" in local[0]):
+        if (
+            dst != sf.local_addr  # (read in place: nearly always equal, the test ends here)
+            and src == sf.remote_addr
+            and (":" in dst[0]) != (":" in sf.local_addr[0])
+        ):
             # The peer moved to another family (an RSYN it proved, reaching us on our
             # interface of that family): answer from there, the only place that can.
             sf.local_addr = dst
