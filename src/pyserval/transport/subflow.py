@@ -832,24 +832,23 @@ class Subflow(SegmentBuilder):
 
     def next_deadline(self) -> float | None:
         """The earliest of this subflow's timers."""
+        d = self.rto_deadline
+        p = self.persist_deadline
+        if p is not None and (d is None or p < d):
+            d = p
+        p = self.pto_deadline
+        if p is not None and (d is None or p < d):
+            d = p
         mig = self.mig
-        if mig is not None and mig.busy:
-            d = None  # transport timers wait with the transport
-        else:
-            d = self.rto_deadline
-            p = self.persist_deadline
-            if p is not None and (d is None or p < d):
-                d = p
-            p = self.pto_deadline
-            if p is not None and (d is None or p < d):
-                d = p
-        c = self.control.deadline
-        if c is not None and (d is None or c < d):
-            d = c
-        if mig is not None:
+        if mig is not None:  # (one test for both: a settled flow has no move under way)
+            if mig.busy:
+                d = None  # transport timers wait with the transport
             r = mig.rsynack_deadline
             if r is not None and (d is None or r < d):
                 d = r
+        c = self.control.deadline
+        if c is not None and (d is None or c < d):
+            d = c
         ch = self.challenge
         if ch is not None and (d is None or ch.deadline < d):
             d = ch.deadline
