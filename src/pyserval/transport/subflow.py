@@ -51,6 +51,7 @@ _PEER_DEFAULT_MSS: Final = 536  # RFC 9293 default when the peer sends no MSS op
 _MIN_PEER_MSS: Final = 256
 _CLIENT: Final = Role.CLIENT  # bound once: an Enum member read off its class is slow
 _OPEN: Final = Stage.OPEN
+_RST_OR_SYN: Final = TcpFlags.RST | TcpFlags.SYN
 
 
 def new_data_end(snd_max: int, wnd_end: int, send_end: int, pipe: int, cwnd: int, mss: int) -> int:
@@ -287,13 +288,12 @@ class Subflow(SegmentBuilder):
         if conn.mp is not None:
             self._on_tcp_mp(tcp, payload, now, dss)
             return
-        if flags & TcpFlags.RST:
+        if flags & _RST_OR_SYN:  # (one test for the usual segment, which has neither)
+            if flags & TcpFlags.SYN and not flags & TcpFlags.RST:
+                # A retransmitted SYN-ACK: our third ACK was lost; answer it again.
+                conn.third_ack_pending = conn.role is _CLIENT
+                conn.ack_now = True
             return  # resets travel as SAL CONTROL(RST), which carries the nonce
-        if flags & TcpFlags.SYN:
-            # A retransmitted SYN-ACK: our third ACK was lost; answer it again.
-            conn.third_ack_pending = conn.role is _CLIENT
-            conn.ack_now = True
-            return
         fin = flags & TcpFlags.FIN
         # The two numbers the test unwraps serve the ACK and data paths below as well
         # (neither reference moves before they read them): one unwrap each per segment.
