@@ -434,9 +434,9 @@ class Subflow(SegmentBuilder):
     def _on_ack(self, tcp: TcpHeader, ack: int, carries_data: bool, now: float) -> None:
         """The ACK field (and SACK blocks) of a segment from the peer; ``ack`` is its ACK
         unwrapped (around ``snd_una``)."""
-        conn = self.conn
         if ack > self.snd_max:
-            conn.ack_now = True  # acknowledges what we never sent: tell the peer where we are
+            # Acknowledges what we never sent: tell the peer where we are.
+            self.conn.ack_now = True
             return
         window = tcp.window << self.snd_wscale
         window_changed = window != self.snd_wnd
