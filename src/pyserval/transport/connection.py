@@ -681,12 +681,13 @@ class Connection:
     def next_deadline(self) -> float | None:
         """The earliest timer of this connection and its subflows."""
         state = self.state
-        if state is _CLOSED:
-            return None
-        if state is _TIME_WAIT:
-            # Everything was delivered and acknowledged both ways: only TIME_WAIT's own end
-            # is left (on_timer runs nothing else, so nothing else may be armed).
-            return self.time_wait_deadline
+        if state is not _ESTABLISHED:  # (one test for the state nearly every call finds)
+            if state is _CLOSED:
+                return None
+            if state is _TIME_WAIT:
+                # Everything was delivered and acknowledged both ways: only TIME_WAIT's own
+                # end is left (on_timer runs nothing else, so nothing else may be armed).
+                return self.time_wait_deadline
         best = self.delack_deadline
         for sf in self.subflows:  # (a loop, not a generator: this runs after every flush)
             d = sf.next_deadline()
