@@ -566,7 +566,8 @@ class Subflow(SegmentBuilder):
                 conn.challenge_ack_due = True
                 return
             conn.peer_fin_offset = end
-        if conn.peer_fin_offset is not None and end > conn.peer_fin_offset:
+        elif conn.peer_fin_offset is not None and end > conn.peer_fin_offset:
+            # (Data past a FIN seen out of order; a FIN segment ends where the FIN is.)
             conn.challenge_ack_due = True
             return
         in_order = seq == recv.rcv_nxt
