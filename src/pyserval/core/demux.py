@@ -256,12 +256,22 @@ def on_flow_packet(
             # nobody else may make us answer a third address.
             src = relay.address
             host.stats["relayed_synack"] += 1
-    if state is _SYN_SENT:
+    # The established receive path first: it takes nearly every packet.
+    if state is _ESTABLISHED or state is _TIME_WAIT:
+        on_established(host, conn, sf, pkt, ctl, now, src, dst)
+        if (
+            dst != sf.local_addr  # (read in place: nearly always equal, the test ends here)
+            and src == sf.remote_addr
+            and (":" in dst[0]) != (":" in sf.local_addr[0])
+        ):
+            # The peer moved to another family (an RSYN it proved, reaching us on our
+            # interface of that family): answer from there, the only place that can.
+            sf.local_addr = dst
+    elif state is _SYN_SENT:
         if not conn.on_synack(sf, pkt, src, now):
             maybe_reset(host, conn, sf, pkt, src)
     elif state is _SYN_RECEIVED:
         listener = host._listener_by_id.get(conn.listener_id or 0)
-        ctl = pkt.control
         if pkt.src_flowid != sf.remote_flowid and not (
             pkt.src_flowid == 0 and ctl is not None and ctl.flags & ControlFlags.RST
         ):
@@ -269,7 +279,7 @@ def on_flow_packet(
         elif (
             listener is not None
             and len(listener.accept_queue) >= listener.backlog
-            and not (pkt.control is not None and pkt.control.flags & ControlFlags.RST)
+            and not (ctl is not None and ctl.flags & ControlFlags.RST)
         ):
             # Accept queue full: leave the flow half-open and drop the packet, as Linux
             # does by default; the client's retransmission or our SYN-ACK's completes
@@ -289,15 +299,8 @@ def on_flow_packet(
                 sf.on_tcp(tcp, pkt.payload, now, dss)
         else:
             maybe_reset(host, conn, sf, pkt, src)
-    elif state is _CLOSED:
+    else:  # CLOSED
         host.drops["closed_flow"] += 1  # closed, not yet forgotten: nothing to deliver
-    else:
-        on_established(host, conn, sf, pkt, ctl, now, src, dst)
-        local = sf.local_addr
-        if dst != local and src == sf.remote_addr and (":" in dst[0]) != (":" in local[0]):
-            # The peer moved to another family (an RSYN it proved, reaching us on our
-            # interface of that family): answer from there, the only place that can.
-            sf.local_addr = dst
     host._wake(conn)
 
 

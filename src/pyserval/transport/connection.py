@@ -651,21 +651,20 @@ class Connection:
         if src is None:
             src = sf.remote_addr
             assert src is not None
-        flows = self.flows
         if flags & ControlFlags.RSYN:
-            flows.on_rsyn_control(sf, ext, src, now)
+            self.flows.on_rsyn_control(sf, ext, src, now)
             return
         mig = sf.mig
         if mig is not None and mig.awaiting_ack and flags & ControlFlags.ACK:
             # The moving peer's ACK of our RSYN+ACK: the new path is confirmed.
-            flows.on_move_ack(sf, src, now)
+            self.flows.on_move_ack(sf, src, now)
         if sf.join_state == "syn_received":
             return  # the host establishes a JOIN only on its proven third ACK
         if flags & ControlFlags.ACK and sf.control.acked(ext):
             if sf.control.outstanding == ControlFlags.RSYN:
                 # A plain ACK of our RSYN (its RSYN+ACK was lost, or both ends moved and
                 # this ACK answers ours): the move is acknowledged all the same.
-                flows.on_rsynack(sf, ext, src, now)
+                self.flows.on_rsynack(sf, ext, src, now)
                 return
             if sf.control.outstanding == ControlFlags.FIN and not self._close_event(
                 _LOCAL, _EV_SAL_FIN_ACKED
@@ -686,12 +685,13 @@ class Connection:
     def next_deadline(self) -> float | None:
         """The earliest timer of this connection and its subflows."""
         state = self.state
-        if state is _CLOSED:
-            return None
-        if state is _TIME_WAIT:
-            # Everything was delivered and acknowledged both ways: only TIME_WAIT's own end
-            # is left (on_timer runs nothing else, so nothing else may be armed).
-            return self.time_wait_deadline
+        if state is not _ESTABLISHED:  # (one test for the state nearly every call finds)
+            if state is _CLOSED:
+                return None
+            if state is _TIME_WAIT:
+                # Everything was delivered and acknowledged both ways: only TIME_WAIT's own
+                # end is left (on_timer runs nothing else, so nothing else may be armed).
+                return self.time_wait_deadline
         best = self.delack_deadline
         for sf in self.subflows:  # (a loop, not a generator: this runs after every flush)
             d = sf.next_deadline()
@@ -811,10 +811,11 @@ class Connection:
             closing = self._closing_control(sf)
             if closing is not None:
                 out.append(sf.control_packet(closing))
-        if self.pending_control:
-            self.pending_control = False
-            if sf.control.outstanding is not None:
-                out.append(sf.control_packet(sf.control.resend()))
+            # (Tested here: _closing_control may clear pending_control, never set it.)
+            if self.pending_control:
+                self.pending_control = False
+                if sf.control.outstanding is not None:
+                    out.append(sf.control_packet(sf.control.resend()))
         if flows.rsynack_pending or flows.challenge_pending or flows.challenge_echo is not None:
             flows.output_control(sf, out)
         if self.control_ack_pending:

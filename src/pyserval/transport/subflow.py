@@ -51,6 +51,7 @@ _PEER_DEFAULT_MSS: Final = 536  # RFC 9293 default when the peer sends no MSS op
 _MIN_PEER_MSS: Final = 256
 _CLIENT: Final = Role.CLIENT  # bound once: an Enum member read off its class is slow
 _OPEN: Final = Stage.OPEN
+_RST_OR_SYN: Final = TcpFlags.RST | TcpFlags.SYN
 
 
 def new_data_end(snd_max: int, wnd_end: int, send_end: int, pipe: int, cwnd: int, mss: int) -> int:
@@ -287,13 +288,12 @@ class Subflow(SegmentBuilder):
         if conn.mp is not None:
             self._on_tcp_mp(tcp, payload, now, dss)
             return
-        if flags & TcpFlags.RST:
+        if flags & _RST_OR_SYN:  # (one test for the usual segment, which has neither)
+            if flags & TcpFlags.SYN and not flags & TcpFlags.RST:
+                # A retransmitted SYN-ACK: our third ACK was lost; answer it again.
+                conn.third_ack_pending = conn.role is _CLIENT
+                conn.ack_now = True
             return  # resets travel as SAL CONTROL(RST), which carries the nonce
-        if flags & TcpFlags.SYN:
-            # A retransmitted SYN-ACK: our third ACK was lost; answer it again.
-            conn.third_ack_pending = conn.role is _CLIENT
-            conn.ack_now = True
-            return
         fin = flags & TcpFlags.FIN
         # The two numbers the test unwraps serve the ACK and data paths below as well
         # (neither reference moves before they read them): one unwrap each per segment.
@@ -302,7 +302,6 @@ class Subflow(SegmentBuilder):
             conn.challenge_ack_due = True  # RFC 5961: ACK it, change nothing
             return
         ack, seq = numbers
-        rcv_nxt = conn.recv.rcv_nxt
         if self.rto_count:  # (what _heard_again tests first: no call per segment)
             self._heard_again(now)
         conn.last_heard = now
@@ -311,7 +310,7 @@ class Subflow(SegmentBuilder):
             self._on_ack(tcp, ack, bool(payload) or bool(fin), now)
         if payload or fin:
             self._on_data(tcp, seq, payload, now)
-        elif seq < rcv_nxt:
+        elif seq < conn.recv.rcv_nxt:  # (no data taken, so rcv_nxt as the test saw it)
             # An old sequence number: a keepalive or zero-window probe. Answer with an ACK
             # that carries our window (RFC 9293: unacceptable segments are acknowledged).
             conn.ack_now = True
@@ -435,9 +434,9 @@ class Subflow(SegmentBuilder):
     def _on_ack(self, tcp: TcpHeader, ack: int, carries_data: bool, now: float) -> None:
         """The ACK field (and SACK blocks) of a segment from the peer; ``ack`` is its ACK
         unwrapped (around ``snd_una``)."""
-        conn = self.conn
         if ack > self.snd_max:
-            conn.ack_now = True  # acknowledges what we never sent: tell the peer where we are
+            # Acknowledges what we never sent: tell the peer where we are.
+            self.conn.ack_now = True
             return
         window = tcp.window << self.snd_wscale
         window_changed = window != self.snd_wnd
@@ -509,7 +508,8 @@ class Subflow(SegmentBuilder):
         elif self.fin_seq is not None and ack > self.fin_seq:
             self.fin_seq_acked = True
             conn.maybe_data_fin_acked(now)
-        probe_loss = rec.probe_acked(ack)
+        # (probe_end tested first, as probe_acked does: no call for an ACK without a probe.)
+        probe_loss = rec.probe_end is not None and rec.probe_acked(ack)
         if not rec.in_recovery:
             if fast_recovery:
                 self.cc.on_recovery_exit(now)
@@ -566,7 +566,8 @@ class Subflow(SegmentBuilder):
                 conn.challenge_ack_due = True
                 return
             conn.peer_fin_offset = end
-        if conn.peer_fin_offset is not None and end > conn.peer_fin_offset:
+        elif conn.peer_fin_offset is not None and end > conn.peer_fin_offset:
+            # (Data past a FIN seen out of order; a FIN segment ends where the FIN is.)
             conn.challenge_ack_due = True
             return
         in_order = seq == recv.rcv_nxt
@@ -607,8 +608,6 @@ class Subflow(SegmentBuilder):
         conn = self.conn
         send_end = conn.send.end
         fin_off = conn.fin_offset
-        rec = self.recovery
-        lost = rec.lost
         if (
             self.snd_max >= send_end
             and (fin_off is None or self.snd_max != fin_off)
@@ -616,9 +615,11 @@ class Subflow(SegmentBuilder):
             # Nothing in flight, nothing lost (lost segments are in the scoreboard, which
             # covers [snd_una, snd_max)): tested first, as ``lost`` (a SortedList) answers
             # its truth value through a Python-level __len__.
-            and (self.snd_max == self.snd_una or not lost)
+            and (self.snd_max == self.snd_una or not self.recovery.lost)
         ):
             return  # nothing new, no FIN due, nothing to resend: what the loop below finds
+        rec = self.recovery
+        lost = rec.lost
         mss = self.mss
         # Read once and then kept up to date here: each segment sent adds its length to
         # the pipe, as RFC 6675 counts it.
@@ -832,24 +833,23 @@ class Subflow(SegmentBuilder):
 
     def next_deadline(self) -> float | None:
         """The earliest of this subflow's timers."""
+        d = self.rto_deadline
+        p = self.persist_deadline
+        if p is not None and (d is None or p < d):
+            d = p
+        p = self.pto_deadline
+        if p is not None and (d is None or p < d):
+            d = p
         mig = self.mig
-        if mig is not None and mig.busy:
-            d = None  # transport timers wait with the transport
-        else:
-            d = self.rto_deadline
-            p = self.persist_deadline
-            if p is not None and (d is None or p < d):
-                d = p
-            p = self.pto_deadline
-            if p is not None and (d is None or p < d):
-                d = p
-        c = self.control.deadline
-        if c is not None and (d is None or c < d):
-            d = c
-        if mig is not None:
+        if mig is not None:  # (one test for both: a settled flow has no move under way)
+            if mig.busy:
+                d = None  # transport timers wait with the transport
             r = mig.rsynack_deadline
             if r is not None and (d is None or r < d):
                 d = r
+        c = self.control.deadline
+        if c is not None and (d is None or c < d):
+            d = c
         ch = self.challenge
         if ch is not None and (d is None or ch.deadline < d):
             d = ch.deadline
