@@ -310,6 +310,54 @@ def test_the_option_area_cache_is_bounded() -> None:
         assert len(transport_headers._AREAS) <= transport_headers._AREAS_MAX
 
 
+def test_handshake_option_lists_are_kept_bounded() -> None:
+    # The wire bytes and the SYN reading of a list of handshake options are kept by the
+    # options' identities, up to a bound: here an attacker's worth of distinct lists (every
+    # MSS, window scale and SACK-permitted combination), each twice (the second time from
+    # the tables), checked against the bytes RFC 9293, 7323 and 2018 give for them.
+    from pyserval.sal import transport_headers
+
+    bound = transport_headers._KNOWN_MAX
+    for mss in range(1000, 1000 + 3 * bound):
+        for shift, sack in ((None, False), (mss % 15, True)):
+            options = [TcpOption.mss(mss)]
+            expected = bytes([2, 4, mss >> 8, mss & 0xFF])
+            if shift is not None:
+                options += [TcpOption.nop(), TcpOption.window_scale(shift)]
+                expected += bytes([1, 3, 3, shift])
+            if sack:
+                options += [TcpOption.nop(), TcpOption.nop(), TcpOption.sack_permitted()]
+                expected += bytes([1, 1, 4, 2])
+            for _ in range(2):
+                tcp = TcpHeader(flags=TcpFlags.SYN, options=list(options))
+                assert tcp.syn_options() == (mss, shift, sack)
+                wire = tcp.encode()
+                assert wire[20:] == expected
+                assert wire[12] >> 4 == 5 + len(expected) // 4
+                # What a peer's stack reads in those bytes: the same, from the decoder's
+                # instances.
+                peer, _ = TcpHeader.decode(memoryview(wire))
+                assert peer.syn_options() == (mss, shift, sack)
+                assert peer.encode() == wire
+            assert len(transport_headers._WIRES) <= bound
+
+
+def test_a_kept_option_list_changed_is_read_afresh() -> None:
+    # The tables are keyed by the options a list holds now: a list changed after it was
+    # read (a caller may change it) reads and encodes as what it holds.
+    options = [TcpOption.mss(1400), TcpOption.nop(), TcpOption.window_scale(7)]
+    tcp = TcpHeader(flags=TcpFlags.SYN, options=options)
+    assert tcp.syn_options() == (1400, 7, False)
+    assert tcp.encode()[20:] == bytes([2, 4, 0x05, 0x78, 1, 3, 3, 7])
+    options[0] = TcpOption.mss(536)
+    options += [TcpOption.nop(), TcpOption.nop(), TcpOption.sack_permitted()]
+    assert tcp.syn_options() == (536, 7, True)
+    assert tcp.encode()[20:] == bytes([2, 4, 0x02, 0x18, 1, 3, 3, 7, 1, 1, 4, 2])
+    # Padding after an EOL is the header's own: never taken from a list kept without it.
+    tcp.option_padding = b"\x00\x00\x00\x00"
+    assert tcp.encode()[20:] == bytes([2, 4, 0x02, 0x18, 1, 3, 3, 7, 1, 1, 4, 2, 0, 0, 0, 0])
+
+
 @settings(max_examples=200)
 @given(st.lists(st.tuples(u32, u32), min_size=1, max_size=4))
 def test_sack_option_areas_are_not_kept(blocks: list[tuple[int, int]]) -> None:
@@ -324,7 +372,7 @@ def test_sack_option_areas_are_not_kept(blocks: list[tuple[int, int]]) -> None:
     assert area not in transport_headers._AREAS
     # Nor is its wire form kept when it is encoded (the handshake options' are).
     assert tcp.encode() == header
-    assert all(kind != 5 for kind, _ in transport_headers._OPTION_WIRE)
+    assert all(o.kind != 5 for known in transport_headers._WIRES.values() for o in known[0])
 
 
 @given(control_exts)

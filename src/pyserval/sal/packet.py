@@ -255,7 +255,7 @@ class SalPacket:
             # the same way (sal.checksum.transport_checksum's sum: the pseudo-header's
             # addresses (cached) and length, the header with the checksum field zero, the
             # payload: words_sum, zero-padded when odd, a vector sum with the [accel] extra).
-            opts = t._options_bytes() if (t.options or t.option_padding) else b""
+            opts, opts_sum = t.options_wire() if (t.options or t.option_padding) else (b"", 0)
             hlen = 20 + len(opts)
             flags = t.flags
             offset = ((hlen // 4) << 4) | ((flags >> 8) & 0x0F)
@@ -274,7 +274,7 @@ class SalPacket:
                 + t.urgent
             )
             if opts:
-                total += int.from_bytes(opts, "big")
+                total += opts_sum
             if payload:
                 total += words_sum(payload)
             check = 0xFFFF - (total % 0xFFFF or 0xFFFF)  # ones' complement, never +0
