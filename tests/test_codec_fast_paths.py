@@ -340,6 +340,7 @@ def test_handshake_option_lists_are_kept_bounded() -> None:
                 assert peer.syn_options() == (mss, shift, sack)
                 assert peer.encode() == wire
             assert len(transport_headers._WIRES) <= bound
+            assert len(transport_headers._SYNS) <= bound
 
 
 def test_a_kept_option_list_changed_is_read_afresh() -> None:

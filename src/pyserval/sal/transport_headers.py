@@ -93,7 +93,7 @@ class TcpOption:
 
     # Typed constructors for the options the stack uses. Those of a handshake give the
     # shared instances the decoder gives (see _shared_option): so every list of them is
-    # one that _WIRES knows after its first time.
+    # one that _WIRES and _SYNS know after its first time.
     @classmethod
     def nop(cls) -> TcpOption:
         """No-operation (alignment)."""
@@ -184,20 +184,25 @@ _AREAS_MAX: Final = 64
 _AREA_KINDS: Final = _SHARED_KINDS | {OPT_EOL, OPT_NOP}
 
 # Option lists seen before -> their wire bytes (and those read as one number: their share
-# of the checksum). A handshake's options are the shared instances (the decoder's, the
-# typed constructors'), so the same few lists of the same objects come with every
-# connection: each is encoded once. Keyed by the options' identities, which is sound
-# because an entry holds the options themselves: while it is there they live, so no other
-# object can have their ids, and a list with those ids holds exactly those (immutable)
-# options. Only lists of handshake kinds are kept (SACK blocks and timestamps are new
-# objects in every segment), and the table is cleared when full, so junk cannot grow it.
+# of the checksum), and -> what a SYN reads in them (TcpHeader.syn_options). A
+# handshake's options are the shared instances (the decoder's, the typed constructors'),
+# so the same few lists of the same objects come with every connection: each is encoded
+# and read once. Keyed by the options' identities, which is sound because an entry holds
+# the options themselves: while it is there they live, so no other object can have their
+# ids, and a list with those ids holds exactly those (immutable) options. Only lists of
+# handshake kinds are kept (SACK blocks and timestamps are new objects in every segment),
+# and each table is cleared when full, so junk cannot grow it (a peer's SYN of options
+# never seen costs the parse it cost before).
 _WIRES: Final[dict[tuple[int, ...], tuple[tuple[TcpOption, ...], bytes, int]]] = {}
+_SYNS: Final[
+    dict[tuple[int, ...], tuple[tuple[TcpOption, ...], tuple[int | None, int | None, bool]]]
+] = {}
 _KNOWN_MAX: Final = 64
 _kind: Final = attrgetter("kind")
 
 
 def _remember(table: dict[tuple[int, ...], _V], key: tuple[int, ...], value: _V) -> None:
-    """Keep ``value`` under ``key`` in a table above (cleared when full)."""
+    """Keep ``value`` under ``key`` in one of the tables above (cleared when full)."""
     if len(table) >= _KNOWN_MAX:
         table.clear()
     table[key] = value
@@ -331,10 +336,15 @@ class TcpHeader:
     def syn_options(self) -> tuple[int | None, int | None, bool]:
         """``(mss, window_scale, sack_permitted)`` read in one pass over the options: what a
         SYN or SYN-ACK offers (each as its property gives it: the first such option)."""
+        options = self.options
+        key = tuple(map(id, options))
+        known = _SYNS.get(key)
+        if known is not None:
+            return known[1]
         mss: int | None = None
         wscale: int | None = None
         sack = False
-        for o in self.options:
+        for o in options:
             kind = o.kind
             if kind == OPT_MSS:
                 if mss is None:
@@ -344,6 +354,8 @@ class TcpHeader:
                     wscale = o.data[0]
             elif kind == OPT_SACK_PERMITTED:
                 sack = True
+        if _AREA_KINDS.issuperset(map(_kind, options)):
+            _remember(_SYNS, key, (tuple(options), (mss, wscale, sack)))
         return mss, wscale, sack
 
     @property
