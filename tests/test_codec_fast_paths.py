@@ -24,6 +24,7 @@ from pyserval.sal import (
     ControlFlags,
     Extension,
     MalformedPacket,
+    Reason,
     RelayExt,
     SalPacket,
     TcpFlags,
@@ -310,6 +311,55 @@ def test_the_option_area_cache_is_bounded() -> None:
         assert len(transport_headers._AREAS) <= transport_headers._AREAS_MAX
 
 
+def test_handshake_option_lists_are_kept_bounded() -> None:
+    # The wire bytes and the SYN reading of a list of handshake options are kept by the
+    # options' identities, up to a bound: here an attacker's worth of distinct lists (every
+    # MSS, window scale and SACK-permitted combination), each twice (the second time from
+    # the tables), checked against the bytes RFC 9293, 7323 and 2018 give for them.
+    from pyserval.sal import transport_headers
+
+    bound = transport_headers._KNOWN_MAX
+    for mss in range(1000, 1000 + 3 * bound):
+        for shift, sack in ((None, False), (mss % 15, True)):
+            options = [TcpOption.mss(mss)]
+            expected = bytes([2, 4, mss >> 8, mss & 0xFF])
+            if shift is not None:
+                options += [TcpOption.nop(), TcpOption.window_scale(shift)]
+                expected += bytes([1, 3, 3, shift])
+            if sack:
+                options += [TcpOption.nop(), TcpOption.nop(), TcpOption.sack_permitted()]
+                expected += bytes([1, 1, 4, 2])
+            for _ in range(2):
+                tcp = TcpHeader(flags=TcpFlags.SYN, options=list(options))
+                assert tcp.syn_options() == (mss, shift, sack)
+                wire = tcp.encode()
+                assert wire[20:] == expected
+                assert wire[12] >> 4 == 5 + len(expected) // 4
+                # What a peer's stack reads in those bytes: the same, from the decoder's
+                # instances.
+                peer, _ = TcpHeader.decode(memoryview(wire))
+                assert peer.syn_options() == (mss, shift, sack)
+                assert peer.encode() == wire
+            assert len(transport_headers._WIRES) <= bound
+            assert len(transport_headers._SYNS) <= bound
+
+
+def test_a_kept_option_list_changed_is_read_afresh() -> None:
+    # The tables are keyed by the options a list holds now: a list changed after it was
+    # read (a caller may change it) reads and encodes as what it holds.
+    options = [TcpOption.mss(1400), TcpOption.nop(), TcpOption.window_scale(7)]
+    tcp = TcpHeader(flags=TcpFlags.SYN, options=options)
+    assert tcp.syn_options() == (1400, 7, False)
+    assert tcp.encode()[20:] == bytes([2, 4, 0x05, 0x78, 1, 3, 3, 7])
+    options[0] = TcpOption.mss(536)
+    options += [TcpOption.nop(), TcpOption.nop(), TcpOption.sack_permitted()]
+    assert tcp.syn_options() == (536, 7, True)
+    assert tcp.encode()[20:] == bytes([2, 4, 0x02, 0x18, 1, 3, 3, 7, 1, 1, 4, 2])
+    # Padding after an EOL is the header's own: never taken from a list kept without it.
+    tcp.option_padding = b"\x00\x00\x00\x00"
+    assert tcp.encode()[20:] == bytes([2, 4, 0x02, 0x18, 1, 3, 3, 7, 1, 1, 4, 2, 0, 0, 0, 0])
+
+
 @settings(max_examples=200)
 @given(st.lists(st.tuples(u32, u32), min_size=1, max_size=4))
 def test_sack_option_areas_are_not_kept(blocks: list[tuple[int, int]]) -> None:
@@ -324,7 +374,7 @@ def test_sack_option_areas_are_not_kept(blocks: list[tuple[int, int]]) -> None:
     assert area not in transport_headers._AREAS
     # Nor is its wire form kept when it is encoded (the handshake options' are).
     assert tcp.encode() == header
-    assert all(kind != 5 for kind, _ in transport_headers._OPTION_WIRE)
+    assert all(o.kind != 5 for known in transport_headers._WIRES.values() for o in known[0])
 
 
 @given(control_exts)
@@ -359,12 +409,16 @@ ipv6 = st.sampled_from(["::1", "2001:db8::7", "fe80::1:2"])
 
 @st.composite
 def bare_packets(draw: st.DrawFn) -> SalPacket:
-    """A packet of the shapes the bare encoder takes: a TCP header without options
-    alone, CONTROL alone, or CONTROL with such a header; no payload."""
+    """A packet of the bare codec's shapes: a TCP header alone, CONTROL alone, or
+    CONTROL with a TCP header; no payload. Half the TCP headers have options (a
+    handshake's, SACK blocks, padding after an EOL): the bare decoder takes CONTROL with
+    such a header (a SYN-ACK), the encoder leaves them to the general path."""
     shape = draw(st.sampled_from(["tcp", "ctl", "ctl+tcp"]))
     exts: list[object] = [] if shape == "tcp" else [draw(control_exts)]
     tcp = None
     if shape != "ctl":
+        with_options = draw(st.booleans())
+        tcp = draw(tcp_headers()) if with_options else TcpHeader()
         tcp = TcpHeader(
             seq=draw(u32),
             ack=draw(u32),
@@ -374,6 +428,8 @@ def bare_packets(draw: st.DrawFn) -> SalPacket:
             urgent=draw(st.integers(0, 0xFFFF)),
             src_port=draw(st.integers(0, 0xFFFF)),
             dst_port=draw(st.integers(0, 0xFFFF)),
+            options=tcp.options,
+            option_padding=tcp.option_padding,
         )
     protocol = 6 if tcp is not None else draw(st.sampled_from([6, 17]))
     return SalPacket(draw(u32), draw(u32), protocol, exts, tcp)  # type: ignore[arg-type]
@@ -404,8 +460,9 @@ def test_bare_packets_encode_as_their_parts(packet: SalPacket, src: str, dst: st
     expected = _assembled(copy.deepcopy(packet), src, dst)
     assert packet.encode(src, dst) == expected
     if packet.tcp is not None:  # the checksum put in place, as the general path does
-        assert packet.tcp.checksum == int.from_bytes(expected[-4:-2], "big")
-        assert verify_transport_checksum(src, dst, 6, expected[len(expected) - 20 :])
+        tcp_wire = expected[len(expected) - packet.tcp.header_length :]
+        assert packet.tcp.checksum == int.from_bytes(tcp_wire[16:18], "big")
+        assert verify_transport_checksum(src, dst, 6, tcp_wire)
 
 
 @settings(max_examples=1000)
@@ -425,13 +482,17 @@ def test_bare_packets_decode_as_the_general_path(
 def test_bare_decoder_takes_the_connection_cycles_shapes() -> None:
     ctl = control_ext(0x24, 7, 9, b"12345678")
     tcp = TcpHeader(seq=5, ack=6, flags=0x11, window=100)
+    # A SYN-ACK's: MSS 1408, NOP, window scale 7, NOP, NOP, SACK-permitted (12 bytes).
+    options = TcpHeader.decode(memoryview(_SYN_HEADER))[0].options
+    synack = TcpHeader(5, 6, 0x12, 100, 0, 0, 0, 0, options)
     for packet in (
         SalPacket(1, 2, 6, [], tcp),
         SalPacket(1, 2, 6, [ctl], None),
         SalPacket(1, 2, 6, [ctl], tcp),
+        SalPacket(1, 2, 6, [ctl], synack),
     ):
         wire = packet.encode("10.0.0.1", "10.0.0.2")
-        assert len(wire) in (32, 52)
+        assert len(wire) in (32, 52, 64)
         assert _decode_bare(wire, len(wire), True) is not None
         broken = bytearray(wire)
         broken[10] ^= 1  # the SAL checksum: left to the general path, which refuses it
@@ -459,3 +520,18 @@ def test_a_payload_of_none_is_refused_on_the_bare_path() -> None:
     packet = SalPacket(1, 2, 6, [], TcpHeader(flags=TcpFlags.ACK), None)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         packet.encode("10.0.0.1", "10.0.0.2")
+
+
+def test_a_synack_with_a_malformed_option_is_refused_as_the_general_path_refuses_it() -> None:
+    # CONTROL then a TCP header whose MSS option says 5 bytes (RFC 9293: MSS is 4): the
+    # datagram's bytes take the bare decoder, a view of them the general one; both refuse
+    # it as a TCP option error.
+    ctl = control_ext(0xA0, 7, 9, b"12345678")
+    good = TcpHeader(5, 6, 0x12, 100, 0, 0, 0, 0, [TcpOption.mss(1408)])
+    wire = bytearray(SalPacket(1, 2, 6, [ctl], good).encode("10.0.0.1", "10.0.0.2"))
+    assert len(wire) == 56 and wire[52:54] == b"\x02\x04"
+    wire[53] = 5
+    for data in (bytes(wire), memoryview(bytearray(wire))):
+        with pytest.raises(MalformedPacket) as refused:
+            decode_packet(data)
+        assert refused.value.reason is Reason.TCP_OPTION

@@ -255,7 +255,7 @@ class SalPacket:
             # the same way (sal.checksum.transport_checksum's sum: the pseudo-header's
             # addresses (cached) and length, the header with the checksum field zero, the
             # payload: words_sum, zero-padded when odd, a vector sum with the [accel] extra).
-            opts = t._options_bytes() if (t.options or t.option_padding) else b""
+            opts, opts_sum = t.options_wire() if (t.options or t.option_padding) else (b"", 0)
             hlen = 20 + len(opts)
             flags = t.flags
             offset = ((hlen // 4) << 4) | ((flags >> 8) & 0x0F)
@@ -274,7 +274,7 @@ class SalPacket:
                 + t.urgent
             )
             if opts:
-                total += int.from_bytes(opts, "big")
+                total += opts_sum
             if payload:
                 total += words_sum(payload)
             check = 0xFFFF - (total % 0xFFFF or 0xFFFF)  # ones' complement, never +0
@@ -385,9 +385,9 @@ def _encode_bare(
 
 
 def _decode_bare(data: bytes, total: int, verify: bool) -> SalPacket | None:
-    """:func:`decode_packet` of a 32- or 52-byte datagram of the shapes
-    :func:`_encode_bare` writes (the base header with a TCP header without options,
-    CONTROL alone, or CONTROL with such a TCP header), unpacked at once; None for
+    """:func:`decode_packet` of a datagram of up to 92 bytes of a connection's set-up
+    and close: the base header with a TCP header without options, CONTROL alone, or
+    CONTROL with a TCP header (a SYN-ACK's has options), unpacked at once; None for
     anything else, a header checksum that does not verify included (the general path
     then decodes it, or refuses it for its reason)."""
     shl = data[8]
@@ -419,13 +419,26 @@ def _decode_bare(data: bytes, total: int, verify: bool) -> SalPacket | None:
             return None
         ctl = control_ext(flags, verno, ackno, nonce, reserved)
         return SalPacket(src, dst, protocol, [ctl], None, b"")
-    (
-        src, dst, _, protocol, _, _, _, flags, reserved, verno, ackno, nonce,
-        sport, dport, seq, ack, off, low, window, check, urgent,
-    ) = _BARE_CONTROL_TCP.unpack(data)  # fmt: skip
-    if protocol != PROTO_TCP or off >> 4 != 5:
-        return None
-    tcp = TcpHeader(seq, ack, ((off & 0x0F) << 8) | low, window, check, urgent, sport, dport)
+    if total != 52:
+        # A TCP header with options after CONTROL (a SYN-ACK): decoded as the general
+        # path decodes it, by decode_tcp on the same bytes (so a malformed one is refused
+        # for the same reason), when it fills the rest of the datagram.
+        (src, dst, _, protocol, _, _, _, flags, reserved, verno, ackno, nonce) = (
+            _BARE_CONTROL.unpack_from(data)
+        )
+        if protocol != PROTO_TCP:
+            return None
+        tcp, tlen = decode_tcp(data, 32)
+        if tlen != total - 32:
+            return None
+    else:
+        (
+            src, dst, _, protocol, _, _, _, flags, reserved, verno, ackno, nonce,
+            sport, dport, seq, ack, off, low, window, check, urgent,
+        ) = _BARE_CONTROL_TCP.unpack(data)  # fmt: skip
+        if protocol != PROTO_TCP or off >> 4 != 5:
+            return None
+        tcp = TcpHeader(seq, ack, ((off & 0x0F) << 8) | low, window, check, urgent, sport, dport)
     ctl = control_ext(flags, verno, ackno, nonce, reserved)
     return SalPacket(src, dst, PROTO_TCP, [ctl], tcp, _NO_PAYLOAD)
 
@@ -513,7 +526,7 @@ def decode_packet(data: BytesLike, *, verify: bool = True) -> SalPacket:
         # Headers are read from the bytes themselves (struct and slices of a few dozen
         # bytes cost less than through a view); only the payload is a view into them.
         total = len(data)
-        if total == 32 or total == 52:
+        if total == 32 or total == 52 or (56 <= total <= 92 and data[8] == 8):
             # Most packets of a connection's set-up and close: see _decode_bare.
             bare = _decode_bare(data, total, verify)
             if bare is not None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Final
+from operator import attrgetter
+from typing import Final, TypeVar
 
 from .checksum import BytesLike, transport_checksum, verify_transport_checksum
 from .errors import MalformedPacket, Reason
@@ -54,6 +55,7 @@ _OPTION_LENGTHS: Final[dict[int, frozenset[int]]] = {
 _TCP: Final = struct.Struct("!HHIIBBHHH")
 _ONE_BYTE_OPTIONS: Final = {OPT_EOL: bytes((OPT_EOL,)), OPT_NOP: bytes((OPT_NOP,))}
 _UDP: Final = struct.Struct("!HHHH")
+_V = TypeVar("_V")
 TCP_MIN_HEADER: Final = 20
 UDP_HEADER: Final = 8
 
@@ -89,31 +91,33 @@ class TcpOption:
             return bytes((self.kind,))
         return bytes((self.kind, 2 + len(self.data))) + self.data
 
-    # Typed constructors for the options the stack uses.
+    # Typed constructors for the options the stack uses. Those of a handshake give the
+    # shared instances the decoder gives (see _shared_option): so every list of them is
+    # one that _WIRES and _SYNS know after its first time.
     @classmethod
     def nop(cls) -> TcpOption:
         """No-operation (alignment)."""
-        return cls(OPT_NOP)
+        return _NOP_OPTION
 
     @classmethod
     def eol(cls) -> TcpOption:
         """End of option list."""
-        return cls(OPT_EOL)
+        return _EOL_OPTION
 
     @classmethod
     def mss(cls, value: int) -> TcpOption:
         """Maximum segment size."""
-        return cls(OPT_MSS, value.to_bytes(2, "big"))
+        return _shared_option(OPT_MSS, value.to_bytes(2, "big"))
 
     @classmethod
     def window_scale(cls, shift: int) -> TcpOption:
         """Window scale shift count (RFC 7323)."""
-        return cls(OPT_WSCALE, bytes((shift,)))
+        return _shared_option(OPT_WSCALE, bytes((shift,)))
 
     @classmethod
     def sack_permitted(cls) -> TcpOption:
         """SACK permitted (RFC 2018)."""
-        return cls(OPT_SACK_PERMITTED)
+        return _shared_option(OPT_SACK_PERMITTED, b"")
 
     @classmethod
     def sack(cls, blocks: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> TcpOption:
@@ -179,11 +183,29 @@ _AREAS: Final[dict[bytes, tuple[tuple[TcpOption, ...], bytes]]] = {}
 _AREAS_MAX: Final = 64
 _AREA_KINDS: Final = _SHARED_KINDS | {OPT_EOL, OPT_NOP}
 
+# Option lists seen before -> their wire bytes (and those read as one number: their share
+# of the checksum), and -> what a SYN reads in them (TcpHeader.syn_options). A
+# handshake's options are the shared instances (the decoder's, the typed constructors'),
+# so the same few lists of the same objects come with every connection: each is encoded
+# and read once. Keyed by the options' identities, which is sound because an entry holds
+# the options themselves: while it is there they live, so no other object can have their
+# ids, and a list with those ids holds exactly those (immutable) options. Only lists of
+# handshake kinds are kept (SACK blocks and timestamps are new objects in every segment),
+# and each table is cleared when full, so junk cannot grow it (a peer's SYN of options
+# never seen costs the parse it cost before).
+_WIRES: Final[dict[tuple[int, ...], tuple[tuple[TcpOption, ...], bytes, int]]] = {}
+_SYNS: Final[
+    dict[tuple[int, ...], tuple[tuple[TcpOption, ...], tuple[int | None, int | None, bool]]]
+] = {}
+_KNOWN_MAX: Final = 64
+_kind: Final = attrgetter("kind")
 
-# (kind, data) -> wire bytes of the options a handshake sends (the kinds of _AREA_KINDS
-# only: a few values per host; bounded all the same).
-_OPTION_WIRE: Final[dict[tuple[int, bytes], bytes]] = {}
-_OPTION_WIRE_MAX: Final = 256
+
+def _remember(table: dict[tuple[int, ...], _V], key: tuple[int, ...], value: _V) -> None:
+    """Keep ``value`` under ``key`` in one of the tables above (cleared when full)."""
+    if len(table) >= _KNOWN_MAX:
+        table.clear()
+    table[key] = value
 
 
 def _decode_option_area(area: bytes) -> tuple[list[TcpOption], bytes]:
@@ -238,36 +260,37 @@ class TcpHeader:
         """Decode the header at the start of ``data``; returns it and its length."""
         return decode_tcp(data, 0)
 
-    def _options_bytes(self) -> bytes:
-        # TcpOption.encode written out (no call per option): a SYN carries six, and the
-        # wire form of each handshake option (a few values per host) is kept by value.
+    def options_wire(self) -> tuple[bytes, int]:
+        """The options' wire bytes (``option_padding`` included, zero-filled to a whole
+        word), and those bytes read as one big-endian number: their share of the
+        checksum (a number is congruent modulo 0xFFFF to the sum of its 16-bit words).
+        ValueError past 40 bytes."""
+        options = self.options
+        key = tuple(map(id, options))
+        known = _WIRES.get(key)
+        if known is not None and not self.option_padding:
+            return known[1], known[2]
+        # TcpOption.encode written out (no call per option): a SYN carries six.
         parts = []
-        wire = _OPTION_WIRE
-        for o in self.options:
+        for o in options:
             kind = o.kind
-            if kind == OPT_SACK:  # different in every segment: never kept
+            if kind in _ONE_BYTE_OPTIONS:
+                parts.append(_ONE_BYTE_OPTIONS[kind])
+            else:
                 parts.append(bytes((kind, 2 + len(o.data))) + o.data)
-                continue
-            key = (kind, o.data)
-            raw = wire.get(key)
-            if raw is None:
-                if kind in _ONE_BYTE_OPTIONS:
-                    raw = _ONE_BYTE_OPTIONS[kind]
-                else:
-                    raw = bytes((kind, 2 + len(o.data))) + o.data
-                if kind in _AREA_KINDS and len(wire) < _OPTION_WIRE_MAX:
-                    wire[key] = raw
-            parts.append(raw)
         raw = b"".join(parts) + self.option_padding
         if len(raw) % 4:
             raw += bytes(4 - len(raw) % 4)  # zeros: EOL then padding
         if len(raw) > 40:
             raise ValueError(f"TCP options are {len(raw)} bytes, more than 40")
-        return raw
+        wire = raw, int.from_bytes(raw, "big")
+        if not self.option_padding and _AREA_KINDS.issuperset(map(_kind, options)):
+            _remember(_WIRES, key, (tuple(options), *wire))
+        return wire
 
     def encode(self, checksum: int | None = None) -> bytes:
         """Wire bytes, with ``checksum`` (default: the stored one) in place."""
-        opts = self._options_bytes() if (self.options or self.option_padding) else b""
+        opts = self.options_wire()[0] if (self.options or self.option_padding) else b""
         hlen = TCP_MIN_HEADER + len(opts)
         return (
             _TCP.pack(
@@ -313,10 +336,15 @@ class TcpHeader:
     def syn_options(self) -> tuple[int | None, int | None, bool]:
         """``(mss, window_scale, sack_permitted)`` read in one pass over the options: what a
         SYN or SYN-ACK offers (each as its property gives it: the first such option)."""
+        options = self.options
+        key = tuple(map(id, options))
+        known = _SYNS.get(key)
+        if known is not None:
+            return known[1]
         mss: int | None = None
         wscale: int | None = None
         sack = False
-        for o in self.options:
+        for o in options:
             kind = o.kind
             if kind == OPT_MSS:
                 if mss is None:
@@ -326,6 +354,8 @@ class TcpHeader:
                     wscale = o.data[0]
             elif kind == OPT_SACK_PERMITTED:
                 sack = True
+        if _AREA_KINDS.issuperset(map(_kind, options)):
+            _remember(_SYNS, key, (tuple(options), (mss, wscale, sack)))
         return mss, wscale, sack
 
     @property
