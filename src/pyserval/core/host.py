@@ -421,11 +421,22 @@ class HostCore:
         self._woken = conn
 
     def _send(self, pkt: SalPacket, local: Address, remote: Address) -> None:
-        if type(pkt) is SegmentTrain:
-            self._out.extend([(d, local, remote) for d in pkt.wire(local[0], remote[0])])
-            self._supers = True
-        else:
-            self._out.append((pkt.encode(local[0], remote[0]), local, remote))
+        self._queue((pkt,), local, remote)
+
+    def _queue(
+        self, pkts: list[SalPacket] | tuple[SalPacket, ...], local: Address, remote: Address
+    ) -> None:
+        """Encode ``pkts`` for the wire from ``local`` to ``remote`` and queue them (a
+        segment train as its datagrams, kept together for GSO: see wire_to_send)."""
+        lip = local[0]
+        rip = remote[0]
+        out = self._out
+        for p in pkts:
+            if type(p) is SegmentTrain:
+                out.extend([(d, local, remote) for d in p.wire(lip, rip)])
+                self._supers = True
+            else:
+                out.append((p.encode(lip, rip), local, remote))
 
     def _send_all(self, conn: Connection, pkts: list[SalPacket]) -> None:
         if not pkts or not conn.subflows:
@@ -448,17 +459,7 @@ class HostCore:
         if sf.challenge is not None:
             paths.send_challenging(self, sf, pkts, remote)
             return
-        # (_send's body, without a call per packet.)
-        local = sf.local_addr
-        lip = local[0]
-        rip = remote[0]
-        out = self._out
-        for p in pkts:
-            if type(p) is SegmentTrain:
-                out.extend([(d, local, remote) for d in p.wire(lip, rip)])
-                self._supers = True
-            else:
-                out.append((p.encode(lip, rip), local, remote))
+        self._queue(pkts, sf.local_addr, remote)  # (one call for the flush's packets)
 
     def _send_multipath(self, conn: Connection, pkts: list[SalPacket]) -> None:
         """Each packet on the addresses of the subflow it belongs to."""

@@ -161,8 +161,12 @@ class CloseState:
         :class:`CloseStateError` (and changes nothing) if the table has no such move."""
         new = self.advance(side, event)
         if new is None:
-            raise CloseStateError(side, self.local if side is _LOCAL else self.remote, event)
+            raise self.refusal(side, event)
         return new
+
+    def refusal(self, side: Side, event: CloseEvent) -> CloseStateError:
+        """The error for ``event``, which ``side``'s table has no move for where it is."""
+        return CloseStateError(side, self.local if side is _LOCAL else self.remote, event)
 
     def advance(self, side: Side, event: CloseEvent) -> Stage | None:
         """:meth:`process` without the exception: the new stage, or None (and nothing

@@ -41,7 +41,7 @@ from ..sal.packet import SalPacket
 from ..sal.transport_headers import TcpFlags
 from . import liveness
 from .buffers import ReceiveBuffer, SendBuffer
-from .close_state import CloseEvent, CloseState, CloseStateError, Side, Stage
+from .close_state import CloseEvent, CloseState, Side, Stage
 from .common import MASK32, Address, Role, unwrap
 from .config import StreamConfig
 from .events import (
@@ -300,8 +300,7 @@ class Connection:
         the peer is reset, and False returned."""
         close = self.close
         if close.advance(side, event) is None:
-            stage = close.local if side is _LOCAL else close.remote
-            self.protocol_violation(str(CloseStateError(side, stage, event)))
+            self.protocol_violation(str(close.refusal(side, event)))
             return False
         return True
 

@@ -214,8 +214,7 @@ class Recovery:
         """The handshake settled the segment size and whether the peer SACKs."""
         self.mss = mss
         self.sack_ok = sack_ok
-        self._hint = 0  # (_reset_hint, written out: every handshake comes here)
-        self._sacked_below_hint = 0
+        self._reset_hint()
         if self._resent or self.segments:  # else the rebuilt heap is empty as this one is
             self._rebuild_resent()
 
