@@ -1,15 +1,18 @@
-"""The floor under a pyserval connection's cost: its eight datagrams with no protocol at all.
+"""The floor under a pyserval connection's cost: its datagrams with no protocol at all.
 
-    python benchmarks/connect_floor.py [--seconds 3] [--udp endpoint|raw|both] [--out FILE]
+    python benchmarks/connect_floor.py [--seconds 3] [--udp endpoint|raw|both]
+        [--cycle compact|spec] [--out FILE]
 
 A pyserval connect cycle (connect, the server accepts and closes, the client reads end of
-stream and closes) is eight datagrams in strict alternation, fixed by the reference's
-handshake and close sequence (``../shared/spec/sal-wire.md``; ``CYCLE`` below lists them
-with the sizes a simulated cycle sends). Each one wakes the process it reaches: a read
-(and the read that finds the socket empty), an epoll wait, a send, a loop pass. asyncio
-TCP's cycle leaves its handshake and most of its close to the kernel.
+stream and closes) is a fixed run of datagrams in strict alternation: six between two
+pyserval ends (the compact close: each SAL FIN rides on its TCP FIN), eight in the
+spec's order (``../shared/spec/sal-wire.md``: the SAL FIN only after the TCP FIN's ACK,
+what a peer that does not agree to the compact close gets). ``CYCLES`` below lists both
+with the sizes a simulated cycle sends. Each datagram wakes the process it reaches: a
+read (and the read that finds the socket empty), an epoll wait, a send, a loop pass.
+asyncio TCP's cycle leaves its handshake and most of its close to the kernel.
 
-This benchmark moves exactly those eight datagrams between two processes, and wakes the
+This benchmark moves exactly those datagrams between two processes, and wakes the
 two programs where pyserval's API wakes them (the client's
 ``connect`` when the SYN-ACK arrives, its read of end of stream at the server's FIN, after
 which its ``aclose`` sends the FIN and returns at once, as ours does, so the rest of the
@@ -52,29 +55,47 @@ import baselines  # noqa: E402
 import scaling  # noqa: E402
 from baselines import HOST, Control, Params, Result, run_pair  # noqa: E402
 
-# (sender, size) of each datagram of one cycle, as a simulated pyserval cycle sends them:
+# (sender, size) of each datagram of one cycle, as a simulated pyserval cycle sends them.
+# "spec": the close in the spec's order (a peer that does not agree to the compact close):
 # SYN (with the service extension), SYN-ACK, the ACK (with the service extension), the
 # server's TCP FIN, the client's TCP FIN, the server's SAL FIN, the client's SAL ACK+FIN,
-# the server's SAL ACK.
-CYCLE = (
-    ("client", 100),
-    ("server", 64),
-    ("client", 88),
-    ("server", 32),
-    ("client", 32),
-    ("server", 52),
-    ("client", 32),
-    ("server", 32),
-)
-DATAGRAMS = [bytes([i]) + bytes(size - 1) for i, (_who, size) in enumerate(CYCLE)]
+# the server's SAL ACK. "compact": two pyserval ends (the default): SYN and SYN-ACK with
+# the compact-close option, the ACK, the server's TCP FIN with its SAL FIN, the client's
+# with its SAL FIN and both ACKs, the server's TCP and SAL ACK in one.
+CYCLES = {
+    "spec": (
+        ("client", 100),
+        ("server", 64),
+        ("client", 88),
+        ("server", 32),
+        ("client", 32),
+        ("server", 52),
+        ("client", 32),
+        ("server", 32),
+    ),
+    "compact": (
+        ("client", 104),
+        ("server", 68),
+        ("client", 88),
+        ("server", 52),
+        ("client", 52),
+        ("server", 52),
+    ),
+}
 # Where a program (not the stack's receive path) acts: the server's accept returns at the
 # third ACK and its close sends datagram 3; the client's connect returns at datagram 1,
 # its read of end of stream at datagram 3, and then its close sends datagram 4 and returns
 # (the rest of the close goes on in the receive path, as pyserval's aclose leaves it).
 SERVER_APP_STEP = 2
 CLIENT_WAKES = (1, 3)
-# What the client's receive path answers by itself: the third ACK, the SAL ACK+FIN.
-CLIENT_SENDS = (1, 5)
+# What the client's receive path answers by itself: the third ACK, and in the spec's
+# cycle the SAL ACK+FIN.
+CLIENT_SENDS = {"spec": (1, 5), "compact": (1,)}
+
+
+def datagrams(cycle: str) -> list[bytes]:
+    """The cycle's datagrams: each its index, then zeros to its size."""
+    return [bytes([i]) + bytes(size - 1) for i, (_who, size) in enumerate(CYCLES[cycle])]
 
 
 Address = tuple[str, int]
@@ -140,22 +161,25 @@ async def floor_server(ctl: Control, params: Params) -> Result:
     program (an accept), which sends datagram 3 (its close)."""
     accepted = asyncio.Queue[Address]()
     counts = {"accepted": 0, "out_of_order": 0}
+    cycle = CYCLES[params["cycle"]]
+    dgrams = datagrams(params["cycle"])
+    mine = range(0, len(cycle), 2)  # the client's datagrams: the server answers them
 
     def on_datagrams(batch: list[tuple[bytes, Address]]) -> None:
         for data, src in batch:
             step = data[0] if data else -1
-            if step not in (0, 2, 4, 6) or len(data) != CYCLE[step][1]:
+            if step not in mine or len(data) != cycle[step][1]:
                 counts["out_of_order"] += 1
             elif step == SERVER_APP_STEP:
                 accepted.put_nowait(src)
             else:
-                udp.send_many([(DATAGRAMS[step + 1], src)])
+                udp.send_many([(dgrams[step + 1], src)])
 
     async def serve() -> None:
         while True:
             src = await accepted.get()
             counts["accepted"] += 1
-            udp.send_many([(DATAGRAMS[SERVER_APP_STEP + 1], src)])
+            udp.send_many([(dgrams[SERVER_APP_STEP + 1], src)])
 
     udp = await open_udp(params["udp"], on_datagrams)
     try:
@@ -178,19 +202,23 @@ async def floor_client(ctl: Control, params: Params) -> Result:
     waiting: list[asyncio.Future[int]] = []
     bad = 0
     closed = 0  # cycles whose last datagram (the SAL ACK) arrived
+    cycle = CYCLES[params["cycle"]]
+    dgrams = datagrams(params["cycle"])
+    sends = CLIENT_SENDS[params["cycle"]]
+    theirs = range(1, len(cycle), 2)  # the server's datagrams
 
     def on_datagrams(batch: list[tuple[bytes, Address]]) -> None:
         nonlocal bad, closed
         for data, _src in batch:
             step = data[0] if data else -1
-            if step not in (1, 3, 5, 7) or len(data) != CYCLE[step][1]:
+            if step not in theirs or len(data) != cycle[step][1]:
                 bad += 1
             else:
-                if step in CLIENT_SENDS:
-                    udp.send_many([(DATAGRAMS[step + 1], server)])
+                if step in sends:
+                    udp.send_many([(dgrams[step + 1], server)])
                 if step in CLIENT_WAKES and waiting:
                     waiting.pop().set_result(step)
-                closed += step == len(CYCLE) - 1
+                closed += step == len(cycle) - 1
 
     async def wake() -> int:
         fut: asyncio.Future[int] = loop.create_future()
@@ -206,10 +234,10 @@ async def floor_client(ctl: Control, params: Params) -> Result:
         end = start + params["seconds"]
         now = start
         while now < end:
-            udp.send_many([(DATAGRAMS[0], server)])
+            udp.send_many([(dgrams[0], server)])
             got = [await wake()]  # connect returns (the third ACK went out first)
             got.append(await wake())  # the read of end of stream returns
-            udp.send_many([(DATAGRAMS[4], server)])  # aclose
+            udp.send_many([(dgrams[4], server)])  # aclose
             checked = checked and got == list(CLIENT_WAKES)
             t = time.perf_counter()
             durations.append(t - now)
@@ -229,10 +257,11 @@ async def floor_client(ctl: Control, params: Params) -> Result:
     }
 
 
-def floor_rate(seconds: float, udp: str = "raw") -> Result:
-    """Cycles per second and CPU per cycle (both processes) of the bare exchange over the
-    ``udp`` layer (``raw`` or ``endpoint``)."""
-    server, client = run_pair(floor_server, floor_client, {"seconds": seconds, "udp": udp})
+def floor_rate(seconds: float, udp: str = "raw", cycle: str = "compact") -> Result:
+    """Cycles per second and CPU per cycle (both processes) of the bare exchange of
+    ``cycle`` (``compact`` or ``spec``) over the ``udp`` layer (``raw`` or ``endpoint``)."""
+    params = {"seconds": seconds, "udp": udp, "cycle": cycle}
+    server, client = run_pair(floor_server, floor_client, params)
     server_cpu = scaling.cpu_in_window(server.pop("samples"), *client["window"])
     summary = baselines.connect_summary(server, client)
     summary["cpu_us_per_cycle"] = round(
@@ -245,8 +274,9 @@ def floor_rate(seconds: float, udp: str = "raw") -> Result:
         and server["out_of_order"] == 0
         and server["accepted"] >= summary["connections"] > 0
     )
-    summary["datagrams_per_cycle"] = len(CYCLE)
+    summary["datagrams_per_cycle"] = len(CYCLES[cycle])
     summary["udp"] = udp
+    summary["cycle"] = cycle
     return summary
 
 
@@ -255,12 +285,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--udp", choices=("raw", "endpoint", "both"), default="both")
+    parser.add_argument(
+        "--cycle", choices=tuple(CYCLES), default="compact", help="which close (see CYCLES)"
+    )
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    out: Result = {"case": "connect_floor", "pyserval_src": str(SRC)}
+    out: Result = {"case": "connect_floor", "pyserval_src": str(SRC), "cycle": args.cycle}
     kinds = ("raw", "endpoint") if args.udp == "both" else (args.udp,)
     for kind in kinds:
-        out[kind] = floor_rate(args.seconds, kind)
+        out[kind] = floor_rate(args.seconds, kind, args.cycle)
     out["ok"] = all(out[kind]["ok"] for kind in kinds)
     emit(out, args.out)
     return 0 if out["ok"] is True else 1

@@ -73,6 +73,9 @@ tcp_options = st.one_of(
     st.just(TcpOption.sack_permitted()),
     st.lists(st.tuples(u32, u32), min_size=1, max_size=3).map(TcpOption.sack),
     st.tuples(u32, u32).map(lambda t: TcpOption.timestamps(*t)),
+    st.just(TcpOption.compact_close()),
+    # RFC 6994's experimental kind with another ExID (or none): not the compact close.
+    st.binary(max_size=4).map(lambda data: TcpOption(253, data)),
 )
 
 

@@ -34,6 +34,12 @@ EXPECTED: dict[tuple[Side, Stage, CloseEvent], Stage] = {
     (Side.LOCAL, S.SAL_FIN_SENT, E.SAL_FIN_RESTART): S.FIN_ACKED,
     (Side.LOCAL, S.FIN_ACKED, E.SAL_FIN_RESTART): S.FIN_ACKED,
     (Side.LOCAL, S.FIN_ACKED, E.SAL_FIN_ACKED): S.DONE,
+    # The compact close (both ends pyserval, agreed in the handshake): the SAL FIN leaves
+    # in the same packet as the TCP FIN, and their two ACKs may come in either order.
+    (Side.LOCAL, S.FIN_SENT, E.SAL_FIN_SENT): S.FINS_SENT,
+    (Side.LOCAL, S.FINS_SENT, E.FIN_ACKED): S.SAL_FIN_SENT,
+    (Side.LOCAL, S.FINS_SENT, E.SAL_FIN_ACKED): S.SAL_FIN_ACKED_FIRST,
+    (Side.LOCAL, S.SAL_FIN_ACKED_FIRST, E.FIN_ACKED): S.DONE,
     # The peer's direction: its FIN (after all its data), then its SAL FIN; the SAL FIN
     # again (our ACK was lost) changes nothing.
     (Side.REMOTE, S.OPEN, E.FIN): S.FIN_RECEIVED,
@@ -41,7 +47,15 @@ EXPECTED: dict[tuple[Side, Stage, CloseEvent], Stage] = {
     (Side.REMOTE, S.DONE, E.SAL_FIN): S.DONE,
 }
 
-LOCAL_STAGES = [S.OPEN, S.FIN_SENT, S.FIN_ACKED, S.SAL_FIN_SENT, S.DONE]
+LOCAL_STAGES = [
+    S.OPEN,
+    S.FIN_SENT,
+    S.FIN_ACKED,
+    S.SAL_FIN_SENT,
+    S.FINS_SENT,
+    S.SAL_FIN_ACKED_FIRST,
+    S.DONE,
+]
 REMOTE_STAGES = [S.OPEN, S.FIN_RECEIVED, S.DONE]
 
 
@@ -125,6 +139,26 @@ def test_tcp_level_states_follow_rfc_9293s_diagram(walk: str) -> None:
     for side, event in [(Side.LOCAL, E.SAL_FIN_SENT), (Side.REMOTE, E.SAL_FIN)]:
         cs.process(side, event)
         assert cs.tcp_state == RFC9293_WALKS[walk][-1][1]
+
+
+@pytest.mark.parametrize("sal_ack_first", [False, True])
+def test_a_compact_close_keeps_rfc_9293s_names_until_the_tcp_fin_is_acknowledged(
+    sal_ack_first: bool,
+) -> None:
+    # The SAL FIN travelling with the TCP FIN (and even acknowledged before it) does not
+    # change what TCP's own close is at: FIN-WAIT-1 until the TCP FIN's ACK.
+    cs = CloseState()
+    cs.process(Side.LOCAL, E.SHUTDOWN)
+    cs.process(Side.LOCAL, E.SAL_FIN_SENT)
+    assert (cs.local, cs.tcp_state) == (S.FINS_SENT, "FIN-WAIT-1")
+    acks = [E.SAL_FIN_ACKED, E.FIN_ACKED] if sal_ack_first else [E.FIN_ACKED, E.SAL_FIN_ACKED]
+    cs.process(Side.LOCAL, acks[0])
+    assert cs.tcp_state == ("FIN-WAIT-1" if sal_ack_first else "FIN-WAIT-2")
+    cs.process(Side.LOCAL, acks[1])
+    assert (cs.local, cs.tcp_state, cs.finished) == (S.DONE, "FIN-WAIT-2", False)
+    cs.process(Side.REMOTE, E.FIN)
+    cs.process(Side.REMOTE, E.SAL_FIN)
+    assert (cs.tcp_state, cs.finished) == ("TIME-WAIT", True)
 
 
 @pytest.mark.parametrize(("local", "remote"), list(itertools.product(LOCAL_STAGES, REMOTE_STAGES)))

@@ -320,7 +320,7 @@ def test_handshake_option_lists_are_kept_bounded() -> None:
 
     bound = transport_headers._KNOWN_MAX
     for mss in range(1000, 1000 + 3 * bound):
-        for shift, sack in ((None, False), (mss % 15, True)):
+        for shift, sack, compact in ((None, False, False), (mss % 15, True, mss % 2 == 0)):
             options = [TcpOption.mss(mss)]
             expected = bytes([2, 4, mss >> 8, mss & 0xFF])
             if shift is not None:
@@ -329,16 +329,19 @@ def test_handshake_option_lists_are_kept_bounded() -> None:
             if sack:
                 options += [TcpOption.nop(), TcpOption.nop(), TcpOption.sack_permitted()]
                 expected += bytes([1, 1, 4, 2])
+            if compact:  # RFC 6994: kind 253, length 4, our ExID "SV"
+                options.append(TcpOption.compact_close())
+                expected += bytes([253, 4, 0x53, 0x56])
             for _ in range(2):
                 tcp = TcpHeader(flags=TcpFlags.SYN, options=list(options))
-                assert tcp.syn_options() == (mss, shift, sack)
+                assert tcp.syn_options() == (mss, shift, sack, compact)
                 wire = tcp.encode()
                 assert wire[20:] == expected
                 assert wire[12] >> 4 == 5 + len(expected) // 4
                 # What a peer's stack reads in those bytes: the same, from the decoder's
                 # instances.
                 peer, _ = TcpHeader.decode(memoryview(wire))
-                assert peer.syn_options() == (mss, shift, sack)
+                assert peer.syn_options() == (mss, shift, sack, compact)
                 assert peer.encode() == wire
             assert len(transport_headers._WIRES) <= bound
             assert len(transport_headers._SYNS) <= bound
@@ -349,11 +352,11 @@ def test_a_kept_option_list_changed_is_read_afresh() -> None:
     # read (a caller may change it) reads and encodes as what it holds.
     options = [TcpOption.mss(1400), TcpOption.nop(), TcpOption.window_scale(7)]
     tcp = TcpHeader(flags=TcpFlags.SYN, options=options)
-    assert tcp.syn_options() == (1400, 7, False)
+    assert tcp.syn_options() == (1400, 7, False, False)
     assert tcp.encode()[20:] == bytes([2, 4, 0x05, 0x78, 1, 3, 3, 7])
     options[0] = TcpOption.mss(536)
     options += [TcpOption.nop(), TcpOption.nop(), TcpOption.sack_permitted()]
-    assert tcp.syn_options() == (536, 7, True)
+    assert tcp.syn_options() == (536, 7, True, False)
     assert tcp.encode()[20:] == bytes([2, 4, 0x02, 0x18, 1, 3, 3, 7, 1, 1, 4, 2])
     # Padding after an EOL is the header's own: never taken from a list kept without it.
     tcp.option_padding = b"\x00\x00\x00\x00"
@@ -395,11 +398,14 @@ def test_control_ext_without_checks(ext: ControlExt) -> None:
 @settings(max_examples=500)
 @given(tcp_headers())
 def test_syn_options_in_one_pass(header: TcpHeader) -> None:
-    # What the handshake reads in one pass is what the three properties give one by one
+    # What the handshake reads in one pass is what the four properties give one by one
     # (each the first option of its kind), whatever the options and their order.
-    assert header.syn_options() == (header.mss, header.window_scale, header.sack_permitted)
+    def one_by_one(h: TcpHeader) -> tuple[int | None, int | None, bool, bool]:
+        return (h.mss, h.window_scale, h.sack_permitted, h.compact_close)
+
+    assert header.syn_options() == one_by_one(header)
     doubled = TcpHeader(options=header.options + header.options[::-1])
-    assert doubled.syn_options() == (doubled.mss, doubled.window_scale, doubled.sack_permitted)
+    assert doubled.syn_options() == one_by_one(doubled)
 
 
 # -- packets without payload or TCP options: packed and unpacked at once ---------------------

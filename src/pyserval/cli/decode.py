@@ -49,6 +49,8 @@ def describe(packet: SalPacket) -> str:
             opts.append(f"mss={tcp.mss}")
         if tcp.window_scale is not None:
             opts.append(f"wscale={tcp.window_scale}")
+        if tcp.compact_close:
+            opts.append("compact-close")
         parts.append(
             f"TCP({flags} seq={tcp.seq:#010x} ack={tcp.ack:#010x} win={tcp.window}"
             + (" " + " ".join(opts) if opts else "")

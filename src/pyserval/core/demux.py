@@ -393,9 +393,21 @@ def on_established(
             else:
                 conn.third_ack_pending = conn.role is _CLIENT  # our third ACK was lost
             return
+        if ctl.flags & ControlFlags.FIN and pkt.tcp is not None:
+            # A SAL FIN on a TCP segment (a compact close): the segment first, so that
+            # the TCP FIN it carries is in before the SAL FIN that must follow it.
+            _take_transport(conn, sf, pkt, now)
+            if conn.state is not _CLOSED:
+                conn.on_control(sf, ctl, now, src)
+            return
         conn.on_control(sf, ctl, now, src)
         if conn.state is _CLOSED:
             return
+    _take_transport(conn, sf, pkt, now)
+
+
+def _take_transport(conn: Connection, sf: Subflow, pkt: SalPacket, now: float) -> None:
+    """The transport part of a packet of an established (or closing) flow."""
     tcp = pkt.tcp
     if isinstance(conn, DatagramConnection):
         conn.on_datagram(pkt, now)

@@ -135,18 +135,30 @@ class TimeWait:
         return pkt.encode(self.local[0], self.peer[0])
 
     @property
-    def tcp_ack(self) -> bytes | None:
-        """The pure ACK (of the peer's data and FIN), encoded; None on a datagram flow."""
-        if self.protocol != PROTO_TCP:
-            return None
-        seq, ack, window = _NUMBERS.unpack(self.numbers)[2:]
-        tcp = TcpHeader(
+    def both_acks(self) -> bytes:
+        """The control ACK and the pure ACK's TCP header in one packet (a compact close's
+        last packet: see transport.close_state)."""
+        verno, ackno, seq, ack, window = _NUMBERS.unpack(self.numbers)
+        ext = ControlExt(ControlFlags.ACK, verno, ackno, self.local_nonce)
+        tcp = self._tcp_header(seq, ack, window)
+        pkt = SalPacket(self.flowid, self.peer_flowid, self.protocol, [ext], tcp)
+        return pkt.encode(self.local[0], self.peer[0])
+
+    def _tcp_header(self, seq: int, ack: int, window: int) -> TcpHeader:
+        return TcpHeader(
             seq=seq,
             ack=ack,
             flags=TcpFlags.ACK,
             window=window,
             options=list(self.options or ()),
         )
+
+    @property
+    def tcp_ack(self) -> bytes | None:
+        """The pure ACK (of the peer's data and FIN), encoded; None on a datagram flow."""
+        if self.protocol != PROTO_TCP:
+            return None
+        tcp = self._tcp_header(*_NUMBERS.unpack(self.numbers)[2:])
         pkt = SalPacket(self.flowid, self.peer_flowid, self.protocol, [], tcp)
         return pkt.encode(self.local[0], self.peer[0])
 
@@ -163,6 +175,11 @@ class TimeWait:
             if ctl.nonce != self.peer_nonce:
                 return None, "bad_nonce"
             if flags & _FIN:
+                tcp = pkt.tcp
+                if tcp is not None and tcp.flags & TcpFlags.FIN:
+                    # A compact close's FIN and SAL FIN again: both ACKs, in one packet
+                    # as the connection sent them.
+                    return self.both_acks, None
                 return self.ctl_ack, None  # our control ACK of its SAL FIN was lost
             if pkt.tcp is None:
                 return None, "time_wait_control"

@@ -29,6 +29,8 @@ __all__ = [
     "OPT_SACK_PERMITTED",
     "OPT_SACK",
     "OPT_TIMESTAMPS",
+    "OPT_EXPERIMENT",
+    "COMPACT_CLOSE_EXID",
     "decode_tcp",
 ]
 
@@ -42,6 +44,12 @@ OPT_WSCALE: Final = 3
 OPT_SACK_PERMITTED: Final = 4
 OPT_SACK: Final = 5
 OPT_TIMESTAMPS: Final = 8
+# RFC 6994's shared experimental option (kind 253, a 16-bit ExID after the length). Ours
+# offers the compact close between two pyserval ends (transport.close_state): a stack
+# that does not know it ignores it (RFC 9293 3.2) and closes as the reference does.
+OPT_EXPERIMENT: Final = 253
+COMPACT_CLOSE_EXID: Final = 0x5356  # "SV"; experimental, not registered with IANA
+_COMPACT_CLOSE_DATA: Final = COMPACT_CLOSE_EXID.to_bytes(2, "big")
 
 # Option kind -> the only lengths it may have (SACK: 2 + 8n, n = 1..4).
 _OPTION_LENGTHS: Final[dict[int, frozenset[int]]] = {
@@ -127,6 +135,12 @@ class TcpOption:
         return cls(OPT_SACK, b"".join(struct.pack("!II", a, b) for a, b in blocks))
 
     @classmethod
+    def compact_close(cls) -> TcpOption:
+        """The compact-close offer (a SYN) or agreement (a SYN-ACK): RFC 6994's
+        experimental option with our ExID."""
+        return _shared_option(OPT_EXPERIMENT, _COMPACT_CLOSE_DATA)
+
+    @classmethod
     def timestamps(cls, tsval: int, tsecr: int) -> TcpOption:
         """Timestamps (RFC 7323)."""
         return cls(OPT_TIMESTAMPS, struct.pack("!II", tsval, tsecr))
@@ -138,7 +152,7 @@ class TcpOption:
 # timestamps differ in every segment and are built each time.
 _EOL_OPTION: Final = TcpOption(OPT_EOL)
 _NOP_OPTION: Final = TcpOption(OPT_NOP)
-_SHARED_KINDS: Final = frozenset({OPT_MSS, OPT_WSCALE, OPT_SACK_PERMITTED})
+_SHARED_KINDS: Final = frozenset({OPT_MSS, OPT_WSCALE, OPT_SACK_PERMITTED, OPT_EXPERIMENT})
 
 
 @lru_cache(maxsize=256)
@@ -194,9 +208,8 @@ _AREA_KINDS: Final = _SHARED_KINDS | {OPT_EOL, OPT_NOP}
 # and each table is cleared when full, so junk cannot grow it (a peer's SYN of options
 # never seen costs the parse it cost before).
 _WIRES: Final[dict[tuple[int, ...], tuple[tuple[TcpOption, ...], bytes, int]]] = {}
-_SYNS: Final[
-    dict[tuple[int, ...], tuple[tuple[TcpOption, ...], tuple[int | None, int | None, bool]]]
-] = {}
+_SynOptions = tuple[int | None, int | None, bool, bool]
+_SYNS: Final[dict[tuple[int, ...], tuple[tuple[TcpOption, ...], _SynOptions]]] = {}
 _KNOWN_MAX: Final = 64
 _kind: Final = attrgetter("kind")
 
@@ -333,9 +346,10 @@ class TcpHeader:
                 return o
         return None
 
-    def syn_options(self) -> tuple[int | None, int | None, bool]:
-        """``(mss, window_scale, sack_permitted)`` read in one pass over the options: what a
-        SYN or SYN-ACK offers (each as its property gives it: the first such option)."""
+    def syn_options(self) -> tuple[int | None, int | None, bool, bool]:
+        """``(mss, window_scale, sack_permitted, compact_close)`` read in one pass over the
+        options: what a SYN or SYN-ACK offers (each as its property gives it: the first
+        such option)."""
         options = self.options
         key = tuple(map(id, options))
         known = _SYNS.get(key)
@@ -343,7 +357,7 @@ class TcpHeader:
             return known[1]
         mss: int | None = None
         wscale: int | None = None
-        sack = False
+        sack = compact = False
         for o in options:
             kind = o.kind
             if kind == OPT_MSS:
@@ -354,9 +368,11 @@ class TcpHeader:
                     wscale = o.data[0]
             elif kind == OPT_SACK_PERMITTED:
                 sack = True
+            elif kind == OPT_EXPERIMENT and o.data == _COMPACT_CLOSE_DATA:
+                compact = True
         if _AREA_KINDS.issuperset(map(_kind, options)):
-            _remember(_SYNS, key, (tuple(options), (mss, wscale, sack)))
-        return mss, wscale, sack
+            _remember(_SYNS, key, (tuple(options), (mss, wscale, sack, compact)))
+        return mss, wscale, sack, compact
 
     @property
     def mss(self) -> int | None:
@@ -374,6 +390,11 @@ class TcpHeader:
     def sack_permitted(self) -> bool:
         """Whether SACK-permitted is present."""
         return self._option(OPT_SACK_PERMITTED) is not None
+
+    @property
+    def compact_close(self) -> bool:
+        """Whether the compact-close option (RFC 6994 kind 253, our ExID) is present."""
+        return any(o.kind == OPT_EXPERIMENT and o.data == _COMPACT_CLOSE_DATA for o in self.options)
 
     @property
     def sack_blocks(self) -> list[tuple[int, int]]:

@@ -42,6 +42,12 @@ class StreamConfig:
     # steady RTT, turn it on.
     tail_loss_probe: bool = False
     time_wait: float = Field(default=30.0, ge=0.0)
+    # The compact close (transport.close_state): offered in our SYN and agreed in the
+    # SYN-ACK when both ends are pyserval; each side's SAL FIN then rides on its TCP FIN,
+    # and a connection closes in 3 packets instead of 5 (a connect-and-close cycle is 6,
+    # not 8). A peer that does not know the option (the reference) closes as the spec
+    # says. Single-path connections only (a multipath offer leaves it out).
+    compact_close: bool = True
     idle_timeout: float | None = None  # abort after this long without hearing from the peer
     # Liveness, on by default (README "NATs"), as Linux's TCP_KEEPIDLE/KEEPINTVL/KEEPCNT:
     # with nothing heard from the peer for `keepalive` seconds a probe goes out, then one

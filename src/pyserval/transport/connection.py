@@ -29,7 +29,7 @@ from typing import Final
 
 from ..errors import ConnectionStateError
 from ..naming.service_id import ServiceID
-from ..sal.control import ControlTimeout
+from ..sal.control import ControlChannel, ControlTimeout
 from ..sal.extensions import (
     ControlExt,
     ControlFlags,
@@ -76,6 +76,8 @@ _FIN_ACKED_STAGES: Final = frozenset({Stage.FIN_ACKED, Stage.SAL_FIN_SENT, Stage
 _OPEN: Final = Stage.OPEN
 _DONE: Final = Stage.DONE
 _FIN_SENT: Final = Stage.FIN_SENT
+_FINS_SENT: Final = Stage.FINS_SENT
+_SAL_FIN_ACKED_FIRST: Final = Stage.SAL_FIN_ACKED_FIRST
 _LOCAL: Final = Side.LOCAL
 _REMOTE: Final = Side.REMOTE
 _EV_SHUTDOWN: Final = CloseEvent.SHUTDOWN
@@ -84,6 +86,12 @@ _EV_FIN_ACKED: Final = CloseEvent.FIN_ACKED
 _EV_SAL_FIN_SENT: Final = CloseEvent.SAL_FIN_SENT
 _EV_SAL_FIN_ACKED: Final = CloseEvent.SAL_FIN_ACKED
 _EV_SAL_FIN: Final = CloseEvent.SAL_FIN
+
+
+def _with_ack(ext: ControlExt) -> ControlExt:
+    """``ext`` (our SAL FIN) also acknowledging the peer's control packet: FIN+ACK, as
+    SYN+ACK."""
+    return ControlExt(ext.flags | ControlFlags.ACK, ext.verno, ext.ackno, ext.nonce)
 
 
 def _no_wake(conn: Connection) -> None:
@@ -136,6 +144,7 @@ class Connection:
         "budget_epoch",
         "challenge_ack_due",
         "close",
+        "compact_close",
         "config",
         "conn_id",
         "control_ack_pending",
@@ -199,6 +208,9 @@ class Connection:
         # path reads it (a property costs about 0.15 us a read).
         self.mp: MultipathState | None = None
         self.close = CloseState()
+        # Whether this connection closes compactly (the SAL FIN on the TCP FIN): the
+        # configuration's wish until the handshake settles it (see take_peer_syn).
+        self.compact_close = config.compact_close
         self.send = SendBuffer(config.send_buffer)
         self.recv = ReceiveBuffer(config.receive_buffer)
         self.send_blocked = False
@@ -499,6 +511,7 @@ class Connection:
         offer = pkt.find(MpCapableExt)
         if offer is not None and self.config.accept_multipath:
             self.flows.enable_multipath(new_key(), offer.key)
+            self.compact_close = False  # single-path connections only
         sf.handshake_sent_at = now
         return sf.synack_packet(sf.control.send_reliable(ControlFlags.SYN | ControlFlags.ACK, now))
 
@@ -579,11 +592,47 @@ class Connection:
         self.emit(ConnectionReset(self.conn_id, "reset by peer"))
 
     def on_fin_acked(self, now: float) -> None:
-        """Our TCP FIN was acknowledged: start the SAL FIN exchange."""
-        if self.close.local is not _FIN_SENT:
-            return  # acknowledged before: every later ACK covers it too
-        if self._close_event(_LOCAL, _EV_FIN_ACKED):
-            self._sal_fin_when_free(now)
+        """Our TCP FIN was acknowledged: start the SAL FIN exchange (a compact close: it
+        was sent with the FIN, so it is under way, or even acknowledged already)."""
+        local = self.close.local
+        if local is _FIN_SENT:
+            if self._close_event(_LOCAL, _EV_FIN_ACKED):
+                self._sal_fin_when_free(now)
+        elif local is _FINS_SENT or local is _SAL_FIN_ACKED_FIRST:
+            self._close_event(_LOCAL, _EV_FIN_ACKED)
+            self._maybe_finish(now)
+        # else acknowledged before: every later ACK covers it too
+
+    def sal_fin_with_fin(self, sf: Subflow, now: float) -> None:
+        """Our TCP FIN goes out for the first time: on a compact close, start the SAL FIN
+        with it (it rides in the same packet, :meth:`fin_control`). Not while another
+        control exchange (an RSYN) is under way, nor on a moving path: the FIN then waits
+        for its ACK as the spec's close does."""
+        if (
+            self.compact_close
+            and self.close.local is _FIN_SENT
+            and sf is self.subflows[0]
+            and sf.control.outstanding is None
+            and sf.mig is None
+            and self.mp is None
+            and self._close_event(_LOCAL, _EV_SAL_FIN_SENT)
+        ):
+            control = sf.control
+            timers = control.timers
+            control.rto = min(max(sf.rtt.rto, timers.min_rto), timers.initial_rto)
+            control.send_reliable(ControlFlags.FIN, now)
+
+    def fin_control(self, control: ControlChannel, sf: object) -> ControlExt | None:
+        """The CONTROL a segment of subflow ``sf`` (its channel ``control``) carrying our
+        TCP FIN takes along: our SAL FIN while it is outstanding on a compact close (with
+        our ACK of the peer's, if one is owed); None otherwise."""
+        if self.close.local is not _FINS_SENT or control.outstanding != ControlFlags.FIN:
+            return None
+        ext = control.resend()
+        if self.control_ack_pending and self.control_ack_sf in (None, sf):
+            self.control_ack_pending = False
+            ext = _with_ack(ext)
+        return ext
 
     def _sal_fin_when_free(self, now: float) -> None:
         if self.subflows[0].control.outstanding is None:  # the primary's (no property call)
@@ -772,6 +821,8 @@ class Connection:
         if self.state is not _ESTABLISHED and self.state is not _TIME_WAIT:
             if self.rst_pending and self.subflows:
                 self._send_rst(out)
+            elif self.control_ack_pending and self.error is None and self.subflows:
+                self._last_control_ack(out)
             return
         sf = self.subflows[0]  # the primary (read per flush: no property)
         if self.third_ack_pending:
@@ -806,7 +857,9 @@ class Connection:
             if owed > 0 and not frozen:
                 for _ in range(owed):
                     out.append(sf.pure_ack(duplicate=True))
-        if self.pending_control or self.control_ack_pending:  # else _closing_control: None
+        if self.pending_control or (
+            self.control_ack_pending and not self._control_ack_waits()
+        ):  # else _closing_control: None
             closing = self._closing_control(sf)
             if closing is not None:
                 out.append(sf.control_packet(closing))
@@ -817,9 +870,31 @@ class Connection:
                     out.append(sf.control_packet(sf.control.resend()))
         if flows.rsynack_pending or flows.challenge_pending or flows.challenge_echo is not None:
             flows.output_control(sf, out)
-        if self.control_ack_pending:
+        if self.control_ack_pending and not self._control_ack_waits():
             self.control_ack_pending = False
             out.append(sf.control_packet(sf.control.ext(ControlFlags.ACK)))
+
+    def _last_control_ack(self, out: list[SalPacket]) -> None:
+        """We closed (not in TIME_WAIT) on the peer's SAL FIN: it still gets its ACK, with
+        the TCP ACK if one is owed. (The side that closed second finishes on its own SAL
+        FIN's ACK, except when the peer's SAL FIN comes last: the peer's FIN left in the
+        spec's order while ours was compact, or the peer's first SAL FIN was lost.)
+        Without it the peer sends the SAL FIN again into a flow we forgot, and ends on
+        our RST an RTO later."""
+        self.control_ack_pending = False
+        sf = self.subflows[0]
+        tcp = sf.ack_header() if self.ack_now else None
+        out.append(sf.control_packet(sf.control.ext(ControlFlags.ACK), [], tcp))
+        self.ack_sent()
+
+    def _control_ack_waits(self) -> bool:
+        """On a compact close, our ACK of the peer's SAL FIN waits for the TCP ACK of its
+        FIN when that is delayed (for our own FIN to carry both): it goes with that ACK
+        (the delayed-ACK timer, :meth:`_closing_control`) or on our FIN
+        (:meth:`fin_control`), never alone."""
+        return (
+            self.compact_close and self.delack_deadline is not None and self.state is _ESTABLISHED
+        )
 
     def _closing_control(self, sf: Subflow) -> ControlExt | None:
         """Our SAL FIN and our ACK of the peer's, as one CONTROL (FIN+ACK, as SYN+ACK),
@@ -836,7 +911,7 @@ class Connection:
         self.pending_control = False
         ext = cc.resend()
         if ack:
-            ext = ControlExt(ext.flags | ControlFlags.ACK, ext.verno, ext.ackno, ext.nonce)
+            ext = _with_ack(ext)
         return ext
 
     def _output_mp(self, now: float, out: list[SalPacket], frozen: bool) -> None:

@@ -28,6 +28,7 @@ from .multipath import SeqTracker, join_proof
 from .receive_budget import ReceiveBudget
 
 if TYPE_CHECKING:
+    from ..sal.control import ControlChannel
     from .connection import Connection
 
 __all__ = ["SegmentBuilder"]
@@ -37,8 +38,11 @@ _OPEN: Final = Stage.OPEN  # bound once: an Enum member read off its class is sl
 
 
 @functools.lru_cache(maxsize=64)
-def _handshake_options(mss: int, wscale: int | None, sack: bool) -> tuple[TcpOption, ...]:
-    """The options of a SYN or SYN-ACK: MSS, window scale (None: not sent), SACK-permitted.
+def _handshake_options(
+    mss: int, wscale: int | None, sack: bool, compact: bool = False
+) -> tuple[TcpOption, ...]:
+    """The options of a SYN or SYN-ACK: MSS, window scale (None: not sent), SACK-permitted,
+    the compact-close offer (or agreement).
 
     The same few combinations for every connection of a host, and the options are
     immutable: built once (six frozen objects cost about 5 us per SYN otherwise)."""
@@ -47,6 +51,8 @@ def _handshake_options(mss: int, wscale: int | None, sack: bool) -> tuple[TcpOpt
         opts += [TcpOption.nop(), TcpOption.window_scale(wscale)]
     if sack:
         opts += [TcpOption.nop(), TcpOption.nop(), TcpOption.sack_permitted()]
+    if compact:
+        opts.append(TcpOption.compact_close())
     return tuple(opts)
 
 
@@ -65,6 +71,7 @@ class SegmentBuilder:
     peer_offered_wscale: bool
     sack_ok: bool
     rcv_track: SeqTracker | None  # multipath: this subflow's receive sequence
+    control: ControlChannel  # the flow's SAL control channel
     last_adv_window: int  # ... and written: the window last advertised
     adv_edge: int  # ... its right edge (a receive offset), kept by a receive budget
     adv_rcv_nxt: int  # ... and the receive offset it was advertised at
@@ -143,8 +150,13 @@ class SegmentBuilder:
 
     # -- handshake ----------------------------------------------------------------------
     def _syn_options(self) -> list[TcpOption]:
-        cfg = self.conn.config
-        return list(_handshake_options(cfg.mss, self.rcv_wscale, cfg.sack))
+        conn = self.conn
+        cfg = conn.config
+        # The compact close is offered on a single-path connection's SYN only (not with
+        # a multipath offer, not on a JOIN).
+        compact = conn.compact_close and conn.mp_offer is None and conn.mp is None
+        conn.compact_close = compact
+        return list(_handshake_options(cfg.mss, self.rcv_wscale, cfg.sack, compact))
 
     def syn_packet(self, control: ControlExt, service_id: ServiceID) -> SalPacket:
         """SYN: base, CONTROL(SYN), SERVICE(destination) and the TCP SYN."""
@@ -167,7 +179,7 @@ class SegmentBuilder:
         """SYN-ACK: base, CONTROL(SYN+ACK) and the TCP SYN-ACK."""
         conn = self.conn
         wscale = self.rcv_wscale if self.peer_offered_wscale else None
-        opts = list(_handshake_options(conn.config.mss, wscale, self.sack_ok))
+        opts = list(_handshake_options(conn.config.mss, wscale, self.sack_ok, conn.compact_close))
         win = min(conn.recv.window, 0xFFFF)  # never scaled in a SYN
         budget = conn.budget
         if budget is not None:
@@ -240,6 +252,11 @@ class SegmentBuilder:
         data_end = end - 1 if fin else end
         conn = self.conn
         exts: list[Extension] = []
+        if fin and conn.compact_close:
+            # A compact close: our SAL FIN rides on the TCP FIN while it is outstanding.
+            ctl = conn.fin_control(self.control, self)
+            if ctl is not None:
+                exts.append(ctl)
         if dsn < 0:
             payload = conn.send.read(start, data_end) if data_end > start else b""
         else:

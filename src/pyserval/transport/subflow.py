@@ -254,7 +254,11 @@ class Subflow(SegmentBuilder):
         """Adopt what the peer's SYN or SYN-ACK says: ISN, MSS, window scale, SACK."""
         self.irs = tcp.seq
         cfg = self.conn.config
-        peer_mss, ws, sack_permitted = tcp.syn_options()
+        peer_mss, ws, sack_permitted, compact = tcp.syn_options()
+        if not compact:
+            # The compact close needs both ends: our offer and the server's agreement (a
+            # client), or the client's offer (a server, which agrees in its SYN-ACK).
+            self.conn.compact_close = False
         # A floor on the peer's MSS: a hostile peer must not force tiny segments on us.
         self.mss = mss = min(cfg.mss, max(peer_mss or _PEER_DEFAULT_MSS, _MIN_PEER_MSS))
         cc = self.cc
@@ -725,6 +729,8 @@ class Subflow(SegmentBuilder):
 
     def _send_new(self, start: int, end: int, fin: bool, now: float, out: list[SalPacket]) -> None:
         seg_end = end + (1 if fin else 0)
+        if fin:
+            self.conn.sal_fin_with_fin(self, now)  # a compact close: the SAL FIN goes along
         self.recovery.on_sent(start, seg_end, fin, now)
         self.snd_max = seg_end
         if self.waiting_since is None:
@@ -738,10 +744,23 @@ class Subflow(SegmentBuilder):
         """The new segments [start, snd_max) just recorded as sent, as one train."""
         if self.waiting_since is None:
             self.waiting_since = now
-        fin_off = self.conn.fin_offset
-        fin = fin_off is not None and self.snd_max == fin_off + 1
-        out.append(self._data_train(start, self.snd_max, fin))
-        self.conn.ack_sent()
+        conn = self.conn
+        fin_off = conn.fin_offset
+        if fin_off is not None and self.snd_max == fin_off + 1:
+            if conn.compact_close:
+                # A compact close: the segment with the FIN takes the SAL FIN along, which
+                # a train's segments cannot carry, so it leaves as a packet of its own
+                # (the train is cut at the segment size from its start).
+                conn.sal_fin_with_fin(self, now)
+                last = start + (fin_off - 1 - start) // self.mss * self.mss
+                if last > start:
+                    out.append(self._data_train(start, last, False))
+                out.append(self._data_packet(last, self.snd_max, True))
+            else:
+                out.append(self._data_train(start, self.snd_max, True))
+        else:
+            out.append(self._data_train(start, self.snd_max, False))
+        conn.ack_sent()
         if self.rto_deadline is None:
             self.rto_deadline = now + self.rtt.rto
 
