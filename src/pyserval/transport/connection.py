@@ -94,6 +94,16 @@ def _with_ack(ext: ControlExt) -> ControlExt:
     return ControlExt(ext.flags | ControlFlags.ACK, ext.verno, ext.ackno, ext.nonce)
 
 
+def _send_sal_fin(sf: Subflow, now: float) -> None:
+    """Start our SAL FIN on ``sf``'s control channel."""
+    # The path's RTT is known by now: time the SAL FIN by it, not by the 3 s used for a
+    # SYN, so a lost FIN is repaired before the peer's TIME_WAIT runs out.
+    control = sf.control
+    timers = control.timers
+    control.rto = min(max(sf.rtt.rto, timers.min_rto), timers.initial_rto)
+    control.send_reliable(ControlFlags.FIN, now)
+
+
 def _no_wake(conn: Connection) -> None:
     """Default wake-up hook for a connection not attached to a host."""
 
@@ -617,10 +627,7 @@ class Connection:
             and self.mp is None
             and self._close_event(_LOCAL, _EV_SAL_FIN_SENT)
         ):
-            control = sf.control
-            timers = control.timers
-            control.rto = min(max(sf.rtt.rto, timers.min_rto), timers.initial_rto)
-            control.send_reliable(ControlFlags.FIN, now)
+            _send_sal_fin(sf, now)
 
     def fin_control(self, control: ControlChannel, sf: object) -> ControlExt | None:
         """The CONTROL a segment of subflow ``sf`` (its channel ``control``) carrying our
@@ -642,12 +649,7 @@ class Connection:
     def _start_sal_fin(self, now: float) -> None:
         if not self._close_event(_LOCAL, _EV_SAL_FIN_SENT):
             return
-        sf = self.subflows[0]  # the primary
-        # The path's RTT is known by now: time the SAL FIN by it, not by the 3 s used for a
-        # SYN, so a lost FIN is repaired before the peer's TIME_WAIT runs out.
-        timers = sf.control.timers
-        sf.control.rto = min(max(sf.rtt.rto, timers.min_rto), timers.initial_rto)
-        sf.control.send_reliable(ControlFlags.FIN, now)
+        _send_sal_fin(self.subflows[0], now)  # on the primary
         self.pending_control = True
 
     def _maybe_finish(self, now: float) -> None:
