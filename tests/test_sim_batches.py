@@ -72,11 +72,12 @@ def _data_and_acks(trace: list[TraceEvent]) -> tuple[list[tuple[int, int]], list
             continue
         pkt = decode_packet(ev.data)
         tcp = pkt.tcp
-        if tcp is None or pkt.control is not None:
+        if tcp is None:
             continue
         if ev.src == A and pkt.payload:
+            # (The last segment may carry the SAL FIN as well: the compact close.)
             data.append((n, tcp.seq))
-        elif ev.src == B and not pkt.payload:
+        elif ev.src == B and not pkt.payload and pkt.control is None:
             acks.append(tcp.ack)
     return data, acks
 
