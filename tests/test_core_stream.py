@@ -8,7 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyserval.sal import ControlFlags, TcpFlags, decode_packet
+from pyserval.sal import (
+    PROTO_TCP,
+    ControlFlags,
+    SalPacket,
+    TcpFlags,
+    TcpHeader,
+    TcpOption,
+    decode_packet,
+)
 from pyserval.testing import LinkConfig
 from pyserval.transport.config import StreamConfig
 from pyserval.transport.connection import State
@@ -230,3 +238,64 @@ def test_slow_start_overshoot_is_repaired_without_a_retransmission_timeout(
         got += p.server.read()
     assert bytes(got) == data
     assert rtos[0] == 0 and p.net.now - start < 1.1
+
+
+def test_a_peer_acknowledging_part_of_a_resent_segment_does_not_kill_the_sender() -> None:
+    """A peer's ACKs that pass every check the sender makes: one moves the left edge a byte
+    into a resent segment and SACKs a later resend (so RACK finds the rest lost again),
+    the next, read with it, acknowledges everything. Before the fix the rest was queued
+    twice for resending, the second ACK left one entry behind, and the KeyError it caused
+    aborted the connection as an internal error."""
+    mss = StreamConfig().mss
+    p = make_pair(seed=1)
+    p.connect()
+    client, server = p.client, p.server
+    assert client is not None and server is not None
+    c = client.primary
+    # The server's own ACKs are lost; the peer's ACKs below stand in for them.
+    p.net.loss_filter = lambda data, src, dst: src == B
+    data = random.Random(1).randbytes(10 * mss)
+    client.write(data)
+    p.net.kick(p.a)
+    p.net.run_for(0.01)
+
+    def ack(offset: int, *blocks: tuple[int, int]) -> bytes:
+        wire = [(c.wire_seq(lo), c.wire_seq(hi)) for lo, hi in blocks]
+        tcp = TcpHeader(
+            seq=(c.irs + 1 + client.recv.rcv_nxt) & 0xFFFFFFFF,
+            ack=c.wire_seq(offset),
+            flags=TcpFlags.ACK,
+            window=0xFFFF,
+            options=[TcpOption.sack(wire)] if wire else [],
+        )
+        pkt = SalPacket(c.remote_flowid, c.local_flowid, PROTO_TCP, [], tcp)
+        return pkt.encode(B[0], A[0])
+
+    def step(seconds: float, *datagrams: bytes) -> None:
+        p.a.receive_datagrams([(d, B) for d in datagrams], A, p.net.now)
+        p.net.kick(p.a)
+        p.net.run_for(seconds)
+
+    segs = c.recovery.segments
+    step(0.005, ack(0, (3 * mss, 10 * mss)))  # the first three lost: two resent at once
+    first_resend = segs[0].sent_at
+    assert c.recovery.in_recovery and segs[mss].sent_at == first_resend
+    step(0.015, ack(0, (mss, 2 * mss), (3 * mss, 10 * mss)))  # room for the third
+    min_rtt = c.rtt.min_rtt
+    assert min_rtt is not None and segs[2 * mss].sent_at > first_resend + min_rtt / 4
+    step(0.0, ack(1, (mss, 10 * mss)), ack(10 * mss))
+    p.net.loss_filter = None
+    assert p.a.internal_errors == [] and client.error is None
+    assert client.state is State.ESTABLISHED and c.snd_una == 10 * mss
+    more = random.Random(2).randbytes(5 * mss)  # and the connection still carries data
+    client.write(more)
+    p.net.kick(p.a)
+    got = bytearray()
+
+    def arrived() -> bool:
+        got.extend(server.read())
+        return len(got) >= len(data) + len(more)
+
+    assert p.net.run_until(arrived, 10.0)
+    assert bytes(got) == data + more
+    _assert_clean(p)

@@ -230,6 +230,40 @@ def test_a_resent_segment_older_than_a_sacked_one_is_lost_again() -> None:
     assert scenario(1.02) == []  # within the reordering window: wait
 
 
+@pytest.mark.parametrize("last_ack", [2000, 3000])
+def test_an_ack_inside_a_resent_segment_queues_its_rest_once(last_ack: int) -> None:
+    # Found by the model test: a cumulative ACK inside a segment already resent kept the
+    # rest in the resend queue, and RACK's rule, finding the rest lost again on the same
+    # ACK, queued it a second time. The ACK that then covered the rest took out one entry:
+    # the other named a segment no longer in the scoreboard, a KeyError when the recovery
+    # point was reached (on_ack) or when the queue was next read (take_lost). The peer's
+    # ACKs, fed in as a subflow does: on_sack, on_ack, mark_lost.
+    rec = make()
+    send(rec, 1, now=0.0)
+    rec.on_ack(MSS, now=0.1)  # min RTT 0.1: reordering window 0.025
+    snd_max = send(rec, 2, now=0.2, first=MSS)
+    rec.on_timeout(snd_max)
+    assert rec.take_lost(0, 10 * MSS, now=1.0) == 1000
+    assert rec.take_lost(MSS, 10 * MSS, now=1.1) == 2000
+    # One ACK: the left edge one byte into the first resend, the second resend SACKed (a
+    # min RTT after it went: its send time counts, RFC 8985 6.2).
+    rec.on_sack([(2000, 3000)], MSS, snd_max, now=1.3)
+    rec.on_ack(1001, now=1.3)
+    rec.mark_lost()
+    # [1001, 2000) went at 1.0, more than the reordering window before the SACKed 1.1:
+    # lost again, and awaiting its resend once.
+    assert lost_starts(rec) == [1001]
+    assert rec.lost_bytes == 999
+    rec._check(1001, snd_max)
+    # The peer acknowledges the rest after all: nothing is left to resend, and at the
+    # recovery point (3000) the episode is over.
+    rec.on_ack(last_ack, now=1.4)
+    rec._check(last_ack, snd_max)
+    assert lost_starts(rec) == [] and rec.lost_bytes == 0
+    assert rec.take_lost(0, 10 * MSS, now=1.5) is None
+    assert rec.in_recovery == (last_ack < snd_max)
+
+
 def test_timeout_presumes_everything_lost_sacked_data_included() -> None:
     rec = make()
     snd_max = send(rec, 5)

@@ -61,7 +61,7 @@ class Model:
     def __init__(self, sack_ok: bool) -> None:
         self.sack_ok = sack_ok
         self.segs: list[Seg] = []
-        self.lost: list[int] = []  # sorted; an entry may repeat, as a SortedList allows
+        self.lost: list[int] = []  # sorted, as the SortedList is
         self.rtt = RttEstimator(1.0, 0.2, 60.0)
         self.una = 0
         self.snd_max = 0
@@ -130,8 +130,8 @@ class Model:
                 rest = Seg(ack, s.end, s.sent_at)
                 rest.retransmitted, rest.lost, rest.resent = s.retransmitted, s.lost, s.resent
                 rest.sacked = s.sacked
-                if rest.lost:
-                    insort(self.lost, ack)
+                if rest.lost and not rest.retransmitted and not rest.sacked:
+                    insort(self.lost, ack)  # awaiting its resend, as the whole one was
                 kept.append(rest)
                 continue
             covered += 1

@@ -378,7 +378,12 @@ class Recovery:
                 )
                 rest.retransmitted, rest.lost, rest.resent = seg.retransmitted, seg.lost, seg.resent
                 segs[ack] = rest
-                if rest.lost:
+                if rest.lost and not rest.retransmitted and not seg.sacked:
+                    # Queued only while it awaits its resend (its bytes stay in
+                    # ``lost_bytes`` above), as the whole one was: ``take_lost`` took a
+                    # resent one out, and RACK's rule (``mark_lost``) queues it again when
+                    # it finds it lost, so it must not be queued already (of two entries
+                    # an ACK takes out one; the other names a segment that is gone).
                     self._lost().add(ack)
                 if seg.sacked:
                     self.sacked_bytes -= ack - start
@@ -774,7 +779,17 @@ class Recovery:
         assert self.sacked_bytes == sum(seg.end - s for s, seg in items if seg.sacked)
         pending = [s for s, seg in items if seg.lost and not seg.retransmitted and not seg.sacked]
         assert self.lost_bytes == sum(self.segments[s].end - s for s in pending)
-        assert set(pending) <= set(self.lost)
+        queued = list(self.lost)
+        assert set(pending) <= set(queued)
+        # Each start once, and only while its segment is here: an ACK that removes a
+        # segment takes out one entry.
+        assert len(set(queued)) == len(queued)
+        assert all(s in self.segments for s in queued)
+        if self.sack_ok:
+            # RACK's rule queues a resent segment again, so none may be queued still.
+            # (Without SACK the duplicate-ACK rules may queue a resent first segment:
+            # ``take_lost`` passes over it, and nothing queues it a second time.)
+            assert not any(self.segments[s].retransmitted for s in queued)
         runs: list[tuple[int, int]] = []
         for s, seg in items:
             if seg.sacked:
