@@ -628,9 +628,21 @@ class Connection:
         our ACK of the peer's, if one is owed); None otherwise."""
         if self.close.local is not _FINS_SENT or control.outstanding != ControlFlags.FIN:
             return None
-        ext = control.resend()
+        ext = self._sal_fin(control)
         if self.control_ack_pending and self.control_ack_sf in (None, sf):
             self.control_ack_pending = False
+            if not ext.flags & ControlFlags.ACK:
+                ext = _with_ack(ext)
+        return ext
+
+    def _sal_fin(self, control: ControlChannel) -> ControlExt:
+        """Our outstanding SAL FIN, again: with the ACK flag once the peer's SAL FIN is in
+        (its ackno always says so; the flag makes it count), as every TCP segment after
+        the SYN carries the ACK. Else an ACK of the peer's SAL FIN that was lost is never
+        repaired when the peer acknowledges this FIN and we finish: the peer then sends
+        its SAL FIN into a flow we forgot and ends on our RST."""
+        ext = control.resend()
+        if self.close.remote is _DONE:
             ext = _with_ack(ext)
         return ext
 
@@ -813,6 +825,8 @@ class Connection:
             sf.handshake_sent_at = None  # retransmitted: no RTT sample from its answer
             out.append(sf.synack_packet(ext))
         elif self.state is _ESTABLISHED:
+            if sf.control.outstanding == ControlFlags.FIN:
+                ext = self._sal_fin(sf.control)
             out.append(sf.control_packet(ext))
 
     # -- output -------------------------------------------------------------------------
@@ -909,8 +923,8 @@ class Connection:
         if not fin:
             return cc.ext(ControlFlags.ACK)
         self.pending_control = False
-        ext = cc.resend()
-        if ack:
+        ext = self._sal_fin(cc)
+        if ack and not ext.flags & ControlFlags.ACK:
             ext = _with_ack(ext)
         return ext
 
