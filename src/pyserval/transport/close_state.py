@@ -32,7 +32,11 @@ each side starts once its TCP FIN is acknowledged. So each direction runs
 
 The joint rule: when both directions are ``DONE`` the connection ends, in TIME_WAIT if we
 closed first (the *active close*: we shut down while the peer's direction was still open,
-RFC 9293 3.6) and closed otherwise. :attr:`CloseState.tcp_state` names the TCP-level joint
+RFC 9293 3.6) and closed otherwise, except when our SAL FIN left (a copy of it) before the
+peer's arrived (``linger``): our ACK of the peer's SAL FIN then travelled on a packet of
+its own, and nothing the peer acknowledges proves it arrived, so we wait as well, to
+answer the peer's SAL FIN if it comes again. (TCP's passive closer never has that doubt:
+its FIN carries the ACK of the peer's.) :attr:`CloseState.tcp_state` names the TCP-level joint
 state as RFC 9293's diagram does (FIN-WAIT-1, CLOSING, LAST-ACK, ...), for inspection.
 
 The two directions follow their own tables because the events differ (we see our FIN
@@ -160,7 +164,7 @@ class CloseState:
     """Both directions' close stages and the one fact outside the tables (who closed
     first). Change it only through :meth:`process` (or :meth:`advance`)."""
 
-    __slots__ = ("local", "remote", "active_close")
+    __slots__ = ("local", "remote", "active_close", "linger")
 
     def __init__(self) -> None:
         self.local = _OPEN
@@ -168,6 +172,10 @@ class CloseState:
         # Set by SHUTDOWN: we closed while the peer's direction was still open, so we are
         # the side that waits in TIME_WAIT (RFC 9293 3.6).
         self.active_close = False
+        # Set by the connection when a copy of our SAL FIN leaves without acknowledging
+        # the peer's (not in yet): we wait in TIME_WAIT even if we closed second (the
+        # joint rule in the module docstring).
+        self.linger = False
 
     def process(self, side: Side, event: CloseEvent) -> Stage:
         """Apply ``event`` to ``side``; returns the new stage. Raises

@@ -636,13 +636,18 @@ class Connection:
         return ext
 
     def _sal_fin(self, control: ControlChannel) -> ControlExt:
-        """Our outstanding SAL FIN, again: with the ACK flag once the peer's SAL FIN is in
-        (its ackno always says so; the flag makes it count), as every TCP segment after
-        the SYN carries the ACK. Else an ACK of the peer's SAL FIN that was lost is never
-        repaired when the peer acknowledges this FIN and we finish: the peer then sends
-        its SAL FIN into a flow we forgot and ends on our RST."""
+        """Our outstanding SAL FIN, again. On a compact close, with the ACK flag once the
+        peer's SAL FIN is in (its ackno always says so; the flag makes it count), as every
+        TCP segment after the SYN carries the ACK: else an ACK of the peer's SAL FIN that
+        was lost is never repaired when the peer acknowledges this FIN and we finish, and
+        the peer sends its SAL FIN into a flow we forgot and ends on our RST. (Not on the
+        spec's close: the reference sends a plain FIN there, and so do we.) A copy that
+        leaves before the peer's SAL FIN is in makes us linger (close_state)."""
         ext = control.resend()
-        if self.close.remote is _DONE:
+        close = self.close
+        if close.remote is not _DONE:
+            close.linger = True  # the peer may ACK this copy and miss our ACK of its FIN
+        elif self.compact_close:
             ext = _with_ack(ext)
         return ext
 
@@ -666,7 +671,8 @@ class Connection:
         """The joint rule of the close sequence: both directions done ends the connection."""
         if not self.close.finished or self.state is not _ESTABLISHED:
             return
-        if self.close.active_close:
+        close = self.close
+        if close.active_close or close.linger:
             self.state = _TIME_WAIT
             self.time_wait_deadline = now + self.config.time_wait
         else:
