@@ -232,7 +232,9 @@ def close_under(
     bound: float = 60.0,
 ) -> Outcome:
     """Connect, send ``up`` bytes client -> server and ``down`` back, close in ``order``
-    (the side that closes second does so once it read the end of stream), and check the
+    (the first closer as soon as its own data is written, the other once it has written
+    its own and read the end of stream; simultaneous: both in the same instant once
+    everything is written), and check the
     independent expectations: every byte once and in order, both ends through both levels
     of the close without error within ``bound`` seconds."""
     p = make_pair(seed=seed, link=link, config=config, server_config=server_config)
@@ -254,9 +256,9 @@ def close_under(
                 got[end].extend(end.read())
         all_written = all(written[e] == len(data[e]) for e in (c, s))
         for end in (c, s):
-            if end.fin_offset is not None or not all_written:
+            if end.fin_offset is not None or written[end] < len(data[end]):
                 continue
-            if first is None or end is first or end.at_eof:
+            if all_written if first is None else end is first or end.at_eof:
                 end.shutdown()
         p.net.kick(p.a, p.b)
         if c.state in ENDED and s.state in ENDED:
@@ -658,3 +660,81 @@ def test_an_address_lost_during_fins_sent_still_lets_the_close_end() -> None:
     m.net.kick(m.a)
     m.net.detach_address(A1)
     m.finish(timeout=90.0)
+
+
+# -- half-closes with a megabyte the other way; data + FIN in segment trains ------------
+@pytest.mark.parametrize("order", [CLIENT_FIRST, SERVER_FIRST])
+@pytest.mark.parametrize("loss", [0.0, 0.02])
+def test_a_half_close_then_a_megabyte_the_other_way(order: str, loss: float) -> None:
+    # The first closer shuts down at once (its FIN + SAL FIN leave first, both acked); the
+    # other side then sends 1 MB into the half-closed stream and closes after it.
+    mb = 1_000_000
+    up, down = (0, mb) if order == CLIENT_FIRST else (mb, 0)
+    out = close_under(71, LinkConfig(delay=0.005, loss=loss), order, up, down)
+    if loss == 0.0:
+        assert out.fin_copies == {A: 1, B: 1} and out.sal_fin_copies == {A: 1, B: 1}
+    assert out.rsts == 0
+
+
+@pytest.mark.parametrize("gso", [False, True])
+@pytest.mark.parametrize("loss", [0.0, 0.05])
+def test_large_writes_then_shutdown_end_trains_with_a_compact_fin(gso: bool, loss: float) -> None:
+    # Both ends write 200 kB and shut down in the same call: the FIN ends a segment
+    # train, and leaves in a packet of its own carrying the SAL FIN (a train's segments
+    # cannot carry a CONTROL). Every byte arrives once, each side's FIN is sent once
+    # without loss, and the segment with the FIN is the last of the data.
+    p = make_pair(seed=72, link=LinkConfig(delay=0.005, loss=loss), gso=gso, gro=gso)
+    wire = watch(p)
+    p.connect()
+    c, s = p.client, p.server
+    assert c is not None and s is not None
+    rng = random.Random(72)
+    up, down = rng.randbytes(200_000), rng.randbytes(200_000)
+    assert c.write(up) == len(up) and s.write(down) == len(down)
+    c.shutdown()
+    s.shutdown()
+    p.net.kick(p.a, p.b)
+    got_up, got_down = bytearray(), bytearray()
+
+    def done() -> bool:
+        got_up.extend(s.read())
+        got_down.extend(c.read())
+        return c.state in ENDED and s.state in ENDED
+
+    assert p.net.run_until(done, 60)
+    assert bytes(got_up) == up and bytes(got_down) == down
+    assert ended_cleanly(c) and ended_cleanly(s)
+    assert wire.rsts() == []
+    for side, data in ((A, up), (B, down)):
+        fins = [pkt for pkt in wire.from_(side) if tcp_fin(pkt)]
+        assert fins and all(sal_fin(pkt) for pkt in fins)  # always together (compact)
+        if loss == 0.0:
+            assert len(fins) == 1
+        for fin in fins:
+            assert fin.tcp is not None
+            first_seq = next(
+                pkt.tcp.seq for pkt in wire.from_(side) if pkt.tcp is not None and pkt.payload
+            )
+            # The FIN's sequence number is right after the last byte (RFC 9293 3.4).
+            assert (fin.tcp.seq + len(fin.payload) - first_seq) & 0xFFFFFFFF == len(data)
+
+
+def test_four_hundred_unreliable_closes_end_cleanly() -> None:
+    # The seed loop at length: heavier loss, duplication and reordering, every order,
+    # data or none, sometimes one end without the compact close. Each close must end
+    # within the bound with every byte delivered and both ends through both levels (the
+    # spec's close: after both TCP closes at least), whatever had to be sent again.
+    link = LinkConfig(delay=0.005, jitter=0.003, loss=0.15, duplicate=0.1, reorder=0.25)
+    resent = Counter[str]()
+    for seed in range(400):
+        case = _chaos_case(seed)
+        out = close_under(seed, link, bound=120.0, **case)  # type: ignore[arg-type]
+        for side, name in ((A, "client"), (B, "server")):
+            resent[f"{name} FIN resent"] += out.fin_copies.get(side, 0) > 1
+            resent[f"{name} SAL FIN resent"] += out.sal_fin_copies.get(side, 0) > 1
+        resent["cut by RST (spec's close)"] += out.cut_by_rst > 0
+        resent["RST on the wire"] += out.rsts > 0
+    print(dict(resent))  # shown with -s: how often each side had to repair its close
+    # (At 17611dc+fixes, of 400: a FIN resent by the client in 94, the server 107; a SAL
+    # FIN in 214 and 223; RSTs on the wire in 47, all but the spec's 7 answering a late
+    # duplicate ACK at a side that had forgotten the flow, dropped by TIME_WAIT.)
