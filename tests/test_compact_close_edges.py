@@ -738,3 +738,60 @@ def test_four_hundred_unreliable_closes_end_cleanly() -> None:
     # (At 17611dc+fixes, of 400: a FIN resent by the client in 94, the server 107; a SAL
     # FIN in 214 and 223; RSTs on the wire in 47, all but the spec's 7 answering a late
     # duplicate ACK at a side that had forgotten the flow, dropped by TIME_WAIT.)
+
+
+# -- a compact FIN standing in for a lost third ACK -------------------------------------
+@pytest.mark.parametrize("data", [b"", b"hello"])
+@pytest.mark.parametrize("compact", [True, False])
+def test_a_fin_right_after_a_lost_third_ack_completes_the_handshake(
+    data: bytes, compact: bool
+) -> None:
+    # The client connects, writes (or not) and shuts down at once; its third ACK is lost.
+    # RFC 9293 3.10.7.4: in SYN-RECEIVED a segment with an acceptable ACK moves the
+    # server to ESTABLISHED "and continue processing" (its data and FIN too). So the next
+    # packet, the client's data + FIN (+ SAL FIN when compact), completes the handshake,
+    # and the close costs no retransmission timeout of either side.
+    p = make_pair(seed=81, config=StreamConfig(compact_close=compact))
+    wire = watch(p)
+    lost: list[SalPacket] = []
+
+    def third_ack(raw: bytes, src: Addr, dst: Addr) -> bool:
+        pkt = decode_packet(raw)
+        tcp = pkt.tcp
+        # The third ACK: the client's packet with a SERVICE and a TCP header, not the SYN.
+        third = src == A and pkt.service is not None and tcp is not None
+        if third and not lost and tcp is not None and not tcp.flags & TcpFlags.SYN:
+            lost.append(pkt)
+            return True
+        return False
+
+    p.net.loss_filter = third_ack
+    c = p.a.connect("echo", p.net.now)
+    p.net.kick(p.a)
+    assert p.net.run_until(lambda: c.state is State.ESTABLISHED, 1)
+    assert c.write(data) == len(data)
+    c.shutdown()
+    p.net.kick(p.a)
+    got = bytearray()
+    server: list[Connection] = []
+
+    def closed() -> bool:
+        if not server and (s := p.listener.accept()) is not None:
+            server.append(s)
+        for s in server:
+            got.extend(s.read())
+            if s.at_eof and s.fin_offset is None:
+                s.shutdown()
+                p.net.kick(p.b)
+        return bool(server) and c.state in ENDED and server[0].state in ENDED
+
+    start = p.net.now
+    assert p.net.run_until(closed, 10)
+    assert len(lost) == 1 and bytes(got) == data
+    assert ended_cleanly(c) and ended_cleanly(server[0])
+    # Compact: FIN + SAL FIN, both ACKs with the server's FIN + SAL FIN, the last ACKs:
+    # 3 one-way delays of 5 ms. The spec's close: 6 (FIN, FIN+ACK, SAL FIN, FIN+ACK,
+    # ACK ... as test_compact_close counts them).
+    assert p.net.now - start < 0.05
+    assert p.b.drops.get("unexpected_packet", 0) == 0
+    assert not [pkt for pkt in wire.from_(A) if tcp_fin(pkt)][1:]  # the FIN went once

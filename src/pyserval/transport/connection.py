@@ -516,17 +516,31 @@ class Connection:
         return sf.synack_packet(sf.control.send_reliable(ControlFlags.SYN | ControlFlags.ACK, now))
 
     def on_handshake_ack(self, sf: Subflow, pkt: SalPacket, now: float) -> bool:
-        """Server: the third ACK, or data proving it was sent; True when established."""
+        """Server: the third ACK, or data proving it was sent (a compact close's FIN +
+        SAL FIN too); True when established."""
         ctl, tcp = pkt.control, pkt.tcp
+        # Only a TCP ACK of our SYN stands in for a lost third ACK (RFC 9293 3.10.7.4: an
+        # acceptable ACK in SYN-RECEIVED establishes, and the segment is processed on).
+        tcp_acks_syn = (
+            tcp is not None and tcp.flags & TcpFlags.ACK and tcp.ack == (sf.iss + 1) & MASK32
+        )
+        third_ack = ctl is not None
         if ctl is not None:
             if ctl.flags & ControlFlags.SYN:
                 return False  # a duplicate SYN: the host re-sends the SYN-ACK
-            if not sf.control.nonce_ok(ctl) or not sf.control.acked(ctl):
+            if not sf.control.nonce_ok(ctl):
                 return False
-        elif tcp is None or not tcp.flags & TcpFlags.ACK or tcp.ack != (sf.iss + 1) & MASK32:
-            return False  # only a TCP ACK of our SYN stands in for a lost third ACK
+            if not sf.control.acked(ctl):
+                # The client's FIN + SAL FIN (a compact close), sent after its third ACK
+                # that was lost: its TCP ACK stands in, as data's does (the host then
+                # takes the segment and the SAL FIN).
+                if not (ctl.flags & ControlFlags.FIN and tcp_acks_syn):
+                    return False
+                third_ack = False
+        elif not tcp_acks_syn:
+            return False
         sf.control.complete()
-        if ctl is not None:  # only the third ACK itself: data standing in for it came later
+        if third_ack:  # only the third ACK itself: data standing in for it came later
             sf.handshake_sample(now)
         self.state = _ESTABLISHED
         return True  # the host reports the connection, then hands it the segment
