@@ -795,3 +795,33 @@ def test_a_fin_right_after_a_lost_third_ack_completes_the_handshake(
     assert p.net.now - start < 0.05
     assert p.b.drops.get("unexpected_packet", 0) == 0
     assert not [pkt for pkt in wire.from_(A) if tcp_fin(pkt)][1:]  # the FIN went once
+
+
+def test_the_ack_of_a_compact_sal_fin_is_enough_when_no_tcp_ack_comes() -> None:
+    # A simultaneous close where every server packet with a TCP header is lost after the
+    # server's FIN: the client hears only control ACKs from the server's TIME_WAIT (its
+    # answer to the SAL FIN copies that travel alone). The peer takes a SAL FIN only once
+    # it has the TCP FIN and every byte before it (the spec's order, which the compact
+    # close keeps at the receiver), so that ACK says the stream arrived whole: the client
+    # is done, and must not go on sending its FIN until the server's TIME_WAIT is over
+    # and it meets a RST ("reset by peer" although nothing was lost).
+    cfg = StreamConfig(time_wait=2.0)
+    p = make_pair(seed=91, config=cfg)
+    wire = watch(p)
+    p.connect()
+    c, s = p.client, p.server
+    assert c is not None and s is not None
+
+    def server_tcp_after_its_fin(data: bytes, src: Addr, dst: Addr) -> bool:
+        pkt = decode_packet(data)
+        return src == B and pkt.tcp is not None and not tcp_fin(pkt)
+
+    p.net.loss_filter = server_tcp_after_its_fin
+    c.shutdown()
+    s.shutdown()
+    p.net.kick(p.a, p.b)
+    assert p.net.run_until(lambda: c.state in ENDED and s.state in ENDED, 120)
+    p.net.run_for(30.0)
+    assert c.error is None and s.error is None
+    assert ended_cleanly(c) and ended_cleanly(s)
+    assert wire.rsts() == []

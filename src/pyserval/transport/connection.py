@@ -77,7 +77,6 @@ _OPEN: Final = Stage.OPEN
 _DONE: Final = Stage.DONE
 _FIN_SENT: Final = Stage.FIN_SENT
 _FINS_SENT: Final = Stage.FINS_SENT
-_SAL_FIN_ACKED_FIRST: Final = Stage.SAL_FIN_ACKED_FIRST
 _LOCAL: Final = Side.LOCAL
 _REMOTE: Final = Side.REMOTE
 _EV_SHUTDOWN: Final = CloseEvent.SHUTDOWN
@@ -612,7 +611,7 @@ class Connection:
         if local is _FIN_SENT:
             if self._close_event(_LOCAL, _EV_FIN_ACKED):
                 self._sal_fin_when_free(now)
-        elif local is _FINS_SENT or local is _SAL_FIN_ACKED_FIRST:
+        elif local is _FINS_SENT:
             self._close_event(_LOCAL, _EV_FIN_ACKED)
             self._maybe_finish(now)
         # else acknowledged before: every later ACK covers it too
