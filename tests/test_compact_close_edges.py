@@ -825,3 +825,59 @@ def test_the_ack_of_a_compact_sal_fin_is_enough_when_no_tcp_ack_comes() -> None:
     assert c.error is None and s.error is None
     assert ended_cleanly(c) and ended_cleanly(s)
     assert wire.rsts() == []
+
+
+@pytest.mark.parametrize("when", ["before the close", "client fins sent", "server fin in flight"])
+def test_a_nat_rebinding_during_the_close_is_checked_and_the_close_ends(when: str) -> None:
+    # The client's NAT gives it a new public port around the close: the server sees the
+    # close packets from an address it has not verified, checks it (an address challenge,
+    # holding what came from there), then takes them. Both ends finish cleanly.
+    from .test_core_migration import Setup
+
+    m = Setup(seed=65, nat=True)
+    assert m.nat is not None
+    c, s = m.client, m.server
+    if when == "before the close":
+        m.nat.rebind()
+        c.shutdown()
+        m.net.kick(m.a)
+    elif when == "client fins sent":
+        c.shutdown()
+        m.net.kick(m.a)
+        m.net.run_for(0.001)
+        assert c.close.local is Stage.FINS_SENT
+        m.nat.rebind()
+    else:
+        s.shutdown()
+        m.net.kick(m.b)
+        m.net.run_for(0.015)
+        m.nat.rebind()
+    deadline = m.net.now + 30.0
+    while m.net.now < deadline and not (c.state in ENDED and s.state in ENDED):
+        for end, host in ((c, m.a), (s, m.b)):
+            if end.at_eof and end.fin_offset is None and end.state is State.ESTABLISHED:
+                end.shutdown()
+                m.net.kick(host)
+        m.net.run_for(0.01)
+    assert ended_cleanly(c) and ended_cleanly(s)
+    assert m.b.stats["rebinding_challenge"] == 1 and m.b.stats["held_replayed"] >= 1
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_an_abort_at_each_close_stage_resets_the_peer(stage: str) -> None:
+    # RFC 9293 3.10.4 ABORT: a RST goes to the peer (except from TIME-WAIT), which drops
+    # the connection; its user hears of a reset unless both TCP closes were done.
+    p = make_pair(seed=43)
+    p.connect()
+    c, s = p.client, p.server
+    assert c is not None and s is not None
+    _reach(p, stage)
+    p.net.loss_filter = None
+    peer_done = c.fin_acked and c.peer_fin_received
+    s.abort()
+    p.net.kick(p.b)
+    assert p.net.run_until(lambda: c.state is State.CLOSED, 2)
+    assert s.state is State.CLOSED and s.error == "aborted locally"
+    assert (c.error is None) is peer_done
+    p.net.run_for(60.0)
+    assert p.a.connections == {} and p.b.connections == {}
