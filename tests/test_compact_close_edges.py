@@ -61,6 +61,15 @@ def watch(p: Pair) -> Wire:
     return wire
 
 
+def connected(p: Pair) -> tuple[Wire, Connection, Connection]:
+    """Watch ``p``'s network, connect, and return the wire and both ends."""
+    wire = watch(p)
+    p.connect()
+    c, s = p.client, p.server
+    assert c is not None and s is not None
+    return wire, c, s
+
+
 def sal_fin(pkt: SalPacket) -> bool:
     return pkt.control is not None and bool(pkt.control.flags & ControlFlags.FIN)
 
@@ -126,10 +135,7 @@ def test_a_sal_fin_sent_after_the_peers_carries_its_ack(compact: bool) -> None:
     # (which closed second) forgets the flow, and the server's next copy meets a RST.
     cfg = StreamConfig(delayed_ack=0.0, compact_close=compact)
     p = make_pair(seed=21, config=cfg)
-    wire = watch(p)
-    p.connect()
-    c, s = p.client, p.server
-    assert c is not None and s is not None
+    wire, c, s = connected(p)
     dropped = _ack_of_server_sal_fin(p)
     s.shutdown()
     p.net.kick(p.b)
@@ -159,10 +165,7 @@ def test_a_side_that_closed_second_but_acked_the_last_sal_fin_waits_to_ack_it_ag
     # last packet; that ACK is lost. RFC 9293's rule for the last ACK: its sender must be
     # there to send it again (TIME_WAIT), or the peer's next FIN meets a RST.
     p = make_pair(seed=22)
-    wire = watch(p)
-    p.connect()
-    c, s = p.client, p.server
-    assert c is not None and s is not None
+    wire, c, s = connected(p)
     lost: list[str] = []
 
     def loss(data: bytes, src: Addr, dst: Addr) -> bool:
@@ -238,10 +241,7 @@ def close_under(
     independent expectations: every byte once and in order, both ends through both levels
     of the close without error within ``bound`` seconds."""
     p = make_pair(seed=seed, link=link, config=config, server_config=server_config)
-    wire = watch(p)
-    p.connect()
-    c, s = p.client, p.server
-    assert c is not None and s is not None
+    wire, c, s = connected(p)
     rng = random.Random(seed)
     data = {c: rng.randbytes(up), s: rng.randbytes(down)}
     written = {c: 0, s: 0}
@@ -300,10 +300,7 @@ def test_a_simultaneous_close_packet_by_packet() -> None:
     # Both ends shut down in the same instant: each FIN + SAL FIN crosses the other's,
     # both closed first (RFC 9293 3.6, "simultaneous close": both wait in TIME_WAIT).
     p = make_pair(seed=32)
-    wire = watch(p)
-    p.connect()
-    c, s = p.client, p.server
-    assert c is not None and s is not None
+    wire, c, s = connected(p)
     c.shutdown()
     s.shutdown()
     p.net.kick(p.a, p.b)
@@ -424,9 +421,7 @@ def _reach(p: Pair, stage: str) -> None:
 @pytest.mark.parametrize("stage", STAGES)
 def test_sal_fins_with_a_wrong_nonce_or_an_out_of_window_fin_change_nothing(stage: str) -> None:
     p = make_pair(seed=41)
-    p.connect()
-    c, s = p.client, p.server
-    assert c is not None and s is not None
+    _, c, s = connected(p)
     _reach(p, stage)
     before = _stage_of(s)
     dropped = p.b.drops["bad_nonce"]
@@ -467,9 +462,7 @@ def test_a_genuine_rst_at_each_close_stage(stage: str) -> None:
     # RFC 9293 3.10.7: a RST in the window ends the connection. Its user hears of a reset
     # unless both directions were already through their TCP close (nothing lost then).
     p = make_pair(seed=42)
-    p.connect()
-    c, s = p.client, p.server
-    assert c is not None and s is not None
+    _, c, s = connected(p)
     _reach(p, stage)
     both_tcp_closed = s.fin_acked and s.peer_fin_received
     _inject(p, _from(c, ControlFlags.RST), A, B)
@@ -483,10 +476,7 @@ def test_a_genuine_rst_at_each_close_stage(stage: str) -> None:
 
 # -- TIME_WAIT answering repeated compact FINs, and the host's counters -----------------
 def _compact_cycle(p: Pair) -> Wire:
-    wire = watch(p)
-    p.connect()
-    c, s = p.client, p.server
-    assert c is not None and s is not None
+    wire, c, s = connected(p)
     s.shutdown()
     p.net.kick(p.b)
     assert p.net.run_until(lambda: c.at_eof, 5)
@@ -684,10 +674,7 @@ def test_large_writes_then_shutdown_end_trains_with_a_compact_fin(gso: bool, los
     # cannot carry a CONTROL). Every byte arrives once, each side's FIN is sent once
     # without loss, and the segment with the FIN is the last of the data.
     p = make_pair(seed=72, link=LinkConfig(delay=0.005, loss=loss), gso=gso, gro=gso)
-    wire = watch(p)
-    p.connect()
-    c, s = p.client, p.server
-    assert c is not None and s is not None
+    wire, c, s = connected(p)
     rng = random.Random(72)
     up, down = rng.randbytes(200_000), rng.randbytes(200_000)
     assert c.write(up) == len(up) and s.write(down) == len(down)
@@ -807,10 +794,7 @@ def test_the_ack_of_a_compact_sal_fin_is_enough_when_no_tcp_ack_comes() -> None:
     # and it meets a RST ("reset by peer" although nothing was lost).
     cfg = StreamConfig(time_wait=2.0)
     p = make_pair(seed=91, config=cfg)
-    wire = watch(p)
-    p.connect()
-    c, s = p.client, p.server
-    assert c is not None and s is not None
+    wire, c, s = connected(p)
 
     def server_tcp_after_its_fin(data: bytes, src: Addr, dst: Addr) -> bool:
         pkt = decode_packet(data)
@@ -868,9 +852,7 @@ def test_an_abort_at_each_close_stage_resets_the_peer(stage: str) -> None:
     # RFC 9293 3.10.4 ABORT: a RST goes to the peer (except from TIME-WAIT), which drops
     # the connection; its user hears of a reset unless both TCP closes were done.
     p = make_pair(seed=43)
-    p.connect()
-    c, s = p.client, p.server
-    assert c is not None and s is not None
+    _, c, s = connected(p)
     _reach(p, stage)
     p.net.loss_filter = None
     peer_done = c.fin_acked and c.peer_fin_received
