@@ -297,6 +297,10 @@ def on_flow_packet(
             if tcp is not None and conn.state is _ESTABLISHED:
                 dss = pkt.find(DssExt) if conn.mp is not None else None
                 sf.on_tcp(tcp, pkt.payload, now, dss)
+                if ctl is not None and ctl.flags & ControlFlags.FIN and conn.state is _ESTABLISHED:
+                    # A compact close's FIN + SAL FIN stood in for the third ACK: the
+                    # SAL FIN after the segment, as on_established takes it.
+                    conn.on_control(sf, ctl, now, src)
         else:
             maybe_reset(host, conn, sf, pkt, src)
     else:  # CLOSED

@@ -22,17 +22,24 @@ each side starts once its TCP FIN is acknowledged. So each direction runs
   ends are pyserval) sends the SAL FIN in the same packet as the TCP FIN:
   ``FIN_SENT`` -SAL FIN sent-> ``FINS_SENT``, from where the two ACKs may come in either
   order: -our FIN acknowledged-> ``SAL_FIN_SENT`` -its ACK-> ``DONE``, or -the SAL FIN's
-  ACK-> ``SAL_FIN_ACKED_FIRST`` -our FIN acknowledged-> ``DONE``. The receiver takes a
-  packet's TCP segment before its SAL FIN, so the SAL FIN still follows the TCP FIN at
-  every receiver, as the spec's rule has it; what changes is only that the two travel
-  together. A connect-and-close cycle is then 6 packets instead of 8.
+  ACK-> ``DONE`` at once. The receiver takes a packet's TCP segment before its SAL FIN,
+  and a SAL FIN only once the TCP FIN is in (after every byte before it), so the SAL FIN
+  still follows the TCP FIN at every receiver, as the spec's rule has it; what changes is
+  only that the two travel together. So the SAL FIN's ACK also says that our FIN and all
+  our data arrived: waiting on for the TCP ACK (which a peer in TIME_WAIT answering only
+  SAL FINs may never send again) would add nothing but retransmissions and, once the
+  peer forgot the flow, a RST. A connect-and-close cycle is 6 packets instead of 8.
 * ``REMOTE`` (what the peer sends): ``OPEN`` -its FIN, after all its data->
   ``FIN_RECEIVED`` -its SAL FIN-> ``DONE``; a SAL FIN again in ``DONE`` is a
   retransmission (our ACK was lost) and changes nothing.
 
 The joint rule: when both directions are ``DONE`` the connection ends, in TIME_WAIT if we
 closed first (the *active close*: we shut down while the peer's direction was still open,
-RFC 9293 3.6) and closed otherwise. :attr:`CloseState.tcp_state` names the TCP-level joint
+RFC 9293 3.6) and closed otherwise, except when our SAL FIN left (a copy of it) before the
+peer's arrived (``linger``): our ACK of the peer's SAL FIN then travelled on a packet of
+its own, and nothing the peer acknowledges proves it arrived, so we wait as well, to
+answer the peer's SAL FIN if it comes again. (TCP's passive closer never has that doubt:
+its FIN carries the ACK of the peer's.) :attr:`CloseState.tcp_state` names the TCP-level joint
 state as RFC 9293's diagram does (FIN-WAIT-1, CLOSING, LAST-ACK, ...), for inspection.
 
 The two directions follow their own tables because the events differ (we see our FIN
@@ -75,7 +82,6 @@ class Stage(enum.StrEnum):
     FIN_SENT = "fin_sent"  # LOCAL: our FIN is queued or in flight
     FIN_ACKED = "fin_acked"  # LOCAL: our FIN is acknowledged; the SAL FIN is due
     FINS_SENT = "fins_sent"  # LOCAL, compact close: our FIN and SAL FIN are in flight
-    SAL_FIN_ACKED_FIRST = "sal_fin_acked_first"  # LOCAL, compact: only the SAL FIN is acked
     SAL_FIN_SENT = "sal_fin_sent"  # LOCAL: our SAL FIN awaits its ACK
     FIN_RECEIVED = "fin_received"  # REMOTE: the peer's FIN arrived after all its data
     DONE = "done"  # both levels closed in this direction
@@ -100,8 +106,8 @@ TRANSITIONS: Final[dict[Side, dict[Stage, dict[CloseEvent, Stage]]]] = {
     Side.LOCAL: {
         _L.OPEN: {_E.SHUTDOWN: _L.FIN_SENT},
         _L.FIN_SENT: {_E.FIN_ACKED: _L.FIN_ACKED, _E.SAL_FIN_SENT: _L.FINS_SENT},
-        _L.FINS_SENT: {_E.FIN_ACKED: _L.SAL_FIN_SENT, _E.SAL_FIN_ACKED: _L.SAL_FIN_ACKED_FIRST},
-        _L.SAL_FIN_ACKED_FIRST: {_E.FIN_ACKED: _L.DONE},
+        # Compact: the SAL FIN's ACK says the FIN arrived too (see the module docstring).
+        _L.FINS_SENT: {_E.FIN_ACKED: _L.SAL_FIN_SENT, _E.SAL_FIN_ACKED: _L.DONE},
         _L.FIN_ACKED: {
             _E.SAL_FIN_SENT: _L.SAL_FIN_SENT,
             _E.SAL_FIN_RESTART: _L.FIN_ACKED,
@@ -160,7 +166,7 @@ class CloseState:
     """Both directions' close stages and the one fact outside the tables (who closed
     first). Change it only through :meth:`process` (or :meth:`advance`)."""
 
-    __slots__ = ("local", "remote", "active_close")
+    __slots__ = ("local", "remote", "active_close", "linger")
 
     def __init__(self) -> None:
         self.local = _OPEN
@@ -168,6 +174,10 @@ class CloseState:
         # Set by SHUTDOWN: we closed while the peer's direction was still open, so we are
         # the side that waits in TIME_WAIT (RFC 9293 3.6).
         self.active_close = False
+        # Set by the connection when a copy of our SAL FIN leaves without acknowledging
+        # the peer's (not in yet): we wait in TIME_WAIT even if we closed second (the
+        # joint rule in the module docstring).
+        self.linger = False
 
     def process(self, side: Side, event: CloseEvent) -> Stage:
         """Apply ``event`` to ``side``; returns the new stage. Raises

@@ -77,7 +77,6 @@ _OPEN: Final = Stage.OPEN
 _DONE: Final = Stage.DONE
 _FIN_SENT: Final = Stage.FIN_SENT
 _FINS_SENT: Final = Stage.FINS_SENT
-_SAL_FIN_ACKED_FIRST: Final = Stage.SAL_FIN_ACKED_FIRST
 _LOCAL: Final = Side.LOCAL
 _REMOTE: Final = Side.REMOTE
 _EV_SHUTDOWN: Final = CloseEvent.SHUTDOWN
@@ -526,17 +525,31 @@ class Connection:
         return sf.synack_packet(sf.control.send_reliable(ControlFlags.SYN | ControlFlags.ACK, now))
 
     def on_handshake_ack(self, sf: Subflow, pkt: SalPacket, now: float) -> bool:
-        """Server: the third ACK, or data proving it was sent; True when established."""
+        """Server: the third ACK, or data proving it was sent (a compact close's FIN +
+        SAL FIN too); True when established."""
         ctl, tcp = pkt.control, pkt.tcp
+        # Only a TCP ACK of our SYN stands in for a lost third ACK (RFC 9293 3.10.7.4: an
+        # acceptable ACK in SYN-RECEIVED establishes, and the segment is processed on).
+        tcp_acks_syn = (
+            tcp is not None and tcp.flags & TcpFlags.ACK and tcp.ack == (sf.iss + 1) & MASK32
+        )
+        third_ack = ctl is not None
         if ctl is not None:
             if ctl.flags & ControlFlags.SYN:
                 return False  # a duplicate SYN: the host re-sends the SYN-ACK
-            if not sf.control.nonce_ok(ctl) or not sf.control.acked(ctl):
+            if not sf.control.nonce_ok(ctl):
                 return False
-        elif tcp is None or not tcp.flags & TcpFlags.ACK or tcp.ack != (sf.iss + 1) & MASK32:
-            return False  # only a TCP ACK of our SYN stands in for a lost third ACK
+            if not sf.control.acked(ctl):
+                # The client's FIN + SAL FIN (a compact close), sent after its third ACK
+                # that was lost: its TCP ACK stands in, as data's does (the host then
+                # takes the segment and the SAL FIN).
+                if not (ctl.flags & ControlFlags.FIN and tcp_acks_syn):
+                    return False
+                third_ack = False
+        elif not tcp_acks_syn:
+            return False
         sf.control.complete()
-        if ctl is not None:  # only the third ACK itself: data standing in for it came later
+        if third_ack:  # only the third ACK itself: data standing in for it came later
             sf.handshake_sample(now)
         self.state = _ESTABLISHED
         return True  # the host reports the connection, then hands it the segment
@@ -608,7 +621,7 @@ class Connection:
         if local is _FIN_SENT:
             if self._close_event(_LOCAL, _EV_FIN_ACKED):
                 self._sal_fin_when_free(now)
-        elif local is _FINS_SENT or local is _SAL_FIN_ACKED_FIRST:
+        elif local is _FINS_SENT:
             self._close_event(_LOCAL, _EV_FIN_ACKED)
             self._maybe_finish(now)
         # else acknowledged before: every later ACK covers it too
@@ -635,9 +648,26 @@ class Connection:
         our ACK of the peer's, if one is owed); None otherwise."""
         if self.close.local is not _FINS_SENT or control.outstanding != ControlFlags.FIN:
             return None
-        ext = control.resend()
+        ext = self._sal_fin(control)
         if self.control_ack_pending and self.control_ack_sf in (None, sf):
             self.control_ack_pending = False
+            if not ext.flags & ControlFlags.ACK:
+                ext = _with_ack(ext)
+        return ext
+
+    def _sal_fin(self, control: ControlChannel) -> ControlExt:
+        """Our outstanding SAL FIN, again. On a compact close, with the ACK flag once the
+        peer's SAL FIN is in (its ackno always says so; the flag makes it count), as every
+        TCP segment after the SYN carries the ACK: else an ACK of the peer's SAL FIN that
+        was lost is never repaired when the peer acknowledges this FIN and we finish, and
+        the peer sends its SAL FIN into a flow we forgot and ends on our RST. (Not on the
+        spec's close: the reference sends a plain FIN there, and so do we.) A copy that
+        leaves before the peer's SAL FIN is in makes us linger (close_state)."""
+        ext = control.resend()
+        close = self.close
+        if close.remote is not _DONE:
+            close.linger = True  # the peer may ACK this copy and miss our ACK of its FIN
+        elif self.compact_close:
             ext = _with_ack(ext)
         return ext
 
@@ -656,7 +686,8 @@ class Connection:
         """The joint rule of the close sequence: both directions done ends the connection."""
         if not self.close.finished or self.state is not _ESTABLISHED:
             return
-        if self.close.active_close:
+        close = self.close
+        if close.active_close or close.linger:
             self.state = _TIME_WAIT
             self.time_wait_deadline = now + self.config.time_wait
         else:
@@ -815,6 +846,8 @@ class Connection:
             sf.handshake_sent_at = None  # retransmitted: no RTT sample from its answer
             out.append(sf.synack_packet(ext))
         elif self.state is _ESTABLISHED:
+            if sf.control.outstanding == ControlFlags.FIN:
+                ext = self._sal_fin(sf.control)
             out.append(sf.control_packet(ext))
 
     # -- output -------------------------------------------------------------------------
@@ -911,8 +944,8 @@ class Connection:
         if not fin:
             return cc.ext(ControlFlags.ACK)
         self.pending_control = False
-        ext = cc.resend()
-        if ack:
+        ext = self._sal_fin(cc)
+        if ack and not ext.flags & ControlFlags.ACK:
             ext = _with_ack(ext)
         return ext
 

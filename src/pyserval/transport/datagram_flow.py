@@ -145,6 +145,8 @@ class DatagramConnection(Connection):
     ) -> None:
         super().__init__(conn_id, role, service_id, config, emit)
         self.mp_offer = None  # a datagram flow never offers multipath
+        # No TCP options to agree it with: the spec's close, whatever the configuration.
+        self.compact_close = False
         self.max_queue = max_queue
         self.rx: deque[bytes] = deque()
         self.rx_bytes = 0
