@@ -291,9 +291,9 @@ def test_a_fin_that_leaves_with_data_takes_the_sal_fin_along(server_compact: boo
 def test_a_side_that_closed_second_acknowledges_a_late_sal_fin() -> None:
     # The spec's close, the client closing first and the server a while later; the
     # client's first SAL FIN is lost. The server's own SAL FIN is acknowledged before the
-    # client's comes again, so the server finishes (not in TIME_WAIT: it closed second)
-    # on a SAL FIN that it must still acknowledge; else the client sends it into a flow
-    # the server forgot and ends on a RST, one more control RTO later.
+    # client's comes again, so the server finishes on a SAL FIN that it must still
+    # acknowledge, and stay to acknowledge again (close_state's linger); else the client
+    # sends it into a flow the server forgot and ends on a RST, a control RTO later.
     off = StreamConfig(compact_close=False)
     p = make_pair(seed=11, config=off)
     sent = _watch(p)

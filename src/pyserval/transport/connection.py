@@ -856,8 +856,6 @@ class Connection:
         if self.state is not _ESTABLISHED and self.state is not _TIME_WAIT:
             if self.rst_pending and self.subflows:
                 self._send_rst(out)
-            elif self.control_ack_pending and self.error is None and self.subflows:
-                self._last_control_ack(out)
             return
         sf = self.subflows[0]  # the primary (read per flush: no property)
         if self.third_ack_pending:
@@ -908,19 +906,6 @@ class Connection:
         if self.control_ack_pending and not self._control_ack_waits():
             self.control_ack_pending = False
             out.append(sf.control_packet(sf.control.ext(ControlFlags.ACK)))
-
-    def _last_control_ack(self, out: list[SalPacket]) -> None:
-        """We closed (not in TIME_WAIT) on the peer's SAL FIN: it still gets its ACK, with
-        the TCP ACK if one is owed. (The side that closed second finishes on its own SAL
-        FIN's ACK, except when the peer's SAL FIN comes last: the peer's FIN left in the
-        spec's order while ours was compact, or the peer's first SAL FIN was lost.)
-        Without it the peer sends the SAL FIN again into a flow we forgot, and ends on
-        our RST an RTO later."""
-        self.control_ack_pending = False
-        sf = self.subflows[0]
-        tcp = sf.ack_header() if self.ack_now else None
-        out.append(sf.control_packet(sf.control.ext(ControlFlags.ACK), [], tcp))
-        self.ack_sent()
 
     def _control_ack_waits(self) -> bool:
         """On a compact close, our ACK of the peer's SAL FIN waits for the TCP ACK of its
