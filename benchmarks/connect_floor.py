@@ -4,10 +4,10 @@
         [--cycle compact|spec] [--out FILE]
 
 A pyserval connect cycle (connect, the server accepts and closes, the client reads end of
-stream and closes) is a fixed run of datagrams in strict alternation: six between two
-pyserval ends (the compact close: each SAL FIN rides on its TCP FIN), eight in the
-spec's order (``../shared/spec/sal-wire.md``: the SAL FIN only after the TCP FIN's ACK,
-what a peer that does not agree to the compact close gets). ``CYCLES`` below lists both
+stream and closes) is a fixed run of datagrams in strict alternation: eight in the
+spec's order (``../shared/spec/sal-wire.md``: the SAL FIN only after the TCP FIN's ACK;
+the default), six when both ends ask for the compact close (each SAL FIN rides on its
+TCP FIN). ``CYCLES`` below lists both
 with the sizes a simulated cycle sends. Each datagram wakes the process it reaches: a
 read (and the read that finds the socket empty), an epoll wait, a send, a loop pass.
 asyncio TCP's cycle leaves its handshake and most of its close to the kernel.
@@ -59,7 +59,7 @@ from baselines import HOST, Control, Params, Result, run_pair  # noqa: E402
 # "spec": the close in the spec's order (a peer that does not agree to the compact close):
 # SYN (with the service extension), SYN-ACK, the ACK (with the service extension), the
 # server's TCP FIN, the client's TCP FIN, the server's SAL FIN, the client's SAL ACK+FIN,
-# the server's SAL ACK. "compact": two pyserval ends (the default): SYN and SYN-ACK with
+# the server's SAL ACK (the default). "compact": both ends ask for it: SYN and SYN-ACK with
 # the compact-close option, the ACK, the server's TCP FIN with its SAL FIN, the client's
 # with its SAL FIN and both ACKs, the server's TCP and SAL ACK in one.
 CYCLES = {
@@ -257,7 +257,7 @@ async def floor_client(ctl: Control, params: Params) -> Result:
     }
 
 
-def floor_rate(seconds: float, udp: str = "raw", cycle: str = "compact") -> Result:
+def floor_rate(seconds: float, udp: str = "raw", cycle: str = "spec") -> Result:
     """Cycles per second and CPU per cycle (both processes) of the bare exchange of
     ``cycle`` (``compact`` or ``spec``) over the ``udp`` layer (``raw`` or ``endpoint``)."""
     params = {"seconds": seconds, "udp": udp, "cycle": cycle}
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--udp", choices=("raw", "endpoint", "both"), default="both")
     parser.add_argument(
-        "--cycle", choices=tuple(CYCLES), default="compact", help="which close (see CYCLES)"
+        "--cycle", choices=tuple(CYCLES), default="spec", help="which close (see CYCLES)"
     )
     parser.add_argument("--out")
     args = parser.parse_args(argv)

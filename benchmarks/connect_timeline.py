@@ -18,12 +18,12 @@ share (``time.perf_counter``, CLOCK_MONOTONIC):
 After the run, each process decodes what it sent and read (never during it) and names each
 datagram by its sender and kind (``KINDS``: its CONTROL and TCP flags, and whether it
 carries the service extension), all keyed by the client's flowID. ``--cycle`` picks the
-close (the names are ``connect_floor.py``'s): ``compact``, the default between two pyserval
-ends, is six datagrams (the client's SYN and third ACK, the server's SYN-ACK, then each
-side's TCP FIN with its SAL FIN, the client's carrying the SAL ACK too, and the server's
-TCP and SAL ACK in one); ``spec`` (both hosts with ``StreamConfig(compact_close=False)``)
-is the spec's eight (``../shared/spec/sal-wire.md``: the server's and the client's TCP
-FINs, then the server's SAL FIN, the client's SAL FIN+ACK, the server's SAL ACK).
+close (the names are ``connect_floor.py``'s): ``spec``, the default, is the spec's eight
+(``../shared/spec/sal-wire.md``: the server's and the client's TCP FINs, then the
+server's SAL FIN, the client's SAL FIN+ACK, the server's SAL ACK); ``compact`` (both
+hosts with ``StreamConfig(compact_close=True)``) is six datagrams (the client's SYN and
+third ACK, the server's SYN-ACK, then each side's TCP FIN with its SAL FIN, the client's
+carrying the SAL ACK too, and the server's TCP and SAL ACK in one).
 ``DATAGRAMS`` and ``STEPS`` write each cycle out; a cycle whose datagrams, in the order
 sent, are not its ``DATAGRAMS`` (a retransmission aside) is counted in
 ``cycles_off_table`` and fails the run (``ok: false``). The parent joins the two
@@ -127,7 +127,10 @@ DATAGRAMS: dict[str, tuple[tuple[str, str], ...]] = {
     ),
 }
 # The StreamConfig fields of both hosts for each cycle (the client's also has time_wait).
-CONFIG: dict[str, dict[str, Any]] = {"spec": {"compact_close": False}, "compact": {}}
+CONFIG: dict[str, dict[str, Any]] = {
+    "spec": {"compact_close": False},
+    "compact": {"compact_close": True},
+}
 
 
 class Step(NamedTuple):
@@ -483,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument(
-        "--cycle", choices=tuple(DATAGRAMS), default="compact", help="which close (see DATAGRAMS)"
+        "--cycle", choices=tuple(DATAGRAMS), default="spec", help="which close (see DATAGRAMS)"
     )
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)

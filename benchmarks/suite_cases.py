@@ -30,8 +30,8 @@ run them against a source tree from before and after such a change (``PYTHONPATH
   ``stream`` at the host's default segment size against asyncio TCP bulk (both receivers
   hash what they read; count and SHA-256 checked), and ``connect`` against asyncio TCP's
   same cycle, in turns; each pair's ratio and the median. ``connect_vs_tcp`` also runs,
-  in the same turns, the cycle's six datagrams with no protocol work
-  (``connect_floor.py``, raw UDP, the compact close two pyserval ends agree on), and
+  in the same turns, the cycle's eight datagrams with no protocol work
+  (``connect_floor.py``, raw UDP, the spec's close: the compact close is opt-in), and
   reports CPU per connection of all three: the
   floor, the best ratio to asyncio TCP the wire format leaves, and how much CPU the goal
   leaves for the protocol work.
@@ -75,9 +75,9 @@ from pyserval.runtime.udp import DEFAULT_BUFFER  # noqa: E402
 STREAM_BUFFER = DEFAULT_BUFFER
 
 SERVICE = "suite-connect"
-# connect_vs_tcp's third party: the cycle's six datagrams (the compact close) with no
-# protocol work.
-FLOOR = "bare 6-datagram exchange"
+# connect_vs_tcp's third party: the cycle's eight datagrams (the spec's close, the
+# default) with no protocol work.
+FLOOR = "bare 8-datagram exchange"
 
 
 async def accept_server(ctl: Control, params: Params) -> Result:
@@ -292,7 +292,7 @@ def connect_vs_tcp(seconds: float, reps: int) -> Result:
         return r["per_s"], checked, {"cpu_us_per_connection": per_conn}
 
     def floor() -> tuple[float, bool, Result]:
-        r = connect_floor.floor_rate(seconds, "raw", "compact")
+        r = connect_floor.floor_rate(seconds, "raw", "spec")
         return r["per_s"], bool(r["ok"]), {"cpu_us_per_connection": r["cpu_us_per_cycle"]}
 
     out = alternating(
@@ -315,7 +315,7 @@ def connect_vs_tcp(seconds: float, reps: int) -> Result:
     by_cpu = [theirs / ours for ours, theirs in pairs if ours]
     out["cpu_ratios"] = [round(r, 3) for r in by_cpu]
     out["cpu_ratio_median"] = round(statistics.median(by_cpu), 3) if by_cpu else None
-    # What is left, in CPU microseconds per connection (medians): the floor is the six
+    # What is left, in CPU microseconds per connection (medians): the floor is the eight
     # datagrams alone (connect_floor.py); the best ratio any stack with this wire format on
     # asyncio could reach is asyncio TCP / floor, and the goal leaves TCP / 0.6 - floor
     # for all the protocol work of both ends.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -21,10 +22,29 @@ from pyserval.core.time_wait import TimeWait
 from pyserval.sal import ControlFlags, decode_packet
 from pyserval.sal.packet import SalPacket
 from pyserval.sal.transport_headers import TcpFlags
+from pyserval.testing import LinkConfig
 from pyserval.transport.config import StreamConfig
 from pyserval.transport.connection import Connection, State
 
-from .simhelpers import A, B, Pair, make_pair
+from . import simhelpers
+from .simhelpers import A, B, Pair
+
+# The compact close is opt-in (StreamConfig.compact_close): these tests ask for it on both
+# ends unless a test says otherwise (a config given without it leaves it off).
+COMPACT = StreamConfig(compact_close=True)
+
+
+def make_pair(
+    seed: int = 1,
+    link: LinkConfig | None = None,
+    config: StreamConfig | None = None,
+    server_config: StreamConfig | None = None,
+    **net_options: Any,
+) -> Pair:
+    """:func:`simhelpers.make_pair` with both ends asking for the compact close."""
+    config = config or COMPACT
+    return simhelpers.make_pair(seed, link, config, server_config or config, **net_options)
+
 
 # RFC 6994: kind 253, length 4, then the 16-bit ExID ("SV").
 OFFER = bytes([253, 4, 0x53, 0x56])
@@ -108,7 +128,7 @@ def test_two_pyserval_ends_agree_and_close_in_three_packets() -> None:
 def test_an_end_without_it_gets_the_specs_close(side_without: str) -> None:
     off = StreamConfig(compact_close=False)
     p = (
-        make_pair(seed=4, config=off, server_config=StreamConfig())
+        make_pair(seed=4, config=off, server_config=COMPACT)
         if side_without == "client"
         else make_pair(seed=4, server_config=off)
     )
@@ -229,7 +249,7 @@ def test_a_half_closed_stream_still_delivers_everything_the_other_way() -> None:
 
 
 def test_a_multipath_offer_leaves_the_compact_close_out() -> None:
-    p = make_pair(seed=8, config=StreamConfig(multipath=True))
+    p = make_pair(seed=8, config=StreamConfig(multipath=True, compact_close=True))
     sent = _watch(p)
     p.connect()
     assert OFFER not in sent[0][1]
@@ -238,7 +258,7 @@ def test_a_multipath_offer_leaves_the_compact_close_out() -> None:
 
 def test_a_syn_cookie_answer_leaves_it_out() -> None:
     # The stateless answer keeps no record of the offer: both ends close as the spec says.
-    p = make_pair(seed=9, server_config=StreamConfig(max_half_open=0))
+    p = make_pair(seed=9, server_config=StreamConfig(max_half_open=0, compact_close=True))
     sent = _watch(p)
     c, s = _cycle(p)
     assert p.b.stats["syn_cookie_accepted"] == 1
@@ -332,3 +352,14 @@ def test_a_side_that_closed_second_acknowledges_a_late_sal_fin() -> None:
     last = next(pkt for src, pkt in reversed(packets) if src == B)
     assert last.control is not None and last.control.flags == ControlFlags.ACK
     assert last.control.ackno == (sal_fins[-1].control.verno + 1) & 0xFFFFFFFF  # type: ignore[union-attr]
+
+
+def test_the_compact_close_is_off_by_default() -> None:
+    # Two ends with the default configuration: no offer in the SYN, the spec's close.
+    p = simhelpers.make_pair(seed=12)
+    sent = _watch(p)
+    c, s = _cycle(p)
+    assert not c.compact_close and not s.compact_close
+    assert not any(OFFER in d for _, d in sent)
+    assert len(sent) == 8
+    assert not any(_control_fin_with_tcp_fin(decode_packet(d)) for _, d in sent)

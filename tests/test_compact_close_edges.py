@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -28,7 +29,25 @@ from pyserval.transport.close_state import Stage
 from pyserval.transport.config import StreamConfig
 from pyserval.transport.connection import Connection, State
 
-from .simhelpers import A, B, Pair, make_pair
+from . import simhelpers
+from .simhelpers import A, B, Pair
+
+# The compact close is opt-in (StreamConfig.compact_close): these tests ask for it on both
+# ends unless a test says otherwise (a config given without it leaves it off).
+COMPACT = StreamConfig(compact_close=True)
+
+
+def make_pair(
+    seed: int = 1,
+    link: LinkConfig | None = None,
+    config: StreamConfig | None = None,
+    server_config: StreamConfig | None = None,
+    **net_options: Any,
+) -> Pair:
+    """:func:`simhelpers.make_pair` with both ends asking for the compact close."""
+    config = config or COMPACT
+    return simhelpers.make_pair(seed, link, config, server_config or config, **net_options)
+
 
 Addr = tuple[str, int]
 ENDED = (State.CLOSED, State.TIME_WAIT)
@@ -357,7 +376,7 @@ def test_closes_under_loss_duplication_and_reordering(block: int) -> None:
 @pytest.mark.parametrize("block", range(2))
 def test_closes_without_delayed_acks(block: int) -> None:
     for seed in range(block * 15, block * 15 + 15):
-        cfg = StreamConfig(delayed_ack=0.0, ack_every=1 + seed % 3)
+        cfg = StreamConfig(delayed_ack=0.0, ack_every=1 + seed % 3, compact_close=True)
         link = LinkConfig(delay=0.005, loss=0.05 * (seed % 3), duplicate=0.05, reorder=0.1)
         close_under(seed, link, ORDERS[seed % 3], (seed % 4) * 3000, (seed % 5) * 5000, cfg)
 
@@ -567,7 +586,7 @@ class Moving:
     def __init__(self, seed: int) -> None:
         from .test_core_migration import Setup
 
-        self.s = Setup(seed=seed)
+        self.s = Setup(seed=seed, compact_close=True)
         self.net, self.a, self.b = self.s.net, self.s.a, self.s.b
         self.client, self.server = self.s.client, self.s.server
 
@@ -792,7 +811,7 @@ def test_the_ack_of_a_compact_sal_fin_is_enough_when_no_tcp_ack_comes() -> None:
     # close keeps at the receiver), so that ACK says the stream arrived whole: the client
     # is done, and must not go on sending its FIN until the server's TIME_WAIT is over
     # and it meets a RST ("reset by peer" although nothing was lost).
-    cfg = StreamConfig(time_wait=2.0)
+    cfg = StreamConfig(time_wait=2.0, compact_close=True)
     p = make_pair(seed=91, config=cfg)
     wire, c, s = connected(p)
 
@@ -818,7 +837,7 @@ def test_a_nat_rebinding_during_the_close_is_checked_and_the_close_ends(when: st
     # holding what came from there), then takes them. Both ends finish cleanly.
     from .test_core_migration import Setup
 
-    m = Setup(seed=65, nat=True)
+    m = Setup(seed=65, nat=True, compact_close=True)
     assert m.nat is not None
     c, s = m.client, m.server
     if when == "before the close":

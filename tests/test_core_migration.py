@@ -31,10 +31,12 @@ Addr = tuple[str, int]
 
 
 class Setup:
-    def __init__(self, seed: int = 1, loss: float = 0.0, nat: bool = False) -> None:
+    def __init__(
+        self, seed: int = 1, loss: float = 0.0, nat: bool = False, compact_close: bool = False
+    ) -> None:
         link = LinkConfig(delay=0.01, loss=loss, bandwidth=2e6, queue_limit=256 << 10)
         self.net = SimNetwork(seed=seed, default_link=link)
-        cfg = StreamConfig(send_buffer=4 << 20, receive_buffer=4 << 20)
+        cfg = StreamConfig(send_buffer=4 << 20, receive_buffer=4 << 20, compact_close=compact_close)
         self.a = HostCore([A1, A2], rng=random.Random(seed), config=cfg)
         self.b = HostCore([B1, B2], rng=random.Random(seed + 7), config=cfg)
         self.net.attach(self.a, A1, A2)

@@ -85,9 +85,7 @@ def test_several_megabytes_both_ways(loss: float) -> None:
 
 def test_packets_have_the_reference_layout() -> None:
     seen: list[tuple[bytes, tuple[str, int], tuple[str, int]]] = []
-    # The server does not agree to the compact close, as the reference would not (it does
-    # not know the option): what a reference peer sees of us.
-    pair = make_pair(seed=2, server_config=StreamConfig(compact_close=False))
+    pair = make_pair(seed=2)
     pair.net.tap = lambda t, data, src, dst, fate: (
         seen.append((data, src, dst)) if fate == "delivered" else None
     )

@@ -43,11 +43,14 @@ class StreamConfig:
     tail_loss_probe: bool = False
     time_wait: float = Field(default=30.0, ge=0.0)
     # The compact close (transport.close_state): offered in our SYN and agreed in the
-    # SYN-ACK when both ends are pyserval; each side's SAL FIN then rides on its TCP FIN,
-    # and a connection closes in 3 packets instead of 5 (a connect-and-close cycle is 6,
-    # not 8). A peer that does not know the option (the reference) closes as the spec
-    # says. Single-path connections only (a multipath offer leaves it out).
-    compact_close: bool = True
+    # SYN-ACK when both ends are pyserval and both ask for it; each side's SAL FIN then
+    # rides on its TCP FIN, and a connection closes in 3 packets instead of 5 (a
+    # connect-and-close cycle is 6, not 8). A peer that does not know the option (the
+    # reference) closes as the spec says. Single-path connections only. Off by default:
+    # it saves packets and CPU (8.7% of the instructions of a connect-and-close cycle),
+    # but on the 2-vCPU VM we measure on, a strict one-at-a-time connect loop between two
+    # processes on two CPUs ran 14% slower with it (README "Benchmarks", sixth session).
+    compact_close: bool = False
     idle_timeout: float | None = None  # abort after this long without hearing from the peer
     # Liveness, on by default (README "NATs"), as Linux's TCP_KEEPIDLE/KEEPINTVL/KEEPCNT:
     # with nothing heard from the peer for `keepalive` seconds a probe goes out, then one
