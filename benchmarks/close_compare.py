@@ -35,9 +35,10 @@ import anyio  # noqa: E402
 
 import pyserval  # noqa: E402
 import scaling  # noqa: E402
+import suite_cases  # noqa: E402
 from baselines import HOST, Control, Params, Result, run_pair  # noqa: E402
 
-SERVICE = "close-compare"
+SERVICE = suite_cases.SERVICE  # the server is suite_cases' own
 PINS = {"none": None, "same": (0, 0), "split": (0, 1)}
 
 
@@ -48,25 +49,12 @@ def _pin(params: Params, side: int) -> None:
 
 
 async def compare_server(ctl: Control, params: Params) -> Result:
-    """Accept and close at once; the compact close as ``params["compact"]`` says."""
+    """suite_cases' server (accept and close at once), pinned, with the compact close as
+    ``params["compact"]`` says."""
     _pin(params, 0)
-    accepted = 0
-
-    async def serve(listener: pyserval.ServalListener) -> None:
-        nonlocal accepted
-        async for stream in listener:
-            accepted += 1
-            await stream.aclose()
-
-    config = pyserval.StreamConfig(compact_close=params["compact"])
-    async with pyserval.Host([f"{HOST}:0"], stream_config=config) as host:
-        listener = await host.listen(SERVICE, backlog=1024)
-        ctl.announce(host.addresses[0])
-        task = asyncio.ensure_future(serve(listener))
-        samples = await scaling._sample_cpu(ctl)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-    return {"accepted": accepted, "samples": samples}
+    return await suite_cases.accept_server(
+        ctl, {**params, "stream_config": {"compact_close": params["compact"]}}
+    )
 
 
 async def compare_client(ctl: Control, params: Params) -> Result:

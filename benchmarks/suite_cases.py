@@ -90,7 +90,9 @@ async def accept_server(ctl: Control, params: Params) -> Result:
             accepted += 1
             await stream.aclose()
 
-    async with pyserval.Host([f"{HOST}:0"]) as host:
+    # (``params["stream_config"]``: the server's StreamConfig fields, for close_compare.py)
+    config = pyserval.StreamConfig(**params.get("stream_config", {}))
+    async with pyserval.Host([f"{HOST}:0"], stream_config=config) as host:
         listener = await host.listen(SERVICE, backlog=1024)
         ctl.announce(host.addresses[0])
         task = asyncio.ensure_future(serve(listener))

@@ -63,6 +63,23 @@ def make_pair(
     return Pair(net, a, b, b.listen("echo"))
 
 
+# Both ends asking for the compact close (StreamConfig.compact_close, opt-in).
+COMPACT = StreamConfig(compact_close=True)
+
+
+def make_compact_pair(
+    seed: int = 1,
+    link: LinkConfig | None = None,
+    config: StreamConfig | None = None,
+    server_config: StreamConfig | None = None,
+    **net_options: Any,
+) -> Pair:
+    """:func:`make_pair` with both ends asking for the compact close, unless a config is
+    given (then as that config says: one given without it leaves it off)."""
+    config = config or COMPACT
+    return make_pair(seed, link, config, server_config or config, **net_options)
+
+
 class Flow:
     """Pumps one direction: writes ``data`` into ``src`` and collects it from ``dst``."""
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
@@ -22,29 +21,12 @@ from pyserval.core.time_wait import TimeWait
 from pyserval.sal import ControlFlags, decode_packet
 from pyserval.sal.packet import SalPacket
 from pyserval.sal.transport_headers import TcpFlags
-from pyserval.testing import LinkConfig
 from pyserval.transport.config import StreamConfig
 from pyserval.transport.connection import Connection, State
 
 from . import simhelpers
-from .simhelpers import A, B, Pair
-
-# The compact close is opt-in (StreamConfig.compact_close): these tests ask for it on both
-# ends unless a test says otherwise (a config given without it leaves it off).
-COMPACT = StreamConfig(compact_close=True)
-
-
-def make_pair(
-    seed: int = 1,
-    link: LinkConfig | None = None,
-    config: StreamConfig | None = None,
-    server_config: StreamConfig | None = None,
-    **net_options: Any,
-) -> Pair:
-    """:func:`simhelpers.make_pair` with both ends asking for the compact close."""
-    config = config or COMPACT
-    return simhelpers.make_pair(seed, link, config, server_config or config, **net_options)
-
+from .simhelpers import COMPACT, A, B, Pair
+from .simhelpers import make_compact_pair as make_pair  # both ends ask for it
 
 # RFC 6994: kind 253, length 4, then the 16-bit ExID ("SV").
 OFFER = bytes([253, 4, 0x53, 0x56])

@@ -17,7 +17,6 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 
@@ -29,25 +28,8 @@ from pyserval.transport.close_state import Stage
 from pyserval.transport.config import StreamConfig
 from pyserval.transport.connection import Connection, State
 
-from . import simhelpers
 from .simhelpers import A, B, Pair
-
-# The compact close is opt-in (StreamConfig.compact_close): these tests ask for it on both
-# ends unless a test says otherwise (a config given without it leaves it off).
-COMPACT = StreamConfig(compact_close=True)
-
-
-def make_pair(
-    seed: int = 1,
-    link: LinkConfig | None = None,
-    config: StreamConfig | None = None,
-    server_config: StreamConfig | None = None,
-    **net_options: Any,
-) -> Pair:
-    """:func:`simhelpers.make_pair` with both ends asking for the compact close."""
-    config = config or COMPACT
-    return simhelpers.make_pair(seed, link, config, server_config or config, **net_options)
-
+from .simhelpers import make_compact_pair as make_pair  # both ends ask for it
 
 Addr = tuple[str, int]
 ENDED = (State.CLOSED, State.TIME_WAIT)
