@@ -440,9 +440,13 @@ def test_sal_fins_with_a_wrong_nonce_or_an_out_of_window_fin_change_nothing(stag
     assert _stage_of(s) == before
     # The right nonce, but its TCP FIN far outside the window (RFC 9293 3.10.7.4: not
     # acceptable, answered by an ACK at most): the SAL FIN riding on it must not count.
+    # Ignored before the client's TCP FIN is in, it is counted as ignored on the flow.
+    ignored = s.primary.control.ignored
+    remote_open = s.close.remote is Stage.OPEN
     _inject(p, _from(c, ControlFlags.FIN, None, TcpFlags.FIN, seq_shift=1 << 30), A, B)
     _inject(p, _from(c, ControlFlags.FIN, None, TcpFlags.FIN, seq_shift=-(1 << 30)), A, B)
     assert _stage_of(s) == before
+    assert s.primary.control.ignored == ignored + (2 if remote_open else 0)
     # And the close still ends cleanly once the path works again.
     p.net.loss_filter = None
     if c.fin_offset is None:

@@ -754,7 +754,10 @@ class Connection:
             sf.control.complete()
         if flags & ControlFlags.FIN:
             if self.close.remote is _OPEN:  # not peer_fin_received (without its call)
-                return  # its TCP FIN has not reached us yet: the peer will send again
+                # Its TCP FIN has not reached us yet: the peer will send again. Counted
+                # with the flow's other ignored control packets.
+                sf.control.ignored += 1
+                return
             sf.control.peer_consumed(ext.verno)
             if not self._close_event(_REMOTE, _EV_SAL_FIN):
                 return
