@@ -18,8 +18,9 @@ each side starts once its TCP FIN is acknowledged. So each direction runs
   (``SAL_FIN_SENT``/``FIN_ACKED`` -restart-> ``FIN_ACKED``); an ACK of the first copy
   may still arrive in ``FIN_ACKED``, and closes the direction as well.
 
-  The *compact close* (``StreamConfig.compact_close``, agreed in the handshake when both
-  ends are pyserval) sends the SAL FIN in the same packet as the TCP FIN:
+  The *compact close* (``StreamConfig.compact_close``, off by default; agreed in the
+  handshake when both ends are pyserval and ask for it) sends the SAL FIN in the same
+  packet as the TCP FIN:
   ``FIN_SENT`` -SAL FIN sent-> ``FINS_SENT``, from where the two ACKs may come in either
   order: -our FIN acknowledged-> ``SAL_FIN_SENT`` -its ACK-> ``DONE``, or -the SAL FIN's
   ACK-> ``DONE`` at once. The receiver takes a packet's TCP segment before its SAL FIN,
