@@ -363,6 +363,7 @@ def on_established(
         else:
             host.drops["join_unproven"] += 1
         return
+    late: ControlExt | None = None  # a CONTROL taken after the segment it rides on
     if ctl is not None:
         if ctl.flags & ControlFlags.RST:
             maybe_reset(host, conn, sf, pkt, src)
@@ -400,18 +401,11 @@ def on_established(
         if ctl.flags & ControlFlags.FIN and pkt.tcp is not None:
             # A SAL FIN on a TCP segment (a compact close): the segment first, so that
             # the TCP FIN it carries is in before the SAL FIN that must follow it.
-            _take_transport(conn, sf, pkt, now)
-            if conn.state is not _CLOSED:
-                conn.on_control(sf, ctl, now, src)
-            return
-        conn.on_control(sf, ctl, now, src)
-        if conn.state is _CLOSED:
-            return
-    _take_transport(conn, sf, pkt, now)
-
-
-def _take_transport(conn: Connection, sf: Subflow, pkt: SalPacket, now: float) -> None:
-    """The transport part of a packet of an established (or closing) flow."""
+            late = ctl
+        else:
+            conn.on_control(sf, ctl, now, src)
+            if conn.state is _CLOSED:
+                return
     tcp = pkt.tcp
     if isinstance(conn, DatagramConnection):
         conn.on_datagram(pkt, now)
@@ -426,6 +420,8 @@ def _take_transport(conn: Connection, sf: Subflow, pkt: SalPacket, now: float) -
                 return  # nothing is taken on a JOIN before its proven third ACK
             dss = pkt.find(DssExt) if conn.mp is not None else None
             sf.on_tcp(tcp, pkt.payload, now, dss)
+    if late is not None and conn.state is not _CLOSED:
+        conn.on_control(sf, late, now, src)
 
 
 def from_elsewhere(

@@ -38,7 +38,7 @@ from ..sal.extensions import (
     ServiceExt,
 )
 from ..sal.packet import SalPacket
-from ..sal.transport_headers import TcpFlags
+from ..sal.transport_headers import TcpFlags, TcpHeader
 from . import liveness
 from .buffers import ReceiveBuffer, SendBuffer
 from .close_state import CloseEvent, CloseState, Side, Stage
@@ -91,6 +91,13 @@ def _with_ack(ext: ControlExt) -> ControlExt:
     """``ext`` (our SAL FIN) also acknowledging the peer's control packet: FIN+ACK, as
     SYN+ACK."""
     return ControlExt(ext.flags | ControlFlags.ACK, ext.verno, ext.ackno, ext.nonce)
+
+
+def _acks_our_syn(sf: Subflow, tcp: TcpHeader | None) -> bool:
+    """Whether ``tcp`` acknowledges our SYN: only such a TCP ACK stands in for a lost third
+    ACK (RFC 9293 3.10.7.4: an acceptable ACK in SYN-RECEIVED establishes, and the segment
+    is processed on)."""
+    return tcp is not None and bool(tcp.flags & TcpFlags.ACK) and tcp.ack == (sf.iss + 1) & MASK32
 
 
 def _send_sal_fin(sf: Subflow, now: float) -> None:
@@ -528,11 +535,6 @@ class Connection:
         """Server: the third ACK, or data proving it was sent (a compact close's FIN +
         SAL FIN too); True when established."""
         ctl, tcp = pkt.control, pkt.tcp
-        # Only a TCP ACK of our SYN stands in for a lost third ACK (RFC 9293 3.10.7.4: an
-        # acceptable ACK in SYN-RECEIVED establishes, and the segment is processed on).
-        tcp_acks_syn = (
-            tcp is not None and tcp.flags & TcpFlags.ACK and tcp.ack == (sf.iss + 1) & MASK32
-        )
         third_ack = ctl is not None
         if ctl is not None:
             if ctl.flags & ControlFlags.SYN:
@@ -543,10 +545,10 @@ class Connection:
                 # The client's FIN + SAL FIN (a compact close), sent after its third ACK
                 # that was lost: its TCP ACK stands in, as data's does (the host then
                 # takes the segment and the SAL FIN).
-                if not (ctl.flags & ControlFlags.FIN and tcp_acks_syn):
+                if not (ctl.flags & ControlFlags.FIN and _acks_our_syn(sf, tcp)):
                     return False
                 third_ack = False
-        elif not tcp_acks_syn:
+        elif not _acks_our_syn(sf, tcp):
             return False
         sf.control.complete()
         if third_ack:  # only the third ACK itself: data standing in for it came later
