@@ -55,6 +55,7 @@ from .events import (
 )
 from .flows import FlowManager
 from .flows.multipath import DEAD_AFTER_RTOS, MultipathState, new_key
+from .packets import SegmentBuilder
 from .receive_budget import ReceiveBudget
 from .subflow import Subflow
 
@@ -483,6 +484,8 @@ class Connection:
     def syn_packet(self, now: float, first: bool) -> SalPacket:
         """The client's SYN (``first``: start the control exchange; else a retransmission)."""
         sf = self.subflows[0]  # the primary
+        if first and self.mp_offer is not None:
+            self.compact_close = False  # single-path connections only: not offered
         ext = sf.control.send_reliable(ControlFlags.SYN, now) if first else sf.control.resend()
         sf.handshake_sent_at = now if first else None  # Karn: an answer to which copy?
         return sf.syn_packet(ext, self.service_id)
@@ -644,10 +647,11 @@ class Connection:
         ):
             _send_sal_fin(sf, now)
 
-    def fin_control(self, control: ControlChannel, sf: object) -> ControlExt | None:
-        """The CONTROL a segment of subflow ``sf`` (its channel ``control``) carrying our
-        TCP FIN takes along: our SAL FIN while it is outstanding on a compact close (with
-        our ACK of the peer's, if one is owed); None otherwise."""
+    def fin_control(self, sf: SegmentBuilder) -> ControlExt | None:
+        """The CONTROL a segment of subflow ``sf`` carrying our TCP FIN takes along: our
+        SAL FIN while it is outstanding on a compact close (with our ACK of the peer's, if
+        one is owed); None otherwise."""
+        control = sf.control
         if self.close.local is not _FINS_SENT or control.outstanding != ControlFlags.FIN:
             return None
         ext = self._sal_fin(control)

@@ -152,10 +152,9 @@ class SegmentBuilder:
     def _syn_options(self) -> list[TcpOption]:
         conn = self.conn
         cfg = conn.config
-        # The compact close is offered on a single-path connection's SYN only (not with
-        # a multipath offer, not on a JOIN).
-        compact = conn.compact_close and conn.mp_offer is None and conn.mp is None
-        conn.compact_close = compact
+        # The compact-close offer as the connection settled it (Connection.syn_packet);
+        # never on a JOIN: the connection is multipath by then.
+        compact = conn.compact_close and conn.mp is None
         return list(_handshake_options(cfg.mss, self.rcv_wscale, cfg.sack, compact))
 
     def syn_packet(self, control: ControlExt, service_id: ServiceID) -> SalPacket:
@@ -254,7 +253,7 @@ class SegmentBuilder:
         exts: list[Extension] = []
         if fin and conn.compact_close:
             # A compact close: our SAL FIN rides on the TCP FIN while it is outstanding.
-            ctl = conn.fin_control(self.control, self)
+            ctl = conn.fin_control(self)
             if ctl is not None:
                 exts.append(ctl)
         if dsn < 0:
