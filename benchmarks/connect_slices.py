@@ -1,0 +1,337 @@
+"""Issue 14's sequential-connections row in short interleaved slices (JSON out).
+
+    python benchmarks/connect_slices.py [--slices 20] [--seconds 0.5] [--warmup 0.5]
+        [--out FILE]
+    python benchmarks/connect_slices.py --tree before=/old/checkout --tree after=src ...
+
+``suite_cases.py connect_vs_tcp`` starts two fresh processes for every run of each stack,
+so a pair of runs is some seconds apart, and on a shared 2-vCPU machine the speed of the
+machine itself drifts by 15 to 40% over that much time (the row has read 0.49 and 0.76 in
+runs of one hour). Here all four processes (pyserval's server and client, asyncio TCP's
+server and client) start once and stay; the parent then runs the two stacks' same cycle
+(connect, the server accepts and closes, the client reads end of stream and closes) in
+slices of ``--seconds``, alternating which stack goes first (ABBA), so the two slices of a
+pair are a fraction of a second apart and see the same machine. The idle stack's
+processes sleep in ``epoll`` meanwhile.
+
+Reported per slice: connections per second, and CPU per connection of both processes (the
+client's own, the server's read before and after the slice through its command pipe, so
+the server's idle time and the pipe are outside it). Per pair: pyserval's rate over
+asyncio TCP's. Summary: the median ratio, its quartiles, how many pairs reach the issue's
+0.6, the median ratio by CPU, and ``ok``: every connection a client completed was accepted
+by its server (the servers' counts at the end).
+
+With two ``--tree NAME=PATH`` (a checkout or its ``src/``) the two stacks are pyserval
+from each tree instead, and the ratio is the second tree's rate over the first's: an A/B of
+a change whose effect is smaller than the drift between ``suite.py``'s runs. Each process
+imports pyserval from its tree (checked, and reported).
+
+The sides are the existing benchmarks' (``suite_cases.accept_server`` and
+``connect_client``, ``baselines.tcp_accept_server`` and ``tcp_connect_client``), driven
+through a command pipe instead of one run each, and imported in the child only, after its
+tree is put first on ``sys.path``. ``PYSERVAL_BENCH_LOOP`` (``baselines``) picks the event
+loop of all four processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import statistics
+import sys
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+# Nothing here imports pyserval at module level: a spawned child imports this module
+# first, and must import pyserval only once its tree is first on sys.path (_sides).
+from report import emit  # noqa: E402
+
+Params = dict[str, Any]
+Result = dict[str, Any]
+
+GOAL = 0.6
+PYSERVAL = "pyserval"
+TCP = "asyncio TCP"
+_TIMEOUT = 60.0
+
+
+def _sides(kind: str, src: str | None) -> tuple[Any, Any]:
+    """(server side, client side) of ``kind`` ("pyserval" or "tcp"), pyserval imported
+    from ``src`` when given (this checkout's, or PYTHONPATH's, otherwise)."""
+    if src is not None:
+        sys.path.insert(0, src)
+    import baselines
+    import suite_cases
+
+    if src is not None:
+        import pyserval
+
+        imported = Path(pyserval.__file__).resolve()
+        if Path(src).resolve() not in imported.parents:
+            raise RuntimeError(f"pyserval came from {imported}, not from the tree {src}")
+    if kind == "tcp":
+        return baselines.tcp_accept_server, baselines.tcp_connect_client
+    return suite_cases.accept_server, suite_cases.connect_client
+
+
+class Commands:
+    """The ``ctl`` the reused sides get: announce an address; and for a server,
+    ``stopped`` answers the parent's CPU queries until it is told to stop."""
+
+    def __init__(self, conn: Connection) -> None:
+        """Wrap the child's end of the command pipe."""
+        self._conn = conn
+
+    def announce(self, address: tuple[str, int]) -> None:
+        """Tell the parent where the server listens."""
+        self._conn.send(("address", address))
+
+    async def next(self) -> tuple[Any, ...]:
+        """The parent's next command, waiting in the event loop (not blocking it)."""
+        conn = self._conn
+        if not conn.poll():
+            loop = asyncio.get_running_loop()
+            ready = loop.create_future()
+
+            def on_readable() -> None:
+                if conn.poll() and not ready.done():
+                    ready.set_result(None)
+
+            loop.add_reader(conn.fileno(), on_readable)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(conn.fileno())
+        command: tuple[Any, ...] = conn.recv()
+        return command
+
+    async def stopped(self) -> None:
+        """Answer ``("cpu",)`` with this process's CPU seconds until ``("stop",)``."""
+        while True:
+            command = await self.next()
+            if command[0] == "stop":
+                return
+            self._conn.send(("cpu", time.process_time()))
+
+
+async def _serve(server: Any, ctl: Commands, params: Params) -> Result:
+    result: Result = await server(ctl, params)
+    return result
+
+
+async def _client(client: Any, ctl: Commands, params: Params) -> Result:
+    """Run one slice per ``("run", seconds)`` until ``("stop",)``; each slice's result
+    (the side's own, with this process's CPU seconds over it) goes back at once."""
+    slices = 0
+    while True:
+        command = await ctl.next()
+        if command[0] == "stop":
+            return {"slices": slices}
+        cpu0 = time.process_time()
+        result = await client(ctl, {**params, "seconds": command[1]})
+        # pyserval's client reports the CPU of its loop alone (its host's start and stop
+        # are outside it); asyncio TCP's has nothing around its loop.
+        result["cpu_s"] = result.get("cpu", time.process_time() - cpu0)
+        ctl._conn.send(("slice", result))
+        slices += 1
+
+
+def _worker(kind: str, src: str | None, role: str, conn: Connection, params: Params) -> None:
+    ctl = Commands(conn)
+    try:
+        server, client = _sides(kind, src)
+        import baselines
+
+        main = _serve(server, ctl, params) if role == "server" else _client(client, ctl, params)
+        conn.send(("result", baselines._run(main)))
+    except BaseException as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        conn.close()
+
+
+def _expect(conn: Connection, kind: str, who: str) -> Any:
+    if not conn.poll(_TIMEOUT):
+        raise RuntimeError(f"{who} did not answer within {_TIMEOUT} s")
+    got, value = conn.recv()
+    if got == "error":
+        raise RuntimeError(f"{who} failed: {value}")
+    if got != kind:
+        raise RuntimeError(f"{who} sent {got!r}, expected {kind!r}")
+    return value
+
+
+class _Stack:
+    """One stack's two processes and their pipes."""
+
+    def __init__(self, ctx: Any, name: str, kind: str, src: str | None) -> None:
+        self.name = name
+        self.server_pipe, server_end = ctx.Pipe()
+        self.server = ctx.Process(
+            target=_worker, args=(kind, src, "server", server_end, {}), daemon=True
+        )
+        self.server.start()
+        address = _expect(self.server_pipe, "address", f"{name} server")
+        self.client_pipe, client_end = ctx.Pipe()
+        params = {"address": address}
+        self.client = ctx.Process(
+            target=_worker, args=(kind, src, "client", client_end, params), daemon=True
+        )
+        self.client.start()
+
+    def server_cpu(self) -> float:
+        self.server_pipe.send(("cpu",))
+        value: float = _expect(self.server_pipe, "cpu", f"{self.name} server")
+        return value
+
+    def slice(self, seconds: float) -> Result:
+        """One slice: rate and CPU per connection of both processes."""
+        before = self.server_cpu()
+        self.client_pipe.send(("run", seconds))
+        r = _expect(self.client_pipe, "slice", f"{self.name} client")
+        server = self.server_cpu() - before
+        n = len(r["durations"])
+        return {
+            "stack": self.name,
+            "connections": n,
+            "per_s": round(n / r["seconds"], 1) if r["seconds"] else 0.0,
+            "cpu_us_per_connection": round((r["cpu_s"] + server) / max(n, 1) * 1e6, 1),
+        }
+
+    def stop(self) -> int:
+        """Stop both processes; how many connections the server accepted."""
+        self.client_pipe.send(("stop",))
+        _expect(self.client_pipe, "result", f"{self.name} client")
+        self.server_pipe.send(("stop",))
+        accepted: int = _expect(self.server_pipe, "result", f"{self.name} server")["accepted"]
+        return accepted
+
+    def kill(self) -> None:
+        for proc in (self.client, self.server):
+            proc.join(5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    if len(values) < 2:
+        return [round(v, 3) for v in values]
+    return [round(q, 3) for q in statistics.quantiles(values, n=4, method="inclusive")]
+
+
+# (name, kind, src): the stack measured (the ratio's numerator), then its reference.
+StackSpec = tuple[str, str, str | None]
+DEFAULT_STACKS: tuple[StackSpec, StackSpec] = ((PYSERVAL, "pyserval", None), (TCP, "tcp", None))
+
+
+def run(
+    slices: int,
+    seconds: float,
+    warmup: float,
+    stacks: tuple[StackSpec, StackSpec] = DEFAULT_STACKS,
+) -> Result:
+    """``slices`` pairs of ``seconds`` each after one ``warmup`` slice per stack; the
+    ratio is the first stack's over the second's."""
+    ctx = multiprocessing.get_context("spawn")
+    started: list[_Stack] = []
+    try:
+        for name, kind, src in stacks:
+            started.append(_Stack(ctx, name, kind, src))
+        mine, peer = started
+        if warmup > 0:
+            mine.slice(warmup)
+            peer.slice(warmup)
+        runs: list[Result] = []
+        ratios: list[float] = []
+        cpu_ratios: list[float] = []
+        for i in range(slices):
+            # ABBA: whichever stack goes first in a pair, it goes second in the next.
+            order = (mine, peer) if i % 2 == 0 else (peer, mine)
+            got = {s.name: s.slice(seconds) for s in order}
+            ours, theirs = got[mine.name], got[peer.name]
+            ratio = ours["per_s"] / theirs["per_s"] if theirs["per_s"] else 0.0
+            by_cpu = theirs["cpu_us_per_connection"] / ours["cpu_us_per_connection"]
+            ratios.append(ratio)
+            cpu_ratios.append(by_cpu)
+            pair: Result = {"pair": i, "first": order[0].name}
+            for name, r in got.items():
+                pair.update({f"{k}_{name}": v for k, v in r.items() if k != "stack"})
+            runs.append({**pair, "ratio": round(ratio, 3), "cpu_ratio": round(by_cpu, 3)})
+        names = [mine.name, peer.name]
+        connections = {n: sum(r[f"connections_{n}"] for r in runs) for n in names}
+        accepted = {s.name: s.stop() for s in started}
+    finally:
+        for s in started:
+            s.kill()
+    # A warm-up slice's connections count at the server too: accepted >= completed.
+    ok = all(accepted[n] >= connections[n] > 0 for n in names)
+    return {
+        "figure": f"connections/s, {mine.name} over {peer.name}, in pairs of slices",
+        "stacks": [{"name": n, "kind": k, "src": src} for n, k, src in stacks],
+        "slices": slices,
+        "seconds": seconds,
+        "runs": runs,
+        "ratio_median": round(statistics.median(ratios), 3),
+        "ratio_quartiles": _quartiles(ratios),
+        "pairs_at_goal": sum(r >= GOAL for r in ratios) if mine.name == PYSERVAL else None,
+        "cpu_ratio_median": round(statistics.median(cpu_ratios), 3),
+        "cpu_ratio_quartiles": _quartiles(cpu_ratios),
+        "per_s_median": {n: round(statistics.median(r[f"per_s_{n}"] for r in runs)) for n in names},
+        "cpu_us_median": {
+            n: round(statistics.median(r[f"cpu_us_per_connection_{n}"] for r in runs), 1)
+            for n in names
+        },
+        "connections": connections,
+        "accepted": accepted,
+        "goal": f"pyserval >= {GOAL} of asyncio TCP (issue 14)"
+        if stacks == DEFAULT_STACKS
+        else None,
+        "ok": ok,
+    }
+
+
+def _tree_src(path: str) -> str:
+    """The ``src/`` of a checkout given as itself or as its ``src/``."""
+    p = Path(path).expanduser().resolve()
+    for src in (p, p / "src"):
+        if (src / "pyserval" / "__init__.py").is_file():
+            return str(src)
+    raise SystemExit(f"no pyserval package under {path} (give a checkout or its src/)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the slices and print the JSON summary."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slices", type=int, default=20, help="pairs of slices")
+    ap.add_argument("--seconds", type=float, default=0.5, help="length of one slice")
+    ap.add_argument("--warmup", type=float, default=0.5, help="one slice per stack, not counted")
+    ap.add_argument(
+        "--tree",
+        action="append",
+        metavar="NAME=PATH",
+        help="twice: pyserval from two trees (the ratio: the second over the first)",
+    )
+    ap.add_argument("--out", help="also write the JSON here")
+    args = ap.parse_args(argv)
+    stacks = DEFAULT_STACKS
+    if args.tree:
+        if len(args.tree) != 2 or not all("=" in t for t in args.tree):
+            ap.error("--tree wants NAME=PATH, given twice")
+        (a, pa), (b, pb) = (t.split("=", 1) for t in args.tree)
+        if a == b:
+            ap.error(f"tree name {a!r} given twice")
+        stacks = ((b, "pyserval", _tree_src(pb)), (a, "pyserval", _tree_src(pa)))
+    result = run(args.slices, args.seconds, args.warmup, stacks)
+    emit(result, args.out)
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

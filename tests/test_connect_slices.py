@@ -1,0 +1,75 @@
+"""``benchmarks/connect_slices.py``: issue 14's connection row in interleaved slices.
+
+The benchmark keeps four processes up and alternates the two stacks in short slices; what
+it reports must follow from the slices it ran: the pairs alternate which stack goes first
+(ABBA), each ratio is the first stack's rate over the second's in the same pair, the totals
+are the slices' sums and no more than the servers accepted. With ``--tree`` each process
+must import pyserval from its tree, which a tree whose package refuses to import shows.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+from .helpers.processes import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import connect_slices as cs
+
+pytestmark = pytest.mark.timeout(120)
+
+SECONDS = 0.15
+
+
+def test_the_slices_alternate_and_the_figures_follow_from_them() -> None:
+    r = cs.run(slices=3, seconds=SECONDS, warmup=0.0)
+    assert r["ok"] is True
+    runs = r["runs"]
+    assert [p["first"] for p in runs] == [cs.PYSERVAL, cs.TCP, cs.PYSERVAL]
+    ratios = []
+    for p in runs:
+        for stack in (cs.PYSERVAL, cs.TCP):
+            n, per_s = p[f"connections_{stack}"], p[f"per_s_{stack}"]
+            assert n > 0
+            # The client loops until the slice is over: its own time is at least the
+            # slice, and one cycle more at most (a cycle here is milliseconds).
+            assert n / (SECONDS + 0.5) <= per_s <= n / SECONDS + 1
+            assert p[f"cpu_us_per_connection_{stack}"] > 0
+        ratio = p[f"per_s_{cs.PYSERVAL}"] / p[f"per_s_{cs.TCP}"]
+        assert p["ratio"] == pytest.approx(ratio, abs=1e-3)
+        ratios.append(ratio)
+    assert r["ratio_median"] == pytest.approx(statistics.median(ratios), abs=1e-3)
+    assert r["pairs_at_goal"] == sum(x >= 0.6 for x in ratios)
+    for stack in (cs.PYSERVAL, cs.TCP):
+        made = sum(p[f"connections_{stack}"] for p in runs)
+        assert r["connections"][stack] == made
+        assert r["accepted"][stack] >= made
+
+
+def _copy_tree(dest: Path) -> Path:
+    src = dest / "src"
+    shutil.copytree(
+        ROOT / "src" / "pyserval", src / "pyserval", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    return src
+
+
+def test_each_tree_is_imported_from_where_it_is_given(tmp_path: Path) -> None:
+    a = _copy_tree(tmp_path / "a")
+    r = cs.run(
+        1, SECONDS, 0.0, stacks=(("b", "pyserval", str(ROOT / "src")), ("a", "pyserval", str(a)))
+    )
+    assert r["ok"] is True
+    assert [s["src"] for s in r["stacks"]] == [str(ROOT / "src"), str(a)]
+    assert r["goal"] is None and r["pairs_at_goal"] is None
+    # A tree whose pyserval cannot be imported: the child must refuse to run rather than
+    # measure the checkout's (treepath falls back to it when the import fails).
+    broken = _copy_tree(tmp_path / "broken")
+    (broken / "pyserval" / "__init__.py").write_text('raise ImportError("the broken tree")\n')
+    with pytest.raises(RuntimeError, match=r"not from the tree \S*broken"):
+        cs.run(1, SECONDS, 0.0, stacks=(("b", "pyserval", str(broken)), ("a", "pyserval", str(a))))
