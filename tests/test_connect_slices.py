@@ -9,6 +9,7 @@ must import pyserval from its tree, which a tree whose package refuses to import
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import sys
@@ -29,6 +30,7 @@ SECONDS = 0.15
 def test_the_slices_alternate_and_the_figures_follow_from_them() -> None:
     r = cs.run(slices=3, seconds=SECONDS, warmup=0.0)
     assert r["ok"] is True
+    assert r["machine"]["cpus"] == os.cpu_count()
     runs = r["runs"]
     assert [p["first"] for p in runs] == [cs.PYSERVAL, cs.TCP, cs.PYSERVAL]
     ratios = []
