@@ -89,24 +89,34 @@ class Control:
 
     def announce(self, address: tuple[str, int]) -> None:
         """Tell the parent where the receiver listens (call once, receivers only)."""
-        self._conn.send(("address", address))
+        self.send("address", address)
+
+    def send(self, kind: str, value: Any) -> None:
+        """Send the parent a message of ``kind`` (what :func:`expect` waits for)."""
+        self._conn.send((kind, value))
+
+    async def next(self) -> Any:
+        """The parent's next message, waited for in the event loop (not blocking it)."""
+        conn = self._conn
+        if not conn.poll():
+            loop = asyncio.get_running_loop()
+            ready = loop.create_future()
+
+            def on_readable() -> None:
+                if conn.poll() and not ready.done():
+                    ready.set_result(None)
+
+            fd = conn.fileno()
+            loop.add_reader(fd, on_readable)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
+        return conn.recv()
 
     async def stopped(self) -> None:
         """Wait until the parent says the sender has finished."""
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-
-        def on_readable() -> None:
-            if self._conn.poll() and not done.done():
-                done.set_result(None)
-
-        fd = self._conn.fileno()
-        loop.add_reader(fd, on_readable)
-        try:
-            await done
-        finally:
-            loop.remove_reader(fd)
-        self._conn.recv()
+        await self.next()
 
 
 # Which event loop the child processes run: "asyncio" (the default) or "uvloop" (the
@@ -134,7 +144,12 @@ def _run(main: Coroutine[Any, Any, Result]) -> Result:
     return asyncio.run(main)
 
 
-def _child(side: Side, conn: Connection, params: Params) -> None:
+def child(
+    side: Side, conn: Connection, params: Params, control: type[Control] | None = None
+) -> None:
+    """A spawned process's body: run ``side`` on the chosen event loop with ``control``
+    (:class:`Control` unless given) around the pipe, and send back its result (with the
+    process's CPU seconds) or its error."""
     try:
         # CPU time of the run itself (the interpreter start and imports are excluded).
         cpu0 = time.process_time()
@@ -143,10 +158,10 @@ def _child(side: Side, conn: Connection, params: Params) -> None:
             import cProfile
 
             profiler = cProfile.Profile()
-            result = profiler.runcall(_run, side(Control(conn), params))
+            result = profiler.runcall(_run, side((control or Control)(conn), params))
             profiler.dump_stats(os.path.join(profile_dir, f"{side.__name__}.prof"))
         else:
-            result = _run(side(Control(conn), params))
+            result = _run(side((control or Control)(conn), params))
         result["cpu_s"] = round(time.process_time() - cpu0, 3)
         conn.send(("result", result))
     except BaseException as exc:
@@ -156,7 +171,9 @@ def _child(side: Side, conn: Connection, params: Params) -> None:
         conn.close()
 
 
-def _expect(conn: Connection, kind: str, who: str) -> Any:
+def expect(conn: Connection, kind: str, who: str) -> Any:
+    """The next message from a child: its value if it is of ``kind``; a child that failed,
+    sent something else or is silent for a minute raises RuntimeError naming ``who``."""
     if not conn.poll(_CHILD_TIMEOUT):
         raise RuntimeError(f"{who} did not answer within {_CHILD_TIMEOUT} s")
     got_kind, value = conn.recv()
@@ -180,20 +197,20 @@ def run_pair(receiver: Side, sender: Side, params: Params) -> tuple[Result, Resu
     ctx = multiprocessing.get_context("spawn")
     rx_parent, rx_child = ctx.Pipe()
     tx_parent, tx_child = ctx.Pipe()
-    rx = ctx.Process(target=_child, args=(receiver, rx_child, params), daemon=True)
+    rx = ctx.Process(target=child, args=(receiver, rx_child, params), daemon=True)
     tx: multiprocessing.process.BaseProcess | None = None
     rx.start()
     try:
-        address = _expect(rx_parent, "address", "receiver")
+        address = expect(rx_parent, "address", "receiver")
         tx = ctx.Process(
-            target=_child, args=(sender, tx_child, {**params, "address": address}), daemon=True
+            target=child, args=(sender, tx_child, {**params, "address": address}), daemon=True
         )
         tx.start()
-        sent = _expect(tx_parent, "result", "sender")
+        sent = expect(tx_parent, "result", "sender")
         # Let datagrams still in flight or in socket buffers arrive before stopping.
         time.sleep(params.get("grace", 0.3))
         rx_parent.send("stop")
-        received = _expect(rx_parent, "result", "receiver")
+        received = expect(rx_parent, "result", "receiver")
         return received, sent
     finally:
         for proc in (rx, tx):
@@ -223,22 +240,22 @@ def run_chain(sides: list[Side], params: Params) -> list[Result]:
     last = len(sides) - 1
     try:
         for i, side in enumerate(sides):
-            parent, child = ctx.Pipe()
+            parent, child_end = ctx.Pipe()
             mine: Params = {**params, "addresses": list(addresses)}
             if addresses:
                 mine["address"] = addresses[-1]
-            proc = ctx.Process(target=_child, args=(side, child, mine), daemon=True)
+            proc = ctx.Process(target=child, args=(side, child_end, mine), daemon=True)
             proc.start()
             procs.append(proc)
             pipes.append(parent)
             if i < last:
-                addresses.append(_expect(parent, "address", f"side {i} ({side.__name__})"))
+                addresses.append(expect(parent, "address", f"side {i} ({side.__name__})"))
         results: list[Result] = [{} for _ in sides]
-        results[last] = _expect(pipes[last], "result", f"side {last} ({sides[last].__name__})")
+        results[last] = expect(pipes[last], "result", f"side {last} ({sides[last].__name__})")
         time.sleep(params.get("grace", 0.3))
         for i in range(last - 1, -1, -1):
             pipes[i].send("stop")
-            results[i] = _expect(pipes[i], "result", f"side {i} ({sides[i].__name__})")
+            results[i] = expect(pipes[i], "result", f"side {i} ({sides[i].__name__})")
         return results
     finally:
         for started in reversed(procs):

@@ -41,29 +41,26 @@ loop of all four processes.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import multiprocessing
 import os
 import statistics
 import sys
 import time
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-# Nothing here imports pyserval at module level: a spawned child imports this module
-# first, and must import pyserval only once its tree is first on sys.path (_sides).
+# Nothing here imports pyserval at module level (baselines does not either): a spawned
+# child imports this module first, and imports pyserval only once its tree is first on
+# sys.path (_sides).
+import baselines  # noqa: E402
+from baselines import Control, Params, Result, expect  # noqa: E402
 from report import emit  # noqa: E402
-
-Params = dict[str, Any]
-Result = dict[str, Any]
 
 GOAL = 0.6
 PYSERVAL = "pyserval"
 TCP = "asyncio TCP"
-_TIMEOUT = 60.0
 
 
 def _sides(kind: str, src: str | None) -> tuple[Any, Any]:
@@ -71,8 +68,7 @@ def _sides(kind: str, src: str | None) -> tuple[Any, Any]:
     from ``src`` when given (this checkout's, or PYTHONPATH's, otherwise)."""
     if src is not None:
         sys.path.insert(0, src)
-    import baselines
-    import suite_cases
+    import suite_cases  # (its treepath.pin() imports pyserval from the first entry)
 
     if src is not None:
         import pyserval
@@ -85,54 +81,27 @@ def _sides(kind: str, src: str | None) -> tuple[Any, Any]:
     return suite_cases.accept_server, suite_cases.connect_client
 
 
-class Commands:
-    """The ``ctl`` the reused sides get: announce an address; and for a server,
-    ``stopped`` answers the parent's CPU queries until it is told to stop."""
-
-    def __init__(self, conn: Connection) -> None:
-        """Wrap the child's end of the command pipe."""
-        self._conn = conn
-
-    def announce(self, address: tuple[str, int]) -> None:
-        """Tell the parent where the server listens."""
-        self._conn.send(("address", address))
-
-    async def next(self) -> tuple[Any, ...]:
-        """The parent's next command, waiting in the event loop (not blocking it)."""
-        conn = self._conn
-        if not conn.poll():
-            loop = asyncio.get_running_loop()
-            ready = loop.create_future()
-
-            def on_readable() -> None:
-                if conn.poll() and not ready.done():
-                    ready.set_result(None)
-
-            loop.add_reader(conn.fileno(), on_readable)
-            try:
-                await ready
-            finally:
-                loop.remove_reader(conn.fileno())
-        command: tuple[Any, ...] = conn.recv()
-        return command
+class Commands(Control):
+    """The ``ctl`` the reused sides get: for a server, ``stopped`` answers the parent's
+    CPU queries until it is told to stop."""
 
     async def stopped(self) -> None:
         """Answer ``("cpu",)`` with this process's CPU seconds until ``("stop",)``."""
-        while True:
-            command = await self.next()
-            if command[0] == "stop":
-                return
-            self._conn.send(("cpu", time.process_time()))
+        while (await self.next())[0] != "stop":
+            self.send("cpu", time.process_time())
 
 
-async def _serve(server: Any, ctl: Commands, params: Params) -> Result:
+async def slice_server(ctl: Control, params: Params) -> Result:
+    """The stack's server (``params["kind"]``, ``params["src"]``), until stopped."""
+    server, _client = _sides(params["kind"], params["src"])
     result: Result = await server(ctl, params)
     return result
 
 
-async def _client(client: Any, ctl: Commands, params: Params) -> Result:
+async def slice_client(ctl: Control, params: Params) -> Result:
     """Run one slice per ``("run", seconds)`` until ``("stop",)``; each slice's result
     (the side's own, with this process's CPU seconds over it) goes back at once."""
+    _server, client = _sides(params["kind"], params["src"])
     slices = 0
     while True:
         command = await ctl.next()
@@ -143,34 +112,8 @@ async def _client(client: Any, ctl: Commands, params: Params) -> Result:
         # pyserval's client reports the CPU of its loop alone (its host's start and stop
         # are outside it); asyncio TCP's has nothing around its loop.
         result["cpu_s"] = result.get("cpu", time.process_time() - cpu0)
-        ctl._conn.send(("slice", result))
+        ctl.send("slice", result)
         slices += 1
-
-
-def _worker(kind: str, src: str | None, role: str, conn: Connection, params: Params) -> None:
-    ctl = Commands(conn)
-    try:
-        server, client = _sides(kind, src)
-        import baselines
-
-        main = _serve(server, ctl, params) if role == "server" else _client(client, ctl, params)
-        conn.send(("result", baselines._run(main)))
-    except BaseException as exc:
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        raise
-    finally:
-        conn.close()
-
-
-def _expect(conn: Connection, kind: str, who: str) -> Any:
-    if not conn.poll(_TIMEOUT):
-        raise RuntimeError(f"{who} did not answer within {_TIMEOUT} s")
-    got, value = conn.recv()
-    if got == "error":
-        raise RuntimeError(f"{who} failed: {value}")
-    if got != kind:
-        raise RuntimeError(f"{who} sent {got!r}, expected {kind!r}")
-    return value
 
 
 class _Stack:
@@ -178,29 +121,30 @@ class _Stack:
 
     def __init__(self, ctx: Any, name: str, kind: str, src: str | None) -> None:
         self.name = name
+        params: Params = {"kind": kind, "src": src}
         self.server_pipe, server_end = ctx.Pipe()
         self.server = ctx.Process(
-            target=_worker, args=(kind, src, "server", server_end, {}), daemon=True
+            target=baselines.child, args=(slice_server, server_end, params, Commands), daemon=True
         )
         self.server.start()
-        address = _expect(self.server_pipe, "address", f"{name} server")
+        address = expect(self.server_pipe, "address", f"{name} server")
         self.client_pipe, client_end = ctx.Pipe()
-        params = {"address": address}
+        params = {**params, "address": address}
         self.client = ctx.Process(
-            target=_worker, args=(kind, src, "client", client_end, params), daemon=True
+            target=baselines.child, args=(slice_client, client_end, params, Commands), daemon=True
         )
         self.client.start()
 
     def server_cpu(self) -> float:
         self.server_pipe.send(("cpu",))
-        value: float = _expect(self.server_pipe, "cpu", f"{self.name} server")
+        value: float = expect(self.server_pipe, "cpu", f"{self.name} server")
         return value
 
     def slice(self, seconds: float) -> Result:
         """One slice: rate and CPU per connection of both processes."""
         before = self.server_cpu()
         self.client_pipe.send(("run", seconds))
-        r = _expect(self.client_pipe, "slice", f"{self.name} client")
+        r = expect(self.client_pipe, "slice", f"{self.name} client")
         server = self.server_cpu() - before
         n = len(r["durations"])
         return {
@@ -213,9 +157,9 @@ class _Stack:
     def stop(self) -> int:
         """Stop both processes; how many connections the server accepted."""
         self.client_pipe.send(("stop",))
-        _expect(self.client_pipe, "result", f"{self.name} client")
+        expect(self.client_pipe, "result", f"{self.name} client")
         self.server_pipe.send(("stop",))
-        accepted: int = _expect(self.server_pipe, "result", f"{self.name} server")["accepted"]
+        accepted: int = expect(self.server_pipe, "result", f"{self.name} server")["accepted"]
         return accepted
 
     def kill(self) -> None:
