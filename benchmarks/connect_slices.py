@@ -174,7 +174,8 @@ def machine() -> Result:
     """What decides the cost of a wake-up here: the CPU count, the idle driver and the
     guest's halt polling (KVM's ``haltpoll``: an idle vCPU polls this long, in ns, before
     it halts; 0, as on this Firecracker VM, halts at once, so every datagram that wakes a
-    sleeping process waits for the hypervisor). None where the file does not exist."""
+    sleeping process waits for the hypervisor); and the load average (None where a file
+    does not exist)."""
 
     def read(path: str) -> str | None:
         try:
@@ -210,6 +211,7 @@ def run(
     """``slices`` pairs of ``seconds`` each after one ``warmup`` slice per stack; the
     ratio is the first stack's over the second's."""
     ctx = multiprocessing.get_context("spawn")
+    before = machine()  # (the load average before this run adds its own)
     started: list[_Stack] = []
     try:
         for name, kind, src in stacks:
@@ -245,7 +247,7 @@ def run(
     return {
         "figure": f"connections/s, {mine.name} over {peer.name}, in pairs of slices",
         "stacks": [{"name": n, "kind": k, "src": src} for n, k, src in stacks],
-        "machine": machine(),
+        "machine": before,
         "slices": slices,
         "seconds": seconds,
         "runs": runs,
