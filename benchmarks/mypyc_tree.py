@@ -55,8 +55,14 @@ copy of ``benchmarks/`` in ``<out>``) is 332-404 us compiled against 383-431 us 
 about 1.1x where the README's measurement found 1.5x; ``transport_cpu_bench.py`` (4 runs
 each, interleaved, load 1.2-1.8) gives medians of 15.7, 14.1, 14.4 and 13.0 MB per CPU
 second compiled against 13.8, 12.4, 13.9 and 11.9 pure (1.04-1.14x, the README's 1.19-1.45x),
-with runs of either tree spread by 20%. The README's 1.1x for whole connections is from
-the tree of that measurement and does not hold on this main.
+with runs of either tree spread by 20%. Both hosts in one process, the compiled tree does
+less: 1.208M instructions per connection against 1.712M pure (callgrind, ``connect_inproc.py
+--virtual-clock --warmup 50``, (I500 - I100) / 400), and 719-850 us of CPU against 828-908
+(``connect_inproc.py --connections 3000 --warmup 300``, 3 runs each, interleaved, load
+0.3-0.6); a line tracer over the cycle counts 1,496 interpreted lines per cycle instead
+of 6,061 (615 of them ``connection.py``'s, left interpreted). The README's 1.1x for whole
+connections in two processes is from the tree of that measurement and does not hold on
+this main, where the slices cannot tell the trees apart.
 """
 
 from __future__ import annotations
