@@ -9,9 +9,11 @@ must import pyserval from its tree, which a tree whose package refuses to import
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -75,3 +77,49 @@ def test_each_tree_is_imported_from_where_it_is_given(tmp_path: Path) -> None:
     (broken / "pyserval" / "__init__.py").write_text('raise ImportError("the broken tree")\n')
     with pytest.raises(RuntimeError, match=r"not from the tree \S*broken"):
         cs.run(1, SECONDS, 0.0, stacks=(("b", "pyserval", str(broken)), ("a", "pyserval", str(a))))
+
+
+def _without_pythonpath() -> dict[str, str]:
+    """This environment with ``PYTHONPATH`` unset, as the command line usually runs."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+def test_a_tree_is_imported_as_the_command_line_runs_it(tmp_path: Path) -> None:
+    # From the command line, baselines puts this checkout's src/ first on the children's
+    # path where it is not there yet; the copy must still be what is measured.
+    a = _copy_tree(tmp_path / "a")
+    out = tmp_path / "out.json"
+    args = ["--slices", "1", "--seconds", str(SECONDS), "--warmup", "0", "--out", str(out)]
+    trees = ["--tree", f"b={ROOT / 'src'}", "--tree", f"a={a}"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "connect_slices.py"), *args, *trees],
+        env=_without_pythonpath(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["ok"] is True
+    assert [s["src"] for s in r["stacks"]] == [str(a), str(ROOT / "src")]
+
+
+def test_without_a_tree_pyserval_is_pythonpaths(tmp_path: Path) -> None:
+    # The default run measures the pyserval PYTHONPATH names (as treepath.pin() chooses),
+    # not the checkout's src/ that baselines puts on the path.
+    a = _copy_tree(tmp_path / "a")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import connect_slices as cs; "
+        "print(cs.DEFAULT_STACKS[0][2])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / "benchmarks")],
+        env={**_without_pythonpath(), "PYTHONPATH": str(a)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert Path(done.stdout.strip()) == a
