@@ -21,10 +21,12 @@ often (the kernel answers the SYN and the client's FIN).
 
 Reported per slice: connections per second, and CPU per connection of both processes (the
 client's own, the server's read before and after the slice through its command pipe, so
-the server's idle time and the pipe are outside it). Per pair: pyserval's rate over
-asyncio TCP's. Summary: the median ratio, its quartiles, how many pairs reach the issue's
-0.6, the median ratio by CPU, and ``ok``: every connection a client completed was accepted
-by its server (the servers' counts at the end).
+the server's idle time and the pipe are outside it), and how much of it was spent in the
+kernel (system calls, the loopback's delivery to the other socket, wake-ups). Per pair:
+pyserval's rate over asyncio TCP's. Summary: the median ratio, its quartiles, how many
+pairs reach the issue's 0.6, the median ratio by CPU, medians of CPU and kernel time per
+connection, and ``ok``: every connection a client completed was accepted by its server
+(the servers' counts at the end).
 
 With two ``--tree NAME=PATH`` (a checkout or its ``src/``) the two stacks are pyserval
 from each tree instead, and the ratio is the second tree's rate over the first's: an A/B of
@@ -44,9 +46,9 @@ import argparse
 import importlib.util
 import multiprocessing
 import os
+import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -90,14 +92,22 @@ def _sides(kind: str, src: str | None) -> tuple[Any, Any]:
     return suite_cases.accept_server, suite_cases.connect_client
 
 
+def _cpu() -> tuple[float, float]:
+    """This process's CPU seconds so far, in user space and in the kernel (getrusage:
+    the sum is exact, the split sampled at the scheduler's ticks)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime
+
+
 class Commands(Control):
     """The ``ctl`` the reused sides get: for a server, ``stopped`` answers the parent's
     CPU queries until it is told to stop."""
 
     async def stopped(self) -> None:
-        """Answer ``("cpu",)`` with this process's CPU seconds until ``("stop",)``."""
+        """Answer ``("cpu",)`` with this process's CPU seconds (user, kernel) until
+        ``("stop",)``."""
         while (await self.next())[0] != "stop":
-            self.send("cpu", time.process_time())
+            self.send("cpu", _cpu())
 
 
 async def slice_server(ctl: Control, params: Params) -> Result:
@@ -116,11 +126,13 @@ async def slice_client(ctl: Control, params: Params) -> Result:
         command = await ctl.next()
         if command[0] == "stop":
             return {"slices": slices}
-        cpu0 = time.process_time()
+        user0, kernel0 = _cpu()
         result = await client(ctl, {**params, "seconds": command[1]})
+        user1, kernel1 = _cpu()
         # pyserval's client reports the CPU of its loop alone (its host's start and stop
         # are outside it); asyncio TCP's has nothing around its loop.
-        result["cpu_s"] = result.get("cpu", time.process_time() - cpu0)
+        result.setdefault("cpu_user", user1 - user0)
+        result.setdefault("cpu_sys", kernel1 - kernel0)
         ctl.send("slice", result)
         slices += 1
 
@@ -144,23 +156,27 @@ class _Stack:
         )
         self.client.start()
 
-    def server_cpu(self) -> float:
+    def server_cpu(self) -> tuple[float, float]:
         self.server_pipe.send(("cpu",))
-        value: float = expect(self.server_pipe, "cpu", f"{self.name} server")
-        return value
+        user, kernel = expect(self.server_pipe, "cpu", f"{self.name} server")
+        return user, kernel
 
     def slice(self, seconds: float) -> Result:
-        """One slice: rate and CPU per connection of both processes."""
-        before = self.server_cpu()
+        """One slice: rate and CPU per connection of both processes, and how much of
+        that CPU was the kernel's (system calls, the loopback's delivery, wake-ups)."""
+        user0, kernel0 = self.server_cpu()
         self.client_pipe.send(("run", seconds))
         r = expect(self.client_pipe, "slice", f"{self.name} client")
-        server = self.server_cpu() - before
+        user1, kernel1 = self.server_cpu()
         n = len(r["durations"])
+        user = (user1 - user0 + r["cpu_user"]) / max(n, 1) * 1e6
+        kernel = (kernel1 - kernel0 + r["cpu_sys"]) / max(n, 1) * 1e6
         return {
             "stack": self.name,
             "connections": n,
             "per_s": round(n / r["seconds"], 1) if r["seconds"] else 0.0,
-            "cpu_us_per_connection": round((r["cpu_s"] + server) / max(n, 1) * 1e6, 1),
+            "cpu_us_per_connection": round(user + kernel, 1),
+            "kernel_us_per_connection": round(kernel, 1),
         }
 
     def stop(self) -> int:
@@ -271,6 +287,10 @@ def run(
         "per_s_median": {n: round(statistics.median(r[f"per_s_{n}"] for r in runs)) for n in names},
         "cpu_us_median": {
             n: round(statistics.median(r[f"cpu_us_per_connection_{n}"] for r in runs), 1)
+            for n in names
+        },
+        "kernel_us_median": {
+            n: round(statistics.median(r[f"kernel_us_per_connection_{n}"] for r in runs), 1)
             for n in names
         },
         "connections": connections,

@@ -46,6 +46,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import resource
 import statistics
 import sys
 import time
@@ -114,6 +115,7 @@ async def connect_client(ctl: Control, params: Params) -> Result:
     async with pyserval.Host([f"{HOST}:0"], stream_config=config) as host:
         host.add_route(SERVICE, f"{ip}:{port}")
         cpu0 = time.process_time()
+        usage0 = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
         end = start + params["seconds"]
         now = start
@@ -126,7 +128,16 @@ async def connect_client(ctl: Control, params: Params) -> Result:
             durations.append(t - now)
             now = t
         cpu = time.process_time() - cpu0
-    return {"durations": durations, "seconds": now - start, "window": [start, now], "cpu": cpu}
+        usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "durations": durations,
+        "seconds": now - start,
+        "window": [start, now],
+        "cpu": cpu,
+        # the same CPU time in user space and in the kernel (connect_slices.py's split)
+        "cpu_user": usage1.ru_utime - usage0.ru_utime,
+        "cpu_sys": usage1.ru_stime - usage0.ru_stime,
+    }
 
 
 def connect_rate(seconds: float) -> Result:
