@@ -210,7 +210,7 @@ def _interpret_class(path: Path, name: str) -> None:
 def build(out: Path, modules: list[str]) -> None:
     """Copy the checkout to ``out`` and compile ``modules`` (paths under src/pyserval)."""
     from mypyc.build import mypycify  # the dev extra's mypy
-    from setuptools import setup
+    from setuptools import setup  # type: ignore[import-untyped,unused-ignore]
 
     if out.exists():
         shutil.rmtree(out)
