@@ -1,6 +1,7 @@
 """The connect cycle with both hosts in one process: CPU per connection without wake-ups.
 
     python benchmarks/connect_inproc.py [--connections 2000] [--warmup 200] [--out FILE]
+        [--stack pyserval|tcp]
 
 ``suite_cases.py connect`` runs the client and the server in two processes, as users do,
 and its CPU figure includes what each wake-up of a sleeping process costs. Here both
@@ -19,8 +20,12 @@ checksums) do not spin under the count; repeat runs then agree within about 0.3%
 
 The cycle is ``suite_cases.py``'s: connect, the server accepts and closes, the client reads
 end of stream and closes. The JSON gives connections per second, CPU microseconds per
-connection (``time.process_time``) and ``ok``: every connection was accepted and every
-client read end of stream with no data.
+connection (``time.process_time``), how much of it was user space and how much the kernel
+(``getrusage``: the split is sampled at the scheduler's ticks), and ``ok``: every
+connection was accepted and every client read end of stream with no data. ``--stack tcp``
+runs asyncio TCP's same cycle in one process instead (``open_connection``, the server's
+callback closes, ``read`` to EOF, close): the two stacks' own work side by side, without
+the wake-ups that ``connect_slices.py``'s figures include.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import resource
 import sys
 import time
 from pathlib import Path
@@ -76,6 +82,56 @@ async def cycle(host: pyserval.Host, counts: Counts, service: str = SERVICE) -> 
 _VIRTUAL_NOW = [1000.0]
 
 
+class Meter:
+    """CPU and wall time over the timed cycles."""
+
+    def start(self) -> None:
+        self.cpu0 = time.process_time()
+        self.usage0 = resource.getrusage(resource.RUSAGE_SELF)
+        self.wall0 = time.perf_counter()
+
+    def figures(self, connections: int) -> dict[str, Any]:
+        wall = time.perf_counter() - self.wall0
+        cpu = time.process_time() - self.cpu0
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        user = usage.ru_utime - self.usage0.ru_utime
+        kernel = usage.ru_stime - self.usage0.ru_stime
+        return {
+            "connections": connections,
+            "per_s": round(connections / wall),
+            "cpu_us_per_connection": round(cpu / connections * 1e6, 1),
+            "user_us_per_connection": round(user / connections * 1e6, 1),
+            "kernel_us_per_connection": round(kernel / connections * 1e6, 1),
+        }
+
+
+async def run_tcp(connections: int, warmup: int) -> dict[str, Any]:
+    """asyncio TCP's cycle, both ends in this process: ``warmup`` cycles, then
+    ``connections`` timed ones."""
+    counts = Counts()
+
+    async def handle(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        counts.accepted += 1
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
+    host, port = server.sockets[0].getsockname()[:2]
+    meter = Meter()
+    async with server:
+        for i in range(warmup + connections):
+            if i == warmup:
+                meter.start()
+            reader, writer = await asyncio.open_connection(host, port)
+            if await reader.read() == b"":
+                counts.clean_ends += 1
+            writer.close()
+            await writer.wait_closed()
+        figures = meter.figures(connections)
+        await asyncio.sleep(0.05)  # the last accept's callback
+    total = warmup + connections
+    return {**figures, "ok": counts.accepted == total and counts.clean_ends == total}
+
+
 async def run(connections: int, warmup: int, virtual_clock: bool = False) -> dict[str, Any]:
     """``warmup`` cycles, then ``connections`` timed ones; the figures. ``virtual_clock``:
     the hosts' clock moves 1 ms per cycle and not within one (see the module docstring)."""
@@ -95,13 +151,12 @@ async def run(connections: int, warmup: int, virtual_clock: bool = False) -> dic
         for _ in range(warmup):
             await cycle(client, counts)
             _VIRTUAL_NOW[0] += step
-        cpu0 = time.process_time()
-        start = time.perf_counter()
+        meter = Meter()
+        meter.start()
         for _ in range(connections):
             await cycle(client, counts)
             _VIRTUAL_NOW[0] += step
-        wall = time.perf_counter() - start
-        cpu = time.process_time() - cpu0
+        figures = meter.figures(connections)
         if virtual_clock:
             for _ in range(5):
                 await asyncio.sleep(0)  # the last accept (no timer fires on a still clock)
@@ -110,12 +165,7 @@ async def run(connections: int, warmup: int, virtual_clock: bool = False) -> dic
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     total = warmup + connections
-    return {
-        "connections": connections,
-        "per_s": round(connections / wall),
-        "cpu_us_per_connection": round(cpu / connections * 1e6, 1),
-        "ok": counts.accepted == total and counts.clean_ends == total,
-    }
+    return {**figures, "ok": counts.accepted == total and counts.clean_ends == total}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,10 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--virtual-clock", action="store_true", help="for instruction counts (see above)"
     )
+    parser.add_argument("--stack", choices=["pyserval", "tcp"], default="pyserval")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
-    result = asyncio.run(run(args.connections, args.warmup, args.virtual_clock))
-    emit({"case": "connect_inproc", "pyserval_src": str(SRC), **result}, args.out)
+    if args.stack == "tcp":
+        result = asyncio.run(run_tcp(args.connections, args.warmup))
+    else:
+        result = asyncio.run(run(args.connections, args.warmup, args.virtual_clock))
+    case = {"case": "connect_inproc", "stack": args.stack, "pyserval_src": str(SRC)}
+    emit({**case, **result}, args.out)
     return 0 if result["ok"] else 1
 
 
