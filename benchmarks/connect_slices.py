@@ -22,7 +22,9 @@ often (the kernel answers the SYN and the client's FIN).
 Reported per slice: connections per second, and CPU per connection of both processes (the
 client's own, the server's read before and after the slice through its command pipe, so
 the server's idle time and the pipe are outside it), and how much of it was spent in the
-kernel (system calls, the loopback's delivery to the other socket, wake-ups). Per pair:
+kernel (system calls, the loopback's delivery to the other socket, wake-ups), and how
+many times the two processes went to sleep per connection (voluntary context switches:
+each is a wake-up, dear on a VM whose idle vCPUs halt). Per pair:
 pyserval's rate over asyncio TCP's. Summary: the median ratio, its quartiles, how many
 pairs reach the issue's 0.6, the median ratio by CPU, medians of CPU and kernel time per
 connection, and ``ok``: every connection a client completed was accepted by its server
@@ -92,11 +94,12 @@ def _sides(kind: str, src: str | None) -> tuple[Any, Any]:
     return suite_cases.accept_server, suite_cases.connect_client
 
 
-def _cpu() -> tuple[float, float]:
+def _usage() -> tuple[float, float, int]:
     """This process's CPU seconds so far, in user space and in the kernel (getrusage:
-    the sum is exact, the split sampled at the scheduler's ticks)."""
+    the sum is exact, the split sampled at the scheduler's ticks), and how many times it
+    went to sleep (voluntary context switches: each is a wake-up to come)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime, usage.ru_stime
+    return usage.ru_utime, usage.ru_stime, usage.ru_nvcsw
 
 
 class Commands(Control):
@@ -107,7 +110,7 @@ class Commands(Control):
         """Answer ``("cpu",)`` with this process's CPU seconds (user, kernel) until
         ``("stop",)``."""
         while (await self.next())[0] != "stop":
-            self.send("cpu", _cpu())
+            self.send("cpu", _usage())
 
 
 async def slice_server(ctl: Control, params: Params) -> Result:
@@ -126,13 +129,15 @@ async def slice_client(ctl: Control, params: Params) -> Result:
         command = await ctl.next()
         if command[0] == "stop":
             return {"slices": slices}
-        user0, kernel0 = _cpu()
+        user0, kernel0, sleeps0 = _usage()
         result = await client(ctl, {**params, "seconds": command[1]})
-        user1, kernel1 = _cpu()
+        user1, kernel1, sleeps1 = _usage()
         # pyserval's client reports the CPU of its loop alone (its host's start and stop
-        # are outside it); asyncio TCP's has nothing around its loop.
+        # are outside it); asyncio TCP's has nothing around its loop. Its sleeps are
+        # counted over the whole call (a host's start and stop sleep a handful of times).
         result.setdefault("cpu_user", user1 - user0)
         result.setdefault("cpu_sys", kernel1 - kernel0)
+        result["sleeps"] = sleeps1 - sleeps0
         ctl.send("slice", result)
         slices += 1
 
@@ -156,27 +161,30 @@ class _Stack:
         )
         self.client.start()
 
-    def server_cpu(self) -> tuple[float, float]:
+    def server_usage(self) -> tuple[float, float, int]:
         self.server_pipe.send(("cpu",))
-        user, kernel = expect(self.server_pipe, "cpu", f"{self.name} server")
-        return user, kernel
+        user, kernel, sleeps = expect(self.server_pipe, "cpu", f"{self.name} server")
+        return user, kernel, sleeps
 
     def slice(self, seconds: float) -> Result:
         """One slice: rate and CPU per connection of both processes, and how much of
         that CPU was the kernel's (system calls, the loopback's delivery, wake-ups)."""
-        user0, kernel0 = self.server_cpu()
+        user0, kernel0, sleeps0 = self.server_usage()
         self.client_pipe.send(("run", seconds))
         r = expect(self.client_pipe, "slice", f"{self.name} client")
-        user1, kernel1 = self.server_cpu()
+        user1, kernel1, sleeps1 = self.server_usage()
         n = len(r["durations"])
         user = (user1 - user0 + r["cpu_user"]) / max(n, 1) * 1e6
         kernel = (kernel1 - kernel0 + r["cpu_sys"]) / max(n, 1) * 1e6
+        # (the server's count includes its sleep while the parent's query is on its way)
+        sleeps = (sleeps1 - sleeps0 + r["sleeps"]) / max(n, 1)
         return {
             "stack": self.name,
             "connections": n,
             "per_s": round(n / r["seconds"], 1) if r["seconds"] else 0.0,
             "cpu_us_per_connection": round(user + kernel, 1),
             "kernel_us_per_connection": round(kernel, 1),
+            "sleeps_per_connection": round(sleeps, 2),
         }
 
     def stop(self) -> int:
@@ -291,6 +299,10 @@ def run(
         },
         "kernel_us_median": {
             n: round(statistics.median(r[f"kernel_us_per_connection_{n}"] for r in runs), 1)
+            for n in names
+        },
+        "sleeps_median": {
+            n: round(statistics.median(r[f"sleeps_per_connection_{n}"] for r in runs), 2)
             for n in names
         },
         "connections": connections,
