@@ -24,8 +24,9 @@ connection (``time.process_time``), how much of it was user space and how much t
 (``getrusage``: the split is sampled at the scheduler's ticks), and ``ok``: every
 connection was accepted and every client read end of stream with no data. ``--stack tcp``
 runs asyncio TCP's same cycle in one process instead (``open_connection``, the server's
-callback closes, ``read`` to EOF, close): the two stacks' own work side by side, without
-the wake-ups that ``connect_slices.py``'s figures include.
+callback closes, ``read`` to EOF, close), and ``--stack both`` the two in turns
+(``--reps`` pairs, with pyserval's ratio to it by rate and by CPU): the two stacks' own
+work side by side, without the wake-ups that ``connect_slices.py``'s figures include.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import argparse
 import asyncio
 import functools
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -168,6 +170,27 @@ async def run(connections: int, warmup: int, virtual_clock: bool = False) -> dic
     return {**figures, "ok": counts.accepted == total and counts.clean_ends == total}
 
 
+def both(connections: int, warmup: int, reps: int) -> dict[str, Any]:
+    """pyserval and asyncio TCP in turns, ``reps`` pairs, each on a fresh loop in this
+    process; per pair pyserval's rate and CPU over asyncio TCP's, and the medians."""
+    runs: list[dict[str, Any]] = []
+    by_rate: list[float] = []
+    by_cpu: list[float] = []
+    for rep in range(reps):
+        ours = asyncio.run(run(connections, warmup))
+        theirs = asyncio.run(run_tcp(connections, warmup))
+        by_rate.append(ours["per_s"] / theirs["per_s"])
+        by_cpu.append(theirs["cpu_us_per_connection"] / ours["cpu_us_per_connection"])
+        runs += [{"rep": rep, "stack": "pyserval", **ours}, {"rep": rep, "stack": "tcp", **theirs}]
+    return {
+        "runs": runs,
+        "ratio_median": round(statistics.median(by_rate), 3),
+        "ratios": [round(r, 3) for r in by_rate],
+        "cpu_ratio_median": round(statistics.median(by_cpu), 3),
+        "ok": all(r["ok"] for r in runs),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the cycles and print the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -176,10 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--virtual-clock", action="store_true", help="for instruction counts (see above)"
     )
-    parser.add_argument("--stack", choices=["pyserval", "tcp"], default="pyserval")
+    parser.add_argument("--stack", choices=["pyserval", "tcp", "both"], default="pyserval")
+    parser.add_argument("--reps", type=int, default=3, help="pairs, with --stack both")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
-    if args.stack == "tcp":
+    if args.stack == "both":
+        result = both(args.connections, args.warmup, args.reps)
+    elif args.stack == "tcp":
         result = asyncio.run(run_tcp(args.connections, args.warmup))
     else:
         result = asyncio.run(run(args.connections, args.warmup, args.virtual_clock))

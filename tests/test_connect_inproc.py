@@ -34,3 +34,13 @@ def test_each_stack_runs_its_cycle_and_splits_its_cpu(stack: str) -> None:
     assert cpu > 0 and user > 0 and kernel >= 0
     # Two readings of the same CPU time: equal but for the calls between them and rounding.
     assert user + kernel == pytest.approx(cpu, rel=0.15, abs=30.0)
+
+
+def test_both_stacks_in_turns_give_the_ratio_of_their_own_runs() -> None:
+    r = connect_inproc.both(30, 5, reps=2)
+    assert r["ok"] is True
+    assert [x["stack"] for x in r["runs"]] == ["pyserval", "tcp", "pyserval", "tcp"]
+    pairs = [(r["runs"][i], r["runs"][i + 1]) for i in (0, 2)]
+    ratios = [ours["per_s"] / theirs["per_s"] for ours, theirs in pairs]
+    assert r["ratios"] == [round(x, 3) for x in ratios]
+    assert r["ratio_median"] == pytest.approx(sum(ratios) / 2, abs=1e-3)
