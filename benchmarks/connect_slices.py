@@ -178,6 +178,7 @@ class _Stack:
         kernel = (kernel1 - kernel0 + r["cpu_sys"]) / max(n, 1) * 1e6
         # (the server's count includes its sleep while the parent's query is on its way)
         sleeps = (sleeps1 - sleeps0 + r["sleeps"]) / max(n, 1)
+        client_sleeps = r["sleeps"] / max(n, 1)
         return {
             "stack": self.name,
             "connections": n,
@@ -185,6 +186,7 @@ class _Stack:
             "cpu_us_per_connection": round(user + kernel, 1),
             "kernel_us_per_connection": round(kernel, 1),
             "sleeps_per_connection": round(sleeps, 2),
+            "client_sleeps_per_connection": round(client_sleeps, 2),
         }
 
     def stop(self) -> int:
@@ -303,6 +305,10 @@ def run(
         },
         "sleeps_median": {
             n: round(statistics.median(r[f"sleeps_per_connection_{n}"] for r in runs), 2)
+            for n in names
+        },
+        "client_sleeps_median": {
+            n: round(statistics.median(r[f"client_sleeps_per_connection_{n}"] for r in runs), 2)
             for n in names
         },
         "connections": connections,

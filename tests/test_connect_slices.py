@@ -51,6 +51,9 @@ def test_the_slices_alternate_and_the_figures_follow_from_them() -> None:
             # Each cycle's client sleeps at least once (waiting for the server's end of
             # stream), and the processes cannot sleep more often than they receive.
             assert 1 <= p[f"sleeps_per_connection_{stack}"] < 50
+            assert (
+                0 < p[f"client_sleeps_per_connection_{stack}"] < p[f"sleeps_per_connection_{stack}"]
+            )
         ratio = p[f"per_s_{cs.PYSERVAL}"] / p[f"per_s_{cs.TCP}"]
         assert p["ratio"] == pytest.approx(ratio, abs=1e-3)
         ratios.append(ratio)
