@@ -226,6 +226,13 @@ def machine() -> Result:
     }
 
 
+def _medians(runs: list[Result], names: list[str], field: str, digits: int) -> Result:
+    """Per stack, the median over the pairs of a per-slice ``field``."""
+    return {
+        n: round(statistics.median(r[f"{field}_{n}"] for r in runs), digits or None) for n in names
+    }
+
+
 def _quartiles(values: list[float]) -> list[float]:
     if len(values) < 2:
         return [round(v, 3) for v in values]
@@ -294,23 +301,11 @@ def run(
         "pairs_at_goal": sum(r >= GOAL for r in ratios) if peer.name == TCP else None,
         "cpu_ratio_median": round(statistics.median(cpu_ratios), 3),
         "cpu_ratio_quartiles": _quartiles(cpu_ratios),
-        "per_s_median": {n: round(statistics.median(r[f"per_s_{n}"] for r in runs)) for n in names},
-        "cpu_us_median": {
-            n: round(statistics.median(r[f"cpu_us_per_connection_{n}"] for r in runs), 1)
-            for n in names
-        },
-        "kernel_us_median": {
-            n: round(statistics.median(r[f"kernel_us_per_connection_{n}"] for r in runs), 1)
-            for n in names
-        },
-        "sleeps_median": {
-            n: round(statistics.median(r[f"sleeps_per_connection_{n}"] for r in runs), 2)
-            for n in names
-        },
-        "client_sleeps_median": {
-            n: round(statistics.median(r[f"client_sleeps_per_connection_{n}"] for r in runs), 2)
-            for n in names
-        },
+        "per_s_median": _medians(runs, names, "per_s", 0),
+        "cpu_us_median": _medians(runs, names, "cpu_us_per_connection", 1),
+        "kernel_us_median": _medians(runs, names, "kernel_us_per_connection", 1),
+        "sleeps_median": _medians(runs, names, "sleeps_per_connection", 2),
+        "client_sleeps_median": _medians(runs, names, "client_sleeps_per_connection", 2),
         "connections": connections,
         "accepted": accepted,
         "goal": f"pyserval >= {GOAL} of asyncio TCP (issue 14)" if peer.name == TCP else None,
