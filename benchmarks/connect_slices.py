@@ -74,11 +74,22 @@ from report import emit  # noqa: E402
 GOAL = 0.6
 PYSERVAL = "pyserval"
 TCP = "asyncio TCP"
+SKELETON = "wire skeleton"
+# --pair's stacks by kind: (name, kind, src); pyserval's src is the default run's.
+KINDS: dict[str, tuple[str, str, str | None]] = {
+    "pyserval": (PYSERVAL, "pyserval", DEFAULT_SRC),
+    "tcp": (TCP, "tcp", None),
+    "skeleton": (SKELETON, "skeleton", None),
+}
 
 
 def _sides(kind: str, src: str | None) -> tuple[Any, Any]:
-    """(server side, client side) of ``kind`` ("pyserval" or "tcp"), pyserval imported
-    from ``src`` when given (this checkout's, or PYTHONPATH's, otherwise)."""
+    """(server side, client side) of ``kind`` ("pyserval", "tcp" or "skeleton"), pyserval
+    imported from ``src`` when given (this checkout's, or PYTHONPATH's, otherwise)."""
+    if kind == "skeleton":  # (no pyserval in these processes)
+        import wire_skeleton
+
+        return wire_skeleton.skeleton_server, wire_skeleton.skeleton_client
     if src is not None:
         sys.path.insert(0, src)
     import suite_cases  # (its treepath.pin() imports pyserval from the first entry)
@@ -241,10 +252,7 @@ def _quartiles(values: list[float]) -> list[float]:
 
 # (name, kind, src): the stack measured (the ratio's numerator), then its reference.
 StackSpec = tuple[str, str, str | None]
-DEFAULT_STACKS: tuple[StackSpec, StackSpec] = (
-    (PYSERVAL, "pyserval", DEFAULT_SRC),
-    (TCP, "tcp", None),
-)
+DEFAULT_STACKS: tuple[StackSpec, StackSpec] = (KINDS["pyserval"], KINDS["tcp"])
 
 
 def run(
@@ -289,6 +297,7 @@ def run(
             s.kill()
     # A warm-up slice's connections count at the server too: accepted >= completed.
     ok = all(accepted[n] >= connections[n] > 0 for n in names)
+    the_row = mine.name == PYSERVAL and peer.name == TCP  # (issue 14's goal is for this pair)
     return {
         "figure": f"connections/s, {mine.name} over {peer.name}, in pairs of slices",
         "stacks": [{"name": n, "kind": k, "src": src} for n, k, src in stacks],
@@ -298,7 +307,7 @@ def run(
         "runs": runs,
         "ratio_median": round(statistics.median(ratios), 3),
         "ratio_quartiles": _quartiles(ratios),
-        "pairs_at_goal": sum(r >= GOAL for r in ratios) if peer.name == TCP else None,
+        "pairs_at_goal": sum(r >= GOAL for r in ratios) if the_row else None,
         "cpu_ratio_median": round(statistics.median(cpu_ratios), 3),
         "cpu_ratio_quartiles": _quartiles(cpu_ratios),
         "per_s_median": _medians(runs, names, "per_s", 0),
@@ -308,7 +317,7 @@ def run(
         "client_sleeps_median": _medians(runs, names, "client_sleeps_per_connection", 2),
         "connections": connections,
         "accepted": accepted,
-        "goal": f"pyserval >= {GOAL} of asyncio TCP (issue 14)" if peer.name == TCP else None,
+        "goal": f"pyserval >= {GOAL} of asyncio TCP (issue 14)" if the_row else None,
         "ok": ok,
     }
 
@@ -334,9 +343,18 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=PATH",
         help="twice: pyserval from two trees (the ratio: the second over the first)",
     )
+    ap.add_argument(
+        "--pair",
+        default="pyserval,tcp",
+        help="MINE,PEER among pyserval, tcp and skeleton (wire_skeleton.py: the cycle's "
+        "datagrams with no protocol behind them); the ratio: MINE over PEER",
+    )
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
-    stacks = DEFAULT_STACKS
+    kinds = args.pair.split(",")
+    if len(kinds) != 2 or kinds[0] == kinds[1] or not all(k in KINDS for k in kinds):
+        ap.error(f"--pair wants two different kinds of {', '.join(KINDS)}, given {args.pair!r}")
+    stacks = (KINDS[kinds[0]], KINDS[kinds[1]])
     if args.tree:
         if len(args.tree) != 2 or not all("=" in t for t in args.tree):
             ap.error("--tree wants NAME=PATH, given twice")

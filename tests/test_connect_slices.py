@@ -133,3 +133,35 @@ def test_without_a_tree_pyserval_is_pythonpaths(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert Path(done.stdout.strip()) == a
+
+
+def test_the_wire_skeleton_pairs_with_asyncio_tcp(tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    args = ["--slices", "2", "--seconds", str(SECONDS), "--warmup", "0", "--out", str(out)]
+    pair = ["--pair", "skeleton,tcp"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "connect_slices.py"), *args, *pair],
+        env=_without_pythonpath(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["ok"] is True
+    assert [s["name"] for s in r["stacks"]] == [cs.SKELETON, cs.TCP]
+    # Not issue 14's row: no goal and no count at it.
+    assert r["goal"] is None and r["pairs_at_goal"] is None
+    for p in r["runs"]:
+        ratio = p[f"per_s_{cs.SKELETON}"] / p[f"per_s_{cs.TCP}"]
+        assert p["ratio"] == pytest.approx(ratio, abs=1e-3)
+        # The skeleton's cycle is the real one's eight datagrams: its client sleeps at
+        # least once a cycle and the two processes no more than eight times.
+        assert 1 <= p[f"sleeps_per_connection_{cs.SKELETON}"] <= 8.5
+
+
+@pytest.mark.parametrize("pair", ["tcp", "tcp,tcp", "pyserval,udp", "skeleton,tcp,pyserval"])
+def test_a_pair_that_is_not_two_known_kinds_is_refused(pair: str) -> None:
+    with pytest.raises(SystemExit):
+        cs.main(["--pair", pair])
