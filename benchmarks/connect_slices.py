@@ -14,7 +14,8 @@ slices of ``--seconds``, alternating which stack goes first (ABBA), so the two s
 pair are a fraction of a second apart and see the same machine. The idle stack's
 processes sleep in ``epoll`` meanwhile.
 
-The JSON names the machine's idle settings (``machine``): on a VM whose idle vCPUs halt at
+The JSON names the machine's idle settings (``machine``, with the share of the run's CPU
+time the hypervisor gave to other guests, ``steal_share``): on a VM whose idle vCPUs halt at
 once, each datagram that wakes the other process costs tens of microseconds, and
 pyserval's cycle wakes it at each of its eight datagrams where asyncio TCP's does so less
 often (the kernel answers the SYN and the client's FIN).
@@ -29,6 +30,11 @@ pyserval's rate over asyncio TCP's. Summary: the median ratio, its quartiles, ho
 pairs reach the issue's 0.6, the median ratio by CPU, medians of CPU and kernel time per
 connection, and ``ok``: every connection a client completed was accepted by its server
 (the servers' counts at the end).
+
+``--stacks pyserval,skeleton,tcp`` adds ``wire_skeleton.py``'s cycle (the same eight
+datagrams with no protocol behind them: the floor under any faster per-packet path) in
+rounds of three slices whose order turns, with each pair's ratio; ``--layers`` samples each
+process's user CPU by layer (``layer_sampler.py``: pyserval's core, its runtime, asyncio).
 
 With two ``--tree NAME=PATH`` (a checkout or its ``src/``) the two stacks are pyserval
 from each tree instead, and the ratio is the second tree's rate over the first's: an A/B of
@@ -46,11 +52,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import multiprocessing
 import os
 import resource
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +77,14 @@ sys.path.insert(0, str(HERE))
 # sys.path (_sides).
 import baselines  # noqa: E402
 from baselines import Control, Params, Result, expect  # noqa: E402
+from layer_sampler import LayerSampler  # noqa: E402
 from report import emit  # noqa: E402
 
 GOAL = 0.6
 PYSERVAL = "pyserval"
 TCP = "asyncio TCP"
 SKELETON = "wire skeleton"
-# --pair's stacks by kind: (name, kind, src); pyserval's src is the default run's.
+# --stacks' stacks by kind: (name, kind, src); pyserval's src is the default run's.
 KINDS: dict[str, tuple[str, str, str | None]] = {
     "pyserval": (PYSERVAL, "pyserval", DEFAULT_SRC),
     "tcp": (TCP, "tcp", None),
@@ -105,6 +114,21 @@ def _sides(kind: str, src: str | None) -> tuple[Any, Any]:
     return suite_cases.accept_server, suite_cases.connect_client
 
 
+# This child's sampler of user CPU by layer (--layers), None when not asked for.
+_SAMPLER: LayerSampler | None = None
+
+
+def _start_sampler(params: Params) -> None:
+    global _SAMPLER
+    if params.get("layers"):
+        _SAMPLER = LayerSampler()
+        _SAMPLER.start()
+
+
+def _samples() -> dict[str, int]:
+    return _SAMPLER.counts() if _SAMPLER is not None else {}
+
+
 def _usage() -> tuple[float, float, int]:
     """This process's CPU seconds so far, in user space and in the kernel (getrusage:
     the sum is exact, the split sampled at the scheduler's ticks), and how many times it
@@ -118,15 +142,16 @@ class Commands(Control):
     CPU queries until it is told to stop."""
 
     async def stopped(self) -> None:
-        """Answer ``("cpu",)`` with this process's CPU seconds (user, kernel) until
-        ``("stop",)``."""
+        """Answer ``("cpu",)`` with this process's CPU seconds (user, kernel), its sleeps
+        and its samples by layer until ``("stop",)``."""
         while (await self.next())[0] != "stop":
-            self.send("cpu", _usage())
+            self.send("cpu", (*_usage(), _samples()))
 
 
 async def slice_server(ctl: Control, params: Params) -> Result:
     """The stack's server (``params["kind"]``, ``params["src"]``), until stopped."""
     server, _client = _sides(params["kind"], params["src"])
+    _start_sampler(params)
     result: Result = await server(ctl, params)
     return result
 
@@ -135,14 +160,18 @@ async def slice_client(ctl: Control, params: Params) -> Result:
     """Run one slice per ``("run", seconds)`` until ``("stop",)``; each slice's result
     (the side's own, with this process's CPU seconds over it) goes back at once."""
     _server, client = _sides(params["kind"], params["src"])
+    _start_sampler(params)
     slices = 0
     while True:
         command = await ctl.next()
         if command[0] == "stop":
             return {"slices": slices}
         user0, kernel0, sleeps0 = _usage()
+        samples0 = _samples()
         result = await client(ctl, {**params, "seconds": command[1]})
         user1, kernel1, sleeps1 = _usage()
+        samples1 = _samples()
+        result["samples"] = {k: v - samples0.get(k, 0) for k, v in samples1.items()}
         # pyserval's client reports the CPU of its loop alone (its host's start and stop
         # are outside it); asyncio TCP's has nothing around its loop. Its sleeps are
         # counted over the whole call (a host's start and stop sleep a handful of times).
@@ -156,9 +185,11 @@ async def slice_client(ctl: Control, params: Params) -> Result:
 class _Stack:
     """One stack's two processes and their pipes."""
 
-    def __init__(self, ctx: Any, name: str, kind: str, src: str | None) -> None:
+    def __init__(
+        self, ctx: Any, name: str, kind: str, src: str | None, layers: bool = False
+    ) -> None:
         self.name = name
-        params: Params = {"kind": kind, "src": src}
+        params: Params = {"kind": kind, "src": src, "layers": layers}
         self.server_pipe, server_end = ctx.Pipe()
         self.server = ctx.Process(
             target=baselines.child, args=(slice_server, server_end, params, Commands), daemon=True
@@ -172,25 +203,25 @@ class _Stack:
         )
         self.client.start()
 
-    def server_usage(self) -> tuple[float, float, int]:
+    def server_usage(self) -> tuple[float, float, int, dict[str, int]]:
         self.server_pipe.send(("cpu",))
-        user, kernel, sleeps = expect(self.server_pipe, "cpu", f"{self.name} server")
-        return user, kernel, sleeps
+        user, kernel, sleeps, samples = expect(self.server_pipe, "cpu", f"{self.name} server")
+        return user, kernel, sleeps, samples
 
     def slice(self, seconds: float) -> Result:
         """One slice: rate and CPU per connection of both processes, and how much of
         that CPU was the kernel's (system calls, the loopback's delivery, wake-ups)."""
-        user0, kernel0, sleeps0 = self.server_usage()
+        user0, kernel0, sleeps0, samples0 = self.server_usage()
         self.client_pipe.send(("run", seconds))
         r = expect(self.client_pipe, "slice", f"{self.name} client")
-        user1, kernel1, sleeps1 = self.server_usage()
+        user1, kernel1, sleeps1, samples1 = self.server_usage()
         n = len(r["durations"])
         user = (user1 - user0 + r["cpu_user"]) / max(n, 1) * 1e6
         kernel = (kernel1 - kernel0 + r["cpu_sys"]) / max(n, 1) * 1e6
         # (the server's count includes its sleep while the parent's query is on its way)
         sleeps = (sleeps1 - sleeps0 + r["sleeps"]) / max(n, 1)
         client_sleeps = r["sleeps"] / max(n, 1)
-        return {
+        out: Result = {
             "stack": self.name,
             "connections": n,
             "per_s": round(n / r["seconds"], 1) if r["seconds"] else 0.0,
@@ -199,6 +230,15 @@ class _Stack:
             "sleeps_per_connection": round(sleeps, 2),
             "client_sleeps_per_connection": round(client_sleeps, 2),
         }
+        # Both processes' samples: each layer's share of their user CPU per connection.
+        samples = Counter(r["samples"])
+        samples.update({k: v - samples0.get(k, 0) for k, v in samples1.items()})
+        total = sum(samples.values())
+        if total:
+            out["user_us_by_layer"] = {
+                k: round(user * v / total, 1) for k, v in sorted(samples.items()) if v
+            }
+        return out
 
     def stop(self) -> int:
         """Stop both processes; how many connections the server accepted."""
@@ -237,6 +277,18 @@ def machine() -> Result:
     }
 
 
+def _steal_ticks() -> tuple[int, int] | None:
+    """(ticks stolen by the hypervisor, all ticks) of the machine so far (/proc/stat's
+    first line), None where there is no such file."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(f) for f in fields]
+    # user nice system idle iowait irq softirq steal (guest time is inside user already)
+    return ticks[7], sum(ticks[:8])
+
+
 def _medians(runs: list[Result], names: list[str], field: str, digits: int) -> Result:
     """Per stack, the median over the pairs of a per-slice ``field``."""
     return {
@@ -255,30 +307,46 @@ StackSpec = tuple[str, str, str | None]
 DEFAULT_STACKS: tuple[StackSpec, StackSpec] = (KINDS["pyserval"], KINDS["tcp"])
 
 
+def _layer_medians(runs: list[Result], names: list[str]) -> Result:
+    """Per stack and layer, the median over the pairs of user CPU us per connection."""
+    out: Result = {}
+    for n in names:
+        per = [r.get(f"user_us_by_layer_{n}", {}) for r in runs]
+        layers = sorted({k for p in per for k in p})
+        out[n] = {k: round(statistics.median(p.get(k, 0.0) for p in per), 1) for k in layers}
+    return out
+
+
 def run(
     slices: int,
     seconds: float,
     warmup: float,
-    stacks: tuple[StackSpec, StackSpec] = DEFAULT_STACKS,
+    stacks: tuple[StackSpec, ...] = DEFAULT_STACKS,
+    layers: bool = False,
 ) -> Result:
-    """``slices`` pairs of ``seconds`` each after one ``warmup`` slice per stack; the
-    ratio is the first stack's over the second's."""
+    """``slices`` rounds of one slice of ``seconds`` per stack, after one ``warmup`` slice
+    per stack; the ratio is the first stack's over the last's (with three stacks, each
+    pair's is reported too). ``layers``: each process samples its user CPU by layer
+    (layer_sampler.py), and each slice says how it splits."""
     ctx = multiprocessing.get_context("spawn")
     before = machine()  # (the load average before this run adds its own)
+    steal0 = _steal_ticks()
     started: list[_Stack] = []
     try:
         for name, kind, src in stacks:
-            started.append(_Stack(ctx, name, kind, src))
-        mine, peer = started
+            started.append(_Stack(ctx, name, kind, src, layers))
+        mine, peer = started[0], started[-1]
         if warmup > 0:
-            mine.slice(warmup)
-            peer.slice(warmup)
+            for stack in started:
+                stack.slice(warmup)
         runs: list[Result] = []
         ratios: list[float] = []
         cpu_ratios: list[float] = []
         for i in range(slices):
-            # ABBA: whichever stack goes first in a pair, it goes second in the next.
-            order = (mine, peer) if i % 2 == 0 else (peer, mine)
+            # The order turns by one each round (two stacks: ABBA), so each stack takes
+            # each place in a round equally often.
+            turn = i % len(started)
+            order = started[turn:] + started[:turn]
             got = {s.name: s.slice(seconds) for s in order}
             ours, theirs = got[mine.name], got[peer.name]
             ratio = ours["per_s"] / theirs["per_s"] if theirs["per_s"] else 0.0
@@ -288,13 +356,26 @@ def run(
             pair: Result = {"pair": i, "first": order[0].name}
             for name, r in got.items():
                 pair.update({f"{k}_{name}": v for k, v in r.items() if k != "stack"})
+            pair.update(
+                {
+                    f"ratio_{a.name}/{b.name}": round(
+                        got[a.name]["per_s"] / got[b.name]["per_s"], 3
+                    )
+                    for a, b in itertools.combinations(started, 2)
+                    if got[b.name]["per_s"]
+                }
+            )
             runs.append({**pair, "ratio": round(ratio, 3), "cpu_ratio": round(by_cpu, 3)})
-        names = [mine.name, peer.name]
+        names = [s.name for s in started]
         connections = {n: sum(r[f"connections_{n}"] for r in runs) for n in names}
         accepted = {s.name: s.stop() for s in started}
     finally:
         for s in started:
             s.kill()
+    steal1 = _steal_ticks()
+    if steal0 is not None and steal1 is not None and steal1[1] > steal0[1]:
+        # How much of the run's CPU time the hypervisor gave to others: a noisy host.
+        before["steal_share"] = round((steal1[0] - steal0[0]) / (steal1[1] - steal0[1]), 4)
     # A warm-up slice's connections count at the server too: accepted >= completed.
     ok = all(accepted[n] >= connections[n] > 0 for n in names)
     the_row = mine.name == PYSERVAL and peer.name == TCP  # (issue 14's goal is for this pair)
@@ -306,6 +387,10 @@ def run(
         "seconds": seconds,
         "runs": runs,
         "ratio_median": round(statistics.median(ratios), 3),
+        "ratios_median": {
+            f"{a}/{b}": round(statistics.median(r[f"ratio_{a}/{b}"] for r in runs), 3)
+            for a, b in itertools.combinations(names, 2)
+        },
         "ratio_quartiles": _quartiles(ratios),
         "pairs_at_goal": sum(r >= GOAL for r in ratios) if the_row else None,
         "cpu_ratio_median": round(statistics.median(cpu_ratios), 3),
@@ -315,6 +400,7 @@ def run(
         "kernel_us_median": _medians(runs, names, "kernel_us_per_connection", 1),
         "sleeps_median": _medians(runs, names, "sleeps_per_connection", 2),
         "client_sleeps_median": _medians(runs, names, "client_sleeps_per_connection", 2),
+        **({"user_us_by_layer_median": _layer_medians(runs, names)} if layers else {}),
         "connections": connections,
         "accepted": accepted,
         "goal": f"pyserval >= {GOAL} of asyncio TCP (issue 14)" if the_row else None,
@@ -344,17 +430,23 @@ def main(argv: list[str] | None = None) -> int:
         help="twice: pyserval from two trees (the ratio: the second over the first)",
     )
     ap.add_argument(
-        "--pair",
+        "--stacks",
         default="pyserval,tcp",
-        help="MINE,PEER among pyserval, tcp and skeleton (wire_skeleton.py: the cycle's "
-        "datagrams with no protocol behind them); the ratio: MINE over PEER",
+        help="two or three of pyserval, tcp and skeleton (wire_skeleton.py: the cycle's "
+        "datagrams with no protocol behind them), in rounds; the ratio: the first's rate "
+        "over the last's, and each pair's",
+    )
+    ap.add_argument(
+        "--layers",
+        action="store_true",
+        help="sample each process's user CPU by layer (core, runtime, asyncio, ...)",
     )
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
-    kinds = args.pair.split(",")
-    if len(kinds) != 2 or kinds[0] == kinds[1] or not all(k in KINDS for k in kinds):
-        ap.error(f"--pair wants two different kinds of {', '.join(KINDS)}, given {args.pair!r}")
-    stacks = (KINDS[kinds[0]], KINDS[kinds[1]])
+    kinds = args.stacks.split(",")
+    if not 2 <= len(kinds) <= 3 or len(set(kinds)) != len(kinds) or not set(kinds) <= set(KINDS):
+        ap.error(f"--stacks wants two or three of {', '.join(KINDS)}, given {args.stacks!r}")
+    stacks: tuple[StackSpec, ...] = tuple(KINDS[k] for k in kinds)
     if args.tree:
         if len(args.tree) != 2 or not all("=" in t for t in args.tree):
             ap.error("--tree wants NAME=PATH, given twice")
@@ -362,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         if a == b:
             ap.error(f"tree name {a!r} given twice")
         stacks = ((b, "pyserval", _tree_src(pb)), (a, "pyserval", _tree_src(pa)))
-    result = run(args.slices, args.seconds, args.warmup, stacks)
+    result = run(args.slices, args.seconds, args.warmup, stacks, args.layers)
     emit(result, args.out)
     return 0 if result["ok"] else 1
 

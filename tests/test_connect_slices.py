@@ -138,7 +138,7 @@ def test_without_a_tree_pyserval_is_pythonpaths(tmp_path: Path) -> None:
 def test_the_wire_skeleton_pairs_with_asyncio_tcp(tmp_path: Path) -> None:
     out = tmp_path / "out.json"
     args = ["--slices", "2", "--seconds", str(SECONDS), "--warmup", "0", "--out", str(out)]
-    pair = ["--pair", "skeleton,tcp"]
+    pair = ["--stacks", "skeleton,tcp", "--layers"]
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "connect_slices.py"), *args, *pair],
         env=_without_pythonpath(),
@@ -159,9 +159,35 @@ def test_the_wire_skeleton_pairs_with_asyncio_tcp(tmp_path: Path) -> None:
         # The skeleton's cycle is the real one's eight datagrams: its client sleeps at
         # least once a cycle and the two processes no more than eight times.
         assert 1 <= p[f"sleeps_per_connection_{cs.SKELETON}"] <= 8.5
+        for stack in (cs.SKELETON, cs.TCP):
+            by_layer = p[f"user_us_by_layer_{stack}"]
+            user = p[f"cpu_us_per_connection_{stack}"] - p[f"kernel_us_per_connection_{stack}"]
+            assert sum(by_layer.values()) == pytest.approx(user, abs=1.0)
+            # Neither stack runs pyserval: none of its user CPU may be put there.
+            assert "core" not in by_layer and "runtime" not in by_layer
+            assert by_layer.get("asyncio", 0) > 0
+    assert set(r["user_us_by_layer_median"]) == {cs.SKELETON, cs.TCP}
 
 
-@pytest.mark.parametrize("pair", ["tcp", "tcp,tcp", "pyserval,udp", "skeleton,tcp,pyserval"])
-def test_a_pair_that_is_not_two_known_kinds_is_refused(pair: str) -> None:
+@pytest.mark.parametrize("stacks", ["tcp", "tcp,tcp", "pyserval,udp", "skeleton,tcp,pyserval,tcp"])
+def test_stacks_that_are_not_two_or_three_known_kinds_are_refused(stacks: str) -> None:
     with pytest.raises(SystemExit):
-        cs.main(["--pair", pair])
+        cs.main(["--stacks", stacks])
+
+
+def test_three_stacks_take_turns_and_each_pair_has_its_ratio() -> None:
+    stacks = (cs.KINDS["pyserval"], cs.KINDS["skeleton"], cs.KINDS["tcp"])
+    r = cs.run(slices=3, seconds=SECONDS, warmup=0.0, stacks=stacks)
+    assert r["ok"] is True
+    names = [cs.PYSERVAL, cs.SKELETON, cs.TCP]
+    assert [p["first"] for p in r["runs"]] == names  # each first once in three rounds
+    pairs = [(cs.PYSERVAL, cs.SKELETON), (cs.PYSERVAL, cs.TCP), (cs.SKELETON, cs.TCP)]
+    for a, b in pairs:
+        ratios = [p[f"per_s_{a}"] / p[f"per_s_{b}"] for p in r["runs"]]
+        for p, ratio in zip(r["runs"], ratios, strict=True):
+            assert p[f"ratio_{a}/{b}"] == pytest.approx(ratio, abs=1e-3)
+        assert r["ratios_median"][f"{a}/{b}"] == pytest.approx(statistics.median(ratios), abs=2e-3)
+    # The headline ratio is the first stack's over the last's: issue 14's row.
+    assert r["ratio_median"] == r["ratios_median"][f"{cs.PYSERVAL}/{cs.TCP}"]
+    assert r["goal"] is not None and r["pairs_at_goal"] is not None
+    assert 0.0 <= r["machine"]["steal_share"] <= 1.0
