@@ -31,9 +31,9 @@ pairs reach the issue's 0.6, the median ratio by CPU, medians of CPU and kernel 
 connection, and ``ok``: every connection a client completed was accepted by its server
 (the servers' counts at the end).
 
-``--stacks pyserval,skeleton,tcp`` adds ``wire_skeleton.py``'s cycle (the same eight
-datagrams with no protocol behind them: the floor under any faster per-packet path) in
-rounds of three slices whose order turns, with each pair's ratio; ``--layers`` samples each
+``--stacks pyserval,floor,tcp`` adds ``connect_floor.py``'s cycle (the same eight datagrams
+with no protocol behind them: the floor under any faster per-packet path) in rounds of
+three slices whose order turns, with each pair's ratio; ``--layers`` samples each
 process's user CPU by layer (``layer_sampler.py``: pyserval's core, its runtime, asyncio).
 
 With two ``--tree NAME=PATH`` (a checkout or its ``src/``) the two stacks are pyserval
@@ -83,22 +83,22 @@ from report import emit  # noqa: E402
 GOAL = 0.6
 PYSERVAL = "pyserval"
 TCP = "asyncio TCP"
-SKELETON = "wire skeleton"
+FLOOR = "floor"
 # --stacks' stacks by kind: (name, kind, src); pyserval's src is the default run's.
 KINDS: dict[str, tuple[str, str, str | None]] = {
     "pyserval": (PYSERVAL, "pyserval", DEFAULT_SRC),
     "tcp": (TCP, "tcp", None),
-    "skeleton": (SKELETON, "skeleton", None),
+    "floor": (FLOOR, "floor", None),
 }
 
 
 def _sides(kind: str, src: str | None) -> tuple[Any, Any]:
-    """(server side, client side) of ``kind`` ("pyserval", "tcp" or "skeleton"), pyserval
+    """(server side, client side) of ``kind`` ("pyserval", "tcp" or "floor"), pyserval
     imported from ``src`` when given (this checkout's, or PYTHONPATH's, otherwise)."""
-    if kind == "skeleton":  # (no pyserval in these processes)
-        import wire_skeleton
+    if kind == "floor":  # (raw UDP: pyserval is imported, and not run)
+        import connect_floor
 
-        return wire_skeleton.skeleton_server, wire_skeleton.skeleton_client
+        return connect_floor.floor_server, connect_floor.floor_client
     if src is not None:
         sys.path.insert(0, src)
     import suite_cases  # (its treepath.pin() imports pyserval from the first entry)
@@ -189,7 +189,9 @@ class _Stack:
         self, ctx: Any, name: str, kind: str, src: str | None, layers: bool = False
     ) -> None:
         self.name = name
-        params: Params = {"kind": kind, "src": src, "layers": layers}
+        self.faults = 0  # slices whose client saw a datagram out of its place (the floor's)
+        # (udp, cycle: the floor's, its raw UDP and the spec's close, as connect_vs_tcp's)
+        params: Params = {"kind": kind, "src": src, "layers": layers, "udp": "raw", "cycle": "spec"}
         self.server_pipe, server_end = ctx.Pipe()
         self.server = ctx.Process(
             target=baselines.child, args=(slice_server, server_end, params, Commands), daemon=True
@@ -215,6 +217,8 @@ class _Stack:
         self.client_pipe.send(("run", seconds))
         r = expect(self.client_pipe, "slice", f"{self.name} client")
         user1, kernel1, sleeps1, samples1 = self.server_usage()
+        if r.get("bad") or r.get("checked") is False:
+            self.faults += 1
         n = len(r["durations"])
         user = (user1 - user0 + r["cpu_user"]) / max(n, 1) * 1e6
         kernel = (kernel1 - kernel0 + r["cpu_sys"]) / max(n, 1) * 1e6
@@ -377,7 +381,9 @@ def run(
         # How much of the run's CPU time the hypervisor gave to others: a noisy host.
         before["steal_share"] = round((steal1[0] - steal0[0]) / (steal1[1] - steal0[1]), 4)
     # A warm-up slice's connections count at the server too: accepted >= completed.
-    ok = all(accepted[n] >= connections[n] > 0 for n in names)
+    ok = all(accepted[n] >= connections[n] > 0 for n in names) and not any(
+        s.faults for s in started
+    )
     the_row = mine.name == PYSERVAL and peer.name == TCP  # (issue 14's goal is for this pair)
     return {
         "figure": f"connections/s, {mine.name} over {peer.name}, in pairs of slices",
@@ -432,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--stacks",
         default="pyserval,tcp",
-        help="two or three of pyserval, tcp and skeleton (wire_skeleton.py: the cycle's "
+        help="two or three of pyserval, tcp and floor (connect_floor.py: the cycle's "
         "datagrams with no protocol behind them), in rounds; the ratio: the first's rate "
         "over the last's, and each pair's",
     )

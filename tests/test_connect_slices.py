@@ -135,10 +135,10 @@ def test_without_a_tree_pyserval_is_pythonpaths(tmp_path: Path) -> None:
     assert Path(done.stdout.strip()) == a
 
 
-def test_the_wire_skeleton_pairs_with_asyncio_tcp(tmp_path: Path) -> None:
+def test_the_floor_pairs_with_asyncio_tcp(tmp_path: Path) -> None:
     out = tmp_path / "out.json"
     args = ["--slices", "2", "--seconds", str(SECONDS), "--warmup", "0", "--out", str(out)]
-    pair = ["--stacks", "skeleton,tcp", "--layers"]
+    pair = ["--stacks", "floor,tcp", "--layers"]
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "connect_slices.py"), *args, *pair],
         env=_without_pythonpath(),
@@ -150,38 +150,38 @@ def test_the_wire_skeleton_pairs_with_asyncio_tcp(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     r = json.loads(out.read_text())
     assert r["ok"] is True
-    assert [s["name"] for s in r["stacks"]] == [cs.SKELETON, cs.TCP]
+    assert [s["name"] for s in r["stacks"]] == [cs.FLOOR, cs.TCP]
     # Not issue 14's row: no goal and no count at it.
     assert r["goal"] is None and r["pairs_at_goal"] is None
     for p in r["runs"]:
-        ratio = p[f"per_s_{cs.SKELETON}"] / p[f"per_s_{cs.TCP}"]
+        ratio = p[f"per_s_{cs.FLOOR}"] / p[f"per_s_{cs.TCP}"]
         assert p["ratio"] == pytest.approx(ratio, abs=1e-3)
-        # The skeleton's cycle is the real one's eight datagrams: its client sleeps at
-        # least once a cycle and the two processes no more than eight times.
-        assert 1 <= p[f"sleeps_per_connection_{cs.SKELETON}"] <= 8.5
-        for stack in (cs.SKELETON, cs.TCP):
+        # The floor's cycle is the real one's eight datagrams: its client sleeps at least
+        # once a cycle and the two processes no more than eight times.
+        assert 1 <= p[f"sleeps_per_connection_{cs.FLOOR}"] <= 8.5
+        for stack in (cs.FLOOR, cs.TCP):
             by_layer = p[f"user_us_by_layer_{stack}"]
             user = p[f"cpu_us_per_connection_{stack}"] - p[f"kernel_us_per_connection_{stack}"]
             assert sum(by_layer.values()) == pytest.approx(user, abs=1.0)
             # Neither stack runs pyserval: none of its user CPU may be put there.
             assert "core" not in by_layer and "runtime" not in by_layer
             assert by_layer.get("asyncio", 0) > 0
-    assert set(r["user_us_by_layer_median"]) == {cs.SKELETON, cs.TCP}
+    assert set(r["user_us_by_layer_median"]) == {cs.FLOOR, cs.TCP}
 
 
-@pytest.mark.parametrize("stacks", ["tcp", "tcp,tcp", "pyserval,udp", "skeleton,tcp,pyserval,tcp"])
+@pytest.mark.parametrize("stacks", ["tcp", "tcp,tcp", "pyserval,udp", "floor,tcp,pyserval,tcp"])
 def test_stacks_that_are_not_two_or_three_known_kinds_are_refused(stacks: str) -> None:
     with pytest.raises(SystemExit):
         cs.main(["--stacks", stacks])
 
 
 def test_three_stacks_take_turns_and_each_pair_has_its_ratio() -> None:
-    stacks = (cs.KINDS["pyserval"], cs.KINDS["skeleton"], cs.KINDS["tcp"])
+    stacks = (cs.KINDS["pyserval"], cs.KINDS["floor"], cs.KINDS["tcp"])
     r = cs.run(slices=3, seconds=SECONDS, warmup=0.0, stacks=stacks)
     assert r["ok"] is True
-    names = [cs.PYSERVAL, cs.SKELETON, cs.TCP]
+    names = [cs.PYSERVAL, cs.FLOOR, cs.TCP]
     assert [p["first"] for p in r["runs"]] == names  # each first once in three rounds
-    pairs = [(cs.PYSERVAL, cs.SKELETON), (cs.PYSERVAL, cs.TCP), (cs.SKELETON, cs.TCP)]
+    pairs = [(cs.PYSERVAL, cs.FLOOR), (cs.PYSERVAL, cs.TCP), (cs.FLOOR, cs.TCP)]
     for a, b in pairs:
         ratios = [p[f"per_s_{a}"] / p[f"per_s_{b}"] for p in r["runs"]]
         for p, ratio in zip(r["runs"], ratios, strict=True):

@@ -43,7 +43,7 @@ def _busy_in(filename: str) -> object:
         ("/usr/lib/python3.11/asyncio/base_events.py", "asyncio"),
         ("/usr/lib/python3.11/selectors.py", "asyncio"),
         ("/venv/site-packages/anyio/_core/_tasks.py", "anyio"),
-        ("/work/benchmarks/wire_skeleton.py", "other"),
+        ("/work/benchmarks/connect_floor.py", "other"),
     ],
 )
 def test_each_file_belongs_to_its_layer(filename: str, layer: str) -> None:
