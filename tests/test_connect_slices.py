@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -94,15 +95,13 @@ def _without_pythonpath() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
-def test_a_tree_is_imported_as_the_command_line_runs_it(tmp_path: Path) -> None:
-    # From the command line, baselines puts this checkout's src/ first on the children's
-    # path where it is not there yet; the copy must still be what is measured.
-    a = _copy_tree(tmp_path / "a")
+def _command_line(tmp_path: Path, slices: int, *extra: str) -> dict[str, Any]:
+    """The JSON of ``connect_slices.py`` run as the command line runs it (no PYTHONPATH),
+    which must exit 0."""
     out = tmp_path / "out.json"
-    args = ["--slices", "1", "--seconds", str(SECONDS), "--warmup", "0", "--out", str(out)]
-    trees = ["--tree", f"b={ROOT / 'src'}", "--tree", f"a={a}"]
+    args = ["--slices", str(slices), "--seconds", str(SECONDS), "--warmup", "0", "--out", str(out)]
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "connect_slices.py"), *args, *trees],
+        [sys.executable, str(ROOT / "benchmarks" / "connect_slices.py"), *args, *extra],
         env=_without_pythonpath(),
         cwd=tmp_path,
         capture_output=True,
@@ -110,7 +109,15 @@ def test_a_tree_is_imported_as_the_command_line_runs_it(tmp_path: Path) -> None:
         timeout=100,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    r = json.loads(out.read_text())
+    r: dict[str, Any] = json.loads(out.read_text())
+    return r
+
+
+def test_a_tree_is_imported_as_the_command_line_runs_it(tmp_path: Path) -> None:
+    # From the command line, baselines puts this checkout's src/ first on the children's
+    # path where it is not there yet; the copy must still be what is measured.
+    a = _copy_tree(tmp_path / "a")
+    r = _command_line(tmp_path, 1, "--tree", f"b={ROOT / 'src'}", "--tree", f"a={a}")
     assert r["ok"] is True
     assert [s["src"] for s in r["stacks"]] == [str(a), str(ROOT / "src")]
 
@@ -136,19 +143,7 @@ def test_without_a_tree_pyserval_is_pythonpaths(tmp_path: Path) -> None:
 
 
 def test_the_floor_pairs_with_asyncio_tcp(tmp_path: Path) -> None:
-    out = tmp_path / "out.json"
-    args = ["--slices", "2", "--seconds", str(SECONDS), "--warmup", "0", "--out", str(out)]
-    pair = ["--stacks", "floor,tcp", "--layers"]
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "connect_slices.py"), *args, *pair],
-        env=_without_pythonpath(),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=100,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    r = json.loads(out.read_text())
+    r = _command_line(tmp_path, 2, "--stacks", "floor,tcp", "--layers")
     assert r["ok"] is True
     assert [s["name"] for s in r["stacks"]] == [cs.FLOOR, cs.TCP]
     # Not issue 14's row: no goal and no count at it.
