@@ -26,7 +26,8 @@ def _busy_in(filename: str) -> object:
         "def spin(seconds, clock):\n"
         "    end = clock() + seconds\n"
         "    while clock() < end:\n"
-        "        pass\n"
+        "        for _ in range(2000):\n"
+        "            pass\n"
     )
     namespace: dict[str, object] = {}
     exec(compile(source, filename, "exec"), namespace)
@@ -57,15 +58,16 @@ def test_the_samples_split_as_the_cpu_was_spent_and_sleep_is_not_sampled() -> No
     sampler.start()
     try:
         before = sampler.counts()
-        # (perf_counter: read in user space, where process_time is a system call)
-        runtime(0.2, time.perf_counter)  # type: ignore[operator]
-        core(0.6, time.perf_counter)  # type: ignore[operator]
+        # CPU time, so that other processes on the machine change nothing; read every
+        # 2,000 turns, as it is a system call (kernel time, which is not sampled).
+        runtime(0.2, time.process_time)  # type: ignore[operator]
+        core(0.6, time.process_time)  # type: ignore[operator]
         time.sleep(0.3)  # no user CPU: no sample
         after = sampler.counts()
     finally:
         sampler.stop()
     shares = ls.shares(before, after)
-    # 0.8 s of CPU (the loops' clock is C code, which counts for the loop that called it),
+    # 0.8 s of CPU (the clock's C code counts for the loop that called it),
     # sampled at one a millisecond or one a kernel tick where that is longer (100 to 1000 a
     # second): 80 to 800 samples, and none for the sleep.
     total = sum(after.values()) - sum(before.values())
