@@ -171,14 +171,20 @@ async def run(connections: int, warmup: int, virtual_clock: bool = False) -> dic
 
 
 def both(connections: int, warmup: int, reps: int) -> dict[str, Any]:
-    """pyserval and asyncio TCP in turns, ``reps`` pairs, each on a fresh loop in this
-    process; per pair pyserval's rate and CPU over asyncio TCP's, and the medians."""
+    """pyserval and asyncio TCP in turns, ``reps`` pairs (ABBA), each on a fresh loop in
+    this process; per pair pyserval's rate and CPU over asyncio TCP's, and the medians."""
     runs: list[dict[str, Any]] = []
     by_rate: list[float] = []
     by_cpu: list[float] = []
     for rep in range(reps):
-        ours = asyncio.run(run(connections, warmup))
-        theirs = asyncio.run(run_tcp(connections, warmup))
+        # Which stack goes first turns with each pair, so neither always runs on the
+        # machine the other left (caches, frequency, the allocator's arenas).
+        if rep % 2 == 0:
+            ours = asyncio.run(run(connections, warmup))
+            theirs = asyncio.run(run_tcp(connections, warmup))
+        else:
+            theirs = asyncio.run(run_tcp(connections, warmup))
+            ours = asyncio.run(run(connections, warmup))
         by_rate.append(ours["per_s"] / theirs["per_s"])
         by_cpu.append(theirs["cpu_us_per_connection"] / ours["cpu_us_per_connection"])
         runs += [{"rep": rep, "stack": "pyserval", **ours}, {"rep": rep, "stack": "tcp", **theirs}]

@@ -189,7 +189,7 @@ class _Stack:
         self, ctx: Any, name: str, kind: str, src: str | None, layers: bool = False
     ) -> None:
         self.name = name
-        self.faults = 0  # slices whose client saw a datagram out of its place (the floor's)
+        self.faults = 0  # slices where the floor's client saw a reply out of place or missing
         # (udp, cycle: the floor's, its raw UDP and the spec's close, as connect_vs_tcp's)
         params: Params = {"kind": kind, "src": src, "layers": layers, "udp": "raw", "cycle": "spec"}
         self.server_pipe, server_end = ctx.Pipe()
@@ -217,9 +217,10 @@ class _Stack:
         self.client_pipe.send(("run", seconds))
         r = expect(self.client_pipe, "slice", f"{self.name} client")
         user1, kernel1, sleeps1, samples1 = self.server_usage()
-        if r.get("bad") or r.get("checked") is False:
-            self.faults += 1
         n = len(r["durations"])
+        # The floor's own checks: every reply in its place, every cycle's close complete.
+        if r.get("bad") or r.get("checked") is False or r.get("closed", n) != n:
+            self.faults += 1
         user = (user1 - user0 + r["cpu_user"]) / max(n, 1) * 1e6
         kernel = (kernel1 - kernel0 + r["cpu_sys"]) / max(n, 1) * 1e6
         # (the server's count includes its sleep while the parent's query is on its way)
