@@ -160,7 +160,10 @@ def test_the_floor_pairs_with_asyncio_tcp(tmp_path: Path) -> None:
             assert sum(by_layer.values()) == pytest.approx(user, abs=1.0)
             # Neither stack runs pyserval: none of its user CPU may be put there.
             assert "core" not in by_layer and "runtime" not in by_layer
-            assert by_layer.get("asyncio", 0) > 0
+    # Both run on asyncio's loop: its layer is sampled. Over the whole run, not per slice:
+    # a short slice under load holds a dozen samples, and asyncio's third of them can be 0.
+    for stack in (cs.FLOOR, cs.TCP):
+        assert sum(p[f"user_us_by_layer_{stack}"].get("asyncio", 0) for p in r["runs"]) > 0
     assert set(r["user_us_by_layer_median"]) == {cs.FLOOR, cs.TCP}
 
 
