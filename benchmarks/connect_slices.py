@@ -137,6 +137,20 @@ def _usage() -> tuple[float, float, int]:
     return usage.ru_utime, usage.ru_stime, usage.ru_nvcsw
 
 
+def _split_by_layer(
+    user: float, client: dict[str, int], server0: dict[str, int], server1: dict[str, int]
+) -> Result:
+    """Both processes' samples in a slice (the client's, the server's growth from 0 to 1):
+    each layer's share of their user CPU per connection, and the number of samples it
+    rests on. A short slice under load can hold no sample at all: its split is unknown,
+    not zero, so it is left empty and the medians pass over it."""
+    samples = Counter(client)
+    samples.update({k: v - server0.get(k, 0) for k, v in server1.items()})
+    total = sum(samples.values())
+    split = {k: round(user * v / total, 1) for k, v in sorted(samples.items()) if v}
+    return {"layer_samples": total, "user_us_by_layer": split if total else {}}
+
+
 class Commands(Control):
     """The ``ctl`` the reused sides get: for a server, ``stopped`` answers the parent's
     CPU queries until it is told to stop."""
@@ -189,6 +203,7 @@ class _Stack:
         self, ctx: Any, name: str, kind: str, src: str | None, layers: bool = False
     ) -> None:
         self.name = name
+        self.layers = layers
         self.faults = 0  # slices where the floor's client saw a reply out of place or missing
         # (udp, cycle: the floor's, its raw UDP and the spec's close, as connect_vs_tcp's)
         params: Params = {"kind": kind, "src": src, "layers": layers, "udp": "raw", "cycle": "spec"}
@@ -235,14 +250,8 @@ class _Stack:
             "sleeps_per_connection": round(sleeps, 2),
             "client_sleeps_per_connection": round(client_sleeps, 2),
         }
-        # Both processes' samples: each layer's share of their user CPU per connection.
-        samples = Counter(r["samples"])
-        samples.update({k: v - samples0.get(k, 0) for k, v in samples1.items()})
-        total = sum(samples.values())
-        if total:
-            out["user_us_by_layer"] = {
-                k: round(user * v / total, 1) for k, v in sorted(samples.items()) if v
-            }
+        if self.layers:
+            out.update(_split_by_layer(user, r["samples"], samples0, samples1))
         return out
 
     def stop(self) -> int:
@@ -313,10 +322,11 @@ DEFAULT_STACKS: tuple[StackSpec, StackSpec] = (KINDS["pyserval"], KINDS["tcp"])
 
 
 def _layer_medians(runs: list[Result], names: list[str]) -> Result:
-    """Per stack and layer, the median over the pairs of user CPU us per connection."""
+    """Per stack and layer, the median over the sampled pairs of user CPU us per
+    connection (a pair whose slice held no sample has no split to count)."""
     out: Result = {}
     for n in names:
-        per = [r.get(f"user_us_by_layer_{n}", {}) for r in runs]
+        per = [p for r in runs if (p := r.get(f"user_us_by_layer_{n}"))]
         layers = sorted({k for p in per for k in p})
         out[n] = {k: round(statistics.median(p.get(k, 0.0) for p in per), 1) for k in layers}
     return out
