@@ -129,17 +129,41 @@ PROFILE_ENV = "PYSERVAL_BENCH_PROFILE"
 
 
 def use_loop(name: str) -> None:
-    """Run the benchmark's child processes on this event loop ("asyncio" or "uvloop")."""
+    """Run the benchmark's child processes on this event loop ("asyncio", "uvloop", or
+    "busypoll[:US]": asyncio's with pyserval's BusyPollSelector, polling US microseconds
+    (100 by default) before it sleeps)."""
+    _busy_poll_spin(name)  # (a bad value fails here, in the parent)
     if name == "uvloop":
         import uvloop  # type: ignore[import-not-found,unused-ignore]  # noqa: F401  (fail here, in the parent, when it is not installed)
     os.environ[LOOP_ENV] = name
 
 
+def _busy_poll_spin(name: str) -> float | None:
+    """The spin in seconds a "busypoll[:US]" loop name asks for; None for another loop."""
+    kind, _, us = name.partition(":")
+    if kind != "busypoll":
+        if us or kind not in ("asyncio", "uvloop"):
+            raise ValueError(f"unknown loop {name!r}: asyncio, uvloop or busypoll[:US]")
+        return None
+    spin = float(us) / 1e6 if us else 100e-6
+    if not spin >= 0:
+        raise ValueError(f"a busy poll of {us!r} us")
+    return spin
+
+
 def _run(main: Coroutine[Any, Any, Result]) -> Result:
-    if os.environ.get(LOOP_ENV, "asyncio") == "uvloop":
+    name = os.environ.get(LOOP_ENV, "asyncio")
+    if name == "uvloop":
         import uvloop
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main)
+    spin = _busy_poll_spin(name)
+    if spin is not None:
+        # (imported here: the child's pyserval is its tree's, first on sys.path by now)
+        from pyserval.runtime.busy_poll import busy_poll_loop
+
+        with asyncio.Runner(loop_factory=busy_poll_loop(spin)) as runner:
             return runner.run(main)
     return asyncio.run(main)
 

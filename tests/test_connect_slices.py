@@ -213,3 +213,17 @@ def test_a_slice_without_samples_has_no_split_and_the_medians_pass_over_it() -> 
     ]
     # The median of two sampled slices (400, 200) and (200, 100), not of three with a 0.
     assert cs._layer_medians(runs, ["x"]) == {"x": {"asyncio": 300.0, "other": 150.0}}
+
+
+def test_both_stacks_run_on_the_loop_asked_for(tmp_path: Path) -> None:
+    r = _command_line(tmp_path, 1, "--loop", "busypoll:50")
+    assert r["ok"] is True
+    assert r["loop"] == "busypoll:50"
+    # Issue 14's pair still: the loop is both stacks', so the goal is still reported.
+    assert r["goal"] is not None and r["pairs_at_goal"] is not None
+
+
+@pytest.mark.parametrize("loop", ["busypoll:x", "busypoll:-5", "epoll", "asyncio:10"])
+def test_a_loop_that_is_not_known_is_refused(loop: str) -> None:
+    with pytest.raises(SystemExit):
+        cs.main(["--loop", loop])

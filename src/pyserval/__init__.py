@@ -35,6 +35,7 @@ from .errors import (
 from .naming import FlowID, ServiceID, ServiceKey, ServicePrefix, ServicePublicKey
 from .naming.delegation import Delegation
 from .runtime import (
+    BusyPollSelector,
     DatagramError,
     Host,
     HostConfig,
@@ -44,6 +45,7 @@ from .runtime import (
     ServalListener,
     ServalSocket,
     ServalStream,
+    busy_poll_loop,
     connect,
     default_host,
     install,
@@ -76,6 +78,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "HostServiceController",
+    "BusyPollSelector",
+    "busy_poll_loop",
     "Address",
     "CloseReason",
     "ConnectionStateError",

@@ -1,6 +1,7 @@
 """The asyncio runtime: UDP encapsulation endpoints, the host, sockets and streams."""
 
 from .api import connect, default_host, listen, open_connection, start_server
+from .busy_poll import BusyPollSelector, busy_poll_loop
 from .datagram_streams import ServalDatagramListener, ServalDatagramStream
 from .host import Host, HostClosed, HostConfig, parse_address
 from .install import Installation, install
@@ -16,6 +17,8 @@ from .streams import (
 )
 
 __all__ = [
+    "BusyPollSelector",
+    "busy_poll_loop",
     "DatagramError",
     "Host",
     "HostClosed",
