@@ -138,6 +138,15 @@ def use_loop(name: str) -> None:
     os.environ[LOOP_ENV] = name
 
 
+def loop_name(name: str) -> str:
+    """``name`` if it names a loop :func:`use_loop` knows (an argparse ``type``)."""
+    try:
+        _busy_poll_spin(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return name
+
+
 def _busy_poll_spin(name: str) -> float | None:
     """The spin in seconds a "busypoll[:US]" loop name asks for; None for another loop."""
     kind, _, us = name.partition(":")

@@ -150,9 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out")
     parser.add_argument(
         "--loop",
-        choices=("asyncio", "uvloop"),
+        type=baselines.loop_name,
         default="asyncio",
-        help="the event loop of every process (uvloop: the optional [uvloop] extra)",
+        help="the event loop of every process: asyncio, uvloop (the optional [uvloop] "
+        "extra) or busypoll[:US] (pyserval.busy_poll_loop, polling US microseconds)",
     )
     args = parser.parse_args(argv)
     baselines.use_loop(args.loop)
