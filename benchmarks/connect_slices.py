@@ -506,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--loop",
+        type=baselines.loop_name,
         default=None,
         help="the event loop of every process, both stacks: asyncio, uvloop, or "
         "busypoll[:US] (asyncio's with pyserval.BusyPollSelector, polling US "
@@ -514,10 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
     if args.loop is not None:
-        try:
-            baselines.use_loop(args.loop)
-        except (ValueError, ImportError) as exc:
-            ap.error(str(exc))
+        baselines.use_loop(args.loop)
     kinds = args.stacks.split(",")
     if not 2 <= len(kinds) <= 3 or len(set(kinds)) != len(kinds) or not set(kinds) <= set(KINDS):
         ap.error(f"--stacks wants two or three of {', '.join(KINDS)}, given {args.stacks!r}")
