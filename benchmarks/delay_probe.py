@@ -13,6 +13,11 @@ header that follows): ``syn``, ``synack``, ``fin`` (a TCP FIN), ``control`` (SAL
 only: a control packet with no transport header), ``ack`` (any other TCP packet), and
 ``other``. The probe reads the batch after ``UdpEndpoint`` filled it (its private
 ``_read_gro``/``_read_plain``), so it costs nothing but a header check per datagram.
+
+A limit to read its figures with: it delays a read, not a step. A read can bring
+datagrams of two kinds (two hosts' answers that crossed: in one process, a client's reads
+bring the peer's ACK with its SAL FIN together with the next SYN-ACK), and the spin then
+holds up both; a kind that never comes alone shows the cost of the read it shares.
 """
 
 from __future__ import annotations
