@@ -1,7 +1,7 @@
 """Which steps of the connect cycle hold up the rate (``connect_slices.py --delay``).
 
 A causal probe in the manner of a virtual slowdown: one process (the server or the client
-of one pyserval stack) spends ``us`` microseconds of CPU, spinning, each time a read brings
+of one pyserval stack) spends ``us`` microseconds of CPU time, spinning, each time a read brings
 it a datagram of one kind, before the stack sees the batch. If the rate falls by about what
 ``us`` adds to a cycle, that step's work is on the cycle's critical path and making it
 cheaper would pay as much; if the rate holds, the step runs while the other process is busy
@@ -47,10 +47,11 @@ def kind_of(datagram: bytes) -> str:
 
 
 def spin(us: float) -> None:
-    """Spend ``us`` microseconds of CPU (a busy wait: the process stays on its CPU, as it
-    would doing the work this stands for)."""
-    end = time.perf_counter() + us / 1e6
-    while time.perf_counter() < end:
+    """Spend ``us`` microseconds of CPU (a busy wait on the process's CPU clock: the process
+    stays on its CPU, as it would doing the work this stands for, and on a loaded machine
+    takes longer to get through it, as that work would)."""
+    end = time.process_time() + us / 1e6
+    while time.process_time() < end:
         pass
 
 
