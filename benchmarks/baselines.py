@@ -217,6 +217,49 @@ def expect(conn: Connection, kind: str, who: str) -> Any:
     return value
 
 
+class LivePair:
+    """A server and a client process that stay up between commands (``run_pair`` starts
+    a fresh pair per run): the server is started first and announces its address, which
+    the client gets as ``params["address"]``; each has a command pipe that ``control``
+    (a :class:`Control` subclass) reads in the child."""
+
+    def __init__(
+        self,
+        ctx: Any,
+        name: str,
+        server: Side,
+        client: Side,
+        params: Params,
+        control: type[Control] = Control,
+    ) -> None:
+        self.name = name
+        self.server_pipe, end = ctx.Pipe()
+        self.server = ctx.Process(target=child, args=(server, end, params, control), daemon=True)
+        self.server.start()
+        address = expect(self.server_pipe, "address", f"{name} server")
+        self.client_pipe, end = ctx.Pipe()
+        self.client = ctx.Process(
+            target=child, args=(client, end, {**params, "address": address}, control), daemon=True
+        )
+        self.client.start()
+
+    def stop(self) -> tuple[Result, Result]:
+        """Stop the client, then the server; their results (server's, client's)."""
+        self.client_pipe.send(("stop",))
+        client_result: Result = expect(self.client_pipe, "result", f"{self.name} client")
+        self.server_pipe.send(("stop",))
+        server_result: Result = expect(self.server_pipe, "result", f"{self.name} server")
+        return server_result, client_result
+
+    def kill(self) -> None:
+        """Wait a little for both processes to end, then end them."""
+        for proc in (self.client, self.server):
+            proc.join(5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+
+
 def run_pair(receiver: Side, sender: Side, params: Params) -> tuple[Result, Result]:
     """Run ``receiver`` and ``sender`` in two fresh processes; return their results.
 

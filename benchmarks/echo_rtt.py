@@ -179,25 +179,11 @@ async def tcp_client(ctl: Control, params: Params) -> Result:
 SIDES = {PYSERVAL: (pyserval_server, pyserval_client), TCP: (tcp_server, tcp_client)}
 
 
-class _Stack:
+class _Stack(baselines.LivePair):
     """One stack's server and client processes and their pipes."""
 
     def __init__(self, ctx: Any, name: str, params: Params) -> None:
-        self.name = name
-        server, client = SIDES[name]
-        self.server_pipe, end = ctx.Pipe()
-        self.server = ctx.Process(
-            target=baselines.child, args=(server, end, params, Commands), daemon=True
-        )
-        self.server.start()
-        address = expect(self.server_pipe, "address", f"{name} server")
-        self.client_pipe, end = ctx.Pipe()
-        self.client = ctx.Process(
-            target=baselines.child,
-            args=(client, end, {**params, "address": address}, Commands),
-            daemon=True,
-        )
-        self.client.start()
+        super().__init__(ctx, name, *SIDES[name], params, Commands)
 
     def _server_cpu(self) -> float:
         self.server_pipe.send(("cpu",))
@@ -220,21 +206,6 @@ class _Stack:
             "ok": r["ok"] and r["sha256_sent"] == r["sha256_received"],
             "sha256": r["sha256_sent"],
         }
-
-    def stop(self) -> None:
-        for pipe, proc, who in (
-            (self.client_pipe, self.client, "client"),
-            (self.server_pipe, self.server, "server"),
-        ):
-            pipe.send(("stop",))
-            expect(pipe, "result", f"{self.name} {who}")
-            proc.join(10)
-
-    def kill(self) -> None:
-        for proc in (self.client, self.server):
-            if proc.is_alive():
-                proc.terminate()
-                proc.join()
 
 
 def run(rounds: int, exchanges: int, size: int) -> Result:

@@ -76,8 +76,13 @@ class LayerSampler:
         return dict(self._counts)
 
 
+def growth(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The samples taken between two :meth:`LayerSampler.counts`, by layer."""
+    return {k: after[k] - before.get(k, 0) for k in after}
+
+
 def shares(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
     """Each layer's share of the samples taken between two :meth:`LayerSampler.counts`."""
-    diff = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    diff = growth(before, after)
     total = sum(diff.values())
     return {k: v / total for k, v in diff.items() if v} if total else {}

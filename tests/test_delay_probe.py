@@ -153,4 +153,6 @@ def test_a_delay_is_refused_for_a_stack_that_is_not_pyserval() -> None:
     with pytest.raises(SystemExit):
         cs.main(["--delay", "server:rst:10"])
     with pytest.raises(SystemExit):
+        cs.main(["--delay", "server:syn:0"])
+    with pytest.raises(SystemExit):
         cs.main(["--stacks", "tcp,pyserval", "--delay", "server:syn:10"])
