@@ -68,7 +68,8 @@ def main() -> int:
         ensure_env()
         rc = run([str(BIN / "ruff"), "check", "src", "tests", "benchmarks", "examples", "dev.py"])
         rc = rc or run([str(PY), "-m", "mypy", "--strict", "src"])
-        return rc or run([str(PY), "-m", "mypy", "--strict", "tests"])
+        rc = rc or run([str(PY), "-m", "mypy", "--strict", "tests"])
+        return rc or run([str(PY), "-m", "mypy", "--strict", "benchmarks"])
     if cmd == "setup":
         ensure_env()
         return 0

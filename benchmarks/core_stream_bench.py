@@ -137,11 +137,18 @@ def connections(count: int, seed: int) -> float:
         server = accepted[0]
         server.shutdown()
         net.kick(b)
-        if not net.run_until(lambda c=client: c.at_eof, 10):
+        def at_eof(c: Connection = client) -> bool:
+            return c.at_eof
+
+        if not net.run_until(at_eof, 10):
             raise RuntimeError("no end of stream")
         client.shutdown()
         net.kick(a)
-        if not net.run_until(lambda c=client, s=server: c.closed and s.closed, 10):
+
+        def closed(c: Connection = client, s: Connection = server) -> bool:
+            return c.closed and s.closed
+
+        if not net.run_until(closed, 10):
             raise RuntimeError("the connection did not close")
     return time.process_time() - start
 

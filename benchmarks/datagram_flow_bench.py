@@ -20,6 +20,7 @@ import hashlib
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
-    result = {
+    result: dict[str, Any] = {
         "environment": environment(),
         "datagram_flow": [flow_blast(args.seconds, size) for size in sizes],
     }

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(cases) - set(CASES)
     if unknown:
         parser.error(f"unknown case(s): {', '.join(sorted(unknown))}")
-    report = {
+    report: dict[str, Any] = {
         "benchmark": "pyserval router: first-hop SYN forwarding, sans I/O (CPU per SYN)",
         "environment": baselines.environment(),
         "src": str(SRC),

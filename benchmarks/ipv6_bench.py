@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -72,11 +72,13 @@ async def sender(ctl: Control, params: Params) -> Result:
     """Send the round's bytes, end the stream, wait until all is acknowledged."""
     data = _data(params["mib"])
     async with pyserval.Host([params["listen"]], stream_config=_config(params)) as host:
-        host.add_route(SERVICE, tuple(params["address"]))  # type: ignore[arg-type]
+        host.add_route(SERVICE, tuple(params["address"]))
         stream = await host.connect(SERVICE)
         view = memoryview(data)
         for i in range(0, len(data), CHUNK):
-            await stream.send(view[i : i + CHUNK])
+            # (a view of immutable bytes, so what the stream keeps of it cannot change:
+            # send is typed for bytes for that reason, and takes any such buffer)
+            await stream.send(cast(bytes, view[i : i + CHUNK]))
         await stream.send_eof()
         sf = stream.connection.primary
         await host.wait(stream.connection, lambda: sf.snd_una >= sf.snd_max)

@@ -34,7 +34,7 @@ from pyserval.core.host import HostCore
 from pyserval.sal import Rule
 from pyserval.testing import LinkConfig, SimNetwork
 from pyserval.transport.config import StreamConfig
-from pyserval.transport.connection import State
+from pyserval.transport.connection import Connection, State
 from report import emit
 
 A = ("10.0.0.1", 54324)
@@ -60,7 +60,7 @@ def transfer(link: LinkConfig, seed: int, sack: bool, congestion: str) -> tuple[
     listener = b.listen("bulk")
     client = a.connect("bulk", net.now)
     net.kick(a)
-    accepted = []
+    accepted: list[Connection] = []
 
     def ready() -> bool:
         if not accepted:

@@ -98,7 +98,8 @@ def _free_address() -> tuple[str, int]:
     """A UDP port free right now (for the sink, which both processes must know)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind((HOST, 0))
-        return sock.getsockname()
+        host, port = sock.getsockname()  # (typeshed gives Any: an address family's form)
+        return str(host), int(port)
 
 
 def build_syns(source: tuple[str, int], count: int) -> list[bytes]:

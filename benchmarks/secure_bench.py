@@ -38,7 +38,8 @@ import anyio
 import baselines
 import pyserval
 from baselines import MB, Control, Params, Result, run_pair
-from pyserval.runtime.secure import check_peer, client_context, server_context
+from pyserval.runtime.secure import SecureListener, check_peer, client_context, server_context
+from pyserval.runtime.streams import ServalListener
 from pyserval.transport.config import StreamConfig
 from report import emit
 
@@ -99,6 +100,7 @@ async def serval_bulk_receiver(ctl: Control, params: Params) -> Result:
     key = _key(params)
     sid = key.service_id(PREFIX)
     async with pyserval.Host(["127.0.0.1:0"], stream_config=_config(params)) as host:
+        listener: SecureListener | ServalListener
         if params["secure"]:
             listener = await host.listen(sid, key=key, secure=True)
         else:
@@ -207,6 +209,7 @@ async def serval_accept_server(ctl: Control, params: Params) -> Result:
     key = _key(params)
     sid = key.service_id(PREFIX)
     async with pyserval.Host(["127.0.0.1:0"]) as host:
+        listener: SecureListener | ServalListener
         if params["secure"]:
             listener = await host.listen(sid, key=key, secure=True, backlog=1024)
         else:
