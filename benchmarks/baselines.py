@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import math
 import multiprocessing
 import os
 import platform
@@ -155,7 +156,7 @@ def _busy_poll_spin(name: str) -> float | None:
             raise ValueError(f"unknown loop {name!r}: asyncio, uvloop or busypoll[:US]")
         return None
     spin = float(us) / 1e6 if us else 100e-6
-    if not spin >= 0:
+    if not 0 <= spin < math.inf:
         raise ValueError(f"a busy poll of {us!r} us")
     return spin
 

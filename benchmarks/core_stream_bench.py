@@ -137,6 +137,7 @@ def connections(count: int, seed: int) -> float:
         server = accepted[0]
         server.shutdown()
         net.kick(b)
+
         def at_eof(c: Connection = client) -> bool:
             return c.at_eof
 

@@ -138,7 +138,7 @@ def test_a_spin_of_zero_never_spins(pair: tuple[socket.socket, socket.socket]) -
     assert (sel.spins_won, sel.spins_lost, sel.sleeps_unspun) == (0, 0, 0)
 
 
-@pytest.mark.parametrize("spin", [-1e-6, float("nan")])
+@pytest.mark.parametrize("spin", [-1e-6, float("nan"), float("inf")])
 def test_a_spin_that_is_not_a_duration_is_refused(spin: float) -> None:
     with pytest.raises(ValueError, match="spin must be a non-negative number"):
         BusyPollSelector(spin)

@@ -224,7 +224,9 @@ def test_both_stacks_run_on_the_loop_asked_for(tmp_path: Path) -> None:
     assert r["goal"] is None and r["pairs_at_goal"] is None
 
 
-@pytest.mark.parametrize("loop", ["busypoll:x", "busypoll:-5", "epoll", "asyncio:10"])
+@pytest.mark.parametrize(
+    "loop", ["busypoll:x", "busypoll:-5", "busypoll:inf", "epoll", "asyncio:10"]
+)
 def test_a_loop_that_is_not_known_is_refused(loop: str) -> None:
     with pytest.raises(SystemExit):
         cs.main(["--loop", loop])

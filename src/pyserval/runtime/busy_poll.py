@@ -27,6 +27,7 @@ callbacks run in the same order; only the moment the loop notices an event moves
 from __future__ import annotations
 
 import asyncio
+import math
 import selectors
 import time
 from collections.abc import Callable
@@ -45,7 +46,7 @@ class BusyPollSelector(_DefaultSelector):  # type: ignore[misc,valid-type]
 
     def __init__(self, spin: float = 100e-6) -> None:
         """``spin``: how long to poll before sleeping, in seconds (0: never)."""
-        if not spin >= 0:
+        if not 0 <= spin < math.inf:  # (NaN fails too; an endless spin would never sleep)
             raise ValueError(f"spin must be a non-negative number of seconds, got {spin!r}")
         super().__init__()
         self.spin = spin
