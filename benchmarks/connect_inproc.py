@@ -27,6 +27,17 @@ runs asyncio TCP's same cycle in one process instead (``open_connection``, the s
 callback closes, ``read`` to EOF, close), and ``--stack both`` the two in turns
 (``--reps`` pairs, with pyserval's ratio to it by rate and by CPU): the two stacks' own
 work side by side, without the wake-ups that ``connect_slices.py``'s figures include.
+
+What a wake-up costs beyond that work: ``--sweep MB`` reads one byte of every 64-byte line
+of an MB-MiB buffer after each loop pass that found events (:class:`Evictor`), so every
+pass starts with cold caches and TLB, as a process woken after the other one (and other
+guests) ran on its CPU does; the sweeps' own CPU is taken off the figures, and
+``cold_passes_per_connection`` says how many passes paid. ``--pages`` adds the memory one
+cycle touches (both ends): the pages referenced (``/proc/self/clear_refs``, then
+``smaps``), by kind: the interpreter's machine code, other libraries, and the Python heap
+(objects, code objects, dicts; pymalloc's arenas and malloc's heap). A cold pass costs in
+proportion to what it touches, not to the instructions it runs (see the README,
+eleventh session).
 """
 
 from __future__ import annotations
@@ -34,10 +45,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import re
 import resource
+import selectors
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +69,17 @@ SERVICE = "inproc-connect"
 
 
 class Counts:
-    """What :func:`serve` and :func:`cycle` saw: streams accepted, clean ends read."""
+    """What :func:`serve` and :func:`cycle` saw: cycles begun, streams accepted, clean
+    ends read."""
 
     def __init__(self) -> None:
+        self.started = 0
         self.accepted = 0
         self.clean_ends = 0
+
+    def all_clean(self) -> bool:
+        """Every cycle begun was accepted and read a clean end of stream."""
+        return self.accepted == self.started == self.clean_ends
 
 
 async def serve(listener: Any, counts: Counts) -> None:
@@ -71,6 +91,7 @@ async def serve(listener: Any, counts: Counts) -> None:
 
 async def cycle(host: pyserval.Host, counts: Counts, service: str = SERVICE) -> None:
     """The client's side: connect, read end of stream (counted when clean), close."""
+    counts.started += 1
     stream = await host.connect(service)
     try:
         await stream.receive()
@@ -84,10 +105,84 @@ async def cycle(host: pyserval.Host, counts: Counts, service: str = SERVICE) -> 
 _VIRTUAL_NOW = [1000.0]
 
 
+class Evictor:
+    """Cold caches on demand: :meth:`sweep` reads one byte every ``stride`` bytes of a
+    buffer of ``mb`` MiB. With the default stride (a cache line) it pushes out of the
+    caches and the TLB what was there before (on this machine: 1 MiB of L2 per core, 32
+    MiB of L3, a 2,048-entry TLB: 4 KiB pages past 8 MiB); with a stride of 4096 it
+    touches one line per page, which empties the TLB but leaves most of the L3 alone. It
+    keeps the CPU time its sweeps took, for the figures to leave out; ``paused`` skips
+    them (while :func:`pages_of` looks at what the cycle itself touches)."""
+
+    def __init__(self, mb: float, stride: int = 64) -> None:
+        if not 0 < mb < 4096:
+            raise ValueError(f"a sweep of {mb!r} MiB: give a size above 0 and below 4 GiB")
+        if not 1 <= stride <= 1 << 20:
+            raise ValueError(f"a sweep stride of {stride!r} bytes: give 1 to 1 MiB")
+        self.mb = mb
+        self.stride = stride
+        # Written, not just allocated: untouched pages all read the kernel's one zero page,
+        # which would evict nothing.
+        self._touch = memoryview(bytearray(b"\x5a") * int(mb * (1 << 20)))[::stride]
+        self.spent = 0.0
+        self.sweeps = 0
+        self.paused = False
+
+    def sweep(self) -> None:
+        """Touch the buffer once every ``stride`` bytes (a strided copy, in C)."""
+        if self.paused:
+            return
+        start = time.process_time()
+        self._touch.tobytes()
+        self.spent += time.process_time() - start
+        self.sweeps += 1
+
+
+class SweepingSelector(selectors.DefaultSelector):
+    """The default selector, sweeping ``evictor`` after each select that found events: the
+    loop pass that follows starts cold."""
+
+    def __init__(self, evictor: Evictor) -> None:
+        super().__init__()
+        self.evictor = evictor
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        """Ready keys, as the default selector's; a sweep when there are any."""
+        ready: list[tuple[selectors.SelectorKey, int]] = super().select(timeout)
+        if ready:
+            self.evictor.sweep()
+        return ready
+
+
+def run_on_loop(
+    make: Callable[[], Awaitable[dict[str, Any]]], evictor: Evictor | None
+) -> dict[str, Any]:
+    """``make()`` run to the end on a fresh loop: asyncio's own, or with ``evictor`` one
+    whose every pass with events starts cold (:class:`SweepingSelector`)."""
+
+    async def main() -> dict[str, Any]:
+        return await make()
+
+    if evictor is None:
+        return asyncio.run(main())
+    selector = SweepingSelector(evictor)
+    with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selector)) as runner:
+        return runner.run(main())
+
+
+def _loop_evictor() -> Evictor | None:
+    """The evictor of the running loop's selector, if it sweeps."""
+    selector = getattr(asyncio.get_running_loop(), "_selector", None)
+    return selector.evictor if isinstance(selector, SweepingSelector) else None
+
+
 class Meter:
-    """CPU and wall time over the timed cycles."""
+    """CPU and wall time over the timed cycles (less the sweeps of an evictor, if any)."""
 
     def start(self) -> None:
+        self.evictor = _loop_evictor()
+        self.spent0 = self.evictor.spent if self.evictor else 0.0
+        self.sweeps0 = self.evictor.sweeps if self.evictor else 0
         self.cpu0 = time.process_time()
         self.usage0 = resource.getrusage(resource.RUSAGE_SELF)
         self.wall0 = time.perf_counter()
@@ -98,8 +193,21 @@ class Meter:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         user = usage.ru_utime - self.usage0.ru_utime
         kernel = usage.ru_stime - self.usage0.ru_stime
+        figures: dict[str, Any] = {"connections": connections}
+        if self.evictor is not None:
+            # A sweep is user-space CPU of this process: out of both figures, and out of
+            # the wall time the rate is worked out from.
+            swept = self.evictor.spent - self.spent0
+            cpu -= swept
+            user -= swept
+            wall -= swept
+            figures["sweep_mb"] = self.evictor.mb
+            figures["sweep_stride"] = self.evictor.stride
+            figures["cold_passes_per_connection"] = round(
+                (self.evictor.sweeps - self.sweeps0) / connections, 2
+            )
         return {
-            "connections": connections,
+            **figures,
             "per_s": round(connections / wall),
             "cpu_us_per_connection": round(cpu / connections * 1e6, 1),
             "user_us_per_connection": round(user / connections * 1e6, 1),
@@ -107,9 +215,79 @@ class Meter:
         }
 
 
-async def run_tcp(connections: int, warmup: int) -> dict[str, Any]:
+PAGE_SAMPLES = 5
+"""Cycles :func:`pages_of` looks at (the median of their figures is reported)."""
+
+_MAPPING = re.compile(r"^[0-9a-f]+-[0-9a-f]+ \S+ \S+ \S+ \S+\s*(.*)$")
+
+
+def _kind(path: str) -> str:
+    """Which part of the process a mapping holds: the interpreter, another library, the
+    Python heap (anonymous memory and malloc's heap), or the rest (stack, vdso, files)."""
+    name = path.rsplit("/", 1)[-1]
+    if name.startswith("libpython") or name.startswith("python"):
+        return "interpreter_kb"
+    if ".so" in name:
+        return "libraries_kb"
+    if path == "" or path == "[heap]":
+        return "python_heap_kb"
+    return "other_kb"
+
+
+def referenced_kb() -> dict[str, int] | None:
+    """KiB of this process's memory referenced since the last :func:`clear_referenced`, by
+    :func:`_kind`; None where Linux does not say (no ``/proc/self/smaps``)."""
+    try:
+        text = Path("/proc/self/smaps").read_text()
+    except OSError:
+        return None
+    totals = dict.fromkeys(("interpreter_kb", "libraries_kb", "python_heap_kb", "other_kb"), 0)
+    kind = "other_kb"
+    for line in text.splitlines():
+        mapping = _MAPPING.match(line)
+        if mapping is not None:
+            kind = _kind(mapping.group(1).strip())
+        elif line.startswith("Referenced:"):
+            totals[kind] += int(line.split()[1])
+    return totals
+
+
+def clear_referenced() -> bool:
+    """Clear the referenced bits of this process's pages; False where that is refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("1")
+    except OSError:
+        return False
+    return True
+
+
+async def pages_of(
+    one_cycle: Callable[[], Awaitable[None]], samples: int = PAGE_SAMPLES
+) -> dict[str, int] | None:
+    """The memory one cycle references, by kind (the median of ``samples`` cycles' each, by
+    total; an evictor's sweeps paused meanwhile); None where the kernel does not tell."""
+    evictor = _loop_evictor()
+    seen: list[dict[str, int]] = []
+    try:
+        if evictor is not None:
+            evictor.paused = True
+        for _ in range(samples):
+            if not clear_referenced():
+                return None
+            await one_cycle()
+            kb = referenced_kb()
+            if kb is None:
+                return None
+            seen.append({**kb, "total_kb": sum(kb.values())})
+    finally:
+        if evictor is not None:
+            evictor.paused = False
+    return sorted(seen, key=lambda kb: kb["total_kb"])[samples // 2]
+
+
+async def run_tcp(connections: int, warmup: int, pages: bool = False) -> dict[str, Any]:
     """asyncio TCP's cycle, both ends in this process: ``warmup`` cycles, then
-    ``connections`` timed ones."""
+    ``connections`` timed ones (then, with ``pages``, the memory a cycle touches)."""
     counts = Counts()
 
     async def handle(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -118,25 +296,35 @@ async def run_tcp(connections: int, warmup: int) -> dict[str, Any]:
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
     host, port = server.sockets[0].getsockname()[:2]
+
+    async def one_cycle() -> None:
+        counts.started += 1
+        reader, writer = await asyncio.open_connection(host, port)
+        if await reader.read() == b"":
+            counts.clean_ends += 1
+        writer.close()
+        await writer.wait_closed()
+
     meter = Meter()
+    extra: dict[str, Any] = {}
     async with server:
         for i in range(warmup + connections):
             if i == warmup:
                 meter.start()
-            reader, writer = await asyncio.open_connection(host, port)
-            if await reader.read() == b"":
-                counts.clean_ends += 1
-            writer.close()
-            await writer.wait_closed()
+            await one_cycle()
         figures = meter.figures(connections)
+        if pages:
+            extra["pages_per_cycle"] = await pages_of(one_cycle)
         await asyncio.sleep(0.05)  # the last accept's callback
-    total = warmup + connections
-    return {**figures, "ok": counts.accepted == total and counts.clean_ends == total}
+    return {**figures, **extra, "ok": counts.all_clean() and counts.started >= warmup + connections}
 
 
-async def run(connections: int, warmup: int, virtual_clock: bool = False) -> dict[str, Any]:
+async def run(
+    connections: int, warmup: int, virtual_clock: bool = False, pages: bool = False
+) -> dict[str, Any]:
     """``warmup`` cycles, then ``connections`` timed ones; the figures. ``virtual_clock``:
-    the hosts' clock moves 1 ms per cycle and not within one (see the module docstring)."""
+    the hosts' clock moves 1 ms per cycle and not within one (see the module docstring).
+    ``pages``: then the memory a cycle touches."""
     counts = Counts()
     if virtual_clock:
         time.monotonic = functools.partial(_VIRTUAL_NOW.__getitem__, 0)
@@ -159,6 +347,8 @@ async def run(connections: int, warmup: int, virtual_clock: bool = False) -> dic
             await cycle(client, counts)
             _VIRTUAL_NOW[0] += step
         figures = meter.figures(connections)
+        if pages:
+            figures["pages_per_cycle"] = await pages_of(functools.partial(cycle, client, counts))
         if virtual_clock:
             for _ in range(5):
                 await asyncio.sleep(0)  # the last accept (no timer fires on a still clock)
@@ -166,25 +356,37 @@ async def run(connections: int, warmup: int, virtual_clock: bool = False) -> dic
             await asyncio.sleep(0.05)  # the last accept
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    total = warmup + connections
-    return {**figures, "ok": counts.accepted == total and counts.clean_ends == total}
+    return {**figures, "ok": counts.all_clean() and counts.started >= warmup + connections}
 
 
-def both(connections: int, warmup: int, reps: int) -> dict[str, Any]:
+def both(
+    connections: int,
+    warmup: int,
+    reps: int,
+    evictor: Evictor | None = None,
+    pages: bool = False,
+) -> dict[str, Any]:
     """pyserval and asyncio TCP in turns, ``reps`` pairs (ABBA), each on a fresh loop in
-    this process; per pair pyserval's rate and CPU over asyncio TCP's, and the medians."""
+    this process (sweeping ``evictor`` after every pass with events, when given); per pair
+    pyserval's rate and CPU over asyncio TCP's, and the medians."""
     runs: list[dict[str, Any]] = []
     by_rate: list[float] = []
     by_cpu: list[float] = []
     for rep in range(reps):
         # Which stack goes first turns with each pair, so neither always runs on the
         # machine the other left (caches, frequency, the allocator's arenas).
+        def ours_run() -> dict[str, Any]:
+            return run_on_loop(lambda: run(connections, warmup, pages=pages), evictor)
+
+        def theirs_run() -> dict[str, Any]:
+            return run_on_loop(lambda: run_tcp(connections, warmup, pages=pages), evictor)
+
         if rep % 2 == 0:
-            ours = asyncio.run(run(connections, warmup))
-            theirs = asyncio.run(run_tcp(connections, warmup))
+            ours = ours_run()
+            theirs = theirs_run()
         else:
-            theirs = asyncio.run(run_tcp(connections, warmup))
-            ours = asyncio.run(run(connections, warmup))
+            theirs = theirs_run()
+            ours = ours_run()
         by_rate.append(ours["per_s"] / theirs["per_s"])
         by_cpu.append(theirs["cpu_us_per_connection"] / ours["cpu_us_per_connection"])
         runs += [{"rep": rep, "stack": "pyserval", **ours}, {"rep": rep, "stack": "tcp", **theirs}]
@@ -207,14 +409,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--stack", choices=["pyserval", "tcp", "both"], default="pyserval")
     parser.add_argument("--reps", type=int, default=3, help="pairs, with --stack both")
+    parser.add_argument(
+        "--sweep",
+        type=float,
+        default=None,
+        metavar="MB",
+        help="start every loop pass with events cold: sweep MB MiB first (its CPU left out)",
+    )
+    parser.add_argument(
+        "--sweep-stride",
+        type=int,
+        default=64,
+        metavar="BYTES",
+        help="touch one byte every BYTES (64: every cache line; 4096: one line a page)",
+    )
+    parser.add_argument(
+        "--pages", action="store_true", help="also the memory one cycle touches, by kind"
+    )
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
+    evictor = Evictor(args.sweep, args.sweep_stride) if args.sweep is not None else None
     if args.stack == "both":
-        result = both(args.connections, args.warmup, args.reps)
+        result = both(args.connections, args.warmup, args.reps, evictor, args.pages)
     elif args.stack == "tcp":
-        result = asyncio.run(run_tcp(args.connections, args.warmup))
+        result = run_on_loop(lambda: run_tcp(args.connections, args.warmup, args.pages), evictor)
     else:
-        result = asyncio.run(run(args.connections, args.warmup, args.virtual_clock))
+        result = run_on_loop(
+            lambda: run(args.connections, args.warmup, args.virtual_clock, args.pages), evictor
+        )
     case = {"case": "connect_inproc", "stack": args.stack, "pyserval_src": str(SRC)}
     emit({**case, **result}, args.out)
     return 0 if result["ok"] else 1
