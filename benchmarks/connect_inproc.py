@@ -196,7 +196,9 @@ class Meter:
         figures: dict[str, Any] = {"connections": connections}
         if self.evictor is not None:
             # A sweep is user-space CPU of this process: out of both figures, and out of
-            # the wall time the rate is worked out from.
+            # the wall time the rate is worked out from (its CPU time standing for its
+            # wall time, which the hypervisor's steal can make longer: the rate with
+            # sweeps is the rougher figure).
             swept = self.evictor.spent - self.spent0
             cpu -= swept
             user -= swept
