@@ -31,7 +31,7 @@ work side by side, without the wake-ups that ``connect_slices.py``'s figures inc
 What a wake-up costs beyond that work: ``--sweep MB`` reads one byte of every 64-byte line
 of an MB-MiB buffer after each loop pass that found events (:class:`Evictor`), so every
 pass starts with cold caches and TLB, as a process woken after the other one (and other
-guests) ran on its CPU does; the sweeps' own CPU is taken off the figures, and
+guests) ran on its CPU does; the sweeps' own CPU and wall time are taken off the figures, and
 ``cold_passes_per_connection`` says how many passes paid. ``--pages`` adds the memory one
 cycle touches (both ends): the pages referenced (``/proc/self/clear_refs``, then
 ``smaps``), by kind: the interpreter's machine code, other libraries, and the Python heap
@@ -111,8 +111,8 @@ class Evictor:
     caches and the TLB what was there before (on this machine: 1 MiB of L2 per core, 32
     MiB of L3, a 2,048-entry TLB: 4 KiB pages past 8 MiB); with a stride of 4096 it
     touches one line per page, which empties the TLB but leaves most of the L3 alone. It
-    keeps the CPU time its sweeps took, for the figures to leave out; ``paused`` skips
-    them (while :func:`pages_of` looks at what the cycle itself touches)."""
+    keeps the CPU and wall time its sweeps took, for the figures to leave out; ``paused``
+    skips them (while :func:`pages_of` looks at what the cycle itself touches)."""
 
     def __init__(self, mb: float, stride: int = 64) -> None:
         if not 0 < mb < 4096:
@@ -124,7 +124,8 @@ class Evictor:
         # Written, not just allocated: untouched pages all read the kernel's one zero page,
         # which would evict nothing.
         self._touch = memoryview(bytearray(b"\x5a") * int(mb * (1 << 20)))[::stride]
-        self.spent = 0.0
+        self.spent = 0.0  # CPU seconds
+        self.spent_wall = 0.0  # wall seconds (more than the CPU when the hypervisor steals)
         self.sweeps = 0
         self.paused = False
 
@@ -132,9 +133,10 @@ class Evictor:
         """Touch the buffer once every ``stride`` bytes (a strided copy, in C)."""
         if self.paused:
             return
-        start = time.process_time()
+        start, start_wall = time.process_time(), time.perf_counter()
         self._touch.tobytes()
         self.spent += time.process_time() - start
+        self.spent_wall += time.perf_counter() - start_wall
         self.sweeps += 1
 
 
@@ -170,18 +172,16 @@ def run_on_loop(
         return runner.run(main())
 
 
-def _loop_evictor() -> Evictor | None:
-    """The evictor of the running loop's selector, if it sweeps."""
-    selector = getattr(asyncio.get_running_loop(), "_selector", None)
-    return selector.evictor if isinstance(selector, SweepingSelector) else None
-
-
 class Meter:
-    """CPU and wall time over the timed cycles (less the sweeps of an evictor, if any)."""
+    """CPU and wall time over the timed cycles (less the sweeps of ``evictor``, if any: the
+    one the loop's :class:`SweepingSelector` holds)."""
+
+    def __init__(self, evictor: Evictor | None = None) -> None:
+        self.evictor = evictor
 
     def start(self) -> None:
-        self.evictor = _loop_evictor()
         self.spent0 = self.evictor.spent if self.evictor else 0.0
+        self.wall_spent0 = self.evictor.spent_wall if self.evictor else 0.0
         self.sweeps0 = self.evictor.sweeps if self.evictor else 0
         self.cpu0 = time.process_time()
         self.usage0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -195,14 +195,12 @@ class Meter:
         kernel = usage.ru_stime - self.usage0.ru_stime
         figures: dict[str, Any] = {"connections": connections}
         if self.evictor is not None:
-            # A sweep is user-space CPU of this process: out of both figures, and out of
-            # the wall time the rate is worked out from (its CPU time standing for its
-            # wall time, which the hypervisor's steal can make longer: the rate with
-            # sweeps is the rougher figure).
+            # A sweep is user-space CPU of this process: out of both CPU figures, and its
+            # wall time out of the wall time the rate is worked out from.
             swept = self.evictor.spent - self.spent0
             cpu -= swept
             user -= swept
-            wall -= swept
+            wall -= self.evictor.spent_wall - self.wall_spent0
             figures["sweep_mb"] = self.evictor.mb
             figures["sweep_stride"] = self.evictor.stride
             figures["cold_passes_per_connection"] = round(
@@ -264,11 +262,12 @@ def clear_referenced() -> bool:
 
 
 async def pages_of(
-    one_cycle: Callable[[], Awaitable[None]], samples: int = PAGE_SAMPLES
+    one_cycle: Callable[[], Awaitable[None]],
+    evictor: Evictor | None = None,
+    samples: int = PAGE_SAMPLES,
 ) -> dict[str, int] | None:
     """The memory one cycle references, by kind (the median of ``samples`` cycles' each, by
-    total; an evictor's sweeps paused meanwhile); None where the kernel does not tell."""
-    evictor = _loop_evictor()
+    total; ``evictor``'s sweeps paused meanwhile); None where the kernel does not tell."""
     seen: list[dict[str, int]] = []
     try:
         if evictor is not None:
@@ -287,9 +286,12 @@ async def pages_of(
     return sorted(seen, key=lambda kb: kb["total_kb"])[samples // 2]
 
 
-async def run_tcp(connections: int, warmup: int, pages: bool = False) -> dict[str, Any]:
+async def run_tcp(
+    connections: int, warmup: int, pages: bool = False, evictor: Evictor | None = None
+) -> dict[str, Any]:
     """asyncio TCP's cycle, both ends in this process: ``warmup`` cycles, then
-    ``connections`` timed ones (then, with ``pages``, the memory a cycle touches)."""
+    ``connections`` timed ones (then, with ``pages``, the memory a cycle touches).
+    ``evictor``: the one the loop sweeps (see :func:`run_on_loop`), left out of the figures."""
     counts = Counts()
 
     async def handle(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -307,7 +309,7 @@ async def run_tcp(connections: int, warmup: int, pages: bool = False) -> dict[st
         writer.close()
         await writer.wait_closed()
 
-    meter = Meter()
+    meter = Meter(evictor)
     extra: dict[str, Any] = {}
     async with server:
         for i in range(warmup + connections):
@@ -316,17 +318,21 @@ async def run_tcp(connections: int, warmup: int, pages: bool = False) -> dict[st
             await one_cycle()
         figures = meter.figures(connections)
         if pages:
-            extra["pages_per_cycle"] = await pages_of(one_cycle)
+            extra["pages_per_cycle"] = await pages_of(one_cycle, evictor)
         await asyncio.sleep(0.05)  # the last accept's callback
     return {**figures, **extra, "ok": counts.all_clean() and counts.started >= warmup + connections}
 
 
 async def run(
-    connections: int, warmup: int, virtual_clock: bool = False, pages: bool = False
+    connections: int,
+    warmup: int,
+    virtual_clock: bool = False,
+    pages: bool = False,
+    evictor: Evictor | None = None,
 ) -> dict[str, Any]:
     """``warmup`` cycles, then ``connections`` timed ones; the figures. ``virtual_clock``:
     the hosts' clock moves 1 ms per cycle and not within one (see the module docstring).
-    ``pages``: then the memory a cycle touches."""
+    ``pages``: then the memory a cycle touches. ``evictor``: as :func:`run_tcp`'s."""
     counts = Counts()
     if virtual_clock:
         time.monotonic = functools.partial(_VIRTUAL_NOW.__getitem__, 0)
@@ -343,14 +349,15 @@ async def run(
         for _ in range(warmup):
             await cycle(client, counts)
             _VIRTUAL_NOW[0] += step
-        meter = Meter()
+        meter = Meter(evictor)
         meter.start()
         for _ in range(connections):
             await cycle(client, counts)
             _VIRTUAL_NOW[0] += step
         figures = meter.figures(connections)
         if pages:
-            figures["pages_per_cycle"] = await pages_of(functools.partial(cycle, client, counts))
+            one_cycle = functools.partial(cycle, client, counts)
+            figures["pages_per_cycle"] = await pages_of(one_cycle, evictor)
         if virtual_clock:
             for _ in range(5):
                 await asyncio.sleep(0)  # the last accept (no timer fires on a still clock)
@@ -378,10 +385,12 @@ def both(
         # Which stack goes first turns with each pair, so neither always runs on the
         # machine the other left (caches, frequency, the allocator's arenas).
         def ours_run() -> dict[str, Any]:
-            return run_on_loop(lambda: run(connections, warmup, pages=pages), evictor)
+            return run_on_loop(
+                lambda: run(connections, warmup, pages=pages, evictor=evictor), evictor
+            )
 
         def theirs_run() -> dict[str, Any]:
-            return run_on_loop(lambda: run_tcp(connections, warmup, pages=pages), evictor)
+            return run_on_loop(lambda: run_tcp(connections, warmup, pages, evictor), evictor)
 
         if rep % 2 == 0:
             ours = ours_run()
@@ -434,10 +443,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.stack == "both":
         result = both(args.connections, args.warmup, args.reps, evictor, args.pages)
     elif args.stack == "tcp":
-        result = run_on_loop(lambda: run_tcp(args.connections, args.warmup, args.pages), evictor)
+        result = run_on_loop(
+            lambda: run_tcp(args.connections, args.warmup, args.pages, evictor), evictor
+        )
     else:
         result = run_on_loop(
-            lambda: run(args.connections, args.warmup, args.virtual_clock, args.pages), evictor
+            lambda: run(args.connections, args.warmup, args.virtual_clock, args.pages, evictor),
+            evictor,
         )
     case = {"case": "connect_inproc", "stack": args.stack, "pyserval_src": str(SRC)}
     emit({**case, **result}, args.out)

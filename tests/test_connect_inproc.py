@@ -53,13 +53,17 @@ def test_sweeps_start_each_pass_cold_and_are_left_out_of_the_figures(stack: str)
     # does, so a figure that kept them would exceed what the evictor itself recorded.
     evictor = connect_inproc.Evictor(32.0)
     runner = connect_inproc.run if stack == "pyserval" else connect_inproc.run_tcp
-    r = connect_inproc.run_on_loop(lambda: runner(12, 3), evictor)
+    r = connect_inproc.run_on_loop(lambda: runner(12, 3, evictor=evictor), evictor)
     assert r["ok"] is True and r["sweep_mb"] == 32.0 and r["sweep_stride"] == 64
     # Each cycle needs at least two passes that find a datagram (the client's answer to
     # the handshake, the end of stream); the warm-up's sweeps are not in the figure.
-    assert 2 <= r["cold_passes_per_connection"] <= evictor.sweeps / 12
-    swept_us = evictor.spent / evictor.sweeps * r["cold_passes_per_connection"] * 1e6
+    passes = r["cold_passes_per_connection"]
+    assert 2 <= passes <= evictor.sweeps / 12
+    swept_us = evictor.spent / evictor.sweeps * passes * 1e6
     assert r["cpu_us_per_connection"] < swept_us
+    # The same for the rate: a connection's wall time without its sweeps' is the shorter.
+    swept_wall_us = evictor.spent_wall / evictor.sweeps * passes * 1e6
+    assert 1e6 / r["per_s"] < swept_wall_us
 
 
 def test_a_paused_evictor_does_not_sweep() -> None:
