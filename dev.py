@@ -46,7 +46,7 @@ def compile_sources() -> None:
     """Write the bytecode of pyserval, the benchmarks and the examples ahead of time.
 
     The install is editable, so nothing compiles ``src`` at install time, and where
-    ``PYTHONDONTWRITEBYTECODE`` is set (as on our CI machines) every process that imports
+    ``PYTHONDONTWRITEBYTECODE`` is set (as on our development machines) every process that imports
     pyserval compiles all of it again: about 0.17 s of CPU each, and the suite starts
     several hundred (hosts, routers, the CLI, benchmarks as subprocesses): about a minute
     of its CPU. Python still reads bytecode it finds up to date, whatever that variable

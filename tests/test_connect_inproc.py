@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -125,3 +126,30 @@ def test_a_cycle_touches_the_interpreter_and_the_heap(stack: str) -> None:
     assert pages["interpreter_kb"] > 0 and pages["python_heap_kb"] > 0
     parts = ("interpreter_kb", "libraries_kb", "python_heap_kb", "other_kb")
     assert pages["total_kb"] == sum(pages[k] for k in parts)
+
+
+def _rollup_referenced_kb() -> int:
+    """The kernel's own total of this process's referenced memory (``smaps_rollup``)."""
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Referenced:"):
+            return int(line.split()[1])
+    raise AssertionError("smaps_rollup has no Referenced line")
+
+
+@pytest.mark.skipif(
+    not _can_clear_referenced() or not Path("/proc/self/smaps_rollup").exists(),
+    reason="no /proc/self/clear_refs or smaps_rollup here",
+)
+def test_the_kinds_add_up_to_the_kernels_own_total() -> None:
+    # Every mapping counted once, under one kind: the sum lies between the kernel's total
+    # read just before and just after (referenced memory only grows until the next clear;
+    # reading smaps itself references a little more).
+    block = bytearray(8 << 20)
+    assert connect_inproc.clear_referenced()
+    block[::4096] = b"\x01" * len(range(0, len(block), 4096))
+    before = _rollup_referenced_kb()
+    kb = connect_inproc.referenced_kb()
+    after = _rollup_referenced_kb()
+    assert kb is not None
+    assert before <= sum(kb.values()) <= after
+    del block
